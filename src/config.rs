@@ -1,0 +1,808 @@
+//! Configuration: one TOML file, every key overridable by `MARKETGATE_SECTION__KEY`.
+//!
+//! The file form ([`FileConfig`], serde, unknown keys refused) is turned into a validated
+//! [`Config`] by [`Config::load`] / [`Config::from_toml`]. Every problem found — unknown keys,
+//! bad values, missing values — is reported at once in one [`ConfigError`], each naming its
+//! key. Defaults are named constants with their unit. `marketgate serve` with no file uses
+//! [`Config::builtin`]: loopback listeners, data in `./marketgate-data/` and well-known
+//! trial credentials (logged loudly; never for a shared machine).
+//!
+//! This module does not open sockets or files other than the config file itself.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub const DEFAULT_INSTANCE_ID: &str = "default";
+pub const DEFAULT_DATA_DIR: &str = "./marketgate-data";
+pub const DEFAULT_GATEWAY_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_CONTROL_LISTEN: &str = "127.0.0.1:8081";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8082";
+/// Largest request body the gateway accepts, in bytes (Huawei's signed-body limit).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 12 * 1024 * 1024;
+/// Largest request head (request line plus headers), in bytes.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
+/// A client must finish sending its request head within this many milliseconds (slowloris).
+pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+/// On SIGTERM, in-flight requests get this many milliseconds to finish.
+pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
+/// Allowed distance between `X-Sdk-Date` and the clock, in seconds.
+pub const DEFAULT_MAX_CLOCK_SKEW_SECS: u64 = 15 * 60;
+/// Runtime threads for the gateway; 0 means one per CPU.
+pub const DEFAULT_GATEWAY_WORKERS: usize = 0;
+/// Calls a standalone proxy reserves in its journal at a time (the most a crash can lose).
+pub const DEFAULT_QUOTA_JOURNAL_BLOCK: u64 = 64;
+/// The control plane waits this many milliseconds after a change to batch more into one push.
+pub const DEFAULT_PUSH_DEBOUNCE_MS: u64 = 50;
+/// A quota lease not renewed for this many seconds returns to the ledger.
+pub const DEFAULT_LEASE_TTL_SECS: u64 = 300;
+/// The smallest and largest lease a proxy asks for, in calls.
+pub const DEFAULT_LEASE_MIN_CALLS: u64 = 16;
+pub const DEFAULT_LEASE_MAX_CALLS: u64 = 10_000;
+/// Upstream connections kept idle per backend host.
+pub const DEFAULT_UPSTREAM_POOL_IDLE_PER_HOST: usize = 256;
+/// Idle upstream connections are closed after this many seconds.
+pub const DEFAULT_UPSTREAM_POOL_IDLE_SECS: u64 = 90;
+
+/// Trial credentials of [`Config::builtin`]; printed in the README quickstart.
+pub const TRIAL_ADMIN_TOKEN: &str = "trial-admin-token";
+pub const TRIAL_MARKET_TOKEN: &str = "trial-market-token";
+pub const TRIAL_SELLER_TOKEN: &str = "trial-seller-token";
+pub const TRIAL_SELLER_DOMAIN: &str = "seller-domain";
+pub const TRIAL_SELLER_PROJECT: &str = "seller-project";
+pub const TRIAL_SELLER_AK: &str = "TRIALSELLERAK0000001";
+pub const TRIAL_SELLER_SK: &str = "trial-seller-secret-key-0001";
+
+/// Who a control-API principal is allowed to act as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// A seller or buyer: acts only in its own domain and project.
+    Tenant,
+    /// The cloud market: may act for any `X-Domain-Id` on the market API.
+    Market,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// An AK/SK pair that signs control-API requests.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credential {
+    pub access_key: String,
+    pub secret_key: String,
+    pub domain_id: String,
+    pub project_id: String,
+    pub role: Role,
+}
+
+/// A bearer token for the control API.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Token {
+    pub token: String,
+    pub domain_id: String,
+    pub project_id: String,
+    pub role: Role,
+}
+
+/// A proxy the control plane pushes snapshots to.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyTarget {
+    /// Base URL of the proxy's admin listener, e.g. `http://10.0.0.5:8082`.
+    pub admin_url: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+    pub tls_listen: Option<SocketAddr>,
+    /// Default certificate (PEM) for TLS handshakes whose SNI matches no market domain.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub workers: usize,
+    /// Accept `X-Apig-AppCode` over plain HTTP (it is a bearer secret).
+    pub appcode_over_http: bool,
+    pub max_body_bytes: usize,
+    pub max_header_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub max_clock_skew: Duration,
+    pub quota_journal_block: u64,
+    pub upstream_pool_idle_per_host: usize,
+    pub upstream_pool_idle: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlConfig {
+    pub listen: SocketAddr,
+    pub credentials: Vec<Credential>,
+    pub tokens: Vec<Token>,
+    pub proxies: Vec<ProxyTarget>,
+    pub push_debounce: Duration,
+    pub lease_ttl: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub token: String,
+    /// Serve `/metrics` without the admin token.
+    pub metrics_public: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxyConfig {
+    /// This proxy's name in leases and in the control plane's `/v1/proxies`.
+    pub node_id: String,
+    /// The control plane's admin listener; without it a proxy keeps its quota locally.
+    pub control_url: Option<String>,
+    pub lease_min_calls: u64,
+    pub lease_max_calls: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter, e.g. `info` or `marketgate=debug`.
+    pub level: String,
+}
+
+/// The validated configuration every subcommand runs from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub instance_id: String,
+    pub data_dir: PathBuf,
+    pub database_url: String,
+    pub gateway: GatewayConfig,
+    pub control: ControlConfig,
+    pub admin: AdminConfig,
+    pub proxy: ProxyConfig,
+    pub log: LogConfig,
+    /// True for [`Config::builtin`]: the trial credentials are in use.
+    pub trial_credentials: bool,
+}
+
+/// Every problem found in a configuration, each naming its key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .problems.join("\n  - "))]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+// ---- file form -------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    instance_id: Option<String>,
+    data_dir: Option<PathBuf>,
+    database_url: Option<String>,
+    #[serde(default)]
+    gateway: FileGateway,
+    #[serde(default)]
+    control: FileControl,
+    #[serde(default)]
+    admin: FileAdmin,
+    #[serde(default)]
+    proxy: FileProxy,
+    #[serde(default)]
+    log: FileLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileGateway {
+    listen: Option<String>,
+    tls_listen: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    workers: Option<usize>,
+    appcode_over_http: Option<bool>,
+    max_body_bytes: Option<usize>,
+    max_header_bytes: Option<usize>,
+    header_read_timeout_ms: Option<u64>,
+    drain_timeout_ms: Option<u64>,
+    max_clock_skew_secs: Option<u64>,
+    quota_journal_block: Option<u64>,
+    upstream_pool_idle_per_host: Option<usize>,
+    upstream_pool_idle_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileControl {
+    listen: Option<String>,
+    #[serde(default)]
+    credentials: Vec<Credential>,
+    #[serde(default)]
+    tokens: Vec<Token>,
+    #[serde(default)]
+    proxies: Vec<ProxyTarget>,
+    push_debounce_ms: Option<u64>,
+    lease_ttl_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAdmin {
+    listen: Option<String>,
+    token: Option<String>,
+    metrics_public: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileProxy {
+    node_id: Option<String>,
+    control_url: Option<String>,
+    lease_min_calls: Option<u64>,
+    lease_max_calls: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLog {
+    format: Option<LogFormat>,
+    level: Option<String>,
+}
+
+/// Known keys per table, for reporting every unknown key at once (serde stops at the first).
+const KNOWN_KEYS: &[(&str, &[&str])] = &[
+    (
+        "",
+        &[
+            "instance_id",
+            "data_dir",
+            "database_url",
+            "gateway",
+            "control",
+            "admin",
+            "proxy",
+            "log",
+        ],
+    ),
+    (
+        "gateway",
+        &[
+            "listen",
+            "tls_listen",
+            "tls_cert",
+            "tls_key",
+            "workers",
+            "appcode_over_http",
+            "max_body_bytes",
+            "max_header_bytes",
+            "header_read_timeout_ms",
+            "drain_timeout_ms",
+            "max_clock_skew_secs",
+            "quota_journal_block",
+            "upstream_pool_idle_per_host",
+            "upstream_pool_idle_secs",
+        ],
+    ),
+    (
+        "control",
+        &[
+            "listen",
+            "credentials",
+            "tokens",
+            "proxies",
+            "push_debounce_ms",
+            "lease_ttl_secs",
+        ],
+    ),
+    (
+        "control.credentials",
+        &[
+            "access_key",
+            "secret_key",
+            "domain_id",
+            "project_id",
+            "role",
+        ],
+    ),
+    (
+        "control.tokens",
+        &["token", "domain_id", "project_id", "role"],
+    ),
+    ("control.proxies", &["admin_url"]),
+    ("admin", &["listen", "token", "metrics_public"]),
+    (
+        "proxy",
+        &[
+            "node_id",
+            "control_url",
+            "lease_min_calls",
+            "lease_max_calls",
+        ],
+    ),
+    ("log", &["format", "level"]),
+];
+
+impl Config {
+    /// Reads `path`, applies `MARKETGATE_*` overrides from the process environment, validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            problems: vec![format!("cannot read {}: {e}", path.display())],
+        })?;
+        Self::from_toml(&text, std::env::vars())
+    }
+
+    /// Built-in defaults for `marketgate serve` without `--config`, with environment overrides.
+    pub fn builtin() -> Result<Config, ConfigError> {
+        let mut config = Self::from_toml("", std::env::vars())?;
+        if config.control.credentials.is_empty() && config.control.tokens.is_empty() {
+            config.trial_credentials = true;
+            config.control.tokens = vec![
+                Token {
+                    token: TRIAL_MARKET_TOKEN.into(),
+                    domain_id: "market".into(),
+                    project_id: "market".into(),
+                    role: Role::Market,
+                },
+                Token {
+                    token: TRIAL_SELLER_TOKEN.into(),
+                    domain_id: TRIAL_SELLER_DOMAIN.into(),
+                    project_id: TRIAL_SELLER_PROJECT.into(),
+                    role: Role::Tenant,
+                },
+            ];
+            config.control.credentials = vec![Credential {
+                access_key: TRIAL_SELLER_AK.into(),
+                secret_key: TRIAL_SELLER_SK.into(),
+                domain_id: TRIAL_SELLER_DOMAIN.into(),
+                project_id: TRIAL_SELLER_PROJECT.into(),
+                role: Role::Tenant,
+            }];
+        }
+        if config.admin.token.is_empty() {
+            config.admin.token = TRIAL_ADMIN_TOKEN.into();
+            config.trial_credentials = true;
+        }
+        Ok(config)
+    }
+
+    /// Parses TOML text, applies overrides from `env` (`MARKETGATE_SECTION__KEY=value`),
+    /// validates. An empty text gives the defaults.
+    pub fn from_toml(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let mut table: toml::Table = match text.parse() {
+            Ok(table) => table,
+            Err(e) => {
+                return Err(ConfigError {
+                    problems: vec![format!("not valid TOML: {e}")],
+                })
+            }
+        };
+        apply_env_overrides(&mut table, env, &mut problems);
+        find_unknown_keys(&table, &mut problems);
+        if !problems.is_empty() {
+            return Err(ConfigError { problems });
+        }
+        let file: FileConfig = match toml::Value::Table(table).try_into() {
+            Ok(file) => file,
+            Err(e) => {
+                return Err(ConfigError {
+                    problems: vec![e.to_string().trim().to_owned()],
+                })
+            }
+        };
+        let config = Self::validate(file, &mut problems);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    fn validate(file: FileConfig, problems: &mut Vec<String>) -> Config {
+        let mut addr = |key: &str, value: Option<String>, default: &str| -> SocketAddr {
+            let text = value.unwrap_or_else(|| default.to_owned());
+            text.parse().unwrap_or_else(|_| {
+                problems.push(format!(
+                    "{key}: '{text}' is not an address like 127.0.0.1:8080"
+                ));
+                default.parse().expect("defaults are valid addresses")
+            })
+        };
+        let gateway_listen = addr(
+            "gateway.listen",
+            file.gateway.listen,
+            DEFAULT_GATEWAY_LISTEN,
+        );
+        let control_listen = addr(
+            "control.listen",
+            file.control.listen,
+            DEFAULT_CONTROL_LISTEN,
+        );
+        let admin_listen = addr("admin.listen", file.admin.listen, DEFAULT_ADMIN_LISTEN);
+        let tls_listen = file
+            .gateway
+            .tls_listen
+            .map(|t| addr("gateway.tls_listen", Some(t), DEFAULT_GATEWAY_LISTEN));
+
+        let data_dir = file
+            .data_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let database_url = file
+            .database_url
+            .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("marketgate.db").display()));
+        if !(database_url.starts_with("sqlite://")
+            || database_url.starts_with("postgres://")
+            || database_url.starts_with("postgresql://"))
+        {
+            problems.push(format!(
+                "database_url: '{}' must start with sqlite:// or postgres://",
+                redact_url(&database_url)
+            ));
+        }
+        if tls_listen.is_some()
+            && (file.gateway.tls_cert.is_none() || file.gateway.tls_key.is_none())
+        {
+            problems.push(
+                "gateway.tls_listen: needs gateway.tls_cert and gateway.tls_key (the default certificate)"
+                    .into(),
+            );
+        }
+        if file.gateway.tls_cert.is_some() != file.gateway.tls_key.is_some() {
+            problems.push("gateway.tls_cert and gateway.tls_key go together".into());
+        }
+        let positive = |problems: &mut Vec<String>, key: &str, value: u64| {
+            if value == 0 {
+                problems.push(format!("{key}: must be greater than 0"));
+            }
+        };
+        let max_body_bytes = file
+            .gateway
+            .max_body_bytes
+            .unwrap_or(DEFAULT_MAX_BODY_BYTES);
+        positive(problems, "gateway.max_body_bytes", max_body_bytes as u64);
+        let max_header_bytes = file
+            .gateway
+            .max_header_bytes
+            .unwrap_or(DEFAULT_MAX_HEADER_BYTES);
+        if max_header_bytes < 1024 {
+            problems.push("gateway.max_header_bytes: must be at least 1024".into());
+        }
+        let quota_journal_block = file
+            .gateway
+            .quota_journal_block
+            .unwrap_or(DEFAULT_QUOTA_JOURNAL_BLOCK);
+        positive(problems, "gateway.quota_journal_block", quota_journal_block);
+        let header_read_timeout_ms = file
+            .gateway
+            .header_read_timeout_ms
+            .unwrap_or(DEFAULT_HEADER_READ_TIMEOUT_MS);
+        positive(
+            problems,
+            "gateway.header_read_timeout_ms",
+            header_read_timeout_ms,
+        );
+
+        for (i, c) in file.control.credentials.iter().enumerate() {
+            if c.access_key.is_empty() || c.secret_key.is_empty() {
+                problems.push(format!(
+                    "control.credentials[{i}]: access_key and secret_key must not be empty"
+                ));
+            }
+        }
+        for (i, t) in file.control.tokens.iter().enumerate() {
+            if t.token.len() < 8 {
+                problems.push(format!(
+                    "control.tokens[{i}].token: must be at least 8 characters"
+                ));
+            }
+        }
+        for (i, p) in file.control.proxies.iter().enumerate() {
+            if !(p.admin_url.starts_with("http://") || p.admin_url.starts_with("https://")) {
+                problems.push(format!(
+                    "control.proxies[{i}].admin_url: '{}' must start with http:// or https://",
+                    p.admin_url
+                ));
+            }
+        }
+        if let Some(url) = &file.proxy.control_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                problems.push(format!(
+                    "proxy.control_url: '{url}' must start with http:// or https://"
+                ));
+            }
+        }
+        let lease_min_calls = file
+            .proxy
+            .lease_min_calls
+            .unwrap_or(DEFAULT_LEASE_MIN_CALLS);
+        let lease_max_calls = file
+            .proxy
+            .lease_max_calls
+            .unwrap_or(DEFAULT_LEASE_MAX_CALLS);
+        positive(problems, "proxy.lease_min_calls", lease_min_calls);
+        if lease_max_calls < lease_min_calls {
+            problems.push("proxy.lease_max_calls: must not be below proxy.lease_min_calls".into());
+        }
+        let admin_token = file.admin.token.unwrap_or_default();
+        if !admin_token.is_empty() && admin_token.len() < 8 {
+            problems.push("admin.token: must be at least 8 characters".into());
+        }
+        let instance_id = file
+            .instance_id
+            .unwrap_or_else(|| DEFAULT_INSTANCE_ID.to_owned());
+        if instance_id.is_empty() {
+            problems.push("instance_id: must not be empty".into());
+        }
+
+        Config {
+            instance_id,
+            data_dir,
+            database_url,
+            gateway: GatewayConfig {
+                listen: gateway_listen,
+                tls_listen,
+                tls_cert: file.gateway.tls_cert,
+                tls_key: file.gateway.tls_key,
+                workers: file.gateway.workers.unwrap_or(DEFAULT_GATEWAY_WORKERS),
+                appcode_over_http: file.gateway.appcode_over_http.unwrap_or(true),
+                max_body_bytes,
+                max_header_bytes,
+                header_read_timeout: Duration::from_millis(header_read_timeout_ms),
+                drain_timeout: Duration::from_millis(
+                    file.gateway
+                        .drain_timeout_ms
+                        .unwrap_or(DEFAULT_DRAIN_TIMEOUT_MS),
+                ),
+                max_clock_skew: Duration::from_secs(
+                    file.gateway
+                        .max_clock_skew_secs
+                        .unwrap_or(DEFAULT_MAX_CLOCK_SKEW_SECS),
+                ),
+                quota_journal_block,
+                upstream_pool_idle_per_host: file
+                    .gateway
+                    .upstream_pool_idle_per_host
+                    .unwrap_or(DEFAULT_UPSTREAM_POOL_IDLE_PER_HOST),
+                upstream_pool_idle: Duration::from_secs(
+                    file.gateway
+                        .upstream_pool_idle_secs
+                        .unwrap_or(DEFAULT_UPSTREAM_POOL_IDLE_SECS),
+                ),
+            },
+            control: ControlConfig {
+                listen: control_listen,
+                credentials: file.control.credentials,
+                tokens: file.control.tokens,
+                proxies: file.control.proxies,
+                push_debounce: Duration::from_millis(
+                    file.control
+                        .push_debounce_ms
+                        .unwrap_or(DEFAULT_PUSH_DEBOUNCE_MS),
+                ),
+                lease_ttl: Duration::from_secs(
+                    file.control
+                        .lease_ttl_secs
+                        .unwrap_or(DEFAULT_LEASE_TTL_SECS),
+                ),
+            },
+            admin: AdminConfig {
+                listen: admin_listen,
+                token: admin_token,
+                metrics_public: file.admin.metrics_public.unwrap_or(false),
+            },
+            proxy: ProxyConfig {
+                node_id: file.proxy.node_id.unwrap_or_else(default_node_id),
+                control_url: file.proxy.control_url,
+                lease_min_calls,
+                lease_max_calls,
+            },
+            log: LogConfig {
+                format: file.log.format.unwrap_or(LogFormat::Text),
+                level: file.log.level.unwrap_or_else(|| "info".to_owned()),
+            },
+            trial_credentials: false,
+        }
+    }
+
+    /// Problems that only matter for roles that need them, e.g. `proxy` without an admin token.
+    pub fn require_admin_token(&self) -> Result<(), ConfigError> {
+        if self.admin.token.is_empty() {
+            Err(ConfigError {
+                problems: vec![
+                    "admin.token: required (the planes authenticate to each other with it)".into(),
+                ],
+            })
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn default_node_id() -> String {
+    std::env::var("HOSTNAME").unwrap_or_else(|_| "proxy-1".to_owned())
+}
+
+/// A database URL with any password replaced, safe for messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// `MARKETGATE_GATEWAY__LISTEN=0.0.0.0:80` sets `[gateway] listen`; `MARKETGATE_DATA_DIR`
+/// sets the top-level `data_dir`. Values parse as TOML scalars when they can (numbers,
+/// booleans), else they are strings.
+fn apply_env_overrides(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+    problems: &mut Vec<String>,
+) {
+    for (name, raw) in env {
+        let Some(path) = name.strip_prefix("MARKETGATE_") else {
+            continue;
+        };
+        let parts: Vec<String> = path.split("__").map(|p| p.to_ascii_lowercase()).collect();
+        let value = format!("v = {raw}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .filter(|v| !v.is_table())
+            .unwrap_or_else(|| toml::Value::String(raw.clone()));
+        match parts.as_slice() {
+            [key] => {
+                table.insert(key.clone(), value);
+            }
+            [section, key] => {
+                let entry = table
+                    .entry(section.clone())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                match entry.as_table_mut() {
+                    Some(section_table) => {
+                        section_table.insert(key.clone(), value);
+                    }
+                    None => problems.push(format!("{name}: {section} is not a table")),
+                }
+            }
+            _ => problems.push(format!(
+                "{name}: environment overrides take MARKETGATE_KEY or MARKETGATE_SECTION__KEY"
+            )),
+        }
+    }
+}
+
+fn find_unknown_keys(table: &toml::Table, problems: &mut Vec<String>) {
+    fn known(section: &str) -> &'static [&'static str] {
+        KNOWN_KEYS
+            .iter()
+            .find(|(name, _)| *name == section)
+            .map(|(_, keys)| *keys)
+            .unwrap_or(&[])
+    }
+    fn walk(section: &str, table: &toml::Table, problems: &mut Vec<String>) {
+        for (key, value) in table {
+            let path = if section.is_empty() {
+                key.clone()
+            } else {
+                format!("{section}.{key}")
+            };
+            if !known(section).contains(&key.as_str()) {
+                problems.push(format!("{path}: unknown key"));
+                continue;
+            }
+            match value {
+                toml::Value::Table(inner) => walk(&path, inner, problems),
+                toml::Value::Array(items) => {
+                    for (i, item) in items.iter().enumerate() {
+                        if let toml::Value::Table(inner) = item {
+                            for inner_key in inner.keys() {
+                                if !known(&path).contains(&inner_key.as_str()) {
+                                    problems.push(format!("{path}[{i}].{inner_key}: unknown key"));
+                                }
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    walk("", table, problems);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env() -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    #[test]
+    fn empty_file_gives_loopback_defaults() {
+        let config = Config::from_toml("", no_env()).unwrap();
+        assert_eq!(config.gateway.listen.to_string(), DEFAULT_GATEWAY_LISTEN);
+        assert_eq!(config.control.listen.to_string(), DEFAULT_CONTROL_LISTEN);
+        assert_eq!(config.admin.listen.to_string(), DEFAULT_ADMIN_LISTEN);
+        assert!(config.database_url.starts_with("sqlite://"));
+        assert_eq!(config.instance_id, DEFAULT_INSTANCE_ID);
+    }
+
+    #[test]
+    fn every_unknown_key_and_bad_value_is_reported_at_once() {
+        let err = Config::from_toml(
+            "colour = 1\n[gateway]\nlisten = 'nope'\nspeed = 3\n[[control.tokens]]\ntoken='abcdefgh'\ndomain_id='d'\nproject_id='p'\nrole='tenant'\nextra=1\n",
+            no_env(),
+        )
+        .unwrap_err();
+        let all = err.problems.join("\n");
+        assert!(all.contains("colour: unknown key"), "{all}");
+        assert!(all.contains("gateway.speed: unknown key"), "{all}");
+        assert!(
+            all.contains("control.tokens[0].extra: unknown key"),
+            "{all}"
+        );
+    }
+
+    #[test]
+    fn bad_values_are_all_named() {
+        let err = Config::from_toml(
+            "database_url = 'mysql://x'\n[gateway]\nlisten = 'nope'\nmax_body_bytes = 0\n",
+            no_env(),
+        )
+        .unwrap_err();
+        let all = err.problems.join("\n");
+        assert!(all.contains("gateway.listen"), "{all}");
+        assert!(all.contains("database_url"), "{all}");
+        assert!(all.contains("gateway.max_body_bytes"), "{all}");
+    }
+
+    #[test]
+    fn environment_overrides_keys() {
+        let env = vec![
+            (
+                "MARKETGATE_GATEWAY__LISTEN".to_owned(),
+                "127.0.0.1:9999".to_owned(),
+            ),
+            ("MARKETGATE_INSTANCE_ID".to_owned(), "inst-9".to_owned()),
+            (
+                "MARKETGATE_ADMIN__METRICS_PUBLIC".to_owned(),
+                "true".to_owned(),
+            ),
+        ];
+        let config = Config::from_toml("[gateway]\nlisten='127.0.0.1:1'\n", env).unwrap();
+        assert_eq!(config.gateway.listen.to_string(), "127.0.0.1:9999");
+        assert_eq!(config.instance_id, "inst-9");
+        assert!(config.admin.metrics_public);
+    }
+
+    #[test]
+    fn unknown_environment_key_is_an_error() {
+        let env = vec![("MARKETGATE_GATEWAY__LISTENN".to_owned(), "x".to_owned())];
+        let err = Config::from_toml("", env).unwrap_err();
+        assert!(err.problems[0].contains("gateway.listenn"));
+    }
+
+    #[test]
+    fn database_password_is_redacted() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+    }
+}

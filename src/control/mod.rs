@@ -1,0 +1,1 @@
+//! The control plane (`marketgate control`): market API, management API, durable store.

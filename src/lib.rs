@@ -1,0 +1,17 @@
+//! marketgate: an API-marketplace gateway that lets through exactly what was bought.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML file and `MARKETGATE_*` overrides, validated into [`config::Config`].
+//! - [`signing`]: SDK-HMAC-SHA256 canonicalisation, signing and verification (both planes).
+//! - [`apig`]: Huawei APIG error codes and the error body.
+//! - [`snapshot`]: the contract between the planes: wire types, validation, compiled form.
+//! - [`gateway`]: the data plane: listeners, per-request phases, quota, forwarding, admin.
+//! - [`control`]: the control plane: store, market API, management API, snapshot building.
+
+pub mod apig;
+pub mod config;
+pub mod control;
+pub mod gateway;
+pub mod signing;
+pub mod snapshot;

@@ -1,0 +1,206 @@
+//! The snapshot as it crosses from the control plane to the data plane (`PUT /v1/snapshot`).
+//!
+//! These types are the contract between the planes: the control plane builds them from its
+//! store (`control::publish`), the proxy validates and compiles them (`snapshot::validate`,
+//! `snapshot::compile`). They carry only what a proxy needs to decide a request: published
+//! RELEASE definitions, never drafts. Unknown fields are refused so that a typo in a
+//! hand-written snapshot fails loudly instead of being ignored.
+
+use serde::{Deserialize, Serialize};
+
+/// Everything a proxy serves from, at one version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Snapshot {
+    /// Grows with every change; a proxy refuses a push whose version is not greater.
+    pub version: u64,
+    /// RFC 3339 UTC, informational.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generated_at: Option<String>,
+    #[serde(default)]
+    pub groups: Vec<Group>,
+    #[serde(default)]
+    pub apps: Vec<App>,
+    #[serde(default)]
+    pub purchases: Vec<Purchase>,
+    /// Seller-side app authorizations (§5 of the v2 API), used on a group's `sl_domain`.
+    #[serde(default)]
+    pub app_auths: Vec<AppAuth>,
+    /// Certificates for market domains, chosen by SNI.
+    #[serde(default)]
+    pub certificates: Vec<Certificate>,
+}
+
+/// An API group with the RELEASE definitions of its published APIs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Group {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    /// The seller's system debug domain: every published API, no purchase needed.
+    pub sl_domain: String,
+    /// The market domain assigned by onsell; absent while never listed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_domain: Option<String>,
+    pub market_state: MarketState,
+    #[serde(default)]
+    pub apis: Vec<Api>,
+}
+
+/// A group's state on the market (CONTRACT §3.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MarketState {
+    Unlisted,
+    Locked,
+    OnSale,
+    OffSale,
+    Delisted,
+}
+
+impl MarketState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MarketState::Unlisted => "unlisted",
+            MarketState::Locked => "locked",
+            MarketState::OnSale => "on_sale",
+            MarketState::OffSale => "off_sale",
+            MarketState::Delisted => "delisted",
+        }
+    }
+
+    /// Does the market domain answer at all in this state? (Delisted answers 403.)
+    pub fn has_market_domain(self) -> bool {
+        matches!(
+            self,
+            MarketState::OnSale | MarketState::OffSale | MarketState::Delisted
+        )
+    }
+}
+
+/// The frozen RELEASE definition of one published API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Api {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    /// 1 public, 2 private.
+    #[serde(rename = "type")]
+    pub api_type: u8,
+    /// `HTTP`, `HTTPS` or `BOTH`.
+    pub req_protocol: String,
+    /// `GET`, `POST`, … or `ANY`.
+    pub req_method: String,
+    /// Literal segments, `{name}` for one segment, `{name+}` for the rest.
+    pub req_uri: String,
+    /// `NORMAL` exact, `SWA` prefix.
+    pub match_mode: String,
+    /// `APP`, `IAM`, `NONE` or `AUTHORIZER`.
+    pub auth_type: String,
+    /// `X-Apig-AppCode` accepted (`auth_opt.app_code_auth_type = HEADER`).
+    #[serde(default)]
+    pub app_code_auth: bool,
+    pub backend: Backend,
+}
+
+impl Api {
+    /// Public, APP-authenticated and (being in a snapshot) published: reachable on the market.
+    pub fn is_sellable(&self) -> bool {
+        self.api_type == 1 && self.auth_type == "APP"
+    }
+}
+
+/// Where a call goes once admitted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "UPPERCASE", deny_unknown_fields)]
+pub enum Backend {
+    Http {
+        /// `HTTP` or `HTTPS`.
+        req_protocol: String,
+        /// A method, or `ANY` to pass the buyer's through.
+        req_method: String,
+        /// Path template with `{name}` parameters taken from the front-end route.
+        req_uri: String,
+        /// `host:port`.
+        url_domain: String,
+        /// Milliseconds.
+        timeout_ms: u64,
+    },
+    Mock {
+        #[serde(default = "default_mock_status")]
+        status: u16,
+        #[serde(default)]
+        body: String,
+    },
+}
+
+fn default_mock_status() -> u16 {
+    200
+}
+
+/// Credentials a buyer (MARKET app) or a seller's own app signs with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct App {
+    pub id: String,
+    pub app_key: String,
+    pub app_secret: String,
+    #[serde(default)]
+    pub app_codes: Vec<String>,
+    /// `USER` or `MARKET`.
+    #[serde(default = "default_creator")]
+    pub creator: String,
+}
+
+fn default_creator() -> String {
+    "USER".to_owned()
+}
+
+/// A buyer's purchase of a group (订购关系).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Purchase {
+    pub id: String,
+    pub group_id: String,
+    /// The system-created MARKET app the buyer calls with.
+    pub app_id: String,
+    pub state: PurchaseState,
+    /// Epoch seconds.
+    pub start_time: i64,
+    /// Epoch seconds.
+    pub expire_time: i64,
+    /// Calls granted in total; `None` is unlimited (still metered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_limit: Option<u64>,
+    /// Calls the control plane's ledger counts as used when the snapshot was built.
+    #[serde(default)]
+    pub quota_used: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PurchaseState {
+    Reserved,
+    Active,
+    Frozen,
+    Unsubscribed,
+}
+
+/// An app authorized to call one API on the group's `sl_domain`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppAuth {
+    pub app_id: String,
+    pub api_id: String,
+}
+
+/// A certificate and key (PEM) served for the listed domains.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Certificate {
+    pub domains: Vec<String>,
+    pub cert_pem: String,
+    pub key_pem: String,
+}

@@ -1,0 +1,1 @@
+//! Helpers shared by the integration tests; each reads like the scenario it sets up.
