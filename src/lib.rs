@@ -8,10 +8,12 @@
 //! - [`snapshot`]: the contract between the planes: wire types, validation, compiled form.
 //! - [`gateway`]: the data plane: listeners, per-request phases, quota, forwarding, admin.
 //! - [`control`]: the control plane: store, market API, management API, snapshot building.
+//! - [`shutdown`]: graceful shutdown as a value that servers wait on.
 
 pub mod apig;
 pub mod config;
 pub mod control;
 pub mod gateway;
+pub mod shutdown;
 pub mod signing;
 pub mod snapshot;

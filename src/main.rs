@@ -1,6 +1,111 @@
 //! The `marketgate` command: parses the command line, loads the configuration and hands over
-//! to the library. Nothing here decides anything a test would want to check.
+//! to the library. Nothing here decides anything a test would want to check; `anyhow` lives
+//! here only.
 
-fn main() {
-    eprintln!("marketgate: under construction");
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use marketgate::config::{Config, LogFormat};
+use marketgate::shutdown::{Shutdown, ShutdownTrigger};
+
+#[derive(Parser)]
+#[command(name = "marketgate", version, about = "API-marketplace gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Control plane and one data plane in one process on the embedded store.
+    Serve {
+        /// TOML config; built-in loopback defaults when omitted.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Data plane only: takes snapshots pushed to its admin listener.
+    Proxy {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Control plane only: market and management API, pushes to proxies.
+    Control {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => {
+            let config = match config {
+                Some(path) => Config::load(&path)?,
+                None => Config::builtin()?,
+            };
+            run(config, |config, shutdown| async move {
+                let _ = (config, shutdown);
+                Err("marketgate serve is not built yet".into())
+            })
+        }
+        Command::Proxy { config } => {
+            let config = Config::load(&config)?;
+            config.require_admin_token()?;
+            run(config, marketgate::gateway::run_proxy)
+        }
+        Command::Control { config } => {
+            let config = Config::load(&config)?;
+            config.require_admin_token()?;
+            run(config, marketgate::control::run_control)
+        }
+    }
+}
+
+type RunResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// Sets up logging and a runtime, wires SIGTERM/Ctrl-C to a [`Shutdown`], runs `role`.
+fn run<F, Fut>(config: Config, role: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Config, Shutdown) -> Fut,
+    Fut: std::future::Future<Output = RunResult>,
+{
+    init_logging(&config);
+    if config.trial_credentials {
+        tracing::warn!(
+            "running on built-in trial credentials (see README): for a local trial only, never on a shared machine"
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async move {
+        let (trigger, shutdown) = ShutdownTrigger::new();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown requested: draining");
+            trigger.fire();
+        });
+        role(config, shutdown).await.map_err(|e| anyhow::anyhow!(e))
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
 }
