@@ -9,6 +9,7 @@
 //! - [`snapshot`]: the contract between the planes: wire types, validation, compiled form.
 //! - [`gateway`]: the data plane: listeners, per-request phases, quota, forwarding, admin.
 //! - [`control`]: the control plane: store, market API, management API, snapshot building.
+//! - [`lease`]: quota leases: the protocol and ledger arithmetic that let proxies share a purchase.
 //! - [`shutdown`]: graceful shutdown as a value that servers wait on.
 
 pub mod apig;
@@ -16,6 +17,7 @@ pub mod buyer;
 pub mod config;
 pub mod control;
 pub mod gateway;
+pub mod lease;
 pub mod shutdown;
 pub mod signing;
 pub mod snapshot;
