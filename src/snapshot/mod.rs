@@ -4,6 +4,7 @@
 //! compiled form (validated, indexed, routes built) before swapping it in; a snapshot that
 //! fails validation changes nothing.
 
+pub mod delta;
 pub mod wire;
 
 pub use wire::*;
