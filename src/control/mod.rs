@@ -1,5 +1,7 @@
 //! The control plane (`marketgate control`): market API, management API, durable store.
 
+pub mod push;
+
 use crate::config::Config;
 use crate::shutdown::Shutdown;
 
