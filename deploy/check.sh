@@ -141,6 +141,7 @@ spec = json.load(open("docs/openapi.json"))
 assert spec.get("openapi") == "3.0.3", "openapi must be 3.0.3"
 validate(spec)
 PY
+python3 deploy/openapi/generate.py --check >/dev/null || fail "docs/openapi.json differs from deploy/openapi/generate.py's output"
 
 if [ $failures -gt 0 ]; then
     echo "deploy/check.sh: $failures check(s) failed" >&2
