@@ -104,7 +104,9 @@ schemas = {
         "start_time": TIME, "expire_time": TIME, "req_quota": S("integer"),
         "quota_used": S("integer"), "quota_left": S("integer", "absent or null when unlimited"),
     }, required=("purchase_id", "group_id")),
-    "PurchaseList": envelope("purchases", "Purchase", "the buyer's purchases"),
+    # The contract fixes no envelope for row 12: the list envelope of the other lists, unrequired.
+    "PurchaseList": obj({"total": S("integer"), "size": S("integer"),
+                         "purchases": S("array", items=ref("Purchase"))}, desc="the buyer's purchases"),
     # ---- management API: groups ----
     "ApiGroupCreate": obj({"name": S("string", minLength=3, maxLength=255), "remark": S("string", maxLength=1000)}, required=("name",)),
     "UrlDomain": obj({"id": S("string"), "domain": S("string"), "cname_status": S("integer"), "ssl_id": S("string"),
@@ -271,6 +273,10 @@ def ok(code, schema=None, desc="success"):
     return r
 
 
+# Seeds 000 (delist) and 003 (reserve) list no 404.
+NO_404 = {"MarketDelistGroup", "MarketReserve"}
+
+
 def op(op_id, summary, tag, success, errors, params=(), body=None, body_required=True, desc=None):
     o = {"operationId": op_id, "summary": summary, "tags": [tag]}
     if desc:
@@ -281,7 +287,11 @@ def op(op_id, summary, tag, success, errors, params=(), body=None, body_required
         o["requestBody"] = {"required": body_required, "content": {"application/json": {"schema": body}}}
     code, schema, sdesc = success
     o["responses"] = {str(code): ok(code, schema, sdesc)}
-    for e in sorted(set(errors) | {400, 401, 500}):
+    # Every operation can meet a bad parameter (400), bad auth (401), a tenant acting outside
+    # its domain (403), an unknown instance (404, except where the seed lists no 404: there
+    # the contract maps it to 400) and an internal error (500).
+    always = {400, 401, 403, 500} | (set() if op_id in NO_404 else {404})
+    for e in sorted(set(errors) | always):
         o["responses"][str(e)] = err(e)
     o["responses"]["default"] = {"description": "any other error", "content": {"application/json": {"schema": ref("Error")}}}
     return o
@@ -325,7 +335,7 @@ add(MARKET + "/api-groups/purchase", "post", op(
     base)
 add(MARKET + "/api-groups/status", "post", op(
     "MarketBuyerStatus", "Set a buyer's calls left: unused <= 0 freezes, > 0 unfreezes (row 6)", MK,
-    (200, {"type": "object", "description": "result; content not fixed"}, "applied"), [403, 404],
+    (200, {"type": "object", "description": "a JSON object; its fields are not fixed by the contract"}, "applied"), [403, 404],
     P("XDomainId"), ref("BuyerStatusRequest")),
     base)
 add(MARKET + "/api-groups/status/{group_id}", "put", op(
