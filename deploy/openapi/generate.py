@@ -38,7 +38,8 @@ def obj(props, required=(), desc=None):
         if k not in required and "$ref" not in v:
             v = dict(v, nullable=True)
         elif k not in required:
-            v = {"allOf": [v], "nullable": True}
+            # `nullable` beside a $ref is ignored by OpenAPI 3.0 validators: say null explicitly.
+            v = {"anyOf": [v, {"enum": [None], "nullable": True}]}
         out[k] = v
     s = {"type": "object", "properties": out}
     if required:
