@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Checks deploy/ and docs/openapi.json without building or running marketgate:
-#   systemd units (systemd-analyze verify, any warning fails), Prometheus config and rules
-#   (promtool), the dashboard's queries (promtool, as recording rules), the compose file
+#   systemd units (systemd-analyze verify, any warning fails; security exposure), Prometheus
+#   config and rules (promtool check, and promtool test rules on alerts_test.yml), the dashboard's queries (promtool, as recording rules), the compose file
 #   (docker compose / docker-compose config), example configs against src/config.rs's known
 #   keys, the metric names used against deploy/metrics.txt, JSON and OpenAPI validity.
 # Installs missing tools (Debian: prometheus, systemd, docker-compose; PyPI:
@@ -57,6 +57,11 @@ verify_units "$work/units" || fail "systemd units do not verify cleanly"
 mkdir -p "$work/broken"
 sed 's/^ProtectSystem=/ProtectSystm=/' "$work/units/marketgate-proxy.service" > "$work/broken/marketgate-proxy.service"
 if verify_units "$work/broken" >/dev/null; then fail "systemd check let a misspelt key through"; fi
+# Exposure score (0 = locked down, 10 = none): the units score 1.4-1.6; fail above 2.5.
+for unit in "$work"/units/*.service; do
+    systemd-analyze security --offline=true --threshold=25 --no-pager "$unit" >/dev/null 2>&1 \
+        || fail "$(basename "$unit"): systemd-analyze security exposure above 2.5"
+done
 # Hardening and graceful stop that the units promise.
 for unit in deploy/systemd/*.service; do
     for key in User=marketgate NoNewPrivileges=yes ProtectSystem=strict Restart=on-failure KillSignal=SIGTERM; do
@@ -71,6 +76,7 @@ done
 step "promtool check config / rules"
 promtool check config deploy/prometheus/prometheus.yml >/dev/null || fail "promtool check config"
 promtool check rules deploy/prometheus/alerts.yml >/dev/null || fail "promtool check rules"
+promtool test rules deploy/prometheus/alerts_test.yml >/dev/null || fail "promtool test rules (alerts_test.yml)"
 
 step "dashboard JSON and its queries"
 python3 -m json.tool deploy/grafana/dashboards/marketgate.json >/dev/null || fail "dashboard is not JSON"
