@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks deploy/ and docs/openapi.json without building or running marketgate:
 #   systemd units (systemd-analyze verify, any warning fails; security exposure), Prometheus
-#   config and rules (promtool check, and promtool test rules on alerts_test.yml), the dashboard's queries (promtool, as recording rules), the compose file
+#   config and rules (promtool check; promtool test rules on alerts_test.yml), the
+#   dashboard's queries (promtool, as recording rules), the compose file
 #   (docker compose / docker-compose config), example configs against src/config.rs's known
 #   keys, the metric names used against deploy/metrics.txt, JSON and OpenAPI validity.
 # Installs missing tools (Debian: prometheus, systemd, docker-compose; PyPI:
