@@ -32,8 +32,9 @@ fi
 if [ $# -ge 1 ]; then
     dump="$1"
     [ -r "$dump" ] || { echo "cannot read metrics dump: $dump" >&2; exit 2; }
-    exported="$( { grep -E '^# TYPE ' "$dump" | awk '{print $3}'; \
-                   grep -vE '^\s*(#|$)' "$dump" | sed -E 's/[{ ].*//'; } | strip)"
+    exported="$( { grep -E '^# TYPE ' "$dump" || true; } | awk '{print $3}';
+                 { grep -vE '^\s*(#|$)' "$dump" || true; } | sed -E 's/[{ ].*//'; )"
+    exported="$(echo "$exported" | strip)"
     missing="$(comm -23 <(echo "$used") <(echo "$exported"))"
     if [ -n "$missing" ]; then
         echo "used in rules/dashboard but absent from $dump:" >&2
