@@ -79,6 +79,11 @@ promtool check config deploy/prometheus/prometheus.yml >/dev/null || fail "promt
 promtool check rules deploy/prometheus/alerts.yml >/dev/null || fail "promtool check rules"
 promtool test rules deploy/prometheus/alerts_test.yml >/dev/null || fail "promtool test rules (alerts_test.yml)"
 
+step "every alert's runbook section exists in docs/operations.md"
+for anchor in $(grep -oh 'operations.md#[a-z0-9-]*' deploy/prometheus/alerts.yml | cut -d# -f2 | sort -u); do
+    grep -qix "### $anchor" docs/operations.md || fail "docs/operations.md has no section for #$anchor"
+done
+
 step "dashboard JSON and its queries"
 python3 -m json.tool deploy/grafana/dashboards/marketgate.json >/dev/null || fail "dashboard is not JSON"
 python3 - "$work/dashboard-rules.yml" <<'PY' || fail "cannot extract dashboard queries"
