@@ -1,9 +1,11 @@
 //! The snapshot: what the control plane publishes and every proxy serves from.
 //!
 //! `wire` is the JSON both planes exchange. The data plane turns a wire snapshot into its
-//! compiled form (validated, indexed, routes built) before swapping it in; a snapshot that
-//! fails validation changes nothing.
+//! compiled form (`validate`, then `compile`: indexed, routes built) before swapping it in;
+//! a snapshot that fails validation changes nothing.
 
+pub mod compile;
+pub mod validate;
 pub mod wire;
 
 pub use wire::*;
