@@ -173,7 +173,8 @@ mod tests {
         let get = http::Method::GET;
         let post = http::Method::POST;
         let put = http::Method::PUT;
-        let table: &[(&http::Method, &str, Option<(usize, &[&str])>)] = &[
+        type Row<'a> = (&'a http::Method, &'a str, Option<(usize, &'a [&'a str])>);
+        let table: &[Row<'_>] = &[
             (&get, "/a/b/c", Some((0, &[]))),
             (&put, "/a/b/c", Some((4, &[]))),
             (&get, "/a/z/c", Some((1, &["z"]))),
