@@ -34,6 +34,8 @@ use crate::snapshot::{MarketState, PurchaseState};
 /// The header naming an AppCode.
 pub const APP_CODE_HEADER: &str = "x-apig-appcode";
 const MODE_HEADER: &str = "x-apig-mode";
+/// Longest request target (path and query) accepted, in bytes; longer is 414.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
 const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
 /// What a connection tells each of its requests.
@@ -391,6 +393,9 @@ async fn serve<'s>(
 ) -> Result<Response<Body>, Rejection> {
     let (parts, body) = request.into_parts();
     check_framing(&parts.headers)?;
+    if parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len()) > MAX_URI_BYTES {
+        return Err(Rejection::UriTooLong);
+    }
     let authority = match parts.headers.get(header::HOST) {
         Some(host) => host
             .to_str()

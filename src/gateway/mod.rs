@@ -270,12 +270,35 @@ fn persist_snapshot(path: &Path, snapshot: &Snapshot) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+type RunError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Runs a standalone proxy until `shutdown` fires: binds `gateway.listen`,
 /// `gateway.tls_listen` (when set) and `admin.listen`, drains, then flushes quota.
-pub async fn run_proxy(
-    config: Config,
-    shutdown: Shutdown,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+/// With `gateway.workers > 0` the proxy runs on its own runtime of that many threads.
+pub async fn run_proxy(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
+    let workers = config.gateway.workers;
+    if workers == 0 {
+        return run_proxy_here(config, shutdown).await;
+    }
+    let (done, result) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("gateway".into())
+        .spawn(move || {
+            let outcome = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(workers)
+                .thread_name("gateway-worker")
+                .enable_all()
+                .build()
+                .map_err(RunError::from)
+                .and_then(|runtime| runtime.block_on(run_proxy_here(config, shutdown)));
+            let _ = done.send(outcome);
+        })?;
+    result
+        .await
+        .map_err(|_| RunError::from("the gateway runtime stopped without a result"))?
+}
+
+async fn run_proxy_here(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     let gateway = Gateway::open(&config)?;
     let buyers = tokio::net::TcpListener::bind(config.gateway.listen).await?;
     let tls = match config.gateway.tls_listen {

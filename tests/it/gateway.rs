@@ -569,3 +569,43 @@ async fn metrics_count_by_group_and_outcome_behind_the_token() {
         (Some(1), Some(0))
     );
 }
+
+/// Shutdown stops accepting, lets the call in flight finish, then flushes quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_calls_in_flight() {
+    let backend = Backend::with_delay(Duration::from_millis(300)).await;
+    let gw = TestGateway::with(market(1, backend.addr, Some(10))).await;
+    let buyers = gw.buyers;
+    let buyer = Buyer::new(buyers);
+    let call = tokio::spawn(async move { buyer.signed("GET", MARKET, "/v1/echo/1", b"").await });
+    while backend.hits() == 0 {
+        tokio::task::yield_now().await;
+    }
+    let dir = gw.stop().await;
+    assert_eq!(call.await.unwrap().status, 200);
+    assert!(tokio::net::TcpStream::connect(buyers).await.is_err());
+    let again = TestGateway::start_in(dir, "").await;
+    assert_eq!(again.gateway.quota().get("p1").unwrap().used(), 1);
+}
+
+#[tokio::test]
+async fn long_uris_are_414_and_slow_heads_are_cut_off() {
+    let backend = Backend::echo().await;
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let gw = TestGateway::start_in(dir, "[gateway]\nheader_read_timeout_ms = 200\n").await;
+    gw.gateway
+        .apply_snapshot(market(1, backend.addr, None))
+        .unwrap();
+    let answer = Buyer::new(gw.buyers)
+        .get(MARKET, &format!("/v1/echo/{}", "a".repeat(9000)))
+        .await;
+    assert_eq!(
+        (answer.status.as_u16(), answer.code().as_str()),
+        (414, "APIG.0201")
+    );
+    // Slowloris: half a request head, then silence; the gateway closes the connection.
+    let partial = format!("GET /v1/echo/1 HTTP/1.1\r\nHost: {MARKET}\r\nX-Slow: ");
+    let answer = raw_until_close(gw.buyers, partial.as_bytes()).await;
+    assert!(!answer.contains("200 OK"), "{answer}");
+    assert_eq!(backend.hits(), 0);
+}
