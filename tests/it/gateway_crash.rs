@@ -36,22 +36,45 @@ fn start(dir: &std::path::Path) -> Proxy {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    loop {
-        let line = lines
-            .next()
-            .expect("the proxy exited before listening")
-            .unwrap();
+    let listening = loop {
+        let Some(Ok(line)) = lines.next() else {
+            break None;
+        };
         let record: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
         if record["fields"]["message"] == "proxy listening" {
-            let field = |name: &str| record["fields"][name].as_str().unwrap().parse().unwrap();
-            let (buyers, admin) = (field("buyers"), field("admin"));
+            let field = |name: &str| record["fields"][name].as_str()?.parse().ok();
+            break field("buyers").zip(field("admin"));
+        }
+    };
+    match listening {
+        Some((buyers, admin)) => {
             std::thread::spawn(move || for _ in lines {});
-            return Proxy {
+            Proxy {
                 child,
                 buyers,
                 admin,
-            };
+            }
         }
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the proxy exited before listening");
+        }
+    }
+}
+
+impl Proxy {
+    /// SIGKILL, no chance to flush.
+    fn kill_9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -75,8 +98,7 @@ async fn kill_9_never_grants_a_served_call_again() {
             200
         );
     }
-    first.child.kill().unwrap(); // SIGKILL
-    first.child.wait().unwrap();
+    first.kill_9();
 
     // The restarted proxy serves from the snapshot on disk, before any push.
     let mut second = start(dir.path());
@@ -90,8 +112,7 @@ async fn kill_9_never_grants_a_served_call_again() {
             other => panic!("unexpected {other}"),
         }
     }
-    second.child.kill().unwrap();
-    second.child.wait().unwrap();
+    second.kill_9();
     assert!(
         backend.hits() <= QUOTA,
         "served {} of {QUOTA}",
