@@ -511,3 +511,104 @@ async fn serve<'s>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::metrics::GatewayMetrics;
+    use crate::gateway::quota::QuotaRegistry;
+    use crate::snapshot::compile::compile;
+    use crate::snapshot::wire::*;
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            version: 1,
+            groups: vec![Group {
+                id: "g1".into(),
+                name: String::new(),
+                sl_domain: "g1.sl.test".into(),
+                url_domain: Some("market.test".into()),
+                market_state: MarketState::OnSale,
+                apis: vec![Api {
+                    id: "api".into(),
+                    name: String::new(),
+                    api_type: 1,
+                    req_protocol: "BOTH".into(),
+                    req_method: "GET".into(),
+                    req_uri: "/v1/{city}".into(),
+                    match_mode: "NORMAL".into(),
+                    auth_type: "APP".into(),
+                    app_code_auth: false,
+                    backend: Backend::Mock {
+                        status: 200,
+                        body: String::new(),
+                    },
+                }],
+            }],
+            apps: vec![App {
+                id: "a1".into(),
+                app_key: "key".into(),
+                app_secret: "secret".into(),
+                app_codes: vec![],
+                creator: "MARKET".into(),
+            }],
+            purchases: vec![Purchase {
+                id: "p1".into(),
+                group_id: "g1".into(),
+                app_id: "a1".into(),
+                state: PurchaseState::Active,
+                start_time: 0,
+                expire_time: i64::MAX,
+                quota_limit: Some(1),
+                quota_used: 0,
+            }],
+            ..Snapshot::default()
+        }
+    }
+
+    /// The decision path runs without I/O on a compiled snapshot and a request head.
+    #[test]
+    fn decide_admits_a_signed_head_and_refuses_a_tampered_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let quota = QuotaRegistry::open(dir.path(), 8).unwrap();
+        let compiled = compile(&snapshot(), &quota, &GatewayMetrics::new());
+        let now = OffsetDateTime::now_utc();
+        let mut headers = HeaderMap::new();
+        headers.insert("host", HeaderValue::from_static("market.test"));
+        headers.insert(
+            "x-sdk-date",
+            HeaderValue::from_str(&signing::format_sdk_date(now)).unwrap(),
+        );
+        let parts = RequestParts {
+            method: "GET",
+            path: "/v1/paris",
+            query: None,
+            headers: &headers,
+            authority: None,
+            payload: Payload::Body(b""),
+        };
+        let auth = signing::sign("key", b"secret", &parts, &["host", "x-sdk-date"]).unwrap();
+        headers.insert("authorization", HeaderValue::from_str(&auth).unwrap());
+        let options = DecideOptions {
+            appcode_over_http: false,
+            max_clock_skew_secs: 900,
+        };
+        let mut head = RequestHead {
+            method: &Method::GET,
+            path: "/v1/paris",
+            query: None,
+            headers: &headers,
+            authority: "market.test",
+            sni: None,
+            tls: false,
+        };
+        let decision = decide(&compiled, &head, Payload::Body(b""), now, options).unwrap();
+        assert_eq!((&*decision.api.id, decision.params), ("api", vec!["paris"]));
+        assert_eq!(decision.purchase.map(|p| &*p.id), Some("p1"));
+        head.path = "/v1/rome";
+        assert!(matches!(
+            decide(&compiled, &head, Payload::Body(b""), now, options),
+            Err(Rejection::Signature(_))
+        ));
+    }
+}
