@@ -1,3 +1,6 @@
 //! Integration tests: real sockets on 127.0.0.1:0, in-process servers, one binary.
 
+mod gateway;
+mod gateway_crash;
+mod gateway_tls;
 mod support;
