@@ -20,6 +20,8 @@ pub const DEFAULT_DATA_DIR: &str = "./marketgate-data";
 pub const DEFAULT_GATEWAY_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_CONTROL_LISTEN: &str = "127.0.0.1:8081";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8082";
+/// AppCodes are bearer secrets: by default they are accepted over TLS only.
+pub const DEFAULT_APPCODE_OVER_HTTP: bool = false;
 /// Largest request body the gateway accepts, in bytes (Huawei's signed-body limit).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 12 * 1024 * 1024;
 /// Largest request head (request line plus headers), in bytes.
@@ -553,7 +555,10 @@ impl Config {
                 tls_cert: file.gateway.tls_cert,
                 tls_key: file.gateway.tls_key,
                 workers: file.gateway.workers.unwrap_or(DEFAULT_GATEWAY_WORKERS),
-                appcode_over_http: file.gateway.appcode_over_http.unwrap_or(true),
+                appcode_over_http: file
+                    .gateway
+                    .appcode_over_http
+                    .unwrap_or(DEFAULT_APPCODE_OVER_HTTP),
                 max_body_bytes,
                 max_header_bytes,
                 header_read_timeout: Duration::from_millis(header_read_timeout_ms),
@@ -645,9 +650,18 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// Variables that share the `MARKETGATE_` prefix but belong to tools, not to the config:
+/// the buyer tool's credentials and the test suites' binary path.
+pub const NON_CONFIG_VARIABLES: &[&str] = &[
+    "MARKETGATE_APP_KEY",
+    "MARKETGATE_APP_SECRET",
+    "MARKETGATE_BIN",
+];
+
 /// `MARKETGATE_GATEWAY__LISTEN=0.0.0.0:80` sets `[gateway] listen`; `MARKETGATE_DATA_DIR`
 /// sets the top-level `data_dir`. Values parse as TOML scalars when they can (numbers,
-/// booleans), else they are strings.
+/// booleans), else they are strings. [`NON_CONFIG_VARIABLES`] are skipped; any other
+/// `MARKETGATE_*` name that is not a config key is an error, so typos are caught.
 fn apply_env_overrides(
     table: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
@@ -657,6 +671,9 @@ fn apply_env_overrides(
         let Some(path) = name.strip_prefix("MARKETGATE_") else {
             continue;
         };
+        if NON_CONFIG_VARIABLES.contains(&name.as_str()) {
+            continue;
+        }
         let parts: Vec<String> = path.split("__").map(|p| p.to_ascii_lowercase()).collect();
         let value = format!("v = {raw}")
             .parse::<toml::Table>()
@@ -789,6 +806,15 @@ mod tests {
         assert_eq!(config.gateway.listen.to_string(), "127.0.0.1:9999");
         assert_eq!(config.instance_id, "inst-9");
         assert!(config.admin.metrics_public);
+    }
+
+    #[test]
+    fn tool_variables_are_not_config_keys() {
+        let env = vec![
+            ("MARKETGATE_APP_KEY".to_owned(), "k".to_owned()),
+            ("MARKETGATE_BIN".to_owned(), "/x".to_owned()),
+        ];
+        assert!(Config::from_toml("", env).is_ok());
     }
 
     #[test]

@@ -53,9 +53,13 @@ async fn a_signed_call_is_forwarded_with_forwarding_headers_and_without_credenti
 }
 
 #[tokio::test]
-async fn app_code_is_accepted_where_enabled_and_refused_over_http_when_configured() {
+async fn app_code_is_accepted_where_enabled_and_refused_over_http_by_default() {
     let backend = Backend::echo().await;
-    let gw = TestGateway::with(market(1, backend.addr, None)).await;
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let gw = TestGateway::start_in(dir, "[gateway]\nappcode_over_http = true\n").await;
+    gw.gateway
+        .apply_snapshot(market(1, backend.addr, None))
+        .unwrap();
     let buyer = Buyer::new(gw.buyers);
     let mut request = request("GET", MARKET, "/v1/echo/1", Bytes::new());
     request
@@ -65,7 +69,7 @@ async fn app_code_is_accepted_where_enabled_and_refused_over_http_when_configure
     assert!(!backend.last().headers.contains_key("x-apig-appcode"));
 
     let dir = Arc::new(tempfile::tempdir().unwrap());
-    let strict = TestGateway::start_in(dir, "[gateway]\nappcode_over_http = false\n").await;
+    let strict = TestGateway::start_in(dir, "").await;
     strict
         .gateway
         .apply_snapshot(market(1, backend.addr, None))
