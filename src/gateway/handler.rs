@@ -283,6 +283,32 @@ pub fn take_quota(purchase: &CompiledPurchase) -> Result<(), Rejection> {
     }
 }
 
+/// How long a buyer's call waits for a lease refill when this proxy's lease of a purchase
+/// ran dry but the control plane still has calls to lease.
+pub const REFILL_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Phase 5 with leases: when the cell is dry but calls are left outside every lease, ask the
+/// lease client for a refill and try again once, so a buyer is not refused calls they own.
+async fn take_quota_or_refill(
+    purchase: &CompiledPurchase,
+    gateway: &Inner,
+) -> Result<(), Rejection> {
+    let taken = match take_quota(purchase) {
+        Err(Rejection::QuotaExhausted) if purchase.cell.may_refill() => {
+            gateway
+                .quota
+                .wait_for_refill(&purchase.cell, REFILL_WAIT)
+                .await;
+            take_quota(purchase)
+        }
+        other => other,
+    };
+    if let Err(Rejection::Quota(_)) = &taken {
+        gateway.metrics.quota_journal_errors.inc();
+    }
+    taken
+}
+
 /// What the access log and metrics learn as the phases run.
 #[derive(Default)]
 struct Trace<'s> {
@@ -461,7 +487,7 @@ async fn serve<'s>(
     let purchase = entitle(group, domain, api, app, now)?;
     trace.purchase = purchase;
     if let Some(purchase) = purchase {
-        take_quota(purchase)?;
+        take_quota_or_refill(purchase, gateway).await?;
     }
 
     match &api.backend {

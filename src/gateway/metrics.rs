@@ -5,8 +5,8 @@
 //! input; handles are resolved when a snapshot is compiled, never per request.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// How a request ended, the `outcome` label of `marketgate_requests_total`.
@@ -90,6 +90,9 @@ pub struct GatewayMetrics {
     pub snapshot_applied: IntGauge,
     pub snapshot_push: IntCounterVec,
     pub quota_lease_requests: IntCounterVec,
+    /// Calls this proxy holds in leases, per purchase (only purchases with a live lease).
+    pub lease_calls_held: IntGaugeVec,
+    pub quota_journal_errors: IntCounter,
     pub connections_active: IntGauge,
     /// Requests that resolved to no group (label `group=""`).
     pub no_group: GroupCounters,
@@ -142,6 +145,19 @@ impl GatewayMetrics {
             &["result"],
         )
         .expect("valid metric");
+        let lease_calls_held = IntGaugeVec::new(
+            Opts::new(
+                "marketgate_quota_lease_calls_held",
+                "Unspent calls this proxy holds in leases, per purchase",
+            ),
+            &["purchase"],
+        )
+        .expect("valid metric");
+        let quota_journal_errors = IntCounter::new(
+            "marketgate_quota_journal_errors_total",
+            "Failed writes or fsyncs of the quota journal or lease state",
+        )
+        .expect("valid metric");
         let connections_active =
             IntGauge::new("marketgate_connections_active", "Open buyer connections")
                 .expect("valid metric");
@@ -153,6 +169,8 @@ impl GatewayMetrics {
             Box::new(snapshot_applied.clone()),
             Box::new(snapshot_push.clone()),
             Box::new(quota_lease_requests.clone()),
+            Box::new(lease_calls_held.clone()),
+            Box::new(quota_journal_errors.clone()),
             Box::new(connections_active.clone()),
         ] {
             registry
@@ -169,6 +187,8 @@ impl GatewayMetrics {
             snapshot_applied,
             snapshot_push,
             quota_lease_requests,
+            lease_calls_held,
+            quota_journal_errors,
             connections_active,
             no_group,
         }

@@ -12,6 +12,7 @@ pub mod admin;
 pub mod error;
 pub mod forward;
 pub mod handler;
+pub mod leasing;
 pub mod listener;
 pub mod metrics;
 pub mod quota;

@@ -18,15 +18,22 @@
 //!   snapshot; `used` may only fall by [`QuotaCell::give_back`] for a call that never reached
 //!   the backend.
 //!
-//! Standalone (no `proxy.control_url`) a cell's limit is the snapshot's `quota_limit`, and
-//! `used` is max(snapshot `quota_used`, journaled used).
+//! Two modes ([`QuotaMode`]), fixed when the registry opens:
+//! - `Local` (a standalone `marketgate proxy` without `proxy.control_url`): a cell's limit is
+//!   the snapshot's `quota_limit`, and `used` is max(snapshot `quota_used`, journaled used).
+//! - `Leased` (`serve`, or a proxy with `proxy.control_url`): the control plane owns the
+//!   ledger. A limited cell's `limit` lives in this proxy's own count of calls: it is `used`
+//!   plus what this proxy holds, and only the lease client (`gateway::leasing`) moves it.
+//!   Snapshots only switch a purchase between limited and unlimited. So a proxy never serves
+//!   a call that was not leased to it (docs/quota-leases.md).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use dashmap::DashMap;
 
@@ -65,10 +72,27 @@ impl Journal {
     }
 }
 
+/// Where a cell's limit comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaMode {
+    /// From the snapshot; consumption journaled on this proxy alone.
+    Local,
+    /// From leases granted by the control plane.
+    Leased,
+}
+
 /// The calls of one purchase.
 #[derive(Debug)]
 pub struct QuotaCell {
     purchase_id: Box<str>,
+    /// Limited and in `Leased` mode: served only from leases.
+    leased: AtomicBool,
+    /// Calls the control plane said were left outside every lease at the last exchange:
+    /// worth waiting for a refill when the cell runs dry (`Leased` mode only). Starts at
+    /// `u64::MAX`: unknown until the first exchange.
+    unleased_hint: AtomicU64,
+    /// A caller was refused and waits for a refill of this cell.
+    refill_asked: AtomicBool,
     limit: AtomicU64,
     used: AtomicU64,
     /// Journaled ceiling of `used`.
@@ -146,6 +170,26 @@ impl QuotaCell {
         &self.purchase_id
     }
 
+    /// Is this cell served from leases (limited purchase, `Leased` mode)?
+    pub fn is_leased(&self) -> bool {
+        self.leased.load(Ordering::Acquire)
+    }
+
+    /// Could a lease refill help a caller this cell just refused?
+    pub fn may_refill(&self) -> bool {
+        self.is_leased() && self.unleased_hint.load(Ordering::Acquire) > 0
+    }
+
+    /// Takes the "a caller waits for a refill" mark (for the lease client).
+    pub fn take_refill_request(&self) -> bool {
+        self.refill_asked.swap(false, Ordering::AcqRel)
+    }
+
+    /// Records the control plane's count of calls left outside every lease.
+    pub fn set_unleased_hint(&self, unleased: u64) {
+        self.unleased_hint.store(unleased, Ordering::Release);
+    }
+
     fn reserve_beyond(&self, used: u64) -> Result<(), QuotaError> {
         let _guard = self.reserve_lock.lock().unwrap_or_else(|e| e.into_inner());
         let reserved = self.reserved.load(Ordering::Acquire);
@@ -169,11 +213,25 @@ pub struct QuotaRegistry {
     recovered: HashMap<String, u64>,
     journal: Arc<Journal>,
     block: u64,
+    mode: QuotaMode,
+    /// Woken when a refused caller could use a refill (`Leased` mode).
+    refill_wanted: tokio::sync::Notify,
+    /// Bumped after every lease exchange.
+    refilled: tokio::sync::watch::Sender<u64>,
 }
 
 impl QuotaRegistry {
-    /// Opens (or creates) the journal in `data_dir`, compacting it to one line per purchase.
+    /// Opens (or creates) the journal in `data_dir` in `Local` mode.
     pub fn open(data_dir: &Path, block: u64) -> Result<QuotaRegistry, QuotaError> {
+        Self::open_with_mode(data_dir, block, QuotaMode::Local)
+    }
+
+    /// Opens (or creates) the journal in `data_dir`, compacting it to one line per purchase.
+    pub fn open_with_mode(
+        data_dir: &Path,
+        block: u64,
+        mode: QuotaMode,
+    ) -> Result<QuotaRegistry, QuotaError> {
         let path = data_dir.join(JOURNAL_FILE);
         let open_err = |source| QuotaError::Open {
             path: path.clone(),
@@ -224,7 +282,39 @@ impl QuotaRegistry {
                 file: Mutex::new(file),
             }),
             block: block.max(1),
+            mode,
+            refill_wanted: tokio::sync::Notify::new(),
+            refilled: tokio::sync::watch::channel(0).0,
         })
+    }
+
+    pub fn mode(&self) -> QuotaMode {
+        self.mode
+    }
+
+    /// Asks the lease client for a refill and waits up to `wait` for its next exchange to
+    /// finish. Returns whether one finished.
+    pub async fn wait_for_refill(&self, cell: &QuotaCell, wait: Duration) -> bool {
+        let mut refilled = self.refilled.subscribe();
+        refilled.borrow_and_update();
+        cell.refill_asked.store(true, Ordering::Release);
+        self.refill_wanted.notify_one();
+        tokio::time::timeout(wait, refilled.changed()).await.is_ok()
+    }
+
+    /// Resolves when a refused caller asked for a refill (for the lease client).
+    pub async fn refill_wanted(&self) {
+        self.refill_wanted.notified().await
+    }
+
+    /// Tells waiting callers that an exchange finished (for the lease client).
+    pub fn exchange_finished(&self) {
+        self.refilled.send_modify(|n| *n += 1);
+    }
+
+    /// The journaled `used` of every purchase seen at start (recovered after a crash).
+    pub fn recovered(&self) -> &HashMap<String, u64> {
+        &self.recovered
     }
 
     /// The cell of `purchase_id`, created on first sight; its limit set to `limit` and its
@@ -235,9 +325,17 @@ impl QuotaRegistry {
             .entry(purchase_id.into())
             .or_insert_with(|| {
                 let journaled = self.recovered.get(purchase_id).copied().unwrap_or(0);
+                let initial_limit = match self.mode {
+                    // Nothing leased yet: the cell serves nothing until a grant arrives.
+                    QuotaMode::Leased if limit != UNLIMITED => journaled,
+                    _ => limit,
+                };
                 Arc::new(QuotaCell {
                     purchase_id: purchase_id.into(),
-                    limit: AtomicU64::new(limit),
+                    leased: AtomicBool::new(false),
+                    unleased_hint: AtomicU64::new(u64::MAX),
+                    refill_asked: AtomicBool::new(false),
+                    limit: AtomicU64::new(initial_limit),
                     used: AtomicU64::new(journaled),
                     reserved: AtomicU64::new(journaled),
                     reserve_lock: Mutex::new(()),
@@ -246,8 +344,22 @@ impl QuotaRegistry {
                 })
             })
             .clone();
-        cell.set_limit(limit);
-        cell.raise_used(ledger_used);
+        match self.mode {
+            QuotaMode::Local => {
+                cell.set_limit(limit);
+                cell.raise_used(ledger_used);
+            }
+            QuotaMode::Leased => {
+                let limited = limit != UNLIMITED;
+                if !limited {
+                    cell.set_limit(UNLIMITED);
+                } else if cell.limit() == UNLIMITED {
+                    // Was unlimited, now limited: from here on only leases count.
+                    cell.set_limit(cell.used());
+                }
+                cell.leased.store(limited, Ordering::Release);
+            }
+        }
         cell
     }
 
@@ -309,6 +421,26 @@ mod tests {
         let cell = registry.cell("p1", 100, 0);
         let used = cell.used();
         assert!((10..=10 + 8).contains(&used), "{used}");
+    }
+
+    #[test]
+    fn leased_cells_serve_only_what_was_granted() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = QuotaRegistry::open_with_mode(dir.path(), 8, QuotaMode::Leased).unwrap();
+        let cell = registry.cell("p1", 1000, 0);
+        assert!(cell.is_leased());
+        assert!(!cell.try_take().unwrap(), "nothing leased yet");
+        cell.add_calls(2);
+        assert!(cell.try_take().unwrap());
+        assert!(cell.try_take().unwrap());
+        assert!(!cell.try_take().unwrap());
+        // A new snapshot with another limit does not touch a leased cell.
+        let again = registry.cell("p1", 5000, 900);
+        assert_eq!((again.used(), again.limit()), (2, 2));
+        // Unlimited purchases are not leased.
+        let free = registry.cell("p2", UNLIMITED, 0);
+        assert!(!free.is_leased());
+        assert!(free.try_take().unwrap());
     }
 
     #[test]

@@ -1,0 +1,461 @@
+//! The lease client: keeps this proxy's quota cells supplied with calls leased by the control
+//! plane, and reports what they served (docs/quota-leases.md).
+//!
+//! It owns the exchange loop, the per-purchase bookkeeping (what was reported, when the lease
+//! expires, the recent rate) and `lease-state.json` in `data_dir` (what the control plane has
+//! acknowledged, so that a restart reports exactly the rest). It does not decide requests:
+//! the handler takes calls from cells; this module only moves the cells' limits.
+//!
+//! Invariants:
+//! - A limited cell's `limit - used` is what this proxy holds; after every exchange it is set
+//!   to the control plane's `held` for that purchase, counted from the `used` reported.
+//! - A lease not renewed by its expiry (minus [`REVOKE_MARGIN_SECS`]) is dropped locally, so
+//!   the control plane, which reclaims it only after a further grace, never hands out calls
+//!   this proxy could still serve.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::{Deserialize, Serialize};
+
+use crate::gateway::quota::QuotaCell;
+use crate::gateway::Gateway;
+use crate::lease::{LeaseExchange, LeaseReply, LeaseWant, UsageReport};
+use crate::shutdown::Shutdown;
+
+/// How often the client looks at its cells, unless a caller asks for a refill sooner.
+pub const TICK: Duration = Duration::from_millis(100);
+/// A lease is dropped locally this many seconds before it expires unless renewed.
+pub const REVOKE_MARGIN_SECS: i64 = 5;
+/// A lease is renewed when less than this share of its time to live is left.
+const RENEW_WHEN_LEFT: f64 = 0.5;
+/// A refill asks for about this many seconds of the purchase's recent traffic.
+const WANT_SECONDS: f64 = 2.0;
+/// Weight of the newest sample in the rate's moving average.
+const RATE_SMOOTHING: f64 = 0.3;
+/// File in `data_dir` holding what the control plane acknowledged.
+pub const STATE_FILE: &str = "lease-state.json";
+/// A lease exchange that takes longer than this fails.
+pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why an exchange with the control plane failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseServiceError {
+    #[error("control plane unreachable")]
+    Unreachable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("control plane refused the exchange ({status}): {body}")]
+    Refused { status: u16, body: String },
+    #[error("the control plane's answer is not a lease reply")]
+    BadReply(#[source] serde_json::Error),
+    #[error("lease exchange timed out")]
+    Timeout,
+}
+
+/// The control plane as the lease client sees it: in-process for `serve`, HTTP for `proxy`.
+#[async_trait::async_trait]
+pub trait LeaseService: Send + Sync + 'static {
+    async fn exchange(&self, exchange: LeaseExchange) -> Result<LeaseReply, LeaseServiceError>;
+}
+
+/// `POST {control_url}/v1/leases` with the admin token.
+pub struct HttpLeaseService {
+    url: String,
+    token: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl HttpLeaseService {
+    pub fn new(control_url: &str, admin_token: &str) -> HttpLeaseService {
+        HttpLeaseService {
+            url: format!("{}/v1/leases", control_url.trim_end_matches('/')),
+            token: admin_token.to_owned(),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl LeaseService for HttpLeaseService {
+    async fn exchange(&self, exchange: LeaseExchange) -> Result<LeaseReply, LeaseServiceError> {
+        let body = serde_json::to_vec(&exchange).expect("an exchange serializes");
+        let request = http::Request::post(&self.url)
+            .header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", self.token),
+            )
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| LeaseServiceError::Unreachable(Box::new(e)))?;
+        let call = async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| LeaseServiceError::Unreachable(Box::new(e)))?;
+            let status = response.status();
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| LeaseServiceError::Unreachable(Box::new(e)))?
+                .to_bytes();
+            if !status.is_success() {
+                return Err(LeaseServiceError::Refused {
+                    status: status.as_u16(),
+                    body: String::from_utf8_lossy(&bytes).into_owned(),
+                });
+            }
+            serde_json::from_slice(&bytes).map_err(LeaseServiceError::BadReply)
+        };
+        tokio::time::timeout(EXCHANGE_TIMEOUT, call)
+            .await
+            .map_err(|_| LeaseServiceError::Timeout)?
+    }
+}
+
+/// What the control plane acknowledged, per purchase: persisted in [`STATE_FILE`].
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct AckedState {
+    /// This proxy's `used` count the control plane has been told of.
+    reported: HashMap<String, u64>,
+}
+
+/// Bookkeeping of one purchase.
+#[derive(Debug, Default, Clone)]
+struct Tracked {
+    reported: u64,
+    /// Epoch seconds; 0 when nothing is held.
+    expires_at: i64,
+    /// Calls per second, smoothed.
+    rate: f64,
+    last_used: u64,
+}
+
+/// Keeps the cells of one gateway leased.
+pub struct LeaseClient {
+    gateway: Gateway,
+    service: Arc<dyn LeaseService>,
+    node_id: String,
+    min_calls: u64,
+    max_calls: u64,
+    state_path: PathBuf,
+    book: Mutex<HashMap<String, Tracked>>,
+    /// One exchange at a time.
+    exchanging: tokio::sync::Mutex<()>,
+}
+
+impl LeaseClient {
+    pub fn new(gateway: Gateway, service: Arc<dyn LeaseService>) -> LeaseClient {
+        let config = &gateway.inner.config;
+        let state_path = config.data_dir.join(STATE_FILE);
+        let acked: AckedState = std::fs::read(&state_path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default();
+        let book = acked
+            .reported
+            .into_iter()
+            .map(|(id, reported)| {
+                (
+                    id,
+                    Tracked {
+                        reported,
+                        last_used: reported,
+                        ..Tracked::default()
+                    },
+                )
+            })
+            .collect();
+        LeaseClient {
+            node_id: config.proxy.node_id.clone(),
+            min_calls: config.proxy.lease_min_calls,
+            max_calls: config.proxy.lease_max_calls,
+            state_path,
+            book: Mutex::new(book),
+            exchanging: tokio::sync::Mutex::new(()),
+            service,
+            gateway,
+        }
+    }
+
+    /// After a start: reports what the journal says was served beyond what the control plane
+    /// acknowledged (after a crash, up to one journal block more than really served), and
+    /// gives back every lease this node held, so it starts clean. Retries until it succeeds
+    /// or `shutdown` fires; meanwhile limited cells serve nothing they were not leased.
+    pub async fn recover(&self, shutdown: &Shutdown) {
+        let quota = self.gateway.quota();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let reports: Vec<UsageReport> = {
+                let book = self.book.lock().expect("lease book lock");
+                quota
+                    .recovered()
+                    .iter()
+                    .filter_map(|(id, journaled)| {
+                        let reported = book.get(id).map_or(0, |t| t.reported);
+                        (*journaled > reported).then(|| UsageReport {
+                            purchase_id: id.clone(),
+                            used: journaled - reported,
+                        })
+                    })
+                    .collect()
+            };
+            let exchange = LeaseExchange {
+                node_id: self.node_id.clone(),
+                reports: reports.clone(),
+                wants: Vec::new(),
+                release_all: true,
+            };
+            match self.service.exchange(exchange).await {
+                Ok(_) => {
+                    let mut book = self.book.lock().expect("lease book lock");
+                    for report in &reports {
+                        let tracked = book.entry(report.purchase_id.clone()).or_default();
+                        tracked.reported += report.used;
+                        tracked.last_used = tracked.reported;
+                    }
+                    for tracked in book.values_mut() {
+                        tracked.expires_at = 0;
+                    }
+                    drop(book);
+                    self.persist();
+                    // Whatever a cell held before the restart was just given back.
+                    for cell in quota.cells() {
+                        if cell.is_leased() {
+                            cell.set_limit(cell.used());
+                        }
+                    }
+                    tracing::info!(
+                        reported = reports.len(),
+                        "leases recovered from the journal"
+                    );
+                    return;
+                }
+                Err(error) => {
+                    self.gateway
+                        .metrics()
+                        .quota_lease_requests
+                        .with_label_values(&["error"])
+                        .inc();
+                    tracing::warn!(%error, "cannot report the journal to the control plane yet");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.clone().wait() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Exchanges whenever a cell runs low, a caller waits, a lease needs renewing, or usage
+    /// is unreported; until `shutdown` fires.
+    pub async fn run(self: Arc<Self>, shutdown: Shutdown) {
+        let mut last_tick = Instant::now();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(TICK) => {}
+                _ = self.gateway.quota().refill_wanted() => {}
+                _ = shutdown.clone().wait() => return,
+            }
+            let elapsed = last_tick.elapsed().as_secs_f64();
+            last_tick = Instant::now();
+            self.update_rates(elapsed);
+            if let Err(error) = self.exchange(false).await {
+                tracing::warn!(%error, "lease exchange failed; serving from what is held");
+            }
+            self.revoke_expired();
+        }
+    }
+
+    /// The last exchange at a clean shutdown (after traffic drained and the journal was
+    /// flushed): reports everything and gives back what is held.
+    pub async fn finish(&self) -> Result<(), LeaseServiceError> {
+        self.exchange(true).await
+    }
+
+    fn update_rates(&self, elapsed_secs: f64) {
+        if elapsed_secs <= 0.0 {
+            return;
+        }
+        let mut book = self.book.lock().expect("lease book lock");
+        for cell in self.gateway.quota().cells() {
+            let used = cell.used();
+            let tracked = book.entry(cell.purchase_id().to_owned()).or_default();
+            let sample = used.saturating_sub(tracked.last_used) as f64 / elapsed_secs;
+            tracked.rate = RATE_SMOOTHING * sample + (1.0 - RATE_SMOOTHING) * tracked.rate;
+            tracked.last_used = used;
+        }
+    }
+
+    /// What to ask for on `cell`: zero to renew only, `None` to leave it alone.
+    fn want(&self, cell: &QuotaCell, tracked: &Tracked, now: i64, ttl_secs: i64) -> Option<u64> {
+        if !cell.is_leased() {
+            return None;
+        }
+        let left = cell.limit().saturating_sub(cell.used());
+        let size = ((tracked.rate * WANT_SECONDS) as u64).clamp(self.min_calls, self.max_calls);
+        let asked = cell.take_refill_request();
+        let low = left < (size / 4).max(1);
+        if asked || (tracked.rate > 0.0 && low) {
+            return Some(size.saturating_sub(left).max(1));
+        }
+        let renew_due = tracked.expires_at > 0
+            && ((tracked.expires_at - now) as f64) < RENEW_WHEN_LEFT * ttl_secs as f64;
+        (left > 0 && renew_due).then_some(0)
+    }
+
+    async fn exchange(&self, release_all: bool) -> Result<(), LeaseServiceError> {
+        let _one = self.exchanging.lock().await;
+        let quota = self.gateway.quota();
+        let now = now_secs();
+        let ttl_secs = self.gateway.inner.config.control.lease_ttl.as_secs() as i64;
+        let mut used_at_send: HashMap<String, u64> = HashMap::new();
+        let mut reports = Vec::new();
+        let mut wants = Vec::new();
+        {
+            let book = self.book.lock().expect("lease book lock");
+            for cell in quota.cells() {
+                let id = cell.purchase_id();
+                let used = cell.used();
+                let tracked = book.get(id).cloned().unwrap_or_default();
+                let mut involved = false;
+                if used > tracked.reported {
+                    reports.push(UsageReport {
+                        purchase_id: id.to_owned(),
+                        used: used - tracked.reported,
+                    });
+                    involved = true;
+                }
+                if !release_all {
+                    if let Some(calls) = self.want(&cell, &tracked, now, ttl_secs) {
+                        wants.push(LeaseWant {
+                            purchase_id: id.to_owned(),
+                            calls,
+                        });
+                        involved = true;
+                    }
+                }
+                if involved {
+                    used_at_send.insert(id.to_owned(), used);
+                }
+            }
+        }
+        if reports.is_empty() && wants.is_empty() && !release_all {
+            return Ok(());
+        }
+        let asked_for_calls = wants.iter().any(|w| w.calls > 0);
+        let exchange = LeaseExchange {
+            node_id: self.node_id.clone(),
+            reports,
+            wants,
+            release_all,
+        };
+        let result = self.service.exchange(exchange).await;
+        let metrics = self.gateway.metrics();
+        let reply = match result {
+            Ok(reply) => reply,
+            Err(error) => {
+                metrics
+                    .quota_lease_requests
+                    .with_label_values(&["error"])
+                    .inc();
+                quota.exchange_finished();
+                return Err(error);
+            }
+        };
+        let mut granted_any = false;
+        {
+            let mut book = self.book.lock().expect("lease book lock");
+            for (id, used) in &used_at_send {
+                book.entry(id.clone()).or_default().reported = *used;
+            }
+            for grant in &reply.grants {
+                granted_any |= grant.granted > 0;
+                let tracked = book.entry(grant.purchase_id.clone()).or_default();
+                tracked.expires_at = if grant.held > 0 { grant.expires_at } else { 0 };
+                let Some(cell) = quota.get(&grant.purchase_id) else {
+                    continue;
+                };
+                if cell.is_leased() {
+                    let base = used_at_send
+                        .get(&grant.purchase_id)
+                        .copied()
+                        .unwrap_or_else(|| cell.used());
+                    cell.set_limit(base + grant.held);
+                    cell.set_unleased_hint(grant.unleased.unwrap_or(0));
+                    metrics
+                        .lease_calls_held
+                        .with_label_values(&[&grant.purchase_id])
+                        .set(grant.held as i64);
+                }
+            }
+        }
+        let result = if asked_for_calls && !granted_any {
+            "empty"
+        } else {
+            "ok"
+        };
+        metrics
+            .quota_lease_requests
+            .with_label_values(&[result])
+            .inc();
+        self.persist();
+        quota.exchange_finished();
+        Ok(())
+    }
+
+    /// Drops, locally, leases that were not renewed in time.
+    fn revoke_expired(&self) {
+        let now = now_secs();
+        let mut book = self.book.lock().expect("lease book lock");
+        for (id, tracked) in book.iter_mut() {
+            if tracked.expires_at > 0 && now >= tracked.expires_at - REVOKE_MARGIN_SECS {
+                if let Some(cell) = self.gateway.quota().get(id) {
+                    if cell.is_leased() {
+                        cell.set_limit(cell.used());
+                        tracing::warn!(purchase = %id, "lease expired unrenewed: dropped");
+                    }
+                }
+                tracked.expires_at = 0;
+            }
+        }
+    }
+
+    /// Writes what the control plane acknowledged (atomic rename).
+    fn persist(&self) {
+        let state = AckedState {
+            reported: self
+                .book
+                .lock()
+                .expect("lease book lock")
+                .iter()
+                .map(|(id, t)| (id.clone(), t.reported))
+                .collect(),
+        };
+        let tmp = self.state_path.with_extension("json.tmp");
+        let write = || -> std::io::Result<()> {
+            std::fs::write(
+                &tmp,
+                serde_json::to_vec(&state).map_err(std::io::Error::other)?,
+            )?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &self.state_path)
+        };
+        if let Err(error) = write() {
+            self.gateway.metrics().quota_journal_errors.inc();
+            tracing::error!(%error, "cannot write the lease state");
+        }
+    }
+}
+
+fn now_secs() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
