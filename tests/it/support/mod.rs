@@ -1,1 +1,2 @@
 //! Helpers shared by the integration tests; each reads like the scenario it sets up.
+pub mod control;
