@@ -33,6 +33,9 @@ pub fn build(state: &State) -> Snapshot {
     let purchases: Vec<snapshot::Purchase> = state
         .purchases
         .values()
+        // A delisted group may later be deleted by its owner; its purchases stay in the
+        // store but have nothing to refer to in a snapshot.
+        .filter(|p| state.groups.contains_key(&p.group_id))
         .filter_map(|p| {
             Some(snapshot::Purchase {
                 id: p.purchase_id.clone(),
@@ -50,10 +53,11 @@ pub fn build(state: &State) -> Snapshot {
         .auths
         .values()
         .filter(|a| {
-            state
-                .apis
-                .get(&a.api_id)
-                .is_some_and(|api| api.release.is_some())
+            state.apps.contains_key(&a.app_id)
+                && state
+                    .apis
+                    .get(&a.api_id)
+                    .is_some_and(|api| api.release.is_some())
         })
         .map(|a| snapshot::AppAuth {
             app_id: a.app_id.clone(),

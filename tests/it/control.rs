@@ -1025,3 +1025,39 @@ async fn control_snapshot_version_grows_and_survives_restart() {
         );
     }
 }
+
+#[tokio::test]
+async fn control_every_market_row_refuses_the_unauthenticated() {
+    let control = Control::start(&Backend::Sqlite).await;
+    let anonymous = Api::new(control.addr, Auth::None).as_domain(SELLER_DOMAIN);
+    let base = market_base(SELLER_PROJECT);
+    let rows = [
+        ("PUT", "api-groups/onsell/g"),
+        ("DELETE", "api-groups/onsell/g"),
+        ("DELETE", "api-groups/delist/g"),
+        ("POST", "api-groups/reserve"),
+        ("POST", "api-groups/purchase"),
+        ("POST", "api-groups/status"),
+        ("PUT", "api-groups/status/g"),
+        ("GET", "api-groups/tosell"),
+        ("GET", "api-groups/onsell"),
+        ("PUT", "project"),
+        ("DELETE", "unsubscribe/p"),
+        ("GET", "purchases"),
+        ("GET", "purchases/p"),
+    ];
+    for (method, path) in rows {
+        let answer = anonymous
+            .send(method, &format!("{base}/{path}"), Some(json!({})))
+            .await;
+        expect_error(&format!("{method} {path}"), &answer, 401, "APIG.1002");
+    }
+    // And an authenticated call to a route that does not exist is a JSON 404.
+    let market = control.client(MARKET_TOKEN);
+    expect_error(
+        "no route",
+        &market.get(&format!("{base}/nowhere")).await,
+        404,
+        "APIG.0101",
+    );
+}

@@ -14,7 +14,13 @@ fn binary() -> String {
 
 /// Starts `marketgate control` on 127.0.0.1:0 and reads the bound address from its JSON log.
 fn start(config: &std::path::Path) -> (Child, std::net::SocketAddr) {
-    let mut child = Command::new(binary())
+    let mut command = Command::new(binary());
+    // Every MARKETGATE_* variable is a config override for the binary (MARKETGATE_BIN would
+    // be an unknown key): the child gets none.
+    for (name, _) in std::env::vars().filter(|(n, _)| n.starts_with("MARKETGATE_")) {
+        command.env_remove(name);
+    }
+    let mut child = command
         .args(["control", "--config"])
         .arg(config)
         .env("RUST_LOG", "info")
