@@ -82,29 +82,32 @@ def marketgate_binary():
     return os.environ.get("MARKETGATE_BIN", "target/debug/marketgate")
 
 
-def fresh_postgres_database():
-    """A new database's URL, or None when PostgreSQL is not reachable."""
-    if shutil.which("psql") is None:
-        return None
-    name = "mg_sdk_" + uuid.uuid4().hex
-    done = subprocess.run(
-        ["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-c", f"CREATE DATABASE {name}"],
+def psql(sql):
+    return subprocess.run(
+        ["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-c", sql],
         capture_output=True,
         timeout=20,
     )
-    return f"{POSTGRES}/{name}" if done.returncode == 0 else None
+
+
+def fresh_postgres_database():
+    """A new database's name, or None when PostgreSQL is not reachable."""
+    if shutil.which("psql") is None:
+        return None
+    name = "mg_sdk_" + uuid.uuid4().hex
+    return name if psql(f"CREATE DATABASE {name}").returncode == 0 else None
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def marketgate_control(request):
     """The real control binary on 127.0.0.1:0: yields its base URL."""
-    workdir = tempfile.mkdtemp(prefix="marketgate-sdk-")
-    if request.param == "sqlite":
-        database_url = f"sqlite://{workdir}/marketgate.db"
-    else:
-        database_url = fresh_postgres_database()
-        if database_url is None:
+    database = None
+    if request.param == "postgres":
+        database = fresh_postgres_database()
+        if database is None:
             pytest.skip("PostgreSQL not reachable: the PostgreSQL half of the SDK suite was SKIPPED")
+    workdir = tempfile.mkdtemp(prefix="marketgate-sdk-")
+    database_url = f"{POSTGRES}/{database}" if database else f"sqlite://{workdir}/marketgate.db"
     config = os.path.join(workdir, "control.toml")
     with open(config, "w") as f:
         f.write(CONFIG.format(instance=INSTANCE, database_url=database_url, ak=AK, sk=SK, project=PROJECT))
@@ -132,6 +135,8 @@ def marketgate_control(request):
     proc.kill()
     proc.wait()
     shutil.rmtree(workdir, ignore_errors=True)
+    if database:
+        psql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
 
 
 @pytest.fixture(scope="module")

@@ -92,3 +92,58 @@ pub async fn open(database_url: &str) -> Result<Box<dyn Store>, StoreError> {
         )))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(id: &str, doc: &str) -> Write {
+        Write {
+            kind: "group",
+            id: id.into(),
+            doc: Some(doc.into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn sqlite_commits_survive_reopen_and_migrations_apply_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("nested/store.db").display());
+        let store = open(&url).await.unwrap();
+        assert_eq!(store.load().await.unwrap().version, 0);
+        assert_eq!(
+            store
+                .commit(vec![put("a", "1"), put("b", "2")])
+                .await
+                .unwrap(),
+            1
+        );
+        let deleted = Write {
+            kind: "group",
+            id: "b".into(),
+            doc: None,
+        };
+        assert_eq!(store.commit(vec![put("a", "3"), deleted]).await.unwrap(), 2);
+        drop(store);
+        let store = open(&url).await.unwrap();
+        let loaded = store.load().await.unwrap();
+        assert_eq!(loaded.version, 2);
+        assert_eq!(
+            loaded.records,
+            vec![("group".to_owned(), "a".to_owned(), "3".to_owned())]
+        );
+        let conn = rusqlite::Connection::open(dir.path().join("nested/store.db")).unwrap();
+        let applied: i64 = conn
+            .query_row("SELECT count(*) FROM schema_migrations", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(applied, MIGRATIONS.len() as i64);
+    }
+
+    #[tokio::test]
+    async fn unknown_scheme_is_refused() {
+        assert!(matches!(
+            open("mysql://x").await,
+            Err(StoreError::UnknownScheme(_))
+        ));
+    }
+}

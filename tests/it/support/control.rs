@@ -45,6 +45,7 @@ impl Backend {
         .await
         .is_ok_and(|r| r.is_ok());
         if reachable {
+            drop_stale_databases(&url).await;
             vec![Backend::Sqlite, Backend::Postgres]
         } else {
             eprintln!(
@@ -65,7 +66,11 @@ impl Backend {
                     .await
                     .expect("postgres connects");
                 tokio::spawn(conn);
-                let name = format!("mg_{}", uuid::Uuid::new_v4().simple());
+                let name = format!(
+                    "mg_{}_{}",
+                    time::OffsetDateTime::now_utc().unix_timestamp(),
+                    &uuid::Uuid::new_v4().simple().to_string()[..12]
+                );
                 client
                     .batch_execute(&format!("CREATE DATABASE {name}"))
                     .await
@@ -73,6 +78,40 @@ impl Backend {
                 let base = url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&url);
                 format!("{base}/{name}")
             }
+        }
+    }
+}
+
+/// Test databases older than this are dropped by later runs, in seconds.
+const STALE_DATABASE_SECS: i64 = 3600;
+
+/// Drops test databases (`mg_{epoch}_{id}`) left by runs over an hour ago; parallel tests'
+/// fresh databases are never touched.
+async fn drop_stale_databases(url: &str) {
+    let Ok((client, conn)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await else {
+        return;
+    };
+    tokio::spawn(conn);
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let Ok(rows) = client
+        .query(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'mg\\_%'",
+            &[],
+        )
+        .await
+    else {
+        return;
+    };
+    for row in rows {
+        let name: String = row.get(0);
+        let created = name
+            .split('_')
+            .nth(1)
+            .and_then(|secs| secs.parse::<i64>().ok());
+        if created.is_some_and(|secs| now - secs > STALE_DATABASE_SECS) {
+            let _ = client
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await;
         }
     }
 }
