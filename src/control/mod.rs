@@ -151,6 +151,8 @@ impl ControlPlane {
                 get(mk::show_purchase),
             )
             .fallback(|| async { ControlError::RouteNotFound })
+            // "No such API or method" is one case on APIG (CONTRACT §8).
+            .method_not_allowed_fallback(|| async { ControlError::RouteNotFound })
             .layer(axum::middleware::from_fn_with_state(
                 self.clone(),
                 auth::authenticate,
