@@ -128,8 +128,10 @@ fn charset_ok(s: &str, min: usize, max: usize, extra: &str, first_extra: &str) -
             .all(|c| c.is_ascii_alphanumeric() || extra.contains(c))
 }
 
+/// Path parameter names: 1–32 of letters, digits, `-` and `_`, starting with a letter
+/// (Huawei also allows `.`; the data plane's templates do not, so neither do we).
 fn valid_param_name(name: &str) -> bool {
-    charset_ok(name, 1, 32, "-_.", "") && name.starts_with(|c: char| c.is_ascii_alphabetic())
+    charset_ok(name, 1, 32, "-_", "") && name.starts_with(|c: char| c.is_ascii_alphabetic())
 }
 
 /// `req_uri`: starts with `/`, ≤ 512 chars; each segment is literal (letters, digits,
@@ -280,9 +282,19 @@ pub(crate) fn group_json(g: &GroupRec) -> Value {
     })
 }
 
-/// The system debug domain of a new group: `{32 hex}.apic.{instance_id}.marketgate.local`.
+/// The system debug domain of a new group: `{32 hex}.apic.{instance_id}.marketgate.local`,
+/// with the instance id lower-cased and anything but letters, digits and `-` made `-`.
 fn new_sl_domain(instance_id: &str) -> String {
-    format!("{}.apic.{instance_id}.marketgate.local", new_id())
+    let label: String = instance_id
+        .chars()
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9' | '-') => c,
+            _ => '-',
+        })
+        .collect();
+    let label = label.trim_matches('-');
+    let label = if label.is_empty() { "default" } else { label };
+    format!("{}.apic.{label}.marketgate.local", new_id())
 }
 
 fn group_fields(
@@ -454,14 +466,16 @@ fn api_def(
         };
         let url_domain = req_str(b, "url_domain").map_err(|_| invalid("backend_api.url_domain"))?;
         if url_domain.len() > 255
-            || url_domain.contains('/')
-            || url_domain.contains(char::is_whitespace)
+            || url_domain.contains(['/', '@'])
+            || url_domain.parse::<http::uri::Authority>().is_err()
         {
             return Err(invalid("backend_api.url_domain"));
         }
+        // The data plane forwards over plain HTTP only; an HTTPS backend would make every
+        // snapshot unservable, so it is refused here.
         let protocol = one_of(
             opt_str(b, "req_protocol")?.unwrap_or_else(|| "HTTP".into()),
-            &["HTTP", "HTTPS"],
+            &["HTTP"],
             "backend_api.req_protocol",
         )?;
         let method = one_of(
@@ -501,6 +515,11 @@ fn api_def(
         }
         if api.def.req_method == req_method && api.def.req_uri == req_uri {
             return Err(ControlError::ApiExists(format!("{req_method} {req_uri}")));
+        }
+        if let Some(p) = &api.release {
+            if p.frozen.req_method == req_method && p.frozen.req_uri == req_uri {
+                return Err(ControlError::ApiExists(format!("{req_method} {req_uri}")));
+            }
         }
     }
     Ok((
@@ -732,6 +751,31 @@ fn check_env(env_id: &str) -> Result<(), ControlError> {
     }
 }
 
+/// Would publishing `api`'s draft give its group two RELEASE APIs with one method and URI
+/// (possible when drafts were edited after publishing)? The data plane refuses such
+/// snapshots, so publishing refuses first.
+fn release_collision(state: &State, api: &ApiRec, also: &[ApiRec]) -> Result<(), ControlError> {
+    let clash = |other: &ApiRec| {
+        other.id != api.id
+            && other.group_id == api.group_id
+            && other.release.as_ref().is_some_and(|p| {
+                p.frozen.req_method == api.def.req_method && p.frozen.req_uri == api.def.req_uri
+            })
+    };
+    let in_state = state
+        .apis
+        .values()
+        .filter(|o| !also.iter().any(|a| a.id == o.id))
+        .any(clash);
+    if in_state || also.iter().any(clash) {
+        return Err(ControlError::ApiExists(format!(
+            "{} {} is already published in the group",
+            api.def.req_method, api.def.req_uri
+        )));
+    }
+    Ok(())
+}
+
 /// Publishes (freezes the current draft) or takes offline; returns the changed record and
 /// the publish record to answer with.
 fn publish_one(api: &ApiRec, online: bool, remark: &str) -> (ApiRec, Value) {
@@ -777,6 +821,9 @@ pub async fn publish_action(AxState(cp): AxState<ControlPlane>, call: Call) -> H
     let remark = valid_remark(&body)?;
     let mut state = cp.lock().await;
     let api = own_api(&state, &api_id, &project)?;
+    if online {
+        release_collision(&state, api, &[])?;
+    }
     let (api, record) = publish_one(api, online, &remark);
     cp.commit(&mut state, vec![Change::Api(api)]).await?;
     Ok(reply(StatusCode::CREATED, record))
@@ -804,10 +851,18 @@ pub async fn publish_batch(AxState(cp): AxState<ControlPlane>, call: Call) -> Ha
         return Err(invalid("apis"));
     }
     let (mut success, mut failure, mut changes) = (Vec::new(), Vec::new(), Vec::new());
+    let mut published: Vec<ApiRec> = Vec::new();
     for id in ids {
-        match own_api(&state, &id, &project) {
+        let checked = own_api(&state, &id, &project).and_then(|api| {
+            if online {
+                release_collision(&state, api, &published)?;
+            }
+            Ok(api)
+        });
+        match checked {
             Ok(api) => {
                 let (api, record) = publish_one(api, online, &remark);
+                published.push(api.clone());
                 changes.push(Change::Api(api));
                 success.push(record);
             }
@@ -1292,6 +1347,8 @@ mod tests {
         assert_eq!(parse_req_uri("/a//b"), None);
         assert_eq!(parse_req_uri("/a/{1x}"), None);
         assert_eq!(parse_req_uri("/a b"), None);
+        assert_eq!(parse_req_uri("/a/{x.y}"), None);
+        assert!(new_sl_domain("Inst_1").ends_with(".apic.inst-1.marketgate.local"));
     }
 
     #[test]

@@ -189,6 +189,22 @@ async fn control_management_groups_apis_publish() {
             400,
             "APIG.2012",
         );
+        let mut https_backend = api("https_api", "/h/{id}");
+        https_backend["backend_api"]["req_protocol"] = json!("HTTPS");
+        expect_error(
+            "HTTPS backend",
+            &seller.post(&apis, https_backend).await,
+            400,
+            "APIG.2012",
+        );
+        let mut bad_host = api("host_api", "/h/{id}");
+        bad_host["backend_api"]["url_domain"] = json!("user@host:80");
+        expect_error(
+            "bad backend host",
+            &seller.post(&apis, bad_host).await,
+            400,
+            "APIG.2012",
+        );
         let mut wrong_type = api("typed_api", "/t/{id}");
         wrong_type["type"] = json!(3);
         expect_error(
