@@ -5,15 +5,19 @@
 //! - [`config`]: the TOML file and `MARKETGATE_*` overrides, validated into [`config::Config`].
 //! - [`signing`]: SDK-HMAC-SHA256 canonicalisation, signing and verification (both planes).
 //! - [`apig`]: Huawei APIG error codes and the error body.
+//! - [`buyer`]: the buyer tool behind `marketgate sign` and `marketgate call`.
 //! - [`snapshot`]: the contract between the planes: wire types, validation, compiled form.
 //! - [`gateway`]: the data plane: listeners, per-request phases, quota, forwarding, admin.
 //! - [`control`]: the control plane: store, market API, management API, snapshot building.
+//! - [`lease`]: quota leases: the protocol and ledger arithmetic that let proxies share a purchase.
 //! - [`shutdown`]: graceful shutdown as a value that servers wait on.
 
 pub mod apig;
+pub mod buyer;
 pub mod config;
 pub mod control;
 pub mod gateway;
+pub mod lease;
 pub mod shutdown;
 pub mod signing;
 pub mod snapshot;

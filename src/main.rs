@@ -34,6 +34,52 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Buyer tool: sign a request with an APP's key and secret and print it as curl.
+    Sign(BuyerArgs),
+    /// Buyer tool: sign a request and send it (plain HTTP); exits 1 on a 4xx or 5xx answer.
+    Call(BuyerArgs),
+}
+
+#[derive(clap::Args)]
+struct BuyerArgs {
+    /// The APP's AppKey.
+    #[arg(long, env = "MARKETGATE_APP_KEY")]
+    key: String,
+    /// The APP's AppSecret (prefer the environment variable: it stays out of shell history).
+    #[arg(long, env = "MARKETGATE_APP_SECRET", hide_env_values = true)]
+    secret: String,
+    /// HTTP method.
+    #[arg(short = 'X', long, default_value = "GET")]
+    method: String,
+    /// Extra header to send and sign, `Name: value`; repeatable.
+    #[arg(short = 'H', long = "header")]
+    headers: Vec<String>,
+    /// Request body.
+    #[arg(short = 'd', long)]
+    data: Option<String>,
+    /// Do not sign the body (`X-Sdk-Content-Sha256: UNSIGNED-PAYLOAD`).
+    #[arg(long)]
+    unsigned_payload: bool,
+    /// Absolute URL, e.g. http://127.0.0.1:8080/v1/hello with the group's domain in --host.
+    url: String,
+}
+
+impl BuyerArgs {
+    fn sign(&self) -> anyhow::Result<marketgate::buyer::SignedRequest> {
+        let spec = marketgate::buyer::RequestSpec {
+            method: self.method.clone(),
+            url: self.url.clone(),
+            headers: self.headers.clone(),
+            body: self.data.clone().unwrap_or_default().into_bytes(),
+            unsigned_payload: self.unsigned_payload,
+        };
+        Ok(marketgate::buyer::sign_request(
+            &spec,
+            &self.key,
+            &self.secret,
+            time::OffsetDateTime::now_utc(),
+        )?)
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,6 +104,28 @@ fn main() -> anyhow::Result<()> {
             let config = Config::load(&config)?;
             config.require_admin_token()?;
             run(config, marketgate::control::run_control)
+        }
+        Command::Sign(args) => {
+            println!("{}", marketgate::buyer::to_curl(&args.sign()?));
+            Ok(())
+        }
+        Command::Call(args) => {
+            let request = args.sign()?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            let response = runtime.block_on(marketgate::buyer::send(request))?;
+            println!("{:?} {}", http::Version::HTTP_11, response.status);
+            for (name, value) in &response.headers {
+                println!("{}: {}", name, value.to_str().unwrap_or("<binary>"));
+            }
+            println!();
+            println!("{}", String::from_utf8_lossy(&response.body));
+            if response.status.as_u16() >= 400 {
+                std::process::exit(1);
+            }
+            Ok(())
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod error;
 pub mod management;
 pub mod market;
 pub mod publish;
+pub mod push;
 pub mod state;
 pub mod store;
 

@@ -8,10 +8,25 @@
 //! store or change state.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use crate::snapshot::{self, Snapshot};
 
+use super::push::SnapshotSource;
 use super::state::{now_rfc3339, State};
+use super::ControlPlane;
+
+/// The control plane is what pushers follow: its version channel and its current snapshot.
+#[async_trait::async_trait]
+impl SnapshotSource for ControlPlane {
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        ControlPlane::subscribe(self)
+    }
+
+    async fn snapshot(&self) -> Arc<Snapshot> {
+        Arc::new(ControlPlane::snapshot(self).await)
+    }
+}
 
 /// The snapshot of `state` at `state.version`.
 pub fn build(state: &State) -> Snapshot {

@@ -1,13 +1,335 @@
 //! The data plane (`marketgate proxy`): enforces purchases on buyers' calls and forwards them.
+//!
+//! Owns the [`Gateway`] handle: the one `ArcSwap` of the compiled snapshot, the quota
+//! registry, the upstream client, the metrics and the last-good-snapshot file. Submodules
+//! each own one concern: [`handler`] the per-request phases, [`route`] matching,
+//! [`forward`] the upstream call, [`quota`] the cells and journal, [`error`] the
+//! [`error::Rejection`] → status/code mapping, [`metrics`], [`admin`] the admin listener,
+//! [`listener`] accepting plain and TLS connections with graceful drain. This module does
+//! not decide requests itself.
+
+pub mod admin;
+pub mod error;
+pub mod forward;
+pub mod handler;
+pub mod listener;
+pub mod metrics;
+pub mod quota;
+pub mod route;
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwapOption;
 
 use crate::config::Config;
 use crate::shutdown::Shutdown;
+use crate::snapshot::compile::{compile, CompiledSnapshot};
+use crate::snapshot::validate::{validate, ValidationError};
+use crate::snapshot::Snapshot;
 
-/// Runs a standalone proxy until `shutdown` fires.
-pub async fn run_proxy(
-    config: Config,
-    shutdown: Shutdown,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let _ = (config, shutdown);
-    Err("marketgate proxy is not built yet".into())
+/// File name of the last good snapshot inside `data_dir`.
+pub const SNAPSHOT_FILE: &str = "snapshot.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Quota(#[from] quota::QuotaError),
+    #[error("cannot read the last good snapshot {path}")]
+    SnapshotRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the last good snapshot {path} does not parse")]
+    SnapshotParse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("the last good snapshot {path} is invalid")]
+    SnapshotInvalid {
+        path: PathBuf,
+        #[source]
+        source: ValidationError,
+    },
+    #[error("cannot load the default TLS certificate")]
+    Tls(#[source] listener::TlsError),
+}
+
+/// Why a pushed snapshot was not applied. Nothing changed in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotRejection {
+    #[error("snapshot is invalid: {0}")]
+    Invalid(#[source] ValidationError),
+    #[error("version {offered} is not greater than the current version {current}")]
+    NotNewer { current: u64, offered: u64 },
+    #[error("cannot write the snapshot to disk")]
+    Persist(#[source] std::io::Error),
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: Config,
+    pub(crate) current: ArcSwapOption<CompiledSnapshot>,
+    apply_lock: Mutex<()>,
+    pub(crate) quota: quota::QuotaRegistry,
+    pub(crate) metrics: metrics::GatewayMetrics,
+    pub(crate) upstream: forward::Upstream,
+    pub(crate) listening: AtomicBool,
+    pub(crate) default_cert: Option<Arc<rustls::sign::CertifiedKey>>,
+    snapshot_path: PathBuf,
+}
+
+/// The data plane, as a cheaply cloneable handle.
+#[derive(Clone)]
+pub struct Gateway {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("version", &self.snapshot_version())
+            .finish()
+    }
+}
+
+impl Gateway {
+    /// Opens the quota journal and loads the last good snapshot from `config.data_dir`.
+    pub fn open(config: &Config) -> Result<Gateway, GatewayError> {
+        let quota =
+            quota::QuotaRegistry::open(&config.data_dir, config.gateway.quota_journal_block)?;
+        let metrics = metrics::GatewayMetrics::new();
+        let snapshot_path = config.data_dir.join(SNAPSHOT_FILE);
+        let default_cert = match (&config.gateway.tls_cert, &config.gateway.tls_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(
+                listener::load_default_cert(cert, key).map_err(GatewayError::Tls)?,
+            )),
+            _ => None,
+        };
+        let inner = Inner {
+            config: config.clone(),
+            current: ArcSwapOption::empty(),
+            apply_lock: Mutex::new(()),
+            upstream: forward::Upstream::new(&config.gateway),
+            quota,
+            metrics,
+            listening: AtomicBool::new(false),
+            default_cert,
+            snapshot_path,
+        };
+        if let Some(snapshot) = load_snapshot(&inner.snapshot_path)? {
+            let compiled = compile(&snapshot, &inner.quota, &inner.metrics);
+            inner.metrics.snapshot_version.set(snapshot.version as i64);
+            inner.metrics.snapshot_applied.set(now_secs());
+            inner.current.store(Some(Arc::new(compiled)));
+            tracing::info!(
+                version = snapshot.version,
+                "serving the last good snapshot from disk"
+            );
+        }
+        Ok(Gateway {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Validates, compiles, persists and swaps in `snapshot`; returns its version.
+    pub fn apply_snapshot(&self, snapshot: Snapshot) -> Result<u64, SnapshotRejection> {
+        let result = self.apply_inner(snapshot);
+        let label = match &result {
+            Ok(_) => "ok",
+            Err(SnapshotRejection::Invalid(_)) => "invalid",
+            Err(SnapshotRejection::NotNewer { .. }) => "stale",
+            Err(SnapshotRejection::Persist(_)) => "error",
+        };
+        self.inner
+            .metrics
+            .snapshot_push
+            .with_label_values(&[label])
+            .inc();
+        result
+    }
+
+    fn apply_inner(&self, snapshot: Snapshot) -> Result<u64, SnapshotRejection> {
+        let inner = &self.inner;
+        let _one_at_a_time = inner.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(current) = self.snapshot_version() {
+            if snapshot.version <= current {
+                return Err(SnapshotRejection::NotNewer {
+                    current,
+                    offered: snapshot.version,
+                });
+            }
+        }
+        validate(&snapshot).map_err(SnapshotRejection::Invalid)?;
+        let compiled = compile(&snapshot, &inner.quota, &inner.metrics);
+        // Persist before swapping: what is served is always on disk.
+        persist_snapshot(&inner.snapshot_path, &snapshot).map_err(SnapshotRejection::Persist)?;
+        inner.current.store(Some(Arc::new(compiled)));
+        inner.metrics.snapshot_version.set(snapshot.version as i64);
+        inner.metrics.snapshot_applied.set(now_secs());
+        tracing::info!(version = snapshot.version, "snapshot applied");
+        Ok(snapshot.version)
+    }
+
+    pub fn snapshot_version(&self) -> Option<u64> {
+        self.inner.current.load().as_ref().map(|s| s.version)
+    }
+
+    /// The compiled snapshot now served (for benches and tests of the decision path).
+    pub fn compiled(&self) -> Option<Arc<CompiledSnapshot>> {
+        self.inner.current.load_full()
+    }
+
+    /// Has a snapshot and a bound buyer listener.
+    pub fn is_ready(&self) -> bool {
+        self.snapshot_version().is_some() && self.inner.listening.load(Ordering::Acquire)
+    }
+
+    pub fn quota(&self) -> &quota::QuotaRegistry {
+        &self.inner.quota
+    }
+
+    pub fn metrics(&self) -> &metrics::GatewayMetrics {
+        &self.inner.metrics
+    }
+
+    /// Serves buyers over plain HTTP until `shutdown`, then drains for `gateway.drain_timeout`.
+    pub async fn serve_buyers(&self, listener: tokio::net::TcpListener, shutdown: Shutdown) {
+        listener::serve(self.inner.clone(), listener, None, shutdown).await
+    }
+
+    /// Serves buyers over TLS (certificate by SNI from the snapshot, else the default one).
+    pub async fn serve_buyers_tls(&self, listener: tokio::net::TcpListener, shutdown: Shutdown) {
+        let tls = listener::tls_acceptor(self.inner.clone());
+        listener::serve(self.inner.clone(), listener, Some(tls), shutdown).await
+    }
+
+    /// The admin listener's routes (§5–§6).
+    pub fn admin_router(&self) -> axum::Router {
+        admin::router(self.clone())
+    }
+
+    /// Records the exact quota used (after traffic stopped).
+    pub fn flush(&self) -> Result<(), quota::QuotaError> {
+        self.inner.quota.flush()
+    }
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn load_snapshot(path: &Path) -> Result<Option<Snapshot>, GatewayError> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(GatewayError::SnapshotRead {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    let snapshot: Snapshot =
+        serde_json::from_slice(&bytes).map_err(|source| GatewayError::SnapshotParse {
+            path: path.to_owned(),
+            source,
+        })?;
+    validate(&snapshot).map_err(|source| GatewayError::SnapshotInvalid {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(Some(snapshot))
+}
+
+/// Writes `snapshot` to `path` by a temporary file (mode 0600: it holds secrets), fsync and
+/// rename, so a crash leaves either the old or the new file, never half of one.
+fn persist_snapshot(path: &Path, snapshot: &Snapshot) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = path.with_extension("json.tmp");
+    let bytes = serde_json::to_vec(snapshot).map_err(std::io::Error::other)?;
+    {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+type RunError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Runs a standalone proxy until `shutdown` fires: binds `gateway.listen`,
+/// `gateway.tls_listen` (when set) and `admin.listen`, drains, then flushes quota.
+/// With `gateway.workers > 0` the proxy runs on its own runtime of that many threads.
+pub async fn run_proxy(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
+    let workers = config.gateway.workers;
+    if workers == 0 {
+        return run_proxy_here(config, shutdown).await;
+    }
+    let (done, result) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("gateway".into())
+        .spawn(move || {
+            let outcome = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(workers)
+                .thread_name("gateway-worker")
+                .enable_all()
+                .build()
+                .map_err(RunError::from)
+                .and_then(|runtime| runtime.block_on(run_proxy_here(config, shutdown)));
+            let _ = done.send(outcome);
+        })?;
+    result
+        .await
+        .map_err(|_| RunError::from("the gateway runtime stopped without a result"))?
+}
+
+async fn run_proxy_here(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
+    let gateway = Gateway::open(&config)?;
+    let buyers = tokio::net::TcpListener::bind(config.gateway.listen).await?;
+    let tls = match config.gateway.tls_listen {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await?),
+        None => None,
+    };
+    let admin = tokio::net::TcpListener::bind(config.admin.listen).await?;
+    tracing::info!(
+        buyers = %buyers.local_addr()?,
+        admin = %admin.local_addr()?,
+        version = ?gateway.snapshot_version(),
+        "proxy listening"
+    );
+    let admin_shutdown = shutdown.clone();
+    let admin_router = gateway.admin_router();
+    let admin_task = tokio::spawn(async move {
+        axum::serve(admin, admin_router)
+            .with_graceful_shutdown(admin_shutdown.wait())
+            .await
+    });
+    let tls_task = tls.map(|listener| {
+        let gateway = gateway.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { gateway.serve_buyers_tls(listener, shutdown).await })
+    });
+    gateway.serve_buyers(buyers, shutdown).await;
+    if let Some(task) = tls_task {
+        task.await?;
+    }
+    admin_task.await??;
+    gateway.flush()?;
+    tracing::info!("proxy stopped; quota flushed");
+    Ok(())
 }

@@ -299,7 +299,7 @@ async fn control_management_groups_apis_publish() {
             &seller.put(&format!("{apis}/{aid}"), edited).await,
             200,
         );
-        let snapshot = control.cp.snapshot().await;
+        let snapshot = served(&control).await;
         let served = snapshot.groups.iter().find(|g| g.id == gid).unwrap();
         let served_api = served.apis.iter().find(|x| x.id == aid).unwrap();
         match &served_api.backend {
@@ -503,7 +503,7 @@ async fn control_management_apps_codes_auths() {
         assert_eq!(bound.1["total"], 1);
         assert_eq!(bound.1["auths"][0]["app_name"], "app_one");
 
-        let snapshot = control.cp.snapshot().await;
+        let snapshot = served(&control).await;
         assert!(snapshot
             .app_auths
             .iter()
@@ -749,16 +749,16 @@ async fn control_market_rows_follow_the_seeds_and_the_state_machine() {
         let again = bm.post(&purchase_path, buy.clone()).await;
         assert_eq!(again, bought, "the same order_id answers the same purchase");
 
-        let snapshot = control.cp.snapshot().await;
-        let served = snapshot.purchases.iter().find(|p| p.id == pid).unwrap();
+        let snapshot = served(&control).await;
+        let served_purchase = snapshot.purchases.iter().find(|p| p.id == pid).unwrap();
         assert_eq!(
-            (served.quota_limit, served.state),
+            (served_purchase.quota_limit, served_purchase.state),
             (Some(100), marketgate::snapshot::PurchaseState::Active)
         );
         let app = snapshot
             .apps
             .iter()
-            .find(|a| a.id == served.app_id)
+            .find(|a| a.id == served_purchase.app_id)
             .unwrap();
         assert_eq!(app.app_key, app_key);
         assert_eq!(app.creator, "MARKET");
@@ -932,7 +932,7 @@ async fn control_market_rows_follow_the_seeds_and_the_state_machine() {
             409,
             "APIG.3016",
         );
-        let snapshot = control.cp.snapshot().await;
+        let snapshot = served(&control).await;
         let group = snapshot.groups.iter().find(|g| g.id == gid).unwrap();
         assert_eq!(
             group.market_state,
@@ -995,7 +995,7 @@ async fn control_purchase_is_idempotent_under_50_concurrent_duplicates() {
             answers.iter().all(|a| a == &answers[0]),
             "one answer for one order"
         );
-        let snapshot = control.cp.snapshot().await;
+        let snapshot = served(&control).await;
         assert_eq!(snapshot.purchases.len(), 1, "one purchase");
         assert_eq!(snapshot.apps.len(), 1, "one MARKET app");
     }
@@ -1006,14 +1006,14 @@ async fn control_snapshot_version_grows_and_survives_restart() {
     for backend in Backend::all().await {
         let control = Control::start(&backend).await;
         let mut versions = control.cp.subscribe();
-        let v0 = control.cp.snapshot().await.version;
+        let v0 = served(&control).await.version;
         let seller = control.client(SELLER_TOKEN);
         let (gid, api_id) = sellable_group(&seller, "durable_group").await;
         versions.changed().await.unwrap();
-        let v1 = control.cp.snapshot().await.version;
+        let v1 = served(&control).await.version;
         assert!(v1 > v0 && *versions.borrow() == v1, "{v0} -> {v1}");
         let control = control.restart().await;
-        let after = control.cp.snapshot().await;
+        let after = served(&control).await;
         assert_eq!(after.version, v1, "the version is stored");
         let group = after
             .groups
@@ -1036,7 +1036,7 @@ async fn control_snapshot_version_grows_and_survives_restart() {
             201,
         );
         assert!(
-            control.cp.snapshot().await.version > v1,
+            served(&control).await.version > v1,
             "the version only grows"
         );
     }

@@ -2,4 +2,7 @@
 
 mod control;
 mod control_binary;
+mod gateway;
+mod gateway_crash;
+mod gateway_tls;
 mod support;

@@ -383,3 +383,15 @@ pub async fn sellable_group(seller: &Api, name: &str) -> (String, String) {
     assert_eq!(status, 201, "{record}");
     (group_id, api_id)
 }
+
+/// The control plane's current snapshot, checked with the data plane's own validator: what
+/// the control plane builds, every proxy must accept.
+pub async fn served(control: &Control) -> marketgate::snapshot::Snapshot {
+    let snapshot = control.cp.snapshot().await;
+    if snapshot.version > 0 {
+        if let Err(e) = marketgate::snapshot::validate::validate(&snapshot) {
+            panic!("the data plane refuses the snapshot: {e:?}\n{snapshot:#?}");
+        }
+    }
+    snapshot
+}

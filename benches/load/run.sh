@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# Load comparison (PERF-NOTES.md method): marketgate proxy against nginx and haproxy on the
+# same machine, each pinned to core 0 with one worker, in front of the same nginx backend on
+# core 1, loaded by wrk on core 1. Prints a markdown table of medians over RUNS runs.
+#
+# Decision it informs: whether full enforcement (HMAC auth + purchase + quota) on one core
+# keeps up with nginx's plain proxy_pass per core (target >= 1.0x requests/s, p99 no worse),
+# and what enforcement costs against marketgate's own plain forwarding (target <= 10%).
+#
+# Usage: benches/load/run.sh [RUNS]   (needs wrk, nginx, haproxy: apt-get install wrk nginx-light haproxy)
+# Binds 127.0.0.1:18000-18006 for its duration; everything it starts is stopped on exit.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+RUNS=${RUNS:-${1:-3}}
+DURATION=${DURATION:-10s}
+CONNS=${CONNS:-32}
+BIN=${MARKETGATE_BIN:-target/release/marketgate}
+WORK=$(mktemp -d /tmp/mg-load.XXXXXX)
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+for tool in wrk nginx haproxy taskset curl; do
+  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install wrk nginx-light haproxy)"; exit 2; }
+done
+[[ -x $BIN ]] || cargo build --release --bin marketgate
+
+BODY='{"status":"ok","service":"backend","payload":"0123456789abcdef"}'
+cat > "$WORK/backend.conf" <<CONF
+worker_processes 1; daemon off; pid $WORK/backend.pid; error_log $WORK/backend.err;
+events { worker_connections 4096; }
+http { access_log off;
+  server { listen 127.0.0.1:18000 reuseport backlog=4096; keepalive_requests 1000000;
+    location / { default_type application/json; return 200 '$BODY'; } } }
+CONF
+cat > "$WORK/nginx.conf" <<CONF
+worker_processes 1; daemon off; pid $WORK/nginx.pid; error_log $WORK/nginx.err;
+events { worker_connections 4096; }
+http { access_log off;
+  upstream backend { server 127.0.0.1:18000; keepalive 64; }
+  server { listen 127.0.0.1:18001 backlog=4096; keepalive_requests 1000000;
+    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+CONF
+cat > "$WORK/haproxy.cfg" <<CONF
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:18002
+  default_backend be
+backend be
+  server s1 127.0.0.1:18000
+CONF
+
+cat > "$WORK/marketgate.toml" <<CONF
+data_dir = "$WORK/mg-data"
+[gateway]
+listen = "127.0.0.1:18003"
+workers = 1
+[admin]
+listen = "127.0.0.1:18004"
+token = "bench-admin-token"
+[log]
+level = "warn"
+CONF
+
+taskset -c 1 nginx -c "$WORK/backend.conf" & PIDS+=($!)
+taskset -c 0 nginx -c "$WORK/nginx.conf" & PIDS+=($!)
+taskset -c 0 haproxy -f "$WORK/haproxy.cfg" & PIDS+=($!)
+taskset -c 0 "$BIN" proxy --config "$WORK/marketgate.toml" & PIDS+=($!)
+
+wait_port() { for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.1; done; echo "port $1 never answered"; exit 1; }
+for port in 18000 18001 18002 18004; do wait_port "$port"; done
+
+# One group with two APIs on the same backend: /enforced (APP auth, bought with a huge
+# quota) and /plain (NONE auth on the seller's sl_domain: marketgate's own plain forwarding).
+NOW=$(date +%s)
+cat > "$WORK/snapshot.json" <<JSON
+{"version": 1,
+ "groups": [{"id": "g1", "name": "bench", "sl_domain": "plain.bench.local", "url_domain": "market.bench.local",
+   "market_state": "on_sale",
+   "apis": [
+     {"id": "a1", "name": "enforced", "type": 1, "req_protocol": "HTTP", "req_method": "GET", "req_uri": "/enforced",
+      "match_mode": "NORMAL", "auth_type": "APP", "backend": {"type": "HTTP", "req_protocol": "HTTP", "req_method": "GET",
+      "req_uri": "/", "url_domain": "127.0.0.1:18000", "timeout_ms": 5000}},
+     {"id": "a2", "name": "plain", "type": 1, "req_protocol": "HTTP", "req_method": "GET", "req_uri": "/plain",
+      "match_mode": "NORMAL", "auth_type": "NONE", "backend": {"type": "HTTP", "req_protocol": "HTTP", "req_method": "GET",
+      "req_uri": "/", "url_domain": "127.0.0.1:18000", "timeout_ms": 5000}}]}],
+ "apps": [{"id": "app1", "app_key": "benchkey0001", "app_secret": "benchsecret0001", "creator": "MARKET"}],
+ "purchases": [{"id": "p1", "group_id": "g1", "app_id": "app1", "state": "active", "start_time": $((NOW - 60)),
+   "expire_time": $((NOW + 86400)), "quota_limit": 1000000000000}]}
+JSON
+curl -sf -X PUT -H 'Authorization: Bearer bench-admin-token' -H 'Content-Type: application/json' \
+  --data-binary @"$WORK/snapshot.json" http://127.0.0.1:18004/v1/snapshot >/dev/null
+
+# Pre-sign one request: a fixed signature stays valid inside the 15-minute window.
+SIGNED=$("$BIN" sign --key benchkey0001 --secret benchsecret0001 -H 'Host: market.bench.local' http://127.0.0.1:18003/enforced)
+DATE=$(grep -o "x-sdk-date: [0-9TZ]*" <<<"$SIGNED" | cut -d' ' -f2)
+AUTH=$(grep -o "authorization: SDK-HMAC-SHA256[^']*" <<<"$SIGNED" | sed 's/^authorization: //')
+cat > "$WORK/enforced.lua" <<LUA
+wrk.headers["Host"] = "market.bench.local"
+wrk.headers["X-Sdk-Date"] = "$DATE"
+wrk.headers["Authorization"] = "$AUTH"
+LUA
+cat > "$WORK/plain.lua" <<LUA
+wrk.headers["Host"] = "plain.bench.local"
+LUA
+curl -sf -H 'Host: market.bench.local' -H "X-Sdk-Date: $DATE" -H "Authorization: $AUTH" http://127.0.0.1:18003/enforced >/dev/null \
+  || { echo "the signed bench request is refused by marketgate"; exit 1; }
+curl -sf -H 'Host: plain.bench.local' http://127.0.0.1:18003/plain >/dev/null \
+  || { echo "the plain bench request is refused by marketgate"; exit 1; }
+
+# run NAME URL [LUA] -> appends "rps p99_ms" lines to $WORK/NAME.txt
+run() {
+  local name=$1 url=$2 lua=${3:-}
+  local args=(-t1 "-c$CONNS" --latency)
+  [[ -n $lua ]] && args+=(-s "$lua")
+  taskset -c 1 wrk "${args[@]}" -d2s "$url" >/dev/null # warm-up
+  taskset -c 1 wrk "${args[@]}" "-d$DURATION" "$url" > "$WORK/out.txt"
+  if grep -q "Non-2xx" "$WORK/out.txt"; then echo "$name: non-2xx answers"; cat "$WORK/out.txt"; exit 1; fi
+  local rps p99
+  rps=$(awk '/Requests\/sec/ {print $2}' "$WORK/out.txt")
+  p99=$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}' "$WORK/out.txt")
+  echo "$rps $p99" >> "$WORK/$name.txt"
+}
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+
+for i in $(seq "$RUNS"); do
+  run direct http://127.0.0.1:18000/
+  run nginx http://127.0.0.1:18001/
+  run haproxy http://127.0.0.1:18002/
+  run marketgate_plain http://127.0.0.1:18003/plain "$WORK/plain.lua"
+  run marketgate_enforced http://127.0.0.1:18003/enforced "$WORK/enforced.lua"
+done
+
+NGINX_RPS=$(cut -d' ' -f1 "$WORK/nginx.txt" | median)
+echo "| path | req/s (median of $RUNS) | p99 ms (median) | vs nginx |"
+echo "|---|---|---|---|"
+for name in direct nginx haproxy marketgate_plain marketgate_enforced; do
+  rps=$(cut -d' ' -f1 "$WORK/$name.txt" | median)
+  p99=$(cut -d' ' -f2 "$WORK/$name.txt" | median)
+  ratio=$(awk -v a="$rps" -v b="$NGINX_RPS" 'BEGIN {printf "%.2fx", a/b}')
+  echo "| $name | $rps | $p99 | $ratio |"
+done

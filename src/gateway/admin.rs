@@ -1,0 +1,325 @@
+//! The proxy's admin listener (CONTRACT §5–§6): snapshot push, version, usage, metrics,
+//! health and readiness.
+//!
+//! Owns admin authentication (`Authorization: Bearer <admin.token>` or `X-Admin-Token`,
+//! compared in constant time), decoding of pushed snapshots (JSON, optionally gzip or zstd,
+//! bounded after decompression) with the field path of the first bad field, and the mapping
+//! of [`AdminError`] to status and `{"error_code","error_msg"}` in one exhaustive match. It
+//! does not validate or apply snapshots itself (that is [`super::Gateway::apply_snapshot`]).
+
+use std::io::Read;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use super::{Gateway, SnapshotRejection};
+use crate::apig;
+use crate::snapshot::validate::MAX_SNAPSHOT_BYTES;
+use crate::snapshot::Snapshot;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("missing or wrong admin token")]
+    Unauthorized,
+    #[error("Content-Encoding {0:?} is not identity, gzip or zstd")]
+    Encoding(String),
+    #[error("the body does not decompress")]
+    Decompress(#[source] std::io::Error),
+    #[error("the snapshot is larger than {MAX_SNAPSHOT_BYTES} bytes")]
+    TooLarge,
+    #[error("{path}: {message}")]
+    Decode { path: String, message: String },
+    #[error(transparent)]
+    Rejected(#[from] SnapshotRejection),
+}
+
+impl AdminError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            AdminError::Unauthorized => (StatusCode::UNAUTHORIZED, apig::AUTH_FAILED),
+            AdminError::Encoding(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, apig::PARAMETER_ERROR),
+            AdminError::Decompress(_) | AdminError::Decode { .. } => {
+                (StatusCode::BAD_REQUEST, apig::PARAMETER_ERROR)
+            }
+            AdminError::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, apig::PARAMETER_ERROR),
+            AdminError::Rejected(SnapshotRejection::Invalid(_)) => {
+                (StatusCode::BAD_REQUEST, apig::PARAMETER_ERROR)
+            }
+            AdminError::Rejected(SnapshotRejection::NotNewer { .. }) => {
+                (StatusCode::CONFLICT, apig::PARAMETER_ERROR)
+            }
+            AdminError::Rejected(SnapshotRejection::Persist(_)) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, apig::SYSTEM_ERROR)
+            }
+        }
+    }
+}
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let message = match &self {
+            AdminError::Decompress(e) => format!("{self}: {e}"),
+            _ => self.to_string(),
+        };
+        (
+            status,
+            Json(json!({"error_code": code, "error_msg": message})),
+        )
+            .into_response()
+    }
+}
+
+fn authorized(gateway: &Gateway, headers: &HeaderMap) -> Result<(), AdminError> {
+    let expected = gateway.inner.config.admin.token.as_bytes();
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| headers.get("x-admin-token").and_then(|v| v.to_str().ok()));
+    match given {
+        Some(token) if !expected.is_empty() && bool::from(token.as_bytes().ct_eq(expected)) => {
+            Ok(())
+        }
+        _ => Err(AdminError::Unauthorized),
+    }
+}
+
+/// The admin routes of one gateway.
+pub fn router(gateway: Gateway) -> Router {
+    Router::new()
+        .route("/v1/snapshot", put(put_snapshot))
+        .route("/v1/snapshot/version", get(snapshot_version))
+        .route("/v1/usage", get(usage))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .layer(DefaultBodyLimit::max(MAX_SNAPSHOT_BYTES))
+        .with_state(gateway)
+}
+
+/// Decompresses (bounded) and parses a pushed snapshot.
+pub fn decode_snapshot(headers: &HeaderMap, body: &[u8]) -> Result<Snapshot, AdminError> {
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("identity")
+        .trim()
+        .to_ascii_lowercase();
+    let limit = MAX_SNAPSHOT_BYTES as u64 + 1;
+    let mut plain = Vec::new();
+    let bytes: &[u8] = match encoding.as_str() {
+        "identity" | "" => body,
+        "gzip" => {
+            flate2::read::GzDecoder::new(body)
+                .take(limit)
+                .read_to_end(&mut plain)
+                .map_err(AdminError::Decompress)?;
+            &plain
+        }
+        "zstd" => {
+            zstd::stream::read::Decoder::new(body)
+                .map_err(AdminError::Decompress)?
+                .take(limit)
+                .read_to_end(&mut plain)
+                .map_err(AdminError::Decompress)?;
+            &plain
+        }
+        other => return Err(AdminError::Encoding(other.to_owned())),
+    };
+    if bytes.len() > MAX_SNAPSHOT_BYTES {
+        return Err(AdminError::TooLarge);
+    }
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| AdminError::Decode {
+            path: "$".into(),
+            message: format!("not JSON: {e}"),
+        })?;
+    serde_json::from_value::<Snapshot>(value.clone()).map_err(|e| AdminError::Decode {
+        path: locate_decode_error(&value),
+        message: e.to_string(),
+    })
+}
+
+/// Finds the deepest element whose own deserialization fails, for the error's field path.
+fn locate_decode_error(value: &serde_json::Value) -> String {
+    use crate::snapshot::wire::{Api, App, AppAuth, Certificate, Group, Purchase};
+    fn first_bad<T: serde::de::DeserializeOwned>(items: &[serde_json::Value]) -> Option<usize> {
+        items
+            .iter()
+            .position(|item| serde_json::from_value::<T>(item.clone()).is_err())
+    }
+    fn bad_field(item: &serde_json::Value, fields: &[&str]) -> Option<String> {
+        let object = item.as_object()?;
+        fields
+            .iter()
+            .find(|f| {
+                object
+                    .get(**f)
+                    .and_then(|v| v.as_i64())
+                    .is_some_and(|n| n < 0)
+            })
+            .map(|f| (*f).to_owned())
+    }
+    let Some(object) = value.as_object() else {
+        return "$".into();
+    };
+    let array = |key: &str| {
+        object
+            .get(key)
+            .and_then(|v| v.as_array())
+            .cloned()
+            .unwrap_or_default()
+    };
+    let groups = array("groups");
+    if let Some(gi) = first_bad::<Group>(&groups) {
+        let apis = groups[gi]
+            .get("apis")
+            .and_then(|v| v.as_array())
+            .cloned()
+            .unwrap_or_default();
+        return match first_bad::<Api>(&apis) {
+            Some(ai) => format!("groups[{gi}].apis[{ai}]"),
+            None => format!("groups[{gi}]"),
+        };
+    }
+    let purchases = array("purchases");
+    if let Some(i) = first_bad::<Purchase>(&purchases) {
+        return match bad_field(&purchases[i], &["quota_limit", "quota_used", "start_time"]) {
+            Some(field) => format!("purchases[{i}].{field}"),
+            None => format!("purchases[{i}]"),
+        };
+    }
+    if let Some(i) = first_bad::<App>(&array("apps")) {
+        return format!("apps[{i}]");
+    }
+    if let Some(i) = first_bad::<AppAuth>(&array("app_auths")) {
+        return format!("app_auths[{i}]");
+    }
+    if let Some(i) = first_bad::<Certificate>(&array("certificates")) {
+        return format!("certificates[{i}]");
+    }
+    if object.get("version").is_some_and(|v| !v.is_u64()) {
+        return "version".into();
+    }
+    "$".into()
+}
+
+async fn put_snapshot(
+    State(gateway): State<Gateway>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<impl IntoResponse, AdminError> {
+    authorized(&gateway, &headers)?;
+    let snapshot = match decode_snapshot(&headers, &body) {
+        Ok(snapshot) => snapshot,
+        Err(e) => {
+            gateway
+                .inner
+                .metrics
+                .snapshot_push
+                .with_label_values(&["invalid"])
+                .inc();
+            return Err(e);
+        }
+    };
+    let version = gateway.apply_snapshot(snapshot)?;
+    Ok(Json(json!({ "version": version })))
+}
+
+async fn snapshot_version(
+    State(gateway): State<Gateway>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, AdminError> {
+    authorized(&gateway, &headers)?;
+    Ok(Json(json!({ "version": gateway.snapshot_version() })))
+}
+
+async fn usage(
+    State(gateway): State<Gateway>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, AdminError> {
+    authorized(&gateway, &headers)?;
+    let mut purchases: Vec<_> = gateway
+        .quota()
+        .cells()
+        .into_iter()
+        .map(|cell| {
+            json!({
+                "purchase_id": cell.purchase_id(),
+                "used": cell.used(),
+                "left": cell.left(),
+                "leased": serde_json::Value::Null,
+            })
+        })
+        .collect();
+    purchases.sort_by(|a, b| a["purchase_id"].as_str().cmp(&b["purchase_id"].as_str()));
+    Ok(Json(json!({ "purchases": purchases })))
+}
+
+async fn metrics(
+    State(gateway): State<Gateway>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, AdminError> {
+    if !gateway.inner.config.admin.metrics_public {
+        authorized(&gateway, &headers)?;
+    }
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        gateway.metrics().render(),
+    ))
+}
+
+async fn readyz(State(gateway): State<Gateway>) -> impl IntoResponse {
+    if gateway.is_ready() {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_admin_error_has_a_status() {
+        let table: Vec<(AdminError, u16)> = vec![
+            (AdminError::Unauthorized, 401),
+            (AdminError::Encoding("br".into()), 415),
+            (AdminError::TooLarge, 413),
+            (
+                AdminError::Decode {
+                    path: "$".into(),
+                    message: "x".into(),
+                },
+                400,
+            ),
+            (
+                AdminError::Rejected(SnapshotRejection::NotNewer {
+                    current: 2,
+                    offered: 1,
+                }),
+                409,
+            ),
+        ];
+        for (error, status) in table {
+            assert_eq!(error.status_and_code().0.as_u16(), status, "{error:?}");
+        }
+    }
+
+    #[test]
+    fn a_negative_quota_is_named() {
+        let body = br#"{"version":2,"purchases":[{"id":"p","group_id":"g","app_id":"a","state":"active","start_time":0,"expire_time":1,"quota_limit":-1}]}"#;
+        match decode_snapshot(&HeaderMap::new(), body) {
+            Err(AdminError::Decode { path, .. }) => assert_eq!(path, "purchases[0].quota_limit"),
+            other => panic!("{other:?}"),
+        }
+    }
+}

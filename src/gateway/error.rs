@@ -1,0 +1,155 @@
+//! The one error type of a buyer's request and its mapping to status, APIG code and outcome.
+//!
+//! Every phase returns `Result<_, Rejection>`; only the outer handler turns a rejection into a
+//! response (with [`Rejection::status`], [`Rejection::code`]), an access-log line and a
+//! metric ([`Rejection::outcome`]). The mappings are single exhaustive matches pinned by the
+//! table test below (CONTRACT §8). Messages never echo secrets.
+
+use http::StatusCode;
+
+use super::metrics::Outcome;
+use crate::apig;
+use crate::signing::SignatureError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Rejection {
+    #[error("no snapshot has been applied yet")]
+    NotReady,
+    #[error("no API group answers on this domain")]
+    UnknownHost,
+    #[error("no API matches this method and path")]
+    NoRoute,
+    #[error("the API group has been delisted from the market")]
+    Delisted,
+    #[error("malformed request: {0}")]
+    BadRequest(&'static str),
+    #[error("the Host header and the TLS server name disagree")]
+    HostSniMismatch,
+    #[error("request URI too long")]
+    UriTooLong,
+    #[error("request headers too large")]
+    HeadersTooLarge,
+    #[error("request body too large")]
+    BodyTooLarge,
+    #[error("reading the request body failed")]
+    BodyRead(#[source] hyper::Error),
+    #[error("Incorrect app authentication information: {0}")]
+    AuthFailed(&'static str),
+    #[error("Incorrect app authentication information: signature not accepted")]
+    Signature(#[source] SignatureError),
+    #[error("the app is not authorized for this API group")]
+    NotAuthorized,
+    #[error("the purchase is frozen, unsubscribed, not started or expired")]
+    PurchaseInactive,
+    #[error("the calls bought are used up")]
+    QuotaExhausted,
+    #[error("quota journal unavailable")]
+    Quota(#[source] super::quota::QuotaError),
+    #[error("backend unavailable")]
+    BackendUnavailable(#[source] hyper_util::client::legacy::Error),
+    #[error("backend timed out")]
+    BackendTimeout,
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}
+
+impl Rejection {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Rejection::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::UnknownHost | Rejection::NoRoute => StatusCode::NOT_FOUND,
+            Rejection::Delisted | Rejection::NotAuthorized => StatusCode::FORBIDDEN,
+            Rejection::BadRequest(_) | Rejection::HostSniMismatch | Rejection::BodyRead(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            Rejection::UriTooLong => StatusCode::URI_TOO_LONG,
+            Rejection::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Rejection::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Rejection::AuthFailed(_) | Rejection::Signature(_) => StatusCode::UNAUTHORIZED,
+            Rejection::PurchaseInactive | Rejection::QuotaExhausted => {
+                StatusCode::METHOD_NOT_ALLOWED
+            }
+            Rejection::BackendUnavailable(_) => StatusCode::BAD_GATEWAY,
+            Rejection::BackendTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Rejection::Quota(_) | Rejection::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rejection::NotReady => apig::NOT_READY,
+            Rejection::UnknownHost | Rejection::NoRoute => apig::NO_ROUTE,
+            Rejection::Delisted => apig::GROUP_DELISTED,
+            Rejection::BadRequest(_)
+            | Rejection::HostSniMismatch
+            | Rejection::BodyRead(_)
+            | Rejection::UriTooLong
+            | Rejection::HeadersTooLarge
+            | Rejection::BodyTooLarge
+            | Rejection::BackendUnavailable(_)
+            | Rejection::BackendTimeout => apig::BAD_REQUEST,
+            Rejection::AuthFailed(_) | Rejection::Signature(_) => apig::APP_AUTH_FAILED,
+            Rejection::NotAuthorized => apig::APP_NOT_AUTHORIZED,
+            Rejection::PurchaseInactive => apig::PURCHASE_INACTIVE,
+            Rejection::QuotaExhausted => apig::QUOTA_EXHAUSTED,
+            Rejection::Quota(_) | Rejection::Internal(_) => apig::INTERNAL,
+        }
+    }
+
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Rejection::NotReady => Outcome::NotReady,
+            Rejection::UnknownHost | Rejection::NoRoute => Outcome::NoRoute,
+            Rejection::Delisted => Outcome::Delisted,
+            Rejection::BadRequest(_)
+            | Rejection::HostSniMismatch
+            | Rejection::BodyRead(_)
+            | Rejection::UriTooLong
+            | Rejection::HeadersTooLarge
+            | Rejection::BodyTooLarge => Outcome::BadRequest,
+            Rejection::AuthFailed(_) | Rejection::Signature(_) => Outcome::AuthFailed,
+            Rejection::NotAuthorized => Outcome::NotAuthorized,
+            Rejection::PurchaseInactive => Outcome::Frozen,
+            Rejection::QuotaExhausted => Outcome::QuotaExhausted,
+            Rejection::BackendUnavailable(_) => Outcome::BackendError,
+            Rejection::BackendTimeout => Outcome::BackendTimeout,
+            Rejection::Quota(_) | Rejection::Internal(_) => Outcome::Internal,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// CONTRACT §8, row by row.
+    #[test]
+    fn every_row_of_the_contract_table() {
+        let table: Vec<(Rejection, u16, &str)> = vec![
+            (Rejection::UnknownHost, 404, "APIG.0101"),
+            (Rejection::NoRoute, 404, "APIG.0101"),
+            (Rejection::BadRequest("x"), 400, "APIG.0201"),
+            (Rejection::HostSniMismatch, 400, "APIG.0201"),
+            (Rejection::UriTooLong, 414, "APIG.0201"),
+            (Rejection::HeadersTooLarge, 431, "APIG.0201"),
+            (Rejection::BodyTooLarge, 413, "APIG.0201"),
+            (Rejection::AuthFailed("x"), 401, "APIG.0303"),
+            (
+                Rejection::Signature(SignatureError::Mismatch),
+                401,
+                "APIG.0303",
+            ),
+            (Rejection::NotAuthorized, 403, "APIG.0304"),
+            (Rejection::Delisted, 403, "APIG.0306"),
+            (Rejection::QuotaExhausted, 405, "APIG.0501"),
+            (Rejection::PurchaseInactive, 405, "APIG.0502"),
+            (Rejection::BackendTimeout, 504, "APIG.0201"),
+            (Rejection::NotReady, 503, "APIG.0606"),
+            (Rejection::Internal("x"), 500, "APIG.0601"),
+        ];
+        for (rejection, status, code) in table {
+            assert_eq!(rejection.status().as_u16(), status, "{rejection:?}");
+            assert_eq!(rejection.code(), code, "{rejection:?}");
+        }
+    }
+}

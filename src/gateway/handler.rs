@@ -1,0 +1,614 @@
+//! The per-request pipeline (CONTRACT §7) as named phases.
+//!
+//! `check_framing` → `resolve_host` → `route` → (buffer the body if the signature covers it)
+//! → `authenticate` → `entitle` → `take_quota` → `forward` (or the MOCK answer). Each phase
+//! returns `Result<_, Rejection>`; only [`handle`] writes the error response, the access-log
+//! line (target `access`) and the metrics. The request loads the snapshot once and every
+//! phase uses that one view. [`decide`] runs the pure phases (no I/O, no quota) for benches.
+
+use std::borrow::Cow;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use time::OffsetDateTime;
+
+use super::error::Rejection;
+use super::forward::{self, Body, ForwardError};
+use super::metrics::Outcome;
+use super::Inner;
+use crate::apig::ErrorBody;
+use crate::signing::{self, Authorization, Payload, RequestParts};
+use crate::snapshot::compile::{
+    AuthKind, CompiledApi, CompiledApp, CompiledBackend, CompiledGroup, CompiledPurchase,
+    CompiledSnapshot, DomainKind,
+};
+use crate::snapshot::{MarketState, PurchaseState};
+
+/// The header naming an AppCode.
+pub const APP_CODE_HEADER: &str = "x-apig-appcode";
+const MODE_HEADER: &str = "x-apig-mode";
+/// Longest request target (path and query) accepted, in bytes; longer is 414.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+
+/// What a connection tells each of its requests.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub peer: std::net::SocketAddr,
+    pub tls: bool,
+    /// TLS server name, lower-cased.
+    pub sni: Option<Box<str>>,
+}
+
+/// The parts of a request head the decision depends on.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestHead<'a> {
+    pub method: &'a Method,
+    /// As sent, without the query.
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+    /// The Host header (or `:authority`) as sent, port included.
+    pub authority: &'a str,
+    pub sni: Option<&'a str>,
+    pub tls: bool,
+}
+
+/// Knobs of the decision taken from config.
+#[derive(Debug, Clone, Copy)]
+pub struct DecideOptions {
+    pub appcode_over_http: bool,
+    pub max_clock_skew_secs: i64,
+}
+
+/// An admitted request, before quota.
+#[derive(Debug)]
+pub struct Decision<'s, 'p> {
+    pub group: &'s CompiledGroup,
+    pub domain: DomainKind,
+    pub api: &'s CompiledApi,
+    pub params: Vec<&'p str>,
+    pub app: Option<&'s CompiledApp>,
+    pub purchase: Option<&'s CompiledPurchase>,
+}
+
+/// Every phase that needs no I/O, in order: resolve host, route, authenticate, entitle.
+/// Hot path; callable from a bench with a compiled snapshot and a request head.
+pub fn decide<'s, 'p>(
+    snapshot: &'s CompiledSnapshot,
+    head: &RequestHead<'p>,
+    payload: Payload<'_>,
+    now: OffsetDateTime,
+    options: DecideOptions,
+) -> Result<Decision<'s, 'p>, Rejection> {
+    let (group, domain) = resolve_host(snapshot, head)?;
+    let (api, params) = route(group, domain, head)?;
+    let app = authenticate(snapshot, api, head, payload, now, options)?;
+    let purchase = entitle(group, domain, api, app, now)?;
+    Ok(Decision {
+        group,
+        domain,
+        api,
+        params,
+        app,
+        purchase,
+    })
+}
+
+/// Phase 0: request framing a proxy must refuse (smuggling vectors).
+pub fn check_framing(headers: &HeaderMap) -> Result<(), Rejection> {
+    if headers.get_all(header::HOST).iter().count() > 1 {
+        return Err(Rejection::BadRequest("more than one Host header"));
+    }
+    if headers.contains_key(header::CONTENT_LENGTH)
+        && headers.contains_key(header::TRANSFER_ENCODING)
+    {
+        return Err(Rejection::BadRequest(
+            "both Content-Length and Transfer-Encoding",
+        ));
+    }
+    if headers.get_all(header::CONTENT_LENGTH).iter().count() > 1 {
+        return Err(Rejection::BadRequest("more than one Content-Length header"));
+    }
+    Ok(())
+}
+
+fn host_without_port(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return authority
+            .split_once(']')
+            .map_or(authority, |(h, _)| &h[1..]);
+    }
+    authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+}
+
+/// Phase 1: Host (and SNI) → group.
+pub fn resolve_host<'s>(
+    snapshot: &'s CompiledSnapshot,
+    head: &RequestHead<'_>,
+) -> Result<(&'s CompiledGroup, DomainKind), Rejection> {
+    let host = host_without_port(head.authority);
+    let host: Cow<'_, str> = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    };
+    if let Some(sni) = head.sni {
+        if *sni != *host {
+            return Err(Rejection::HostSniMismatch);
+        }
+    }
+    let &(index, domain) = snapshot
+        .hosts
+        .get(host.as_ref())
+        .ok_or(Rejection::UnknownHost)?;
+    let group = &snapshot.groups[index];
+    if domain == DomainKind::Market {
+        match group.state {
+            MarketState::Delisted => return Err(Rejection::Delisted),
+            MarketState::Unlisted | MarketState::Locked => return Err(Rejection::UnknownHost),
+            MarketState::OnSale | MarketState::OffSale => {}
+        }
+    }
+    Ok((group, domain))
+}
+
+/// Phase 2: method and path → API (sellable only on the market domain).
+pub fn route<'s, 'p>(
+    group: &'s CompiledGroup,
+    domain: DomainKind,
+    head: &RequestHead<'p>,
+) -> Result<(&'s CompiledApi, Vec<&'p str>), Rejection> {
+    let matched = group
+        .router
+        .find(head.method, head.path)
+        .ok_or(Rejection::NoRoute)?;
+    let api = &group.apis[matched.target];
+    if domain == DomainKind::Market && !api.sellable {
+        return Err(Rejection::NoRoute);
+    }
+    if (api.https_only && !head.tls) || (api.http_only && head.tls) {
+        return Err(Rejection::NoRoute);
+    }
+    Ok((api, matched.params))
+}
+
+/// Phase 3: who is calling. `None` only for a `NONE`-auth API on the seller domain.
+pub fn authenticate<'s>(
+    snapshot: &'s CompiledSnapshot,
+    api: &CompiledApi,
+    head: &RequestHead<'_>,
+    payload: Payload<'_>,
+    now: OffsetDateTime,
+    options: DecideOptions,
+) -> Result<Option<&'s CompiledApp>, Rejection> {
+    match api.auth {
+        AuthKind::None => return Ok(None),
+        AuthKind::Unsupported => return Err(Rejection::AuthFailed("unsupported auth type")),
+        AuthKind::App => {}
+    }
+    if let Some(value) = head.headers.get(header::AUTHORIZATION) {
+        let value = value
+            .to_str()
+            .map_err(|_| Rejection::AuthFailed("Authorization is not text"))?;
+        let auth = Authorization::parse(value).map_err(Rejection::Signature)?;
+        let app = snapshot
+            .apps_by_key
+            .get(auth.access)
+            .map(|&i| &snapshot.apps[i]);
+        // An unknown key is verified against a dummy secret so it costs the same time.
+        let secret: &[u8] = app.map_or(b"unknown-app-key".as_slice(), |a| &a.secret);
+        let parts = RequestParts {
+            method: head.method.as_str(),
+            path: head.path,
+            query: head.query,
+            headers: head.headers,
+            authority: Some(head.authority),
+            payload,
+        };
+        signing::verify(&auth, &parts, secret, now, options.max_clock_skew_secs)
+            .map_err(Rejection::Signature)?;
+        return app
+            .map(Some)
+            .ok_or(Rejection::AuthFailed("unknown app key"));
+    }
+    if let Some(code) = head.headers.get(APP_CODE_HEADER) {
+        if !api.app_code_auth {
+            return Err(Rejection::AuthFailed("AppCode is not enabled for this API"));
+        }
+        if !head.tls && !options.appcode_over_http {
+            return Err(Rejection::AuthFailed("AppCode is refused over plain HTTP"));
+        }
+        let code = code
+            .to_str()
+            .map_err(|_| Rejection::AuthFailed("AppCode is not text"))?;
+        return snapshot
+            .apps_by_code
+            .get(code)
+            .map(|&i| Some(&snapshot.apps[i]))
+            .ok_or(Rejection::AuthFailed("unknown AppCode"));
+    }
+    Err(Rejection::AuthFailed("no Authorization or X-Apig-AppCode"))
+}
+
+/// Phase 4: may this app call this API now?
+pub fn entitle<'s>(
+    group: &CompiledGroup,
+    domain: DomainKind,
+    api: &CompiledApi,
+    app: Option<&'s CompiledApp>,
+    now: OffsetDateTime,
+) -> Result<Option<&'s CompiledPurchase>, Rejection> {
+    let Some(app) = app else {
+        return Ok(None);
+    };
+    match domain {
+        DomainKind::Seller => {
+            if api.authorized_apps.contains(&app.index) {
+                Ok(None)
+            } else {
+                Err(Rejection::NotAuthorized)
+            }
+        }
+        DomainKind::Market => {
+            let purchase = app.purchase.as_ref().ok_or(Rejection::NotAuthorized)?;
+            if purchase.group != group.index {
+                return Err(Rejection::NotAuthorized);
+            }
+            let now = now.unix_timestamp();
+            let active = purchase.state == PurchaseState::Active
+                && now >= purchase.start_time
+                && now < purchase.expire_time;
+            if !active {
+                return Err(Rejection::PurchaseInactive);
+            }
+            Ok(Some(purchase))
+        }
+    }
+}
+
+/// Phase 5: take one call from the purchase.
+pub fn take_quota(purchase: &CompiledPurchase) -> Result<(), Rejection> {
+    match purchase.cell.try_take() {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Rejection::QuotaExhausted),
+        Err(e) => Err(Rejection::Quota(e)),
+    }
+}
+
+/// What the access log and metrics learn as the phases run.
+#[derive(Default)]
+struct Trace<'s> {
+    group: Option<&'s CompiledGroup>,
+    api: Option<&'s CompiledApi>,
+    purchase: Option<&'s CompiledPurchase>,
+    upstream: Option<Duration>,
+}
+
+fn new_request_id() -> HeaderValue {
+    let mut buf = [0u8; uuid::fmt::Simple::LENGTH];
+    let text = uuid::Uuid::new_v4().simple().encode_lower(&mut buf);
+    HeaderValue::from_str(text).expect("hex is a valid header value")
+}
+
+/// The service of a buyer connection: runs the phases, answers, logs, counts.
+pub(crate) async fn handle(
+    gateway: Arc<Inner>,
+    conn: Arc<ConnInfo>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let request_id = new_request_id();
+    let debug = request
+        .headers()
+        .get(MODE_HEADER)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"debug"));
+    let snapshot = gateway.current.load_full();
+    let mut trace = Trace::default();
+    let result = match &snapshot {
+        None => Err(Rejection::NotReady),
+        Some(snapshot) => serve(&gateway, snapshot, &conn, request, &request_id, &mut trace).await,
+    };
+    let (mut response, outcome) = match result {
+        Ok(response) => (response, Outcome::Ok),
+        Err(rejection) => (error_response(&rejection, &request_id), rejection.outcome()),
+    };
+    let latency = started.elapsed();
+    let headers = response.headers_mut();
+    headers.insert(REQUEST_ID_HEADER, request_id.clone());
+    if debug {
+        headers.insert(
+            "x-apig-latency",
+            HeaderValue::from(latency.as_millis() as u64),
+        );
+        if let Some(upstream) = trace.upstream {
+            headers.insert(
+                "x-apig-upstream-latency",
+                HeaderValue::from(upstream.as_millis() as u64),
+            );
+        }
+        if let Some(left) = trace.purchase.and_then(|p| p.cell.left()) {
+            headers.insert("x-apig-quota-remaining", HeaderValue::from(left));
+        }
+    }
+    let counters = trace
+        .group
+        .map_or(&gateway.metrics.no_group, |g| &g.counters);
+    counters.count(outcome);
+    gateway
+        .metrics
+        .request_duration
+        .observe(latency.as_secs_f64());
+    if let Some(upstream) = trace.upstream {
+        gateway
+            .metrics
+            .upstream_duration
+            .observe(upstream.as_secs_f64());
+    }
+    tracing::info!(
+        target: "access",
+        request_id = request_id.to_str().unwrap_or(""),
+        group = trace.group.map_or("", |g| &g.id),
+        api = trace.api.map_or("", |a| &a.id),
+        purchase = trace.purchase.map_or("", |p| &p.id),
+        status = response.status().as_u16(),
+        outcome = outcome.as_str(),
+        latency_ms = latency.as_secs_f64() * 1000.0,
+        upstream_ms = trace.upstream.map(|u| u.as_secs_f64() * 1000.0),
+    );
+    Ok(response)
+}
+
+fn error_response(rejection: &Rejection, request_id: &HeaderValue) -> Response<Body> {
+    let message = rejection.to_string();
+    let body = ErrorBody {
+        error_code: rejection.code(),
+        error_msg: &message,
+        request_id: request_id.to_str().unwrap_or(""),
+    }
+    .to_json();
+    let mut response = Response::new(forward::full(Bytes::from(body)));
+    *response.status_mut() = rejection.status();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+async fn serve<'s>(
+    gateway: &Inner,
+    snapshot: &'s CompiledSnapshot,
+    conn: &ConnInfo,
+    request: Request<Incoming>,
+    request_id: &HeaderValue,
+    trace: &mut Trace<'s>,
+) -> Result<Response<Body>, Rejection> {
+    let (parts, body) = request.into_parts();
+    check_framing(&parts.headers)?;
+    if parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len()) > MAX_URI_BYTES {
+        return Err(Rejection::UriTooLong);
+    }
+    let authority = match parts.headers.get(header::HOST) {
+        Some(host) => host
+            .to_str()
+            .map_err(|_| Rejection::BadRequest("Host is not text"))?,
+        None => parts
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .ok_or(Rejection::BadRequest("no Host header"))?,
+    };
+    if let (Some(uri_authority), Some(_)) = (parts.uri.authority(), parts.headers.get(header::HOST))
+    {
+        if !uri_authority.as_str().eq_ignore_ascii_case(authority) {
+            return Err(Rejection::BadRequest("Host and request target disagree"));
+        }
+    }
+    let head = RequestHead {
+        method: &parts.method,
+        path: parts.uri.path(),
+        query: parts.uri.query(),
+        headers: &parts.headers,
+        authority,
+        sni: conn.sni.as_deref(),
+        tls: conn.tls,
+    };
+    let options = DecideOptions {
+        appcode_over_http: gateway.config.gateway.appcode_over_http,
+        max_clock_skew_secs: gateway.config.gateway.max_clock_skew.as_secs() as i64,
+    };
+    let (group, domain) = resolve_host(snapshot, &head)?;
+    trace.group = Some(group);
+    let (api, params) = route(group, domain, &head)?;
+    trace.api = Some(api);
+
+    let max_body = gateway.config.gateway.max_body_bytes;
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max_body as u64) {
+        return Err(Rejection::BodyTooLarge);
+    }
+    let signed_body = parts.headers.contains_key(header::AUTHORIZATION)
+        && signing::needs_body(&parts.headers)
+        && !body.is_end_stream();
+    let (buffered, streamed) = if signed_body {
+        let bytes = Limited::new(body, max_body)
+            .collect()
+            .await
+            .map_err(|e| match e.downcast::<hyper::Error>() {
+                Ok(e) => Rejection::BodyRead(*e),
+                Err(_) => Rejection::BodyTooLarge,
+            })?
+            .to_bytes();
+        (Some(bytes), None)
+    } else {
+        (None, Some(body))
+    };
+    let payload = Payload::Body(buffered.as_deref().unwrap_or(&[]));
+    let now = OffsetDateTime::now_utc();
+    let app = authenticate(snapshot, api, &head, payload, now, options)?;
+    let purchase = entitle(group, domain, api, app, now)?;
+    trace.purchase = purchase;
+    if let Some(purchase) = purchase {
+        take_quota(purchase)?;
+    }
+
+    match &api.backend {
+        CompiledBackend::Mock { status, body } => {
+            let mut response = Response::new(forward::full(body.clone()));
+            *response.status_mut() = *status;
+            Ok(response)
+        }
+        CompiledBackend::Http { .. } => {
+            let body: Body = match (buffered, streamed) {
+                (Some(bytes), _) => forward::full(bytes),
+                (None, Some(body)) => forward::stream(body, max_body),
+                (None, None) => forward::full(Bytes::new()),
+            };
+            let started = Instant::now();
+            let result = gateway
+                .upstream
+                .forward(
+                    &api.backend,
+                    &params,
+                    &parts,
+                    body,
+                    request_id,
+                    conn,
+                    authority,
+                )
+                .await;
+            trace.upstream = Some(started.elapsed());
+            match result {
+                Ok(response) => Ok(response),
+                Err(ForwardError::Connect(e)) => {
+                    // Never reached the backend: the call is given back.
+                    if let Some(purchase) = purchase {
+                        purchase.cell.give_back();
+                    }
+                    Err(Rejection::BackendUnavailable(e))
+                }
+                Err(ForwardError::Failed(e)) => Err(Rejection::BackendUnavailable(e)),
+                Err(ForwardError::Timeout) => Err(Rejection::BackendTimeout),
+                Err(ForwardError::BadTarget) => {
+                    if let Some(purchase) = purchase {
+                        purchase.cell.give_back();
+                    }
+                    Err(Rejection::Internal("backend target does not form a URI"))
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::metrics::GatewayMetrics;
+    use crate::gateway::quota::QuotaRegistry;
+    use crate::snapshot::compile::compile;
+    use crate::snapshot::wire::*;
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            version: 1,
+            groups: vec![Group {
+                id: "g1".into(),
+                name: String::new(),
+                sl_domain: "g1.sl.test".into(),
+                url_domain: Some("market.test".into()),
+                market_state: MarketState::OnSale,
+                apis: vec![Api {
+                    id: "api".into(),
+                    name: String::new(),
+                    api_type: 1,
+                    req_protocol: "BOTH".into(),
+                    req_method: "GET".into(),
+                    req_uri: "/v1/{city}".into(),
+                    match_mode: "NORMAL".into(),
+                    auth_type: "APP".into(),
+                    app_code_auth: false,
+                    backend: Backend::Mock {
+                        status: 200,
+                        body: String::new(),
+                    },
+                }],
+            }],
+            apps: vec![App {
+                id: "a1".into(),
+                app_key: "key".into(),
+                app_secret: "secret".into(),
+                app_codes: vec![],
+                creator: "MARKET".into(),
+            }],
+            purchases: vec![Purchase {
+                id: "p1".into(),
+                group_id: "g1".into(),
+                app_id: "a1".into(),
+                state: PurchaseState::Active,
+                start_time: 0,
+                expire_time: i64::MAX,
+                quota_limit: Some(1),
+                quota_used: 0,
+            }],
+            ..Snapshot::default()
+        }
+    }
+
+    /// The decision path runs without I/O on a compiled snapshot and a request head.
+    #[test]
+    fn decide_admits_a_signed_head_and_refuses_a_tampered_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let quota = QuotaRegistry::open(dir.path(), 8).unwrap();
+        let compiled = compile(&snapshot(), &quota, &GatewayMetrics::new());
+        let now = OffsetDateTime::now_utc();
+        let mut headers = HeaderMap::new();
+        headers.insert("host", HeaderValue::from_static("market.test"));
+        headers.insert(
+            "x-sdk-date",
+            HeaderValue::from_str(&signing::format_sdk_date(now)).unwrap(),
+        );
+        let parts = RequestParts {
+            method: "GET",
+            path: "/v1/paris",
+            query: None,
+            headers: &headers,
+            authority: None,
+            payload: Payload::Body(b""),
+        };
+        let auth = signing::sign("key", b"secret", &parts, &["host", "x-sdk-date"]).unwrap();
+        headers.insert("authorization", HeaderValue::from_str(&auth).unwrap());
+        let options = DecideOptions {
+            appcode_over_http: false,
+            max_clock_skew_secs: 900,
+        };
+        let mut head = RequestHead {
+            method: &Method::GET,
+            path: "/v1/paris",
+            query: None,
+            headers: &headers,
+            authority: "market.test",
+            sni: None,
+            tls: false,
+        };
+        let decision = decide(&compiled, &head, Payload::Body(b""), now, options).unwrap();
+        assert_eq!((&*decision.api.id, decision.params), ("api", vec!["paris"]));
+        assert_eq!(decision.purchase.map(|p| &*p.id), Some("p1"));
+        head.path = "/v1/rome";
+        assert!(matches!(
+            decide(&compiled, &head, Payload::Body(b""), now, options),
+            Err(Rejection::Signature(_))
+        ));
+    }
+}

@@ -1,0 +1,319 @@
+//! The compiled snapshot: everything the hot path needs, indexed, built once per push.
+//!
+//! Owns the translation of a validated wire [`Snapshot`] into lookup tables: host → group,
+//! one [`Router`] per group, app key → app, app code → app, app → purchase, each purchase's
+//! quota cell (an `Arc` into the registry, so counters survive swaps), each group's metric
+//! handles and the TLS certificates by server name. It does not validate (call
+//! [`super::validate::validate`] first), swap or persist.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use rustls::sign::CertifiedKey;
+
+use super::validate::{parse_template, Segment};
+use super::wire::{Backend, Certificate, MarketState, PurchaseState, Snapshot};
+use crate::gateway::metrics::{GatewayMetrics, GroupCounters};
+use crate::gateway::quota::{QuotaCell, QuotaRegistry, UNLIMITED};
+use crate::gateway::route::Router;
+
+/// Which of a group's domains a host named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DomainKind {
+    /// The market `url_domain`: sellable APIs, purchases and quota.
+    Market,
+    /// The seller's `sl_domain`: every published API, app authorizations, no quota.
+    Seller,
+}
+
+#[derive(Debug)]
+pub struct CompiledGroup {
+    /// Position in [`CompiledSnapshot::groups`].
+    pub index: usize,
+    pub id: Box<str>,
+    pub state: MarketState,
+    pub router: Router,
+    pub apis: Vec<CompiledApi>,
+    pub counters: GroupCounters,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthKind {
+    App,
+    None,
+    /// IAM or AUTHORIZER: not served by this gateway.
+    Unsupported,
+}
+
+/// A piece of a backend path template.
+#[derive(Debug, Clone)]
+pub enum PathPiece {
+    Literal(Box<str>),
+    /// Index into the route's captured parameters.
+    Param(usize),
+}
+
+#[derive(Debug)]
+pub enum CompiledBackend {
+    Http {
+        /// `host:port`.
+        authority: http::uri::Authority,
+        /// `None` passes the buyer's method through (`ANY`).
+        method: Option<http::Method>,
+        path: Vec<PathPiece>,
+        /// The template ended with `/` (kept when filling it).
+        trailing_slash: bool,
+        timeout: std::time::Duration,
+    },
+    Mock {
+        status: http::StatusCode,
+        body: bytes::Bytes,
+    },
+}
+
+#[derive(Debug)]
+pub struct CompiledApi {
+    pub id: Box<str>,
+    pub name: Box<str>,
+    pub sellable: bool,
+    pub auth: AuthKind,
+    pub app_code_auth: bool,
+    pub https_only: bool,
+    pub http_only: bool,
+    pub backend: CompiledBackend,
+    /// Apps authorized on the seller domain (app_auths).
+    pub authorized_apps: HashSet<usize>,
+}
+
+#[derive(Debug)]
+pub struct CompiledApp {
+    /// Position in [`CompiledSnapshot::apps`].
+    pub index: usize,
+    pub id: Box<str>,
+    pub key: Box<str>,
+    pub secret: Box<[u8]>,
+    pub purchase: Option<CompiledPurchase>,
+}
+
+#[derive(Debug)]
+pub struct CompiledPurchase {
+    pub id: Box<str>,
+    pub group: usize,
+    pub state: PurchaseState,
+    pub start_time: i64,
+    pub expire_time: i64,
+    pub cell: Arc<QuotaCell>,
+}
+
+/// What a request is decided against; swapped whole.
+#[derive(Debug)]
+pub struct CompiledSnapshot {
+    pub version: u64,
+    pub hosts: HashMap<Box<str>, (usize, DomainKind)>,
+    pub groups: Vec<CompiledGroup>,
+    pub apps: Vec<CompiledApp>,
+    pub apps_by_key: HashMap<Box<str>, usize>,
+    pub apps_by_code: HashMap<Box<str>, usize>,
+    pub certificates: HashMap<Box<str>, Arc<CertifiedKey>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertificateError {
+    #[error("the certificate PEM holds no certificate")]
+    NoCertificate,
+    #[error("the key PEM holds no private key")]
+    NoKey,
+    #[error("PEM does not parse")]
+    Pem(#[source] std::io::Error),
+    #[error("the key is of an unsupported type")]
+    Key(#[source] rustls::Error),
+}
+
+/// Parses a certificate chain and key into what rustls serves.
+pub fn certified_key(cert: &Certificate) -> Result<CertifiedKey, CertificateError> {
+    certified_key_pem(cert.cert_pem.as_bytes(), cert.key_pem.as_bytes())
+}
+
+/// Parses PEM bytes (a chain and a private key) into what rustls serves.
+pub fn certified_key_pem(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<CertifiedKey, CertificateError> {
+    let chain = rustls_pemfile::certs(&mut &cert_pem[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(CertificateError::Pem)?;
+    if chain.is_empty() {
+        return Err(CertificateError::NoCertificate);
+    }
+    let key = rustls_pemfile::private_key(&mut &key_pem[..])
+        .map_err(CertificateError::Pem)?
+        .ok_or(CertificateError::NoKey)?;
+    let signing_key =
+        rustls::crypto::ring::sign::any_supported_type(&key).map_err(CertificateError::Key)?;
+    Ok(CertifiedKey::new(chain, signing_key))
+}
+
+fn backend_path(template: &[Segment], route: &[Segment]) -> Vec<PathPiece> {
+    let params: Vec<&str> = route
+        .iter()
+        .filter_map(|s| match s {
+            Segment::Param(n) | Segment::Greedy(n) => Some(n.as_str()),
+            Segment::Literal(_) => None,
+        })
+        .collect();
+    let mut pieces = Vec::new();
+    for segment in template {
+        match segment {
+            Segment::Literal(l) => pieces.push(PathPiece::Literal(format!("/{l}").into())),
+            Segment::Param(n) | Segment::Greedy(n) => {
+                pieces.push(PathPiece::Literal("/".into()));
+                let index = params
+                    .iter()
+                    .position(|p| p == n)
+                    .expect("validated: backend parameters exist in the route");
+                pieces.push(PathPiece::Param(index));
+            }
+        }
+    }
+    pieces
+}
+
+/// Compiles a validated snapshot. Cells are taken from (or created in) `quota`.
+pub fn compile(
+    snapshot: &Snapshot,
+    quota: &QuotaRegistry,
+    metrics: &GatewayMetrics,
+) -> CompiledSnapshot {
+    let mut hosts = HashMap::new();
+    let mut groups = Vec::with_capacity(snapshot.groups.len());
+    let mut group_index = HashMap::new();
+    let mut api_index = HashMap::new();
+    let app_index: HashMap<&str, usize> = snapshot
+        .apps
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (a.id.as_str(), i))
+        .collect();
+    for (gi, group) in snapshot.groups.iter().enumerate() {
+        group_index.insert(group.id.as_str(), gi);
+        hosts.insert(group.sl_domain.as_str().into(), (gi, DomainKind::Seller));
+        if let Some(url_domain) = &group.url_domain {
+            hosts.insert(url_domain.as_str().into(), (gi, DomainKind::Market));
+        }
+        let mut router = Router::default();
+        let mut apis = Vec::with_capacity(group.apis.len());
+        for (ai, api) in group.apis.iter().enumerate() {
+            api_index.insert(api.id.as_str(), (gi, ai));
+            let template = parse_template(&api.req_uri).expect("validated req_uri");
+            router.insert(&api.req_method, &template, api.match_mode == "SWA", ai);
+            let backend = match &api.backend {
+                Backend::Http {
+                    req_method,
+                    req_uri,
+                    url_domain,
+                    timeout_ms,
+                    ..
+                } => CompiledBackend::Http {
+                    authority: url_domain.parse().expect("validated url_domain"),
+                    method: (req_method != "ANY").then(|| {
+                        http::Method::from_bytes(req_method.as_bytes()).expect("validated method")
+                    }),
+                    path: backend_path(
+                        &parse_template(req_uri).expect("validated backend req_uri"),
+                        &template,
+                    ),
+                    trailing_slash: req_uri.len() > 1 && req_uri.ends_with('/'),
+                    timeout: std::time::Duration::from_millis(*timeout_ms),
+                },
+                Backend::Mock { status, body } => CompiledBackend::Mock {
+                    status: http::StatusCode::from_u16(*status).expect("validated status"),
+                    body: bytes::Bytes::from(body.clone()),
+                },
+            };
+            apis.push(CompiledApi {
+                id: api.id.as_str().into(),
+                name: api.name.as_str().into(),
+                sellable: api.is_sellable(),
+                auth: match api.auth_type.as_str() {
+                    "APP" => AuthKind::App,
+                    "NONE" => AuthKind::None,
+                    _ => AuthKind::Unsupported,
+                },
+                app_code_auth: api.app_code_auth,
+                https_only: api.req_protocol == "HTTPS",
+                http_only: api.req_protocol == "HTTP",
+                backend,
+                authorized_apps: HashSet::new(),
+            });
+        }
+        groups.push(CompiledGroup {
+            index: gi,
+            id: group.id.as_str().into(),
+            state: group.market_state,
+            router,
+            apis,
+            counters: metrics.group(&group.id),
+        });
+    }
+    for auth in &snapshot.app_auths {
+        if let (Some(&(gi, ai)), Some(&app)) = (
+            api_index.get(auth.api_id.as_str()),
+            app_index.get(auth.app_id.as_str()),
+        ) {
+            groups[gi].apis[ai].authorized_apps.insert(app);
+        }
+    }
+    let mut purchases: HashMap<&str, CompiledPurchase> = HashMap::new();
+    for purchase in &snapshot.purchases {
+        let cell = quota.cell(
+            &purchase.id,
+            purchase.quota_limit.unwrap_or(UNLIMITED),
+            purchase.quota_used,
+        );
+        purchases.insert(
+            purchase.app_id.as_str(),
+            CompiledPurchase {
+                id: purchase.id.as_str().into(),
+                group: group_index[purchase.group_id.as_str()],
+                state: purchase.state,
+                start_time: purchase.start_time,
+                expire_time: purchase.expire_time,
+                cell,
+            },
+        );
+    }
+    let mut apps = Vec::with_capacity(snapshot.apps.len());
+    let mut apps_by_key = HashMap::new();
+    let mut apps_by_code = HashMap::new();
+    for (i, app) in snapshot.apps.iter().enumerate() {
+        apps_by_key.insert(app.app_key.as_str().into(), i);
+        for code in &app.app_codes {
+            apps_by_code.insert(code.as_str().into(), i);
+        }
+        apps.push(CompiledApp {
+            index: i,
+            id: app.id.as_str().into(),
+            key: app.app_key.as_str().into(),
+            secret: app.app_secret.as_bytes().into(),
+            purchase: purchases.remove(app.id.as_str()),
+        });
+    }
+    let mut certificates = HashMap::new();
+    for cert in &snapshot.certificates {
+        if let Ok(key) = certified_key(cert) {
+            let key = Arc::new(key);
+            for domain in &cert.domains {
+                certificates.insert(domain.as_str().into(), key.clone());
+            }
+        }
+    }
+    CompiledSnapshot {
+        version: snapshot.version,
+        hosts,
+        groups,
+        apps,
+        apps_by_key,
+        apps_by_code,
+        certificates,
+    }
+}
