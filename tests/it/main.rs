@@ -2,6 +2,7 @@
 
 mod control;
 mod control_binary;
+mod control_e2e;
 mod gateway;
 mod gateway_crash;
 mod gateway_tls;
