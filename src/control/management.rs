@@ -218,7 +218,7 @@ fn exact(call: &Call, field: &str, value: &str) -> bool {
     call.query
         .get(field)
         .filter(|q| !q.is_empty())
-        .map_or(true, |wanted| wanted == value)
+        .is_none_or(|wanted| wanted == value)
 }
 
 fn own_group<'a>(state: &'a State, id: &str, project: &str) -> Result<&'a GroupRec, ControlError> {
@@ -438,7 +438,7 @@ fn api_def(
         &["NONE", "APP", "IAM", "AUTHORIZER"],
         "auth_type",
     )?;
-    if auth_type == "AUTHORIZER" && opt_str(body, "authorizer_id")?.map_or(true, |a| a.is_empty()) {
+    if auth_type == "AUTHORIZER" && opt_str(body, "authorizer_id")?.is_none_or(|a| a.is_empty()) {
         return Err(invalid("authorizer_id"));
     }
     let app_code_auth_type = match body.get("auth_opt") {
@@ -690,7 +690,7 @@ pub async fn list_apis(AxState(cp): AxState<ControlPlane>, call: Call) -> Handle
                     .query
                     .get("env_id")
                     .filter(|e| !e.is_empty())
-                    .map_or(true, |env| env == RELEASE_ENV_ID && a.release.is_some())
+                    .is_none_or(|env| env == RELEASE_ENV_ID && a.release.is_some())
         })
         .map(|a| api_json(&state, a))
         .collect();

@@ -428,7 +428,7 @@ pub async fn set_unused(AxState(cp): AxState<ControlPlane>, call: Call) -> Handl
         }
     };
     let mut purchase = found
-        .filter(|p| buyer.as_ref().map_or(true, |d| &p.domain_id == d))
+        .filter(|p| buyer.as_ref().is_none_or(|d| &p.domain_id == d))
         .cloned()
         .ok_or_else(|| ControlError::PurchaseNotFound("for this group and project".into()))?;
     match purchase.state {
@@ -510,8 +510,8 @@ fn market_groups(
     let all: Vec<Value> = state
         .groups
         .values()
-        .filter(|g| domain.as_ref().map_or(true, |d| &g.domain_id == d))
-        .filter(|g| name.map_or(true, |n| g.name.contains(n.as_str())))
+        .filter(|g| domain.as_ref().is_none_or(|d| &g.domain_id == d))
+        .filter(|g| name.is_none_or(|n| g.name.contains(n.as_str())))
         .filter(|g| keep(g))
         .map(|g| {
             json!({"id": g.id, "name": g.name, "remark": g.remark, "url_domain": g.url_domain,
@@ -578,7 +578,7 @@ pub async fn freeze(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
         let outcome = match state
             .purchases
             .get(&id)
-            .filter(|p| domain.as_ref().map_or(true, |d| &p.domain_id == d))
+            .filter(|p| domain.as_ref().is_none_or(|d| &p.domain_id == d))
         {
             None => Err(ControlError::PurchaseNotFound(id.clone())),
             Some(p) => match (p.state, freeze) {
@@ -664,11 +664,11 @@ pub async fn list_purchases(AxState(cp): AxState<ControlPlane>, call: Call) -> H
         .filter(|p| {
             p.project_id == project || call.principal.role == Role::Market && domain.is_some()
         })
-        .filter(|p| domain.as_ref().map_or(true, |d| &p.domain_id == d))
+        .filter(|p| domain.as_ref().is_none_or(|d| &p.domain_id == d))
         .filter(|p| {
             call.query
                 .get("group_id")
-                .map_or(true, |g| g.is_empty() || g == &p.group_id)
+                .is_none_or(|g| g.is_empty() || g == &p.group_id)
         })
         .collect();
     items.sort_by(|a, b| a.create_time.cmp(&b.create_time));
