@@ -1,5 +1,8 @@
 //! Integration tests: real sockets on 127.0.0.1:0, in-process servers, one binary.
 
+mod control;
+mod control_binary;
+mod control_e2e;
 mod gateway;
 mod gateway_crash;
 mod gateway_tls;

@@ -1,2 +1,3 @@
 //! Helpers shared by the integration tests; each reads like the scenario it sets up.
+pub mod control;
 pub mod gateway;

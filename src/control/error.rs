@@ -1,0 +1,243 @@
+//! Every way a control-plane request can fail, and the one place that turns a failure into an
+//! HTTP status and an APIG error code (CONTRACT §8, spec §0.3).
+//!
+//! Handlers return [`ControlError`]; they never write error responses themselves. The mapping
+//! in [`ControlError::status_and_code`] is exhaustive (no catch-all) and pinned by a table test.
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use crate::apig;
+
+use super::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No credentials, unknown key or token, bad signature.
+    #[error("authentication failed: {0}")]
+    Unauthenticated(String),
+    /// Authenticated, but the principal may not act here (other domain/project).
+    #[error("no permission: {0}")]
+    Forbidden(String),
+    /// The body is not JSON, or a field has the wrong type.
+    #[error("parameter error: {0}")]
+    BadJson(String),
+    /// A field is present but not allowed; the message names it.
+    #[error(
+        "Invalid parameter value,parameterName:{0}. Please refer to the support documentation"
+    )]
+    InvalidParameter(String),
+    /// A required header is missing (`X-Domain-Id`).
+    #[error("missing header: {0}")]
+    MissingHeader(&'static str),
+    #[error("the instance {0} does not exist")]
+    InstanceNotFound(String),
+    /// Unknown instance on a market route whose seed lists no 404.
+    #[error("the instance {0} does not exist")]
+    InstanceNotFoundBadRequest(String),
+    #[error("the API group {0} does not exist")]
+    GroupNotFound(String),
+    /// A market route whose seed lists no 404 (delist, reserve).
+    #[error("the API group {0} does not exist")]
+    GroupNotFoundBadRequest(String),
+    #[error("the API {0} does not exist")]
+    ApiNotFound(String),
+    #[error("the app {0} does not exist")]
+    AppNotFound(String),
+    #[error("the app code {0} does not exist")]
+    AppCodeNotFound(String),
+    #[error("the authorization record {0} does not exist")]
+    AuthNotFound(String),
+    #[error("the environment {0} does not exist")]
+    EnvNotFound(String),
+    #[error("the purchase {0} does not exist")]
+    PurchaseNotFound(String),
+    #[error("the API group {0} is not on sale")]
+    NotOnSale(String),
+    /// Off-sell of a group that is not on sale (CONTRACT §3.2: 404).
+    #[error("the API group {0} is not listed on the market")]
+    ListingNotFound(String),
+    #[error("the API group {0} was never listed on the market")]
+    NeverListed(String),
+    #[error("the API group name {0} already exists")]
+    GroupNameExists(String),
+    #[error("the API name {0} already exists in the group")]
+    ApiNameExists(String),
+    #[error("an API with method and URI {0} already exists in the group")]
+    ApiExists(String),
+    #[error("the app name {0} already exists")]
+    AppNameExists(String),
+    #[error("the AppKey {0} already exists")]
+    AppKeyExists(String),
+    #[error("the app {0} already has the maximum number of app codes")]
+    TooManyAppCodes(String),
+    #[error("the app code already exists")]
+    AppCodeExists,
+    #[error("the app {app} is already authorized for the API {api}")]
+    AuthExists { app: String, api: String },
+    #[error("url_domain {0} is already used by another API group")]
+    UrlDomainTaken(String),
+    #[error("the API group {0} has no sellable API (public, APP auth, published to RELEASE)")]
+    NoSellableApi(String),
+    #[error("a buyer cannot buy its own API group {0}")]
+    CannotBuyOwnGroup(String),
+    #[error("the API group {0} is delisted from the market")]
+    Delisted(String),
+    #[error("the API group {0} still contains APIs")]
+    GroupHasApis(String),
+    #[error("the API {0} is published; take it offline first")]
+    ApiPublished(String),
+    /// A market transition the state machine does not allow (e.g. lock while on sale).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("no such route")]
+    RouteNotFound,
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("a stored record is unreadable: {0}")]
+    Corrupt(#[source] serde_json::Error),
+}
+
+impl ControlError {
+    /// The one mapping from error to (HTTP status, APIG code).
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        use ControlError::*;
+        match self {
+            Unauthenticated(_) => (StatusCode::UNAUTHORIZED, apig::AUTH_FAILED),
+            Forbidden(_) => (StatusCode::FORBIDDEN, apig::NO_PERMISSION),
+            BadJson(_) => (StatusCode::BAD_REQUEST, apig::PARAMETER_ERROR),
+            InvalidParameter(_) => (StatusCode::BAD_REQUEST, apig::INVALID_PARAMETER),
+            MissingHeader(_) => (StatusCode::BAD_REQUEST, apig::PARAMETER_ERROR),
+            InstanceNotFound(_) => (StatusCode::NOT_FOUND, apig::INSTANCE_NOT_FOUND),
+            InstanceNotFoundBadRequest(_) => (StatusCode::BAD_REQUEST, apig::INSTANCE_NOT_FOUND),
+            GroupNotFound(_) => (StatusCode::NOT_FOUND, apig::GROUP_NOT_FOUND),
+            GroupNotFoundBadRequest(_) => (StatusCode::BAD_REQUEST, apig::GROUP_NOT_FOUND),
+            ApiNotFound(_) => (StatusCode::NOT_FOUND, apig::API_NOT_FOUND),
+            AppNotFound(_) => (StatusCode::NOT_FOUND, apig::APP_NOT_FOUND),
+            AppCodeNotFound(_) => (StatusCode::NOT_FOUND, apig::APP_NOT_FOUND),
+            AuthNotFound(_) => (StatusCode::NOT_FOUND, apig::AUTH_RECORD_NOT_FOUND),
+            EnvNotFound(_) => (StatusCode::NOT_FOUND, apig::INVALID_PARAMETER),
+            PurchaseNotFound(_) => (StatusCode::NOT_FOUND, apig::LISTING_NOT_FOUND),
+            NotOnSale(_) => (StatusCode::CONFLICT, apig::LISTING_NOT_FOUND),
+            ListingNotFound(_) => (StatusCode::NOT_FOUND, apig::LISTING_NOT_FOUND),
+            NeverListed(_) => (StatusCode::BAD_REQUEST, apig::LISTING_NOT_FOUND),
+            GroupNameExists(_) => (StatusCode::BAD_REQUEST, apig::GROUP_NAME_EXISTS),
+            ApiNameExists(_) => (StatusCode::BAD_REQUEST, apig::API_NAME_EXISTS),
+            ApiExists(_) => (StatusCode::BAD_REQUEST, apig::API_EXISTS),
+            AppNameExists(_) => (StatusCode::BAD_REQUEST, apig::APP_NAME_EXISTS),
+            AppKeyExists(_) => (StatusCode::BAD_REQUEST, apig::APP_KEY_EXISTS),
+            TooManyAppCodes(_) => (StatusCode::BAD_REQUEST, apig::INVALID_PARAMETER),
+            AppCodeExists => (StatusCode::BAD_REQUEST, apig::INVALID_PARAMETER),
+            AuthExists { .. } => (StatusCode::BAD_REQUEST, apig::APP_AUTH_EXISTS),
+            UrlDomainTaken(_) => (StatusCode::BAD_REQUEST, apig::URL_DOMAIN_TAKEN),
+            NoSellableApi(_) => (StatusCode::BAD_REQUEST, apig::NO_SELLABLE_API),
+            CannotBuyOwnGroup(_) => (StatusCode::FORBIDDEN, apig::CANNOT_BUY_OWN_GROUP),
+            Delisted(_) => (StatusCode::BAD_REQUEST, apig::GROUP_DELISTED_ON_MARKET),
+            GroupHasApis(_) => (StatusCode::FORBIDDEN, apig::GROUP_HAS_APIS),
+            ApiPublished(_) => (StatusCode::FORBIDDEN, apig::API_PUBLISHED),
+            Conflict(_) => (StatusCode::CONFLICT, apig::PARAMETER_ERROR),
+            RouteNotFound => (StatusCode::NOT_FOUND, apig::NO_ROUTE),
+            Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, apig::SYSTEM_ERROR),
+            Corrupt(_) => (StatusCode::INTERNAL_SERVER_ERROR, apig::SYSTEM_ERROR),
+        }
+    }
+}
+
+impl IntoResponse for ControlError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if status.is_server_error() {
+            tracing::error!(error = %self, "control request failed");
+        }
+        let request_id = uuid::Uuid::new_v4().simple().to_string();
+        let msg = match status.is_server_error() {
+            // Internal details stay in the log.
+            true => "internal error".to_owned(),
+            false => self.to_string(),
+        };
+        let body = apig::ErrorBody {
+            error_code: code,
+            error_msg: &msg,
+            request_id: &request_id,
+        }
+        .to_json();
+        let mut response = (
+            status,
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response();
+        if let Ok(value) = HeaderValue::from_str(&request_id) {
+            response.headers_mut().insert("x-request-id", value);
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_has_its_status_and_code() {
+        let s = String::new;
+        let table: Vec<(ControlError, u16, &str)> = vec![
+            (ControlError::Unauthenticated(s()), 401, "APIG.1002"),
+            (ControlError::Forbidden(s()), 403, "APIG.1005"),
+            (ControlError::BadJson(s()), 400, "APIG.2000"),
+            (ControlError::InvalidParameter(s()), 400, "APIG.2012"),
+            (ControlError::MissingHeader("X-Domain-Id"), 400, "APIG.2000"),
+            (ControlError::InstanceNotFound(s()), 404, "APIG.3030"),
+            (
+                ControlError::InstanceNotFoundBadRequest(s()),
+                400,
+                "APIG.3030",
+            ),
+            (ControlError::GroupNotFound(s()), 404, "APIG.3001"),
+            (ControlError::GroupNotFoundBadRequest(s()), 400, "APIG.3001"),
+            (ControlError::ApiNotFound(s()), 404, "APIG.3002"),
+            (ControlError::AppNotFound(s()), 404, "APIG.3004"),
+            (ControlError::AppCodeNotFound(s()), 404, "APIG.3004"),
+            (ControlError::AuthNotFound(s()), 404, "APIG.3009"),
+            (ControlError::EnvNotFound(s()), 404, "APIG.2012"),
+            (ControlError::PurchaseNotFound(s()), 404, "APIG.3016"),
+            (ControlError::NotOnSale(s()), 409, "APIG.3016"),
+            (ControlError::ListingNotFound(s()), 404, "APIG.3016"),
+            (ControlError::NeverListed(s()), 400, "APIG.3016"),
+            (ControlError::GroupNameExists(s()), 400, "APIG.3201"),
+            (ControlError::ApiNameExists(s()), 400, "APIG.3202"),
+            (ControlError::ApiExists(s()), 400, "APIG.3301"),
+            (ControlError::AppNameExists(s()), 400, "APIG.3203"),
+            (ControlError::AppKeyExists(s()), 400, "APIG.3310"),
+            (ControlError::TooManyAppCodes(s()), 400, "APIG.2012"),
+            (ControlError::AppCodeExists, 400, "APIG.2012"),
+            (
+                ControlError::AuthExists { app: s(), api: s() },
+                400,
+                "APIG.3316",
+            ),
+            (ControlError::UrlDomainTaken(s()), 400, "APIG.3305"),
+            (ControlError::NoSellableApi(s()), 400, "APIG.3403"),
+            (ControlError::CannotBuyOwnGroup(s()), 403, "APIG.3406"),
+            (ControlError::Delisted(s()), 400, "APIG.3420"),
+            (ControlError::GroupHasApis(s()), 403, "APIG.3415"),
+            (ControlError::ApiPublished(s()), 403, "APIG.3416"),
+            (ControlError::Conflict(s()), 409, "APIG.2000"),
+            (ControlError::RouteNotFound, 404, "APIG.0101"),
+            (
+                ControlError::Store(StoreError::UnknownScheme(s())),
+                500,
+                "APIG.9999",
+            ),
+            (
+                ControlError::Corrupt(serde_json::from_str::<u8>("x").unwrap_err()),
+                500,
+                "APIG.9999",
+            ),
+        ];
+        for (error, status, code) in table {
+            let (got_status, got_code) = error.status_and_code();
+            assert_eq!((got_status.as_u16(), got_code), (status, code), "{error:?}");
+        }
+    }
+}

@@ -1,0 +1,701 @@
+//! The market API (CONTRACT §3): the twelve rows the cloud market calls, and the group
+//! market state machine of §3.2:
+//!
+//! | from | row | to |
+//! |---|---|---|
+//! | unlisted | 7 lock | locked |
+//! | locked | 7 unlock | unlisted |
+//! | unlisted, locked, off_sale | 1 onsell | on_sale |
+//! | on_sale | 2 off-sell | off_sale |
+//! | on_sale, off_sale | 3 delist | delisted (final; purchases kept, frozen) |
+//!
+//! Purchases: `reserved` (row 4) → `active` (row 5) ⇄ `frozen` (rows 6, 10) → `unsubscribed`
+//! (row 11). `order_id` makes row 5 idempotent: the state lock makes "look up, else create"
+//! atomic, so concurrent duplicates get one purchase and the same answer.
+//!
+//! Must not touch API definitions or apps other than the MARKET app a purchase creates.
+
+use axum::extract::State as AxState;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Map, Value};
+
+use crate::config::Role;
+use crate::snapshot::{MarketState, PurchaseState};
+
+use super::auth::Call;
+use super::error::ControlError;
+use super::management::{
+    new_app_code, new_credential, opt_str, reply, req_str, DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT,
+};
+use super::state::{
+    new_id, now_rfc3339, rfc3339, AppCodeRec, AppRec, Change, GroupRec, PurchaseRec, State,
+};
+use super::ControlPlane;
+
+type Handler = Result<Response, ControlError>;
+
+/// Longest market domain, in characters.
+const MAX_URL_DOMAIN_CHARS: usize = 255;
+
+/// The group named by the path, owned by the acting (seller) domain.
+fn seller_group<'a>(
+    state: &'a State,
+    call: &Call,
+    seller: &str,
+    missing_is_400: bool,
+) -> Result<&'a GroupRec, ControlError> {
+    let id = call.param("group_id");
+    let group = state.groups.get(id).ok_or_else(|| match missing_is_400 {
+        true => ControlError::GroupNotFoundBadRequest(id.to_owned()),
+        false => ControlError::GroupNotFound(id.to_owned()),
+    })?;
+    if group.domain_id != seller {
+        return Err(ControlError::Forbidden(format!(
+            "the API group {id} does not belong to domain {seller}"
+        )));
+    }
+    Ok(group)
+}
+
+/// The acting domain where the row requires `X-Domain-Id`.
+fn required_domain(call: &Call) -> Result<String, ControlError> {
+    call.acting_domain(true)?
+        .ok_or(ControlError::MissingHeader("X-Domain-Id"))
+}
+
+fn valid_url_domain(domain: &str) -> bool {
+    domain.len() <= MAX_URL_DOMAIN_CHARS
+        && domain.contains('.')
+        && domain.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        })
+}
+
+/// Row 1: list the group under `url_domain`.
+pub async fn onsell(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
+    call.check_instance(&cp, false)?;
+    call.market_project()?;
+    let seller = required_domain(&call)?;
+    let body = call.json()?;
+    let url_domain = req_str(&body, "url_domain")?.to_ascii_lowercase();
+    if !valid_url_domain(&url_domain) {
+        return Err(ControlError::InvalidParameter("url_domain".into()));
+    }
+    let mut state = cp.lock().await;
+    let mut group = seller_group(&state, &call, &seller, false)?.clone();
+    match group.market_state {
+        MarketState::Delisted => return Err(ControlError::Delisted(group.id)),
+        MarketState::Unlisted
+        | MarketState::Locked
+        | MarketState::OffSale
+        | MarketState::OnSale => {}
+    }
+    let taken = state.groups.values().any(|g| {
+        g.id != group.id
+            && (g.url_domain.as_deref() == Some(url_domain.as_str()) || g.sl_domain == url_domain)
+    });
+    if taken {
+        return Err(ControlError::UrlDomainTaken(url_domain));
+    }
+    if !state.has_sellable_api(&group.id) {
+        return Err(ControlError::NoSellableApi(group.id));
+    }
+    group.market_state = MarketState::OnSale;
+    group.url_domain = Some(url_domain);
+    group.update_time = now_rfc3339();
+    let out = json!({"id": group.id, "name": group.name, "remark": group.remark,
+                     "update_time": group.update_time, "url_domain": group.url_domain});
+    cp.commit(&mut state, vec![Change::Group(group)]).await?;
+    Ok(reply(StatusCode::CREATED, out))
+}
+
+/// Row 2: take off sale; buyers keep calling.
+pub async fn offsell(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
+    call.check_instance(&cp, false)?;
+    call.market_project()?;
+    let seller = required_domain(&call)?;
+    let mut state = cp.lock().await;
+    let mut group = seller_group(&state, &call, &seller, false)?.clone();
+    match group.market_state {
+        MarketState::OnSale => {}
+        MarketState::Unlisted
+        | MarketState::Locked
+        | MarketState::OffSale
+        | MarketState::Delisted => return Err(ControlError::ListingNotFound(group.id)),
+    }
+    group.market_state = MarketState::OffSale;
+    group.update_time = now_rfc3339();
+    cp.commit(&mut state, vec![Change::Group(group)]).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Row 3: delist; every buyer is refused, purchases are kept (frozen).
+pub async fn delist(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
+    call.check_instance(&cp, true)?;
+    call.market_project()?;
+    let seller = required_domain(&call)?;
+    let mut state = cp.lock().await;
+    let mut group = seller_group(&state, &call, &seller, true)?.clone();
+    match group.market_state {
+        MarketState::Delisted => return Ok(StatusCode::NO_CONTENT.into_response()),
+        MarketState::OnSale | MarketState::OffSale => {}
+        MarketState::Unlisted | MarketState::Locked => {
+            return Err(ControlError::NeverListed(group.id))
+        }
+    }
+    let now = now_rfc3339();
+    let mut changes: Vec<Change> = state
+        .purchases
+        .values()
+        .filter(|p| p.group_id == group.id && p.state == PurchaseState::Active)
+        .map(|p| {
+            let mut p = p.clone();
+            p.state = PurchaseState::Frozen;
+            p.update_time = now.clone();
+            Change::Purchase(p)
+        })
+        .collect();
+    group.market_state = MarketState::Delisted;
+    group.update_time = now;
+    changes.push(Change::Group(group));
+    cp.commit(&mut state, changes).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// A group a buyer may reserve or buy: exists, not the buyer's own, on sale.
+fn buyable<'a>(
+    state: &'a State,
+    group_id: &str,
+    buyer: &str,
+    missing_is_400: bool,
+) -> Result<&'a GroupRec, ControlError> {
+    let group = state
+        .groups
+        .get(group_id)
+        .ok_or_else(|| match missing_is_400 {
+            true => ControlError::GroupNotFoundBadRequest(group_id.to_owned()),
+            false => ControlError::GroupNotFound(group_id.to_owned()),
+        })?;
+    if group.domain_id == buyer {
+        return Err(ControlError::CannotBuyOwnGroup(group.id.clone()));
+    }
+    match group.market_state {
+        MarketState::OnSale => Ok(group),
+        MarketState::Unlisted
+        | MarketState::Locked
+        | MarketState::OffSale
+        | MarketState::Delisted => Err(ControlError::NotOnSale(group.id.clone())),
+    }
+}
+
+/// Row 4: pre-order.
+pub async fn reserve(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
+    call.check_instance(&cp, true)?;
+    let project = call.market_project()?;
+    let buyer = required_domain(&call)?;
+    let body = call.json()?;
+    let group_id = req_str(&body, "group_id")?;
+    let mut state = cp.lock().await;
+    buyable(&state, &group_id, &buyer, true)?;
+    let now = now_rfc3339();
+    let purchase = PurchaseRec {
+        purchase_id: new_id(),
+        order_id: None,
+        group_id: group_id.clone(),
+        domain_id: buyer,
+        project_id: project,
+        state: PurchaseState::Reserved,
+        order_type: None,
+        start_time: 0,
+        expire_time: 0,
+        req_quota: None,
+        quota_limit: None,
+        quota_used: 0,
+        app_id: None,
+        create_time: now.clone(),
+        update_time: now,
+    };
+    let out = json!({"group_id": group_id, "purchase_id": purchase.purchase_id});
+    cp.commit(&mut state, vec![Change::Purchase(purchase)])
+        .await?;
+    Ok(reply(StatusCode::CREATED, out))
+}
+
+/// An integer sent as a JSON number or a string of digits.
+fn int_field(body: &Map<String, Value>, field: &str) -> Result<Option<i64>, ControlError> {
+    let bad = || ControlError::InvalidParameter(field.to_owned());
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n.as_i64().map(Some).ok_or_else(bad),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) => s.trim().parse().map(Some).map_err(|_| bad()),
+        Some(_) => Err(bad()),
+    }
+}
+
+fn purchase_answer(state: &State, p: &PurchaseRec) -> Value {
+    let app = p.app_id.as_ref().and_then(|id| state.apps.get(id));
+    json!({
+        "purchase_id": p.purchase_id,
+        "order_id": p.order_id,
+        "group_id": p.group_id,
+        "start_time": rfc3339(p.start_time),
+        "expire_time": rfc3339(p.expire_time),
+        "req_quota": p.req_quota,
+        "order_type": p.order_type,
+        "app_key": app.map(|a| a.app_key.clone()),
+        "app_secret": app.map(|a| a.app_secret.clone()),
+    })
+}
+
+/// Row 5: buy. Idempotent on `order_id`.
+pub async fn purchase(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
+    call.check_instance(&cp, false)?;
+    let project = call.market_project()?;
+    let buyer = required_domain(&call)?;
+    let body = call.json()?;
+    let order_id = req_str(&body, "order_id")?;
+    let group_id = req_str(&body, "group_id")?;
+    let mut state = cp.lock().await;
+    if let Some(existing) = state
+        .purchases
+        .values()
+        .find(|p| p.order_id.as_deref() == Some(order_id.as_str()))
+    {
+        if existing.group_id != group_id || existing.domain_id != buyer {
+            return Err(ControlError::Conflict(format!(
+                "order_id {order_id} belongs to another purchase"
+            )));
+        }
+        return Ok(reply(
+            StatusCode::CREATED,
+            purchase_answer(&state, existing),
+        ));
+    }
+    buyable(&state, &group_id, &buyer, false)?;
+    let start_time = int_field(&body, "start_time")?
+        .ok_or_else(|| ControlError::InvalidParameter("start_time".into()))?;
+    let expire_time = int_field(&body, "expire_time")?
+        .ok_or_else(|| ControlError::InvalidParameter("expire_time".into()))?;
+    if expire_time <= start_time || start_time < 0 {
+        return Err(ControlError::InvalidParameter("expire_time".into()));
+    }
+    let order_type = match int_field(&body, "order_type")? {
+        Some(t @ 1..=3) => t as u8,
+        _ => return Err(ControlError::InvalidParameter("order_type".into())),
+    };
+    let req_quota = match int_field(&body, "req_quota")? {
+        Some(q) if q > 0 => Some(q as u64),
+        Some(_) => return Err(ControlError::InvalidParameter("req_quota".into())),
+        None if order_type == 1 => return Err(ControlError::InvalidParameter("req_quota".into())),
+        None => None,
+    };
+    let now = now_rfc3339();
+    let mut purchase = match opt_str(&body, "purchase_id")?.filter(|p| !p.is_empty()) {
+        Some(id) => {
+            let reserved = state
+                .purchases
+                .get(&id)
+                .filter(|p| p.domain_id == buyer)
+                .ok_or_else(|| ControlError::PurchaseNotFound(id.clone()))?;
+            if reserved.state != PurchaseState::Reserved || reserved.group_id != group_id {
+                return Err(ControlError::Conflict(format!(
+                    "purchase {id} is not a reservation of group {group_id}"
+                )));
+            }
+            reserved.clone()
+        }
+        None => PurchaseRec {
+            purchase_id: new_id(),
+            order_id: None,
+            group_id: group_id.clone(),
+            domain_id: buyer.clone(),
+            project_id: project.clone(),
+            state: PurchaseState::Reserved,
+            order_type: None,
+            start_time: 0,
+            expire_time: 0,
+            req_quota: None,
+            quota_limit: None,
+            quota_used: 0,
+            app_id: None,
+            create_time: now.clone(),
+            update_time: now.clone(),
+        },
+    };
+    let app = AppRec {
+        id: new_id(),
+        name: format!("market_{}", &purchase.purchase_id),
+        remark: format!("purchase {}", purchase.purchase_id),
+        app_key: new_credential(),
+        app_secret: new_credential(),
+        domain_id: buyer,
+        project_id: project,
+        creator: "MARKET".into(),
+        codes: vec![AppCodeRec {
+            id: new_id(),
+            app_code: new_app_code(),
+            create_time: now.clone(),
+        }],
+        register_time: now.clone(),
+        update_time: now.clone(),
+    };
+    purchase.order_id = Some(order_id);
+    purchase.state = PurchaseState::Active;
+    purchase.order_type = Some(order_type);
+    purchase.start_time = start_time;
+    purchase.expire_time = expire_time;
+    purchase.req_quota = req_quota;
+    purchase.quota_limit = req_quota;
+    purchase.app_id = Some(app.id.clone());
+    purchase.update_time = now;
+    let purchase_id = purchase.purchase_id.clone();
+    cp.commit(
+        &mut state,
+        vec![Change::App(app), Change::Purchase(purchase)],
+    )
+    .await?;
+    let out = purchase_answer(&state, &state.purchases[&purchase_id]);
+    Ok(reply(StatusCode::CREATED, out))
+}
+
+fn state_name(state: PurchaseState) -> &'static str {
+    match state {
+        PurchaseState::Reserved => "reserved",
+        PurchaseState::Active => "active",
+        PurchaseState::Frozen => "frozen",
+        PurchaseState::Unsubscribed => "unsubscribed",
+    }
+}
+
+/// The buyer's view of a purchase (row 12, and the answer of row 6).
+fn purchase_view(state: &State, p: &PurchaseRec) -> Value {
+    let app = p.app_id.as_ref().and_then(|id| state.apps.get(id));
+    let group = state.groups.get(&p.group_id);
+    json!({
+        "purchase_id": p.purchase_id,
+        "order_id": p.order_id,
+        "group_id": p.group_id,
+        "group_name": group.map(|g| g.name.clone()),
+        "url_domain": group.and_then(|g| g.url_domain.clone()),
+        "state": state_name(p.state),
+        "order_type": p.order_type,
+        "start_time": rfc3339(p.start_time),
+        "expire_time": rfc3339(p.expire_time),
+        "req_quota": p.req_quota,
+        "quota_limit": p.quota_limit,
+        "quota_used": p.quota_used,
+        "quota_left": p.calls_left(),
+        "app_id": p.app_id,
+        "app_key": app.map(|a| a.app_key.clone()),
+        "create_time": p.create_time,
+        "update_time": p.update_time,
+    })
+}
+
+/// Row 6: `unused <= 0` freezes; `unused > 0` unfreezes with `unused` calls left.
+pub async fn set_unused(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
+    call.check_instance(&cp, false)?;
+    let path_project = call.market_project()?;
+    let buyer = call.acting_domain(false)?;
+    let body = call.json()?;
+    let unused = int_field(&body, "unused")?
+        .ok_or_else(|| ControlError::InvalidParameter("unused".into()))?;
+    let mut state = cp.lock().await;
+    let found = match opt_str(&body, "purchase_id")?.filter(|p| !p.is_empty()) {
+        Some(id) => state.purchases.get(&id),
+        None => {
+            let group_id = req_str(&body, "group_id")?;
+            let project = opt_str(&body, "project_id")?
+                .filter(|p| !p.is_empty())
+                .unwrap_or(path_project);
+            state
+                .purchases
+                .values()
+                .filter(|p| {
+                    p.group_id == group_id
+                        && p.project_id == project
+                        && matches!(p.state, PurchaseState::Active | PurchaseState::Frozen)
+                })
+                .max_by(|a, b| a.create_time.cmp(&b.create_time))
+        }
+    };
+    let mut purchase = found
+        .filter(|p| buyer.as_ref().is_none_or(|d| &p.domain_id == d))
+        .cloned()
+        .ok_or_else(|| ControlError::PurchaseNotFound("for this group and project".into()))?;
+    match purchase.state {
+        PurchaseState::Active | PurchaseState::Frozen => {}
+        PurchaseState::Reserved | PurchaseState::Unsubscribed => {
+            return Err(ControlError::Conflict(format!(
+                "purchase {} is {}",
+                purchase.purchase_id,
+                state_name(purchase.state)
+            )))
+        }
+    }
+    if unused <= 0 {
+        purchase.state = PurchaseState::Frozen;
+    } else {
+        let delisted = state
+            .groups
+            .get(&purchase.group_id)
+            .is_some_and(|g| g.market_state == MarketState::Delisted);
+        if delisted {
+            return Err(ControlError::Delisted(purchase.group_id));
+        }
+        purchase.state = PurchaseState::Active;
+        purchase.quota_limit = Some(purchase.quota_used.saturating_add(unused as u64));
+    }
+    purchase.update_time = now_rfc3339();
+    let id = purchase.purchase_id.clone();
+    cp.commit(&mut state, vec![Change::Purchase(purchase)])
+        .await?;
+    Ok(reply(
+        StatusCode::OK,
+        purchase_view(&state, &state.purchases[&id]),
+    ))
+}
+
+/// Row 7: lock for market review (3) / unlock (2).
+pub async fn lock(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
+    call.check_instance(&cp, false)?;
+    call.market_project()?;
+    let seller = required_domain(&call)?;
+    let body = call.json()?;
+    let status = int_field(&body, "status")?;
+    let mut state = cp.lock().await;
+    let mut group = seller_group(&state, &call, &seller, false)?.clone();
+    let to = match (status, group.market_state) {
+        (Some(3), MarketState::Unlisted | MarketState::Locked) => MarketState::Locked,
+        (Some(2), MarketState::Locked | MarketState::Unlisted) => MarketState::Unlisted,
+        (Some(3 | 2), from) => {
+            return Err(ControlError::Conflict(format!(
+                "the API group {} is {}",
+                group.id,
+                from.as_str()
+            )))
+        }
+        _ => return Err(ControlError::InvalidParameter("status".into())),
+    };
+    group.market_state = to;
+    group.update_time = now_rfc3339();
+    let out = json!({"id": group.id, "name": group.name, "remark": group.remark,
+                     "update_time": group.update_time, "status": status});
+    cp.commit(&mut state, vec![Change::Group(group)]).await?;
+    Ok(reply(StatusCode::CREATED, out))
+}
+
+/// `{total, size, groups}` with `page_no` (1-based) and `page_size`.
+fn market_groups(
+    call: &Call,
+    state: &State,
+    keep: impl Fn(&GroupRec) -> bool,
+) -> Result<Response, ControlError> {
+    let domain = call.acting_domain(false)?;
+    let num = |name: &str| call.query.get(name).and_then(|v| v.parse::<i64>().ok());
+    let size = match num("page_size") {
+        Some(s) if s > 0 => (s as usize).min(MAX_PAGE_LIMIT),
+        _ => DEFAULT_PAGE_LIMIT,
+    };
+    let page_no = num("page_no").unwrap_or(1).max(1) as usize;
+    let name = call.query.get("name").filter(|n| !n.is_empty());
+    let all: Vec<Value> = state
+        .groups
+        .values()
+        .filter(|g| domain.as_ref().is_none_or(|d| &g.domain_id == d))
+        .filter(|g| name.is_none_or(|n| g.name.contains(n.as_str())))
+        .filter(|g| keep(g))
+        .map(|g| {
+            json!({"id": g.id, "name": g.name, "remark": g.remark, "url_domain": g.url_domain,
+                   "market_state": g.market_state.as_str(), "update_time": g.update_time,
+                   "sl_domain": g.sl_domain})
+        })
+        .collect();
+    let total = all.len();
+    let groups: Vec<Value> = all
+        .into_iter()
+        .skip((page_no - 1) * size)
+        .take(size)
+        .collect();
+    Ok(reply(
+        StatusCode::OK,
+        json!({"total": total, "size": groups.len(), "groups": groups}),
+    ))
+}
+
+/// Row 8: groups that could be listed.
+pub async fn list_tosell(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
+    call.check_instance(&cp, false)?;
+    call.market_project()?;
+    let state = cp.lock().await;
+    market_groups(&call, &state, |g| {
+        matches!(
+            g.market_state,
+            MarketState::Unlisted | MarketState::Locked | MarketState::OffSale
+        ) && state.has_sellable_api(&g.id)
+    })
+}
+
+/// Row 9: listed groups.
+pub async fn list_onsell(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
+    call.check_instance(&cp, false)?;
+    call.market_project()?;
+    let state = cp.lock().await;
+    market_groups(&call, &state, |g| g.market_state == MarketState::OnSale)
+}
+
+/// Row 10: freeze (3) / unfreeze (1) purchases by list; one result per purchase.
+pub async fn freeze(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
+    call.check_instance(&cp, false)?;
+    call.market_project()?;
+    let domain = call.acting_domain(false)?;
+    let body = call.json()?;
+    let freeze = match int_field(&body, "status")? {
+        Some(3) => true,
+        Some(1) => false,
+        _ => return Err(ControlError::InvalidParameter("status".into())),
+    };
+    let Some(Value::Array(ids)) = body.get("purchase_ids") else {
+        return Err(ControlError::InvalidParameter("purchase_ids".into()));
+    };
+    let ids: Vec<String> = ids
+        .iter()
+        .map(|v| v.as_str().map(str::to_owned))
+        .collect::<Option<_>>()
+        .ok_or_else(|| ControlError::InvalidParameter("purchase_ids".into()))?;
+    let mut state = cp.lock().await;
+    let now = now_rfc3339();
+    let (mut results, mut changes) = (Vec::new(), Vec::new());
+    for id in ids {
+        let outcome = match state
+            .purchases
+            .get(&id)
+            .filter(|p| domain.as_ref().is_none_or(|d| &p.domain_id == d))
+        {
+            None => Err(ControlError::PurchaseNotFound(id.clone())),
+            Some(p) => match (p.state, freeze) {
+                (PurchaseState::Active | PurchaseState::Frozen, true) => Ok(PurchaseState::Frozen),
+                (PurchaseState::Active | PurchaseState::Frozen, false) => {
+                    let delisted = state
+                        .groups
+                        .get(&p.group_id)
+                        .is_some_and(|g| g.market_state == MarketState::Delisted);
+                    if delisted {
+                        Err(ControlError::Delisted(p.group_id.clone()))
+                    } else {
+                        Ok(PurchaseState::Active)
+                    }
+                }
+                (PurchaseState::Reserved | PurchaseState::Unsubscribed, _) => Err(
+                    ControlError::Conflict(format!("purchase {id} is {}", state_name(p.state))),
+                ),
+            },
+        };
+        match outcome {
+            Ok(to) => {
+                let mut p = state.purchases[&id].clone();
+                p.state = to;
+                p.update_time = now.clone();
+                changes.push(Change::Purchase(p));
+                results
+                    .push(json!({"purchase_id": id, "result": "success", "state": state_name(to)}));
+            }
+            Err(e) => {
+                let (_, code) = e.status_and_code();
+                results.push(json!({"purchase_id": id, "result": "failed", "error_code": code, "error_msg": e.to_string()}));
+            }
+        }
+    }
+    if !changes.is_empty() {
+        cp.commit(&mut state, changes).await?;
+    }
+    Ok(reply(StatusCode::OK, json!({"results": results})))
+}
+
+/// The purchase named by the path, visible to the acting (buyer) domain.
+fn buyer_purchase<'a>(state: &'a State, call: &Call) -> Result<&'a PurchaseRec, ControlError> {
+    let id = call.param("purchase_id");
+    let domain = call.acting_domain(false)?;
+    let purchase = state
+        .purchases
+        .get(id)
+        .ok_or_else(|| ControlError::PurchaseNotFound(id.to_owned()))?;
+    match domain {
+        Some(d) if d != purchase.domain_id => Err(ControlError::Forbidden(format!(
+            "the purchase {id} is not domain {d}'s"
+        ))),
+        Some(_) | None => Ok(purchase),
+    }
+}
+
+/// Row 11: end a purchase; its APP stops working.
+pub async fn unsubscribe(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
+    call.check_instance(&cp, false)?;
+    call.market_project()?;
+    let mut state = cp.lock().await;
+    let mut purchase = buyer_purchase(&state, &call)?.clone();
+    if purchase.state == PurchaseState::Unsubscribed {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    purchase.state = PurchaseState::Unsubscribed;
+    purchase.update_time = now_rfc3339();
+    cp.commit(&mut state, vec![Change::Purchase(purchase)])
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Row 12: the buyer's purchases.
+pub async fn list_purchases(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
+    call.check_instance(&cp, false)?;
+    let project = call.market_project()?;
+    let domain = call.acting_domain(false)?;
+    let state = cp.lock().await;
+    let mut items: Vec<&PurchaseRec> = state
+        .purchases
+        .values()
+        .filter(|p| {
+            p.project_id == project || call.principal.role == Role::Market && domain.is_some()
+        })
+        .filter(|p| domain.as_ref().is_none_or(|d| &p.domain_id == d))
+        .filter(|p| {
+            call.query
+                .get("group_id")
+                .is_none_or(|g| g.is_empty() || g == &p.group_id)
+        })
+        .collect();
+    items.sort_by(|a, b| a.create_time.cmp(&b.create_time));
+    let num = |name: &str| call.query.get(name).and_then(|v| v.parse::<i64>().ok());
+    let offset = num("offset").unwrap_or(0).max(0) as usize;
+    let limit = match num("limit") {
+        Some(l) if l > 0 => (l as usize).min(MAX_PAGE_LIMIT),
+        _ => DEFAULT_PAGE_LIMIT,
+    };
+    let total = items.len();
+    let page: Vec<Value> = items
+        .into_iter()
+        .skip(offset)
+        .take(limit)
+        .map(|p| purchase_view(&state, p))
+        .collect();
+    Ok(reply(
+        StatusCode::OK,
+        json!({"total": total, "size": page.len(), "purchases": page}),
+    ))
+}
+
+/// Row 12: one purchase.
+pub async fn show_purchase(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
+    call.check_instance(&cp, false)?;
+    call.market_project()?;
+    let state = cp.lock().await;
+    let purchase = buyer_purchase(&state, &call)?;
+    Ok(reply(StatusCode::OK, purchase_view(&state, purchase)))
+}

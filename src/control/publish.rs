@@ -1,0 +1,108 @@
+//! The snapshot source: builds the data plane's wire snapshot (`crate::snapshot::Snapshot`)
+//! from the in-memory state at its committed version. Pushing it to proxies is not here.
+//!
+//! What goes in: every group (with `sl_domain`, `url_domain`, `market_state`) with the RELEASE
+//! definitions of its published APIs as frozen at publish time (never drafts); MARKET apps of
+//! purchases and USER apps that hold app authorizations; purchases that have an app (a
+//! reserved purchase has none yet); app authorizations of published APIs. Must not read the
+//! store or change state.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use crate::snapshot::{self, Snapshot};
+
+use super::push::SnapshotSource;
+use super::state::{now_rfc3339, State};
+use super::ControlPlane;
+
+/// The control plane is what pushers follow: its version channel and its current snapshot.
+#[async_trait::async_trait]
+impl SnapshotSource for ControlPlane {
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        ControlPlane::subscribe(self)
+    }
+
+    async fn snapshot(&self) -> Arc<Snapshot> {
+        Arc::new(ControlPlane::snapshot(self).await)
+    }
+}
+
+/// The snapshot of `state` at `state.version`.
+pub fn build(state: &State) -> Snapshot {
+    let groups = state
+        .groups
+        .values()
+        .map(|g| snapshot::Group {
+            id: g.id.clone(),
+            name: g.name.clone(),
+            sl_domain: g.sl_domain.clone(),
+            url_domain: g.url_domain.clone(),
+            market_state: g.market_state,
+            apis: state
+                .group_apis(&g.id)
+                .filter_map(|a| a.release.as_ref().map(|p| p.frozen.clone()))
+                .collect(),
+        })
+        .collect();
+    let purchases: Vec<snapshot::Purchase> = state
+        .purchases
+        .values()
+        // A delisted group may later be deleted by its owner; its purchases stay in the
+        // store but have nothing to refer to in a snapshot.
+        .filter(|p| state.groups.contains_key(&p.group_id))
+        .filter_map(|p| {
+            Some(snapshot::Purchase {
+                id: p.purchase_id.clone(),
+                group_id: p.group_id.clone(),
+                app_id: p.app_id.clone()?,
+                state: p.state,
+                start_time: p.start_time,
+                expire_time: p.expire_time,
+                quota_limit: p.quota_limit,
+                quota_used: p.quota_used,
+            })
+        })
+        .collect();
+    let app_auths: Vec<snapshot::AppAuth> = state
+        .auths
+        .values()
+        .filter(|a| {
+            state.apps.contains_key(&a.app_id)
+                && state
+                    .apis
+                    .get(&a.api_id)
+                    .is_some_and(|api| api.release.is_some())
+        })
+        .map(|a| snapshot::AppAuth {
+            app_id: a.app_id.clone(),
+            api_id: a.api_id.clone(),
+        })
+        .collect();
+    let wanted: BTreeSet<&str> = purchases
+        .iter()
+        .map(|p| p.app_id.as_str())
+        .chain(app_auths.iter().map(|a| a.app_id.as_str()))
+        .collect();
+    let apps = state
+        .apps
+        .values()
+        .filter(|a| wanted.contains(a.id.as_str()))
+        .map(|a| snapshot::App {
+            id: a.id.clone(),
+            app_key: a.app_key.clone(),
+            app_secret: a.app_secret.clone(),
+            app_codes: a.codes.iter().map(|c| c.app_code.clone()).collect(),
+            creator: a.creator.clone(),
+        })
+        .collect();
+    Snapshot {
+        version: state.version,
+        generated_at: Some(now_rfc3339()),
+        groups,
+        apps,
+        purchases,
+        app_auths,
+        certificates: Vec::new(),
+    }
+}
