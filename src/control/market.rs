@@ -218,6 +218,7 @@ pub async fn reserve(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler 
         req_quota: None,
         quota_limit: None,
         quota_used: 0,
+        leases: Default::default(),
         app_id: None,
         create_time: now.clone(),
         update_time: now,
@@ -325,6 +326,7 @@ pub async fn purchase(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler
             req_quota: None,
             quota_limit: None,
             quota_used: 0,
+            leases: Default::default(),
             app_id: None,
             create_time: now.clone(),
             update_time: now.clone(),
@@ -452,7 +454,10 @@ pub async fn set_unused(AxState(cp): AxState<ControlPlane>, call: Call) -> Handl
             return Err(ControlError::Delisted(purchase.group_id));
         }
         purchase.state = PurchaseState::Active;
-        purchase.quota_limit = Some(purchase.quota_used.saturating_add(unused as u64));
+        // Leases above what is now left shrink (docs/quota-leases.md, "Market changes").
+        let mut ledger = purchase.ledger();
+        ledger.set_calls_left(unused as u64);
+        purchase.set_ledger(ledger);
     }
     purchase.update_time = now_rfc3339();
     let id = purchase.purchase_id.clone();

@@ -14,6 +14,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod leases;
 pub mod management;
 pub mod market;
 pub mod publish;
@@ -172,7 +173,7 @@ impl ControlPlane {
         self.inner.version.subscribe()
     }
 
-    /// Adds `calls` served calls to the purchase's ledger, durably.
+    /// Adds `calls` served calls to the purchase's ledger, durably (no snapshot change).
     pub async fn record_usage(&self, purchase_id: &str, calls: u64) -> Result<(), ControlError> {
         let mut state = self.lock().await;
         let mut purchase = state
@@ -184,7 +185,7 @@ impl ControlPlane {
             return Ok(());
         }
         purchase.quota_used = purchase.quota_used.saturating_add(calls);
-        self.commit(&mut state, vec![Change::Purchase(purchase)])
+        self.commit_ledger(&mut state, vec![Change::Purchase(purchase)])
             .await
     }
 
@@ -200,12 +201,27 @@ impl ControlPlane {
     /// in-memory state and announces the new version. Callers hold the state lock.
     async fn commit(&self, state: &mut State, changes: Vec<Change>) -> Result<(), ControlError> {
         let writes = changes.iter().map(Change::to_write).collect();
-        let version = self.inner.store.commit(writes).await?;
+        let version = self.inner.store.commit(writes, true).await?;
         for change in changes {
             state.apply(change);
         }
         state.version = version;
         self.inner.version.send_replace(version);
+        Ok(())
+    }
+
+    /// Commits quota ledger changes (usage, leases) durably without a new snapshot version:
+    /// proxies learn them through lease exchanges, not pushes.
+    async fn commit_ledger(
+        &self,
+        state: &mut State,
+        changes: Vec<Change>,
+    ) -> Result<(), ControlError> {
+        let writes = changes.iter().map(Change::to_write).collect();
+        self.inner.store.commit(writes, false).await?;
+        for change in changes {
+            state.apply(change);
+        }
         Ok(())
     }
 }

@@ -161,6 +161,9 @@ pub struct PurchaseRec {
     /// Calls served, as reported by the data plane.
     #[serde(default)]
     pub quota_used: u64,
+    /// Calls leased to each proxy and not yet reported (docs/quota-leases.md).
+    #[serde(default)]
+    pub leases: BTreeMap<String, crate::lease::Lease>,
     #[serde(default)]
     pub app_id: Option<String>,
     pub create_time: String,
@@ -168,11 +171,26 @@ pub struct PurchaseRec {
 }
 
 impl PurchaseRec {
-    /// Calls left: `limit - used`, never negative; `None` when unlimited. The one place this
-    /// arithmetic lives (quota leases build on it).
+    /// Calls left: `limit - used`, never negative; `None` when unlimited. The arithmetic is
+    /// the quota ledger's ([`crate::lease::Ledger`]).
     pub fn calls_left(&self) -> Option<u64> {
-        self.quota_limit
-            .map(|limit| limit.saturating_sub(self.quota_used))
+        self.ledger().calls_left()
+    }
+
+    /// The purchase's quota ledger: limit, used and leases.
+    pub fn ledger(&self) -> crate::lease::Ledger {
+        crate::lease::Ledger {
+            limit: self.quota_limit,
+            used: self.quota_used,
+            leases: self.leases.clone(),
+        }
+    }
+
+    /// Stores a ledger changed by lease exchanges or the market.
+    pub fn set_ledger(&mut self, ledger: crate::lease::Ledger) {
+        self.quota_limit = ledger.limit;
+        self.quota_used = ledger.used;
+        self.leases = ledger.leases;
     }
 }
 
@@ -354,6 +372,7 @@ mod tests {
             req_quota: Some(10),
             quota_limit: Some(10),
             quota_used: 3,
+            leases: BTreeMap::new(),
             app_id: None,
             create_time: String::new(),
             update_time: String::new(),

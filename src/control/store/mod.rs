@@ -74,9 +74,10 @@ pub enum StoreError {
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// Every record and the current version.
     async fn load(&self) -> Result<Loaded, StoreError>;
-    /// Applies `writes` and increments the version in one transaction; returns the new
-    /// version once durable.
-    async fn commit(&self, writes: Vec<Write>) -> Result<u64, StoreError>;
+    /// Applies `writes` in one transaction, incrementing the version with them when
+    /// `bump_version` (a change the data plane must see; quota ledger writes — usage reports
+    /// and leases — are not); returns the version once durable.
+    async fn commit(&self, writes: Vec<Write>, bump_version: bool) -> Result<u64, StoreError>;
 }
 
 /// Opens the backend named by `database_url` (`sqlite://PATH` or `postgres://…`) and applies
@@ -113,7 +114,7 @@ mod tests {
         assert_eq!(store.load().await.unwrap().version, 0);
         assert_eq!(
             store
-                .commit(vec![put("a", "1"), put("b", "2")])
+                .commit(vec![put("a", "1"), put("b", "2")], true)
                 .await
                 .unwrap(),
             1
@@ -123,7 +124,15 @@ mod tests {
             id: "b".into(),
             doc: None,
         };
-        assert_eq!(store.commit(vec![put("a", "3"), deleted]).await.unwrap(), 2);
+        assert_eq!(
+            store
+                .commit(vec![put("a", "3"), deleted], true)
+                .await
+                .unwrap(),
+            2
+        );
+        // A ledger write is durable but does not move the version.
+        assert_eq!(store.commit(vec![put("c", "4")], false).await.unwrap(), 2);
         drop(store);
         let store = open(&url).await.unwrap();
         let loaded = store.load().await.unwrap();

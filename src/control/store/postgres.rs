@@ -95,7 +95,7 @@ impl Store for PostgresStore {
         })
     }
 
-    async fn commit(&self, writes: Vec<Write>) -> Result<u64, StoreError> {
+    async fn commit(&self, writes: Vec<Write>, bump_version: bool) -> Result<u64, StoreError> {
         let mut client = self.pool.get().await.map_err(StoreError::Pool)?;
         let tx = client.transaction().await.map_err(StoreError::Postgres)?;
         for write in &writes {
@@ -119,8 +119,8 @@ impl Store for PostgresStore {
         }
         let version: i64 = tx
             .query_one(
-                "UPDATE meta SET value = value + 1 WHERE key = $1 RETURNING value",
-                &[&VERSION_KEY],
+                "UPDATE meta SET value = value + $2 WHERE key = $1 RETURNING value",
+                &[&VERSION_KEY, &i64::from(bump_version)],
             )
             .await
             .map_err(StoreError::Postgres)?

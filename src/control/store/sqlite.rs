@@ -108,7 +108,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn commit(&self, writes: Vec<Write>) -> Result<u64, StoreError> {
+    async fn commit(&self, writes: Vec<Write>, bump_version: bool) -> Result<u64, StoreError> {
         self.with_conn(move |conn| {
             let tx = conn.transaction()?;
             for write in &writes {
@@ -125,8 +125,8 @@ impl Store for SqliteStore {
                 };
             }
             let version: i64 = tx.query_row(
-                "UPDATE meta SET value = value + 1 WHERE key = ?1 RETURNING value",
-                params![VERSION_KEY],
+                "UPDATE meta SET value = value + ?2 WHERE key = ?1 RETURNING value",
+                params![VERSION_KEY, i64::from(bump_version)],
                 |row| row.get(0),
             )?;
             tx.commit()?;
