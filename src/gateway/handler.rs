@@ -303,8 +303,10 @@ async fn take_quota_or_refill(
         }
         other => other,
     };
-    if let Err(Rejection::Quota(_)) = &taken {
-        gateway.metrics.quota_journal_errors.inc();
+    match &taken {
+        Ok(()) => gateway.quota.note_usage(),
+        Err(Rejection::Quota(_)) => gateway.metrics.quota_journal_errors.inc(),
+        Err(_) => {}
     }
     taken
 }
