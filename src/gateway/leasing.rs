@@ -123,17 +123,32 @@ impl LeaseService for HttpLeaseService {
     }
 }
 
-/// What the control plane acknowledged, per purchase: persisted in [`STATE_FILE`].
+/// What the control plane acknowledged, per purchase: persisted in [`STATE_FILE`] after every
+/// exchange, so that a restarted proxy reports exactly the rest and, with the control plane
+/// unreachable, keeps serving the lease it held until that lease expires.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 struct AckedState {
+    purchases: HashMap<String, AckedPurchase>,
+}
+
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
+struct AckedPurchase {
     /// This proxy's `used` count the control plane has been told of.
-    reported: HashMap<String, u64>,
+    reported: u64,
+    /// Calls held at the last exchange.
+    #[serde(default)]
+    held: u64,
+    /// Epoch seconds; 0 when nothing is held.
+    #[serde(default)]
+    expires_at: i64,
 }
 
 /// Bookkeeping of one purchase.
 #[derive(Debug, Default, Clone)]
 struct Tracked {
     reported: u64,
+    /// Calls held at the last exchange.
+    held: u64,
     /// Epoch seconds; 0 when nothing is held.
     expires_at: i64,
     /// Calls per second, smoothed.
@@ -152,6 +167,8 @@ pub struct LeaseClient {
     book: Mutex<HashMap<String, Tracked>>,
     /// One exchange at a time.
     exchanging: tokio::sync::Mutex<()>,
+    /// Set once [`LeaseClient::recover`] has reported the journal.
+    recovered: tokio::sync::watch::Sender<bool>,
 }
 
 impl LeaseClient {
@@ -162,18 +179,26 @@ impl LeaseClient {
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .unwrap_or_default();
+        let now = now_secs();
+        let quota = gateway.quota();
         let book = acked
-            .reported
+            .purchases
             .into_iter()
-            .map(|(id, reported)| {
-                (
-                    id,
-                    Tracked {
-                        reported,
-                        last_used: reported,
-                        ..Tracked::default()
-                    },
-                )
+            .map(|(id, acked)| {
+                // A lease still valid when this proxy stopped is still its own: serve from
+                // it until it expires (with the control plane down, that is all there is).
+                let valid = acked.expires_at - REVOKE_MARGIN_SECS > now;
+                if let Some(cell) = quota.get(&id).filter(|c| c.is_leased() && valid) {
+                    cell.set_limit((acked.reported + acked.held).max(cell.used()));
+                }
+                let tracked = Tracked {
+                    reported: acked.reported,
+                    held: if valid { acked.held } else { 0 },
+                    expires_at: if valid { acked.expires_at } else { 0 },
+                    last_used: acked.reported,
+                    ..Tracked::default()
+                };
+                (id, tracked)
             })
             .collect();
         LeaseClient {
@@ -183,6 +208,7 @@ impl LeaseClient {
             state_path,
             book: Mutex::new(book),
             exchanging: tokio::sync::Mutex::new(()),
+            recovered: tokio::sync::watch::channel(false).0,
             service,
             gateway,
         }
@@ -225,6 +251,7 @@ impl LeaseClient {
                         tracked.last_used = tracked.reported;
                     }
                     for tracked in book.values_mut() {
+                        tracked.held = 0;
                         tracked.expires_at = 0;
                     }
                     drop(book);
@@ -239,6 +266,7 @@ impl LeaseClient {
                         reported = reports.len(),
                         "leases recovered from the journal"
                     );
+                    self.recovered.send_replace(true);
                     return;
                 }
                 Err(error) => {
@@ -248,6 +276,9 @@ impl LeaseClient {
                         .with_label_values(&["error"])
                         .inc();
                     tracing::warn!(%error, "cannot report the journal to the control plane yet");
+                    // Meanwhile the cells serve what they held before the restart, and no
+                    // longer than that lease is valid.
+                    self.revoke_expired();
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = shutdown.clone().wait() => return,
@@ -256,6 +287,11 @@ impl LeaseClient {
                 }
             }
         }
+    }
+
+    /// Resolves once the journal has been reported after the start.
+    pub async fn wait_recovered(&self) {
+        let _ = self.recovered.subscribe().wait_for(|done| *done).await;
     }
 
     /// Exchanges whenever a cell runs low, a caller waits, a lease needs renewing, or usage
@@ -393,6 +429,7 @@ impl LeaseClient {
             for grant in &reply.grants {
                 granted_any |= grant.granted > 0;
                 let tracked = book.entry(grant.purchase_id.clone()).or_default();
+                tracked.held = grant.held;
                 tracked.expires_at = if grant.held > 0 { grant.expires_at } else { 0 };
                 let Some(cell) = quota.get(&grant.purchase_id) else {
                     continue;
@@ -435,6 +472,7 @@ impl LeaseClient {
                         tracing::warn!(purchase = %id, "lease expired unrenewed: dropped");
                     }
                 }
+                tracked.held = 0;
                 tracked.expires_at = 0;
             }
         }
@@ -443,12 +481,19 @@ impl LeaseClient {
     /// Writes what the control plane acknowledged (atomic rename).
     fn persist(&self) {
         let state = AckedState {
-            reported: self
+            purchases: self
                 .book
                 .lock()
                 .expect("lease book lock")
                 .iter()
-                .map(|(id, t)| (id.clone(), t.reported))
+                .map(|(id, t)| {
+                    let acked = AckedPurchase {
+                        reported: t.reported,
+                        held: t.held,
+                        expires_at: t.expires_at,
+                    };
+                    (id.clone(), acked)
+                })
                 .collect(),
         };
         let tmp = self.state_path.with_extension("json.tmp");

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use marketgate::gateway::leasing::LeaseClient;
+use marketgate::gateway::leasing::{LeaseClient, LeaseService, LeaseServiceError};
+use marketgate::lease::{LeaseExchange, LeaseReply};
 use marketgate::serve::InProcessLeases;
 use marketgate::shutdown::ShutdownTrigger;
 use serde_json::json;
@@ -27,8 +28,12 @@ struct Market {
 
 impl Market {
     async fn with_purchase(quota: u64) -> Market {
+        Self::with_purchase_on(&ctl::Backend::Sqlite, quota).await
+    }
+
+    async fn with_purchase_on(store: &ctl::Backend, quota: u64) -> Market {
         let backend = Backend::echo().await;
-        let control = Control::start(&ctl::Backend::Sqlite).await;
+        let control = Control::start(store).await;
         let seller = control.client(ctl::SELLER_TOKEN);
         let base = ctl::mgmt(ctl::SELLER_PROJECT);
         let group = seller
@@ -95,19 +100,33 @@ impl Market {
 
     /// A proxy that leases this market's quota in-process, under `node_id`, in `dir`.
     async fn proxy(&self, node_id: &str, dir: Arc<tempfile::TempDir>) -> LeasedProxy {
-        let gw = TestGateway::start_leased(dir, &format!("[proxy]\nnode_id = '{node_id}'\n")).await;
+        let service = Arc::new(InProcessLeases(self.control.cp.clone()));
+        self.proxy_with(node_id, dir, "", service).await
+    }
+
+    /// A proxy with extra config and its own lease service.
+    async fn proxy_with(
+        &self,
+        node_id: &str,
+        dir: Arc<tempfile::TempDir>,
+        extra: &str,
+        service: Arc<dyn LeaseService>,
+    ) -> LeasedProxy {
+        let gw =
+            TestGateway::start_leased(dir, &format!("[proxy]\nnode_id = '{node_id}'\n{extra}"))
+                .await;
         // A restarted proxy may already serve this version from its disk copy.
         match gw.gateway.apply_snapshot(ctl::served(&self.control).await) {
             Ok(_) | Err(marketgate::gateway::SnapshotRejection::NotNewer { .. }) => {}
             Err(other) => panic!("snapshot refused: {other}"),
         }
-        let client = Arc::new(LeaseClient::new(
-            gw.gateway.clone(),
-            Arc::new(InProcessLeases(self.control.cp.clone())),
-        ));
+        let client = Arc::new(LeaseClient::new(gw.gateway.clone(), service));
         let (trigger, shutdown) = ShutdownTrigger::new();
-        client.recover(&shutdown).await;
-        let task = tokio::spawn(client.clone().run(shutdown));
+        let runner = client.clone();
+        let task = tokio::spawn(async move {
+            runner.recover(&shutdown).await;
+            runner.run(shutdown).await
+        });
         LeasedProxy {
             buyer: Buyer::new(gw.buyers),
             gw,
@@ -125,8 +144,44 @@ impl Market {
         )
     }
 
+    /// Another buyer's purchase of `quota` calls of the same group.
+    async fn second_purchase(&self, order_id: &str, quota: u64) -> OtherBuyer {
+        let market = self.control.client(ctl::MARKET_TOKEN);
+        let group_id = self.control.cp.snapshot().await.groups[0].id.clone();
+        let bought = market
+            .as_domain("other-buyer")
+            .post(
+                &format!("{}/api-groups/purchase", ctl::market_base("other-project")),
+                json!({"order_id": order_id, "group_id": group_id,
+                       "start_time": "1700000000", "expire_time": "4102444800",
+                       "req_quota": quota.to_string(), "order_type": "1"}),
+            )
+            .await;
+        expect_status("second purchase", &bought, 201);
+        OtherBuyer {
+            key: bought.1["app_key"].as_str().unwrap().to_owned(),
+            secret: bought.1["app_secret"].as_str().unwrap().to_owned(),
+        }
+    }
+
     async fn ledger(&self) -> marketgate::lease::Ledger {
         self.control.cp.ledger(&self.purchase_id).await.unwrap()
+    }
+}
+
+/// Another buyer's credentials.
+struct OtherBuyer {
+    key: String,
+    secret: String,
+}
+
+impl OtherBuyer {
+    fn call(&self) -> http::Request<http_body_util::Full<Bytes>> {
+        signed_as(
+            &self.key,
+            &self.secret,
+            request("GET", MARKET_DOMAIN, "/call", Bytes::new()),
+        )
     }
 }
 
@@ -205,8 +260,14 @@ async fn drain(market: &Market, proxies: &[LeasedProxy]) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_proxies_share_one_purchase_exactly() {
+    for store in ctl::Backend::all().await {
+        three_proxies_share_one_purchase_exactly_on(&store).await;
+    }
+}
+
+async fn three_proxies_share_one_purchase_exactly_on(store: &ctl::Backend) {
     const QUOTA: u64 = 3000;
-    let market = Market::with_purchase(QUOTA).await;
+    let market = Market::with_purchase_on(store, QUOTA).await;
     let mut proxies = Vec::new();
     for n in 0..3 {
         let dir = Arc::new(tempfile::tempdir().unwrap());
@@ -257,6 +318,7 @@ async fn a_crashed_proxy_returns_its_unused_lease_when_it_comes_back() {
     // proxy-a comes back on its directory: its journal is reported (at most one block more
     // than it served: never less) and its lease given back.
     let back = market.proxy("proxy-a", dir_a).await;
+    back.client.wait_recovered().await;
     let ledger = market.ledger().await;
     assert!(!ledger.leases.contains_key("proxy-a") || ledger.leases["proxy-a"].held == 0);
     let hits = market.backend.hits();
@@ -277,4 +339,117 @@ async fn a_crashed_proxy_returns_its_unused_lease_when_it_comes_back() {
     for proxy in proxies {
         proxy.stop().await;
     }
+}
+
+/// The in-process ledger behind a switch: while `down`, every exchange fails as an
+/// unreachable control plane would.
+struct Switchable {
+    ledger: InProcessLeases,
+    down: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl LeaseService for Switchable {
+    async fn exchange(&self, exchange: LeaseExchange) -> Result<LeaseReply, LeaseServiceError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(LeaseServiceError::Unreachable("control plane down".into()));
+        }
+        self.ledger.exchange(exchange).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_control_plane_down_proxies_serve_from_their_leases() {
+    // Issue 5 asks for 60 s; MARKETGATE_TEST_OUTAGE_SECS shortens it while developing.
+    let outage = std::env::var("MARKETGATE_TEST_OUTAGE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60u64);
+    let market = Market::with_purchase(100_000).await;
+    let exhausted = market.second_purchase("used-up-order", 3).await;
+    let control = Arc::new(Switchable {
+        ledger: InProcessLeases(market.control.cp.clone()),
+        down: false.into(),
+    });
+    let leases = "lease_min_calls = 2000\nlease_max_calls = 4000\n";
+    let dir_b = Arc::new(tempfile::tempdir().unwrap());
+    let a = market
+        .proxy_with(
+            "proxy-a",
+            Arc::new(tempfile::tempdir().unwrap()),
+            leases,
+            control.clone(),
+        )
+        .await;
+    let b = market
+        .proxy_with("proxy-b", dir_b.clone(), leases, control.clone())
+        .await;
+    for proxy in [&a, &b] {
+        assert_eq!(proxy.buyer.send(market.call()).await.status, 200);
+        for _ in 0..3 {
+            proxy.buyer.send(exhausted.call()).await;
+        }
+    }
+    let refused = a.buyer.send(exhausted.call()).await;
+    assert_eq!(
+        (refused.status.as_u16(), refused.code()),
+        (405, "APIG.0501".into())
+    );
+    // Let both proxies persist what they hold before the outage.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    control.down.store(true, Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let mut b = Some(b);
+    let mut restarted_in = None;
+    let mut rounds = 0;
+    while started.elapsed().as_secs() < outage {
+        // Half-way, proxy-b is killed and restarted: from its disk it serves at once.
+        if restarted_in.is_none() && started.elapsed().as_secs() >= outage / 2 {
+            b.take().unwrap().crash().await;
+            let restart = std::time::Instant::now();
+            let back = market
+                .proxy_with("proxy-b", dir_b.clone(), leases, control.clone())
+                .await;
+            let answer = back.buyer.send(market.call()).await;
+            assert_eq!(answer.status, 200, "restarted proxy: {:?}", answer.body);
+            restarted_in = Some(restart.elapsed());
+            b = Some(back);
+        }
+        for proxy in [&a, b.as_ref().unwrap()] {
+            let answer = proxy.buyer.send(market.call()).await;
+            assert_eq!(
+                answer.status, 200,
+                "calls left must be served: {:?}",
+                answer.body
+            );
+            let answer = proxy.buyer.send(exhausted.call()).await;
+            assert_eq!(
+                (answer.status.as_u16(), answer.code()),
+                (405, "APIG.0501".into())
+            );
+        }
+        rounds += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let restarted_in = restarted_in.expect("proxy-b was restarted");
+    assert!(
+        restarted_in < std::time::Duration::from_secs(2),
+        "{restarted_in:?}"
+    );
+    assert!(rounds > 0);
+
+    // The control plane is back: usage is reported, nothing lost beyond one journal block
+    // (the crash), nothing over-admitted.
+    control.down.store(false, Ordering::SeqCst);
+    a.stop().await;
+    b.unwrap().stop().await;
+    let ledger = market.ledger().await;
+    let hits = market.backend.hits() - 3; // the used-up purchase's three calls
+    assert!(
+        ledger.used >= hits,
+        "served calls are all counted: {} < {hits}",
+        ledger.used
+    );
+    assert!(ledger.used <= hits + marketgate::config::DEFAULT_QUOTA_JOURNAL_BLOCK);
 }
