@@ -78,6 +78,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// `bump_version` (a change the data plane must see; quota ledger writes — usage reports
     /// and leases — are not); returns the version once durable.
     async fn commit(&self, writes: Vec<Write>, bump_version: bool) -> Result<u64, StoreError>;
+    /// Can the store be reached now? (`GET /readyz`.) An open SQLite file always can.
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// Opens the backend named by `database_url` (`sqlite://PATH` or `postgres://…`) and applies
