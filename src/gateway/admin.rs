@@ -347,6 +347,13 @@ mod tests {
                 }),
                 409,
             ),
+            (
+                AdminError::Rejected(SnapshotRejection::WrongBase {
+                    current: Some(3),
+                    from_version: 2,
+                }),
+                409,
+            ),
         ];
         for (error, status) in table {
             assert_eq!(error.status_and_code().0.as_u16(), status, "{error:?}");

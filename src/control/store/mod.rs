@@ -143,7 +143,11 @@ mod tests {
         assert_eq!(loaded.version, 2);
         assert_eq!(
             loaded.records,
-            vec![("group".to_owned(), "a".to_owned(), "3".to_owned())]
+            vec![
+                ("group".to_owned(), "a".to_owned(), "3".to_owned()),
+                // The ledger write is there too: durable, only the version did not move.
+                ("group".to_owned(), "c".to_owned(), "4".to_owned()),
+            ]
         );
         let conn = rusqlite::Connection::open(dir.path().join("nested/store.db")).unwrap();
         let applied: i64 = conn
