@@ -15,9 +15,11 @@
 //! | `GET /readyz` | no | 200 `ready` when the store answers, else 503 |
 //! | `GET /metrics` | unless `admin.metrics_public` | Prometheus text |
 //! | `GET /v1/snapshot/version` | yes | `{"version":N}` |
-//! | `GET /v1/proxies` | yes | `{"version":N,"proxies":[{admin_url,node_id,acked_version,acked_at,last_error,pushes_ok,pushes_failed}]}` |
+//! | `GET /v1/proxies` | yes | `{"version":N,"proxies":[{admin_url,node_id,acked_version,acked_at,last_error,pushes_ok,pushes_failed,calls_held}],"leases":[{node_id,purchases,calls_held}]}` |
 //! | `POST /v1/leases` | yes | `LeaseExchange` → `LeaseReply` |
 //! | `POST /v1/leases/release` | yes | `{"node_id"}` → `{"node_id","released"}` |
+
+use std::collections::BTreeMap;
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -115,14 +117,47 @@ async fn snapshot_version(
     Ok(Json(json!({ "version": admin.cp.version() })))
 }
 
+/// Push status per configured proxy, with the calls it holds in leases; and every node that
+/// holds a lease, configured or not (an in-process proxy, one removed from the config).
 async fn proxies(
     State(admin): State<Admin>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, ControlError> {
     authorized(&admin.cp, &headers)?;
+    // node -> (purchases with a lease, calls held)
+    let mut leases: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for purchase in admin.cp.lock().await.purchases.values() {
+        for (node, lease) in &purchase.leases {
+            let entry = leases.entry(node.clone()).or_default();
+            entry.0 += 1;
+            entry.1 += lease.held;
+        }
+    }
+    let proxies: Vec<_> = admin
+        .push
+        .all()
+        .into_iter()
+        .map(|status| {
+            let held = status
+                .node_id
+                .as_ref()
+                .and_then(|node| leases.get(node))
+                .map_or(0, |(_, calls)| *calls);
+            let mut value = serde_json::to_value(status).expect("a status serializes");
+            value["calls_held"] = held.into();
+            value
+        })
+        .collect();
+    let leases: Vec<_> = leases
+        .into_iter()
+        .map(|(node, (purchases, calls))| {
+            json!({"node_id": node, "purchases": purchases, "calls_held": calls})
+        })
+        .collect();
     Ok(Json(json!({
         "version": admin.cp.version(),
-        "proxies": admin.push.all(),
+        "proxies": proxies,
+        "leases": leases,
     })))
 }
 

@@ -142,6 +142,7 @@ async fn planes_control_admin_shows_acked_versions_per_proxy() {
         assert_eq!(status["node_id"], proxy.node.as_str());
         assert!(status["acked_at"].as_str().unwrap().ends_with('Z'));
         assert!(status["last_error"].is_null());
+        assert_eq!(status["calls_held"], 0, "local quota mode: no leases");
     }
 
     let (status, body) = admin_call(planes.admin, "GET", "/v1/proxies", None, &[]).await;
@@ -218,6 +219,11 @@ async fn planes_control_admin_exchanges_and_releases_leases() {
     assert_eq!(grant["purchase_id"], purchase.as_str());
     assert_eq!(grant["held"], 30);
     assert_eq!(grant["unleased"], 70);
+    let (_, body) = admin_call(planes.admin, "GET", "/v1/proxies", None, WITH_TOKEN).await;
+    assert_eq!(
+        body["leases"],
+        json!([{"node_id": "edge-1", "purchases": 1, "calls_held": 30}])
+    );
 
     let (status, text) = admin_call(planes.admin, "GET", "/metrics", None, WITH_TOKEN).await;
     assert_eq!(status, 200);
