@@ -396,6 +396,23 @@ async fn planes_patch_applies_a_delta_and_refuses_a_wrong_base() {
     assert_eq!(push_counter(&text, "rejected"), 2);
     assert_eq!(push_counter(&text, "stale"), 3);
     assert_eq!(push_counter(&text, "error"), 0);
+
+    // After a restart the snapshot loaded from disk is the base: a delta from it applies.
+    let dir = proxy.stop().await;
+    let proxy = TestGateway::start_in(dir, "").await;
+    assert_eq!(*proxy.gateway.wire_snapshot().unwrap(), v2);
+    let mut v3 = v2.clone();
+    v3.version = 3;
+    v3.purchases[0].quota_used = 4;
+    let (status, body) = admin_call(
+        proxy.admin,
+        "PATCH",
+        "/v1/snapshot",
+        Some(serde_json::to_vec(&marketgate::snapshot::delta::diff(&v2, &v3)).unwrap()),
+        WITH_TOKEN,
+    )
+    .await;
+    assert_eq!((status, &body["version"]), (200, &json!(3)), "{body}");
 }
 
 /// Measures how long a delist takes to be refused on each of three proxies, N times (the
