@@ -8,15 +8,17 @@
 //! memory and answers. Uniqueness (names, url_domain, app_key) and order_id idempotency are
 //! therefore exact under any concurrency, and every 2xx is durable before it is sent.
 //!
-//! This module owns wiring (`ControlPlane`, the router, `run_control`); request logic lives in
-//! `management` and `market`, the snapshot build in `publish`. Pushing snapshots to proxies
-//! and the admin listener are not here yet.
+//! This module owns wiring (`ControlPlane`, the routers, `run_control`); request logic lives in
+//! `management` and `market`, the snapshot build in `publish`, pushing it to proxies in
+//! `push`, the admin listener in `admin`, its metrics in `metrics`.
 
+pub mod admin;
 pub mod auth;
 pub mod error;
 pub mod leases;
 pub mod management;
 pub mod market;
+pub mod metrics;
 pub mod publish;
 pub mod push;
 pub mod state;
@@ -30,6 +32,8 @@ use tokio::sync::{watch, Mutex, MutexGuard};
 
 use crate::config::Config;
 use crate::shutdown::Shutdown;
+
+use push::{PushMetrics, PushStatus};
 
 pub use error::ControlError;
 use state::{Change, State};
@@ -45,24 +49,85 @@ pub struct ControlPlane {
 struct Inner {
     config: Config,
     store: Box<dyn Store>,
-    state: Mutex<State>,
+    /// In an `Arc` so that the metrics registry can read it at scrape time (weakly).
+    state: Arc<Mutex<State>>,
     version: watch::Sender<u64>,
+    metrics: metrics::ControlMetrics,
 }
 
 impl ControlPlane {
     /// Opens the store named by `config.database_url`, applies migrations, loads the state.
+    ///
+    /// A fresh store is at version 0, which no proxy accepts (`snapshot::validate`: version
+    /// ≥ 1); opening one commits an empty change so that the very first snapshot pushed, an
+    /// empty market at version 1, is valid and proxies become ready before the first sale.
     pub async fn open(config: &Config) -> Result<ControlPlane, ControlError> {
         let store = store::open(&config.database_url).await?;
-        let state = State::from_loaded(store.load().await?)?;
+        let mut state = State::from_loaded(store.load().await?)?;
+        if state.version == 0 {
+            state.version = store.commit(Vec::new(), true).await?;
+        }
         let (version, _) = watch::channel(state.version);
+        let state = Arc::new(Mutex::new(state));
+        let metrics = metrics::ControlMetrics::new(&state);
+        metrics.snapshot_version.set(*version.borrow() as i64);
         Ok(ControlPlane {
             inner: Arc::new(Inner {
                 config: config.clone(),
                 store,
-                state: Mutex::new(state),
+                state,
                 version,
+                metrics,
             }),
         })
+    }
+
+    /// The admin listener's routes (health, metrics, version, `GET /v1/proxies`, leases);
+    /// `push` is what [`ControlPlane::spawn_pushers`] returned, or `PushStatus::none()`.
+    pub fn admin_router(&self, push: PushStatus) -> Router {
+        admin::router(self.clone(), push)
+    }
+
+    /// This control plane's metrics registry (not the global one), for `serve` to expose
+    /// beside the proxy's. Prefer [`ControlPlane::metrics_text`], which also announces the
+    /// labelled families that have no series yet.
+    pub fn metrics_registry(&self) -> &prometheus::Registry {
+        self.inner.metrics.registry()
+    }
+
+    /// The control plane's metrics in the Prometheus text format.
+    pub fn metrics_text(&self) -> String {
+        self.inner.metrics.render()
+    }
+
+    /// The pushers' metrics (`spawn_pushers` registers nothing itself).
+    pub fn push_metrics(&self) -> PushMetrics {
+        self.inner.metrics.push.clone()
+    }
+
+    /// Starts one pusher per `[[control.proxies]]` entry (admin token, `push_debounce` from
+    /// the config); they stop when `shutdown` fires. Returns their status for the admin
+    /// router.
+    pub fn spawn_pushers(&self, shutdown: Shutdown) -> PushStatus {
+        let config = self.config();
+        push::spawn_pushers(
+            Arc::new(self.clone()),
+            &config.control.proxies,
+            config.admin.token.clone(),
+            config.control.push_debounce,
+            self.push_metrics(),
+            shutdown,
+        )
+    }
+
+    /// The current snapshot version (no lock taken).
+    pub fn version(&self) -> u64 {
+        *self.inner.version.borrow()
+    }
+
+    /// Does the store answer? (`GET /readyz`.)
+    pub async fn ping_store(&self) -> Result<(), ControlError> {
+        Ok(self.inner.store.ping().await?)
     }
 
     /// The market and management API.
@@ -207,6 +272,7 @@ impl ControlPlane {
         }
         state.version = version;
         self.inner.version.send_replace(version);
+        self.inner.metrics.snapshot_version.set(version as i64);
         Ok(())
     }
 
@@ -226,15 +292,36 @@ impl ControlPlane {
     }
 }
 
-/// Runs a standalone control plane until `shutdown` fires.
+/// Runs a standalone control plane until `shutdown` fires: binds `control.listen` and
+/// `admin.listen`, starts the pushers for `[[control.proxies]]` and the lease expiry sweep,
+/// and on shutdown lets both listeners drain their requests in flight.
 pub async fn run_control(
     config: Config,
     shutdown: Shutdown,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let cp = ControlPlane::open(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.control.listen).await?;
-    tracing::info!(listen = %listener.local_addr()?, store = %crate::config::redact_url(&config.database_url), "control plane listening");
+    let admin = tokio::net::TcpListener::bind(config.admin.listen).await?;
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        admin = %admin.local_addr()?,
+        proxies = config.control.proxies.len(),
+        version = cp.version(),
+        store = %crate::config::redact_url(&config.database_url),
+        "control plane listening"
+    );
+    let push = cp.spawn_pushers(shutdown.clone());
+    cp.spawn_lease_expiry(shutdown.clone());
+    let admin_router = cp.admin_router(push);
+    let admin_shutdown = shutdown.clone();
+    let admin_task = tokio::spawn(async move {
+        axum::serve(admin, admin_router)
+            .with_graceful_shutdown(admin_shutdown.wait())
+            .await
+    });
     serve(listener, cp, shutdown).await?;
+    admin_task.await??;
+    tracing::info!("control plane stopped");
     Ok(())
 }
 

@@ -8,8 +8,10 @@
 //! for its version, so a proxy that restarted empty or was restored from an old disk copy is
 //! brought up to date without waiting for the next change.
 //!
-//! It owns the per-proxy status shown at `GET /v1/proxies` and the push metrics. It does not
-//! build snapshots ([`SnapshotSource`] does) and never changes the store.
+//! It owns the per-proxy status shown at `GET /v1/proxies` and the push metrics
+//! (`marketgate_control_snapshot_pushes_total{result}`, `marketgate_proxy_acked_version{proxy}`;
+//! the proxy counts what it receives in `marketgate_snapshot_push_total`). It does not build
+//! snapshots ([`SnapshotSource`] does) and never changes the store.
 
 use std::io::Write as _;
 use std::sync::{Arc, Mutex};
@@ -53,6 +55,8 @@ pub trait SnapshotSource: Send + Sync + 'static {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ProxyStatus {
     pub admin_url: String,
+    /// The proxy's `[proxy] node_id`, once one of its answers named it.
+    pub node_id: Option<String>,
     /// The last version the proxy acknowledged.
     pub acked_version: Option<u64>,
     /// RFC 3339 UTC.
@@ -67,6 +71,11 @@ pub struct ProxyStatus {
 pub struct PushStatus(Arc<Mutex<Vec<ProxyStatus>>>);
 
 impl PushStatus {
+    /// No proxies (`serve`, where the data plane is in the same process).
+    pub fn none() -> PushStatus {
+        PushStatus::default()
+    }
+
     pub fn all(&self) -> Vec<ProxyStatus> {
         self.0.lock().expect("push status lock").clone()
     }
@@ -79,31 +88,43 @@ impl PushStatus {
 }
 
 /// Push metrics, registered once per control plane.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct PushMetrics {
     pushes: IntCounterVec,
     acked: IntGaugeVec,
 }
 
 impl PushMetrics {
+    pub const PUSHES_NAME: &'static str = "marketgate_control_snapshot_pushes_total";
+    pub const ACKED_NAME: &'static str = "marketgate_proxy_acked_version";
+    pub const ACKED_HELP: &'static str =
+        "Snapshot version each proxy last acknowledged (proxy = node id, else admin_url)";
+    /// Values of the `result` label: a full push acked, a delta acked, a delta refused
+    /// with 409 (a full push follows), a push refused as invalid (400), any other failure
+    /// (unreachable, timeout, 401, 5xx).
+    pub const RESULTS: [&'static str; 5] = ["ok", "delta_ok", "conflict", "rejected", "failed"];
+
     pub fn register(registry: &Registry) -> prometheus::Result<PushMetrics> {
         let pushes = IntCounterVec::new(
             Opts::new(
-                "marketgate_snapshot_push_total",
-                "Snapshot pushes to proxies by result (ok, delta_ok, rejected, conflict, failed)",
+                Self::PUSHES_NAME,
+                "Snapshot pushes to proxies by result (ok, delta_ok, conflict, rejected, failed)",
             ),
             &["result"],
         )?;
-        let acked = IntGaugeVec::new(
-            Opts::new(
-                "marketgate_proxy_acked_version",
-                "Snapshot version each proxy last acknowledged",
-            ),
-            &["proxy"],
-        )?;
+        // Every result is exported from the start, at 0, so that rates and alerts see it.
+        for result in Self::RESULTS {
+            pushes.with_label_values(&[result]);
+        }
+        let acked = IntGaugeVec::new(Opts::new(Self::ACKED_NAME, Self::ACKED_HELP), &["proxy"])?;
         registry.register(Box::new(pushes.clone()))?;
         registry.register(Box::new(acked.clone()))?;
         Ok(PushMetrics { pushes, acked })
+    }
+
+    /// A push's result, one of [`PushMetrics::RESULTS`].
+    pub fn pushes(&self, result: &str) -> u64 {
+        self.pushes.with_label_values(&[result]).get()
     }
 }
 
@@ -135,6 +156,7 @@ pub fn spawn_pushers(
             status: status.clone(),
             metrics: metrics.clone(),
             acked: None,
+            label: target.admin_url.clone(),
         };
         let source = source.clone();
         let shutdown = shutdown.clone();
@@ -172,6 +194,16 @@ struct Pusher {
     metrics: PushMetrics,
     /// The snapshot the proxy acknowledged last, the base for the next delta.
     acked: Option<Arc<Snapshot>>,
+    /// The `proxy` label of `marketgate_proxy_acked_version`: the admin URL until the proxy
+    /// names its node id.
+    label: String,
+}
+
+/// What a proxy answers to a push or a version query.
+#[derive(Debug, Default, serde::Deserialize)]
+struct ProxyAnswer {
+    version: Option<u64>,
+    node_id: Option<String>,
 }
 
 impl Pusher {
@@ -191,6 +223,15 @@ impl Pusher {
                     }
                     Err(error) => {
                         tracing::warn!(proxy = %self.admin_url, %error, "snapshot push failed");
+                        let result = match &error {
+                            PushError::Refused { status, .. }
+                                if *status == StatusCode::BAD_REQUEST =>
+                            {
+                                "rejected"
+                            }
+                            _ => "failed",
+                        };
+                        self.metrics.pushes.with_label_values(&[result]).inc();
                         self.status.update(self.index, |s| {
                             s.last_error = Some(error.to_string());
                             s.pushes_failed += 1;
@@ -211,8 +252,12 @@ impl Pusher {
                     }
                 }
                 _ = tokio::time::sleep(RESYNC_INTERVAL) => {
-                    if self.proxy_version().await != self.acked.as_ref().map(|s| s.version) {
-                        self.acked = None; // restarted or restored: next push is full
+                    let held = self.proxy_version().await;
+                    if held != self.acked.as_ref().map(|s| s.version) {
+                        // Restarted empty or restored from an old disk copy: the next push
+                        // is full (the loop sees that the proxy is not up to date).
+                        tracing::info!(proxy = %self.admin_url, ?held, "proxy lost its snapshot: resyncing");
+                        self.acked = None;
                     }
                 }
             }
@@ -228,8 +273,8 @@ impl Pusher {
             if (delta.len() as f64) <= DELTA_MAX_SHARE * entities as f64 {
                 let body = serde_json::to_vec(&delta).expect("a delta serializes");
                 match self.send(Method::PATCH, body).await {
-                    Ok(()) => {
-                        self.acknowledged(snapshot.clone(), "delta_ok");
+                    Ok(answer) => {
+                        self.acknowledged(snapshot.clone(), answer, "delta_ok");
                         return Ok(());
                     }
                     Err(PushError::Conflict) => {
@@ -241,36 +286,46 @@ impl Pusher {
         }
         let body = serde_json::to_vec(snapshot.as_ref()).expect("a snapshot serializes");
         match self.send(Method::PUT, body).await {
-            Ok(()) => {
-                self.acknowledged(snapshot.clone(), "ok");
+            Ok(answer) => {
+                self.acknowledged(snapshot.clone(), answer, "ok");
                 Ok(())
             }
             // The proxy already holds this version or a newer one (pushed by an earlier
             // control plane process): treat as acknowledged if it says so.
-            Err(PushError::Conflict) => {
-                if self.proxy_version().await == Some(snapshot.version) {
-                    self.acknowledged(snapshot.clone(), "ok");
+            Err(PushError::Conflict) => match self.proxy_answer().await {
+                Some(answer) if answer.version == Some(snapshot.version) => {
+                    self.acknowledged(snapshot.clone(), answer, "ok");
                     Ok(())
-                } else {
-                    Err(PushError::Conflict)
                 }
-            }
+                _ => Err(PushError::Conflict),
+            },
             Err(other) => Err(other),
         }
     }
 
-    fn acknowledged(&mut self, snapshot: Arc<Snapshot>, result: &str) {
+    fn acknowledged(&mut self, snapshot: Arc<Snapshot>, answer: ProxyAnswer, result: &str) {
         let version = snapshot.version;
         self.acked = Some(snapshot);
         self.metrics.pushes.with_label_values(&[result]).inc();
+        if let Some(node) = answer.node_id.as_deref().filter(|n| !n.is_empty()) {
+            if node != self.label {
+                // One series per proxy: the admin-URL one goes when the node id is known.
+                let _ = self.metrics.acked.remove_label_values(&[&self.label]);
+                self.label = node.to_owned();
+            }
+        }
         self.metrics
             .acked
-            .with_label_values(&[&self.admin_url])
+            .with_label_values(&[&self.label])
             .set(version as i64);
+        let node_id = answer.node_id;
         let now = time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
         self.status.update(self.index, |s| {
+            if node_id.is_some() {
+                s.node_id = node_id;
+            }
             s.acked_version = Some(version);
             s.acked_at = Some(now);
             s.last_error = None;
@@ -278,7 +333,7 @@ impl Pusher {
         });
     }
 
-    async fn send(&self, method: Method, json: Vec<u8>) -> Result<(), PushError> {
+    async fn send(&self, method: Method, json: Vec<u8>) -> Result<ProxyAnswer, PushError> {
         let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         encoder.write_all(&json).expect("writing to memory");
         let body = encoder.finish().expect("writing to memory");
@@ -307,13 +362,11 @@ impl Pusher {
                 .map_err(PushError::Body)?
                 .to_bytes();
             match status {
-                s if s.is_success() => Ok(()),
+                // An answer without a body (an older proxy) is still an ack.
+                s if s.is_success() => Ok(serde_json::from_slice(&body).unwrap_or_default()),
                 StatusCode::CONFLICT => Err(PushError::Conflict),
                 status => {
                     let body = String::from_utf8_lossy(&body).into_owned();
-                    if status == StatusCode::BAD_REQUEST {
-                        self.metrics.pushes.with_label_values(&["rejected"]).inc();
-                    }
                     Err(PushError::Refused { status, body })
                 }
             }
@@ -325,6 +378,11 @@ impl Pusher {
 
     /// The proxy's current version, `None` when it has none or cannot be asked.
     async fn proxy_version(&self) -> Option<u64> {
+        self.proxy_answer().await.and_then(|a| a.version)
+    }
+
+    /// `GET /v1/snapshot/version` on the proxy, `None` when it cannot be asked.
+    async fn proxy_answer(&self) -> Option<ProxyAnswer> {
         let request = Request::builder()
             .uri(format!("{}/v1/snapshot/version", self.admin_url))
             .header(
@@ -341,7 +399,6 @@ impl Pusher {
             return None;
         }
         let body = response.into_body().collect().await.ok()?.to_bytes();
-        let value: serde_json::Value = serde_json::from_slice(&body).ok()?;
-        value.get("version")?.as_u64()
+        serde_json::from_slice(&body).ok()
     }
 }

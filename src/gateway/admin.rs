@@ -1,6 +1,8 @@
 //! The proxy's admin listener (CONTRACT §5–§6): snapshot push, version, usage, metrics,
 //! health and readiness.
 //!
+//! `PATCH /v1/snapshot` takes a [`Delta`] against the version served (409 otherwise).
+//!
 //! Owns admin authentication (`Authorization: Bearer <admin.token>` or `X-Admin-Token`,
 //! compared in constant time), decoding of pushed snapshots (JSON, optionally gzip or zstd,
 //! bounded after decompression) with the field path of the first bad field, and the mapping
@@ -20,6 +22,7 @@ use subtle::ConstantTimeEq;
 
 use super::{Gateway, SnapshotRejection};
 use crate::apig;
+use crate::snapshot::delta::Delta;
 use crate::snapshot::validate::MAX_SNAPSHOT_BYTES;
 use crate::snapshot::Snapshot;
 
@@ -52,6 +55,9 @@ impl AdminError {
                 (StatusCode::BAD_REQUEST, apig::PARAMETER_ERROR)
             }
             AdminError::Rejected(SnapshotRejection::NotNewer { .. }) => {
+                (StatusCode::CONFLICT, apig::PARAMETER_ERROR)
+            }
+            AdminError::Rejected(SnapshotRejection::WrongBase { .. }) => {
                 (StatusCode::CONFLICT, apig::PARAMETER_ERROR)
             }
             AdminError::Rejected(SnapshotRejection::Persist(_)) => {
@@ -94,7 +100,7 @@ fn authorized(gateway: &Gateway, headers: &HeaderMap) -> Result<(), AdminError> 
 /// The admin routes of one gateway.
 pub fn router(gateway: Gateway) -> Router {
     Router::new()
-        .route("/v1/snapshot", put(put_snapshot))
+        .route("/v1/snapshot", put(put_snapshot).patch(patch_snapshot))
         .route("/v1/snapshot/version", get(snapshot_version))
         .route("/v1/usage", get(usage))
         .route("/metrics", get(metrics))
@@ -106,6 +112,20 @@ pub fn router(gateway: Gateway) -> Router {
 
 /// Decompresses (bounded) and parses a pushed snapshot.
 pub fn decode_snapshot(headers: &HeaderMap, body: &[u8]) -> Result<Snapshot, AdminError> {
+    decode_json(headers, body)
+}
+
+/// Decompresses (bounded) and parses a pushed delta (`PATCH /v1/snapshot`).
+pub fn decode_delta(headers: &HeaderMap, body: &[u8]) -> Result<Delta, AdminError> {
+    decode_json(headers, body)
+}
+
+/// Decompresses `body` as `Content-Encoding` says, bounded by [`MAX_SNAPSHOT_BYTES`], and
+/// parses it, naming the first bad element on failure.
+fn decode_json<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<T, AdminError> {
     let encoding = headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
@@ -141,13 +161,14 @@ pub fn decode_snapshot(headers: &HeaderMap, body: &[u8]) -> Result<Snapshot, Adm
             path: "$".into(),
             message: format!("not JSON: {e}"),
         })?;
-    serde_json::from_value::<Snapshot>(value.clone()).map_err(|e| AdminError::Decode {
+    serde_json::from_value::<T>(value.clone()).map_err(|e| AdminError::Decode {
         path: locate_decode_error(&value),
         message: e.to_string(),
     })
 }
 
 /// Finds the deepest element whose own deserialization fails, for the error's field path.
+/// Deltas carry the same arrays (`groups`, `apps`, `purchases`, …), so this serves both.
 fn locate_decode_error(value: &serde_json::Value) -> String {
     use crate::snapshot::wire::{Api, App, AppAuth, Certificate, Group, Purchase};
     fn first_bad<T: serde::de::DeserializeOwned>(items: &[serde_json::Value]) -> Option<usize> {
@@ -217,20 +238,36 @@ async fn put_snapshot(
     body: Bytes,
 ) -> Result<impl IntoResponse, AdminError> {
     authorized(&gateway, &headers)?;
-    let snapshot = match decode_snapshot(&headers, &body) {
-        Ok(snapshot) => snapshot,
-        Err(e) => {
-            gateway
-                .inner
-                .metrics
-                .snapshot_push
-                .with_label_values(&["invalid"])
-                .inc();
-            return Err(e);
-        }
-    };
+    let snapshot = decode_snapshot(&headers, &body).inspect_err(|_| count_undecodable(&gateway))?;
     let version = gateway.apply_snapshot(snapshot)?;
-    Ok(Json(json!({ "version": version })))
+    Ok(Json(
+        json!({ "version": version, "node_id": gateway.node_id() }),
+    ))
+}
+
+/// `PATCH /v1/snapshot`: a delta from the version served (409 from any other, so that the
+/// control plane sends the full snapshot instead).
+async fn patch_snapshot(
+    State(gateway): State<Gateway>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<impl IntoResponse, AdminError> {
+    authorized(&gateway, &headers)?;
+    let delta = decode_delta(&headers, &body).inspect_err(|_| count_undecodable(&gateway))?;
+    let version = gateway.apply_delta(delta)?;
+    Ok(Json(
+        json!({ "version": version, "node_id": gateway.node_id() }),
+    ))
+}
+
+/// A push whose body does not even parse is a rejected push.
+fn count_undecodable(gateway: &Gateway) {
+    gateway
+        .inner
+        .metrics
+        .snapshot_push
+        .with_label_values(&["rejected"])
+        .inc();
 }
 
 async fn snapshot_version(
@@ -238,7 +275,9 @@ async fn snapshot_version(
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, AdminError> {
     authorized(&gateway, &headers)?;
-    Ok(Json(json!({ "version": gateway.snapshot_version() })))
+    Ok(Json(
+        json!({ "version": gateway.snapshot_version(), "node_id": gateway.node_id() }),
+    ))
 }
 
 async fn usage(
@@ -305,6 +344,13 @@ mod tests {
                 AdminError::Rejected(SnapshotRejection::NotNewer {
                     current: 2,
                     offered: 1,
+                }),
+                409,
+            ),
+            (
+                AdminError::Rejected(SnapshotRejection::WrongBase {
+                    current: Some(3),
+                    from_version: 2,
                 }),
                 409,
             ),

@@ -177,6 +177,10 @@ impl GatewayMetrics {
                 .register(collector)
                 .expect("metric names are unique");
         }
+        // Every push result is exported from the start, at 0 (labels as in deploy/metrics.txt).
+        for result in ["applied", "rejected", "stale", "error"] {
+            snapshot_push.with_label_values(&[result]);
+        }
         let no_group = Self::counters_for(&requests, "");
         GatewayMetrics {
             registry,

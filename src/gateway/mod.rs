@@ -29,6 +29,7 @@ use arc_swap::ArcSwapOption;
 use crate::config::Config;
 use crate::shutdown::Shutdown;
 use crate::snapshot::compile::{compile, CompiledSnapshot};
+use crate::snapshot::delta::{self, Delta, DeltaError};
 use crate::snapshot::validate::{validate, ValidationError};
 use crate::snapshot::Snapshot;
 
@@ -68,6 +69,12 @@ pub enum SnapshotRejection {
     Invalid(#[source] ValidationError),
     #[error("version {offered} is not greater than the current version {current}")]
     NotNewer { current: u64, offered: u64 },
+    /// A delta for another base than the snapshot served (or none served): send it full.
+    #[error("the delta applies to version {from_version}, this proxy serves {current:?}")]
+    WrongBase {
+        current: Option<u64>,
+        from_version: u64,
+    },
     #[error("cannot write the snapshot to disk")]
     Persist(#[source] std::io::Error),
 }
@@ -75,7 +82,9 @@ pub enum SnapshotRejection {
 pub(crate) struct Inner {
     pub(crate) config: Config,
     pub(crate) current: ArcSwapOption<CompiledSnapshot>,
-    apply_lock: Mutex<()>,
+    /// The wire form of what `current` was compiled from: the base of the next delta. Its
+    /// lock also serializes applies, so the two change together (buyers never read it).
+    applied: Mutex<Option<Arc<Snapshot>>>,
     pub(crate) quota: quota::QuotaRegistry,
     pub(crate) metrics: metrics::GatewayMetrics,
     pub(crate) upstream: forward::Upstream,
@@ -130,7 +139,7 @@ impl Gateway {
         let inner = Inner {
             config: config.clone(),
             current: ArcSwapOption::empty(),
-            apply_lock: Mutex::new(()),
+            applied: Mutex::new(None),
             upstream: forward::Upstream::new(&config.gateway),
             quota,
             metrics,
@@ -147,6 +156,7 @@ impl Gateway {
                 version = snapshot.version,
                 "serving the last good snapshot from disk"
             );
+            *inner.applied.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(snapshot));
         }
         Ok(Gateway {
             inner: Arc::new(inner),
@@ -155,11 +165,49 @@ impl Gateway {
 
     /// Validates, compiles, persists and swaps in `snapshot`; returns its version.
     pub fn apply_snapshot(&self, snapshot: Snapshot) -> Result<u64, SnapshotRejection> {
-        let result = self.apply_inner(snapshot);
-        let label = match &result {
-            Ok(_) => "ok",
-            Err(SnapshotRejection::Invalid(_)) => "invalid",
+        let mut applied = self.inner.applied.lock().unwrap_or_else(|e| e.into_inner());
+        let result = self.apply_locked(&mut applied, snapshot);
+        self.count_push(&result);
+        result
+    }
+
+    /// Applies a delta (`PATCH /v1/snapshot`) to the snapshot served: refused with
+    /// [`SnapshotRejection::WrongBase`] unless that is `delta.from_version`; otherwise the
+    /// rebuilt full snapshot goes through exactly what [`Gateway::apply_snapshot`] does.
+    pub fn apply_delta(&self, delta: Delta) -> Result<u64, SnapshotRejection> {
+        let mut applied = self.inner.applied.lock().unwrap_or_else(|e| e.into_inner());
+        let base = applied.clone();
+        let result = match base.as_deref() {
+            None => Err(SnapshotRejection::WrongBase {
+                current: None,
+                from_version: delta.from_version,
+            }),
+            Some(base) => match delta::apply(base, delta) {
+                Ok(snapshot) => self.apply_locked(&mut applied, snapshot),
+                Err(DeltaError::WrongBase {
+                    from_version,
+                    current,
+                }) => Err(SnapshotRejection::WrongBase {
+                    current,
+                    from_version,
+                }),
+                Err(DeltaError::NotNewer { version, .. }) => Err(SnapshotRejection::NotNewer {
+                    current: base.version,
+                    offered: version,
+                }),
+            },
+        };
+        self.count_push(&result);
+        result
+    }
+
+    /// `marketgate_snapshot_push_total{result}`, label values as in `deploy/metrics.txt`.
+    fn count_push(&self, result: &Result<u64, SnapshotRejection>) {
+        let label = match result {
+            Ok(_) => "applied",
+            Err(SnapshotRejection::Invalid(_)) => "rejected",
             Err(SnapshotRejection::NotNewer { .. }) => "stale",
+            Err(SnapshotRejection::WrongBase { .. }) => "stale",
             Err(SnapshotRejection::Persist(_)) => "error",
         };
         self.inner
@@ -167,12 +215,15 @@ impl Gateway {
             .snapshot_push
             .with_label_values(&[label])
             .inc();
-        result
     }
 
-    fn apply_inner(&self, snapshot: Snapshot) -> Result<u64, SnapshotRejection> {
+    /// Applies `snapshot` while holding the apply lock (`applied` is its guard).
+    fn apply_locked(
+        &self,
+        applied: &mut Option<Arc<Snapshot>>,
+        snapshot: Snapshot,
+    ) -> Result<u64, SnapshotRejection> {
         let inner = &self.inner;
-        let _one_at_a_time = inner.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(current) = self.snapshot_version() {
             if snapshot.version <= current {
                 return Err(SnapshotRejection::NotNewer {
@@ -189,7 +240,23 @@ impl Gateway {
         inner.metrics.snapshot_version.set(snapshot.version as i64);
         inner.metrics.snapshot_applied.set(now_secs());
         tracing::info!(version = snapshot.version, "snapshot applied");
-        Ok(snapshot.version)
+        let version = snapshot.version;
+        *applied = Some(Arc::new(snapshot));
+        Ok(version)
+    }
+
+    /// The wire snapshot now served (the base a delta must name).
+    pub fn wire_snapshot(&self) -> Option<Arc<Snapshot>> {
+        self.inner
+            .applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// This proxy's `[proxy] node_id`, told to the control plane in push answers.
+    pub fn node_id(&self) -> &str {
+        &self.inner.config.proxy.node_id
     }
 
     pub fn snapshot_version(&self) -> Option<u64> {

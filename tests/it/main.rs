@@ -7,4 +7,5 @@ mod gateway;
 mod gateway_crash;
 mod gateway_tls;
 mod leases;
+mod planes;
 mod support;

@@ -78,6 +78,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// `bump_version` (a change the data plane must see; quota ledger writes — usage reports
     /// and leases — are not); returns the version once durable.
     async fn commit(&self, writes: Vec<Write>, bump_version: bool) -> Result<u64, StoreError>;
+    /// Can the store be reached now? (`GET /readyz`.) An open SQLite file always can.
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// Opens the backend named by `database_url` (`sqlite://PATH` or `postgres://…`) and applies
@@ -139,7 +143,11 @@ mod tests {
         assert_eq!(loaded.version, 2);
         assert_eq!(
             loaded.records,
-            vec![("group".to_owned(), "a".to_owned(), "3".to_owned())]
+            vec![
+                ("group".to_owned(), "a".to_owned(), "3".to_owned()),
+                // The ledger write is there too: durable, only the version did not move.
+                ("group".to_owned(), "c".to_owned(), "4".to_owned()),
+            ]
         );
         let conn = rusqlite::Connection::open(dir.path().join("nested/store.db")).unwrap();
         let applied: i64 = conn

@@ -128,4 +128,13 @@ impl Store for PostgresStore {
         tx.commit().await.map_err(StoreError::Postgres)?;
         Ok(u64::try_from(version).unwrap_or(0))
     }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let client = self.pool.get().await.map_err(StoreError::Pool)?;
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map_err(StoreError::Postgres)?;
+        Ok(())
+    }
 }

@@ -1,3 +1,4 @@
 //! Helpers shared by the integration tests; each reads like the scenario it sets up.
 pub mod control;
 pub mod gateway;
+pub mod planes;

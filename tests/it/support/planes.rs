@@ -1,0 +1,354 @@
+//! Both planes in one test: a control plane (market + management API, admin listener,
+//! pushers) and N proxies, every listener on 127.0.0.1:0 in this process. The control plane
+//! pushes to the proxies exactly as `marketgate control` does; the proxies serve buyers in the
+//! local quota mode (no `control_url`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use marketgate::config::Config;
+use marketgate::control::push::PushStatus;
+use marketgate::control::ControlPlane;
+use marketgate::gateway::Gateway;
+use marketgate::shutdown::ShutdownTrigger;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+use super::control::{
+    config_toml, expect_status, market_base, mgmt, Api, Auth, BUYER_DOMAIN, BUYER_PROJECT,
+    MARKET_TOKEN, SELLER_DOMAIN, SELLER_PROJECT, SELLER_TOKEN,
+};
+use super::gateway::{config, request, signed_as, Answer, Buyer, ADMIN_TOKEN};
+
+/// How long a test waits for the planes to agree before it fails.
+pub const CONVERGE: Duration = Duration::from_secs(10);
+
+/// One proxy: a gateway serving buyers and its admin API.
+pub struct Proxy {
+    pub node: String,
+    pub gateway: Gateway,
+    pub buyers: SocketAddr,
+    pub admin: SocketAddr,
+    _dir: Arc<tempfile::TempDir>,
+    trigger: ShutdownTrigger,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// A proxy named `node` with an empty data dir, its admin listener on `admin` (or any
+    /// free port).
+    pub async fn start(node: &str, admin: Option<SocketAddr>) -> Proxy {
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        let config = config(dir.path(), &format!("[proxy]\nnode_id = '{node}'\n"));
+        let gateway = Gateway::open(&config).unwrap();
+        let buyers_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_listener = TcpListener::bind(admin.unwrap_or(([127, 0, 0, 1], 0).into()))
+            .await
+            .expect("the admin address is free");
+        let buyers = buyers_listener.local_addr().unwrap();
+        let admin = admin_listener.local_addr().unwrap();
+        let (trigger, shutdown) = ShutdownTrigger::new();
+        let g = gateway.clone();
+        let s = shutdown.clone();
+        let mut tasks = vec![tokio::spawn(async move {
+            g.serve_buyers(buyers_listener, s).await
+        })];
+        let router = gateway.admin_router();
+        tasks.push(tokio::spawn(async move {
+            axum::serve(admin_listener, router)
+                .with_graceful_shutdown(shutdown.wait())
+                .await
+                .unwrap()
+        }));
+        Proxy {
+            node: node.to_owned(),
+            gateway,
+            buyers,
+            admin,
+            _dir: dir,
+            trigger,
+            tasks,
+        }
+    }
+
+    /// Stops it (drained) and starts a new proxy of the same name on the same admin address
+    /// with an empty data dir: a machine replaced, or a disk lost.
+    pub async fn restart_empty(self) -> Proxy {
+        let (node, admin) = (self.node.clone(), self.admin);
+        self.trigger.fire();
+        for task in self.tasks {
+            task.await.unwrap();
+        }
+        Proxy::start(&node, Some(admin)).await
+    }
+
+    pub fn version(&self) -> Option<u64> {
+        self.gateway.snapshot_version()
+    }
+
+    pub fn buyer(&self) -> Buyer {
+        Buyer::new(self.buyers)
+    }
+}
+
+/// A control plane with its admin listener and pushers to `proxies`.
+pub struct Planes {
+    pub cp: ControlPlane,
+    /// The market and management API.
+    pub control: SocketAddr,
+    /// The control plane's admin listener.
+    pub admin: SocketAddr,
+    pub push: PushStatus,
+    pub proxies: Vec<Proxy>,
+    _trigger: ShutdownTrigger,
+    _dir: tempfile::TempDir,
+}
+
+impl Planes {
+    /// One control plane on a fresh SQLite store and `n` proxies `proxy-1` … `proxy-n`.
+    pub async fn start(n: usize) -> Planes {
+        let mut proxies = Vec::new();
+        for i in 1..=n {
+            proxies.push(Proxy::start(&format!("proxy-{i}"), None).await);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let database_url = format!("sqlite://{}", dir.path().join("marketgate.db").display());
+        let mut toml = config_toml(&database_url, "127.0.0.1:0").replace(
+            "token = \"admin-token\"",
+            &format!("token = \"{ADMIN_TOKEN}\""),
+        );
+        for proxy in &proxies {
+            toml.push_str(&format!(
+                "[[control.proxies]]\nadmin_url = \"http://{}\"\n",
+                proxy.admin
+            ));
+        }
+        let config = Config::from_toml(&toml, Vec::new()).expect("test config is valid");
+        let cp = ControlPlane::open(&config)
+            .await
+            .expect("control plane opens");
+        let (trigger, shutdown) = ShutdownTrigger::new();
+        let control_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let control = control_listener.local_addr().unwrap();
+        let admin = admin_listener.local_addr().unwrap();
+        tokio::spawn(marketgate::control::serve(
+            control_listener,
+            cp.clone(),
+            shutdown.clone(),
+        ));
+        let push = cp.spawn_pushers(shutdown.clone());
+        let router = cp.admin_router(push.clone());
+        tokio::spawn(async move {
+            axum::serve(admin_listener, router)
+                .with_graceful_shutdown(shutdown.wait())
+                .await
+        });
+        Planes {
+            cp,
+            control,
+            admin,
+            push,
+            proxies,
+            _trigger: trigger,
+            _dir: dir,
+        }
+    }
+
+    pub fn client(&self, token: &str) -> Api {
+        Api::new(self.control, Auth::Token(token.to_owned()))
+    }
+
+    /// Waits until every proxy serves the control plane's current version and the pushers
+    /// have recorded the acks; returns the version.
+    pub async fn converged(&self) -> u64 {
+        let version = self.cp.version();
+        let deadline = Instant::now() + CONVERGE;
+        loop {
+            let held: Vec<Option<u64>> = self.proxies.iter().map(Proxy::version).collect();
+            let acked = self
+                .push
+                .all()
+                .iter()
+                .map(|s| s.acked_version)
+                .collect::<Vec<_>>();
+            if held.iter().chain(&acked).all(|v| *v == Some(version)) {
+                return version;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "proxies hold {held:?}, the control plane is at {version}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A seller's group with one sellable MOCK API (`GET /hello` answers `mocked`), listed on
+    /// the market at `domain`. Returns the group id.
+    pub async fn listed_group(&self, name: &str, domain: &str) -> String {
+        let seller = self.client(SELLER_TOKEN);
+        let base = mgmt(SELLER_PROJECT);
+        let group = seller
+            .post(&format!("{base}/api-groups"), json!({"name": name}))
+            .await;
+        expect_status("group", &group, 201);
+        let gid = group.1["id"].as_str().unwrap().to_owned();
+        let api = seller
+            .post(
+                &format!("{base}/apis"),
+                json!({"group_id": gid, "name": format!("{name}_api"), "type": 1,
+                       "req_protocol": "HTTP", "req_method": "GET", "req_uri": "/hello",
+                       "auth_type": "APP", "backend_type": "MOCK",
+                       "mock_info": {"result_content": "mocked"}}),
+            )
+            .await;
+        expect_status("api", &api, 201);
+        let publish = seller
+            .post(
+                &format!("{base}/apis/action"),
+                json!({"action": "online", "env_id": "DEFAULT_ENVIRONMENT_RELEASE_ID",
+                       "api_id": api.1["id"]}),
+            )
+            .await;
+        expect_status("publish", &publish, 201);
+        let onsell = self
+            .client(MARKET_TOKEN)
+            .as_domain(SELLER_DOMAIN)
+            .put(
+                &format!("{}/api-groups/onsell/{gid}", market_base(SELLER_PROJECT)),
+                json!({"url_domain": domain}),
+            )
+            .await;
+        expect_status("onsell", &onsell, 201);
+        gid
+    }
+
+    /// The market buys `calls` calls of `gid` for the buyer: (app_key, app_secret).
+    pub async fn buy(&self, gid: &str, order: &str, calls: u64) -> (String, String) {
+        let bought = self
+            .client(MARKET_TOKEN)
+            .as_domain(BUYER_DOMAIN)
+            .post(
+                &format!("{}/api-groups/purchase", market_base(BUYER_PROJECT)),
+                json!({"order_id": order, "group_id": gid, "start_time": "1700000000",
+                       "expire_time": "4102444800", "req_quota": calls.to_string(),
+                       "order_type": "1"}),
+            )
+            .await;
+        expect_status("purchase", &bought, 201);
+        (
+            bought.1["app_key"].as_str().unwrap().to_owned(),
+            bought.1["app_secret"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// The market delists `gid` (answers 204).
+    pub async fn delist(&self, gid: &str) {
+        let delist = self
+            .client(MARKET_TOKEN)
+            .as_domain(SELLER_DOMAIN)
+            .delete(&format!(
+                "{}/api-groups/delist/{gid}",
+                market_base(SELLER_PROJECT)
+            ))
+            .await;
+        expect_status("delist", &delist, 204);
+    }
+
+    /// Creates an empty API group: a one-entity change, small enough to go as a delta.
+    pub async fn small_change(&self, name: &str) {
+        let seller = self.client(SELLER_TOKEN);
+        let group = seller
+            .post(
+                &format!("{}/api-groups", mgmt(SELLER_PROJECT)),
+                json!({"name": name}),
+            )
+            .await;
+        expect_status("small change", &group, 201);
+    }
+}
+
+/// Waits until `condition` holds (checked every 5 ms); fails naming `what` after [`CONVERGE`].
+pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + CONVERGE;
+    while !condition() {
+        assert!(Instant::now() < deadline, "not within {CONVERGE:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A buyer's signed `GET /hello` on `domain`.
+pub async fn call(buyer: &Buyer, domain: &str, key: &str, secret: &str) -> Answer {
+    buyer
+        .send(signed_as(
+            key,
+            secret,
+            request("GET", domain, "/hello", Bytes::new()),
+        ))
+        .await
+}
+
+/// Calls `domain` through `buyer` until the answer is 403 APIG.0306 (delisted); returns the
+/// instant that answer arrived. Fails after [`CONVERGE`].
+pub async fn first_refusal(buyer: Buyer, domain: String, key: String, secret: String) -> Instant {
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let answer = call(&buyer, &domain, &key, &secret).await;
+        let at = Instant::now();
+        if answer.status == 403 && answer.code() == "APIG.0306" {
+            return at;
+        }
+        assert_eq!(
+            answer.status, 200,
+            "{domain}: served until refused as delisted: {:?}",
+            answer.body
+        );
+        assert!(at < deadline, "{domain}: not refused after {CONVERGE:?}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// An admin request with the token (or without), any method, JSON body; status and JSON.
+pub async fn admin_call(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+    headers: &[(&str, &str)],
+) -> (u16, Value) {
+    let mut builder = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{admin}{path}"));
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let response = client
+        .request(
+            builder
+                .body(Full::new(Bytes::from(body.unwrap_or_default())))
+                .unwrap(),
+        )
+        .await
+        .expect("the admin listener answers");
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    (status, value)
+}
+
+/// The admin token header, for [`admin_call`].
+pub const WITH_TOKEN: &[(&str, &str)] = &[("authorization", "Bearer test-admin-token")];
+
+/// Percentile `p` (0..=100) of sorted `values`, nearest rank.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
