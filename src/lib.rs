@@ -10,6 +10,7 @@
 //! - [`gateway`]: the data plane: listeners, per-request phases, quota, forwarding, admin.
 //! - [`control`]: the control plane: store, market API, management API, snapshot building.
 //! - [`lease`]: quota leases: the protocol and ledger arithmetic that let proxies share a purchase.
+//! - [`metrics_text`]: the Prometheus text format of one or more registries, empty families kept.
 //! - [`shutdown`]: graceful shutdown as a value that servers wait on.
 
 pub mod apig;
@@ -18,6 +19,7 @@ pub mod config;
 pub mod control;
 pub mod gateway;
 pub mod lease;
+pub mod metrics_text;
 pub mod shutdown;
 pub mod signing;
 pub mod snapshot;

@@ -432,6 +432,8 @@ add(MGMT + "/apps/{app_id}/app-codes", "put", op("CreateAppCodeAutoV2", "Generat
     (201, ref("AppCode"), "generated"), [403, 404], XP), base + ("app_id",))
 add(MGMT + "/apps/{app_id}/app-codes", "get", op("ListAppCodesV2", "List an app's AppCodes", APP,
     (200, ref("AppCodeList"), "app codes"), [403, 404], XP + P("offset", "limit")), base + ("app_id",))
+add(MGMT + "/apps/{app_id}/app-codes/{app_code_id}", "get", op("ShowDetailsOfAppCodeV2", "Show an AppCode", APP,
+    (200, ref("AppCode"), "the app code"), [403, 404], XP), base + ("app_id", "app_code_id"))
 add(MGMT + "/apps/{app_id}/app-codes/{app_code_id}", "delete", op("DeleteAppCodeV2", "Delete an AppCode", APP,
     (204, None, "deleted"), [403, 404], XP), base + ("app_id", "app_code_id"))
 
@@ -444,6 +446,14 @@ add(MGMT + "/app-auths/binded-apps", "get", op("ListAppsBindedToApiV2", "List th
         query("env_id", S("string"))]), base)
 add(MGMT + "/app-auths/{app_auth_id}", "delete", op("CancelingAuthorizationV2", "Cancel an authorization", AUTH,
     (204, None, "cancelled"), [403, 404], XP), base + ("app_auth_id",))
+
+# ---- the document itself ---------------------------------------------------------------
+paths["/openapi.json"] = {"get": {
+    "operationId": "GetOpenApiDocument", "summary": "This document (no authentication)", "tags": ["meta"],
+    "security": [],
+    "responses": {"200": {"description": "the OpenAPI 3.0.3 document",
+                          "content": {"application/json": {"schema": {"type": "object"}}}}},
+}}
 
 doc = {
     "openapi": "3.0.3",
@@ -461,7 +471,7 @@ doc = {
     },
     "servers": [{"url": "http://127.0.0.1:8081", "description": "marketgate serve with built-in defaults"}],
     "security": [{"AuthToken": []}, {"SdkHmac": []}],
-    "tags": [{"name": t} for t in (MK, G, A, PUB, ENV, APP, AUTH)],
+    "tags": [{"name": t} for t in (MK, G, A, PUB, ENV, APP, AUTH, "meta")],
     "paths": dict(sorted(paths.items())),
     "components": {
         "securitySchemes": {
@@ -485,4 +495,4 @@ if "--check" in sys.argv:
 else:
     OUT.write_text(text)
     print(f"wrote {OUT.relative_to(ROOT)}: {len(paths)} paths, "
-          f"{sum(len(v) - 1 for v in paths.values())} operations")
+          f"{sum(1 for v in paths.values() for k in v if k != 'parameters')} operations")

@@ -17,6 +17,7 @@ pub mod error;
 pub mod leases;
 pub mod management;
 pub mod market;
+pub mod openapi;
 pub mod publish;
 pub mod push;
 pub mod state;
@@ -65,7 +66,7 @@ impl ControlPlane {
         })
     }
 
-    /// The market and management API.
+    /// The market and management API, and its OpenAPI document at `GET /openapi.json`.
     pub fn router(&self) -> Router {
         let m = "/v2/{project_id}/apigw/instances/{instance_id}";
         let k = "/v1/{project_id}/apigw/instances/{instance_id}/market";
@@ -160,6 +161,8 @@ impl ControlPlane {
                 auth::authenticate,
             ))
             .with_state(self.clone())
+            // After the auth layer: GET /openapi.json needs no credentials.
+            .merge(openapi::router())
     }
 
     /// The full snapshot at the current version.

@@ -224,7 +224,7 @@ async fn put_snapshot(
                 .inner
                 .metrics
                 .snapshot_push
-                .with_label_values(&["invalid"])
+                .with_label_values(&["rejected"])
                 .inc();
             return Err(e);
         }

@@ -9,6 +9,7 @@
 //! not decide requests itself.
 
 pub mod admin;
+pub mod certificate;
 pub mod error;
 pub mod forward;
 pub mod handler;
@@ -111,6 +112,13 @@ impl Gateway {
             )),
             _ => None,
         };
+        if let Some(not_after) = default_cert
+            .as_ref()
+            .and_then(|key| key.cert.first())
+            .and_then(|der| certificate::not_after(der))
+        {
+            metrics.set_default_certificate_expiry(not_after);
+        }
         let inner = Inner {
             config: config.clone(),
             current: ArcSwapOption::empty(),
@@ -141,8 +149,9 @@ impl Gateway {
     pub fn apply_snapshot(&self, snapshot: Snapshot) -> Result<u64, SnapshotRejection> {
         let result = self.apply_inner(snapshot);
         let label = match &result {
-            Ok(_) => "ok",
-            Err(SnapshotRejection::Invalid(_)) => "invalid",
+            // The `result` values of deploy/metrics.txt, which the alert rules query.
+            Ok(_) => "applied",
+            Err(SnapshotRejection::Invalid(_)) => "rejected",
             Err(SnapshotRejection::NotNewer { .. }) => "stale",
             Err(SnapshotRejection::Persist(_)) => "error",
         };

@@ -6,4 +6,5 @@ mod control_e2e;
 mod gateway;
 mod gateway_crash;
 mod gateway_tls;
+mod openapi;
 mod support;
