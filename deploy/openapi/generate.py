@@ -227,6 +227,10 @@ def query(name, schema, desc=None, required=False):
     return p
 
 
+# Ids in headers are visible ASCII: an HTTP field value cannot hold control characters (RFC
+# 9110 §5.5), and such a request is refused by the HTTP layer (400, no body) before any handler.
+HEADER_ID = "^[!-~]+$"
+
 parameters = {
     "project_id": path_param("project_id", "project id (on the market API: the project of the tenant in X-Domain-Id)"),
     "instance_id": path_param("instance_id", "gateway instance id ([instance_id] in the config); unknown is 404"),
@@ -236,11 +240,12 @@ parameters = {
     "app_code_id": path_param("app_code_id", "app code id"),
     "app_auth_id": path_param("app_auth_id", "authorization id"),
     "purchase_id": path_param("purchase_id", "purchase id"),
-    "XDomainIdRequired": {"name": "X-Domain-Id", "in": "header", "required": True, "schema": S("string", minLength=1),
+    "XDomainIdRequired": {"name": "X-Domain-Id", "in": "header", "required": True,
+                          "schema": S("string", minLength=1, pattern=HEADER_ID),
                           "description": "the tenant's domain id (seller for onsell/off-sell/delist/status; buyer for reserve/purchase)"},
-    "XDomainId": {"name": "X-Domain-Id", "in": "header", "required": False, "schema": S("string"),
+    "XDomainId": {"name": "X-Domain-Id", "in": "header", "required": False, "schema": S("string", pattern=HEADER_ID),
                   "description": "the tenant's domain id; a market principal acts for it"},
-    "XProjectId": {"name": "X-Project-Id", "in": "header", "required": False, "schema": S("string"),
+    "XProjectId": {"name": "X-Project-Id", "in": "header", "required": False, "schema": S("string", pattern=HEADER_ID),
                    "description": "when sent, must equal the path's project_id"},
     "offset": query("offset", S("integer", default=0), "records to skip; < 0 counts as 0"),
     "limit": query("limit", S("integer", default=20), "page size; <= 0 gives 20, > 500 gives 500"),
