@@ -90,10 +90,7 @@ fn main() -> anyhow::Result<()> {
                 Some(path) => Config::load(&path)?,
                 None => Config::builtin()?,
             };
-            run(config, |config, shutdown| async move {
-                let _ = (config, shutdown);
-                Err("marketgate serve is not built yet".into())
-            })
+            run(config, marketgate::serve::run_serve)
         }
         Command::Proxy { config } => {
             let config = Config::load(&config)?;
@@ -171,7 +168,10 @@ async fn wait_for_signal() {
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal());
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

@@ -115,6 +115,15 @@ impl ControlPlane {
         Ok(LeaseReply { grants })
     }
 
+    /// A purchase's ledger as it stands (for `/v1/usage`-style views and tests).
+    pub async fn ledger(&self, purchase_id: &str) -> Option<crate::lease::Ledger> {
+        self.lock()
+            .await
+            .purchases
+            .get(purchase_id)
+            .map(PurchaseRec::ledger)
+    }
+
     /// Gives back every lease `node` holds (an operator, for a proxy that is gone for good).
     /// Returns the calls released.
     pub async fn release_leases(&self, node: &str) -> Result<u64, ControlError> {

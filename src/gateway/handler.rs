@@ -293,18 +293,23 @@ async fn take_quota_or_refill(
     purchase: &CompiledPurchase,
     gateway: &Inner,
 ) -> Result<(), Rejection> {
-    let taken = match take_quota(purchase) {
-        Err(Rejection::QuotaExhausted) if purchase.cell.may_refill() => {
-            gateway
-                .quota
-                .wait_for_refill(&purchase.cell, REFILL_WAIT)
-                .await;
-            take_quota(purchase)
+    let mut taken = take_quota(purchase);
+    if matches!(taken, Err(Rejection::QuotaExhausted)) && purchase.cell.may_refill() {
+        // Concurrent callers may drain a refill before this one retries: keep asking until
+        // the control plane says nothing is left to lease or the wait is over.
+        let deadline = Instant::now() + REFILL_WAIT;
+        while matches!(taken, Err(Rejection::QuotaExhausted)) && purchase.cell.may_refill() {
+            let Some(wait) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            gateway.quota.wait_for_refill(&purchase.cell, wait).await;
+            taken = take_quota(purchase);
         }
-        other => other,
-    };
-    if let Err(Rejection::Quota(_)) = &taken {
-        gateway.metrics.quota_journal_errors.inc();
+    }
+    match &taken {
+        Ok(()) => gateway.quota.note_usage(),
+        Err(Rejection::Quota(_)) => gateway.metrics.quota_journal_errors.inc(),
+        Err(_) => {}
     }
     taken
 }

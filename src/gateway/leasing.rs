@@ -30,8 +30,11 @@ use crate::gateway::Gateway;
 use crate::lease::{LeaseExchange, LeaseReply, LeaseWant, UsageReport};
 use crate::shutdown::Shutdown;
 
-/// How often the client looks at its cells, unless a caller asks for a refill sooner.
+/// How often the client looks at its cells, unless a caller asks for a refill or a call is
+/// taken sooner.
 pub const TICK: Duration = Duration::from_millis(100);
+/// Exchanges prompted by usage are at least this far apart: under load, reports batch.
+pub const MIN_EXCHANGE_INTERVAL: Duration = Duration::from_millis(20);
 /// A lease is dropped locally this many seconds before it expires unless renewed.
 pub const REVOKE_MARGIN_SECS: i64 = 5;
 /// A lease is renewed when less than this share of its time to live is left.
@@ -260,9 +263,16 @@ impl LeaseClient {
     pub async fn run(self: Arc<Self>, shutdown: Shutdown) {
         let mut last_tick = Instant::now();
         loop {
+            let quota = self.gateway.quota();
             tokio::select! {
                 _ = tokio::time::sleep(TICK) => {}
-                _ = self.gateway.quota().refill_wanted() => {}
+                _ = quota.refill_wanted() => {}
+                _ = quota.usage_noted() => {
+                    let since = last_tick.elapsed();
+                    if since < MIN_EXCHANGE_INTERVAL {
+                        tokio::time::sleep(MIN_EXCHANGE_INTERVAL - since).await;
+                    }
+                }
                 _ = shutdown.clone().wait() => return,
             }
             let elapsed = last_tick.elapsed().as_secs_f64();
@@ -375,7 +385,10 @@ impl LeaseClient {
         {
             let mut book = self.book.lock().expect("lease book lock");
             for (id, used) in &used_at_send {
-                book.entry(id.clone()).or_default().reported = *used;
+                // A call given back after it was reported leaves `used` below `reported`:
+                // the ledger keeps counting it, and this proxy may take it once more.
+                let tracked = book.entry(id.clone()).or_default();
+                tracked.reported = tracked.reported.max(*used);
             }
             for grant in &reply.grants {
                 granted_any |= grant.granted > 0;
@@ -385,11 +398,9 @@ impl LeaseClient {
                     continue;
                 };
                 if cell.is_leased() {
-                    let base = used_at_send
-                        .get(&grant.purchase_id)
-                        .copied()
-                        .unwrap_or_else(|| cell.used());
-                    cell.set_limit(base + grant.held);
+                    // What this proxy may still take: what the ledger says it holds, counted
+                    // from what the ledger has been told it used.
+                    cell.set_limit(tracked.reported + grant.held);
                     cell.set_unleased_hint(grant.unleased.unwrap_or(0));
                     metrics
                         .lease_calls_held

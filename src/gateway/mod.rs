@@ -101,9 +101,25 @@ impl std::fmt::Debug for Gateway {
 
 impl Gateway {
     /// Opens the quota journal and loads the last good snapshot from `config.data_dir`.
+    /// Quota is leased from the control plane when `proxy.control_url` is set, else local.
     pub fn open(config: &Config) -> Result<Gateway, GatewayError> {
-        let quota =
-            quota::QuotaRegistry::open(&config.data_dir, config.gateway.quota_journal_block)?;
+        let mode = match config.proxy.control_url {
+            Some(_) => quota::QuotaMode::Leased,
+            None => quota::QuotaMode::Local,
+        };
+        Self::open_with_quota(config, mode)
+    }
+
+    /// [`Gateway::open`] with the quota mode chosen by the caller (`serve` leases in-process).
+    pub fn open_with_quota(
+        config: &Config,
+        mode: quota::QuotaMode,
+    ) -> Result<Gateway, GatewayError> {
+        let quota = quota::QuotaRegistry::open_with_mode(
+            &config.data_dir,
+            config.gateway.quota_journal_block,
+            mode,
+        )?;
         let metrics = metrics::GatewayMetrics::new();
         let snapshot_path = config.data_dir.join(SNAPSHOT_FILE);
         let default_cert = match (&config.gateway.tls_cert, &config.gateway.tls_key) {
@@ -310,6 +326,10 @@ pub async fn run_proxy(config: Config, shutdown: Shutdown) -> Result<(), RunErro
 
 async fn run_proxy_here(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     let gateway = Gateway::open(&config)?;
+    let leasing = config.proxy.control_url.as_deref().map(|url| {
+        let service = Arc::new(leasing::HttpLeaseService::new(url, &config.admin.token));
+        Arc::new(leasing::LeaseClient::new(gateway.clone(), service))
+    });
     let buyers = tokio::net::TcpListener::bind(config.gateway.listen).await?;
     let tls = match config.gateway.tls_listen {
         Some(addr) => Some(tokio::net::TcpListener::bind(addr).await?),
@@ -334,12 +354,27 @@ async fn run_proxy_here(config: Config, shutdown: Shutdown) -> Result<(), RunErr
         let shutdown = shutdown.clone();
         tokio::spawn(async move { gateway.serve_buyers_tls(listener, shutdown).await })
     });
+    if let Some(client) = &leasing {
+        // Report what the journal says was served before taking new leases; meanwhile
+        // limited purchases are served only from what is leased (nothing yet).
+        let client = client.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            client.recover(&shutdown).await;
+            client.run(shutdown).await;
+        });
+    }
     gateway.serve_buyers(buyers, shutdown).await;
     if let Some(task) = tls_task {
         task.await?;
     }
     admin_task.await??;
     gateway.flush()?;
+    if let Some(client) = &leasing {
+        if let Err(error) = client.finish().await {
+            tracing::warn!(%error, "could not give leases back; they return to the ledger at expiry");
+        }
+    }
     tracing::info!("proxy stopped; quota flushed");
     Ok(())
 }

@@ -216,6 +216,8 @@ pub struct QuotaRegistry {
     mode: QuotaMode,
     /// Woken when a refused caller could use a refill (`Leased` mode).
     refill_wanted: tokio::sync::Notify,
+    /// Woken when a call was taken (`Leased` mode), so usage is reported promptly.
+    usage: tokio::sync::Notify,
     /// Bumped after every lease exchange.
     refilled: tokio::sync::watch::Sender<u64>,
 }
@@ -284,6 +286,7 @@ impl QuotaRegistry {
             block: block.max(1),
             mode,
             refill_wanted: tokio::sync::Notify::new(),
+            usage: tokio::sync::Notify::new(),
             refilled: tokio::sync::watch::channel(0).0,
         })
     }
@@ -300,6 +303,19 @@ impl QuotaRegistry {
         cell.refill_asked.store(true, Ordering::Release);
         self.refill_wanted.notify_one();
         tokio::time::timeout(wait, refilled.changed()).await.is_ok()
+    }
+
+    /// A call was taken: wakes the lease client (`Leased` mode; a no-op otherwise). Hot path:
+    /// one atomic operation when the client is busy, a task wake-up when it is idle.
+    pub fn note_usage(&self) {
+        if self.mode == QuotaMode::Leased {
+            self.usage.notify_one();
+        }
+    }
+
+    /// Resolves after a call was taken (for the lease client).
+    pub async fn usage_noted(&self) {
+        self.usage.notified().await
     }
 
     /// Resolves when a refused caller asked for a refill (for the lease client).

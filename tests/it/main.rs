@@ -6,5 +6,6 @@ mod control_e2e;
 mod gateway;
 mod gateway_crash;
 mod gateway_tls;
+mod leases;
 mod openapi;
 mod support;

@@ -301,6 +301,19 @@ impl TestGateway {
     pub async fn start_in(dir: Arc<tempfile::TempDir>, extra: &str) -> TestGateway {
         let config = config(dir.path(), extra);
         let gateway = Gateway::open(&config).unwrap();
+        Self::serve(gateway, dir).await
+    }
+
+    /// A gateway whose quota is leased (the lease client is the test's to start).
+    pub async fn start_leased(dir: Arc<tempfile::TempDir>, extra: &str) -> TestGateway {
+        let config = config(dir.path(), extra);
+        let gateway =
+            Gateway::open_with_quota(&config, marketgate::gateway::quota::QuotaMode::Leased)
+                .unwrap();
+        Self::serve(gateway, dir).await
+    }
+
+    async fn serve(gateway: Gateway, dir: Arc<tempfile::TempDir>) -> TestGateway {
         let buyers_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let buyers = buyers_listener.local_addr().unwrap();
@@ -327,6 +340,17 @@ impl TestGateway {
             trigger: Some(trigger),
             tasks,
         }
+    }
+
+    /// Stops serving without flushing anything: what a kill -9 leaves on disk.
+    pub async fn crash(mut self) -> Arc<tempfile::TempDir> {
+        if let Some(trigger) = self.trigger.take() {
+            trigger.fire();
+        }
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+        self.dir.clone()
     }
 
     /// Stops accepting, drains, flushes quota.

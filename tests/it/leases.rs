@@ -1,0 +1,280 @@
+//! Quota leases (docs/quota-leases.md): several proxies share one purchase, and the backend
+//! receives exactly the calls bought — never more, whatever the concurrency, and a proxy that
+//! crashes gives its unused lease back when it comes back.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use marketgate::gateway::leasing::LeaseClient;
+use marketgate::serve::InProcessLeases;
+use marketgate::shutdown::ShutdownTrigger;
+use serde_json::json;
+
+use crate::support::control::{self as ctl, expect_status, Control};
+use crate::support::gateway::{request, signed_as, Backend, Buyer, TestGateway};
+
+const MARKET_DOMAIN: &str = "shared.example.com";
+
+/// A purchase of `quota` calls on the market, served through a real backend.
+struct Market {
+    control: Control,
+    backend: Backend,
+    purchase_id: String,
+    key: String,
+    secret: String,
+}
+
+impl Market {
+    async fn with_purchase(quota: u64) -> Market {
+        let backend = Backend::echo().await;
+        let control = Control::start(&ctl::Backend::Sqlite).await;
+        let seller = control.client(ctl::SELLER_TOKEN);
+        let base = ctl::mgmt(ctl::SELLER_PROJECT);
+        let group = seller
+            .post(
+                &format!("{base}/api-groups"),
+                json!({"name": "shared_group"}),
+            )
+            .await;
+        expect_status("group", &group, 201);
+        let group_id = group.1["id"].as_str().unwrap().to_owned();
+        let api = seller
+            .post(
+                &format!("{base}/apis"),
+                json!({"group_id": group_id, "name": "shared_api", "type": 1,
+                       "req_protocol": "HTTP", "req_method": "GET", "req_uri": "/call",
+                       "auth_type": "APP", "backend_type": "HTTP",
+                       "backend_api": {"url_domain": backend.addr.to_string(),
+                                       "req_protocol": "HTTP", "req_method": "GET",
+                                       "req_uri": "/backend", "timeout": 5000}}),
+            )
+            .await;
+        expect_status("api", &api, 201);
+        let publish = seller
+            .post(
+                &format!("{base}/apis/action"),
+                json!({"action": "online", "env_id": "DEFAULT_ENVIRONMENT_RELEASE_ID",
+                       "api_id": api.1["id"]}),
+            )
+            .await;
+        expect_status("publish", &publish, 201);
+        let market = control.client(ctl::MARKET_TOKEN);
+        let onsell = market
+            .as_domain(ctl::SELLER_DOMAIN)
+            .put(
+                &format!(
+                    "{}/api-groups/onsell/{group_id}",
+                    ctl::market_base(ctl::SELLER_PROJECT)
+                ),
+                json!({"url_domain": MARKET_DOMAIN}),
+            )
+            .await;
+        expect_status("onsell", &onsell, 201);
+        let bought = market
+            .as_domain(ctl::BUYER_DOMAIN)
+            .post(
+                &format!(
+                    "{}/api-groups/purchase",
+                    ctl::market_base(ctl::BUYER_PROJECT)
+                ),
+                json!({"order_id": "shared-order", "group_id": group_id,
+                       "start_time": "1700000000", "expire_time": "4102444800",
+                       "req_quota": quota.to_string(), "order_type": "1"}),
+            )
+            .await;
+        expect_status("purchase", &bought, 201);
+        Market {
+            purchase_id: bought.1["purchase_id"].as_str().unwrap().to_owned(),
+            key: bought.1["app_key"].as_str().unwrap().to_owned(),
+            secret: bought.1["app_secret"].as_str().unwrap().to_owned(),
+            control,
+            backend,
+        }
+    }
+
+    /// A proxy that leases this market's quota in-process, under `node_id`, in `dir`.
+    async fn proxy(&self, node_id: &str, dir: Arc<tempfile::TempDir>) -> LeasedProxy {
+        let gw = TestGateway::start_leased(dir, &format!("[proxy]\nnode_id = '{node_id}'\n")).await;
+        // A restarted proxy may already serve this version from its disk copy.
+        match gw.gateway.apply_snapshot(ctl::served(&self.control).await) {
+            Ok(_) | Err(marketgate::gateway::SnapshotRejection::NotNewer { .. }) => {}
+            Err(other) => panic!("snapshot refused: {other}"),
+        }
+        let client = Arc::new(LeaseClient::new(
+            gw.gateway.clone(),
+            Arc::new(InProcessLeases(self.control.cp.clone())),
+        ));
+        let (trigger, shutdown) = ShutdownTrigger::new();
+        client.recover(&shutdown).await;
+        let task = tokio::spawn(client.clone().run(shutdown));
+        LeasedProxy {
+            buyer: Buyer::new(gw.buyers),
+            gw,
+            client,
+            task,
+            _trigger: trigger,
+        }
+    }
+
+    fn call(&self) -> http::Request<http_body_util::Full<Bytes>> {
+        signed_as(
+            &self.key,
+            &self.secret,
+            request("GET", MARKET_DOMAIN, "/call", Bytes::new()),
+        )
+    }
+
+    async fn ledger(&self) -> marketgate::lease::Ledger {
+        self.control.cp.ledger(&self.purchase_id).await.unwrap()
+    }
+}
+
+struct LeasedProxy {
+    gw: TestGateway,
+    buyer: Buyer,
+    client: Arc<LeaseClient>,
+    task: tokio::task::JoinHandle<()>,
+    _trigger: ShutdownTrigger,
+}
+
+impl LeasedProxy {
+    /// A clean stop: drain, flush the journal, report and give back the lease.
+    async fn stop(self) {
+        self.task.abort();
+        self.gw.stop().await;
+        self.client.finish().await.unwrap();
+    }
+
+    /// A kill -9: nothing flushed, nothing reported, the lease stranded.
+    async fn crash(self) -> Arc<tempfile::TempDir> {
+        self.task.abort();
+        self.gw.crash().await
+    }
+}
+
+/// Sends calls round-robin from `clients` concurrent buyers, `each` calls apiece; returns
+/// the number answered 200. Every other answer must be 405 APIG.0501 (calls used up).
+async fn load(market: &Market, proxies: &[LeasedProxy], clients: usize, each: usize) -> u64 {
+    let ok = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let buyer = proxies[c % proxies.len()].buyer.clone();
+        let requests: Vec<_> = (0..each).map(|_| market.call()).collect();
+        let ok = ok.clone();
+        tasks.push(tokio::spawn(async move {
+            for request in requests {
+                let answer = buyer.send(request).await;
+                match answer.status.as_u16() {
+                    200 => {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                    405 => assert_eq!(answer.code(), "APIG.0501", "{:?}", answer.body),
+                    other => panic!("unexpected {other}: {:?}", answer.body),
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    ok.load(Ordering::SeqCst)
+}
+
+/// Calls every proxy in turn until a whole round serves nothing and the ledger has nothing
+/// left to lease: whatever a proxy still held has then been served.
+async fn drain(market: &Market, proxies: &[LeasedProxy]) -> u64 {
+    let mut served = 0;
+    loop {
+        let mut round = 0;
+        for proxy in proxies {
+            loop {
+                let answer = proxy.buyer.send(market.call()).await;
+                if answer.status != 200 {
+                    break;
+                }
+                round += 1;
+            }
+        }
+        served += round;
+        if round == 0 && market.ledger().await.unleased() == Some(0) {
+            return served;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_proxies_share_one_purchase_exactly() {
+    const QUOTA: u64 = 3000;
+    let market = Market::with_purchase(QUOTA).await;
+    let mut proxies = Vec::new();
+    for n in 0..3 {
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        proxies.push(market.proxy(&format!("proxy-{n}"), dir).await);
+    }
+
+    let served = load(&market, &proxies, 64, 70).await; // 4480 calls offered for 3000
+    assert!(market.backend.hits() <= QUOTA, "over-admitted");
+    let served = served + drain(&market, &proxies).await;
+
+    assert_eq!(
+        market.backend.hits(),
+        QUOTA,
+        "the backend got exactly what was bought"
+    );
+    assert_eq!(served, QUOTA);
+    for proxy in proxies {
+        proxy.stop().await;
+    }
+    let ledger = market.ledger().await;
+    assert_eq!(ledger.used, QUOTA, "every served call was reported");
+    assert_eq!(ledger.held(), 0, "clean stops give every lease back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_proxy_returns_its_unused_lease_when_it_comes_back() {
+    const QUOTA: u64 = 1000;
+    const JOURNAL_BLOCK: u64 = marketgate::config::DEFAULT_QUOTA_JOURNAL_BLOCK;
+    let market = Market::with_purchase(QUOTA).await;
+    let dir_a = Arc::new(tempfile::tempdir().unwrap());
+    let crashing = market.proxy("proxy-a", dir_a.clone()).await;
+    let steady = market
+        .proxy("proxy-b", Arc::new(tempfile::tempdir().unwrap()))
+        .await;
+
+    let served = load(&market, std::slice::from_ref(&crashing), 8, 25).await;
+    assert_eq!(served, 200);
+    let stranded = market.ledger().await.leases["proxy-a"].held;
+    assert!(stranded > 0, "proxy-a held a lease when it died");
+    crashing.crash().await;
+
+    // While proxy-a is down its lease is stranded (not granted to anyone else), and the
+    // others never over-admit.
+    drain(&market, std::slice::from_ref(&steady)).await;
+    assert!(market.backend.hits() <= QUOTA);
+    assert_eq!(market.ledger().await.leases["proxy-a"].held, stranded);
+
+    // proxy-a comes back on its directory: its journal is reported (at most one block more
+    // than it served: never less) and its lease given back.
+    let back = market.proxy("proxy-a", dir_a).await;
+    let ledger = market.ledger().await;
+    assert!(!ledger.leases.contains_key("proxy-a") || ledger.leases["proxy-a"].held == 0);
+    let hits = market.backend.hits();
+    assert!(ledger.used >= hits, "a served call is never granted again");
+    assert!(
+        ledger.used <= hits + JOURNAL_BLOCK,
+        "a crash loses at most one block"
+    );
+
+    let proxies = [steady, back];
+    drain(&market, &proxies).await;
+    let hits = market.backend.hits();
+    assert!(hits <= QUOTA, "over-admitted: {hits}");
+    assert!(
+        hits >= QUOTA - JOURNAL_BLOCK,
+        "lost more than one journal block: {hits}"
+    );
+    for proxy in proxies {
+        proxy.stop().await;
+    }
+}
