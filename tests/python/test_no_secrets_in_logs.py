@@ -213,7 +213,7 @@ def play(run, serve):
     _, _, body = run.call(c, "POST", f"{buyer_mk}/api-groups/purchase", order,
                           market | {"X-Domain-Id": "buyer-domain"}, 201)
     purchase = json_of(body)
-    app_key = purchase["app_key"]
+    app_key = run.app_key = purchase["app_key"]
     app_secret = run.secret("buyer AppSecret", purchase["app_secret"])
 
     # The buyer finds its APP's AppCode through the management API.
@@ -296,6 +296,8 @@ def test_no_secret_in_any_log_line_or_error_body(scenario):
             if value in body:
                 leaks.append(f"{what} in the {status} body of {method} {path}: {body[:300]}")
     assert not leaks, "\n".join(leaks)
+    # The grep sees what is logged: the AppKey (an identifier, not a secret) is in the access log.
+    assert any(scenario.app_key in line for line in scenario.lines)
     # The errors were really answered with APIG bodies (the grep above had something to read).
     assert len(scenario.error_bodies) >= 10
     assert all('"error_code"' in body for _, _, _, body in scenario.error_bodies), scenario.error_bodies
