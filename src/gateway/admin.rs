@@ -224,7 +224,7 @@ async fn put_snapshot(
                 .inner
                 .metrics
                 .snapshot_push
-                .with_label_values(&["rejected"])
+                .with_label_values(&["invalid"])
                 .inc();
             return Err(e);
         }

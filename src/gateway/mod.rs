@@ -165,9 +165,8 @@ impl Gateway {
     pub fn apply_snapshot(&self, snapshot: Snapshot) -> Result<u64, SnapshotRejection> {
         let result = self.apply_inner(snapshot);
         let label = match &result {
-            // The `result` values of deploy/metrics.txt, which the alert rules query.
-            Ok(_) => "applied",
-            Err(SnapshotRejection::Invalid(_)) => "rejected",
+            Ok(_) => "ok",
+            Err(SnapshotRejection::Invalid(_)) => "invalid",
             Err(SnapshotRejection::NotNewer { .. }) => "stale",
             Err(SnapshotRejection::Persist(_)) => "error",
         };
