@@ -327,3 +327,46 @@ impl Default for GatewayMetrics {
         Self::new()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fresh_gateway_announces_every_labelled_family() {
+        let text = GatewayMetrics::new().render();
+        for (name, _, kind) in LABELLED_FAMILIES {
+            assert!(
+                text.contains(&format!("# TYPE {name} {kind}\n")),
+                "{name} missing from:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn latency_is_observed_per_group_through_compiled_handles() {
+        let metrics = GatewayMetrics::new();
+        let group = metrics.group("g1");
+        group.observe_request(0.25);
+        group.observe_upstream(0.2);
+        let text = metrics.render();
+        assert!(text.contains("marketgate_request_duration_seconds_count{group=\"g1\"} 1"));
+        assert!(text.contains("marketgate_upstream_duration_seconds_count{group=\"g1\"} 1"));
+    }
+
+    #[test]
+    fn certificate_expiries_follow_the_snapshot_and_keep_the_default() {
+        let metrics = GatewayMetrics::new();
+        metrics.set_default_certificate_expiry(100);
+        metrics.set_certificate_expiries([("a.example", 200), ("b.example", 300)]);
+        metrics.set_certificate_expiries([("b.example", 301)]);
+        let text = metrics.render();
+        let name = TLS_CERTIFICATE_EXPIRY.0;
+        assert!(text.contains(&format!("{name}{{domain=\"default\"}} 100\n")));
+        assert!(text.contains(&format!("{name}{{domain=\"b.example\"}} 301\n")));
+        assert!(
+            !text.contains("a.example"),
+            "a certificate that left the snapshot"
+        );
+    }
+}
