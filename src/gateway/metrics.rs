@@ -6,7 +6,7 @@
 //! request.
 
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -169,6 +169,8 @@ pub struct GatewayMetrics {
     default_certificate_expiry: Arc<AtomicI64>,
     /// Requests that resolved to no group (label `group=""`).
     pub no_group: GroupCounters,
+    /// Other registries rendered on this gateway's `/metrics` (`serve`: the control plane's).
+    also: Arc<RwLock<Vec<(Registry, Vec<Family>)>>>,
 }
 
 impl GatewayMetrics {
@@ -255,6 +257,7 @@ impl GatewayMetrics {
             tls_certificate_expiry,
             default_certificate_expiry: Arc::new(AtomicI64::new(0)),
             no_group,
+            also: Arc::default(),
         }
     }
 
@@ -316,9 +319,26 @@ impl GatewayMetrics {
         &self.registry
     }
 
+    /// Renders `registry` too on this gateway's `/metrics`, with `families` announced while
+    /// empty: `serve` exports the control plane's metrics beside the proxy's on one listener.
+    /// A family name must not be in both registries.
+    pub fn also_render(&self, registry: Registry, families: &[Family]) {
+        self.also
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((registry, families.to_vec()));
+    }
+
     /// The Prometheus text format, every family present even before its first series.
     pub fn render(&self) -> String {
-        crate::metrics_text::render(&[&self.registry], &LABELLED_FAMILIES)
+        let also = self.also.read().unwrap_or_else(|e| e.into_inner());
+        let mut registries = vec![&self.registry];
+        let mut families = LABELLED_FAMILIES.to_vec();
+        for (registry, declared) in also.iter() {
+            registries.push(registry);
+            families.extend_from_slice(declared);
+        }
+        crate::metrics_text::render(&registries, &families)
     }
 }
 
@@ -341,6 +361,18 @@ mod tests {
                 "{name} missing from:\n{text}"
             );
         }
+    }
+
+    #[test]
+    fn other_registries_render_beside_the_gateway() {
+        let metrics = GatewayMetrics::new();
+        let control = Registry::new();
+        let acked = IntGaugeVec::new(Opts::new("c_acked", "acked"), &["proxy"]).unwrap();
+        control.register(Box::new(acked)).unwrap();
+        metrics.also_render(control, &[("c_acked", "acked", "gauge")]);
+        let text = metrics.render();
+        assert!(text.contains("# TYPE c_acked gauge\n"));
+        assert!(text.contains("# TYPE marketgate_requests_total counter\n"));
     }
 
     #[test]
