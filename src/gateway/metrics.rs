@@ -148,6 +148,9 @@ impl GroupCounters {
     }
 }
 
+/// A registry rendered beside the gateway's, with the families it announces while empty.
+type AlsoRendered = (Registry, Vec<Family>);
+
 /// Every metric of one gateway.
 #[derive(Debug, Clone)]
 pub struct GatewayMetrics {
@@ -170,7 +173,7 @@ pub struct GatewayMetrics {
     /// Requests that resolved to no group (label `group=""`).
     pub no_group: GroupCounters,
     /// Other registries rendered on this gateway's `/metrics` (`serve`: the control plane's).
-    also: Arc<RwLock<Vec<(Registry, Vec<Family>)>>>,
+    also: Arc<RwLock<Vec<AlsoRendered>>>,
 }
 
 impl GatewayMetrics {
