@@ -66,7 +66,7 @@ impl ControlPlane {
         })
     }
 
-    /// The market and management API, and its OpenAPI document at `GET /openapi.json`.
+    /// The market and management API.
     pub fn router(&self) -> Router {
         let m = "/v2/{project_id}/apigw/instances/{instance_id}";
         let k = "/v1/{project_id}/apigw/instances/{instance_id}/market";
@@ -161,7 +161,8 @@ impl ControlPlane {
                 auth::authenticate,
             ))
             .with_state(self.clone())
-            // After the auth layer: GET /openapi.json needs no credentials.
+            // The OpenAPI document, `GET /openapi.json`: merged after the auth layer, so it
+            // needs no credentials.
             .merge(openapi::router())
     }
 
