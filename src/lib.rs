@@ -10,6 +10,7 @@
 //! - [`gateway`]: the data plane: listeners, per-request phases, quota, forwarding, admin.
 //! - [`control`]: the control plane: store, market API, management API, snapshot building.
 //! - [`lease`]: quota leases: the protocol and ledger arithmetic that let proxies share a purchase.
+//! - [`metrics_text`]: the Prometheus text format of one or more registries, empty families kept.
 //! - [`serve`]: `marketgate serve`: both planes in one process, joined without HTTP.
 //! - [`shutdown`]: graceful shutdown as a value that servers wait on.
 
@@ -19,6 +20,7 @@ pub mod config;
 pub mod control;
 pub mod gateway;
 pub mod lease;
+pub mod metrics_text;
 pub mod serve;
 pub mod shutdown;
 pub mod signing;

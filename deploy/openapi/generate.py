@@ -227,6 +227,10 @@ def query(name, schema, desc=None, required=False):
     return p
 
 
+# Ids in headers are visible ASCII: an HTTP field value cannot hold control characters (RFC
+# 9110 §5.5), and such a request is refused by the HTTP layer (400, no body) before any handler.
+HEADER_ID = "^[!-~]+$"
+
 parameters = {
     "project_id": path_param("project_id", "project id (on the market API: the project of the tenant in X-Domain-Id)"),
     "instance_id": path_param("instance_id", "gateway instance id ([instance_id] in the config); unknown is 404"),
@@ -236,11 +240,12 @@ parameters = {
     "app_code_id": path_param("app_code_id", "app code id"),
     "app_auth_id": path_param("app_auth_id", "authorization id"),
     "purchase_id": path_param("purchase_id", "purchase id"),
-    "XDomainIdRequired": {"name": "X-Domain-Id", "in": "header", "required": True, "schema": S("string", minLength=1),
+    "XDomainIdRequired": {"name": "X-Domain-Id", "in": "header", "required": True,
+                          "schema": S("string", minLength=1, pattern=HEADER_ID),
                           "description": "the tenant's domain id (seller for onsell/off-sell/delist/status; buyer for reserve/purchase)"},
-    "XDomainId": {"name": "X-Domain-Id", "in": "header", "required": False, "schema": S("string"),
+    "XDomainId": {"name": "X-Domain-Id", "in": "header", "required": False, "schema": S("string", pattern=HEADER_ID),
                   "description": "the tenant's domain id; a market principal acts for it"},
-    "XProjectId": {"name": "X-Project-Id", "in": "header", "required": False, "schema": S("string"),
+    "XProjectId": {"name": "X-Project-Id", "in": "header", "required": False, "schema": S("string", pattern=HEADER_ID),
                    "description": "when sent, must equal the path's project_id"},
     "offset": query("offset", S("integer", default=0), "records to skip; < 0 counts as 0"),
     "limit": query("limit", S("integer", default=20), "page size; <= 0 gives 20, > 500 gives 500"),
@@ -432,6 +437,8 @@ add(MGMT + "/apps/{app_id}/app-codes", "put", op("CreateAppCodeAutoV2", "Generat
     (201, ref("AppCode"), "generated"), [403, 404], XP), base + ("app_id",))
 add(MGMT + "/apps/{app_id}/app-codes", "get", op("ListAppCodesV2", "List an app's AppCodes", APP,
     (200, ref("AppCodeList"), "app codes"), [403, 404], XP + P("offset", "limit")), base + ("app_id",))
+add(MGMT + "/apps/{app_id}/app-codes/{app_code_id}", "get", op("ShowDetailsOfAppCodeV2", "Show an AppCode", APP,
+    (200, ref("AppCode"), "the app code"), [403, 404], XP), base + ("app_id", "app_code_id"))
 add(MGMT + "/apps/{app_id}/app-codes/{app_code_id}", "delete", op("DeleteAppCodeV2", "Delete an AppCode", APP,
     (204, None, "deleted"), [403, 404], XP), base + ("app_id", "app_code_id"))
 
@@ -444,6 +451,14 @@ add(MGMT + "/app-auths/binded-apps", "get", op("ListAppsBindedToApiV2", "List th
         query("env_id", S("string"))]), base)
 add(MGMT + "/app-auths/{app_auth_id}", "delete", op("CancelingAuthorizationV2", "Cancel an authorization", AUTH,
     (204, None, "cancelled"), [403, 404], XP), base + ("app_auth_id",))
+
+# ---- the document itself ---------------------------------------------------------------
+paths["/openapi.json"] = {"get": {
+    "operationId": "GetOpenApiDocument", "summary": "This document (no authentication)", "tags": ["meta"],
+    "security": [],
+    "responses": {"200": {"description": "the OpenAPI 3.0.3 document",
+                          "content": {"application/json": {"schema": {"type": "object"}}}}},
+}}
 
 doc = {
     "openapi": "3.0.3",
@@ -461,7 +476,7 @@ doc = {
     },
     "servers": [{"url": "http://127.0.0.1:8081", "description": "marketgate serve with built-in defaults"}],
     "security": [{"AuthToken": []}, {"SdkHmac": []}],
-    "tags": [{"name": t} for t in (MK, G, A, PUB, ENV, APP, AUTH)],
+    "tags": [{"name": t} for t in (MK, G, A, PUB, ENV, APP, AUTH, "meta")],
     "paths": dict(sorted(paths.items())),
     "components": {
         "securitySchemes": {
@@ -485,4 +500,4 @@ if "--check" in sys.argv:
 else:
     OUT.write_text(text)
     print(f"wrote {OUT.relative_to(ROOT)}: {len(paths)} paths, "
-          f"{sum(len(v) - 1 for v in paths.values())} operations")
+          f"{sum(1 for v in paths.values() for k in v if k != 'parameters')} operations")

@@ -19,6 +19,7 @@ pub mod leases;
 pub mod management;
 pub mod market;
 pub mod metrics;
+pub mod openapi;
 pub mod publish;
 pub mod push;
 pub mod state;
@@ -225,6 +226,9 @@ impl ControlPlane {
                 auth::authenticate,
             ))
             .with_state(self.clone())
+            // The OpenAPI document, `GET /openapi.json`: merged after the auth layer, so it
+            // needs no credentials.
+            .merge(openapi::router())
     }
 
     /// The full snapshot at the current version.

@@ -1,13 +1,69 @@
 //! The data plane's Prometheus metrics (CONTRACT §9), one registry per [`super::Gateway`].
 //!
 //! Owns metric definitions and the per-group handles a compiled snapshot holds. Label values
-//! come from the snapshot (group ids) or from fixed sets ([`Outcome`]), never from request
-//! input; handles are resolved when a snapshot is compiled, never per request.
+//! come from the snapshot (group ids, certificate domains) or from fixed sets ([`Outcome`]),
+//! never from request input; handles are resolved when a snapshot is compiled, never per
+//! request.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, RwLock};
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
+
+use crate::metrics_text::Family;
+
+const REQUESTS: Family = (
+    "marketgate_requests_total",
+    "Buyer requests by group and outcome",
+    "counter",
+);
+const REQUEST_DURATION: Family = (
+    "marketgate_request_duration_seconds",
+    "Time from request head to response head, by group",
+    "histogram",
+);
+const UPSTREAM_DURATION: Family = (
+    "marketgate_upstream_duration_seconds",
+    "Time the backend took to answer, by group",
+    "histogram",
+);
+const SNAPSHOT_PUSH: Family = (
+    "marketgate_snapshot_push_total",
+    "Snapshot pushes by result",
+    "counter",
+);
+const QUOTA_LEASE_REQUESTS: Family = (
+    "marketgate_quota_lease_requests_total",
+    "Quota lease requests by result",
+    "counter",
+);
+const LEASE_CALLS_HELD: Family = (
+    "marketgate_quota_lease_calls_held",
+    "Unspent calls this proxy holds in leases, per purchase",
+    "gauge",
+);
+const TLS_CERTIFICATE_EXPIRY: Family = (
+    "marketgate_tls_certificate_expiry_timestamp_seconds",
+    "notAfter (unix time) of each certificate served, by domain (\"default\" for the configured one)",
+    "gauge",
+);
+
+/// The labelled families, which the text format would omit while they have no series.
+pub const LABELLED_FAMILIES: [Family; 7] = [
+    REQUESTS,
+    REQUEST_DURATION,
+    UPSTREAM_DURATION,
+    SNAPSHOT_PUSH,
+    QUOTA_LEASE_REQUESTS,
+    LEASE_CALLS_HELD,
+    TLS_CERTIFICATE_EXPIRY,
+];
+
+/// The `domain` label of the configured default certificate.
+pub const DEFAULT_CERTIFICATE_DOMAIN: &str = "default";
 
 /// How a request ended, the `outcome` label of `marketgate_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,25 +123,41 @@ impl Outcome {
     }
 }
 
-/// Counters of one group, one per outcome, resolved at compile time.
+/// Metric handles of one group (a counter per outcome, the two latency histograms),
+/// resolved at compile time.
 #[derive(Debug, Clone)]
 pub struct GroupCounters {
     by_outcome: Vec<IntCounter>,
+    request_duration: Histogram,
+    upstream_duration: Histogram,
 }
 
 impl GroupCounters {
     pub fn count(&self, outcome: Outcome) {
         self.by_outcome[outcome.index()].inc();
     }
+
+    /// The whole request, as the buyer saw it.
+    pub fn observe_request(&self, seconds: f64) {
+        self.request_duration.observe(seconds);
+    }
+
+    /// The backend's part.
+    pub fn observe_upstream(&self, seconds: f64) {
+        self.upstream_duration.observe(seconds);
+    }
 }
+
+/// A registry rendered beside the gateway's, with the families it announces while empty.
+type AlsoRendered = (Registry, Vec<Family>);
 
 /// Every metric of one gateway.
 #[derive(Debug, Clone)]
 pub struct GatewayMetrics {
     registry: Registry,
     requests: IntCounterVec,
-    pub request_duration: Histogram,
-    pub upstream_duration: Histogram,
+    request_duration: HistogramVec,
+    upstream_duration: HistogramVec,
     pub snapshot_version: IntGauge,
     pub snapshot_applied: IntGauge,
     pub snapshot_push: IntCounterVec,
@@ -94,30 +166,30 @@ pub struct GatewayMetrics {
     pub lease_calls_held: IntGaugeVec,
     pub quota_journal_errors: IntCounter,
     pub connections_active: IntGauge,
+    /// notAfter of each certificate served, by domain.
+    tls_certificate_expiry: IntGaugeVec,
+    /// notAfter of the configured default certificate (0: none), kept across snapshots.
+    default_certificate_expiry: Arc<AtomicI64>,
     /// Requests that resolved to no group (label `group=""`).
     pub no_group: GroupCounters,
+    /// Other registries rendered on this gateway's `/metrics` (`serve`: the control plane's).
+    also: Arc<RwLock<Vec<AlsoRendered>>>,
 }
 
 impl GatewayMetrics {
     pub fn new() -> GatewayMetrics {
         let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "marketgate_requests_total",
-                "Buyer requests by group and outcome",
-            ),
-            &["group", "outcome"],
+        let requests = IntCounterVec::new(Opts::new(REQUESTS.0, REQUESTS.1), &["group", "outcome"])
+            .expect("valid metric");
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(REQUEST_DURATION.0, REQUEST_DURATION.1),
+            &["group"],
         )
         .expect("valid metric");
-        let request_duration = Histogram::with_opts(HistogramOpts::new(
-            "marketgate_request_duration_seconds",
-            "Time from request head to response head",
-        ))
-        .expect("valid metric");
-        let upstream_duration = Histogram::with_opts(HistogramOpts::new(
-            "marketgate_upstream_duration_seconds",
-            "Time the backend took to answer",
-        ))
+        let upstream_duration = HistogramVec::new(
+            HistogramOpts::new(UPSTREAM_DURATION.0, UPSTREAM_DURATION.1),
+            &["group"],
+        )
         .expect("valid metric");
         let snapshot_version = IntGauge::new(
             "marketgate_snapshot_version",
@@ -129,28 +201,22 @@ impl GatewayMetrics {
             "When the served snapshot was applied",
         )
         .expect("valid metric");
-        let snapshot_push = IntCounterVec::new(
-            Opts::new(
-                "marketgate_snapshot_push_total",
-                "Snapshot pushes by result",
-            ),
-            &["result"],
-        )
-        .expect("valid metric");
+        let snapshot_push =
+            IntCounterVec::new(Opts::new(SNAPSHOT_PUSH.0, SNAPSHOT_PUSH.1), &["result"])
+                .expect("valid metric");
         let quota_lease_requests = IntCounterVec::new(
-            Opts::new(
-                "marketgate_quota_lease_requests_total",
-                "Quota lease requests by result",
-            ),
+            Opts::new(QUOTA_LEASE_REQUESTS.0, QUOTA_LEASE_REQUESTS.1),
             &["result"],
         )
         .expect("valid metric");
         let lease_calls_held = IntGaugeVec::new(
-            Opts::new(
-                "marketgate_quota_lease_calls_held",
-                "Unspent calls this proxy holds in leases, per purchase",
-            ),
+            Opts::new(LEASE_CALLS_HELD.0, LEASE_CALLS_HELD.1),
             &["purchase"],
+        )
+        .expect("valid metric");
+        let tls_certificate_expiry = IntGaugeVec::new(
+            Opts::new(TLS_CERTIFICATE_EXPIRY.0, TLS_CERTIFICATE_EXPIRY.1),
+            &["domain"],
         )
         .expect("valid metric");
         let quota_journal_errors = IntCounter::new(
@@ -172,6 +238,7 @@ impl GatewayMetrics {
             Box::new(lease_calls_held.clone()),
             Box::new(quota_journal_errors.clone()),
             Box::new(connections_active.clone()),
+            Box::new(tls_certificate_expiry.clone()),
         ] {
             registry
                 .register(collector)
@@ -181,7 +248,7 @@ impl GatewayMetrics {
         for result in ["applied", "rejected", "stale", "error"] {
             snapshot_push.with_label_values(&[result]);
         }
-        let no_group = Self::counters_for(&requests, "");
+        let no_group = Self::counters_for(&requests, &request_duration, &upstream_duration, "");
         GatewayMetrics {
             registry,
             requests,
@@ -194,36 +261,151 @@ impl GatewayMetrics {
             lease_calls_held,
             quota_journal_errors,
             connections_active,
+            tls_certificate_expiry,
+            default_certificate_expiry: Arc::new(AtomicI64::new(0)),
             no_group,
+            also: Arc::default(),
         }
     }
 
-    fn counters_for(requests: &IntCounterVec, group: &str) -> GroupCounters {
+    fn counters_for(
+        requests: &IntCounterVec,
+        request_duration: &HistogramVec,
+        upstream_duration: &HistogramVec,
+        group: &str,
+    ) -> GroupCounters {
         GroupCounters {
             by_outcome: Outcome::ALL
                 .iter()
                 .map(|o| requests.with_label_values(&[group, o.as_str()]))
                 .collect(),
+            request_duration: request_duration.with_label_values(&[group]),
+            upstream_duration: upstream_duration.with_label_values(&[group]),
         }
     }
 
     /// Handles of a group (compile time).
     pub fn group(&self, group_id: &str) -> GroupCounters {
-        Self::counters_for(&self.requests, group_id)
+        Self::counters_for(
+            &self.requests,
+            &self.request_duration,
+            &self.upstream_duration,
+            group_id,
+        )
     }
 
-    /// The Prometheus text format.
+    /// Records the configured default certificate's notAfter (unix seconds); it is exported
+    /// as `domain="default"` now and after every snapshot.
+    pub fn set_default_certificate_expiry(&self, not_after: i64) {
+        self.default_certificate_expiry
+            .store(not_after, Ordering::Relaxed);
+        self.tls_certificate_expiry
+            .with_label_values(&[DEFAULT_CERTIFICATE_DOMAIN])
+            .set(not_after);
+    }
+
+    /// Replaces the per-domain certificate expiries with those of a snapshot being compiled
+    /// (a domain whose certificate left the snapshot disappears), keeping the default one.
+    pub fn set_certificate_expiries<'a>(&self, expiries: impl IntoIterator<Item = (&'a str, i64)>) {
+        self.tls_certificate_expiry.reset();
+        let default = self.default_certificate_expiry.load(Ordering::Relaxed);
+        if default != 0 {
+            self.tls_certificate_expiry
+                .with_label_values(&[DEFAULT_CERTIFICATE_DOMAIN])
+                .set(default);
+        }
+        for (domain, not_after) in expiries {
+            self.tls_certificate_expiry
+                .with_label_values(&[domain])
+                .set(not_after);
+        }
+    }
+
+    /// This gateway's registry, for a process that renders several (`serve`).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Renders `registry` too on this gateway's `/metrics`, with `families` announced while
+    /// empty: `serve` exports the control plane's metrics beside the proxy's on one listener.
+    /// A family name must not be in both registries.
+    pub fn also_render(&self, registry: Registry, families: &[Family]) {
+        self.also
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((registry, families.to_vec()));
+    }
+
+    /// The Prometheus text format, every family present even before its first series.
     pub fn render(&self) -> String {
-        let mut out = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .expect("text encoding cannot fail");
-        String::from_utf8(out).expect("text format is UTF-8")
+        let also = self.also.read().unwrap_or_else(|e| e.into_inner());
+        let mut registries = vec![&self.registry];
+        let mut families = LABELLED_FAMILIES.to_vec();
+        for (registry, declared) in also.iter() {
+            registries.push(registry);
+            families.extend_from_slice(declared);
+        }
+        crate::metrics_text::render(&registries, &families)
     }
 }
 
 impl Default for GatewayMetrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fresh_gateway_announces_every_labelled_family() {
+        let text = GatewayMetrics::new().render();
+        for (name, _, kind) in LABELLED_FAMILIES {
+            assert!(
+                text.contains(&format!("# TYPE {name} {kind}\n")),
+                "{name} missing from:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn other_registries_render_beside_the_gateway() {
+        let metrics = GatewayMetrics::new();
+        let control = Registry::new();
+        let acked = IntGaugeVec::new(Opts::new("c_acked", "acked"), &["proxy"]).unwrap();
+        control.register(Box::new(acked)).unwrap();
+        metrics.also_render(control, &[("c_acked", "acked", "gauge")]);
+        let text = metrics.render();
+        assert!(text.contains("# TYPE c_acked gauge\n"));
+        assert!(text.contains("# TYPE marketgate_requests_total counter\n"));
+    }
+
+    #[test]
+    fn latency_is_observed_per_group_through_compiled_handles() {
+        let metrics = GatewayMetrics::new();
+        let group = metrics.group("g1");
+        group.observe_request(0.25);
+        group.observe_upstream(0.2);
+        let text = metrics.render();
+        assert!(text.contains("marketgate_request_duration_seconds_count{group=\"g1\"} 1"));
+        assert!(text.contains("marketgate_upstream_duration_seconds_count{group=\"g1\"} 1"));
+    }
+
+    #[test]
+    fn certificate_expiries_follow_the_snapshot_and_keep_the_default() {
+        let metrics = GatewayMetrics::new();
+        metrics.set_default_certificate_expiry(100);
+        metrics.set_certificate_expiries([("a.example", 200), ("b.example", 300)]);
+        metrics.set_certificate_expiries([("b.example", 301)]);
+        let text = metrics.render();
+        let name = TLS_CERTIFICATE_EXPIRY.0;
+        assert!(text.contains(&format!("{name}{{domain=\"default\"}} 100\n")));
+        assert!(text.contains(&format!("{name}{{domain=\"b.example\"}} 301\n")));
+        assert!(
+            !text.contains("a.example"),
+            "a certificate that left the snapshot"
+        );
     }
 }

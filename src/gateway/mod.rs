@@ -9,6 +9,7 @@
 //! not decide requests itself.
 
 pub mod admin;
+pub mod certificate;
 pub mod error;
 pub mod forward;
 pub mod handler;
@@ -136,6 +137,13 @@ impl Gateway {
             )),
             _ => None,
         };
+        if let Some(not_after) = default_cert
+            .as_ref()
+            .and_then(|key| key.cert.first())
+            .and_then(|der| certificate::not_after(der))
+        {
+            metrics.set_default_certificate_expiry(not_after);
+        }
         let inner = Inner {
             config: config.clone(),
             current: ArcSwapOption::empty(),

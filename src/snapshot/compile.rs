@@ -13,6 +13,7 @@ use rustls::sign::CertifiedKey;
 
 use super::validate::{parse_template, Segment};
 use super::wire::{Backend, Certificate, MarketState, PurchaseState, Snapshot};
+use crate::gateway::certificate::not_after;
 use crate::gateway::metrics::{GatewayMetrics, GroupCounters};
 use crate::gateway::quota::{QuotaCell, QuotaRegistry, UNLIMITED};
 use crate::gateway::route::Router;
@@ -299,14 +300,20 @@ pub fn compile(
         });
     }
     let mut certificates = HashMap::new();
+    let mut expiries = Vec::new();
     for cert in &snapshot.certificates {
         if let Ok(key) = certified_key(cert) {
+            let not_after = key.cert.first().and_then(|der| not_after(der));
             let key = Arc::new(key);
             for domain in &cert.domains {
                 certificates.insert(domain.as_str().into(), key.clone());
+                if let Some(not_after) = not_after {
+                    expiries.push((domain.as_str(), not_after));
+                }
             }
         }
     }
+    metrics.set_certificate_expiries(expiries);
     CompiledSnapshot {
         version: snapshot.version,
         hosts,

@@ -7,5 +7,6 @@ mod gateway;
 mod gateway_crash;
 mod gateway_tls;
 mod leases;
+mod openapi;
 mod planes;
 mod support;
