@@ -67,7 +67,18 @@ pub async fn run_serve(config: Config, shutdown: Shutdown) -> Result<(), RunErro
         control.clone(),
         shutdown.clone(),
     ));
-    let admin_router = gateway.admin_router();
+    // One admin listener: the gateway's routes (health, readiness, version, usage, metrics)
+    // plus the control plane's own (proxies, leases), and one /metrics for both planes.
+    gateway.metrics().also_render(
+        control.metrics_registry().clone(),
+        &crate::control::metrics::LABELLED_FAMILIES,
+    );
+    let admin_router = gateway
+        .admin_router()
+        .merge(crate::control::admin::ledger_router(
+            control.clone(),
+            crate::control::push::PushStatus::none(),
+        ));
     let admin_shutdown = shutdown.clone();
     let admin_task = tokio::spawn(async move {
         axum::serve(admin, admin_router)

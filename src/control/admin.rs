@@ -50,12 +50,23 @@ pub fn router(cp: ControlPlane, push: PushStatus) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/snapshot/version", get(snapshot_version))
-        .route("/v1/proxies", get(proxies))
-        .route("/v1/leases", post(exchange))
-        .route("/v1/leases/release", post(release))
+        .merge(ledger_routes())
         .fallback(|| async { ControlError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ControlError::RouteNotFound })
         .with_state(Admin { cp, push })
+}
+
+/// Only the routes that are the control plane's alone (proxies, leases): `serve` mounts them
+/// beside its gateway's admin routes, which answer health, readiness, metrics and version.
+pub fn ledger_router(cp: ControlPlane, push: PushStatus) -> Router {
+    ledger_routes().with_state(Admin { cp, push })
+}
+
+fn ledger_routes() -> Router<Admin> {
+    Router::new()
+        .route("/v1/proxies", get(proxies))
+        .route("/v1/leases", post(exchange))
+        .route("/v1/leases/release", post(release))
 }
 
 fn authorized(cp: &ControlPlane, headers: &HeaderMap) -> Result<(), ControlError> {

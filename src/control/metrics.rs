@@ -7,16 +7,16 @@
 //! and `marketgate_quota_calls_left{purchase}`, which is computed from the state when scraped.
 //! It never changes the state.
 
-use std::fmt::Write as _;
 use std::sync::{Arc, Weak};
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{IntGauge, IntGaugeVec, Opts, Registry};
 use tokio::sync::Mutex;
 
 use super::push::PushMetrics;
 use super::state::State;
+use crate::metrics_text::Family;
 
 /// `marketgate_quota_calls_left` covers only this many purchases: those with the most used
 /// calls (the busy ones an operator watches), so a large market does not make a series per
@@ -63,21 +63,15 @@ impl ControlMetrics {
     /// purchase with a quota) is still announced by its `# HELP` and `# TYPE` lines, which
     /// `Registry::gather` would drop: dashboards and `deploy/check-metrics.sh` look for them.
     pub fn render(&self) -> String {
-        let families = self.registry.gather();
-        let mut out = TextEncoder::new()
-            .encode_to_string(&families)
-            .expect("text encoding cannot fail");
-        for (name, help) in [
-            (PushMetrics::ACKED_NAME, PushMetrics::ACKED_HELP),
-            (CALLS_LEFT_NAME, CALLS_LEFT_HELP),
-        ] {
-            if !families.iter().any(|f| f.get_name() == name) {
-                let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n");
-            }
-        }
-        out
+        crate::metrics_text::render(&[&self.registry], &LABELLED_FAMILIES)
     }
 }
+
+/// The control plane's labelled families, announced even before their first series.
+pub const LABELLED_FAMILIES: [Family; 2] = [
+    (PushMetrics::ACKED_NAME, PushMetrics::ACKED_HELP, "gauge"),
+    (CALLS_LEFT_NAME, CALLS_LEFT_HELP, "gauge"),
+];
 
 const CALLS_LEFT_NAME: &str = "marketgate_quota_calls_left";
 const CALLS_LEFT_HELP: &str =
