@@ -67,6 +67,8 @@ data_dir = "$WORK/mg-data"
 [gateway]
 listen = "127.0.0.1:18003"
 workers = 1
+# Only so that the AppCode row can run over plain HTTP on loopback (off by default).
+appcode_over_http = true
 [admin]
 listen = "127.0.0.1:18004"
 token = "bench-admin-token"
@@ -91,26 +93,39 @@ cat > "$WORK/snapshot.json" <<JSON
    "market_state": "on_sale",
    "apis": [
      {"id": "a1", "name": "enforced", "type": 1, "req_protocol": "HTTP", "req_method": "GET", "req_uri": "/enforced",
-      "match_mode": "NORMAL", "auth_type": "APP", "backend": {"type": "HTTP", "req_protocol": "HTTP", "req_method": "GET",
+      "match_mode": "NORMAL", "auth_type": "APP", "app_code_auth": true, "backend": {"type": "HTTP", "req_protocol": "HTTP", "req_method": "GET",
       "req_uri": "/", "url_domain": "127.0.0.1:18000", "timeout_ms": 5000}},
      {"id": "a2", "name": "plain", "type": 1, "req_protocol": "HTTP", "req_method": "GET", "req_uri": "/plain",
       "match_mode": "NORMAL", "auth_type": "NONE", "backend": {"type": "HTTP", "req_protocol": "HTTP", "req_method": "GET",
       "req_uri": "/", "url_domain": "127.0.0.1:18000", "timeout_ms": 5000}}]}],
- "apps": [{"id": "app1", "app_key": "benchkey0001", "app_secret": "benchsecret0001", "creator": "MARKET"}],
+ "apps": [{"id": "app1", "app_key": "benchkey0001", "app_secret": "benchsecret0001",
+   "app_codes": ["benchappcode0123456789abcdef0123456789abcdef0123456789abcdef0123"], "creator": "MARKET"}],
  "purchases": [{"id": "p1", "group_id": "g1", "app_id": "app1", "state": "active", "start_time": $((NOW - 60)),
    "expire_time": $((NOW + 86400)), "quota_limit": 1000000000000}]}
 JSON
 curl -sf -X PUT -H 'Authorization: Bearer bench-admin-token' -H 'Content-Type: application/json' \
   --data-binary @"$WORK/snapshot.json" http://127.0.0.1:18004/v1/snapshot >/dev/null
 
-# Pre-sign one request: a fixed signature stays valid inside the 15-minute window.
-SIGNED=$("$BIN" sign --key benchkey0001 --secret benchsecret0001 -H 'Host: market.bench.local' http://127.0.0.1:18003/enforced)
-DATE=$(grep -o "x-sdk-date: [0-9TZ]*" <<<"$SIGNED" | cut -d' ' -f2)
-AUTH=$(grep -o "authorization: SDK-HMAC-SHA256[^']*" <<<"$SIGNED" | sed 's/^authorization: //')
-cat > "$WORK/enforced.lua" <<LUA
+# Pre-sign the request: a fixed signature stays valid inside the 15-minute window, so it is
+# signed again before each enforced run (a long series of runs outlives one window).
+sign_lua() {
+  local signed date auth
+  signed=$("$BIN" sign --key benchkey0001 --secret benchsecret0001 -H 'Host: market.bench.local' http://127.0.0.1:18003/enforced)
+  date=$(grep -o "x-sdk-date: [0-9TZ]*" <<<"$signed" | cut -d' ' -f2)
+  auth=$(grep -o "authorization: SDK-HMAC-SHA256[^']*" <<<"$signed" | sed 's/^authorization: //')
+  [[ -n $date && -n $auth ]] || { echo "cannot read the signed request from: $signed"; exit 1; }
+  cat > "$WORK/enforced.lua" <<LUA
 wrk.headers["Host"] = "market.bench.local"
-wrk.headers["X-Sdk-Date"] = "$DATE"
-wrk.headers["Authorization"] = "$AUTH"
+wrk.headers["X-Sdk-Date"] = "$date"
+wrk.headers["Authorization"] = "$auth"
+LUA
+}
+sign_lua
+DATE=$(grep -o '"X-Sdk-Date"\] = "[0-9TZ]*' "$WORK/enforced.lua" | grep -o '[0-9TZ]*$')
+AUTH=$(grep -o 'SDK-HMAC-SHA256[^"]*' "$WORK/enforced.lua")
+cat > "$WORK/appcode.lua" <<LUA
+wrk.headers["Host"] = "market.bench.local"
+wrk.headers["X-Apig-AppCode"] = "benchappcode0123456789abcdef0123456789abcdef0123456789abcdef0123"
 LUA
 cat > "$WORK/plain.lua" <<LUA
 wrk.headers["Host"] = "plain.bench.local"
@@ -119,6 +134,8 @@ curl -sf -H 'Host: market.bench.local' -H "X-Sdk-Date: $DATE" -H "Authorization:
   || { echo "the signed bench request is refused by marketgate"; exit 1; }
 curl -sf -H 'Host: plain.bench.local' http://127.0.0.1:18003/plain >/dev/null \
   || { echo "the plain bench request is refused by marketgate"; exit 1; }
+curl -sf -H 'Host: market.bench.local' -H 'X-Apig-AppCode: benchappcode0123456789abcdef0123456789abcdef0123456789abcdef0123' \
+  http://127.0.0.1:18003/enforced >/dev/null || { echo "the AppCode bench request is refused by marketgate"; exit 1; }
 
 # run NAME URL [LUA] -> appends "rps p99_ms" lines to $WORK/NAME.txt
 run() {
@@ -132,23 +149,32 @@ run() {
   rps=$(awk '/Requests\/sec/ {print $2}' "$WORK/out.txt")
   p99=$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}' "$WORK/out.txt")
   echo "$rps $p99" >> "$WORK/$name.txt"
+  echo "run $i $name: $rps req/s, p99 $p99 ms" >&2
 }
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
 for i in $(seq "$RUNS"); do
+  export i
   run direct http://127.0.0.1:18000/
   run nginx http://127.0.0.1:18001/
   run haproxy http://127.0.0.1:18002/
   run marketgate_plain http://127.0.0.1:18003/plain "$WORK/plain.lua"
+  sign_lua
   run marketgate_enforced http://127.0.0.1:18003/enforced "$WORK/enforced.lua"
+  run marketgate_appcode http://127.0.0.1:18003/enforced "$WORK/appcode.lua"
 done
 
 NGINX_RPS=$(cut -d' ' -f1 "$WORK/nginx.txt" | median)
-echo "| path | req/s (median of $RUNS) | p99 ms (median) | vs nginx |"
-echo "|---|---|---|---|"
-for name in direct nginx haproxy marketgate_plain marketgate_enforced; do
+NGINX_P99=$(cut -d' ' -f2 "$WORK/nginx.txt" | median)
+PLAIN_RPS=$(cut -d' ' -f1 "$WORK/marketgate_plain.txt" | median)
+echo "| path | req/s (median of $RUNS) | p99 ms (median) | req/s vs nginx | p99 vs nginx | req/s vs marketgate_plain |"
+echo "|---|---|---|---|---|---|"
+for name in direct nginx haproxy marketgate_plain marketgate_enforced marketgate_appcode; do
   rps=$(cut -d' ' -f1 "$WORK/$name.txt" | median)
   p99=$(cut -d' ' -f2 "$WORK/$name.txt" | median)
   ratio=$(awk -v a="$rps" -v b="$NGINX_RPS" 'BEGIN {printf "%.2fx", a/b}')
-  echo "| $name | $rps | $p99 | $ratio |"
+  p99ratio=$(awk -v a="$p99" -v b="$NGINX_P99" 'BEGIN {printf "%.2fx", a/b}')
+  plain=$(awk -v a="$rps" -v b="$PLAIN_RPS" 'BEGIN {printf "%.2fx", a/b}')
+  echo "| $name | $rps | $p99 | $ratio | $p99ratio | $plain |"
 done
+if [[ -n ${RESULTS:-} ]]; then mkdir -p "$RESULTS" && cp "$WORK"/*.txt "$RESULTS"/; fi
