@@ -87,7 +87,11 @@ fn market(groups: usize) -> Snapshot {
         let last = g + 1 == groups;
         snapshot.apps.push(App {
             id: format!("app{g}"),
-            app_key: if last { KEY.into() } else { format!("key-{g:026}") },
+            app_key: if last {
+                KEY.into()
+            } else {
+                format!("key-{g:026}")
+            },
             app_secret: if last {
                 SECRET.into()
             } else {
@@ -152,8 +156,8 @@ fn fixture() -> Fixture {
         authority: None,
         payload: Payload::Body(b""),
     };
-    let auth = signing::sign(KEY, SECRET.as_bytes(), &parts, &["host", "x-sdk-date"])
-        .expect("signing");
+    let auth =
+        signing::sign(KEY, SECRET.as_bytes(), &parts, &["host", "x-sdk-date"]).expect("signing");
     hmac_headers.insert(
         "authorization",
         HeaderValue::from_str(&auth).expect("a header"),
@@ -189,8 +193,14 @@ fn bench_decision(c: &mut Criterion) {
     let f = fixture();
     // Both requests are admitted before anything is timed.
     for headers in [&f.appcode_headers, &f.hmac_headers] {
-        let d = decide(&f.compiled, &head(headers), Payload::Body(b""), f.now, OPTIONS)
-            .expect("the bench request is admitted");
+        let d = decide(
+            &f.compiled,
+            &head(headers),
+            Payload::Body(b""),
+            f.now,
+            OPTIONS,
+        )
+        .expect("the bench request is admitted");
         assert_eq!(&*d.api.id, "g999-api0");
     }
 

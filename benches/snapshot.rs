@@ -203,7 +203,10 @@ fn report_swap_under_traffic() {
         std::thread::spawn(move || {
             let code = format!("{}{}", hex_id(6, 4242), hex_id(6, 4242));
             let mut headers = HeaderMap::new();
-            headers.insert("x-apig-appcode", HeaderValue::from_str(&code).expect("code"));
+            headers.insert(
+                "x-apig-appcode",
+                HeaderValue::from_str(&code).expect("code"),
+            );
             let host = format!("g{}.market.example", 4242 % GROUPS);
             let options = DecideOptions {
                 appcode_over_http: true,
