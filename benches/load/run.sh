@@ -11,7 +11,9 @@
 #   RUNS (3), DURATION (10s), CONNS (32), MARKETGATE_BIN (target/release/marketgate),
 #   COMPARE_BIN: a second marketgate build (e.g. before a change) run side by side, rows
 #   compare_plain / compare_enforced, interleaved with the others in every round;
-#   RESULTS: a directory to keep the raw "req/s p99_ms" lines in.   (needs wrk, nginx, haproxy: apt-get install wrk nginx-light haproxy)
+#   RESULTS: a directory to keep the raw "req/s p99_ms cpu_us" lines in;
+#   PERF_OUT: after the rounds, record a `perf` profile of marketgate under the enforced load
+#   into this file (`perf report -i FILE`).   (needs wrk, nginx, haproxy: apt-get install wrk nginx-light haproxy)
 # Binds 127.0.0.1:18000-18006 for its duration; everything it starts is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -198,6 +200,15 @@ for i in $(seq "$RUNS"); do
     run compare_enforced http://127.0.0.1:18005/enforced "$WORK/enforced.lua"
   fi
 done
+
+if [[ -n ${PERF_OUT:-} ]]; then
+  sign_lua
+  taskset -c 1 wrk -t1 "-c$CONNS" -s "$WORK/enforced.lua" -d8s http://127.0.0.1:18003/enforced >/dev/null &
+  load=$!
+  sleep 1
+  perf record -F 2999 -g -p "$PID_marketgate" -o "$PERF_OUT" -- sleep 6 2>/dev/null
+  wait "$load"
+fi
 
 # Ratios are taken run by run (each run of a proxy against nginx's run of the same round, a
 # minute apart at most) and their median reported: on a shared machine the load from other
