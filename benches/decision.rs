@@ -5,8 +5,10 @@
 //! keep up with nginx on one core (targets: ≤ 1 µs with AppCode, ≤ 3 µs with an
 //! SDK-HMAC-SHA256 signature over an empty body), and so whether the phases may stay as
 //! written (hash lookups, a linear router, a streaming canonical-request hash) or need a
-//! redesign. `decide_only/*` separates the quota CAS (and its journal write every
-//! `quota_journal_block` calls) from the pure phases. Results: BENCHMARKS.md.
+//! redesign. `decide_and_take/*` is the path as served (the quota journal is written and
+//! fsync'ed every `quota_journal_block` calls, on the calling thread);
+//! `decide_and_take_no_journal/*` the same without that write; `decide_only/*` the pure
+//! phases. Results: BENCHMARKS.md.
 //!
 //! Run: `cargo bench --bench decision`.
 
@@ -126,9 +128,13 @@ struct Fixture {
     _dir: tempfile::TempDir,
 }
 
-fn fixture() -> Fixture {
+/// Journal block so large that the journal is written once, at the first take: the quota
+/// take's CPU cost without the `write` + `fdatasync` every `quota_journal_block` calls.
+const NO_JOURNAL_BLOCK: u64 = 1 << 40;
+
+fn fixture(journal_block: u64) -> Fixture {
     let dir = tempfile::tempdir().expect("a temp dir");
-    let quota = QuotaRegistry::open(dir.path(), DEFAULT_QUOTA_JOURNAL_BLOCK).expect("journal");
+    let quota = QuotaRegistry::open(dir.path(), journal_block).expect("journal");
     let snapshot = market(1_000);
     marketgate::snapshot::validate::validate(&snapshot).expect("a valid bench snapshot");
     let compiled = compile(&snapshot, &quota, &GatewayMetrics::new());
@@ -190,7 +196,7 @@ const OPTIONS: DecideOptions = DecideOptions {
 };
 
 fn bench_decision(c: &mut Criterion) {
-    let f = fixture();
+    let f = fixture(DEFAULT_QUOTA_JOURNAL_BLOCK);
     // Both requests are admitted before anything is timed.
     for headers in [&f.appcode_headers, &f.hmac_headers] {
         let d = decide(
@@ -204,36 +210,35 @@ fn bench_decision(c: &mut Criterion) {
         assert_eq!(&*d.api.id, "g999-api0");
     }
 
-    let mut group = c.benchmark_group("decide_and_take");
-    group.bench_function("appcode", |b| {
-        let head = head(&f.appcode_headers);
-        b.iter(|| {
-            let d = decide(
-                black_box(&f.compiled),
-                black_box(&head),
-                Payload::Body(b""),
-                f.now,
-                OPTIONS,
-            )
-            .expect("admitted");
-            take_quota(d.purchase.expect("a purchase")).expect("quota");
-        })
-    });
-    group.bench_function("hmac_empty_body", |b| {
-        let head = head(&f.hmac_headers);
-        b.iter(|| {
-            let d = decide(
-                black_box(&f.compiled),
-                black_box(&head),
-                Payload::Body(b""),
-                f.now,
-                OPTIONS,
-            )
-            .expect("admitted");
-            take_quota(d.purchase.expect("a purchase")).expect("quota");
-        })
-    });
-    group.finish();
+    // As served: the quota journal is written and fsync'ed every DEFAULT_QUOTA_JOURNAL_BLOCK
+    // calls (on the bench's temp dir), then without that write.
+    let quiet = fixture(NO_JOURNAL_BLOCK);
+    for (group_name, f) in [
+        ("decide_and_take", &f),
+        ("decide_and_take_no_journal", &quiet),
+    ] {
+        let mut group = c.benchmark_group(group_name);
+        for (name, headers) in [
+            ("appcode", &f.appcode_headers),
+            ("hmac_empty_body", &f.hmac_headers),
+        ] {
+            group.bench_function(name, |b| {
+                let head = head(headers);
+                b.iter(|| {
+                    let d = decide(
+                        black_box(&f.compiled),
+                        black_box(&head),
+                        Payload::Body(b""),
+                        f.now,
+                        OPTIONS,
+                    )
+                    .expect("admitted");
+                    take_quota(d.purchase.expect("a purchase")).expect("quota");
+                })
+            });
+        }
+        group.finish();
+    }
 
     let mut group = c.benchmark_group("decide_only");
     for (name, headers) in [

@@ -394,7 +394,6 @@ pub(crate) async fn handle(
         latency_ms = latency.as_secs_f64() * 1000.0,
         upstream_ms = trace.upstream.map(|u| u.as_secs_f64() * 1000.0),
     );
-    drop(trace);
     // A request that held the snapshot across a swap may be its last holder. Freeing a
     // large one takes tens of milliseconds (BENCHMARKS.md), which must not stall every
     // connection on this runtime thread: the blocking pool frees it.
