@@ -30,7 +30,14 @@ struct Api {
 }
 
 impl Api {
-    async fn send(&self, method: &str, path: &str, token: &str, domain: &str, body: Value) -> (u16, Value) {
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        token: &str,
+        domain: &str,
+        body: Value,
+    ) -> (u16, Value) {
         let request = http::Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base))
@@ -42,7 +49,10 @@ impl Api {
         let response = self.client.request(request).await.unwrap();
         let status = response.status().as_u16();
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
     }
 }
 
@@ -73,15 +83,27 @@ role = "tenant"
 async fn listed_group(api: &Api) -> String {
     let v2 = "/v2/seller-p/apigw/instances/bench";
     let (s, group) = api
-        .send("POST", &format!("{v2}/api-groups"), SELLER_TOKEN, "seller-d", json!({"name": "bench_group"}))
+        .send(
+            "POST",
+            &format!("{v2}/api-groups"),
+            SELLER_TOKEN,
+            "seller-d",
+            json!({"name": "bench_group"}),
+        )
         .await;
     assert_eq!(s, 201, "{group}");
     let gid = group["id"].as_str().unwrap().to_owned();
     let (s, created) = api
-        .send("POST", &format!("{v2}/apis"), SELLER_TOKEN, "seller-d", json!({
+        .send(
+            "POST",
+            &format!("{v2}/apis"),
+            SELLER_TOKEN,
+            "seller-d",
+            json!({
             "group_id": gid, "name": "bench_api", "type": 1, "req_protocol": "HTTP",
             "req_method": "GET", "req_uri": "/x", "auth_type": "APP", "backend_type": "MOCK",
-            "mock_info": {"result_content": "ok"}}))
+            "mock_info": {"result_content": "ok"}}),
+        )
         .await;
     assert_eq!(s, 201, "{created}");
     let (s, published) = api
@@ -90,8 +112,13 @@ async fn listed_group(api: &Api) -> String {
         .await;
     assert_eq!(s, 201, "{published}");
     let (s, listed) = api
-        .send("PUT", &format!("/v1/seller-p/apigw/instances/bench/market/api-groups/onsell/{gid}"),
-              MARKET_TOKEN, "seller-d", json!({"url_domain": "bench.market.local"}))
+        .send(
+            "PUT",
+            &format!("/v1/seller-p/apigw/instances/bench/market/api-groups/onsell/{gid}"),
+            MARKET_TOKEN,
+            "seller-d",
+            json!({"url_domain": "bench.market.local"}),
+        )
         .await;
     assert_eq!(s, 201, "{listed}");
     gid
@@ -99,7 +126,9 @@ async fn listed_group(api: &Api) -> String {
 
 async fn run(store: &str, database_url: &str, per_client: usize) {
     let config = config(database_url);
-    let cp = ControlPlane::open(&config).await.expect("control plane opens");
+    let cp = ControlPlane::open(&config)
+        .await
+        .expect("control plane opens");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (trigger, shutdown) = ShutdownTrigger::new();
@@ -122,8 +151,13 @@ async fn run(store: &str, database_url: &str, per_client: usize) {
                     "req_quota": "1000", "order_type": "1"});
                 let sent = Instant::now();
                 let (status, answer) = api
-                    .send("POST", "/v1/buyer-p/apigw/instances/bench/market/api-groups/purchase",
-                          MARKET_TOKEN, &format!("buyer-{c}"), body)
+                    .send(
+                        "POST",
+                        "/v1/buyer-p/apigw/instances/bench/market/api-groups/purchase",
+                        MARKET_TOKEN,
+                        &format!("buyer-{c}"),
+                        body,
+                    )
                     .await;
                 assert_eq!(status, 201, "{answer}");
                 latencies.push(sent.elapsed());
@@ -168,10 +202,15 @@ fn main() {
             Ok((client, connection)) => {
                 tokio::spawn(connection);
                 let name = format!("mg_bench_{}", std::process::id());
-                client.execute(&format!("CREATE DATABASE {name}"), &[]).await.unwrap();
+                client
+                    .execute(&format!("CREATE DATABASE {name}"), &[])
+                    .await
+                    .unwrap();
                 let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
                 run("PostgreSQL 15 (local, default fsync)", &url, per_client).await;
-                let _ = client.execute(&format!("DROP DATABASE {name} WITH (FORCE)"), &[]).await;
+                let _ = client
+                    .execute(&format!("DROP DATABASE {name} WITH (FORCE)"), &[])
+                    .await;
             }
             Err(_) => println!("PostgreSQL not reachable on 127.0.0.1:5432: skipped"),
         }

@@ -7,7 +7,13 @@
 # keeps up with nginx's plain proxy_pass per core (target >= 1.0x requests/s, p99 no worse),
 # and what enforcement costs against marketgate's own plain forwarding (target <= 10%).
 #
-# Usage: benches/load/run.sh [RUNS]   (needs wrk, nginx, haproxy: apt-get install wrk nginx-light haproxy)
+# Usage: benches/load/run.sh [RUNS]
+#   RUNS (3), DURATION (10s), CONNS (32), MARKETGATE_BIN (target/release/marketgate),
+#   COMPARE_BIN: a second marketgate build (e.g. before a change) run side by side, rows
+#   compare_plain / compare_enforced, interleaved with the others in every round;
+#   RESULTS: a directory to keep the raw "req/s p99_ms cpu_us" lines in;
+#   PERF_OUT: after the rounds, record a `perf` profile of marketgate under the enforced load
+#   into this file (`perf report -i FILE`).   (needs wrk, nginx, haproxy: apt-get install wrk nginx-light haproxy)
 # Binds 127.0.0.1:18000-18006 for its duration; everything it starts is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -67,6 +73,8 @@ data_dir = "$WORK/mg-data"
 [gateway]
 listen = "127.0.0.1:18003"
 workers = 1
+# Only so that the AppCode row can run over plain HTTP on loopback (off by default).
+appcode_over_http = true
 [admin]
 listen = "127.0.0.1:18004"
 token = "bench-admin-token"
@@ -74,13 +82,18 @@ token = "bench-admin-token"
 level = "warn"
 CONF
 
-taskset -c 1 nginx -c "$WORK/backend.conf" & PIDS+=($!)
-taskset -c 0 nginx -c "$WORK/nginx.conf" & PIDS+=($!)
-taskset -c 0 haproxy -f "$WORK/haproxy.cfg" & PIDS+=($!)
-taskset -c 0 "$BIN" proxy --config "$WORK/marketgate.toml" & PIDS+=($!)
+taskset -c 1 nginx -c "$WORK/backend.conf" & PIDS+=($!); PID_direct=$!
+taskset -c 0 nginx -c "$WORK/nginx.conf" & PIDS+=($!); PID_nginx=$!
+taskset -c 0 haproxy -f "$WORK/haproxy.cfg" & PIDS+=($!); PID_haproxy=$!
+taskset -c 0 "$BIN" proxy --config "$WORK/marketgate.toml" & PIDS+=($!); PID_marketgate=$!
+if [[ -n ${COMPARE_BIN:-} ]]; then
+  sed -e 's/18003/18005/; s/18004/18006/; s/mg-data/mg-data-compare/' "$WORK/marketgate.toml" > "$WORK/compare.toml"
+  taskset -c 0 "$COMPARE_BIN" proxy --config "$WORK/compare.toml" & PIDS+=($!); PID_compare=$!
+  wait_compare=18006
+fi
 
 wait_port() { for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.1; done; echo "port $1 never answered"; exit 1; }
-for port in 18000 18001 18002 18004; do wait_port "$port"; done
+for port in 18000 18001 18002 18004 ${wait_compare:-}; do wait_port "$port"; done
 
 # One group with two APIs on the same backend: /enforced (APP auth, bought with a huge
 # quota) and /plain (NONE auth on the seller's sl_domain: marketgate's own plain forwarding).
@@ -91,26 +104,41 @@ cat > "$WORK/snapshot.json" <<JSON
    "market_state": "on_sale",
    "apis": [
      {"id": "a1", "name": "enforced", "type": 1, "req_protocol": "HTTP", "req_method": "GET", "req_uri": "/enforced",
-      "match_mode": "NORMAL", "auth_type": "APP", "backend": {"type": "HTTP", "req_protocol": "HTTP", "req_method": "GET",
+      "match_mode": "NORMAL", "auth_type": "APP", "app_code_auth": true, "backend": {"type": "HTTP", "req_protocol": "HTTP", "req_method": "GET",
       "req_uri": "/", "url_domain": "127.0.0.1:18000", "timeout_ms": 5000}},
      {"id": "a2", "name": "plain", "type": 1, "req_protocol": "HTTP", "req_method": "GET", "req_uri": "/plain",
       "match_mode": "NORMAL", "auth_type": "NONE", "backend": {"type": "HTTP", "req_protocol": "HTTP", "req_method": "GET",
       "req_uri": "/", "url_domain": "127.0.0.1:18000", "timeout_ms": 5000}}]}],
- "apps": [{"id": "app1", "app_key": "benchkey0001", "app_secret": "benchsecret0001", "creator": "MARKET"}],
+ "apps": [{"id": "app1", "app_key": "benchkey0001", "app_secret": "benchsecret0001",
+   "app_codes": ["benchappcode0123456789abcdef0123456789abcdef0123456789abcdef0123"], "creator": "MARKET"}],
  "purchases": [{"id": "p1", "group_id": "g1", "app_id": "app1", "state": "active", "start_time": $((NOW - 60)),
    "expire_time": $((NOW + 86400)), "quota_limit": 1000000000000}]}
 JSON
-curl -sf -X PUT -H 'Authorization: Bearer bench-admin-token' -H 'Content-Type: application/json' \
-  --data-binary @"$WORK/snapshot.json" http://127.0.0.1:18004/v1/snapshot >/dev/null
+for admin in 18004 ${wait_compare:-}; do
+  curl -sf -X PUT -H 'Authorization: Bearer bench-admin-token' -H 'Content-Type: application/json' \
+    --data-binary @"$WORK/snapshot.json" "http://127.0.0.1:$admin/v1/snapshot" >/dev/null
+done
 
-# Pre-sign one request: a fixed signature stays valid inside the 15-minute window.
-SIGNED=$("$BIN" sign --key benchkey0001 --secret benchsecret0001 -H 'Host: market.bench.local' http://127.0.0.1:18003/enforced)
-DATE=$(grep -o "x-sdk-date: [0-9TZ]*" <<<"$SIGNED" | cut -d' ' -f2)
-AUTH=$(grep -o "authorization: SDK-HMAC-SHA256[^']*" <<<"$SIGNED" | sed 's/^authorization: //')
-cat > "$WORK/enforced.lua" <<LUA
+# Pre-sign the request: a fixed signature stays valid inside the 15-minute window, so it is
+# signed again before each enforced run (a long series of runs outlives one window).
+sign_lua() {
+  local signed date auth
+  signed=$("$BIN" sign --key benchkey0001 --secret benchsecret0001 -H 'Host: market.bench.local' http://127.0.0.1:18003/enforced)
+  date=$(grep -o "x-sdk-date: [0-9TZ]*" <<<"$signed" | cut -d' ' -f2)
+  auth=$(grep -o "authorization: SDK-HMAC-SHA256[^']*" <<<"$signed" | sed 's/^authorization: //')
+  [[ -n $date && -n $auth ]] || { echo "cannot read the signed request from: $signed"; exit 1; }
+  cat > "$WORK/enforced.lua" <<LUA
 wrk.headers["Host"] = "market.bench.local"
-wrk.headers["X-Sdk-Date"] = "$DATE"
-wrk.headers["Authorization"] = "$AUTH"
+wrk.headers["X-Sdk-Date"] = "$date"
+wrk.headers["Authorization"] = "$auth"
+LUA
+}
+sign_lua
+DATE=$(grep -o '"X-Sdk-Date"\] = "[0-9TZ]*' "$WORK/enforced.lua" | grep -o '[0-9TZ]*$')
+AUTH=$(grep -o 'SDK-HMAC-SHA256[^"]*' "$WORK/enforced.lua")
+cat > "$WORK/appcode.lua" <<LUA
+wrk.headers["Host"] = "market.bench.local"
+wrk.headers["X-Apig-AppCode"] = "benchappcode0123456789abcdef0123456789abcdef0123456789abcdef0123"
 LUA
 cat > "$WORK/plain.lua" <<LUA
 wrk.headers["Host"] = "plain.bench.local"
@@ -119,36 +147,83 @@ curl -sf -H 'Host: market.bench.local' -H "X-Sdk-Date: $DATE" -H "Authorization:
   || { echo "the signed bench request is refused by marketgate"; exit 1; }
 curl -sf -H 'Host: plain.bench.local' http://127.0.0.1:18003/plain >/dev/null \
   || { echo "the plain bench request is refused by marketgate"; exit 1; }
+curl -sf -H 'Host: market.bench.local' -H 'X-Apig-AppCode: benchappcode0123456789abcdef0123456789abcdef0123456789abcdef0123' \
+  http://127.0.0.1:18003/enforced >/dev/null || { echo "the AppCode bench request is refused by marketgate"; exit 1; }
 
-# run NAME URL [LUA] -> appends "rps p99_ms" lines to $WORK/NAME.txt
+# CPU time (user + system, clock ticks) of a server: the process and its children (nginx's
+# worker), all threads included.
+cpu_ticks() {
+  local total=0 pid
+  for pid in $1 $(pgrep -P "$1"); do
+    total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat")))
+  done
+  echo "$total"
+}
+
+# run NAME URL [LUA] -> appends "rps p99_ms cpu_us_per_request" lines to $WORK/NAME.txt.
+# cpu_us_per_request is the server's own CPU time per answered request: unlike req/s it
+# does not depend on how much of core 0 the scheduler left the server (this machine is
+# shared), so 1e6 / cpu_us is the server's capacity in requests/s per core.
 run() {
-  local name=$1 url=$2 lua=${3:-}
+  local name=$1 url=$2 lua=${3:-} pidvar
   local args=(-t1 "-c$CONNS" --latency)
   [[ -n $lua ]] && args+=(-s "$lua")
+  pidvar=PID_${name%%_*}
+  local pid=${!pidvar}
   taskset -c 1 wrk "${args[@]}" -d2s "$url" >/dev/null # warm-up
+  local before after
+  before=$(cpu_ticks "$pid")
   taskset -c 1 wrk "${args[@]}" "-d$DURATION" "$url" > "$WORK/out.txt"
+  after=$(cpu_ticks "$pid")
   if grep -q "Non-2xx" "$WORK/out.txt"; then echo "$name: non-2xx answers"; cat "$WORK/out.txt"; exit 1; fi
-  local rps p99
+  local rps p99 requests cpu_us
   rps=$(awk '/Requests\/sec/ {print $2}' "$WORK/out.txt")
   p99=$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}' "$WORK/out.txt")
-  echo "$rps $p99" >> "$WORK/$name.txt"
+  requests=$(awk '/requests in/ {print $1}' "$WORK/out.txt")
+  cpu_us=$(awk -v t=$((after - before)) -v hz="$(getconf CLK_TCK)" -v n="$requests" 'BEGIN {printf "%.2f", t / hz * 1e6 / n}')
+  echo "$rps $p99 $cpu_us" >> "$WORK/$name.txt"
+  echo "run $i $name: $rps req/s, p99 $p99 ms, server CPU $cpu_us us/request" >&2
 }
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
 for i in $(seq "$RUNS"); do
+  export i
   run direct http://127.0.0.1:18000/
   run nginx http://127.0.0.1:18001/
   run haproxy http://127.0.0.1:18002/
   run marketgate_plain http://127.0.0.1:18003/plain "$WORK/plain.lua"
+  sign_lua
   run marketgate_enforced http://127.0.0.1:18003/enforced "$WORK/enforced.lua"
+  run marketgate_appcode http://127.0.0.1:18003/enforced "$WORK/appcode.lua"
+  if [[ -n ${COMPARE_BIN:-} ]]; then
+    run compare_plain http://127.0.0.1:18005/plain "$WORK/plain.lua"
+    run compare_enforced http://127.0.0.1:18005/enforced "$WORK/enforced.lua"
+  fi
 done
 
-NGINX_RPS=$(cut -d' ' -f1 "$WORK/nginx.txt" | median)
-echo "| path | req/s (median of $RUNS) | p99 ms (median) | vs nginx |"
-echo "|---|---|---|---|"
-for name in direct nginx haproxy marketgate_plain marketgate_enforced; do
+if [[ -n ${PERF_OUT:-} ]]; then
+  sign_lua
+  taskset -c 1 wrk -t1 "-c$CONNS" -s "$WORK/enforced.lua" -d8s http://127.0.0.1:18003/enforced >/dev/null &
+  load=$!
+  sleep 1
+  perf record -F 2999 -g -p "$PID_marketgate" -o "$PERF_OUT" -- sleep 6 2>/dev/null
+  wait "$load"
+fi
+
+# Ratios are taken run by run (each run of a proxy against nginx's run of the same round, a
+# minute apart at most) and their median reported: on a shared machine the load from other
+# work drifts between rounds far more than within one.
+ratio_median() { # NAME BASE COLUMN -> median over runs of NAME[col] / BASE[col]
+  paste -d' ' "$WORK/$1.txt" "$WORK/$2.txt" | awk -v c="$3" '{n=split($0,f," "); h=n/2; printf "%.4f\n", f[c]/f[c+h]}' | median
+}
+echo "| path | req/s (median of $RUNS) | p99 ms (median) | req/s ÷ nginx (median of per-round ratios) | p99 ÷ nginx | req/s ÷ marketgate_plain | server CPU µs/request (median) | CPU/request ÷ nginx |"
+echo "|---|---|---|---|---|---|---|---|"
+for name in direct nginx haproxy marketgate_plain marketgate_enforced marketgate_appcode ${COMPARE_BIN:+compare_plain compare_enforced}; do
   rps=$(cut -d' ' -f1 "$WORK/$name.txt" | median)
   p99=$(cut -d' ' -f2 "$WORK/$name.txt" | median)
-  ratio=$(awk -v a="$rps" -v b="$NGINX_RPS" 'BEGIN {printf "%.2fx", a/b}')
-  echo "| $name | $rps | $p99 | $ratio |"
+  cpu=$(cut -d' ' -f3 "$WORK/$name.txt" | median)
+  printf "| %s | %s | %s | %.2fx | %.2fx | %.2fx | %s | %.2fx |\n" "$name" "$rps" "$p99" \
+    "$(ratio_median "$name" nginx 1)" "$(ratio_median "$name" nginx 2)" "$(ratio_median "$name" marketgate_plain 1)" \
+    "$cpu" "$(ratio_median "$name" nginx 3)"
 done
+if [[ -n ${RESULTS:-} ]]; then mkdir -p "$RESULTS" && cp "$WORK"/*.txt "$RESULTS"/; fi

@@ -40,6 +40,8 @@ pub enum AdminError {
     Decode { path: String, message: String },
     #[error(transparent)]
     Rejected(#[from] SnapshotRejection),
+    #[error("applying the snapshot stopped unfinished")]
+    Task(#[source] tokio::task::JoinError),
 }
 
 impl AdminError {
@@ -60,7 +62,7 @@ impl AdminError {
             AdminError::Rejected(SnapshotRejection::WrongBase { .. }) => {
                 (StatusCode::CONFLICT, apig::PARAMETER_ERROR)
             }
-            AdminError::Rejected(SnapshotRejection::Persist(_)) => {
+            AdminError::Rejected(SnapshotRejection::Persist(_)) | AdminError::Task(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, apig::SYSTEM_ERROR)
             }
         }
@@ -156,6 +158,10 @@ fn decode_json<T: serde::de::DeserializeOwned>(
     if bytes.len() > MAX_SNAPSHOT_BYTES {
         return Err(AdminError::TooLarge);
     }
+    // The common case parses once; only a bad snapshot pays for the search of its path.
+    if let Ok(parsed) = serde_json::from_slice::<T>(bytes) {
+        return Ok(parsed);
+    }
     let value: serde_json::Value =
         serde_json::from_slice(bytes).map_err(|e| AdminError::Decode {
             path: "$".into(),
@@ -238,11 +244,17 @@ async fn put_snapshot(
     body: Bytes,
 ) -> Result<impl IntoResponse, AdminError> {
     authorized(&gateway, &headers)?;
-    let snapshot = decode_snapshot(&headers, &body).inspect_err(|_| count_undecodable(&gateway))?;
-    let version = gateway.apply_snapshot(snapshot)?;
-    Ok(Json(
-        json!({ "version": version, "node_id": gateway.node_id() }),
-    ))
+    // Decoding and compiling a large snapshot takes seconds of CPU (BENCHMARKS.md): off the
+    // runtime threads, so that buyers' requests keep being served while it runs.
+    let node_id = gateway.node_id().to_owned();
+    let version = tokio::task::spawn_blocking(move || {
+        let snapshot =
+            decode_snapshot(&headers, &body).inspect_err(|_| count_undecodable(&gateway))?;
+        Ok::<_, AdminError>(gateway.apply_snapshot(snapshot)?)
+    })
+    .await
+    .map_err(AdminError::Task)??;
+    Ok(Json(json!({ "version": version, "node_id": node_id })))
 }
 
 /// `PATCH /v1/snapshot`: a delta from the version served (409 from any other, so that the
@@ -253,11 +265,14 @@ async fn patch_snapshot(
     body: Bytes,
 ) -> Result<impl IntoResponse, AdminError> {
     authorized(&gateway, &headers)?;
-    let delta = decode_delta(&headers, &body).inspect_err(|_| count_undecodable(&gateway))?;
-    let version = gateway.apply_delta(delta)?;
-    Ok(Json(
-        json!({ "version": version, "node_id": gateway.node_id() }),
-    ))
+    let node_id = gateway.node_id().to_owned();
+    let version = tokio::task::spawn_blocking(move || {
+        let delta = decode_delta(&headers, &body).inspect_err(|_| count_undecodable(&gateway))?;
+        Ok::<_, AdminError>(gateway.apply_delta(delta)?)
+    })
+    .await
+    .map_err(AdminError::Task)??;
+    Ok(Json(json!({ "version": version, "node_id": node_id })))
 }
 
 /// A push whose body does not even parse is a rejected push.

@@ -7,6 +7,7 @@
 //! timeout. Bodies stream both ways. It does not decide whether a call counts: it reports
 //! whether the backend was reached ([`ForwardError::Connect`] means it was not).
 
+use std::ops::Range;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -52,6 +53,26 @@ pub enum ForwardError {
     BadTarget,
 }
 
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// What the backend call takes from the buyer's request besides its headers and body.
+#[derive(Debug)]
+pub struct BuyerCall<'a> {
+    /// Passed on when the backend's method is `ANY`.
+    pub method: &'a http::Method,
+    /// The path as sent, without the query.
+    pub path: &'a str,
+    /// Where the route's parameters lie in `path` (raw, as sent), in template order.
+    pub params: &'a [Range<usize>],
+    /// Passed on verbatim.
+    pub query: Option<&'a str>,
+    /// The buyer's Host (or `:authority`), sent as `X-Forwarded-Host`.
+    pub host: HeaderValue,
+}
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1) never forwarded.
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
@@ -65,6 +86,18 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        strip_named_in_connection(headers);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// Removes the headers a `Connection` header names (rare: the common `keep-alive` and
+/// `close` are removed anyway), so the usual request allocates nothing here.
+fn strip_named_in_connection(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -72,10 +105,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    for name in &named {
         headers.remove(name);
     }
-    headers.remove(header::UPGRADE);
 }
 
 /// The pooled client to every backend.
@@ -98,17 +130,18 @@ impl Upstream {
         Upstream { client }
     }
 
-    /// Sends the call; the response streams back.
-    #[allow(clippy::too_many_arguments)]
+    /// Sends the call; the response streams back. Hot path.
+    ///
+    /// `headers` are the buyer's, taken over rather than copied: credentials, `Host` and
+    /// hop-by-hop headers are removed in place and the `X-*` headers added.
     pub async fn forward(
         &self,
         backend: &CompiledBackend,
-        params: &[&str],
-        buyer: &http::request::Parts,
+        buyer: BuyerCall<'_>,
+        mut headers: HeaderMap,
         body: Body,
         request_id: &HeaderValue,
         conn: &ConnInfo,
-        buyer_host: &str,
     ) -> Result<Response<Body>, ForwardError> {
         let CompiledBackend::Http {
             authority,
@@ -120,43 +153,58 @@ impl Upstream {
         else {
             return Err(ForwardError::BadTarget);
         };
+        // Origin form only: the authority goes into the URI as parsed at compile time,
+        // never re-formatted and re-parsed.
         let mut target = String::with_capacity(64);
-        target.push_str("http://");
-        target.push_str(authority.as_str());
         for piece in path {
             match piece {
                 PathPiece::Literal(l) => target.push_str(l),
-                PathPiece::Param(i) => target.push_str(params.get(*i).copied().unwrap_or("")),
+                PathPiece::Param(i) => target.push_str(
+                    buyer
+                        .params
+                        .get(*i)
+                        .and_then(|span| buyer.path.get(span.clone()))
+                        .unwrap_or(""),
+                ),
             }
         }
         if path.is_empty() || *trailing_slash {
             target.push('/');
         }
-        if let Some(query) = buyer.uri.query() {
+        if let Some(query) = buyer.query {
             target.push('?');
             target.push_str(query);
         }
-        let uri: http::Uri = target.parse().map_err(|_| ForwardError::BadTarget)?;
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = Some(authority.clone());
+        uri.path_and_query = Some(
+            http::uri::PathAndQuery::from_maybe_shared(Bytes::from(target))
+                .map_err(|_| ForwardError::BadTarget)?,
+        );
+        let uri = http::Uri::from_parts(uri).map_err(|_| ForwardError::BadTarget)?;
 
-        let mut headers = buyer.headers.clone();
         strip_hop_by_hop(&mut headers);
         headers.remove(header::AUTHORIZATION);
         headers.remove(APP_CODE_HEADER);
         headers.remove(header::HOST);
-        headers.insert("x-request-id", request_id.clone());
-        let peer_ip = conn.peer.ip().to_string();
-        let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-            Some(prior) => format!("{prior}, {peer_ip}"),
-            None => peer_ip,
+        headers.insert(X_REQUEST_ID, request_id.clone());
+        let forwarded_for = match headers.get(X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
+            Some(prior) => {
+                let mut value = Vec::with_capacity(prior.len() + 2 + conn.peer_ip.len());
+                value.extend_from_slice(prior);
+                value.extend_from_slice(b", ");
+                value.extend_from_slice(conn.peer_ip.as_bytes());
+                HeaderValue::from_maybe_shared(Bytes::from(value)).ok()
+            }
+            None => Some(conn.peer_ip.clone()),
         };
-        if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
-            headers.insert("x-forwarded-for", value);
+        if let Some(value) = forwarded_for {
+            headers.insert(X_FORWARDED_FOR, value);
         }
-        if let Ok(value) = HeaderValue::from_str(buyer_host) {
-            headers.insert("x-forwarded-host", value);
-        }
+        headers.insert(X_FORWARDED_HOST, buyer.host);
         headers.insert(
-            "x-forwarded-proto",
+            X_FORWARDED_PROTO,
             HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
         );
 

@@ -8,6 +8,7 @@
 
 use std::borrow::Cow;
 use std::convert::Infallible;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +21,7 @@ use hyper::body::Incoming;
 use time::OffsetDateTime;
 
 use super::error::Rejection;
-use super::forward::{self, Body, ForwardError};
+use super::forward::{self, Body, BuyerCall, ForwardError};
 use super::metrics::Outcome;
 use super::Inner;
 use crate::apig::ErrorBody;
@@ -45,6 +46,21 @@ pub struct ConnInfo {
     pub tls: bool,
     /// TLS server name, lower-cased.
     pub sni: Option<Box<str>>,
+    /// The peer's IP as the `X-Forwarded-For` entry, formatted once per connection.
+    pub peer_ip: HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(peer: std::net::SocketAddr, tls: bool, sni: Option<Box<str>>) -> ConnInfo {
+        let peer_ip = HeaderValue::from_str(&peer.ip().to_string())
+            .expect("an IP address is a valid header value");
+        ConnInfo {
+            peer,
+            tls,
+            sni,
+            peer_ip,
+        }
+    }
 }
 
 /// The parts of a request head the decision depends on.
@@ -324,10 +340,25 @@ struct Trace<'s> {
     upstream: Option<Duration>,
 }
 
+/// A random (v4) UUID in simple form. Hot path: drawn from the thread-local CSPRNG, not
+/// `Uuid::new_v4`, which makes a `getrandom` system call for every id.
 fn new_request_id() -> HeaderValue {
+    let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
     let mut buf = [0u8; uuid::fmt::Simple::LENGTH];
-    let text = uuid::Uuid::new_v4().simple().encode_lower(&mut buf);
+    let text = id.simple().encode_lower(&mut buf);
     HeaderValue::from_str(text).expect("hex is a valid header value")
+}
+
+/// Where each of `params` (sub-slices of `path`) lies in `path`.
+fn spans(path: &str, params: &[&str]) -> Vec<Range<usize>> {
+    let base = path.as_ptr() as usize;
+    params
+        .iter()
+        .map(|p| {
+            let start = p.as_ptr() as usize - base;
+            start..start + p.len()
+        })
+        .collect()
 }
 
 /// The service of a buyer connection: runs the phases, answers, logs, counts.
@@ -415,6 +446,14 @@ pub(crate) async fn handle(
         bytes_out = response.body().size_hint().exact(),
         quota_left = trace.purchase.and_then(|p| p.cell.left()),
     );
+    // A request that held the snapshot across a swap may be its last holder. Freeing a
+    // large one takes tens of milliseconds (BENCHMARKS.md), which must not stall every
+    // connection on this runtime thread: the blocking pool frees it.
+    if let Some(snapshot) = snapshot {
+        if Arc::strong_count(&snapshot) == 1 {
+            tokio::task::spawn_blocking(move || drop(snapshot));
+        }
+    }
     Ok(response)
 }
 
@@ -453,7 +492,7 @@ async fn serve<'s>(
     request_id: &HeaderValue,
     trace: &mut Trace<'s>,
 ) -> Result<Response<Body>, Rejection> {
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
     check_framing(&parts.headers)?;
     if parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len()) > MAX_URI_BYTES {
         return Err(Rejection::UriTooLong);
@@ -491,6 +530,9 @@ async fn serve<'s>(
     trace.group = Some(group);
     let (api, params) = route(group, domain, &head)?;
     trace.api = Some(api);
+    // Positions rather than borrows, so that the buyer's headers can be handed on to the
+    // backend call (moved, not copied) once authentication is done with them.
+    let params = spans(head.path, &params);
 
     let max_body = gateway.config.gateway.max_body_bytes;
     let declared = parts
@@ -539,18 +581,23 @@ async fn serve<'s>(
                 (None, Some(body)) => forward::stream(body, max_body),
                 (None, None) => forward::full(Bytes::new()),
             };
+            let host = match parts.headers.get(header::HOST) {
+                Some(host) => host.clone(),
+                None => HeaderValue::from_str(authority)
+                    .map_err(|_| Rejection::BadRequest("Host is not text"))?,
+            };
+            let headers = std::mem::take(&mut parts.headers);
+            let buyer = BuyerCall {
+                method: &parts.method,
+                path: parts.uri.path(),
+                params: &params,
+                query: parts.uri.query(),
+                host,
+            };
             let started = Instant::now();
             let result = gateway
                 .upstream
-                .forward(
-                    &api.backend,
-                    &params,
-                    &parts,
-                    body,
-                    request_id,
-                    conn,
-                    authority,
-                )
+                .forward(&api.backend, buyer, headers, body, request_id, conn)
                 .await;
             trace.upstream = Some(started.elapsed());
             match result {

@@ -132,11 +132,7 @@ pub(crate) async fn serve(
             let builder = builder(&gateway);
             match tls {
                 None => {
-                    let conn = Arc::new(ConnInfo {
-                        peer,
-                        tls: false,
-                        sni: None,
-                    });
+                    let conn = Arc::new(ConnInfo::new(peer, false, None));
                     let service = {
                         let gateway = gateway.clone();
                         service_fn(move |req| handle(gateway.clone(), conn.clone(), req))
@@ -156,11 +152,7 @@ pub(crate) async fn serve(
                             .1
                             .server_name()
                             .map(|s| s.to_ascii_lowercase().into_boxed_str());
-                        let conn = Arc::new(ConnInfo {
-                            peer,
-                            tls: true,
-                            sni,
-                        });
+                        let conn = Arc::new(ConnInfo::new(peer, true, sni));
                         let service = {
                             let gateway = gateway.clone();
                             service_fn(move |req| handle(gateway.clone(), conn.clone(), req))

@@ -376,8 +376,17 @@ pub async fn run_proxy(config: Config, shutdown: Shutdown) -> Result<(), RunErro
     std::thread::Builder::new()
         .name("gateway".into())
         .spawn(move || {
-            let outcome = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(workers)
+            // One worker: a current-thread runtime. A multi-thread runtime of one worker
+            // pays for work stealing and cross-thread wake-ups it cannot use (PERF-NOTES.md,
+            // BENCHMARKS.md).
+            let mut runtime = if workers == 1 {
+                tokio::runtime::Builder::new_current_thread()
+            } else {
+                let mut builder = tokio::runtime::Builder::new_multi_thread();
+                builder.worker_threads(workers);
+                builder
+            };
+            let outcome = runtime
                 .thread_name("gateway-worker")
                 .enable_all()
                 .build()

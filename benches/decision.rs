@@ -1,0 +1,266 @@
+//! The decision path on one request, without I/O: host → route → authenticate → entitle
+//! (`handler::decide`) and the quota take (`handler::take_quota`).
+//!
+//! Decision it informs: whether enforcement fits the per-request budget of a proxy that must
+//! keep up with nginx on one core (targets: ≤ 1 µs with AppCode, ≤ 3 µs with an
+//! SDK-HMAC-SHA256 signature over an empty body), and so whether the phases may stay as
+//! written (hash lookups, a linear router, a streaming canonical-request hash) or need a
+//! redesign. `decide_and_take/*` is the path as served (the quota journal is written and
+//! fsync'ed every `quota_journal_block` calls, on the calling thread);
+//! `decide_and_take_no_journal/*` the same without that write; `decide_only/*` the pure
+//! phases. Results: BENCHMARKS.md.
+//!
+//! Run: `cargo bench --bench decision`.
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::{HeaderMap, HeaderValue, Method};
+use marketgate::config::DEFAULT_QUOTA_JOURNAL_BLOCK;
+use marketgate::gateway::handler::{decide, take_quota, DecideOptions, RequestHead};
+use marketgate::gateway::metrics::GatewayMetrics;
+use marketgate::gateway::quota::QuotaRegistry;
+use marketgate::signing::{self, Payload, RequestParts};
+use marketgate::snapshot::compile::{compile, CompiledSnapshot};
+use marketgate::snapshot::wire::{
+    Api, App, Backend, Group, MarketState, Purchase, PurchaseState, Snapshot,
+};
+use time::OffsetDateTime;
+
+const HOST: &str = "weather.market.example";
+const PATH: &str = "/v1/weather/paris";
+const KEY: &str = "bench-app-key-0000000000000001";
+const SECRET: &str = "bench-app-secret-00000000000000000000000001";
+const CODE: &str = "bench-app-code-0123456789abcdef0123456789abcdef0123456789abcdef";
+
+/// A market of `groups` groups of 8 APIs each and `groups` buyers (one purchase each), so
+/// the host, route and app tables are not trivially small. The bench request goes to the
+/// last group's `/v1/weather/{city}` (most routes are tried before it matches).
+fn market(groups: usize) -> Snapshot {
+    let api = |g: usize, i: usize, uri: &str| Api {
+        id: format!("g{g}-api{i}"),
+        name: format!("api {i}"),
+        api_type: 1,
+        req_protocol: "BOTH".into(),
+        req_method: "GET".into(),
+        req_uri: uri.into(),
+        match_mode: "NORMAL".into(),
+        auth_type: "APP".into(),
+        app_code_auth: true,
+        backend: Backend::Http {
+            req_protocol: "HTTP".into(),
+            req_method: "GET".into(),
+            req_uri: if uri.contains("{city}") {
+                "/weather/{city}".into()
+            } else {
+                "/backend".into()
+            },
+            url_domain: "127.0.0.1:9".into(),
+            timeout_ms: 5_000,
+        },
+    };
+    let mut snapshot = Snapshot {
+        version: 1,
+        ..Snapshot::default()
+    };
+    for g in 0..groups {
+        let host = if g + 1 == groups {
+            HOST.to_owned()
+        } else {
+            format!("g{g}.market.example")
+        };
+        snapshot.groups.push(Group {
+            id: format!("g{g}"),
+            name: String::new(),
+            sl_domain: format!("g{g}.sl.example"),
+            url_domain: Some(host),
+            market_state: MarketState::OnSale,
+            apis: vec![
+                api(g, 0, "/v1/weather/{city}"),
+                api(g, 1, "/v1/weather/{city}/hourly"),
+                api(g, 2, "/v1/forecast/{city}"),
+                api(g, 3, "/v1/forecast/{city}/daily"),
+                api(g, 4, "/v1/alerts"),
+                api(g, 5, "/v1/alerts/{id}"),
+                api(g, 6, "/v2/weather/{city}"),
+                api(g, 7, "/v1/stations/{id}/readings"),
+            ],
+        });
+        let last = g + 1 == groups;
+        snapshot.apps.push(App {
+            id: format!("app{g}"),
+            app_key: if last {
+                KEY.into()
+            } else {
+                format!("key-{g:026}")
+            },
+            app_secret: if last {
+                SECRET.into()
+            } else {
+                format!("secret-{g:036}")
+            },
+            app_codes: vec![if last {
+                CODE.into()
+            } else {
+                format!("code-{g:059}")
+            }],
+            creator: "MARKET".into(),
+        });
+        snapshot.purchases.push(Purchase {
+            id: format!("p{g}"),
+            group_id: format!("g{g}"),
+            app_id: format!("app{g}"),
+            state: PurchaseState::Active,
+            start_time: 0,
+            expire_time: i64::MAX,
+            quota_limit: None,
+            quota_used: 0,
+        });
+    }
+    snapshot
+}
+
+struct Fixture {
+    compiled: CompiledSnapshot,
+    appcode_headers: HeaderMap,
+    hmac_headers: HeaderMap,
+    now: OffsetDateTime,
+    _dir: tempfile::TempDir,
+}
+
+/// Journal block so large that the journal is written once, at the first take: the quota
+/// take's CPU cost without the `write` + `fdatasync` every `quota_journal_block` calls.
+const NO_JOURNAL_BLOCK: u64 = 1 << 40;
+
+fn fixture(journal_block: u64) -> Fixture {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let quota = QuotaRegistry::open(dir.path(), journal_block).expect("journal");
+    let snapshot = market(1_000);
+    marketgate::snapshot::validate::validate(&snapshot).expect("a valid bench snapshot");
+    let compiled = compile(&snapshot, &quota, &GatewayMetrics::new());
+    let now = OffsetDateTime::now_utc();
+
+    // What curl and the SDKs send besides the credentials.
+    let mut common = HeaderMap::new();
+    common.insert("host", HeaderValue::from_static(HOST));
+    common.insert("user-agent", HeaderValue::from_static("bench/1.0"));
+    common.insert("accept", HeaderValue::from_static("*/*"));
+
+    let mut appcode_headers = common.clone();
+    appcode_headers.insert("x-apig-appcode", HeaderValue::from_static(CODE));
+
+    let mut hmac_headers = common;
+    hmac_headers.insert(
+        "x-sdk-date",
+        HeaderValue::from_str(&signing::format_sdk_date(now)).expect("a date"),
+    );
+    let parts = RequestParts {
+        method: "GET",
+        path: PATH,
+        query: None,
+        headers: &hmac_headers,
+        authority: None,
+        payload: Payload::Body(b""),
+    };
+    let auth =
+        signing::sign(KEY, SECRET.as_bytes(), &parts, &["host", "x-sdk-date"]).expect("signing");
+    hmac_headers.insert(
+        "authorization",
+        HeaderValue::from_str(&auth).expect("a header"),
+    );
+    Fixture {
+        compiled,
+        appcode_headers,
+        hmac_headers,
+        now,
+        _dir: dir,
+    }
+}
+
+fn head<'a>(headers: &'a HeaderMap) -> RequestHead<'a> {
+    RequestHead {
+        method: &Method::GET,
+        path: PATH,
+        query: None,
+        headers,
+        authority: HOST,
+        sni: None,
+        tls: false,
+    }
+}
+
+const OPTIONS: DecideOptions = DecideOptions {
+    // The bench request is plain HTTP; AppCode over TLS takes the same path.
+    appcode_over_http: true,
+    max_clock_skew_secs: 900,
+};
+
+fn bench_decision(c: &mut Criterion) {
+    let f = fixture(DEFAULT_QUOTA_JOURNAL_BLOCK);
+    // Both requests are admitted before anything is timed.
+    for headers in [&f.appcode_headers, &f.hmac_headers] {
+        let d = decide(
+            &f.compiled,
+            &head(headers),
+            Payload::Body(b""),
+            f.now,
+            OPTIONS,
+        )
+        .expect("the bench request is admitted");
+        assert_eq!(&*d.api.id, "g999-api0");
+    }
+
+    // As served: the quota journal is written and fsync'ed every DEFAULT_QUOTA_JOURNAL_BLOCK
+    // calls (on the bench's temp dir), then without that write.
+    let quiet = fixture(NO_JOURNAL_BLOCK);
+    for (group_name, f) in [
+        ("decide_and_take", &f),
+        ("decide_and_take_no_journal", &quiet),
+    ] {
+        let mut group = c.benchmark_group(group_name);
+        for (name, headers) in [
+            ("appcode", &f.appcode_headers),
+            ("hmac_empty_body", &f.hmac_headers),
+        ] {
+            group.bench_function(name, |b| {
+                let head = head(headers);
+                b.iter(|| {
+                    let d = decide(
+                        black_box(&f.compiled),
+                        black_box(&head),
+                        Payload::Body(b""),
+                        f.now,
+                        OPTIONS,
+                    )
+                    .expect("admitted");
+                    take_quota(d.purchase.expect("a purchase")).expect("quota");
+                })
+            });
+        }
+        group.finish();
+    }
+
+    let mut group = c.benchmark_group("decide_only");
+    for (name, headers) in [
+        ("appcode", &f.appcode_headers),
+        ("hmac_empty_body", &f.hmac_headers),
+    ] {
+        group.bench_function(name, |b| {
+            let head = head(headers);
+            b.iter(|| {
+                decide(
+                    black_box(&f.compiled),
+                    black_box(&head),
+                    Payload::Body(b""),
+                    f.now,
+                    OPTIONS,
+                )
+                .expect("admitted")
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_decision);
+criterion_main!(benches);

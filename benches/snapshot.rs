@@ -1,0 +1,343 @@
+//! Validating and compiling a pushed snapshot of 1k, 100k and 1M purchases, the memory a
+//! compiled purchase holds, and a swap of 1M purchases under traffic.
+//!
+//! Decision it informs: whether a full snapshot push stays viable for a large market
+//! (targets: 1M purchases validate+compile in ≤ 2 s at ≤ 300 bytes per purchase, and
+//! swapping them in fails no request), or whether the data plane needs deltas only, a
+//! leaner compiled form, or compilation off the admin thread. Results: BENCHMARKS.md.
+//!
+//! Before criterion runs, a one-off report prints (to stderr, prefixed `snapshot:`): the
+//! JSON size of the 1M snapshot, its parse time, the first compile (quota cells created) and
+//! a recompile (cells reused), resident bytes per purchase from `/proc/self/statm`, and the
+//! swap of 1M purchases under a decide+take loop on another thread (requests failed, worst
+//! request latency, where the old snapshot was freed).
+//!
+//! Run: `cargo bench --bench snapshot` (the 1M cases need ~4 GiB of memory and a minute or
+//! two); `SNAPSHOT_BENCH_REPORT_ONLY=1` prints the one-off report and skips criterion.
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion};
+use http::{HeaderMap, HeaderValue, Method};
+use marketgate::config::{Config, DEFAULT_QUOTA_JOURNAL_BLOCK};
+use marketgate::gateway::handler::{decide, take_quota, DecideOptions, RequestHead};
+use marketgate::gateway::metrics::GatewayMetrics;
+use marketgate::gateway::quota::QuotaRegistry;
+use marketgate::gateway::Gateway;
+use marketgate::signing::Payload;
+use marketgate::snapshot::compile::compile;
+use marketgate::snapshot::validate::validate;
+use marketgate::snapshot::wire::{
+    Api, App, Backend, Group, MarketState, Purchase, PurchaseState, Snapshot,
+};
+use time::OffsetDateTime;
+
+/// Groups in every generated market (purchases are spread over them).
+const GROUPS: usize = 1_000;
+const APIS_PER_GROUP: usize = 4;
+
+/// A 32-hex-digit id, the shape of Huawei's ids, keys and secrets.
+fn hex_id(kind: u8, n: usize) -> String {
+    format!("{kind:02x}{n:030x}")
+}
+
+/// A market of [`GROUPS`] groups and `purchases` buyers, one MARKET app and one purchase
+/// each, with realistic field lengths (32-hex ids and keys, 64-hex secrets and app codes).
+fn market(version: u64, purchases: usize) -> Snapshot {
+    let mut snapshot = Snapshot {
+        version,
+        ..Snapshot::default()
+    };
+    for g in 0..GROUPS {
+        snapshot.groups.push(Group {
+            id: hex_id(1, g),
+            name: format!("group {g}"),
+            sl_domain: format!("{}.apic.example", hex_id(1, g)),
+            url_domain: Some(format!("g{g}.market.example")),
+            market_state: MarketState::OnSale,
+            apis: (0..APIS_PER_GROUP)
+                .map(|a| Api {
+                    id: hex_id(2, g * APIS_PER_GROUP + a),
+                    name: format!("api {a}"),
+                    api_type: 1,
+                    req_protocol: "BOTH".into(),
+                    req_method: "GET".into(),
+                    req_uri: format!("/v1/resource{a}/{{id}}"),
+                    match_mode: "NORMAL".into(),
+                    auth_type: "APP".into(),
+                    app_code_auth: true,
+                    backend: Backend::Http {
+                        req_protocol: "HTTP".into(),
+                        req_method: "GET".into(),
+                        req_uri: format!("/backend/resource{a}/{{id}}"),
+                        url_domain: "10.0.0.1:8080".into(),
+                        timeout_ms: 5_000,
+                    },
+                })
+                .collect(),
+        });
+    }
+    snapshot.apps.reserve(purchases);
+    snapshot.purchases.reserve(purchases);
+    for p in 0..purchases {
+        snapshot.apps.push(App {
+            id: hex_id(3, p),
+            app_key: hex_id(4, p),
+            app_secret: format!("{}{}", hex_id(5, p), hex_id(5, p)),
+            app_codes: vec![format!("{}{}", hex_id(6, p), hex_id(6, p))],
+            creator: "MARKET".into(),
+        });
+        snapshot.purchases.push(Purchase {
+            id: hex_id(7, p),
+            group_id: hex_id(1, p % GROUPS),
+            app_id: hex_id(3, p),
+            state: PurchaseState::Active,
+            start_time: 1_700_000_000,
+            expire_time: 4_000_000_000,
+            quota_limit: Some(1_000_000_000),
+            quota_used: 0,
+        });
+    }
+    snapshot
+}
+
+/// Resident set size in bytes, from `/proc/self/statm` (Linux).
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+/// CPU time (user + system) this thread has used: on a shared machine wall-clock time also
+/// counts the time the scheduler gave to others.
+fn thread_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: u64 = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum();
+    // CLK_TCK is 100 on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.3} s", d.as_secs_f64())
+}
+
+const MILLION: usize = 1_000_000;
+
+/// The one-off figures criterion cannot give: size on the wire, parse, first compile,
+/// memory per purchase.
+fn report_compile_memory() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let quota = QuotaRegistry::open(dir.path(), DEFAULT_QUOTA_JOURNAL_BLOCK).expect("journal");
+    let metrics = GatewayMetrics::new();
+
+    let snapshot = market(1, MILLION);
+
+    // Memory first, before anything is freed that the allocator could hand out again.
+    let before = rss_bytes();
+    let (wall, cpu) = (Instant::now(), thread_cpu());
+    validate(&snapshot).expect("valid");
+    let validated = (wall.elapsed(), thread_cpu() - cpu);
+    let first = compile(&snapshot, &quota, &metrics);
+    let first_total = (wall.elapsed(), thread_cpu() - cpu);
+    let after_first = rss_bytes();
+
+    // A re-push: the cells exist; the old snapshot is still held (as during a swap).
+    let (wall, cpu) = (Instant::now(), thread_cpu());
+    validate(&snapshot).expect("valid");
+    let second = compile(&snapshot, &quota, &metrics);
+    let second_total = (wall.elapsed(), thread_cpu() - cpu);
+    let after_second = rss_bytes();
+    let per = |bytes: u64| bytes as f64 / MILLION as f64;
+    let (snapshot_bytes, both_bytes) = (
+        after_second.saturating_sub(after_first),
+        after_first.saturating_sub(before),
+    );
+    eprintln!(
+        "snapshot: 1M first push: validate {} (CPU {}) + compile {} (CPU {}) = {} (CPU {})",
+        secs(validated.0),
+        secs(validated.1),
+        secs(first_total.0 - validated.0),
+        secs(first_total.1.saturating_sub(validated.1)),
+        secs(first_total.0),
+        secs(first_total.1),
+    );
+    eprintln!(
+        "snapshot: 1M re-push: validate+compile {} (CPU {})",
+        secs(second_total.0),
+        secs(second_total.1)
+    );
+    eprintln!(
+        "snapshot: 1M resident: compiled snapshot + quota cells {:.0} bytes/purchase; compiled snapshot alone {:.0}; quota cells {:.0}",
+        per(both_bytes),
+        per(snapshot_bytes),
+        per(both_bytes.saturating_sub(snapshot_bytes)),
+    );
+    let started = Instant::now();
+    drop(first);
+    eprintln!(
+        "snapshot: 1M drop of a compiled snapshot: {}",
+        secs(started.elapsed())
+    );
+    drop(second);
+
+    let json = serde_json::to_vec(&snapshot).expect("serialises");
+    let (wall, cpu) = (Instant::now(), thread_cpu());
+    let parsed: Snapshot = serde_json::from_slice(&json).expect("parses");
+    eprintln!(
+        "snapshot: 1M purchases: JSON {} bytes ({:.0} bytes/purchase), parse {} (CPU {})",
+        json.len(),
+        json.len() as f64 / MILLION as f64,
+        secs(wall.elapsed()),
+        secs(thread_cpu() - cpu),
+    );
+    drop(parsed);
+}
+
+/// Swaps a 1M snapshot in through [`Gateway::apply_snapshot`] (validate, compile, persist,
+/// swap) while another thread runs the request path's snapshot load + decide + take in a
+/// loop, as `handler::handle` does (it holds its `load_full()` until the answer is written).
+fn report_swap_under_traffic() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let mut config = Config::builtin().expect("built-in config");
+    config.data_dir = dir.path().to_owned();
+    let gateway = Gateway::open(&config).expect("gateway");
+    let v1 = market(1, MILLION);
+    let started = Instant::now();
+    gateway.apply_snapshot(v1).expect("v1 applies");
+    eprintln!(
+        "snapshot: 1M apply_snapshot (validate, compile, persist JSON + fsync, swap), first: {}",
+        secs(started.elapsed())
+    );
+    let v2 = market(2, MILLION);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = {
+        let gateway = gateway.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let code = format!("{}{}", hex_id(6, 4242), hex_id(6, 4242));
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                "x-apig-appcode",
+                HeaderValue::from_str(&code).expect("code"),
+            );
+            let host = format!("g{}.market.example", 4242 % GROUPS);
+            let options = DecideOptions {
+                appcode_over_http: true,
+                max_clock_skew_secs: 900,
+            };
+            let (mut ok, mut failed, mut worst) = (0u64, 0u64, Duration::ZERO);
+            let mut last_holder = 0u32;
+            let mut versions = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                let snapshot = gateway.compiled().expect("a snapshot");
+                if versions.last() != Some(&snapshot.version) {
+                    versions.push(snapshot.version);
+                }
+                let head = RequestHead {
+                    method: &Method::GET,
+                    path: "/v1/resource0/42",
+                    query: None,
+                    headers: &headers,
+                    authority: &host,
+                    sni: None,
+                    tls: false,
+                };
+                let admitted = decide(
+                    &snapshot,
+                    &head,
+                    Payload::Body(b""),
+                    OffsetDateTime::now_utc(),
+                    options,
+                )
+                .ok()
+                .and_then(|d| take_quota(d.purchase?).ok());
+                // As `handler::handle` does: the last holder of a swapped-out snapshot
+                // has it freed elsewhere rather than stall its thread.
+                if Arc::strong_count(&snapshot) == 1 {
+                    last_holder += 1;
+                    std::thread::spawn(move || drop(snapshot));
+                } else {
+                    drop(snapshot);
+                }
+                match admitted {
+                    Some(()) => ok += 1,
+                    None => failed += 1,
+                }
+                worst = worst.max(started.elapsed());
+            }
+            (ok, failed, worst, versions, last_holder)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    gateway.apply_snapshot(v2).expect("v2 applies");
+    let applied = started.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed, worst, versions, last_holder) = traffic.join().expect("traffic thread");
+    eprintln!(
+        "snapshot: 1M swap under traffic: apply_snapshot {}; {ok} requests decided, {failed} refused, versions seen {versions:?}, a request was the old snapshot's last holder {last_holder} time(s), worst single request {:.3} ms",
+        secs(applied),
+        worst.as_secs_f64() * 1000.0
+    );
+}
+
+fn bench_compile(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let quota = QuotaRegistry::open(dir.path(), DEFAULT_QUOTA_JOURNAL_BLOCK).expect("journal");
+    let metrics = GatewayMetrics::new();
+    let mut group = c.benchmark_group("validate_compile");
+    for (purchases, samples) in [(1_000, 50), (100_000, 10), (MILLION, 10)] {
+        let snapshot = market(1, purchases);
+        // Cells are created by the first compile; every timed one is a re-push.
+        drop(compile(&snapshot, &quota, &metrics));
+        group.sample_size(samples);
+        if purchases >= 100_000 {
+            group.measurement_time(Duration::from_secs(if purchases == MILLION {
+                20
+            } else {
+                5
+            }));
+        }
+        group.bench_with_input(
+            BenchmarkId::from_parameter(purchases),
+            &snapshot,
+            |b, snapshot| {
+                // The old compiled snapshot is freed outside the timing (after the swap it
+                // is freed by whichever holder lets go last).
+                b.iter_with_large_drop(|| {
+                    validate(black_box(snapshot)).expect("valid");
+                    compile(snapshot, &quota, &metrics)
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+fn main() {
+    report_compile_memory();
+    report_swap_under_traffic();
+    if std::env::var_os("SNAPSHOT_BENCH_REPORT_ONLY").is_some() {
+        return;
+    }
+    let mut criterion = Criterion::default().configure_from_args();
+    bench_compile(&mut criterion);
+    criterion.final_summary();
+}
