@@ -184,10 +184,13 @@ async fn run(store: &str, database_url: &str, per_client: usize) {
 }
 
 fn main() {
-    let per_client: usize = std::env::var("PURCHASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs this as a smoke test.
+    let measuring = std::env::args().any(|a| a == "--bench");
+    let per_client: usize = match std::env::var("PURCHASES").ok().and_then(|v| v.parse().ok()) {
+        Some(n) => n,
+        None if measuring => 20,
+        None => 1,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

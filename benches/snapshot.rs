@@ -332,6 +332,12 @@ fn bench_compile(c: &mut Criterion) {
 }
 
 fn main() {
+    // `cargo test --all-targets` runs benches once in test mode (no --bench): there the 1M
+    // reports would cost minutes and gigabytes of a debug build, so they run under
+    // `cargo bench` only.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
     report_compile_memory();
     report_swap_under_traffic();
     if std::env::var_os("SNAPSHOT_BENCH_REPORT_ONLY").is_some() {
