@@ -61,6 +61,10 @@ pub enum QuotaError {
 #[derive(Debug)]
 struct Journal {
     file: Mutex<File>,
+    /// Cells whose reservation runs low, for the journal thread to extend ahead of need, so
+    /// that a request rarely waits for an fsync (BENCHMARKS.md: one write + fdatasync per
+    /// block on the request thread cost more than the whole decision).
+    ahead: std::sync::mpsc::Sender<Arc<QuotaCell>>,
 }
 
 impl Journal {
@@ -98,14 +102,17 @@ pub struct QuotaCell {
     /// Journaled ceiling of `used`.
     reserved: AtomicU64,
     reserve_lock: Mutex<()>,
+    /// A reservation ahead of need is queued for the journal thread.
+    reserving: AtomicBool,
     journal: Arc<Journal>,
     block: u64,
 }
 
 impl QuotaCell {
-    /// Takes one call. `Ok(false)`: none left. Hot path: one CAS, plus one journal write per
-    /// `block` calls.
-    pub fn try_take(&self) -> Result<bool, QuotaError> {
+    /// Takes one call. `Ok(false)`: none left. Hot path: one CAS; when the reservation is half
+    /// used, the journal thread is asked to extend it, and only a caller that catches up with
+    /// the reservation before that lands writes the journal itself.
+    pub fn try_take(self: &Arc<Self>) -> Result<bool, QuotaError> {
         loop {
             let used = self.used.load(Ordering::Acquire);
             if used >= self.limit.load(Ordering::Acquire) {
@@ -121,6 +128,7 @@ impl QuotaCell {
                 .compare_exchange_weak(used, used + 1, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
             {
+                self.reserve_ahead_if_low(used + 1);
                 return Ok(true);
             }
         }
@@ -188,6 +196,34 @@ impl QuotaCell {
     /// Records the control plane's count of calls left outside every lease.
     pub fn set_unleased_hint(&self, unleased: u64) {
         self.unleased_hint.store(unleased, Ordering::Release);
+    }
+
+    /// Queues a reservation for the journal thread once half the current one is used.
+    fn reserve_ahead_if_low(self: &Arc<Self>, used: u64) {
+        let half = self.block / 2;
+        if half == 0 || used < self.reserved.load(Ordering::Acquire).saturating_sub(half) {
+            return;
+        }
+        if !self.reserving.swap(true, Ordering::AcqRel)
+            && self.journal.ahead.send(self.clone()).is_err()
+        {
+            self.reserving.store(false, Ordering::Release);
+        }
+    }
+
+    /// The journal thread's side: reserve up to `used + block` (never beyond the limit).
+    /// Keeps the crash bound: `reserved - used ≤ block`.
+    fn reserve_ahead(&self) -> Result<(), QuotaError> {
+        let _guard = self.reserve_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let used = self.used();
+        let ceiling = used
+            .saturating_add(self.block)
+            .min(self.limit().max(used + 1));
+        if ceiling > self.reserved.load(Ordering::Acquire) {
+            self.journal.record(&self.purchase_id, ceiling)?;
+            self.reserved.store(ceiling, Ordering::Release);
+        }
+        Ok(())
     }
 
     fn reserve_beyond(&self, used: u64) -> Result<(), QuotaError> {
@@ -282,6 +318,7 @@ impl QuotaRegistry {
             recovered,
             journal: Arc::new(Journal {
                 file: Mutex::new(file),
+                ahead: spawn_journal_thread().map_err(open_err)?,
             }),
             block: block.max(1),
             mode,
@@ -355,6 +392,7 @@ impl QuotaRegistry {
                     used: AtomicU64::new(journaled),
                     reserved: AtomicU64::new(journaled),
                     reserve_lock: Mutex::new(()),
+                    reserving: AtomicBool::new(false),
                     journal: self.journal.clone(),
                     block: self.block,
                 })
@@ -400,6 +438,23 @@ impl QuotaRegistry {
         }
         Ok(())
     }
+}
+
+/// The thread that extends reservations ahead of need; it ends when the journal is dropped.
+fn spawn_journal_thread() -> std::io::Result<std::sync::mpsc::Sender<Arc<QuotaCell>>> {
+    let (ahead, queue) = std::sync::mpsc::channel::<Arc<QuotaCell>>();
+    std::thread::Builder::new()
+        .name("quota-journal".into())
+        .spawn(move || {
+            for cell in queue {
+                if let Err(error) = cell.reserve_ahead() {
+                    // The request that reaches the reservation retries and reports it.
+                    tracing::error!(%error, purchase = %cell.purchase_id, "quota journal write failed");
+                }
+                cell.reserving.store(false, Ordering::Release);
+            }
+        })?;
+    Ok(ahead)
 }
 
 #[cfg(test)]
