@@ -7,8 +7,10 @@
 //! - [`apig`]: Huawei APIG error codes and the error body.
 //! - [`buyer`]: the buyer tool behind `marketgate sign` and `marketgate call`.
 //! - [`snapshot`]: the contract between the planes: wire types, validation, compiled form.
-//! - [`gateway`]: the data plane: listeners, per-request phases, quota, forwarding, admin.
-//! - [`control`]: the control plane: store, market API, management API, snapshot building.
+//! - [`gateway`]: the data plane: listeners, per-request phases, quota and its lease client,
+//!   forwarding, admin.
+//! - [`control`]: the control plane: store, market API, management API, snapshot building
+//!   and pushing, the lease ledger, its admin listener.
 //! - [`lease`]: quota leases: the protocol and ledger arithmetic that let proxies share a purchase.
 //! - [`metrics_text`]: the Prometheus text format of one or more registries, empty families kept.
 //! - [`serve`]: `marketgate serve`: both planes in one process, joined without HTTP.
