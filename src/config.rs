@@ -141,6 +141,25 @@ pub struct AdminConfig {
     pub metrics_public: bool,
 }
 
+impl AdminConfig {
+    /// Does a request to an admin listener carry the admin token
+    /// (`Authorization: Bearer <token>` or `X-Admin-Token: <token>`)? Compared in constant
+    /// time; an empty configured token admits no one. Both planes' admin listeners ask this.
+    pub fn admits(&self, headers: &http::HeaderMap) -> bool {
+        use subtle::ConstantTimeEq;
+        let given = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .or_else(|| headers.get("x-admin-token").and_then(|v| v.to_str().ok()));
+        let expected = self.token.as_bytes();
+        match given {
+            Some(token) => !expected.is_empty() && bool::from(token.as_bytes().ct_eq(expected)),
+            None => false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProxyConfig {
     /// This proxy's name in leases and in the control plane's `/v1/proxies`.

@@ -18,7 +18,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
 use serde_json::json;
-use subtle::ConstantTimeEq;
 
 use super::{Gateway, SnapshotRejection};
 use crate::apig;
@@ -85,17 +84,10 @@ impl IntoResponse for AdminError {
 }
 
 fn authorized(gateway: &Gateway, headers: &HeaderMap) -> Result<(), AdminError> {
-    let expected = gateway.inner.config.admin.token.as_bytes();
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .or_else(|| headers.get("x-admin-token").and_then(|v| v.to_str().ok()));
-    match given {
-        Some(token) if !expected.is_empty() && bool::from(token.as_bytes().ct_eq(expected)) => {
-            Ok(())
-        }
-        _ => Err(AdminError::Unauthorized),
+    if gateway.inner.config.admin.admits(headers) {
+        Ok(())
+    } else {
+        Err(AdminError::Unauthorized)
     }
 }
 
