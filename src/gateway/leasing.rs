@@ -298,16 +298,21 @@ impl LeaseClient {
     /// is unreported; until `shutdown` fires.
     pub async fn run(self: Arc<Self>, shutdown: Shutdown) {
         let mut last_tick = Instant::now();
+        // The last exchange prompted by usage: the first report after a quiet spell goes at
+        // once (a buyer's view then shows the call), reports under load batch.
+        let mut last_usage_exchange: Option<Instant> = None;
         loop {
             let quota = self.gateway.quota();
             tokio::select! {
                 _ = tokio::time::sleep(TICK) => {}
                 _ = quota.refill_wanted() => {}
                 _ = quota.usage_noted() => {
-                    let since = last_tick.elapsed();
-                    if since < MIN_EXCHANGE_INTERVAL {
-                        tokio::time::sleep(MIN_EXCHANGE_INTERVAL - since).await;
+                    if let Some(since) = last_usage_exchange.map(|at| at.elapsed()) {
+                        if since < MIN_EXCHANGE_INTERVAL {
+                            tokio::time::sleep(MIN_EXCHANGE_INTERVAL - since).await;
+                        }
                     }
+                    last_usage_exchange = Some(Instant::now());
                 }
                 _ = shutdown.clone().wait() => return,
             }
