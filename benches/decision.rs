@@ -262,5 +262,31 @@ fn bench_decision(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_decision);
+/// Leases against a local-only quota cell (issue 5's target: leases cost ≤ 5%): one take from
+/// a local cell, and from a leased cell plus the wake-up of the lease client that every
+/// taken call costs in `Leased` mode (`QuotaRegistry::note_usage`). Journal as served.
+fn bench_quota_modes(c: &mut Criterion) {
+    use marketgate::gateway::quota::QuotaMode;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut group = c.benchmark_group("quota_take");
+    for (name, mode) in [("local", QuotaMode::Local), ("leased", QuotaMode::Leased)] {
+        let registry = QuotaRegistry::open_with_mode(
+            &dir.path().join(name),
+            DEFAULT_QUOTA_JOURNAL_BLOCK,
+            mode,
+        )
+        .expect("journal opens");
+        let cell = registry.cell("p1", u64::MAX / 2, 0);
+        cell.add_calls(u64::MAX / 4); // a leased cell serves only what was granted
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                assert!(black_box(&cell).try_take().expect("journal"));
+                registry.note_usage();
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_decision, bench_quota_modes);
 criterion_main!(benches);
