@@ -271,12 +271,9 @@ fn bench_quota_modes(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut group = c.benchmark_group("quota_take");
     for (name, mode) in [("local", QuotaMode::Local), ("leased", QuotaMode::Leased)] {
-        let registry = QuotaRegistry::open_with_mode(
-            &dir.path().join(name),
-            NO_JOURNAL_BLOCK,
-            mode,
-        )
-        .expect("journal opens");
+        let registry =
+            QuotaRegistry::open_with_mode(&dir.path().join(name), NO_JOURNAL_BLOCK, mode)
+                .expect("journal opens");
         let cell = registry.cell("p1", u64::MAX / 2, 0);
         cell.add_calls(u64::MAX / 4); // a leased cell serves only what was granted
         group.bench_function(name, |b| {

@@ -294,9 +294,15 @@ async fn three_proxies_share_one_purchase_exactly_on(store: &ctl::Backend) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_proxy_returns_its_unused_lease_when_it_comes_back() {
+    for store in ctl::Backend::all().await {
+        a_crashed_proxy_returns_its_unused_lease_on(&store).await;
+    }
+}
+
+async fn a_crashed_proxy_returns_its_unused_lease_on(store: &ctl::Backend) {
     const QUOTA: u64 = 1000;
     const JOURNAL_BLOCK: u64 = marketgate::config::DEFAULT_QUOTA_JOURNAL_BLOCK;
-    let market = Market::with_purchase(QUOTA).await;
+    let market = Market::with_purchase_on(store, QUOTA).await;
     let dir_a = Arc::new(tempfile::tempdir().unwrap());
     let crashing = market.proxy("proxy-a", dir_a.clone()).await;
     let steady = market
