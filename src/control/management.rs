@@ -184,8 +184,8 @@ fn paging(call: &Call) -> (usize, usize) {
     (offset, limit)
 }
 
-/// `{total, size, <key>: [...]}` for one page of `items`.
-fn page(call: &Call, key: &str, items: Vec<Value>) -> Response {
+/// `{total, size, <key>: [...]}` for one page of `items` (`offset`, `limit` as Huawei's lists).
+pub(super) fn page(call: &Call, key: &str, items: Vec<Value>) -> Response {
     let (offset, limit) = paging(call);
     let total = items.len();
     let items: Vec<Value> = items.into_iter().skip(offset).take(limit).collect();

@@ -677,23 +677,11 @@ pub async fn list_purchases(AxState(cp): AxState<ControlPlane>, call: Call) -> H
         })
         .collect();
     items.sort_by(|a, b| a.create_time.cmp(&b.create_time));
-    let num = |name: &str| call.query.get(name).and_then(|v| v.parse::<i64>().ok());
-    let offset = num("offset").unwrap_or(0).max(0) as usize;
-    let limit = match num("limit") {
-        Some(l) if l > 0 => (l as usize).min(MAX_PAGE_LIMIT),
-        _ => DEFAULT_PAGE_LIMIT,
-    };
-    let total = items.len();
-    let page: Vec<Value> = items
+    let views = items
         .into_iter()
-        .skip(offset)
-        .take(limit)
         .map(|p| purchase_view(&state, p))
         .collect();
-    Ok(reply(
-        StatusCode::OK,
-        json!({"total": total, "size": page.len(), "purchases": page}),
-    ))
+    Ok(super::management::page(&call, "purchases", views))
 }
 
 /// Row 12: one purchase.
