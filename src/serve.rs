@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::control::ControlPlane;
 use crate::gateway::leasing::{LeaseClient, LeaseService, LeaseServiceError};
 use crate::gateway::quota::QuotaMode;
-use crate::gateway::{Gateway, SnapshotRejection};
+use crate::gateway::{Gateway, Listeners, SnapshotRejection};
 use crate::lease::{LeaseExchange, LeaseReply};
 use crate::shutdown::Shutdown;
 
@@ -47,17 +47,12 @@ pub async fn run_serve(config: Config, shutdown: Shutdown) -> Result<(), RunErro
     tokio::spawn(leases.clone().run(shutdown.clone()));
     control.spawn_lease_expiry(shutdown.clone());
 
-    let buyers = tokio::net::TcpListener::bind(config.gateway.listen).await?;
-    let tls = match config.gateway.tls_listen {
-        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await?),
-        None => None,
-    };
+    let listeners = Listeners::bind(&config).await?;
     let control_listener = tokio::net::TcpListener::bind(config.control.listen).await?;
-    let admin = tokio::net::TcpListener::bind(config.admin.listen).await?;
     tracing::info!(
-        buyers = %buyers.local_addr()?,
+        buyers = %listeners.buyers.local_addr()?,
         control = %control_listener.local_addr()?,
-        admin = %admin.local_addr()?,
+        admin = %listeners.admin.local_addr()?,
         data_dir = %config.data_dir.display(),
         "marketgate serve: both planes listening"
     );
@@ -79,23 +74,10 @@ pub async fn run_serve(config: Config, shutdown: Shutdown) -> Result<(), RunErro
             control.clone(),
             crate::control::push::PushStatus::none(),
         ));
-    let admin_shutdown = shutdown.clone();
-    let admin_task = tokio::spawn(async move {
-        axum::serve(admin, admin_router)
-            .with_graceful_shutdown(admin_shutdown.wait())
-            .await
-    });
-    let tls_task = tls.map(|listener| {
-        let gateway = gateway.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move { gateway.serve_buyers_tls(listener, shutdown).await })
-    });
-    gateway.serve_buyers(buyers, shutdown).await;
-    if let Some(task) = tls_task {
-        task.await?;
-    }
+    gateway
+        .serve_listeners(listeners, admin_router, shutdown)
+        .await?;
     control_task.await??;
-    admin_task.await??;
     gateway.flush()?;
     if let Err(error) = leases.finish().await {
         tracing::warn!(%error, "could not report the last usage to the ledger");

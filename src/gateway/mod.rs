@@ -364,6 +364,55 @@ fn persist_snapshot(path: &Path, snapshot: &Snapshot) -> std::io::Result<()> {
 
 type RunError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The gateway's listeners, bound from `[gateway]` and `[admin]`.
+pub struct Listeners {
+    pub buyers: tokio::net::TcpListener,
+    pub tls: Option<tokio::net::TcpListener>,
+    pub admin: tokio::net::TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
+        let buyers = tokio::net::TcpListener::bind(config.gateway.listen).await?;
+        let tls = match config.gateway.tls_listen {
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await?),
+            None => None,
+        };
+        let admin = tokio::net::TcpListener::bind(config.admin.listen).await?;
+        Ok(Listeners { buyers, tls, admin })
+    }
+}
+
+impl Gateway {
+    /// Serves buyers (plain and TLS) and `admin_router` on the admin listener until
+    /// `shutdown`, then waits for buyers to drain and every listener to stop. Flushing the
+    /// quota is the caller's, after this returns.
+    pub async fn serve_listeners(
+        &self,
+        listeners: Listeners,
+        admin_router: axum::Router,
+        shutdown: Shutdown,
+    ) -> Result<(), RunError> {
+        let admin_shutdown = shutdown.clone();
+        let admin_task = tokio::spawn(async move {
+            axum::serve(listeners.admin, admin_router)
+                .with_graceful_shutdown(admin_shutdown.wait())
+                .await
+        });
+        let tls_task = listeners.tls.map(|listener| {
+            let gateway = self.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { gateway.serve_buyers_tls(listener, shutdown).await })
+        });
+        self.serve_buyers(listeners.buyers, shutdown).await;
+        if let Some(task) = tls_task {
+            task.await?;
+        }
+        admin_task.await??;
+        Ok(())
+    }
+}
+
 /// Runs a standalone proxy until `shutdown` fires: binds `gateway.listen`,
 /// `gateway.tls_listen` (when set) and `admin.listen`, drains, then flushes quota.
 /// With `gateway.workers > 0` the proxy runs on its own runtime of that many threads.
@@ -405,30 +454,13 @@ async fn run_proxy_here(config: Config, shutdown: Shutdown) -> Result<(), RunErr
         let service = Arc::new(leasing::HttpLeaseService::new(url, &config.admin.token));
         Arc::new(leasing::LeaseClient::new(gateway.clone(), service))
     });
-    let buyers = tokio::net::TcpListener::bind(config.gateway.listen).await?;
-    let tls = match config.gateway.tls_listen {
-        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await?),
-        None => None,
-    };
-    let admin = tokio::net::TcpListener::bind(config.admin.listen).await?;
+    let listeners = Listeners::bind(&config).await?;
     tracing::info!(
-        buyers = %buyers.local_addr()?,
-        admin = %admin.local_addr()?,
+        buyers = %listeners.buyers.local_addr()?,
+        admin = %listeners.admin.local_addr()?,
         version = ?gateway.snapshot_version(),
         "proxy listening"
     );
-    let admin_shutdown = shutdown.clone();
-    let admin_router = gateway.admin_router();
-    let admin_task = tokio::spawn(async move {
-        axum::serve(admin, admin_router)
-            .with_graceful_shutdown(admin_shutdown.wait())
-            .await
-    });
-    let tls_task = tls.map(|listener| {
-        let gateway = gateway.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move { gateway.serve_buyers_tls(listener, shutdown).await })
-    });
     if let Some(client) = &leasing {
         // Report what the journal says was served before taking new leases; meanwhile
         // limited purchases are served only from what is leased (nothing yet).
@@ -439,11 +471,9 @@ async fn run_proxy_here(config: Config, shutdown: Shutdown) -> Result<(), RunErr
             client.run(shutdown).await;
         });
     }
-    gateway.serve_buyers(buyers, shutdown).await;
-    if let Some(task) = tls_task {
-        task.await?;
-    }
-    admin_task.await??;
+    gateway
+        .serve_listeners(listeners, gateway.admin_router(), shutdown)
+        .await?;
     gateway.flush()?;
     if let Some(client) = &leasing {
         if let Err(error) = client.finish().await {
