@@ -7,6 +7,11 @@
 //! Invariant, kept by every method here: `used + Σ held ≤ limit`. Since a proxy serves at
 //! most what it holds, no mix of proxies can serve more than `limit`.
 //!
+//! Reports are idempotent where the proxy says where it counts from ([`UsageReport::since`],
+//! [`LeaseExchange::incarnation`]): an exchange the control plane committed but whose answer
+//! the proxy never got (a timeout, a crash) is reported again, and only the calls the ledger
+//! has not yet counted are added.
+//!
 //! This module is the protocol's wire types and the ledger arithmetic, nothing else: it does
 //! no I/O and keeps no clock of its own (callers pass `now`, epoch seconds). The control plane
 //! persists ledgers; the data plane turns grants into calls in its quota cells. See
@@ -31,13 +36,24 @@ pub struct LeaseExchange {
     /// Give back everything held after applying the reports (clean shutdown).
     #[serde(default)]
     pub release_all: bool,
+    /// Names the life of the proxy's data directory (made when its lease state is first
+    /// written): a proxy that lost its disk counts from zero again, and the ledger must know.
+    /// Without it, reports are plain increments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incarnation: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UsageReport {
     pub purchase_id: String,
+    /// Calls served on top of `since`.
     pub used: u64,
+    /// Calls of this purchase this proxy had reported before, as far as it knows (the sum of
+    /// its acknowledged reports). With [`LeaseExchange::incarnation`], it makes the report
+    /// idempotent: see [`Ledger::report_since`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,6 +93,14 @@ pub struct Lease {
     pub expires_at: i64,
 }
 
+/// What one proxy has reported of one purchase, in one life of its data directory.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Tally {
+    pub incarnation: String,
+    /// Calls counted from this proxy's reports, by its own count.
+    pub reported: u64,
+}
+
 /// One purchase's ledger, owned by the control plane.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Ledger {
@@ -85,6 +109,9 @@ pub struct Ledger {
     /// Calls reported served, durable, never decreasing.
     pub used: u64,
     pub leases: BTreeMap<String, Lease>,
+    /// Per proxy, what its reports have counted so far (kept after its lease ends, so that a
+    /// report repeated after a restart is still recognised).
+    pub tallies: BTreeMap<String, Tally>,
 }
 
 impl Ledger {
@@ -93,6 +120,7 @@ impl Ledger {
             limit,
             used,
             leases: BTreeMap::new(),
+            tallies: BTreeMap::new(),
         }
     }
 
@@ -121,6 +149,26 @@ impl Ledger {
             lease.held = lease.held.saturating_sub(calls);
         }
         self.restore_invariant();
+    }
+
+    /// `node` served `calls` on top of the `since` it had reported before, in the life
+    /// `incarnation` of its data directory. Calls this ledger already counted — from an
+    /// exchange it committed but whose answer the proxy never got — are not counted twice.
+    /// A new incarnation (the proxy lost its disk, or never said) starts its tally at `since`.
+    /// Returns the calls newly counted as used.
+    pub fn report_since(&mut self, node: &str, incarnation: &str, since: u64, calls: u64) -> u64 {
+        let tally = self.tallies.entry(node.to_owned()).or_default();
+        if tally.incarnation != incarnation {
+            *tally = Tally {
+                incarnation: incarnation.to_owned(),
+                reported: since,
+            };
+        }
+        let counted_before = tally.reported.saturating_sub(since);
+        let new = calls.saturating_sub(counted_before);
+        tally.reported = tally.reported.max(since + calls);
+        self.report(node, new);
+        new
     }
 
     /// Grants `node` up to `want` more calls, shrinking the grant as the purchase runs low so
@@ -277,6 +325,44 @@ mod tests {
         ledger.report("a", 4); // the journal says 4 were served from the expired lease
         assert_eq!(ledger.used, 4);
         invariant(&ledger);
+    }
+
+    #[test]
+    fn a_report_repeated_after_a_lost_answer_counts_once() {
+        let mut ledger = Ledger::new(Some(100), 0);
+        ledger.grant("a", 50, 0, 60);
+        assert_eq!(ledger.report_since("a", "life-1", 0, 10), 10);
+        // The answer was lost: the proxy still thinks it reported 0, and has served 5 more.
+        assert_eq!(ledger.report_since("a", "life-1", 0, 15), 5);
+        assert_eq!(ledger.used, 15);
+        assert_eq!(ledger.leases["a"].held, 35);
+        // The next report counts from the acknowledged 15.
+        assert_eq!(ledger.report_since("a", "life-1", 15, 3), 3);
+        assert_eq!(ledger.used, 18);
+        invariant(&ledger);
+    }
+
+    #[test]
+    fn a_proxy_with_a_new_disk_counts_from_zero_again() {
+        let mut ledger = Ledger::new(Some(100), 0);
+        ledger.grant("a", 50, 0, 60);
+        assert_eq!(ledger.report_since("a", "life-1", 0, 30), 30);
+        ledger.release("a");
+        // Same node id, empty data directory: its count restarts at zero.
+        ledger.grant("a", 20, 0, 60);
+        assert_eq!(ledger.report_since("a", "life-2", 0, 4), 4);
+        assert_eq!(ledger.used, 34);
+        invariant(&ledger);
+    }
+
+    #[test]
+    fn proxies_tally_apart() {
+        let mut ledger = Ledger::new(Some(100), 0);
+        ledger.grant("a", 30, 0, 60);
+        ledger.grant("b", 30, 0, 60);
+        ledger.report_since("a", "life-a", 0, 10);
+        assert_eq!(ledger.report_since("b", "life-b", 0, 10), 10);
+        assert_eq!(ledger.used, 20);
     }
 
     #[test]

@@ -70,14 +70,13 @@ impl ControlPlane {
                 continue;
             };
             let mut ledger = purchase.ledger();
-            let reported: u64 = exchange
-                .reports
-                .iter()
-                .filter(|r| r.purchase_id == id)
-                .map(|r| r.used)
-                .sum();
-            if reported > 0 {
-                ledger.report(node, reported);
+            for report in exchange.reports.iter().filter(|r| r.purchase_id == id) {
+                match (exchange.incarnation.as_deref(), report.since) {
+                    (Some(incarnation), Some(since)) => {
+                        ledger.report_since(node, incarnation, since, report.used);
+                    }
+                    _ => ledger.report(node, report.used),
+                }
             }
             let granted = if exchange.release_all {
                 ledger.release(node);

@@ -164,6 +164,9 @@ pub struct PurchaseRec {
     /// Calls leased to each proxy and not yet reported (docs/quota-leases.md).
     #[serde(default)]
     pub leases: BTreeMap<String, crate::lease::Lease>,
+    /// Per proxy, what its usage reports have counted (idempotent reports).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tallies: BTreeMap<String, crate::lease::Tally>,
     #[serde(default)]
     pub app_id: Option<String>,
     pub create_time: String,
@@ -183,6 +186,7 @@ impl PurchaseRec {
             limit: self.quota_limit,
             used: self.quota_used,
             leases: self.leases.clone(),
+            tallies: self.tallies.clone(),
         }
     }
 
@@ -191,6 +195,7 @@ impl PurchaseRec {
         self.quota_limit = ledger.limit;
         self.quota_used = ledger.used;
         self.leases = ledger.leases;
+        self.tallies = ledger.tallies;
     }
 }
 
@@ -373,6 +378,7 @@ mod tests {
             quota_limit: Some(10),
             quota_used: 3,
             leases: BTreeMap::new(),
+            tallies: BTreeMap::new(),
             app_id: None,
             create_time: String::new(),
             update_time: String::new(),

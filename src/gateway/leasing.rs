@@ -128,6 +128,11 @@ impl LeaseService for HttpLeaseService {
 /// unreachable, keeps serving the lease it held until that lease expires.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 struct AckedState {
+    /// Names this life of the data directory in every exchange (made when the file is first
+    /// written), so that the control plane can tell a repeated report from a proxy that lost
+    /// its disk and counts from zero again.
+    #[serde(default)]
+    incarnation: String,
     purchases: HashMap<String, AckedPurchase>,
 }
 
@@ -164,6 +169,7 @@ pub struct LeaseClient {
     min_calls: u64,
     max_calls: u64,
     state_path: PathBuf,
+    incarnation: String,
     book: Mutex<HashMap<String, Tracked>>,
     /// One exchange at a time.
     exchanging: tokio::sync::Mutex<()>,
@@ -179,6 +185,12 @@ impl LeaseClient {
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .unwrap_or_default();
+        let first_life = acked.incarnation.is_empty();
+        let incarnation = if first_life {
+            uuid::Uuid::new_v4().simple().to_string()
+        } else {
+            acked.incarnation
+        };
         let now = now_secs();
         let quota = gateway.quota();
         let book = acked
@@ -201,17 +213,24 @@ impl LeaseClient {
                 (id, tracked)
             })
             .collect();
-        LeaseClient {
+        let client = LeaseClient {
             node_id: config.proxy.node_id.clone(),
             min_calls: config.proxy.lease_min_calls,
             max_calls: config.proxy.lease_max_calls,
             state_path,
+            incarnation,
             book: Mutex::new(book),
             exchanging: tokio::sync::Mutex::new(()),
             recovered: tokio::sync::watch::channel(false).0,
             service,
             gateway,
+        };
+        if first_life {
+            // On disk before any report names it: a report made under an incarnation that a
+            // restart forgot would be counted again.
+            client.persist();
         }
+        client
     }
 
     /// After a start: reports what the journal says was served beyond what the control plane
@@ -232,6 +251,7 @@ impl LeaseClient {
                         (*journaled > reported).then(|| UsageReport {
                             purchase_id: id.clone(),
                             used: journaled - reported,
+                            since: Some(reported),
                         })
                     })
                     .collect()
@@ -241,6 +261,7 @@ impl LeaseClient {
                 reports: reports.clone(),
                 wants: Vec::new(),
                 release_all: true,
+                incarnation: Some(self.incarnation.clone()),
             };
             match self.service.exchange(exchange).await {
                 Ok(_) => {
@@ -382,6 +403,7 @@ impl LeaseClient {
                     reports.push(UsageReport {
                         purchase_id: id.to_owned(),
                         used: used - tracked.reported,
+                        since: Some(tracked.reported),
                     });
                     involved = true;
                 }
@@ -408,6 +430,7 @@ impl LeaseClient {
             reports,
             wants,
             release_all,
+            incarnation: Some(self.incarnation.clone()),
         };
         let result = self.service.exchange(exchange).await;
         let metrics = self.gateway.metrics();
@@ -486,6 +509,7 @@ impl LeaseClient {
     /// Writes what the control plane acknowledged (atomic rename).
     fn persist(&self) {
         let state = AckedState {
+            incarnation: self.incarnation.clone(),
             purchases: self
                 .book
                 .lock()

@@ -9,7 +9,8 @@
 //! - `used <= reserved` at all times, and `reserved` is on disk (fsync'ed) before any call
 //!   below it is granted. After a crash the proxy restarts with `used = reserved`, so a call
 //!   that was served is never granted again. The bound on calls lost at a crash (counted but
-//!   never served) is `gateway.quota_journal_block` per purchase.
+//!   never served) is `gateway.quota_journal_block` per purchase, plus the calls in flight
+//!   then (taken but perhaps not yet forwarded: the cell cannot tell).
 //! - A clean shutdown ([`QuotaRegistry::flush`], after traffic stopped) records the exact
 //!   `used`, so nothing is lost.
 //! - Cells live in the registry, not in a snapshot: a compiled snapshot holds `Arc`s to them,

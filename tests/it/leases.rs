@@ -34,65 +34,11 @@ impl Market {
     async fn with_purchase_on(store: &ctl::Backend, quota: u64) -> Market {
         let backend = Backend::echo().await;
         let control = Control::start(store).await;
-        let seller = control.client(ctl::SELLER_TOKEN);
-        let base = ctl::mgmt(ctl::SELLER_PROJECT);
-        let group = seller
-            .post(
-                &format!("{base}/api-groups"),
-                json!({"name": "shared_group"}),
-            )
-            .await;
-        expect_status("group", &group, 201);
-        let group_id = group.1["id"].as_str().unwrap().to_owned();
-        let api = seller
-            .post(
-                &format!("{base}/apis"),
-                json!({"group_id": group_id, "name": "shared_api", "type": 1,
-                       "req_protocol": "HTTP", "req_method": "GET", "req_uri": "/call",
-                       "auth_type": "APP", "backend_type": "HTTP",
-                       "backend_api": {"url_domain": backend.addr.to_string(),
-                                       "req_protocol": "HTTP", "req_method": "GET",
-                                       "req_uri": "/backend", "timeout": 5000}}),
-            )
-            .await;
-        expect_status("api", &api, 201);
-        let publish = seller
-            .post(
-                &format!("{base}/apis/action"),
-                json!({"action": "online", "env_id": "DEFAULT_ENVIRONMENT_RELEASE_ID",
-                       "api_id": api.1["id"]}),
-            )
-            .await;
-        expect_status("publish", &publish, 201);
-        let market = control.client(ctl::MARKET_TOKEN);
-        let onsell = market
-            .as_domain(ctl::SELLER_DOMAIN)
-            .put(
-                &format!(
-                    "{}/api-groups/onsell/{group_id}",
-                    ctl::market_base(ctl::SELLER_PROJECT)
-                ),
-                json!({"url_domain": MARKET_DOMAIN}),
-            )
-            .await;
-        expect_status("onsell", &onsell, 201);
-        let bought = market
-            .as_domain(ctl::BUYER_DOMAIN)
-            .post(
-                &format!(
-                    "{}/api-groups/purchase",
-                    ctl::market_base(ctl::BUYER_PROJECT)
-                ),
-                json!({"order_id": "shared-order", "group_id": group_id,
-                       "start_time": "1700000000", "expire_time": "4102444800",
-                       "req_quota": quota.to_string(), "order_type": "1"}),
-            )
-            .await;
-        expect_status("purchase", &bought, 201);
+        let bought = ctl::bought_group(control.addr, backend.addr, MARKET_DOMAIN, quota).await;
         Market {
-            purchase_id: bought.1["purchase_id"].as_str().unwrap().to_owned(),
-            key: bought.1["app_key"].as_str().unwrap().to_owned(),
-            secret: bought.1["app_secret"].as_str().unwrap().to_owned(),
+            purchase_id: bought.purchase_id,
+            key: bought.key,
+            secret: bought.secret,
             control,
             backend,
         }

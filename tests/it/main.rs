@@ -3,6 +3,7 @@
 mod control;
 mod control_binary;
 mod control_e2e;
+mod fleet;
 mod gateway;
 mod gateway_crash;
 mod gateway_tls;

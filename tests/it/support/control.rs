@@ -395,3 +395,79 @@ pub async fn served(control: &Control) -> marketgate::snapshot::Snapshot {
     }
     snapshot
 }
+
+/// What the market's purchase answered: the buyer's APP for a listed group.
+pub struct Bought {
+    pub purchase_id: String,
+    pub key: String,
+    pub secret: String,
+}
+
+/// On the control API at `control`: a seller's group with one API, `GET /call` forwarding to
+/// `backend`'s `/backend`, published and listed on the market at `domain`; then the buyer's
+/// purchase (order `shared-order`) of `quota` calls of it.
+pub async fn bought_group(
+    control: SocketAddr,
+    backend: SocketAddr,
+    domain: &str,
+    quota: u64,
+) -> Bought {
+    let seller = Api::new(control, Auth::Token(SELLER_TOKEN.into()));
+    let base = mgmt(SELLER_PROJECT);
+    let group = seller
+        .post(
+            &format!("{base}/api-groups"),
+            serde_json::json!({"name": "shared_group"}),
+        )
+        .await;
+    expect_status("group", &group, 201);
+    let group_id = group.1["id"].as_str().unwrap().to_owned();
+    let api = seller
+        .post(
+            &format!("{base}/apis"),
+            serde_json::json!({"group_id": group_id, "name": "shared_api", "type": 1,
+                   "req_protocol": "HTTP", "req_method": "GET", "req_uri": "/call",
+                   "auth_type": "APP", "backend_type": "HTTP",
+                   "backend_api": {"url_domain": backend.to_string(),
+                                   "req_protocol": "HTTP", "req_method": "GET",
+                                   "req_uri": "/backend", "timeout": 5000}}),
+        )
+        .await;
+    expect_status("api", &api, 201);
+    let publish = seller
+        .post(
+            &format!("{base}/apis/action"),
+            serde_json::json!({"action": "online", "env_id": "DEFAULT_ENVIRONMENT_RELEASE_ID",
+                   "api_id": api.1["id"]}),
+        )
+        .await;
+    expect_status("publish", &publish, 201);
+    let market = Api::new(control, Auth::Token(MARKET_TOKEN.into()));
+    let onsell = market
+        .as_domain(SELLER_DOMAIN)
+        .put(
+            &format!(
+                "{}/api-groups/onsell/{group_id}",
+                market_base(SELLER_PROJECT)
+            ),
+            serde_json::json!({"url_domain": domain}),
+        )
+        .await;
+    expect_status("onsell", &onsell, 201);
+    let bought = market
+        .as_domain(BUYER_DOMAIN)
+        .post(
+            &format!("{}/api-groups/purchase", market_base(BUYER_PROJECT)),
+            serde_json::json!({"order_id": "shared-order", "group_id": group_id,
+                   "start_time": "1700000000", "expire_time": "4102444800",
+                   "req_quota": quota.to_string(), "order_type": "1"}),
+        )
+        .await;
+    expect_status("purchase", &bought, 201);
+    let field = |name: &str| bought.1[name].as_str().unwrap().to_owned();
+    Bought {
+        purchase_id: field("purchase_id"),
+        key: field("app_key"),
+        secret: field("app_secret"),
+    }
+}

@@ -400,16 +400,25 @@ impl Buyer {
     }
 
     /// Sends `request` (its URI a path; `host` goes in the Host header).
-    pub async fn send(&self, mut request: Request<Full<Bytes>>) -> Answer {
+    pub async fn send(&self, request: Request<Full<Bytes>>) -> Answer {
+        self.try_send(request).await.expect("the gateway answers")
+    }
+
+    /// Like [`Buyer::send`], but a gateway that is gone (refused, reset) is an error, not a
+    /// panic: for tests that kill one.
+    pub async fn try_send(
+        &self,
+        mut request: Request<Full<Bytes>>,
+    ) -> Result<Answer, Box<dyn std::error::Error + Send + Sync>> {
         let path = request.uri().path_and_query().unwrap().as_str().to_owned();
         *request.uri_mut() = format!("http://{}{path}", self.gateway).parse().unwrap();
-        let response = self.client.request(request).await.unwrap();
+        let response = self.client.request(request).await?;
         let (parts, body) = response.into_parts();
-        Answer {
+        Ok(Answer {
             status: parts.status,
             headers: parts.headers,
-            body: body.collect().await.unwrap().to_bytes(),
-        }
+            body: body.collect().await?.to_bytes(),
+        })
     }
 
     pub async fn get(&self, host: &str, path: &str) -> Answer {

@@ -2,3 +2,4 @@
 pub mod control;
 pub mod gateway;
 pub mod planes;
+pub mod process;

@@ -1,0 +1,356 @@
+//! A fleet of real processes, wired as an operator wires them (CONTRACT §1, §5, §7): one
+//! `marketgate control` and three `marketgate proxy` binaries. The control plane pushes
+//! snapshots to each proxy's admin listener (`[[control.proxies]]`); each proxy leases quota
+//! from the control plane's admin listener over HTTP (`proxy.control_url`).
+//!
+//! They share one purchase of Q calls under 64 concurrent buyers while one proxy is killed
+//! with SIGKILL mid-run and later restarted on its data directory. The backend must never
+//! receive more than Q calls; while the proxy is down its lease stays stranded (granted to no
+//! one else); when it is back its journal reports what it served and gives the lease back;
+//! and the crash costs the buyer at most one journal block plus the calls in flight on the
+//! victim when it died (docs/quota-leases.md). On SQLite and, when it answers, PostgreSQL.
+//!
+//! The in-process versions of these scenarios (tests/it/leases.rs) cover the ledger's corner
+//! cases quickly; this one proves the binaries' own wiring and a real `kill -9`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::support::control::{self as ctl, bought_group, config_toml, Api, Auth, Bought};
+use crate::support::gateway::{admin_get, request, signed_as, Backend, Buyer, ADMIN_TOKEN};
+use crate::support::process::{free_port, Process};
+
+const QUOTA: u64 = 3000;
+const CLIENTS: usize = 64;
+/// Calls each client offers: 64 × 70 = 4480 for 3000 bought.
+const CALLS_PER_CLIENT: usize = 70;
+const PROXIES: usize = 3;
+/// The proxy that is killed, once the backend has seen [`KILL_AFTER`] calls.
+const VICTIM: usize = 1;
+const KILL_AFTER: u64 = QUOTA / 3;
+const JOURNAL_BLOCK: u64 = 8;
+const DOMAIN: &str = "fleet.example.com";
+/// How long the fleet may take to agree (snapshot pushed, leases recovered).
+const CONVERGE: Duration = Duration::from_secs(20);
+
+/// A `marketgate proxy` process of the fleet: its admin address and data directory outlive
+/// the process, so that it can be restarted as the same node.
+struct FleetProxy {
+    node: String,
+    config: std::path::PathBuf,
+    process: Process,
+}
+
+impl FleetProxy {
+    async fn start(dir: &Path, node: &str, admin: SocketAddr, control_admin: SocketAddr) -> Self {
+        let data_dir = dir.join(node);
+        std::fs::create_dir_all(&data_dir).unwrap();
+        let config = dir.join(format!("{node}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = '{}'\n\
+                 [gateway]\nlisten = '127.0.0.1:0'\nquota_journal_block = {JOURNAL_BLOCK}\n\
+                 [admin]\nlisten = '{admin}'\ntoken = '{ADMIN_TOKEN}'\n\
+                 [proxy]\nnode_id = '{node}'\ncontrol_url = 'http://{control_admin}'\n\
+                 [log]\nformat = 'json'\n",
+                data_dir.display()
+            ),
+        )
+        .unwrap();
+        let process = Process::start("proxy", &config, "proxy listening").await;
+        FleetProxy {
+            node: node.to_owned(),
+            config,
+            process,
+        }
+    }
+
+    /// The same node again, on its data directory and admin address.
+    async fn restart(&mut self) {
+        self.process = Process::start("proxy", &self.config, "proxy listening").await;
+    }
+
+    fn buyer(&self) -> Buyer {
+        Buyer::new(self.process.addr("buyers"))
+    }
+}
+
+/// The control plane process and what the test reads from it.
+struct Fleet {
+    control: Process,
+    proxies: Vec<FleetProxy>,
+    bought: Bought,
+    backend: Backend,
+    _dir: tempfile::TempDir,
+}
+
+impl Fleet {
+    /// Starts the control plane on `store`, the proxies, and the buyer's purchase; returns
+    /// once every proxy serves the snapshot that holds it.
+    async fn start(store: &ctl::Backend) -> Fleet {
+        let backend = Backend::echo().await;
+        let dir = tempfile::tempdir().unwrap();
+        let database_url = store.fresh_database(dir.path()).await;
+        // The proxies' admin addresses go into the control plane's config, and a restarted
+        // proxy must come back on its own: fixed before anything starts.
+        let admins: Vec<SocketAddr> = (0..PROXIES).map(|_| free_port()).collect();
+        let mut toml = config_toml(&database_url, "127.0.0.1:0").replace(
+            "token = \"admin-token\"",
+            &format!("token = \"{ADMIN_TOKEN}\""),
+        );
+        for admin in &admins {
+            toml.push_str(&format!(
+                "[[control.proxies]]\nadmin_url = \"http://{admin}\"\n"
+            ));
+        }
+        let config = dir.path().join("control.toml");
+        std::fs::write(&config, toml).unwrap();
+        let control = Process::start("control", &config, "control plane listening").await;
+
+        let mut proxies = Vec::new();
+        for (n, admin) in admins.iter().enumerate() {
+            let node = format!("proxy-{n}");
+            proxies.push(FleetProxy::start(dir.path(), &node, *admin, control.addr("admin")).await);
+        }
+        let bought = bought_group(control.addr("listen"), backend.addr, DOMAIN, QUOTA).await;
+        let fleet = Fleet {
+            control,
+            proxies,
+            bought,
+            backend,
+            _dir: dir,
+        };
+        let version = fleet.control_version().await;
+        for proxy in &fleet.proxies {
+            fleet.serves(proxy, version).await;
+        }
+        fleet
+    }
+
+    async fn control_version(&self) -> u64 {
+        let answer = admin_get(self.control.addr("admin"), "/v1/snapshot/version", true).await;
+        answer.json()["version"].as_u64().expect("a version")
+    }
+
+    /// Waits until `proxy` serves `version` or newer (pushed by the control plane).
+    async fn serves(&self, proxy: &FleetProxy, version: u64) {
+        let deadline = Instant::now() + CONVERGE;
+        loop {
+            let answer = admin_get(proxy.process.addr("admin"), "/v1/snapshot/version", true).await;
+            if answer.json()["version"].as_u64() >= Some(version) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never got version {version}",
+                proxy.node
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn call(&self) -> http::Request<http_body_util::Full<Bytes>> {
+        signed_as(
+            &self.bought.key,
+            &self.bought.secret,
+            request("GET", DOMAIN, "/call", Bytes::new()),
+        )
+    }
+
+    /// Calls each node holds, per the control plane's ledger (`GET /v1/proxies`).
+    async fn held(&self) -> std::collections::BTreeMap<String, u64> {
+        let answer = admin_get(self.control.addr("admin"), "/v1/proxies", true).await;
+        assert_eq!(answer.status, 200);
+        let leases = answer.json()["leases"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        leases
+            .iter()
+            .map(|l| {
+                let node = l["node_id"].as_str().unwrap().to_owned();
+                (node, l["calls_held"].as_u64().unwrap())
+            })
+            .collect()
+    }
+
+    /// The buyer's view of the purchase (market API row 12).
+    async fn purchase(&self) -> Value {
+        let market = Api::new(
+            self.control.addr("listen"),
+            Auth::Token(ctl::MARKET_TOKEN.into()),
+        )
+        .as_domain(ctl::BUYER_DOMAIN);
+        let answer = market
+            .get(&format!(
+                "{}/purchases/{}",
+                ctl::market_base(ctl::BUYER_PROJECT),
+                self.bought.purchase_id
+            ))
+            .await;
+        ctl::expect_status("buyer's view", &answer, 200);
+        answer.1
+    }
+
+    /// Calls neither used nor leased, per the control plane.
+    async fn unleased(&self) -> u64 {
+        let left = self.purchase().await["quota_left"].as_u64().unwrap();
+        left.saturating_sub(self.held().await.values().sum())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_of_binaries_shares_one_purchase_through_a_kill_9() {
+    for store in ctl::Backend::all().await {
+        fleet_through_a_kill_9_on(&store).await;
+    }
+}
+
+async fn fleet_through_a_kill_9_on(store: &ctl::Backend) {
+    let mut fleet = Fleet::start(store).await;
+    let buyers: Arc<Vec<Buyer>> = Arc::new(fleet.proxies.iter().map(FleetProxy::buyer).collect());
+    let ok = Arc::new(AtomicU64::new(0));
+    // Calls cut off by the kill: taken from the victim's quota, perhaps never forwarded.
+    let cut_off = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for c in 0..CLIENTS {
+        let requests: Vec<_> = (0..CALLS_PER_CLIENT).map(|_| fleet.call()).collect();
+        let (buyers, ok, cut_off) = (buyers.clone(), ok.clone(), cut_off.clone());
+        clients.push(tokio::spawn(async move {
+            let mut at = c % PROXIES;
+            for request in requests {
+                // A proxy that is gone refuses the connection: the buyer moves on to the next.
+                let answer = loop {
+                    match buyers[at].try_send(request.clone()).await {
+                        Ok(answer) => break answer,
+                        Err(error) => {
+                            if !refused(&*error) {
+                                cut_off.fetch_add(1, Ordering::SeqCst);
+                            }
+                            at = (at + 1) % PROXIES;
+                        }
+                    }
+                };
+                match answer.status.as_u16() {
+                    200 => {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                    405 => assert_eq!(answer.code(), "APIG.0501", "{:?}", answer.body),
+                    other => panic!("unexpected {other}: {:?}", answer.body),
+                }
+            }
+        }));
+    }
+
+    // Mid-run, the victim is killed: nothing flushed, nothing reported, its lease stranded.
+    let deadline = Instant::now() + CONVERGE;
+    while fleet.backend.hits() < KILL_AFTER {
+        assert!(Instant::now() < deadline, "the load never got going");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    fleet.proxies[VICTIM].process.kill_9();
+    for client in clients {
+        client.await.unwrap();
+    }
+    assert!(
+        fleet.backend.hits() <= QUOTA,
+        "over-admitted: {}",
+        fleet.backend.hits()
+    );
+    let victim = fleet.proxies[VICTIM].node.clone();
+    let stranded = fleet.held().await.get(&victim).copied().unwrap_or(0);
+    assert!(stranded > 0, "{victim} held a lease when it was killed");
+
+    // The others drain what they can: the stranded lease is granted to no one else.
+    let served = ok.load(Ordering::SeqCst) + drain(&fleet, &[0, 2]).await;
+    assert!(
+        fleet.backend.hits() <= QUOTA,
+        "over-admitted: {}",
+        fleet.backend.hits()
+    );
+    assert_eq!(fleet.held().await.get(&victim).copied(), Some(stranded));
+
+    // The victim comes back on its data directory: its journal is reported (at most one block
+    // more than it served, never less) and its lease given back.
+    fleet.proxies[VICTIM].restart().await;
+    fleet.proxies[VICTIM]
+        .process
+        .logged("leases recovered from the journal")
+        .await;
+    assert_eq!(
+        fleet.held().await.get(&victim).copied().unwrap_or(0),
+        0,
+        "the journal gave the stranded lease back"
+    );
+    let used = fleet.purchase().await["quota_used"].as_u64().unwrap();
+    let hits = fleet.backend.hits();
+    assert!(
+        used >= hits,
+        "a served call is never granted again: {used} < {hits}"
+    );
+
+    // What it gave back is served by the fleet; never more than bought.
+    let served = served + drain(&fleet, &[0, 1, 2]).await;
+    for proxy in &mut fleet.proxies {
+        proxy.process.terminate();
+    }
+    let hits = fleet.backend.hits();
+    assert!(hits <= QUOTA, "over-admitted: {hits}");
+    // The crash costs the buyer at most one journal block, plus the calls that were in
+    // flight on the victim (taken; whether they reached the backend it could not record).
+    let cut_off = cut_off.load(Ordering::SeqCst);
+    assert!(
+        hits >= QUOTA - JOURNAL_BLOCK - cut_off,
+        "the crash lost more than one journal block and {cut_off} calls cut off: \
+         {hits} of {QUOTA} served"
+    );
+    // Calls in flight on the victim when it died may have reached the backend unanswered.
+    assert!(served <= hits);
+    let purchase = fleet.purchase().await;
+    let used = purchase["quota_used"].as_u64().unwrap();
+    assert!(
+        (hits..=hits + JOURNAL_BLOCK + cut_off).contains(&used),
+        "the ledger counts every served call, and no more than the crash may lose: \
+         {used} for {hits}, {cut_off} cut off"
+    );
+    assert!(
+        fleet.held().await.values().all(|held| *held == 0),
+        "SIGTERM gives every lease back"
+    );
+    fleet.control.terminate();
+}
+
+/// Calls the proxies at `nodes` in turn until a whole round serves nothing and the control
+/// plane has nothing left to lease; returns the calls served.
+async fn drain(fleet: &Fleet, nodes: &[usize]) -> u64 {
+    let mut served = 0;
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let mut round = 0;
+        for &n in nodes {
+            let buyer = fleet.proxies[n].buyer();
+            while buyer.send(fleet.call()).await.status == 200 {
+                round += 1;
+            }
+        }
+        served += round;
+        if round == 0 && fleet.unleased().await == 0 {
+            return served;
+        }
+        assert!(Instant::now() < deadline, "the fleet never ran dry");
+    }
+}
+
+/// Was the call refused before it was sent (nothing listens there any more)?
+fn refused(error: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
+    error
+        .downcast_ref::<hyper_util::client::legacy::Error>()
+        .is_some_and(|e| e.is_connect())
+}

@@ -1,0 +1,152 @@
+//! The real `marketgate` binary as a child process: started on a config file, its listeners
+//! read from its JSON log, then stopped with SIGTERM (a clean stop) or SIGKILL (a crash that
+//! flushes nothing). Tests that need what only a separate process shows — a `kill -9`, the
+//! binary's own wiring between the planes — use this; the rest run in-process.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// How long a process may take to log that it listens, or to log an awaited message.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The binary under test: `$MARKETGATE_BIN`, else the one cargo built for these tests.
+pub fn binary() -> String {
+    std::env::var("MARKETGATE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_marketgate").to_owned())
+}
+
+/// A running `marketgate` subcommand. Dropping it kills it.
+pub struct Process {
+    child: Child,
+    /// The fields of the log record that said it listens (`buyers`, `admin`, `listen`, …).
+    listening: Value,
+    /// Every JSON log record so far (stdout), in order.
+    log: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Process {
+    /// Starts `marketgate <command> --config <config>` and waits until it logs `ready` (the
+    /// message of its "listening" record). Its stdout must be JSON logs (`[log] format =
+    /// "json"`). Panics if it has not after [`START_TIMEOUT`].
+    pub async fn start(command: &str, config: &Path, ready: &str) -> Process {
+        let mut cmd = Command::new(binary());
+        // Every MARKETGATE_* variable is a config override for the binary (MARKETGATE_BIN
+        // would be an unknown key): the child gets none.
+        for (name, _) in std::env::vars().filter(|(n, _)| n.starts_with("MARKETGATE_")) {
+            cmd.env_remove(name);
+        }
+        let mut child = cmd
+            .args([command, "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the binary starts");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (listening_tx, listening_rx) = std::sync::mpsc::channel();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let awaited = ready.to_owned();
+        let records = log.clone();
+        // One reader for the process's whole life: it never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                let Ok(record) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                if record["fields"]["message"] == awaited.as_str() {
+                    let _ = listening_tx.send(record["fields"].clone());
+                }
+                records.lock().unwrap().push(record);
+            }
+        });
+        let listening =
+            tokio::task::spawn_blocking(move || listening_rx.recv_timeout(START_TIMEOUT))
+                .await
+                .unwrap();
+        match listening {
+            Ok(listening) => Process {
+                child,
+                listening,
+                log,
+            },
+            Err(_) => {
+                let _ = child.kill();
+                let status = child.wait();
+                panic!("marketgate {command} did not log '{ready}' (exit: {status:?})");
+            }
+        }
+    }
+
+    /// An address field of the "listening" record, e.g. `"buyers"` or `"admin"`.
+    pub fn addr(&self, field: &str) -> SocketAddr {
+        self.listening[field]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no address '{field}' in {}", self.listening))
+    }
+
+    /// Waits (off the runtime's threads) until the process logs `message`; panics after
+    /// [`START_TIMEOUT`].
+    pub async fn logged(&self, message: &str) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !self
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|r| r["fields"]["message"] == message)
+        {
+            assert!(Instant::now() < deadline, "never logged '{message}'");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// SIGKILL: no chance to flush, report or give anything back.
+    pub fn kill_9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then waits for the exit: the clean stop an operator's `systemctl stop` is.
+    /// Panics if it does not exit successfully within [`START_TIMEOUT`].
+    pub fn terminate(&mut self) {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "SIGTERM could not be sent");
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "exited with {status} after SIGTERM");
+                return;
+            }
+            assert!(Instant::now() < deadline, "still running after SIGTERM");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loopback port that was free a moment ago, for a process that must come back on the same
+/// address after a restart (a proxy's admin listener, named in the control plane's config).
+/// Bound and released at once: another bind can take it in between, which is rare enough on a
+/// test machine; everything else binds port 0.
+pub fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
