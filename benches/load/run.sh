@@ -5,16 +5,20 @@
 #
 # Decision it informs: whether full enforcement (HMAC auth + purchase + quota) on one core
 # keeps up with nginx's plain proxy_pass per core (target >= 1.0x requests/s, p99 no worse),
-# and what enforcement costs against marketgate's own plain forwarding (target <= 10%).
+# what enforcement costs against marketgate's own plain forwarding (target <= 10%), and what
+# quota leases cost against a local-only quota cell (row leased_enforced: the same signed call
+# on a `marketgate proxy` with `proxy.control_url`, its purchase bought through a
+# `marketgate control` on core 1; target <= 5% throughput).
 #
 # Usage: benches/load/run.sh [RUNS]
 #   RUNS (3), DURATION (10s), CONNS (32), MARKETGATE_BIN (target/release/marketgate),
+#   JOURNAL_BLOCK (64: gateway.quota_journal_block of the marketgate proxies),
 #   COMPARE_BIN: a second marketgate build (e.g. before a change) run side by side, rows
 #   compare_plain / compare_enforced, interleaved with the others in every round;
 #   RESULTS: a directory to keep the raw "req/s p99_ms cpu_us" lines in;
 #   PERF_OUT: after the rounds, record a `perf` profile of marketgate under the enforced load
 #   into this file (`perf report -i FILE`).   (needs wrk, nginx, haproxy: apt-get install wrk nginx-light haproxy)
-# Binds 127.0.0.1:18000-18006 for its duration; everything it starts is stopped on exit.
+# Binds 127.0.0.1:18000-18010 for its duration; everything it starts is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${RUNS:-${1:-3}}
@@ -30,8 +34,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-for tool in wrk nginx haproxy taskset curl; do
-  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install wrk nginx-light haproxy)"; exit 2; }
+for tool in wrk nginx haproxy taskset curl jq; do
+  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install wrk nginx-light haproxy jq)"; exit 2; }
 done
 [[ -x $BIN ]] || cargo build --release --bin marketgate
 
@@ -75,8 +79,42 @@ listen = "127.0.0.1:18003"
 workers = 1
 # Only so that the AppCode row can run over plain HTTP on loopback (off by default).
 appcode_over_http = true
+quota_journal_block = ${JOURNAL_BLOCK:-64}
 [admin]
 listen = "127.0.0.1:18004"
+token = "bench-admin-token"
+[log]
+level = "warn"
+CONF
+
+# The leased proxy: same settings, its quota leased from a control plane (core 1, beside the
+# backend and wrk: it answers an exchange at most every 20 ms, off the proxy's core).
+sed -e 's/18003/18007/; s/18004/18008/; s/mg-data/mg-data-leased/' "$WORK/marketgate.toml" > "$WORK/leased.toml"
+cat >> "$WORK/leased.toml" <<CONF
+[proxy]
+node_id = "bench-leased"
+control_url = "http://127.0.0.1:18010"
+CONF
+cat > "$WORK/control.toml" <<CONF
+instance_id = "default"
+data_dir = "$WORK/control-data"
+database_url = "sqlite://$WORK/control.db"
+[control]
+listen = "127.0.0.1:18009"
+[[control.tokens]]
+token = "bench-market-token"
+domain_id = "market"
+project_id = "market"
+role = "market"
+[[control.tokens]]
+token = "bench-seller-token"
+domain_id = "bench-seller"
+project_id = "bench-seller-project"
+role = "tenant"
+[[control.proxies]]
+admin_url = "http://127.0.0.1:18008"
+[admin]
+listen = "127.0.0.1:18010"
 token = "bench-admin-token"
 [log]
 level = "warn"
@@ -86,6 +124,8 @@ taskset -c 1 nginx -c "$WORK/backend.conf" & PIDS+=($!); PID_direct=$!
 taskset -c 0 nginx -c "$WORK/nginx.conf" & PIDS+=($!); PID_nginx=$!
 taskset -c 0 haproxy -f "$WORK/haproxy.cfg" & PIDS+=($!); PID_haproxy=$!
 taskset -c 0 "$BIN" proxy --config "$WORK/marketgate.toml" & PIDS+=($!); PID_marketgate=$!
+taskset -c 0 "$BIN" proxy --config "$WORK/leased.toml" & PIDS+=($!); PID_leased=$!
+taskset -c 1 "$BIN" control --config "$WORK/control.toml" & PIDS+=($!)
 if [[ -n ${COMPARE_BIN:-} ]]; then
   sed -e 's/18003/18005/; s/18004/18006/; s/mg-data/mg-data-compare/' "$WORK/marketgate.toml" > "$WORK/compare.toml"
   taskset -c 0 "$COMPARE_BIN" proxy --config "$WORK/compare.toml" & PIDS+=($!); PID_compare=$!
@@ -93,7 +133,7 @@ if [[ -n ${COMPARE_BIN:-} ]]; then
 fi
 
 wait_port() { for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.1; done; echo "port $1 never answered"; exit 1; }
-for port in 18000 18001 18002 18004 ${wait_compare:-}; do wait_port "$port"; done
+for port in 18000 18001 18002 18004 18008 18010 ${wait_compare:-}; do wait_port "$port"; done
 
 # One group with two APIs on the same backend: /enforced (APP auth, bought with a huge
 # quota) and /plain (NONE auth on the seller's sl_domain: marketgate's own plain forwarding).
@@ -119,21 +159,51 @@ for admin in 18004 ${wait_compare:-}; do
     --data-binary @"$WORK/snapshot.json" "http://127.0.0.1:$admin/v1/snapshot" >/dev/null
 done
 
-# Pre-sign the request: a fixed signature stays valid inside the 15-minute window, so it is
-# signed again before each enforced run (a long series of runs outlives one window).
+# The leased proxy's purchase, bought as the market buys: a seller's group with one HTTP API
+# on the same backend, published and listed; 10^12 calls bought. The control plane pushes the
+# snapshot to the leased proxy and leases it calls.
+CONTROL=http://127.0.0.1:18009
+V2=$CONTROL/v2/bench-seller-project/apigw/instances/default
+MARKET_API=$CONTROL/v1/bench-seller-project/apigw/instances/default/market
+SELLER=(-H 'X-Auth-Token: bench-seller-token' -H 'Content-Type: application/json')
+MARKET=(-H 'X-Auth-Token: bench-market-token' -H 'Content-Type: application/json')
+GROUP=$(curl -sf "${SELLER[@]}" -X POST "$V2/api-groups" -d '{"name": "bench_leased"}' | jq -r .id)
+API=$(curl -sf "${SELLER[@]}" -X POST "$V2/apis" -d '{"name": "enforced", "group_id": "'"$GROUP"'",
+  "type": 1, "req_protocol": "HTTP", "req_method": "GET", "req_uri": "/enforced", "auth_type": "APP",
+  "backend_type": "HTTP", "backend_api": {"req_protocol": "HTTP", "req_method": "GET", "req_uri": "/",
+  "url_domain": "127.0.0.1:18000", "timeout": 5000}}' | jq -r .id)
+curl -sf "${SELLER[@]}" -X POST "$V2/apis/action" \
+  -d '{"action": "online", "api_id": "'"$API"'", "env_id": "DEFAULT_ENVIRONMENT_RELEASE_ID"}' >/dev/null
+curl -sf "${MARKET[@]}" -H 'X-Domain-Id: bench-seller' -X PUT "$MARKET_API/api-groups/onsell/$GROUP" \
+  -d '{"url_domain": "leased.bench.local"}' >/dev/null
+PURCHASE=$(curl -sf "${MARKET[@]}" -H 'X-Domain-Id: bench-buyer' -X POST \
+  "$CONTROL/v1/bench-buyer-project/apigw/instances/default/market/api-groups/purchase" \
+  -d '{"order_id": "bench-order", "group_id": "'"$GROUP"'", "order_type": 1, "req_quota": 1000000000000,
+       "start_time": "'$((NOW - 60))'", "expire_time": "'$((NOW + 86400))'"}')
+LEASED_KEY=$(jq -r .app_key <<<"$PURCHASE")
+LEASED_SECRET=$(jq -r .app_secret <<<"$PURCHASE")
+[[ -n $LEASED_KEY && $LEASED_KEY != null ]] || { echo "the bench purchase failed: $PURCHASE"; exit 1; }
+
+# Pre-sign the requests: a fixed signature stays valid inside the 15-minute window, so they
+# are signed again before each enforced run (a long series of runs outlives one window).
+# sign_lua KEY SECRET HOST URL OUT
 sign_lua() {
   local signed date auth
-  signed=$("$BIN" sign --key benchkey0001 --secret benchsecret0001 -H 'Host: market.bench.local' http://127.0.0.1:18003/enforced)
+  signed=$("$BIN" sign --key "$1" --secret "$2" -H "Host: $3" "$4")
   date=$(grep -o "x-sdk-date: [0-9TZ]*" <<<"$signed" | cut -d' ' -f2)
   auth=$(grep -o "authorization: SDK-HMAC-SHA256[^']*" <<<"$signed" | sed 's/^authorization: //')
   [[ -n $date && -n $auth ]] || { echo "cannot read the signed request from: $signed"; exit 1; }
-  cat > "$WORK/enforced.lua" <<LUA
-wrk.headers["Host"] = "market.bench.local"
+  cat > "$5" <<LUA
+wrk.headers["Host"] = "$3"
 wrk.headers["X-Sdk-Date"] = "$date"
 wrk.headers["Authorization"] = "$auth"
 LUA
 }
-sign_lua
+sign_all() {
+  sign_lua benchkey0001 benchsecret0001 market.bench.local http://127.0.0.1:18003/enforced "$WORK/enforced.lua"
+  sign_lua "$LEASED_KEY" "$LEASED_SECRET" leased.bench.local http://127.0.0.1:18007/enforced "$WORK/leased.lua"
+}
+sign_all
 DATE=$(grep -o '"X-Sdk-Date"\] = "[0-9TZ]*' "$WORK/enforced.lua" | grep -o '[0-9TZ]*$')
 AUTH=$(grep -o 'SDK-HMAC-SHA256[^"]*' "$WORK/enforced.lua")
 cat > "$WORK/appcode.lua" <<LUA
@@ -145,6 +215,14 @@ wrk.headers["Host"] = "plain.bench.local"
 LUA
 curl -sf -H 'Host: market.bench.local' -H "X-Sdk-Date: $DATE" -H "Authorization: $AUTH" http://127.0.0.1:18003/enforced >/dev/null \
   || { echo "the signed bench request is refused by marketgate"; exit 1; }
+# The push reaches the leased proxy within the control plane's debounce; wait for it.
+leased_ok=
+for _ in $(seq 100); do
+  "$BIN" call --key "$LEASED_KEY" --secret "$LEASED_SECRET" -H 'Host: leased.bench.local' \
+    http://127.0.0.1:18007/enforced >/dev/null 2>&1 && { leased_ok=1; break; }
+  sleep 0.1
+done
+[[ -n $leased_ok ]] || { echo "the leased proxy never served the bench purchase"; exit 1; }
 curl -sf -H 'Host: plain.bench.local' http://127.0.0.1:18003/plain >/dev/null \
   || { echo "the plain bench request is refused by marketgate"; exit 1; }
 curl -sf -H 'Host: market.bench.local' -H 'X-Apig-AppCode: benchappcode0123456789abcdef0123456789abcdef0123456789abcdef0123' \
@@ -192,8 +270,9 @@ for i in $(seq "$RUNS"); do
   run nginx http://127.0.0.1:18001/
   run haproxy http://127.0.0.1:18002/
   run marketgate_plain http://127.0.0.1:18003/plain "$WORK/plain.lua"
-  sign_lua
+  sign_all
   run marketgate_enforced http://127.0.0.1:18003/enforced "$WORK/enforced.lua"
+  run leased_enforced http://127.0.0.1:18007/enforced "$WORK/leased.lua"
   run marketgate_appcode http://127.0.0.1:18003/enforced "$WORK/appcode.lua"
   if [[ -n ${COMPARE_BIN:-} ]]; then
     run compare_plain http://127.0.0.1:18005/plain "$WORK/plain.lua"
@@ -202,7 +281,7 @@ for i in $(seq "$RUNS"); do
 done
 
 if [[ -n ${PERF_OUT:-} ]]; then
-  sign_lua
+  sign_all
   taskset -c 1 wrk -t1 "-c$CONNS" -s "$WORK/enforced.lua" -d8s http://127.0.0.1:18003/enforced >/dev/null &
   load=$!
   sleep 1
@@ -218,7 +297,7 @@ ratio_median() { # NAME BASE COLUMN -> median over runs of NAME[col] / BASE[col]
 }
 echo "| path | req/s (median of $RUNS) | p99 ms (median) | req/s ÷ nginx (median of per-round ratios) | p99 ÷ nginx | req/s ÷ marketgate_plain | server CPU µs/request (median) | CPU/request ÷ nginx |"
 echo "|---|---|---|---|---|---|---|---|"
-for name in direct nginx haproxy marketgate_plain marketgate_enforced marketgate_appcode ${COMPARE_BIN:+compare_plain compare_enforced}; do
+for name in direct nginx haproxy marketgate_plain marketgate_enforced leased_enforced marketgate_appcode ${COMPARE_BIN:+compare_plain compare_enforced}; do
   rps=$(cut -d' ' -f1 "$WORK/$name.txt" | median)
   p99=$(cut -d' ' -f2 "$WORK/$name.txt" | median)
   cpu=$(cut -d' ' -f3 "$WORK/$name.txt" | median)
@@ -226,4 +305,9 @@ for name in direct nginx haproxy marketgate_plain marketgate_enforced marketgate
     "$(ratio_median "$name" nginx 1)" "$(ratio_median "$name" nginx 2)" "$(ratio_median "$name" marketgate_plain 1)" \
     "$cpu" "$(ratio_median "$name" nginx 3)"
 done
+# The lease cost: the leased proxy against the standalone one, run by run (same round).
+echo
+printf 'Leases, leased_enforced ÷ marketgate_enforced (median of per-round ratios): req/s %.3fx, p99 %.2fx, server CPU/request %.3fx\n' \
+  "$(ratio_median leased_enforced marketgate_enforced 1)" "$(ratio_median leased_enforced marketgate_enforced 2)" \
+  "$(ratio_median leased_enforced marketgate_enforced 3)"
 if [[ -n ${RESULTS:-} ]]; then mkdir -p "$RESULTS" && cp "$WORK"/*.txt "$RESULTS"/; fi
