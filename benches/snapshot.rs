@@ -243,6 +243,11 @@ fn report_swap_under_traffic() {
             let (mut ok, mut failed, mut worst) = (0u64, 0u64, Duration::ZERO);
             let mut last_holder = 0u32;
             let mut versions = Vec::new();
+            // The take is async (it may wait for the quota journal): run it as the handler's
+            // runtime would.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("a runtime");
             while !stop.load(Ordering::Relaxed) {
                 let started = Instant::now();
                 let snapshot = gateway.compiled().expect("a snapshot");
@@ -266,7 +271,7 @@ fn report_swap_under_traffic() {
                     options,
                 )
                 .ok()
-                .and_then(|d| take_quota(d.purchase?).ok());
+                .and_then(|d| runtime.block_on(take_quota(d.purchase?)).ok());
                 // As `handler::handle` does: the last holder of a swapped-out snapshot
                 // has it freed elsewhere rather than stall its thread.
                 if Arc::strong_count(&snapshot) == 1 {

@@ -34,8 +34,10 @@ pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_MAX_CLOCK_SKEW_SECS: u64 = 15 * 60;
 /// Runtime threads for the gateway; 0 means one per CPU.
 pub const DEFAULT_GATEWAY_WORKERS: usize = 0;
-/// Calls a standalone proxy reserves in its journal at a time (the most a crash can lose).
-pub const DEFAULT_QUOTA_JOURNAL_BLOCK: u64 = 64;
+/// The most calls of one purchase a proxy reserves ahead in its journal (the most a crash can
+/// lose, beyond the calls in flight). Reservations follow the purchase's rate (about 250 ms of
+/// its traffic, at least 16 calls), so this cap only binds above ~16k calls/s per purchase.
+pub const DEFAULT_QUOTA_JOURNAL_BLOCK: u64 = 4096;
 /// The control plane waits this many milliseconds after a change to batch more into one push.
 pub const DEFAULT_PUSH_DEBOUNCE_MS: u64 = 50;
 /// A quota lease not renewed for this many seconds returns to the ledger.

@@ -290,9 +290,10 @@ pub fn entitle<'s>(
     }
 }
 
-/// Phase 5: take one call from the purchase.
-pub fn take_quota(purchase: &CompiledPurchase) -> Result<(), Rejection> {
-    match purchase.cell.try_take() {
+/// Phase 5: take one call from the purchase (waiting, without blocking the thread, in the
+/// rare case that the quota journal is behind).
+pub async fn take_quota(purchase: &CompiledPurchase) -> Result<(), Rejection> {
+    match purchase.cell.take().await {
         Ok(true) => Ok(()),
         Ok(false) => Err(Rejection::QuotaExhausted),
         Err(e) => Err(Rejection::Quota(e)),
@@ -309,7 +310,7 @@ async fn take_quota_or_refill(
     purchase: &CompiledPurchase,
     gateway: &Inner,
 ) -> Result<(), Rejection> {
-    let mut taken = take_quota(purchase);
+    let mut taken = take_quota(purchase).await;
     if matches!(taken, Err(Rejection::QuotaExhausted)) && purchase.cell.may_refill() {
         // Concurrent callers may drain a refill before this one retries: keep asking until
         // the control plane says nothing is left to lease or the wait is over.
@@ -319,7 +320,7 @@ async fn take_quota_or_refill(
                 break;
             };
             gateway.quota.wait_for_refill(&purchase.cell, wait).await;
-            taken = take_quota(purchase);
+            taken = take_quota(purchase).await;
         }
     }
     match &taken {

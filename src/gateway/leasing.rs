@@ -228,7 +228,10 @@ impl LeaseClient {
         if first_life {
             // On disk before any report names it: a report made under an incarnation that a
             // restart forgot would be counted again.
-            client.persist();
+            if let Err(error) = write_state(&client.state_path, &client.acked_state()) {
+                client.gateway.metrics().quota_journal_errors.inc();
+                tracing::error!(%error, "cannot write the lease state");
+            }
         }
         client
     }
@@ -265,18 +268,19 @@ impl LeaseClient {
             };
             match self.service.exchange(exchange).await {
                 Ok(_) => {
-                    let mut book = self.book.lock().expect("lease book lock");
-                    for report in &reports {
-                        let tracked = book.entry(report.purchase_id.clone()).or_default();
-                        tracked.reported += report.used;
-                        tracked.last_used = tracked.reported;
+                    {
+                        let mut book = self.book.lock().expect("lease book lock");
+                        for report in &reports {
+                            let tracked = book.entry(report.purchase_id.clone()).or_default();
+                            tracked.reported += report.used;
+                            tracked.last_used = tracked.reported;
+                        }
+                        for tracked in book.values_mut() {
+                            tracked.held = 0;
+                            tracked.expires_at = 0;
+                        }
                     }
-                    for tracked in book.values_mut() {
-                        tracked.held = 0;
-                        tracked.expires_at = 0;
-                    }
-                    drop(book);
-                    self.persist();
+                    self.persist().await;
                     // Whatever a cell held before the restart was just given back.
                     for cell in quota.cells() {
                         if cell.is_leased() {
@@ -483,7 +487,7 @@ impl LeaseClient {
             .quota_lease_requests
             .with_label_values(&[result])
             .inc();
-        self.persist();
+        self.persist().await;
         quota.exchange_finished();
         Ok(())
     }
@@ -506,9 +510,9 @@ impl LeaseClient {
         }
     }
 
-    /// Writes what the control plane acknowledged (atomic rename).
-    fn persist(&self) {
-        let state = AckedState {
+    /// What the control plane acknowledged, as persisted.
+    fn acked_state(&self) -> AckedState {
+        AckedState {
             incarnation: self.incarnation.clone(),
             purchases: self
                 .book
@@ -524,21 +528,32 @@ impl LeaseClient {
                     (id.clone(), acked)
                 })
                 .collect(),
-        };
-        let tmp = self.state_path.with_extension("json.tmp");
-        let write = || -> std::io::Result<()> {
-            std::fs::write(
-                &tmp,
-                serde_json::to_vec(&state).map_err(std::io::Error::other)?,
-            )?;
-            std::fs::File::open(&tmp)?.sync_all()?;
-            std::fs::rename(&tmp, &self.state_path)
-        };
-        if let Err(error) = write() {
+        }
+    }
+
+    /// Writes what the control plane acknowledged, on a blocking-pool thread: an fsync can
+    /// stall for tens of milliseconds, and the runtime that runs this client serves buyers.
+    async fn persist(&self) {
+        let (state, path) = (self.acked_state(), self.state_path.clone());
+        let written = tokio::task::spawn_blocking(move || write_state(&path, &state))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        if let Err(error) = written {
             self.gateway.metrics().quota_journal_errors.inc();
             tracing::error!(%error, "cannot write the lease state");
         }
     }
+}
+
+/// Writes `state` to `path` by an fsync'ed temporary file and an atomic rename.
+fn write_state(path: &std::path::Path, state: &AckedState) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec(state).map_err(std::io::Error::other)?,
+    )?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 fn now_secs() -> i64 {

@@ -4,13 +4,20 @@
 //! It does not decide who may call (that is `entitle`) and does not know about HTTP.
 //!
 //! # Invariants
-//! - `used <= limit` after every successful [`QuotaCell::try_take`]: a call is taken by one
+//! - `used <= limit` after every successful [`QuotaCell::take`]: a call is taken by one
 //!   compare-and-swap on `used`, so no interleaving of callers admits more than `limit`.
 //! - `used <= reserved` at all times, and `reserved` is on disk (fsync'ed) before any call
 //!   below it is granted. After a crash the proxy restarts with `used = reserved`, so a call
 //!   that was served is never granted again. The bound on calls lost at a crash (counted but
 //!   never served) is `gateway.quota_journal_block` per purchase, plus the calls in flight
 //!   then (taken but perhaps not yet forwarded: the cell cannot tell).
+//! - A reservation reaches `used + step` ahead, the step following the purchase's rate:
+//!   about [`JOURNAL_LEAD`] of its traffic, at least [`MIN_JOURNAL_STEP`] and at most
+//!   `quota_journal_block`. A quiet purchase thus risks few calls at a crash, and a hot one
+//!   reserves far enough ahead that the journal thread's fsync usually lands before requests
+//!   catch up with it. Only the `quota-journal` thread writes the journal while serving: a
+//!   request that catches up waits asynchronously, so a slow disk never blocks the runtime
+//!   thread (and with it every other purchase on it).
 //! - A clean shutdown ([`QuotaRegistry::flush`], after traffic stopped) records the exact
 //!   `used`, so nothing is lost.
 //! - Cells live in the registry, not in a snapshot: a compiled snapshot holds `Arc`s to them,
@@ -42,6 +49,13 @@ use dashmap::DashMap;
 pub const JOURNAL_FILE: &str = "quota.journal";
 /// The limit of a purchase without `quota_limit`: unlimited, still metered.
 pub const UNLIMITED: u64 = u64::MAX;
+/// A reservation covers about this much of the purchase's recent traffic (capped by
+/// `gateway.quota_journal_block`). Half of it is left when the journal thread is asked to
+/// extend it, so an fsync may take up to half of this before a request waits on the disk
+/// (fsyncs of ~100 ms were seen on the benchmark machine's virtual disk: BENCHMARKS.md).
+pub const JOURNAL_LEAD: Duration = Duration::from_millis(250);
+/// The smallest reservation step (or `quota_journal_block`, if smaller).
+pub const MIN_JOURNAL_STEP: u64 = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuotaError {
@@ -55,6 +69,10 @@ pub enum QuotaError {
     Corrupt { line: usize },
     #[error("cannot write the quota journal")]
     Write(#[source] std::io::Error),
+    /// The journal thread's last write failed (it logged why); a caller waiting on it gets
+    /// this instead.
+    #[error("the quota journal thread could not extend the reservation")]
+    JournalFailed,
 }
 
 /// The append-only journal: one line `purchase_id used_ceiling` per reservation; the last
@@ -102,26 +120,61 @@ pub struct QuotaCell {
     used: AtomicU64,
     /// Journaled ceiling of `used`.
     reserved: AtomicU64,
-    reserve_lock: Mutex<()>,
+    /// How far the latest reservation reached past `used`: the next one is asked for once
+    /// half of it is left.
+    step: AtomicU64,
+    /// Held while reserving; the last reservation's time and `used`, for the rate.
+    reserve_lock: Mutex<LastReservation>,
     /// A reservation ahead of need is queued for the journal thread.
     reserving: AtomicBool,
+    /// Woken after each reservation the journal thread lands (or fails to).
+    extended: tokio::sync::Notify,
+    /// The journal thread's last write for this cell failed.
+    journal_failed: AtomicBool,
     journal: Arc<Journal>,
-    block: u64,
+    /// `gateway.quota_journal_block`: the largest step, and the crash bound.
+    max_step: u64,
+}
+
+/// When the last reservation was made, and at what `used`.
+#[derive(Debug, Default)]
+struct LastReservation {
+    at: Option<std::time::Instant>,
+    used: u64,
+}
+
+/// What [`QuotaCell::try_take`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Take {
+    Taken,
+    Exhausted,
+    /// The journaled reservation is used up; the journal thread was asked to extend it.
+    JournalBehind,
 }
 
 impl QuotaCell {
-    /// Takes one call. `Ok(false)`: none left. Hot path: one CAS; when the reservation is half
-    /// used, the journal thread is asked to extend it, and only a caller that catches up with
-    /// the reservation before that lands writes the journal itself.
-    pub fn try_take(self: &Arc<Self>) -> Result<bool, QuotaError> {
+    /// Takes one call. `Ok(false)`: none left. Hot path: one CAS, and once half the
+    /// reservation is used the journal thread is asked to extend it. A caller that catches
+    /// up with the reservation before that lands waits for it without blocking its thread.
+    pub async fn take(self: &Arc<Self>) -> Result<bool, QuotaError> {
+        loop {
+            match self.try_take() {
+                Take::Taken => return Ok(true),
+                Take::Exhausted => return Ok(false),
+                Take::JournalBehind => self.journal_caught_up().await?,
+            }
+        }
+    }
+
+    fn try_take(self: &Arc<Self>) -> Take {
         loop {
             let used = self.used.load(Ordering::Acquire);
             if used >= self.limit.load(Ordering::Acquire) {
-                return Ok(false);
+                return Take::Exhausted;
             }
             if used >= self.reserved.load(Ordering::Acquire) {
-                self.reserve_beyond(used)?;
-                continue;
+                self.ask_journal();
+                return Take::JournalBehind;
             }
             // `reserved` only grows, so `used + 1 <= reserved` still holds if this succeeds.
             if self
@@ -130,8 +183,28 @@ impl QuotaCell {
                 .is_ok()
             {
                 self.reserve_ahead_if_low(used + 1);
-                return Ok(true);
+                return Take::Taken;
             }
+        }
+    }
+
+    /// Resolves once the reservation reaches past `used` again (or nothing is left to take),
+    /// or with an error if the journal thread could not write it.
+    async fn journal_caught_up(self: &Arc<Self>) -> Result<(), QuotaError> {
+        loop {
+            let extended = self.extended.notified();
+            tokio::pin!(extended);
+            // Registered before the checks: a reservation landing in between still wakes us.
+            extended.as_mut().enable();
+            let used = self.used();
+            if used < self.reserved.load(Ordering::Acquire) || used >= self.limit() {
+                return Ok(());
+            }
+            if self.journal_failed.load(Ordering::Acquire) {
+                return Err(QuotaError::JournalFailed);
+            }
+            self.ask_journal();
+            extended.await;
         }
     }
 
@@ -201,25 +274,30 @@ impl QuotaCell {
 
     /// Queues a reservation for the journal thread once half the current one is used.
     fn reserve_ahead_if_low(self: &Arc<Self>, used: u64) {
-        let half = self.block / 2;
-        if half == 0 || used < self.reserved.load(Ordering::Acquire).saturating_sub(half) {
-            return;
-        }
-        if !self.reserving.swap(true, Ordering::AcqRel)
-            && self.journal.ahead.send(self.clone()).is_err()
-        {
-            self.reserving.store(false, Ordering::Release);
+        let half = self.step.load(Ordering::Relaxed) / 2;
+        if used + half >= self.reserved.load(Ordering::Acquire) {
+            self.ask_journal();
         }
     }
 
-    /// The journal thread's side: reserve up to `used + block` (never beyond the limit).
-    /// Keeps the crash bound: `reserved - used ≤ block`.
+    /// Queues this cell for the journal thread, unless it is queued already.
+    fn ask_journal(self: &Arc<Self>) {
+        if !self.reserving.swap(true, Ordering::AcqRel)
+            && self.journal.ahead.send(self.clone()).is_err()
+        {
+            // The journal thread is gone (the registry is closing): nothing will land.
+            self.reserving.store(false, Ordering::Release);
+            self.journal_failed.store(true, Ordering::Release);
+            self.extended.notify_waiters();
+        }
+    }
+
+    /// The journal thread's side: reserve up to `used + step` (never beyond the limit).
+    /// Keeps the crash bound: `reserved - used ≤ max_step`.
     fn reserve_ahead(&self) -> Result<(), QuotaError> {
-        let _guard = self.reserve_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = self.reserve_lock.lock().unwrap_or_else(|e| e.into_inner());
         let used = self.used();
-        let ceiling = used
-            .saturating_add(self.block)
-            .min(self.limit().max(used + 1));
+        let ceiling = self.ceiling(&mut last, used);
         if ceiling > self.reserved.load(Ordering::Acquire) {
             self.journal.record(&self.purchase_id, ceiling)?;
             self.reserved.store(ceiling, Ordering::Release);
@@ -227,18 +305,27 @@ impl QuotaCell {
         Ok(())
     }
 
-    fn reserve_beyond(&self, used: u64) -> Result<(), QuotaError> {
-        let _guard = self.reserve_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let reserved = self.reserved.load(Ordering::Acquire);
-        if reserved > used {
-            return Ok(());
-        }
-        let ceiling = used
-            .saturating_add(self.block)
-            .min(self.limit().max(used + 1));
-        self.journal.record(&self.purchase_id, ceiling)?;
-        self.reserved.store(ceiling, Ordering::Release);
-        Ok(())
+    /// The next reservation's ceiling for `used`: `used + step`, the step sized from the
+    /// rate since `last` (about [`JOURNAL_LEAD`] of traffic, within
+    /// [`MIN_JOURNAL_STEP`]..=`max_step`), never beyond the limit. Updates `last` and `step`.
+    fn ceiling(&self, last: &mut LastReservation, used: u64) -> u64 {
+        let now = std::time::Instant::now();
+        let min_step = MIN_JOURNAL_STEP.min(self.max_step);
+        let step = match last.at {
+            Some(at) => {
+                let elapsed = now.duration_since(at).as_secs_f64();
+                let calls = used.saturating_sub(last.used) as f64;
+                let wanted = calls / elapsed.max(1e-6) * JOURNAL_LEAD.as_secs_f64();
+                (wanted as u64).clamp(min_step, self.max_step)
+            }
+            None => min_step,
+        };
+        *last = LastReservation {
+            at: Some(now),
+            used,
+        };
+        self.step.store(step, Ordering::Relaxed);
+        used.saturating_add(step).min(self.limit().max(used))
     }
 }
 
@@ -392,10 +479,13 @@ impl QuotaRegistry {
                     limit: AtomicU64::new(initial_limit),
                     used: AtomicU64::new(journaled),
                     reserved: AtomicU64::new(journaled),
-                    reserve_lock: Mutex::new(()),
+                    step: AtomicU64::new(MIN_JOURNAL_STEP.min(self.block)),
+                    reserve_lock: Mutex::new(LastReservation::default()),
                     reserving: AtomicBool::new(false),
+                    extended: tokio::sync::Notify::new(),
+                    journal_failed: AtomicBool::new(false),
                     journal: self.journal.clone(),
-                    block: self.block,
+                    max_step: self.block,
                 })
             })
             .clone();
@@ -448,11 +538,17 @@ fn spawn_journal_thread() -> std::io::Result<std::sync::mpsc::Sender<Arc<QuotaCe
         .name("quota-journal".into())
         .spawn(move || {
             for cell in queue {
-                if let Err(error) = cell.reserve_ahead() {
-                    // The request that reaches the reservation retries and reports it.
-                    tracing::error!(%error, purchase = %cell.purchase_id, "quota journal write failed");
-                }
+                let failed = match cell.reserve_ahead() {
+                    Ok(()) => false,
+                    Err(error) => {
+                        tracing::error!(%error, purchase = %cell.purchase_id, "quota journal write failed");
+                        true
+                    }
+                };
+                // Asks made while this write ran were folded into it; the next one queues anew.
                 cell.reserving.store(false, Ordering::Release);
+                cell.journal_failed.store(failed, Ordering::Release);
+                cell.extended.notify_waiters();
             }
         })?;
     Ok(ahead)
@@ -462,30 +558,30 @@ fn spawn_journal_thread() -> std::io::Result<std::sync::mpsc::Sender<Arc<QuotaCe
 mod tests {
     use super::*;
 
-    #[test]
-    fn takes_exactly_the_limit_and_gives_back() {
+    #[tokio::test]
+    async fn takes_exactly_the_limit_and_gives_back() {
         let dir = tempfile::tempdir().unwrap();
         let registry = QuotaRegistry::open(dir.path(), 4).unwrap();
         let cell = registry.cell("p1", 3, 0);
-        assert!(cell.try_take().unwrap());
-        assert!(cell.try_take().unwrap());
-        assert!(cell.try_take().unwrap());
-        assert!(!cell.try_take().unwrap());
+        assert!(cell.take().await.unwrap());
+        assert!(cell.take().await.unwrap());
+        assert!(cell.take().await.unwrap());
+        assert!(!cell.take().await.unwrap());
         cell.give_back();
-        assert!(cell.try_take().unwrap());
+        assert!(cell.take().await.unwrap());
         assert_eq!(cell.left(), Some(0));
         cell.add_calls(1);
-        assert!(cell.try_take().unwrap());
+        assert!(cell.take().await.unwrap());
     }
 
-    #[test]
-    fn a_crash_never_grants_a_served_call_again() {
+    #[tokio::test]
+    async fn a_crash_never_grants_a_served_call_again() {
         let dir = tempfile::tempdir().unwrap();
         {
             let registry = QuotaRegistry::open(dir.path(), 8).unwrap();
             let cell = registry.cell("p1", 100, 0);
             for _ in 0..10 {
-                assert!(cell.try_take().unwrap());
+                assert!(cell.take().await.unwrap());
             }
             // dropped without flush: a crash
         }
@@ -495,34 +591,71 @@ mod tests {
         assert!((10..=10 + 8).contains(&used), "{used}");
     }
 
-    #[test]
-    fn leased_cells_serve_only_what_was_granted() {
+    #[tokio::test]
+    async fn leased_cells_serve_only_what_was_granted() {
         let dir = tempfile::tempdir().unwrap();
         let registry = QuotaRegistry::open_with_mode(dir.path(), 8, QuotaMode::Leased).unwrap();
         let cell = registry.cell("p1", 1000, 0);
         assert!(cell.is_leased());
-        assert!(!cell.try_take().unwrap(), "nothing leased yet");
+        assert!(!cell.take().await.unwrap(), "nothing leased yet");
         cell.add_calls(2);
-        assert!(cell.try_take().unwrap());
-        assert!(cell.try_take().unwrap());
-        assert!(!cell.try_take().unwrap());
+        assert!(cell.take().await.unwrap());
+        assert!(cell.take().await.unwrap());
+        assert!(!cell.take().await.unwrap());
         // A new snapshot with another limit does not touch a leased cell.
         let again = registry.cell("p1", 5000, 900);
         assert_eq!((again.used(), again.limit()), (2, 2));
         // Unlimited purchases are not leased.
         let free = registry.cell("p2", UNLIMITED, 0);
         assert!(!free.is_leased());
-        assert!(free.try_take().unwrap());
+        assert!(free.take().await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_catches_up_waits_for_the_journal_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        // A step of one call: every take finds the reservation used up and waits for the
+        // journal thread to extend it; none is granted beyond what is on disk.
+        let registry = QuotaRegistry::open(dir.path(), 1).unwrap();
+        let cell = registry.cell("p1", 50, 0);
+        for taken in 1..=50 {
+            assert!(cell.take().await.unwrap());
+            assert!(cell.reserved.load(Ordering::Acquire) >= taken);
+        }
+        assert!(!cell.take().await.unwrap());
+        drop(registry);
+        let registry = QuotaRegistry::open(dir.path(), 1).unwrap();
+        assert_eq!(registry.recovered()["p1"], 50);
     }
 
     #[test]
-    fn a_clean_flush_loses_nothing() {
+    fn reservations_follow_the_rate_within_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = QuotaRegistry::open(dir.path(), 1000).unwrap();
+        let cell = registry.cell("p1", UNLIMITED, 0);
+        let mut last = LastReservation::default();
+        assert_eq!(cell.ceiling(&mut last, 0), MIN_JOURNAL_STEP, "no rate yet");
+        // 10 calls in 10 s: 1 call/s wants a quarter of a call; the floor holds.
+        last.at = Some(std::time::Instant::now() - Duration::from_secs(10));
+        assert_eq!(cell.ceiling(&mut last, 10), 10 + MIN_JOURNAL_STEP);
+        // 400 calls in 50 ms: 8000 calls/s wants 2000 (250 ms of traffic); the cap holds.
+        last.at = Some(std::time::Instant::now() - Duration::from_millis(50));
+        assert_eq!(cell.ceiling(&mut last, 410), 410 + 1000);
+        // Never beyond the limit, nor past it once it is reached.
+        cell.set_limit(500);
+        last.at = Some(std::time::Instant::now() - Duration::from_millis(50));
+        assert_eq!(cell.ceiling(&mut last, 450), 500);
+        assert_eq!(cell.ceiling(&mut last, 500), 500);
+    }
+
+    #[tokio::test]
+    async fn a_clean_flush_loses_nothing() {
         let dir = tempfile::tempdir().unwrap();
         {
             let registry = QuotaRegistry::open(dir.path(), 64).unwrap();
             let cell = registry.cell("p1", 100, 0);
             for _ in 0..7 {
-                assert!(cell.try_take().unwrap());
+                assert!(cell.take().await.unwrap());
             }
             registry.flush().unwrap();
         }

@@ -16,6 +16,8 @@ use crate::support::control::{self as ctl, expect_status, Control};
 use crate::support::gateway::{request, signed_as, Backend, Buyer, TestGateway};
 
 const MARKET_DOMAIN: &str = "shared.example.com";
+/// `gateway.quota_journal_block` of these proxies: the most a crash may lose per purchase.
+const JOURNAL_BLOCK: u64 = 16;
 
 /// A purchase of `quota` calls on the market, served through a real backend.
 struct Market {
@@ -58,9 +60,10 @@ impl Market {
         extra: &str,
         service: Arc<dyn LeaseService>,
     ) -> LeasedProxy {
-        let gw =
-            TestGateway::start_leased(dir, &format!("[proxy]\nnode_id = '{node_id}'\n{extra}"))
-                .await;
+        let config = format!(
+            "[gateway]\nquota_journal_block = {JOURNAL_BLOCK}\n[proxy]\nnode_id = '{node_id}'\n{extra}"
+        );
+        let gw = TestGateway::start_leased(dir, &config).await;
         // A restarted proxy may already serve this version from its disk copy.
         match gw.gateway.apply_snapshot(ctl::served(&self.control).await) {
             Ok(_) | Err(marketgate::gateway::SnapshotRejection::NotNewer { .. }) => {}
@@ -247,7 +250,6 @@ async fn a_crashed_proxy_returns_its_unused_lease_when_it_comes_back() {
 
 async fn a_crashed_proxy_returns_its_unused_lease_on(store: &ctl::Backend) {
     const QUOTA: u64 = 1000;
-    const JOURNAL_BLOCK: u64 = marketgate::config::DEFAULT_QUOTA_JOURNAL_BLOCK;
     let market = Market::with_purchase_on(store, QUOTA).await;
     let dir_a = Arc::new(tempfile::tempdir().unwrap());
     let crashing = market.proxy("proxy-a", dir_a.clone()).await;
@@ -403,5 +405,5 @@ async fn with_the_control_plane_down_proxies_serve_from_their_leases() {
         "served calls are all counted: {} < {hits}",
         ledger.used
     );
-    assert!(ledger.used <= hits + marketgate::config::DEFAULT_QUOTA_JOURNAL_BLOCK);
+    assert!(ledger.used <= hits + JOURNAL_BLOCK);
 }
