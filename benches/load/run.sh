@@ -12,7 +12,7 @@
 #
 # Usage: benches/load/run.sh [RUNS]
 #   RUNS (3), DURATION (10s), CONNS (32), MARKETGATE_BIN (target/release/marketgate),
-#   JOURNAL_BLOCK (64: gateway.quota_journal_block of the marketgate proxies),
+#   JOURNAL_BLOCK: gateway.quota_journal_block of the marketgate proxies (unset: the default),
 #   COMPARE_BIN: a second marketgate build (e.g. before a change) run side by side, rows
 #   compare_plain / compare_enforced, interleaved with the others in every round;
 #   RESULTS: a directory to keep the raw "req/s p99_ms cpu_us" lines in;
@@ -79,7 +79,7 @@ listen = "127.0.0.1:18003"
 workers = 1
 # Only so that the AppCode row can run over plain HTTP on loopback (off by default).
 appcode_over_http = true
-quota_journal_block = ${JOURNAL_BLOCK:-64}
+${JOURNAL_BLOCK:+quota_journal_block = $JOURNAL_BLOCK}
 [admin]
 listen = "127.0.0.1:18004"
 token = "bench-admin-token"
