@@ -37,7 +37,7 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -75,24 +75,112 @@ pub enum QuotaError {
     JournalFailed,
 }
 
+/// The journal is rewritten with one line per purchase once this many lines were appended
+/// since it was last compacted (about 40 MB), so that it does not grow while a proxy runs.
+pub const COMPACT_AFTER_LINES: u64 = 1 << 20;
+
 /// The append-only journal: one line `purchase_id used_ceiling` per reservation; the last
 /// line of a purchase wins.
 #[derive(Debug)]
 struct Journal {
-    file: Mutex<File>,
+    path: PathBuf,
+    file: Mutex<JournalFile>,
     /// Cells whose reservation runs low, for the journal thread to extend ahead of need, so
     /// that a request rarely waits for an fsync (BENCHMARKS.md: one write + fdatasync per
     /// block on the request thread cost more than the whole decision).
     ahead: std::sync::mpsc::Sender<Arc<QuotaCell>>,
 }
 
+#[derive(Debug)]
+struct JournalFile {
+    file: File,
+    /// The last value written per purchase: all a compacted journal keeps.
+    last: HashMap<String, u64>,
+    /// Lines appended since the journal was last compacted.
+    appended: u64,
+}
+
 impl Journal {
-    fn record(&self, purchase_id: &str, value: u64) -> Result<(), QuotaError> {
-        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        let line = format!("{purchase_id} {value}\n");
-        file.write_all(line.as_bytes()).map_err(QuotaError::Write)?;
-        file.sync_data().map_err(QuotaError::Write)
+    /// Appends one line per entry and fsyncs once for all of them (a group commit), then
+    /// compacts the file if it has grown by [`COMPACT_AFTER_LINES`].
+    fn record(&self, entries: &[(&str, u64)]) -> Result<(), QuotaError> {
+        let mut journal = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let mut lines = String::new();
+        for (purchase_id, value) in entries {
+            lines.push_str(purchase_id);
+            lines.push(' ');
+            lines.push_str(&value.to_string());
+            lines.push('\n');
+        }
+        journal
+            .file
+            .write_all(lines.as_bytes())
+            .map_err(QuotaError::Write)?;
+        journal.file.sync_data().map_err(QuotaError::Write)?;
+        for (purchase_id, value) in entries {
+            journal.last.insert((*purchase_id).to_owned(), *value);
+        }
+        journal.appended += entries.len() as u64;
+        if journal.appended >= COMPACT_AFTER_LINES {
+            // What was appended is durable already: a failed compaction loses nothing, and
+            // is tried again after as many lines more.
+            journal.appended = 0;
+            if let Err(error) = journal.compact(&self.path) {
+                tracing::error!(%error, path = %self.path.display(), "quota journal compaction failed");
+            }
+        }
+        Ok(())
     }
+}
+
+impl JournalFile {
+    /// Writes the journal anew with one line per purchase: a new file, fsync'ed, renamed over
+    /// the old one (atomic: a crash leaves one or the other whole), then appended to.
+    fn compact(&mut self, path: &Path) -> std::io::Result<()> {
+        self.file = write_compacted(path, &self.last)?;
+        Ok(())
+    }
+}
+
+/// The last value of each purchase in a journal's text. Only whole lines count: a crash in
+/// the middle of an append leaves a last line without its newline, whose reservation was
+/// never acknowledged (no call was granted under it), so it is ignored.
+fn parse_journal(text: &str) -> Result<HashMap<String, u64>, QuotaError> {
+    let mut last = HashMap::new();
+    let whole = text.rsplit_once('\n').map_or("", |(whole, _torn)| whole);
+    for (i, line) in whole.split('\n').enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        let Some((id, value)) = line.rsplit_once(' ') else {
+            return Err(QuotaError::Corrupt { line: i + 1 });
+        };
+        let value = value
+            .parse::<u64>()
+            .map_err(|_| QuotaError::Corrupt { line: i + 1 })?;
+        last.insert(id.to_owned(), value);
+    }
+    Ok(last)
+}
+
+/// Writes `last` as a journal at `path` (by a temporary file and a rename) and returns the
+/// file opened for appending.
+fn write_compacted(path: &Path, last: &HashMap<String, u64>) -> std::io::Result<File> {
+    let compact = path.with_extension("journal.tmp");
+    {
+        let mut out = File::create(&compact)?;
+        let mut lines = String::new();
+        for (id, value) in last {
+            lines.push_str(&format!("{id} {value}\n"));
+        }
+        out.write_all(lines.as_bytes())?;
+        out.sync_all()?;
+    }
+    std::fs::rename(&compact, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    OpenOptions::new().append(true).open(path)
 }
 
 /// Where a cell's limit comes from.
@@ -292,15 +380,29 @@ impl QuotaCell {
         }
     }
 
-    /// The journal thread's side: reserve up to `used + step` (never beyond the limit).
+    /// The journal thread's side: reserves up to `used + step` (never beyond the limit) for
+    /// every cell of `cells` that needs it, with one write and one fsync for all of them.
     /// Keeps the crash bound: `reserved - used ≤ max_step`.
-    fn reserve_ahead(&self) -> Result<(), QuotaError> {
-        let mut last = self.reserve_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let used = self.used();
-        let ceiling = self.ceiling(&mut last, used);
-        if ceiling > self.reserved.load(Ordering::Acquire) {
-            self.journal.record(&self.purchase_id, ceiling)?;
-            self.reserved.store(ceiling, Ordering::Release);
+    fn reserve_ahead(journal: &Journal, cells: &[Arc<QuotaCell>]) -> Result<(), QuotaError> {
+        // Each cell's lock is held from its ceiling to its store, so `flush` cannot slip in.
+        let mut held = Vec::with_capacity(cells.len());
+        for cell in cells {
+            let mut last = cell.reserve_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let ceiling = cell.ceiling(&mut last, cell.used());
+            if ceiling > cell.reserved.load(Ordering::Acquire) {
+                held.push((cell, ceiling, last));
+            }
+        }
+        if held.is_empty() {
+            return Ok(());
+        }
+        let entries: Vec<(&str, u64)> = held
+            .iter()
+            .map(|(cell, ceiling, _)| (&*cell.purchase_id, *ceiling))
+            .collect();
+        journal.record(&entries)?;
+        for (cell, ceiling, _last) in &held {
+            cell.reserved.store(*ceiling, Ordering::Release);
         }
         Ok(())
     }
@@ -364,50 +466,25 @@ impl QuotaRegistry {
             source,
         };
         std::fs::create_dir_all(data_dir).map_err(open_err)?;
-        let mut recovered = HashMap::new();
-        match File::open(&path) {
-            Ok(file) => {
-                for (i, line) in BufReader::new(file).lines().enumerate() {
-                    let line = line.map_err(open_err)?;
-                    if line.is_empty() {
-                        continue;
-                    }
-                    // A torn last line (crash mid-write) is ignored: its reservation was not
-                    // acknowledged, so no call was granted under it.
-                    let Some((id, value)) = line.rsplit_once(' ') else {
-                        return Err(QuotaError::Corrupt { line: i + 1 });
-                    };
-                    match value.parse::<u64>() {
-                        Ok(v) => {
-                            recovered.insert(id.to_owned(), v);
-                        }
-                        Err(_) => continue,
-                    }
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(e) => return Err(open_err(e)),
-        }
-        let compact = data_dir.join(format!("{JOURNAL_FILE}.tmp"));
-        {
-            let mut out = File::create(&compact).map_err(open_err)?;
-            for (id, used) in &recovered {
-                writeln!(out, "{id} {used}").map_err(open_err)?;
-            }
-            out.sync_all().map_err(open_err)?;
-        }
-        std::fs::rename(&compact, &path).map_err(open_err)?;
-        let file = OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(open_err)?;
+        };
+        let recovered = parse_journal(&text)?;
+        let file = write_compacted(&path, &recovered).map_err(open_err)?;
         Ok(QuotaRegistry {
             cells: DashMap::new(),
-            recovered,
             journal: Arc::new(Journal {
-                file: Mutex::new(file),
+                path: path.clone(),
+                file: Mutex::new(JournalFile {
+                    file,
+                    last: recovered.clone(),
+                    appended: 0,
+                }),
                 ahead: spawn_journal_thread().map_err(open_err)?,
             }),
+            recovered,
             block: block.max(1),
             mode,
             refill_wanted: tokio::sync::Notify::new(),
@@ -524,7 +601,7 @@ impl QuotaRegistry {
             let cell = entry.value();
             let _guard = cell.reserve_lock.lock().unwrap_or_else(|e| e.into_inner());
             let used = cell.used();
-            cell.journal.record(&cell.purchase_id, used)?;
+            cell.journal.record(&[(&cell.purchase_id, used)])?;
             cell.reserved.store(used, Ordering::Release);
         }
         Ok(())
@@ -532,23 +609,30 @@ impl QuotaRegistry {
 }
 
 /// The thread that extends reservations ahead of need; it ends when the journal is dropped.
+/// It takes every cell queued meanwhile as one batch: one fsync for all (group commit), so
+/// the number of fsyncs does not grow with the number of busy purchases.
 fn spawn_journal_thread() -> std::io::Result<std::sync::mpsc::Sender<Arc<QuotaCell>>> {
     let (ahead, queue) = std::sync::mpsc::channel::<Arc<QuotaCell>>();
     std::thread::Builder::new()
         .name("quota-journal".into())
         .spawn(move || {
-            for cell in queue {
-                let failed = match cell.reserve_ahead() {
+            while let Ok(first) = queue.recv() {
+                let mut batch = vec![first];
+                batch.extend(queue.try_iter());
+                let failed = match QuotaCell::reserve_ahead(&batch[0].journal, &batch) {
                     Ok(()) => false,
                     Err(error) => {
-                        tracing::error!(%error, purchase = %cell.purchase_id, "quota journal write failed");
+                        tracing::error!(%error, cells = batch.len(), "quota journal write failed");
                         true
                     }
                 };
-                // Asks made while this write ran were folded into it; the next one queues anew.
-                cell.reserving.store(false, Ordering::Release);
-                cell.journal_failed.store(failed, Ordering::Release);
-                cell.extended.notify_waiters();
+                for cell in &batch {
+                    // Asks made while this write ran were folded into it; the next one
+                    // queues anew.
+                    cell.reserving.store(false, Ordering::Release);
+                    cell.journal_failed.store(failed, Ordering::Release);
+                    cell.extended.notify_waiters();
+                }
             }
         })?;
     Ok(ahead)
@@ -646,6 +730,71 @@ mod tests {
         last.at = Some(std::time::Instant::now() - Duration::from_millis(50));
         assert_eq!(cell.ceiling(&mut last, 450), 500);
         assert_eq!(cell.ceiling(&mut last, 500), 500);
+    }
+
+    #[test]
+    fn a_torn_last_line_is_ignored_and_a_bad_whole_line_is_an_error() {
+        let recovered = parse_journal("p1 10\np1 12\np2 5\np1 1").unwrap();
+        assert_eq!((recovered["p1"], recovered["p2"]), (12, 5));
+        assert!(matches!(
+            parse_journal("p1 10\np1 x2\n"),
+            Err(QuotaError::Corrupt { line: 2 })
+        ));
+        assert!(matches!(
+            parse_journal("p1 10\nnonsense\n"),
+            Err(QuotaError::Corrupt { line: 2 })
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_journal_is_compacted_while_running_and_stays_true() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(JOURNAL_FILE);
+        let registry = QuotaRegistry::open(dir.path(), 1).unwrap();
+        let (a, b) = (registry.cell("pa", 100, 0), registry.cell("pb", 100, 0));
+        for _ in 0..20 {
+            assert!(a.take().await.unwrap());
+            assert!(b.take().await.unwrap());
+        }
+        let lines = |path: &Path| std::fs::read_to_string(path).unwrap().lines().count();
+        assert!(lines(&path) >= 40, "one line per reservation of one call");
+        {
+            let mut journal = registry.journal.file.lock().unwrap();
+            journal.compact(&path).unwrap();
+        }
+        assert_eq!(lines(&path), 2, "one line per purchase");
+        // Appends go to the compacted file, and a restart reads it back.
+        assert!(a.take().await.unwrap());
+        drop((a, b, registry));
+        let registry = QuotaRegistry::open(dir.path(), 1).unwrap();
+        // Dropped without a flush (a crash): at most one step (one call here) beyond used.
+        assert!((21..=22).contains(&registry.recovered()["pa"]));
+        assert!((20..=21).contains(&registry.recovered()["pb"]));
+    }
+
+    #[tokio::test]
+    async fn many_purchases_share_the_journal_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = QuotaRegistry::open(dir.path(), 1).unwrap();
+        let cells: Vec<_> = (0..50)
+            .map(|i| registry.cell(&format!("p{i}"), 3, 0))
+            .collect();
+        let takers = cells.iter().cloned().map(|cell| {
+            tokio::spawn(async move {
+                let mut taken = 0;
+                while cell.take().await.unwrap() {
+                    taken += 1;
+                }
+                taken
+            })
+        });
+        for taker in takers.collect::<Vec<_>>() {
+            assert_eq!(taker.await.unwrap(), 3);
+        }
+        drop((cells, registry));
+        let registry = QuotaRegistry::open(dir.path(), 1).unwrap();
+        assert!(registry.recovered().values().all(|used| *used == 3));
+        assert_eq!(registry.recovered().len(), 50);
     }
 
     #[tokio::test]
