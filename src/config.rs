@@ -529,18 +529,16 @@ impl Config {
             }
         }
         for (i, p) in file.control.proxies.iter().enumerate() {
-            if !(p.admin_url.starts_with("http://") || p.admin_url.starts_with("https://")) {
+            if let Some(problem) = plane_url_problem(&p.admin_url) {
                 problems.push(format!(
-                    "control.proxies[{i}].admin_url: '{}' must start with http:// or https://",
+                    "control.proxies[{i}].admin_url: '{}' {problem}",
                     p.admin_url
                 ));
             }
         }
         if let Some(url) = &file.proxy.control_url {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                problems.push(format!(
-                    "proxy.control_url: '{url}' must start with http:// or https://"
-                ));
+            if let Some(problem) = plane_url_problem(url) {
+                problems.push(format!("proxy.control_url: '{url}' {problem}"));
             }
         }
         let lease_min_calls = file
@@ -650,6 +648,22 @@ impl Config {
         } else {
             Ok(())
         }
+    }
+}
+
+/// What is wrong with a URL by which one plane reaches the other's admin listener, if
+/// anything. The planes speak plain HTTP to each other (admin listeners serve no TLS), so an
+/// `https://` URL would fail at every push or lease exchange: refuse it at start instead.
+fn plane_url_problem(url: &str) -> Option<&'static str> {
+    if url.starts_with("http://") {
+        None
+    } else if url.starts_with("https://") {
+        Some(
+            "must start with http://: the planes speak plain HTTP to each other (keep the \
+             admin listeners on a private network, or put a TLS tunnel between them)",
+        )
+    } else {
+        Some("must start with http://")
     }
 }
 
@@ -808,6 +822,26 @@ mod tests {
         assert!(all.contains("gateway.listen"), "{all}");
         assert!(all.contains("database_url"), "{all}");
         assert!(all.contains("gateway.max_body_bytes"), "{all}");
+    }
+
+    #[test]
+    fn the_planes_reach_each_other_over_plain_http_only() {
+        let err = Config::from_toml(
+            "[proxy]\ncontrol_url = 'https://control:8082'\n\
+             [[control.proxies]]\nadmin_url = 'https://proxy-1:8082'\n\
+             [[control.proxies]]\nadmin_url = 'proxy-2:8082'\n",
+            no_env(),
+        )
+        .unwrap_err();
+        let all = err.problems.join("\n");
+        assert!(all.contains("proxy.control_url: 'https://control:8082' must start with http://: the planes speak plain HTTP"), "{all}");
+        assert!(all.contains("control.proxies[0].admin_url"), "{all}");
+        assert!(
+            all.contains("control.proxies[1].admin_url: 'proxy-2:8082' must start with http://"),
+            "{all}"
+        );
+        let fine = "[proxy]\ncontrol_url = 'http://control:8082'\n[[control.proxies]]\nadmin_url = 'http://proxy-1:8082'\n";
+        assert!(Config::from_toml(fine, no_env()).is_ok());
     }
 
     #[test]
