@@ -107,10 +107,7 @@ impl Journal {
         let mut journal = self.file.lock().unwrap_or_else(|e| e.into_inner());
         let mut lines = String::new();
         for (purchase_id, value) in entries {
-            lines.push_str(purchase_id);
-            lines.push(' ');
-            lines.push_str(&value.to_string());
-            lines.push('\n');
+            push_line(&mut lines, purchase_id, *value);
         }
         journal
             .file
@@ -163,6 +160,14 @@ fn parse_journal(text: &str) -> Result<HashMap<String, u64>, QuotaError> {
     Ok(last)
 }
 
+/// Appends the journal line `purchase_id value` to `lines`.
+fn push_line(lines: &mut String, purchase_id: &str, value: u64) {
+    lines.push_str(purchase_id);
+    lines.push(' ');
+    lines.push_str(&value.to_string());
+    lines.push('\n');
+}
+
 /// Writes `last` as a journal at `path` (by a temporary file and a rename) and returns the
 /// file opened for appending.
 fn write_compacted(path: &Path, last: &HashMap<String, u64>) -> std::io::Result<File> {
@@ -171,7 +176,7 @@ fn write_compacted(path: &Path, last: &HashMap<String, u64>) -> std::io::Result<
         let mut out = File::create(&compact)?;
         let mut lines = String::new();
         for (id, value) in last {
-            lines.push_str(&format!("{id} {value}\n"));
+            push_line(&mut lines, id, *value);
         }
         out.write_all(lines.as_bytes())?;
         out.sync_all()?;
