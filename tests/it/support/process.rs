@@ -16,7 +16,7 @@ use serde_json::Value;
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The binary under test: `$MARKETGATE_BIN`, else the one cargo built for these tests.
-pub fn binary() -> String {
+fn binary() -> String {
     std::env::var("MARKETGATE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_marketgate").to_owned())
 }
 
