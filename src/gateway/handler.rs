@@ -215,12 +215,9 @@ pub fn authenticate<'s>(
             .to_str()
             .map_err(|_| Rejection::AuthFailed("Authorization is not text"))?;
         let auth = Authorization::parse(value).map_err(Rejection::Signature)?;
-        let app = snapshot
-            .apps_by_key
-            .get(auth.access)
-            .map(|&i| &snapshot.apps[i]);
+        let app = snapshot.app_by_key(auth.access);
         // An unknown key is verified against a dummy secret so it costs the same time.
-        let secret: &[u8] = app.map_or(b"unknown-app-key".as_slice(), |a| &a.secret);
+        let secret: &[u8] = app.map_or(b"unknown-app-key".as_slice(), |a| a.secret());
         let parts = RequestParts {
             method: head.method.as_str(),
             path: head.path,
@@ -246,9 +243,8 @@ pub fn authenticate<'s>(
             .to_str()
             .map_err(|_| Rejection::AuthFailed("AppCode is not text"))?;
         return snapshot
-            .apps_by_code
-            .get(code)
-            .map(|&i| Some(&snapshot.apps[i]))
+            .app_by_code(code)
+            .map(Some)
             .ok_or(Rejection::AuthFailed("unknown AppCode"));
     }
     Err(Rejection::AuthFailed("no Authorization or X-Apig-AppCode"))
@@ -436,8 +432,8 @@ pub(crate) async fn handle(
         path = uri.path(),
         group_id = trace.group.map(|g| &*g.id),
         api_id = trace.api.map(|a| &*a.id),
-        app_key = trace.app.map(|a| &*a.key),
-        purchase_id = trace.purchase.map(|p| &*p.id),
+        app_key = trace.app.map(|a| a.key()),
+        purchase_id = trace.purchase.map(|p| p.id()),
         status = response.status().as_u16(),
         outcome = outcome.as_str(),
         error_code,
@@ -715,7 +711,7 @@ mod tests {
         };
         let decision = decide(&compiled, &head, Payload::Body(b""), now, options).unwrap();
         assert_eq!((&*decision.api.id, decision.params), ("api", vec!["paris"]));
-        assert_eq!(decision.purchase.map(|p| &*p.id), Some("p1"));
+        assert_eq!(decision.purchase.map(|p| p.id()), Some("p1"));
         head.path = "/v1/rome";
         assert!(matches!(
             decide(&compiled, &head, Payload::Body(b""), now, options),

@@ -44,6 +44,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dashmap::DashMap;
+use hashbrown::DefaultHashBuilder;
 
 /// File name of the journal inside `data_dir`.
 pub const JOURNAL_FILE: &str = "quota.journal";
@@ -56,6 +57,8 @@ pub const UNLIMITED: u64 = u64::MAX;
 pub const JOURNAL_LEAD: Duration = Duration::from_millis(250);
 /// The smallest reservation step (or `quota_journal_block`, if smaller).
 pub const MIN_JOURNAL_STEP: u64 = 16;
+/// Cells recorded with one fsync by [`QuotaRegistry::flush`].
+const FLUSH_BATCH: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuotaError {
@@ -94,8 +97,9 @@ struct Journal {
 #[derive(Debug)]
 struct JournalFile {
     file: File,
-    /// The last value written per purchase: all a compacted journal keeps.
-    last: HashMap<String, u64>,
+    /// The last value written per purchase: all a compacted journal keeps. Keyed by the
+    /// cells' own ids (shared, not copied).
+    last: HashMap<Arc<str>, u64>,
     /// Lines appended since the journal was last compacted.
     appended: u64,
 }
@@ -103,7 +107,7 @@ struct JournalFile {
 impl Journal {
     /// Appends one line per entry and fsyncs once for all of them (a group commit), then
     /// compacts the file if it has grown by [`COMPACT_AFTER_LINES`].
-    fn record(&self, entries: &[(&str, u64)]) -> Result<(), QuotaError> {
+    fn record(&self, entries: &[(&Arc<str>, u64)]) -> Result<(), QuotaError> {
         let mut journal = self.file.lock().unwrap_or_else(|e| e.into_inner());
         let mut lines = String::new();
         for (purchase_id, value) in entries {
@@ -115,7 +119,12 @@ impl Journal {
             .map_err(QuotaError::Write)?;
         journal.file.sync_data().map_err(QuotaError::Write)?;
         for (purchase_id, value) in entries {
-            journal.last.insert((*purchase_id).to_owned(), *value);
+            match journal.last.get_mut(&***purchase_id) {
+                Some(last) => *last = *value,
+                None => {
+                    journal.last.insert(Arc::clone(purchase_id), *value);
+                }
+            }
         }
         journal.appended += entries.len() as u64;
         if journal.appended >= COMPACT_AFTER_LINES {
@@ -134,7 +143,8 @@ impl JournalFile {
     /// Writes the journal anew with one line per purchase: a new file, fsync'ed, renamed over
     /// the old one (atomic: a crash leaves one or the other whole), then appended to.
     fn compact(&mut self, path: &Path) -> std::io::Result<()> {
-        self.file = write_compacted(path, &self.last)?;
+        let last = self.last.iter().map(|(id, value)| (&**id, *value));
+        self.file = write_compacted(path, last)?;
         Ok(())
     }
 }
@@ -168,15 +178,18 @@ fn push_line(lines: &mut String, purchase_id: &str, value: u64) {
     lines.push('\n');
 }
 
-/// Writes `last` as a journal at `path` (by a temporary file and a rename) and returns the
-/// file opened for appending.
-fn write_compacted(path: &Path, last: &HashMap<String, u64>) -> std::io::Result<File> {
+/// Writes `last` (each purchase's last value) as a journal at `path`, by a temporary file
+/// and a rename, and returns the file opened for appending.
+fn write_compacted<'a>(
+    path: &Path,
+    last: impl Iterator<Item = (&'a str, u64)>,
+) -> std::io::Result<File> {
     let compact = path.with_extension("journal.tmp");
     {
         let mut out = File::create(&compact)?;
         let mut lines = String::new();
         for (id, value) in last {
-            push_line(&mut lines, id, *value);
+            push_line(&mut lines, id, value);
         }
         out.write_all(lines.as_bytes())?;
         out.sync_all()?;
@@ -200,7 +213,8 @@ pub enum QuotaMode {
 /// The calls of one purchase.
 #[derive(Debug)]
 pub struct QuotaCell {
-    purchase_id: Box<str>,
+    /// Shared with the registry's and the journal's maps.
+    purchase_id: Arc<str>,
     /// Limited and in `Leased` mode: served only from leases.
     leased: AtomicBool,
     /// Calls the control plane said were left outside every lease at the last exchange:
@@ -388,10 +402,12 @@ impl QuotaCell {
     /// The journal thread's side: reserves up to `used + step` (never beyond the limit) for
     /// every cell of `cells` that needs it, with one write and one fsync for all of them.
     /// Keeps the crash bound: `reserved - used ≤ max_step`.
-    fn reserve_ahead(journal: &Journal, cells: &[Arc<QuotaCell>]) -> Result<(), QuotaError> {
-        // Each cell's lock is held from its ceiling to its store, so `flush` cannot slip in.
+    fn reserve_ahead(journal: &Journal, cells: &mut [Arc<QuotaCell>]) -> Result<(), QuotaError> {
+        // Each cell's lock is held from its ceiling to its store, so `flush` cannot slip in;
+        // locks are taken in address order, as `flush` takes them.
+        cells.sort_unstable_by_key(|cell| Arc::as_ptr(cell) as usize);
         let mut held = Vec::with_capacity(cells.len());
-        for cell in cells {
+        for cell in cells.iter() {
             let mut last = cell.reserve_lock.lock().unwrap_or_else(|e| e.into_inner());
             let ceiling = cell.ceiling(&mut last, cell.used());
             if ceiling > cell.reserved.load(Ordering::Acquire) {
@@ -401,9 +417,9 @@ impl QuotaCell {
         if held.is_empty() {
             return Ok(());
         }
-        let entries: Vec<(&str, u64)> = held
+        let entries: Vec<(&Arc<str>, u64)> = held
             .iter()
-            .map(|(cell, ceiling, _)| (&*cell.purchase_id, *ceiling))
+            .map(|(cell, ceiling, _)| (&cell.purchase_id, *ceiling))
             .collect();
         journal.record(&entries)?;
         for (cell, ceiling, _last) in &held {
@@ -439,7 +455,7 @@ impl QuotaCell {
 /// Every purchase's cell, keyed by purchase id, plus the journal they write to.
 #[derive(Debug)]
 pub struct QuotaRegistry {
-    cells: DashMap<Box<str>, Arc<QuotaCell>>,
+    cells: DashMap<Arc<str>, Arc<QuotaCell>, DefaultHashBuilder>,
     /// Journaled `used` of purchases not (yet) in a snapshot.
     recovered: HashMap<String, u64>,
     journal: Arc<Journal>,
@@ -477,14 +493,18 @@ impl QuotaRegistry {
             Err(e) => return Err(open_err(e)),
         };
         let recovered = parse_journal(&text)?;
-        let file = write_compacted(&path, &recovered).map_err(open_err)?;
+        let last = recovered.iter().map(|(id, value)| (id.as_str(), *value));
+        let file = write_compacted(&path, last).map_err(open_err)?;
         Ok(QuotaRegistry {
-            cells: DashMap::new(),
+            cells: DashMap::default(),
             journal: Arc::new(Journal {
                 path: path.clone(),
                 file: Mutex::new(JournalFile {
                     file,
-                    last: recovered.clone(),
+                    last: recovered
+                        .iter()
+                        .map(|(id, value)| (Arc::from(id.as_str()), *value))
+                        .collect(),
                     appended: 0,
                 }),
                 ahead: spawn_journal_thread().map_err(open_err)?,
@@ -543,34 +563,10 @@ impl QuotaRegistry {
     /// The cell of `purchase_id`, created on first sight; its limit set to `limit` and its
     /// used raised to `ledger_used`.
     pub fn cell(&self, purchase_id: &str, limit: u64, ledger_used: u64) -> Arc<QuotaCell> {
-        let cell = self
-            .cells
-            .entry(purchase_id.into())
-            .or_insert_with(|| {
-                let journaled = self.recovered.get(purchase_id).copied().unwrap_or(0);
-                let initial_limit = match self.mode {
-                    // Nothing leased yet: the cell serves nothing until a grant arrives.
-                    QuotaMode::Leased if limit != UNLIMITED => journaled,
-                    _ => limit,
-                };
-                Arc::new(QuotaCell {
-                    purchase_id: purchase_id.into(),
-                    leased: AtomicBool::new(false),
-                    unleased_hint: AtomicU64::new(u64::MAX),
-                    refill_asked: AtomicBool::new(false),
-                    limit: AtomicU64::new(initial_limit),
-                    used: AtomicU64::new(journaled),
-                    reserved: AtomicU64::new(journaled),
-                    step: AtomicU64::new(MIN_JOURNAL_STEP.min(self.block)),
-                    reserve_lock: Mutex::new(LastReservation::default()),
-                    reserving: AtomicBool::new(false),
-                    extended: tokio::sync::Notify::new(),
-                    journal_failed: AtomicBool::new(false),
-                    journal: self.journal.clone(),
-                    max_step: self.block,
-                })
-            })
-            .clone();
+        let cell = match self.get(purchase_id) {
+            Some(cell) => cell,
+            None => self.new_cell(purchase_id, limit),
+        };
         match self.mode {
             QuotaMode::Local => {
                 cell.set_limit(limit);
@@ -590,6 +586,39 @@ impl QuotaRegistry {
         cell
     }
 
+    /// Creates the cell of a purchase first seen, starting from its journaled `used` (unless
+    /// another thread created it meanwhile).
+    fn new_cell(&self, purchase_id: &str, limit: u64) -> Arc<QuotaCell> {
+        let purchase_id: Arc<str> = purchase_id.into();
+        self.cells
+            .entry(Arc::clone(&purchase_id))
+            .or_insert_with(|| {
+                let journaled = self.recovered.get(&*purchase_id).copied().unwrap_or(0);
+                let initial_limit = match self.mode {
+                    // Nothing leased yet: the cell serves nothing until a grant arrives.
+                    QuotaMode::Leased if limit != UNLIMITED => journaled,
+                    _ => limit,
+                };
+                Arc::new(QuotaCell {
+                    purchase_id,
+                    leased: AtomicBool::new(false),
+                    unleased_hint: AtomicU64::new(u64::MAX),
+                    refill_asked: AtomicBool::new(false),
+                    limit: AtomicU64::new(initial_limit),
+                    used: AtomicU64::new(journaled),
+                    reserved: AtomicU64::new(journaled),
+                    step: AtomicU64::new(MIN_JOURNAL_STEP.min(self.block)),
+                    reserve_lock: Mutex::new(LastReservation::default()),
+                    reserving: AtomicBool::new(false),
+                    extended: tokio::sync::Notify::new(),
+                    journal_failed: AtomicBool::new(false),
+                    journal: self.journal.clone(),
+                    max_step: self.block,
+                })
+            })
+            .clone()
+    }
+
     /// The cell of a purchase, if it has one.
     pub fn get(&self, purchase_id: &str) -> Option<Arc<QuotaCell>> {
         self.cells.get(purchase_id).map(|c| c.clone())
@@ -600,14 +629,31 @@ impl QuotaRegistry {
         self.cells.iter().map(|e| e.value().clone()).collect()
     }
 
-    /// Records every cell's exact `used` (call after traffic has stopped).
+    /// Records every cell's exact `used` (call after traffic has stopped): one line for each
+    /// cell whose journaled value differs, [`FLUSH_BATCH`] lines to an fsync.
     pub fn flush(&self) -> Result<(), QuotaError> {
-        for entry in self.cells.iter() {
-            let cell = entry.value();
-            let _guard = cell.reserve_lock.lock().unwrap_or_else(|e| e.into_inner());
-            let used = cell.used();
-            cell.journal.record(&[(&cell.purchase_id, used)])?;
-            cell.reserved.store(used, Ordering::Release);
+        let mut cells = self.cells();
+        // Locks are taken in address order, as the journal thread takes them.
+        cells.sort_unstable_by_key(|cell| Arc::as_ptr(cell) as usize);
+        for batch in cells.chunks(FLUSH_BATCH) {
+            let mut held = Vec::new();
+            for cell in batch {
+                let guard = cell.reserve_lock.lock().unwrap_or_else(|e| e.into_inner());
+                let used = cell.used();
+                if used != cell.reserved.load(Ordering::Acquire) {
+                    held.push((cell, used, guard));
+                }
+            }
+            let entries: Vec<(&Arc<str>, u64)> = held
+                .iter()
+                .map(|(cell, used, _)| (&cell.purchase_id, *used))
+                .collect();
+            if !entries.is_empty() {
+                self.journal.record(&entries)?;
+            }
+            for (cell, used, _guard) in &held {
+                cell.reserved.store(*used, Ordering::Release);
+            }
         }
         Ok(())
     }
@@ -624,7 +670,8 @@ fn spawn_journal_thread() -> std::io::Result<std::sync::mpsc::Sender<Arc<QuotaCe
             while let Ok(first) = queue.recv() {
                 let mut batch = vec![first];
                 batch.extend(queue.try_iter());
-                let failed = match QuotaCell::reserve_ahead(&batch[0].journal, &batch) {
+                let journal = Arc::clone(&batch[0].journal);
+                let failed = match QuotaCell::reserve_ahead(&journal, &mut batch) {
                     Ok(()) => false,
                     Err(error) => {
                         tracing::error!(%error, cells = batch.len(), "quota journal write failed");
@@ -804,6 +851,28 @@ mod tests {
         let registry = QuotaRegistry::open(dir.path(), 1).unwrap();
         assert!(registry.recovered().values().all(|used| *used == 3));
         assert_eq!(registry.recovered().len(), 50);
+    }
+
+    #[tokio::test]
+    async fn a_flush_of_many_cells_records_each_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let count = FLUSH_BATCH * 2 + 7;
+        {
+            let registry = QuotaRegistry::open(dir.path(), 64).unwrap();
+            for i in 0..count {
+                let cell = registry.cell(&format!("p{i}"), 100, 0);
+                // Every third purchase is never called: it needs no line.
+                for _ in 0..i % 3 {
+                    assert!(cell.take().await.unwrap());
+                }
+            }
+            registry.flush().unwrap();
+        }
+        let registry = QuotaRegistry::open(dir.path(), 64).unwrap();
+        for i in 0..count {
+            let recovered = registry.recovered().get(&format!("p{i}")).copied();
+            assert_eq!(recovered.unwrap_or(0), (i % 3) as u64, "p{i}");
+        }
     }
 
     #[tokio::test]

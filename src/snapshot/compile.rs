@@ -6,13 +6,15 @@
 //! handles and the TLS certificates by server name. It does not validate (call
 //! [`super::validate::validate`] first), swap or persist.
 
-use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
 use std::sync::Arc;
+
+use hashbrown::{DefaultHashBuilder, HashMap, HashSet, HashTable};
 
 use rustls::sign::CertifiedKey;
 
-use super::validate::{parse_template, Segment};
-use super::wire::{Backend, Certificate, MarketState, PurchaseState, Snapshot};
+use super::validate::{parse_template, Segment, MAX_APP_CODES};
+use super::wire::{App, Backend, Certificate, MarketState, PurchaseState, Snapshot};
 use crate::gateway::certificate::not_after;
 use crate::gateway::metrics::{GatewayMetrics, GroupCounters};
 use crate::gateway::quota::{QuotaCell, QuotaRegistry, UNLIMITED};
@@ -86,24 +88,79 @@ pub struct CompiledApi {
     pub authorized_apps: HashSet<usize>,
 }
 
+/// An app: its credentials and, for a buyer's MARKET app, its purchase.
+///
+/// Kept small because a market has one per buyer (BENCHMARKS.md, "Snapshot compile"): the
+/// key, the secret and the app codes share one allocation, and the snapshot's lookup tables
+/// hold only this app's index, not copies of its strings.
 #[derive(Debug)]
 pub struct CompiledApp {
     /// Position in [`CompiledSnapshot::apps`].
     pub index: usize,
-    pub id: Box<str>,
-    pub key: Box<str>,
-    pub secret: Box<[u8]>,
     pub purchase: Option<CompiledPurchase>,
+    /// The key, the secret, then each app code, back to back.
+    credentials: Box<str>,
+    /// Where each part of `credentials` ends: the key, the secret, then the codes.
+    ends: [u16; 2 + MAX_APP_CODES],
+    codes: u8,
+}
+
+impl CompiledApp {
+    /// The app of a validated wire app (its credentials fit `u16` offsets: validate checks
+    /// them against [`MAX_CREDENTIAL_BYTES`](super::validate::MAX_CREDENTIAL_BYTES)).
+    fn new(index: usize, app: &App, purchase: Option<CompiledPurchase>) -> CompiledApp {
+        let parts = [&app.app_key, &app.app_secret]
+            .into_iter()
+            .chain(&app.app_codes);
+        let mut credentials = String::with_capacity(parts.clone().map(|part| part.len()).sum());
+        let mut ends = [0; 2 + MAX_APP_CODES];
+        for (end, part) in ends.iter_mut().zip(parts) {
+            credentials.push_str(part);
+            *end = u16::try_from(credentials.len()).expect("validated credential lengths");
+        }
+        CompiledApp {
+            index,
+            purchase,
+            credentials: credentials.into_boxed_str(),
+            ends,
+            codes: app.app_codes.len() as u8,
+        }
+    }
+
+    fn part(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.credentials[usize::from(start)..usize::from(self.ends[i])]
+    }
+
+    /// The AppKey a signature names.
+    pub fn key(&self) -> &str {
+        self.part(0)
+    }
+
+    /// The AppSecret signatures are made with.
+    pub fn secret(&self) -> &[u8] {
+        self.part(1).as_bytes()
+    }
+
+    /// The app codes (`X-Apig-AppCode`).
+    pub fn codes(&self) -> impl Iterator<Item = &str> {
+        (0..usize::from(self.codes)).map(|i| self.part(2 + i))
+    }
 }
 
 #[derive(Debug)]
 pub struct CompiledPurchase {
-    pub id: Box<str>,
     pub group: usize,
     pub state: PurchaseState,
     pub start_time: i64,
     pub expire_time: i64,
     pub cell: Arc<QuotaCell>,
+}
+
+impl CompiledPurchase {
+    pub fn id(&self) -> &str {
+        self.cell.purchase_id()
+    }
 }
 
 /// What a request is decided against; swapped whole.
@@ -113,9 +170,33 @@ pub struct CompiledSnapshot {
     pub hosts: HashMap<Box<str>, (usize, DomainKind)>,
     pub groups: Vec<CompiledGroup>,
     pub apps: Vec<CompiledApp>,
-    pub apps_by_key: HashMap<Box<str>, usize>,
-    pub apps_by_code: HashMap<Box<str>, usize>,
+    /// Indices into `apps` by app key and by app code, hashed with `hasher`; the strings
+    /// themselves are the apps' own.
+    apps_by_key: HashTable<u32>,
+    /// (app, which of its codes).
+    apps_by_code: HashTable<(u32, u8)>,
+    hasher: DefaultHashBuilder,
     pub certificates: HashMap<Box<str>, Arc<CertifiedKey>>,
+}
+
+impl CompiledSnapshot {
+    /// The app whose AppKey is `key`.
+    pub fn app_by_key(&self, key: &str) -> Option<&CompiledApp> {
+        let app = |&i: &u32| &self.apps[i as usize];
+        self.apps_by_key
+            .find(self.hasher.hash_one(key), |i| app(i).key() == key)
+            .map(app)
+    }
+
+    /// The app one of whose app codes is `code`.
+    pub fn app_by_code(&self, code: &str) -> Option<&CompiledApp> {
+        let app = |&(i, _): &(u32, u8)| &self.apps[i as usize];
+        self.apps_by_code
+            .find(self.hasher.hash_one(code), |&(i, nth)| {
+                self.apps[i as usize].part(2 + usize::from(nth)) == code
+            })
+            .map(app)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -264,40 +345,44 @@ pub fn compile(
             groups[gi].apis[ai].authorized_apps.insert(app);
         }
     }
-    let mut purchases: HashMap<&str, CompiledPurchase> = HashMap::new();
+    // Each app's purchase, by the app's position (validated: at most one per app).
+    let mut purchase_of: Vec<Option<CompiledPurchase>> = std::iter::repeat_with(|| None)
+        .take(snapshot.apps.len())
+        .collect();
     for purchase in &snapshot.purchases {
         let cell = quota.cell(
             &purchase.id,
             purchase.quota_limit.unwrap_or(UNLIMITED),
             purchase.quota_used,
         );
-        purchases.insert(
-            purchase.app_id.as_str(),
-            CompiledPurchase {
-                id: purchase.id.as_str().into(),
-                group: group_index[purchase.group_id.as_str()],
-                state: purchase.state,
-                start_time: purchase.start_time,
-                expire_time: purchase.expire_time,
-                cell,
-            },
-        );
-    }
-    let mut apps = Vec::with_capacity(snapshot.apps.len());
-    let mut apps_by_key = HashMap::new();
-    let mut apps_by_code = HashMap::new();
-    for (i, app) in snapshot.apps.iter().enumerate() {
-        apps_by_key.insert(app.app_key.as_str().into(), i);
-        for code in &app.app_codes {
-            apps_by_code.insert(code.as_str().into(), i);
-        }
-        apps.push(CompiledApp {
-            index: i,
-            id: app.id.as_str().into(),
-            key: app.app_key.as_str().into(),
-            secret: app.app_secret.as_bytes().into(),
-            purchase: purchases.remove(app.id.as_str()),
+        purchase_of[app_index[purchase.app_id.as_str()]] = Some(CompiledPurchase {
+            group: group_index[purchase.group_id.as_str()],
+            state: purchase.state,
+            start_time: purchase.start_time,
+            expire_time: purchase.expire_time,
+            cell,
         });
+    }
+    let hasher = DefaultHashBuilder::default();
+    let apps: Vec<CompiledApp> = snapshot
+        .apps
+        .iter()
+        .zip(purchase_of)
+        .enumerate()
+        .map(|(i, (app, purchase))| CompiledApp::new(i, app, purchase))
+        .collect();
+    let hash = |text: &str| hasher.hash_one(text);
+    let code_count = apps.iter().map(|app| usize::from(app.codes)).sum();
+    let mut apps_by_key = HashTable::with_capacity(apps.len());
+    let mut apps_by_code = HashTable::with_capacity(code_count);
+    for app in &apps {
+        let index = u32::try_from(app.index).expect("fewer than 2^32 apps");
+        apps_by_key.insert_unique(hash(app.key()), index, |&i| hash(apps[i as usize].key()));
+        for (nth, code) in app.codes().enumerate() {
+            apps_by_code.insert_unique(hash(code), (index, nth as u8), |&(i, nth)| {
+                hash(apps[i as usize].part(2 + usize::from(nth)))
+            });
+        }
     }
     let mut certificates = HashMap::new();
     let mut expiries = Vec::new();
@@ -321,6 +406,53 @@ pub fn compile(
         apps,
         apps_by_key,
         apps_by_code,
+        hasher,
         certificates,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::wire::App;
+
+    /// App `i` with `i % 6` app codes (0 to 5), a secret with multi-byte characters.
+    fn app(i: usize) -> App {
+        App {
+            id: format!("app-{i}"),
+            app_key: format!("key-{i}"),
+            app_secret: format!("sécret-{i}-ü"),
+            app_codes: (0..i % 6).map(|c| format!("code-{i}-{c}")).collect(),
+            creator: "USER".into(),
+        }
+    }
+
+    #[test]
+    fn apps_are_found_by_key_and_by_each_of_their_codes() {
+        let snapshot = Snapshot {
+            version: 1,
+            apps: (0..500).map(app).collect(),
+            ..Snapshot::default()
+        };
+        super::super::validate::validate(&snapshot).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let quota = QuotaRegistry::open(dir.path(), 8).unwrap();
+        let compiled = compile(&snapshot, &quota, &GatewayMetrics::new());
+        for (i, wire) in snapshot.apps.iter().enumerate() {
+            let by_key = compiled.app_by_key(&wire.app_key).unwrap();
+            assert_eq!(by_key.index, i);
+            assert_eq!(by_key.key(), wire.app_key);
+            assert_eq!(by_key.secret(), wire.app_secret.as_bytes());
+            assert_eq!(by_key.codes().collect::<Vec<_>>(), wire.app_codes);
+            for code in &wire.app_codes {
+                assert_eq!(compiled.app_by_code(code).unwrap().index, i, "{code}");
+            }
+        }
+        // Only whole keys and codes match, and a key is not a code nor a code a key.
+        for unknown in ["key-", "key-10x", "code-7-1", "code-6-0", "sécret-1-ü", ""] {
+            assert!(compiled.app_by_code(unknown).is_none(), "{unknown}");
+        }
+        assert!(compiled.app_by_key("code-5-0").is_none());
+        assert!(compiled.app_by_key("key-1000").is_none());
     }
 }

@@ -6,7 +6,7 @@
 //! (`groups[3].apis[0].req_uri`) so that the control plane's operator can fix it. This module
 //! does not compile, swap or persist anything, and it never looks at quota state.
 
-use std::collections::{HashMap, HashSet};
+use hashbrown::{HashMap, HashSet};
 
 use super::wire::{Backend, Snapshot};
 
@@ -16,6 +16,9 @@ pub const MAX_SNAPSHOT_BYTES: usize = 64 * 1024 * 1024;
 pub const MAX_REQ_URI_BYTES: usize = 1024;
 /// Most app codes per app (Huawei allows five).
 pub const MAX_APP_CODES: usize = 5;
+/// Longest app key, app secret or app code accepted, in bytes (Huawei's are 32, 64 and
+/// 64–180 characters; the compiled app keeps them in one string indexed by `u16`).
+pub const MAX_CREDENTIAL_BYTES: usize = 1024;
 
 /// Why a snapshot was refused: the first bad field, by its JSON path.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -247,103 +250,111 @@ pub fn validate<'a>(snapshot: &'a Snapshot) -> Result<(), ValidationError> {
         }
     }
 
-    let mut app_ids = HashSet::new();
-    let mut app_keys = HashSet::new();
-    let mut app_codes = HashSet::new();
+    // Field paths of the per-buyer lists are built only for the error returned: formatting
+    // one for each of a million entries was a third of a 1M-purchase validation.
+    let mut app_ids = HashSet::with_capacity(snapshot.apps.len());
+    let mut app_keys = HashSet::with_capacity(snapshot.apps.len());
+    let mut app_codes = HashSet::with_capacity(snapshot.apps.len());
     for (i, app) in snapshot.apps.iter().enumerate() {
-        let p = format!("apps[{i}]");
+        let at = |field: &str| format!("apps[{i}].{field}");
         if app.id.is_empty() {
-            return Err(bad(format!("{p}.id"), "must not be empty"));
+            return Err(bad(at("id"), "must not be empty"));
         }
         if !app_ids.insert(app.id.as_str()) {
-            return Err(bad(
-                format!("{p}.id"),
-                format!("duplicate app id '{}'", app.id),
-            ));
+            return Err(bad(at("id"), format!("duplicate app id '{}'", app.id)));
         }
         if app.app_key.is_empty() || !app_keys.insert(app.app_key.as_str()) {
-            return Err(bad(format!("{p}.app_key"), "empty or duplicate app_key"));
+            return Err(bad(at("app_key"), "empty or duplicate app_key"));
+        }
+        if app.app_key.len() > MAX_CREDENTIAL_BYTES {
+            return Err(bad(at("app_key"), "longer than 1024 bytes"));
         }
         if app.app_secret.is_empty() {
-            return Err(bad(format!("{p}.app_secret"), "must not be empty"));
+            return Err(bad(at("app_secret"), "must not be empty"));
+        }
+        if app.app_secret.len() > MAX_CREDENTIAL_BYTES {
+            return Err(bad(at("app_secret"), "longer than 1024 bytes"));
         }
         if app.app_codes.len() > MAX_APP_CODES {
-            return Err(bad(format!("{p}.app_codes"), "at most 5 app codes"));
+            return Err(bad(at("app_codes"), "at most 5 app codes"));
         }
         for (ci, code) in app.app_codes.iter().enumerate() {
             if code.is_empty() || !app_codes.insert(code.as_str()) {
                 return Err(bad(
-                    format!("{p}.app_codes[{ci}]"),
+                    at(&format!("app_codes[{ci}]")),
                     "empty or duplicate app code",
+                ));
+            }
+            if code.len() > MAX_CREDENTIAL_BYTES {
+                return Err(bad(
+                    at(&format!("app_codes[{ci}]")),
+                    "longer than 1024 bytes",
                 ));
             }
         }
         if !matches!(app.creator.as_str(), "USER" | "MARKET") {
-            return Err(bad(format!("{p}.creator"), "must be USER or MARKET"));
+            return Err(bad(at("creator"), "must be USER or MARKET"));
         }
     }
 
-    let mut purchase_ids = HashSet::new();
-    let mut purchase_apps = HashSet::new();
+    let mut purchase_ids = HashSet::with_capacity(snapshot.purchases.len());
+    let mut purchase_apps = HashSet::with_capacity(snapshot.purchases.len());
     for (i, purchase) in snapshot.purchases.iter().enumerate() {
-        let p = format!("purchases[{i}]");
+        let at = |field: &str| format!("purchases[{i}].{field}");
         if purchase.id.is_empty() || !purchase_ids.insert(purchase.id.as_str()) {
-            return Err(bad(format!("{p}.id"), "empty or duplicate purchase id"));
+            return Err(bad(at("id"), "empty or duplicate purchase id"));
         }
         if !group_ids.contains(purchase.group_id.as_str()) {
             return Err(bad(
-                format!("{p}.group_id"),
+                at("group_id"),
                 format!("no group '{}' in the snapshot", purchase.group_id),
             ));
         }
         if !app_ids.contains(purchase.app_id.as_str()) {
             return Err(bad(
-                format!("{p}.app_id"),
+                at("app_id"),
                 format!("no app '{}' in the snapshot", purchase.app_id),
             ));
         }
         if !purchase_apps.insert(purchase.app_id.as_str()) {
-            return Err(bad(
-                format!("{p}.app_id"),
-                "app already used by another purchase",
-            ));
+            return Err(bad(at("app_id"), "app already used by another purchase"));
         }
         if purchase.expire_time < purchase.start_time {
-            return Err(bad(format!("{p}.expire_time"), "before start_time"));
+            return Err(bad(at("expire_time"), "before start_time"));
         }
         if let Some(limit) = purchase.quota_limit {
             if limit > i64::MAX as u64 {
-                return Err(bad(format!("{p}.quota_limit"), "out of range"));
+                return Err(bad(at("quota_limit"), "out of range"));
             }
         }
     }
 
     for (i, auth) in snapshot.app_auths.iter().enumerate() {
-        let p = format!("app_auths[{i}]");
+        let at = |field: &str| format!("app_auths[{i}].{field}");
         if !app_ids.contains(auth.app_id.as_str()) {
-            return Err(bad(format!("{p}.app_id"), "no such app in the snapshot"));
+            return Err(bad(at("app_id"), "no such app in the snapshot"));
         }
         if !api_ids.contains(auth.api_id.as_str()) {
-            return Err(bad(format!("{p}.api_id"), "no such api in the snapshot"));
+            return Err(bad(at("api_id"), "no such api in the snapshot"));
         }
     }
 
     let mut cert_domains = HashSet::new();
     for (i, cert) in snapshot.certificates.iter().enumerate() {
-        let p = format!("certificates[{i}]");
+        let at = |field: &str| format!("certificates[{i}].{field}");
         if cert.domains.is_empty() {
-            return Err(bad(format!("{p}.domains"), "must name at least one domain"));
+            return Err(bad(at("domains"), "must name at least one domain"));
         }
         for (di, domain) in cert.domains.iter().enumerate() {
             if !valid_domain(domain) || !cert_domains.insert(domain.as_str()) {
-                return Err(bad(format!("{p}.domains[{di}]"), "bad or duplicate domain"));
+                return Err(bad(
+                    at(&format!("domains[{di}]")),
+                    "bad or duplicate domain",
+                ));
             }
         }
         if super::compile::certified_key(cert).is_err() {
-            return Err(bad(
-                format!("{p}.cert_pem"),
-                "certificate or key does not parse",
-            ));
+            return Err(bad(at("cert_pem"), "certificate or key does not parse"));
         }
     }
     Ok(())
@@ -367,5 +378,49 @@ mod tests {
         for bad in ["a", "/a//b", "/{b+}/c", "/{b", "/{}", "/{a}/{a}", "/a b"] {
             assert!(parse_template(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn credentials_longer_than_the_compiled_form_holds_are_refused_by_path() {
+        let app = |key: String, secret: String, codes: Vec<String>| super::super::wire::App {
+            id: "a1".into(),
+            app_key: key,
+            app_secret: secret,
+            app_codes: codes,
+            creator: "USER".into(),
+        };
+        let long = "x".repeat(MAX_CREDENTIAL_BYTES + 1);
+        let fits = "x".repeat(MAX_CREDENTIAL_BYTES);
+        let cases = [
+            (app(long.clone(), "s".into(), vec![]), "apps[0].app_key"),
+            (app("k".into(), long.clone(), vec![]), "apps[0].app_secret"),
+            (
+                app("k".into(), "s".into(), vec!["c".into(), long.clone()]),
+                "apps[0].app_codes[1]",
+            ),
+        ];
+        for (app, path) in cases {
+            let snapshot = Snapshot {
+                version: 1,
+                apps: vec![app],
+                ..Snapshot::default()
+            };
+            let error = validate(&snapshot).unwrap_err();
+            assert_eq!(
+                (error.path.as_str(), error.reason.as_str()),
+                (path, "longer than 1024 bytes")
+            );
+        }
+        let codes = vec![fits.clone(); 5]
+            .into_iter()
+            .enumerate()
+            .map(|(i, code)| format!("{i}{}", &code[1..]))
+            .collect();
+        let snapshot = Snapshot {
+            version: 1,
+            apps: vec![app(fits.clone(), fits, codes)],
+            ..Snapshot::default()
+        };
+        validate(&snapshot).unwrap();
     }
 }
