@@ -45,6 +45,9 @@ pub const DEFAULT_LEASE_TTL_SECS: u64 = 300;
 /// The smallest and largest lease a proxy asks for, in calls.
 pub const DEFAULT_LEASE_MIN_CALLS: u64 = 16;
 pub const DEFAULT_LEASE_MAX_CALLS: u64 = 10_000;
+/// Largest snapshot (or delta) a proxy's admin listener takes, in bytes after decompression:
+/// room for a market of about two million purchases (~510 bytes of JSON each).
+pub const DEFAULT_MAX_SNAPSHOT_BYTES: usize = 1 << 30;
 /// Upstream connections kept idle per backend host.
 pub const DEFAULT_UPSTREAM_POOL_IDLE_PER_HOST: usize = 256;
 /// Idle upstream connections are closed after this many seconds.
@@ -170,6 +173,8 @@ pub struct ProxyConfig {
     pub control_url: Option<String>,
     pub lease_min_calls: u64,
     pub lease_max_calls: u64,
+    /// The largest pushed snapshot or delta taken, in bytes after decompression (413 above).
+    pub max_snapshot_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -269,6 +274,7 @@ struct FileProxy {
     control_url: Option<String>,
     lease_min_calls: Option<u64>,
     lease_max_calls: Option<u64>,
+    max_snapshot_bytes: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -346,6 +352,7 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "control_url",
             "lease_min_calls",
             "lease_max_calls",
+            "max_snapshot_bytes",
         ],
     ),
     ("log", &["format", "level"]),
@@ -553,6 +560,13 @@ impl Config {
         if lease_max_calls < lease_min_calls {
             problems.push("proxy.lease_max_calls: must not be below proxy.lease_min_calls".into());
         }
+        let max_snapshot_bytes = file
+            .proxy
+            .max_snapshot_bytes
+            .unwrap_or(DEFAULT_MAX_SNAPSHOT_BYTES);
+        if max_snapshot_bytes < 1024 {
+            problems.push("proxy.max_snapshot_bytes: must be at least 1024".into());
+        }
         let admin_token = file.admin.token.unwrap_or_default();
         if !admin_token.is_empty() && admin_token.len() < 8 {
             problems.push("admin.token: must be at least 8 characters".into());
@@ -628,6 +642,7 @@ impl Config {
                 control_url: file.proxy.control_url,
                 lease_min_calls,
                 lease_max_calls,
+                max_snapshot_bytes,
             },
             log: LogConfig {
                 format: file.log.format.unwrap_or(LogFormat::Text),
@@ -793,6 +808,7 @@ mod tests {
         assert_eq!(config.admin.listen.to_string(), DEFAULT_ADMIN_LISTEN);
         assert!(config.database_url.starts_with("sqlite://"));
         assert_eq!(config.instance_id, DEFAULT_INSTANCE_ID);
+        assert_eq!(config.proxy.max_snapshot_bytes, DEFAULT_MAX_SNAPSHOT_BYTES);
     }
 
     #[test]
@@ -814,7 +830,8 @@ mod tests {
     #[test]
     fn bad_values_are_all_named() {
         let err = Config::from_toml(
-            "database_url = 'mysql://x'\n[gateway]\nlisten = 'nope'\nmax_body_bytes = 0\n",
+            "database_url = 'mysql://x'\n[gateway]\nlisten = 'nope'\nmax_body_bytes = 0\n\
+             [proxy]\nmax_snapshot_bytes = 100\n",
             no_env(),
         )
         .unwrap_err();
@@ -822,6 +839,10 @@ mod tests {
         assert!(all.contains("gateway.listen"), "{all}");
         assert!(all.contains("database_url"), "{all}");
         assert!(all.contains("gateway.max_body_bytes"), "{all}");
+        assert!(
+            all.contains("proxy.max_snapshot_bytes: must be at least 1024"),
+            "{all}"
+        );
     }
 
     #[test]
@@ -856,11 +877,16 @@ mod tests {
                 "MARKETGATE_ADMIN__METRICS_PUBLIC".to_owned(),
                 "true".to_owned(),
             ),
+            (
+                "MARKETGATE_PROXY__MAX_SNAPSHOT_BYTES".to_owned(),
+                "2147483648".to_owned(),
+            ),
         ];
         let config = Config::from_toml("[gateway]\nlisten='127.0.0.1:1'\n", env).unwrap();
         assert_eq!(config.gateway.listen.to_string(), "127.0.0.1:9999");
         assert_eq!(config.instance_id, "inst-9");
         assert!(config.admin.metrics_public);
+        assert_eq!(config.proxy.max_snapshot_bytes, 2 << 30);
     }
 
     #[test]

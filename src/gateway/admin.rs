@@ -12,6 +12,7 @@
 use std::io::Read;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -22,7 +23,6 @@ use serde_json::json;
 use super::{Gateway, SnapshotRejection};
 use crate::apig;
 use crate::snapshot::delta::Delta;
-use crate::snapshot::validate::MAX_SNAPSHOT_BYTES;
 use crate::snapshot::Snapshot;
 
 #[derive(Debug, thiserror::Error)]
@@ -33,8 +33,12 @@ pub enum AdminError {
     Encoding(String),
     #[error("the body does not decompress")]
     Decompress(#[source] std::io::Error),
-    #[error("the snapshot is larger than {MAX_SNAPSHOT_BYTES} bytes")]
-    TooLarge,
+    #[error(
+        "the body is larger than proxy.max_snapshot_bytes ({limit} bytes) after decompression"
+    )]
+    TooLarge { limit: usize },
+    #[error("the body could not be read")]
+    Body(#[source] BytesRejection),
     #[error("{path}: {message}")]
     Decode { path: String, message: String },
     #[error(transparent)]
@@ -51,7 +55,8 @@ impl AdminError {
             AdminError::Decompress(_) | AdminError::Decode { .. } => {
                 (StatusCode::BAD_REQUEST, apig::PARAMETER_ERROR)
             }
-            AdminError::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, apig::PARAMETER_ERROR),
+            AdminError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, apig::PARAMETER_ERROR),
+            AdminError::Body(_) => (StatusCode::BAD_REQUEST, apig::PARAMETER_ERROR),
             AdminError::Rejected(SnapshotRejection::Invalid(_)) => {
                 (StatusCode::BAD_REQUEST, apig::PARAMETER_ERROR)
             }
@@ -73,6 +78,7 @@ impl IntoResponse for AdminError {
         let (status, code) = self.status_and_code();
         let message = match &self {
             AdminError::Decompress(e) => format!("{self}: {e}"),
+            AdminError::Body(e) => format!("{self}: {e}"),
             _ => self.to_string(),
         };
         (
@@ -93,6 +99,7 @@ fn authorized(gateway: &Gateway, headers: &HeaderMap) -> Result<(), AdminError> 
 
 /// The admin routes of one gateway.
 pub fn router(gateway: Gateway) -> Router {
+    let max_snapshot_bytes = gateway.inner.config.proxy.max_snapshot_bytes;
     Router::new()
         .route("/v1/snapshot", put(put_snapshot).patch(patch_snapshot))
         .route("/v1/snapshot/version", get(snapshot_version))
@@ -100,25 +107,30 @@ pub fn router(gateway: Gateway) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .layer(DefaultBodyLimit::max(MAX_SNAPSHOT_BYTES))
+        .layer(DefaultBodyLimit::max(max_snapshot_bytes))
         .with_state(gateway)
 }
 
-/// Decompresses (bounded) and parses a pushed snapshot.
-pub fn decode_snapshot(headers: &HeaderMap, body: &[u8]) -> Result<Snapshot, AdminError> {
-    decode_json(headers, body)
+/// Decompresses (to at most `limit` bytes) and parses a pushed snapshot.
+pub fn decode_snapshot(
+    headers: &HeaderMap,
+    body: &[u8],
+    limit: usize,
+) -> Result<Snapshot, AdminError> {
+    decode_json(headers, body, limit)
 }
 
-/// Decompresses (bounded) and parses a pushed delta (`PATCH /v1/snapshot`).
-pub fn decode_delta(headers: &HeaderMap, body: &[u8]) -> Result<Delta, AdminError> {
-    decode_json(headers, body)
+/// Decompresses (to at most `limit` bytes) and parses a pushed delta (`PATCH /v1/snapshot`).
+pub fn decode_delta(headers: &HeaderMap, body: &[u8], limit: usize) -> Result<Delta, AdminError> {
+    decode_json(headers, body, limit)
 }
 
-/// Decompresses `body` as `Content-Encoding` says, bounded by [`MAX_SNAPSHOT_BYTES`], and
-/// parses it, naming the first bad element on failure.
+/// Decompresses `body` as `Content-Encoding` says, to at most `limit` bytes
+/// (`proxy.max_snapshot_bytes`), and parses it, naming the first bad element on failure.
 fn decode_json<T: serde::de::DeserializeOwned>(
     headers: &HeaderMap,
     body: &[u8],
+    limit: usize,
 ) -> Result<T, AdminError> {
     let encoding = headers
         .get(header::CONTENT_ENCODING)
@@ -126,13 +138,12 @@ fn decode_json<T: serde::de::DeserializeOwned>(
         .unwrap_or("identity")
         .trim()
         .to_ascii_lowercase();
-    let limit = MAX_SNAPSHOT_BYTES as u64 + 1;
     let mut plain = Vec::new();
     let bytes: &[u8] = match encoding.as_str() {
         "identity" | "" => body,
         "gzip" => {
             flate2::read::GzDecoder::new(body)
-                .take(limit)
+                .take(limit as u64 + 1)
                 .read_to_end(&mut plain)
                 .map_err(AdminError::Decompress)?;
             &plain
@@ -140,15 +151,15 @@ fn decode_json<T: serde::de::DeserializeOwned>(
         "zstd" => {
             zstd::stream::read::Decoder::new(body)
                 .map_err(AdminError::Decompress)?
-                .take(limit)
+                .take(limit as u64 + 1)
                 .read_to_end(&mut plain)
                 .map_err(AdminError::Decompress)?;
             &plain
         }
         other => return Err(AdminError::Encoding(other.to_owned())),
     };
-    if bytes.len() > MAX_SNAPSHOT_BYTES {
-        return Err(AdminError::TooLarge);
+    if bytes.len() > limit {
+        return Err(AdminError::TooLarge { limit });
     }
     // The common case parses once; only a bad snapshot pays for the search of its path.
     if let Ok(parsed) = serde_json::from_slice::<T>(bytes) {
@@ -233,15 +244,17 @@ fn locate_decode_error(value: &serde_json::Value) -> String {
 async fn put_snapshot(
     State(gateway): State<Gateway>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, AdminError> {
     authorized(&gateway, &headers)?;
+    let body = pushed_body(&gateway, body)?;
     // Decoding and compiling a large snapshot takes seconds of CPU (BENCHMARKS.md): off the
     // runtime threads, so that buyers' requests keep being served while it runs.
     let node_id = gateway.node_id().to_owned();
     let version = tokio::task::spawn_blocking(move || {
+        let limit = gateway.inner.config.proxy.max_snapshot_bytes;
         let snapshot =
-            decode_snapshot(&headers, &body).inspect_err(|_| count_undecodable(&gateway))?;
+            decode_snapshot(&headers, &body, limit).inspect_err(|_| count_undecodable(&gateway))?;
         Ok::<_, AdminError>(gateway.apply_snapshot(snapshot)?)
     })
     .await
@@ -254,17 +267,38 @@ async fn put_snapshot(
 async fn patch_snapshot(
     State(gateway): State<Gateway>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, AdminError> {
     authorized(&gateway, &headers)?;
+    let body = pushed_body(&gateway, body)?;
     let node_id = gateway.node_id().to_owned();
     let version = tokio::task::spawn_blocking(move || {
-        let delta = decode_delta(&headers, &body).inspect_err(|_| count_undecodable(&gateway))?;
+        let limit = gateway.inner.config.proxy.max_snapshot_bytes;
+        let delta =
+            decode_delta(&headers, &body, limit).inspect_err(|_| count_undecodable(&gateway))?;
         Ok::<_, AdminError>(gateway.apply_delta(delta)?)
     })
     .await
     .map_err(AdminError::Task)??;
     Ok(Json(json!({ "version": version, "node_id": node_id })))
+}
+
+/// The pushed body, or why it could not be read: over `proxy.max_snapshot_bytes` as sent
+/// (before decompression) is a 413 like one that decompresses to more.
+fn pushed_body(
+    gateway: &Gateway,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Bytes, AdminError> {
+    body.map_err(|rejection| {
+        count_undecodable(gateway);
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            AdminError::TooLarge {
+                limit: gateway.inner.config.proxy.max_snapshot_bytes,
+            }
+        } else {
+            AdminError::Body(rejection)
+        }
+    })
 }
 
 /// A push whose body does not even parse is a rejected push.
@@ -339,7 +373,7 @@ mod tests {
         let table: Vec<(AdminError, u16)> = vec![
             (AdminError::Unauthorized, 401),
             (AdminError::Encoding("br".into()), 415),
-            (AdminError::TooLarge, 413),
+            (AdminError::TooLarge { limit: 1024 }, 413),
             (
                 AdminError::Decode {
                     path: "$".into(),
@@ -370,7 +404,7 @@ mod tests {
     #[test]
     fn a_negative_quota_is_named() {
         let body = br#"{"version":2,"purchases":[{"id":"p","group_id":"g","app_id":"a","state":"active","start_time":0,"expire_time":1,"quota_limit":-1}]}"#;
-        match decode_snapshot(&HeaderMap::new(), body) {
+        match decode_snapshot(&HeaderMap::new(), body, 1 << 20) {
             Err(AdminError::Decode { path, .. }) => assert_eq!(path, "purchases[0].quota_limit"),
             other => panic!("{other:?}"),
         }

@@ -10,8 +10,6 @@ use hashbrown::{HashMap, HashSet};
 
 use super::wire::{Backend, Snapshot};
 
-/// Largest snapshot body the admin listener accepts, after decompression, in bytes.
-pub const MAX_SNAPSHOT_BYTES: usize = 64 * 1024 * 1024;
 /// Longest `req_uri` accepted, in bytes.
 pub const MAX_REQ_URI_BYTES: usize = 1024;
 /// Most app codes per app (Huawei allows five).

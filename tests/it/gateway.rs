@@ -417,6 +417,36 @@ async fn compressed_pushes_are_accepted() {
 }
 
 #[tokio::test]
+async fn pushes_over_max_snapshot_bytes_are_413_as_sent_or_decompressed() {
+    use std::io::Write;
+    let backend = Backend::echo().await;
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let gw = TestGateway::start_in(dir, "[proxy]\nmax_snapshot_bytes = 4096\n").await;
+    let small = body_of(&market(1, backend.addr, None));
+    assert!(small.len() <= 4096, "the test market fits: {}", small.len());
+    assert_eq!(push(gw.admin, small, None).await.status, 200);
+
+    let mut large = market(2, backend.addr, None);
+    large.groups[0].name = "x".repeat(5000);
+    let large = body_of(&large);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(&large).unwrap();
+    let gzipped = gz.finish().unwrap();
+    assert!(gzipped.len() <= 4096, "compressed it fits as sent");
+    for (body, encoding) in [(large, None), (gzipped, Some("gzip"))] {
+        let answer = push(gw.admin, body, encoding).await;
+        assert_eq!(answer.status, 413, "{encoding:?}: {:?}", answer.body);
+        assert_eq!(answer.json()["error_code"], "APIG.2000");
+        let message = answer.json()["error_msg"].as_str().unwrap().to_owned();
+        assert!(
+            message.contains("proxy.max_snapshot_bytes (4096 bytes)"),
+            "{message}"
+        );
+        assert_eq!(gw.gateway.snapshot_version(), Some(1));
+    }
+}
+
+#[tokio::test]
 async fn the_last_good_snapshot_is_served_after_a_restart_and_is_private() {
     use std::os::unix::fs::PermissionsExt;
     let backend = Backend::echo().await;
