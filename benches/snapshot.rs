@@ -10,7 +10,8 @@
 //! JSON size of the 1M snapshot, its parse time, the first compile (quota cells created) and
 //! a recompile (cells reused), resident bytes per purchase from `/proc/self/statm`, and the
 //! swap of 1M purchases under a decide+take loop on another thread (requests failed, worst
-//! request latency, where the old snapshot was freed).
+//! request latency, where the old snapshot was freed), and a gzip'ed 1M push through a
+//! proxy's admin listener over loopback, as the control plane sends it.
 //!
 //! Run: `cargo bench --bench snapshot` (the 1M cases need ~4 GiB of memory and a minute or
 //! two); `SNAPSHOT_BENCH_REPORT_ONLY=1` prints the one-off report and skips criterion.
@@ -303,6 +304,63 @@ fn report_swap_under_traffic() {
     );
 }
 
+/// Pushes a 1M snapshot the way the control plane does (`PUT /v1/snapshot`, gzip) to a
+/// proxy's admin listener over loopback, and times the push from the first byte sent to the
+/// answer: transfer, decompression, parse, validate, compile, persist (JSON + fsync), swap.
+fn report_http_push() {
+    use std::io::{Read, Write};
+    const TOKEN: &str = "bench-admin-token";
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let mut config = Config::builtin().expect("built-in config");
+    config.data_dir = dir.path().to_owned();
+    config.admin.token = TOKEN.to_owned();
+    let gateway = Gateway::open(&config).expect("gateway");
+    let json = serde_json::to_vec(&market(1, MILLION)).expect("serialises");
+    let started = Instant::now();
+    let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gzip.write_all(&json).expect("gzip");
+    let gzip = gzip.finish().expect("gzip");
+    let gzipped_in = started.elapsed();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("a port");
+    let addr = listener.local_addr().expect("an address");
+    let router = gateway.admin_router();
+    runtime.spawn(async move { axum::serve(listener, router).await });
+
+    let started = Instant::now();
+    let mut stream = std::net::TcpStream::connect(addr).expect("connects");
+    write!(
+        stream,
+        "PUT /v1/snapshot HTTP/1.1\r\nHost: bench\r\nX-Admin-Token: {TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Encoding: gzip\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        gzip.len()
+    )
+    .expect("writes the head");
+    stream.write_all(&gzip).expect("writes the body");
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .expect("reads the answer");
+    let pushed = started.elapsed();
+    let status = answer.lines().next().unwrap_or("no answer");
+    eprintln!(
+        "snapshot: 1M PUT /v1/snapshot over loopback: {} MB gzip (of {} MB JSON; gzip took {}), answered '{status}' in {}; serving version {:?}",
+        gzip.len() / 1_000_000,
+        json.len() / 1_000_000,
+        secs(gzipped_in),
+        secs(pushed),
+        gateway.snapshot_version(),
+    );
+}
+
 fn bench_compile(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("a temp dir");
     let quota = QuotaRegistry::open(dir.path(), DEFAULT_QUOTA_JOURNAL_BLOCK).expect("journal");
@@ -345,6 +403,7 @@ fn main() {
     }
     report_compile_memory();
     report_swap_under_traffic();
+    report_http_push();
     if std::env::var_os("SNAPSHOT_BENCH_REPORT_ONLY").is_some() {
         return;
     }
