@@ -289,7 +289,7 @@ fn bench_quota_modes(c: &mut Criterion) {
         group.bench_function(name, |b| {
             b.iter(|| {
                 assert!(run_now(&runtime, || black_box(&cell).take()).expect("journal"));
-                registry.note_usage();
+                registry.note_usage(&cell);
             })
         });
     }

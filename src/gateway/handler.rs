@@ -320,7 +320,7 @@ async fn take_quota_or_refill(
         }
     }
     match &taken {
-        Ok(()) => gateway.quota.note_usage(),
+        Ok(()) => gateway.quota.note_usage(&purchase.cell),
         Err(Rejection::Quota(_)) => gateway.metrics.quota_journal_errors.inc(),
         Err(_) => {}
     }

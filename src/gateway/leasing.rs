@@ -43,8 +43,17 @@ const RENEW_WHEN_LEFT: f64 = 0.5;
 const WANT_SECONDS: f64 = 2.0;
 /// Weight of the newest sample in the rate's moving average.
 const RATE_SMOOTHING: f64 = 0.3;
-/// File in `data_dir` holding what the control plane acknowledged.
+/// A smoothed rate below this many calls per second counts as none (about 2.5 s after the
+/// last call at 100 calls/s), so that a quiet cell stops being watched.
+const IDLE_RATE: f64 = 0.01;
+/// File in `data_dir` holding what the control plane acknowledged, as of its last rewrite.
 pub const STATE_FILE: &str = "lease-state.json";
+/// The changes since that rewrite: `lease-state.<generation>.log` in `data_dir`, one JSON
+/// line per purchase changed by an exchange (the last line of a purchase wins).
+const STATE_LOG_PREFIX: &str = "lease-state.";
+/// The state file is rewritten (and a new log begun) once the log holds this many lines and
+/// more than twice as many as there are purchases.
+const STATE_LOG_COMPACT_AFTER: u64 = if cfg!(test) { 64 } else { 10_000 };
 /// A lease exchange that takes longer than this fails.
 pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -134,6 +143,37 @@ struct AckedState {
     #[serde(default)]
     incarnation: String,
     purchases: HashMap<String, AckedPurchase>,
+    /// Which log holds the changes made after this file was written (0 for files written
+    /// before the log existed: there is no `lease-state.0.log` then).
+    #[serde(default)]
+    log_generation: u64,
+}
+
+/// One line of the state log: a purchase's acknowledged values after an exchange.
+#[derive(Debug, Serialize, Deserialize)]
+struct LoggedPurchase {
+    id: String,
+    #[serde(flatten)]
+    acked: AckedPurchase,
+}
+
+/// Where the next changes to the lease state are appended.
+#[derive(Debug)]
+struct StateLog {
+    dir: PathBuf,
+    generation: u64,
+    /// Lines in the current log.
+    lines: u64,
+}
+
+impl StateLog {
+    fn path(&self) -> PathBuf {
+        log_path(&self.dir, self.generation)
+    }
+}
+
+fn log_path(dir: &std::path::Path, generation: u64) -> PathBuf {
+    dir.join(format!("{STATE_LOG_PREFIX}{generation}.log"))
 }
 
 #[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
@@ -149,7 +189,7 @@ struct AckedPurchase {
 }
 
 /// Bookkeeping of one purchase.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, Copy)]
 struct Tracked {
     reported: u64,
     /// Calls held at the last exchange.
@@ -159,6 +199,18 @@ struct Tracked {
     /// Calls per second, smoothed.
     rate: f64,
     last_used: u64,
+    /// `reported`, `held` or `expires_at` changed since the state was last persisted.
+    dirty: bool,
+}
+
+impl Tracked {
+    fn acked(&self) -> AckedPurchase {
+        AckedPurchase {
+            reported: self.reported,
+            held: self.held,
+            expires_at: self.expires_at,
+        }
+    }
 }
 
 /// Keeps the cells of one gateway leased.
@@ -171,6 +223,12 @@ pub struct LeaseClient {
     state_path: PathBuf,
     incarnation: String,
     book: Mutex<HashMap<String, Tracked>>,
+    /// Where the book's changes are persisted (behind an `Arc` for the blocking pool).
+    state_log: Arc<Mutex<StateLog>>,
+    /// The cells each pass looks at: those the registry noticed (a call taken, a refill
+    /// asked) and those still holding a lease, moving or unreported; an idle cell without a
+    /// lease leaves. So a pass costs what is active, not every purchase of the market.
+    watched: Mutex<HashMap<Arc<str>, Arc<QuotaCell>>>,
     /// One exchange at a time.
     exchanging: tokio::sync::Mutex<()>,
     /// Set once [`LeaseClient::recover`] has reported the journal.
@@ -181,18 +239,21 @@ impl LeaseClient {
     pub fn new(gateway: Gateway, service: Arc<dyn LeaseService>) -> LeaseClient {
         let config = &gateway.inner.config;
         let state_path = config.data_dir.join(STATE_FILE);
-        let acked: AckedState = std::fs::read(&state_path)
+        let mut acked: AckedState = std::fs::read(&state_path)
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .unwrap_or_default();
+        let log_lines = replay_log(&config.data_dir, &mut acked);
         let first_life = acked.incarnation.is_empty();
         let incarnation = if first_life {
             uuid::Uuid::new_v4().simple().to_string()
         } else {
             acked.incarnation
         };
+        let acked_generation = acked.log_generation;
         let now = now_secs();
         let quota = gateway.quota();
+        let mut watched = HashMap::new();
         let book = acked
             .purchases
             .into_iter()
@@ -202,6 +263,7 @@ impl LeaseClient {
                 let valid = acked.expires_at - REVOKE_MARGIN_SECS > now;
                 if let Some(cell) = quota.get(&id).filter(|c| c.is_leased() && valid) {
                     cell.set_limit((acked.reported + acked.held).max(cell.used()));
+                    watched.insert(Arc::clone(cell.shared_purchase_id()), cell);
                 }
                 let tracked = Tracked {
                     reported: acked.reported,
@@ -220,6 +282,12 @@ impl LeaseClient {
             state_path,
             incarnation,
             book: Mutex::new(book),
+            state_log: Arc::new(Mutex::new(StateLog {
+                dir: config.data_dir.clone(),
+                generation: acked_generation,
+                lines: log_lines,
+            })),
+            watched: Mutex::new(watched),
             exchanging: tokio::sync::Mutex::new(()),
             recovered: tokio::sync::watch::channel(false).0,
             service,
@@ -228,7 +296,7 @@ impl LeaseClient {
         if first_life {
             // On disk before any report names it: a report made under an incarnation that a
             // restart forgot would be counted again.
-            if let Err(error) = write_state(&client.state_path, &client.acked_state()) {
+            if let Err(error) = write_state(&client.state_path, &client.acked_state(0)) {
                 client.gateway.metrics().quota_journal_errors.inc();
                 tracing::error!(%error, "cannot write the lease state");
             }
@@ -274,8 +342,10 @@ impl LeaseClient {
                             let tracked = book.entry(report.purchase_id.clone()).or_default();
                             tracked.reported += report.used;
                             tracked.last_used = tracked.reported;
+                            tracked.dirty = true;
                         }
                         for tracked in book.values_mut() {
+                            tracked.dirty |= tracked.held > 0 || tracked.expires_at > 0;
                             tracked.held = 0;
                             tracked.expires_at = 0;
                         }
@@ -357,16 +427,50 @@ impl LeaseClient {
         self.exchange(true).await
     }
 
+    /// Adds the cells the registry noticed to the watched ones and returns all watched.
+    fn watched_cells(&self) -> Vec<Arc<QuotaCell>> {
+        let noticed = self.gateway.quota().drain_noticed();
+        let mut watched = self.watched.lock().expect("watched cells lock");
+        for cell in noticed {
+            watched.insert(Arc::clone(cell.shared_purchase_id()), cell);
+        }
+        watched.values().cloned().collect()
+    }
+
+    /// Stops watching the cells with nothing left to do: no lease held, no rate, nothing
+    /// unreported (a call taken later lists the cell again: `QuotaRegistry::note_usage`).
+    fn unwatch_idle(&self) {
+        let book = self.book.lock().expect("lease book lock");
+        self.watched
+            .lock()
+            .expect("watched cells lock")
+            .retain(|id, cell| {
+                book.get(&**id).is_none_or(|t| {
+                    t.held > 0
+                        || t.expires_at > 0
+                        || t.rate >= IDLE_RATE
+                        || cell.used() > t.reported
+                })
+            });
+    }
+
     fn update_rates(&self, elapsed_secs: f64) {
         if elapsed_secs <= 0.0 {
             return;
         }
+        let cells = self.watched_cells();
         let mut book = self.book.lock().expect("lease book lock");
-        for cell in self.gateway.quota().cells() {
+        for cell in cells {
             let used = cell.used();
-            let tracked = book.entry(cell.purchase_id().to_owned()).or_default();
+            let tracked = match book.get_mut(cell.purchase_id()) {
+                Some(tracked) => tracked,
+                None => book.entry(cell.purchase_id().to_owned()).or_default(),
+            };
             let sample = used.saturating_sub(tracked.last_used) as f64 / elapsed_secs;
             tracked.rate = RATE_SMOOTHING * sample + (1.0 - RATE_SMOOTHING) * tracked.rate;
+            if tracked.rate < IDLE_RATE {
+                tracked.rate = 0.0;
+            }
             tracked.last_used = used;
         }
     }
@@ -396,12 +500,18 @@ impl LeaseClient {
         let mut used_at_send: HashMap<String, u64> = HashMap::new();
         let mut reports = Vec::new();
         let mut wants = Vec::new();
+        // A last exchange (clean shutdown) reports every cell; the others, the watched ones.
+        let cells = if release_all {
+            quota.cells()
+        } else {
+            self.watched_cells()
+        };
         {
             let book = self.book.lock().expect("lease book lock");
-            for cell in quota.cells() {
+            for cell in cells {
                 let id = cell.purchase_id();
                 let used = cell.used();
-                let tracked = book.get(id).cloned().unwrap_or_default();
+                let tracked = book.get(id).copied().unwrap_or_default();
                 let mut involved = false;
                 if used > tracked.reported {
                     reports.push(UsageReport {
@@ -426,6 +536,7 @@ impl LeaseClient {
             }
         }
         if reports.is_empty() && wants.is_empty() && !release_all {
+            self.unwatch_idle();
             return Ok(());
         }
         let asked_for_calls = wants.iter().any(|w| w.calls > 0);
@@ -456,13 +567,16 @@ impl LeaseClient {
                 // A call given back after it was reported leaves `used` below `reported`:
                 // the ledger keeps counting it, and this proxy may take it once more.
                 let tracked = book.entry(id.clone()).or_default();
+                tracked.dirty |= *used > tracked.reported;
                 tracked.reported = tracked.reported.max(*used);
             }
             for grant in &reply.grants {
                 granted_any |= grant.granted > 0;
                 let tracked = book.entry(grant.purchase_id.clone()).or_default();
+                let expires_at = if grant.held > 0 { grant.expires_at } else { 0 };
+                tracked.dirty |= tracked.held != grant.held || tracked.expires_at != expires_at;
                 tracked.held = grant.held;
-                tracked.expires_at = if grant.held > 0 { grant.expires_at } else { 0 };
+                tracked.expires_at = expires_at;
                 let Some(cell) = quota.get(&grant.purchase_id) else {
                     continue;
                 };
@@ -489,6 +603,7 @@ impl LeaseClient {
             .inc();
         self.persist().await;
         quota.exchange_finished();
+        self.unwatch_idle();
         Ok(())
     }
 
@@ -506,12 +621,13 @@ impl LeaseClient {
                 }
                 tracked.held = 0;
                 tracked.expires_at = 0;
+                tracked.dirty = true;
             }
         }
     }
 
-    /// What the control plane acknowledged, as persisted.
-    fn acked_state(&self) -> AckedState {
+    /// Everything the control plane acknowledged, as the state file holds it.
+    fn acked_state(&self, log_generation: u64) -> AckedState {
         AckedState {
             incarnation: self.incarnation.clone(),
             purchases: self
@@ -519,33 +635,125 @@ impl LeaseClient {
                 .lock()
                 .expect("lease book lock")
                 .iter()
-                .map(|(id, t)| {
-                    let acked = AckedPurchase {
-                        reported: t.reported,
-                        held: t.held,
-                        expires_at: t.expires_at,
-                    };
-                    (id.clone(), acked)
-                })
+                .map(|(id, t)| (id.clone(), t.acked()))
                 .collect(),
+            log_generation,
         }
     }
 
-    /// Writes what the control plane acknowledged, on a blocking-pool thread: an fsync can
-    /// stall for tens of milliseconds, and the runtime that runs this client serves buyers.
+    /// Persists what changed since the last call: one appended line per changed purchase and
+    /// one fsync, on a blocking-pool thread (an fsync can stall for tens of milliseconds, and
+    /// the runtime that runs this client serves buyers). The cost follows the purchases an
+    /// exchange touched, not the size of the market; now and then the whole state is
+    /// rewritten instead and a new log begun.
     async fn persist(&self) {
-        let (state, path) = (self.acked_state(), self.state_path.clone());
-        let written = tokio::task::spawn_blocking(move || write_state(&path, &state))
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-        if let Err(error) = written {
+        let (changed, purchases): (Vec<LoggedPurchase>, usize) = {
+            let mut book = self.book.lock().expect("lease book lock");
+            let changed = book
+                .iter_mut()
+                .filter(|(_, t)| t.dirty)
+                .map(|(id, t)| {
+                    t.dirty = false;
+                    LoggedPurchase {
+                        id: id.clone(),
+                        acked: t.acked(),
+                    }
+                })
+                .collect();
+            (changed, book.len())
+        };
+        if changed.is_empty() {
+            return;
+        }
+        let compact = {
+            let log = self.state_log.lock().expect("lease state log lock");
+            log.lines + changed.len() as u64 > STATE_LOG_COMPACT_AFTER.max(2 * purchases as u64)
+        };
+        let keys: Vec<String> = changed.iter().map(|c| c.id.clone()).collect();
+        let state_log = Arc::clone(&self.state_log);
+        let written = if compact {
+            let generation = state_log.lock().expect("lease state log lock").generation + 1;
+            let (state, path) = (self.acked_state(generation), self.state_path.clone());
+            tokio::task::spawn_blocking(move || rewrite_state(&state_log, &path, &state)).await
+        } else {
+            tokio::task::spawn_blocking(move || append_log(&state_log, &changed)).await
+        };
+        if let Err(error) = written.unwrap_or_else(|e| Err(std::io::Error::other(e))) {
             self.gateway.metrics().quota_journal_errors.inc();
             tracing::error!(%error, "cannot write the lease state");
+            // Written again with the next change.
+            let mut book = self.book.lock().expect("lease book lock");
+            for id in keys {
+                if let Some(tracked) = book.get_mut(&id) {
+                    tracked.dirty = true;
+                }
+            }
         }
     }
 }
 
-/// Writes `state` to `path` by an fsync'ed temporary file and an atomic rename.
+/// Applies the state's log (`lease-state.<generation>.log`) to `state`; returns its lines.
+/// Only whole lines count: a torn last line was never acknowledged to anyone.
+fn replay_log(dir: &std::path::Path, state: &mut AckedState) -> u64 {
+    let path = log_path(dir, state.log_generation);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return 0;
+    };
+    let whole = text.rsplit_once('\n').map_or("", |(whole, _torn)| whole);
+    let mut lines = 0;
+    for line in whole.split('\n').filter(|line| !line.is_empty()) {
+        lines += 1;
+        match serde_json::from_str::<LoggedPurchase>(line) {
+            Ok(logged) => {
+                state.purchases.insert(logged.id, logged.acked);
+            }
+            Err(error) => {
+                tracing::error!(%error, path = %path.display(), line = lines, "lease state log line skipped")
+            }
+        }
+    }
+    lines
+}
+
+/// Appends `changed` to the current log and fsyncs it.
+fn append_log(state_log: &Mutex<StateLog>, changed: &[LoggedPurchase]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut log = state_log.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lines = Vec::new();
+    for logged in changed {
+        serde_json::to_writer(&mut lines, logged).map_err(std::io::Error::other)?;
+        lines.push(b'\n');
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log.path())?;
+    file.write_all(&lines)?;
+    file.sync_data()?;
+    log.lines += changed.len() as u64;
+    Ok(())
+}
+
+/// Rewrites the state file whole, naming the next log, then removes the old log. A crash in
+/// between leaves the old log unread (the new state names the next one).
+fn rewrite_state(
+    state_log: &Mutex<StateLog>,
+    path: &std::path::Path,
+    state: &AckedState,
+) -> std::io::Result<()> {
+    let mut log = state_log.lock().unwrap_or_else(|e| e.into_inner());
+    write_state(path, state)?;
+    let old = log.path();
+    log.generation = state.log_generation;
+    log.lines = 0;
+    match std::fs::remove_file(old) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Writes `state` to `path` by an fsync'ed temporary file, an atomic rename and an fsync of
+/// the directory (the rename is durable before the old log is removed).
 fn write_state(path: &std::path::Path, state: &AckedState) -> std::io::Result<()> {
     let tmp = path.with_extension("json.tmp");
     std::fs::write(
@@ -553,9 +761,148 @@ fn write_state(path: &std::path::Path, state: &AckedState) -> std::io::Result<()
         serde_json::to_vec(state).map_err(std::io::Error::other)?,
     )?;
     std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path)
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 fn now_secs() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::quota::QuotaMode;
+    use crate::lease::LeaseGrant;
+
+    /// Grants every want in full and remembers how many reports each exchange carried.
+    #[derive(Default)]
+    struct Granting {
+        reports: Mutex<Vec<usize>>,
+    }
+
+    #[async_trait::async_trait]
+    impl LeaseService for Granting {
+        async fn exchange(&self, exchange: LeaseExchange) -> Result<LeaseReply, LeaseServiceError> {
+            self.reports.lock().unwrap().push(exchange.reports.len());
+            let grants = exchange
+                .wants
+                .iter()
+                .map(|want| LeaseGrant {
+                    purchase_id: want.purchase_id.clone(),
+                    granted: want.calls,
+                    held: want.calls,
+                    unleased: Some(1_000_000),
+                    expires_at: now_secs() + 300,
+                })
+                .collect();
+            Ok(LeaseReply { grants })
+        }
+    }
+
+    fn leased_gateway(dir: &std::path::Path) -> Gateway {
+        let text = format!("data_dir = '{}'\n", dir.display());
+        let config = crate::config::Config::from_toml(&text, Vec::new()).unwrap();
+        Gateway::open_with_quota(&config, QuotaMode::Leased).unwrap()
+    }
+
+    /// Takes one call from each of `cells` as the handler does (noticed by the registry).
+    async fn call_each(gateway: &Gateway, cells: &[Arc<QuotaCell>]) {
+        for cell in cells {
+            assert!(cell.take().await.unwrap());
+            gateway.quota().note_usage(cell);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pass_looks_only_at_noticed_cells_and_lets_idle_ones_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let gateway = leased_gateway(dir.path());
+        let cells: Vec<_> = (0..1000)
+            .map(|i| gateway.quota().cell(&format!("p{i}"), 1_000_000, 0))
+            .collect();
+        for cell in &cells {
+            cell.add_calls(10);
+        }
+        let service = Arc::new(Granting::default());
+        let client = LeaseClient::new(gateway.clone(), service.clone());
+        call_each(&gateway, &cells[..10]).await;
+        client.exchange(false).await.unwrap();
+        assert_eq!(*service.reports.lock().unwrap(), vec![10]);
+        // Reported and without a lease or a rate: nothing more to watch.
+        assert!(client.watched.lock().unwrap().is_empty());
+        client.exchange(false).await.unwrap();
+        assert_eq!(service.reports.lock().unwrap().len(), 1, "nothing to say");
+
+        call_each(&gateway, &cells[500..501]).await;
+        client.exchange(false).await.unwrap();
+        assert_eq!(service.reports.lock().unwrap()[1], 1);
+        // A clean shutdown still reports every cell it must: none is left unreported.
+        call_each(&gateway, &cells[900..903]).await;
+        client.exchange(true).await.unwrap();
+        assert_eq!(service.reports.lock().unwrap()[2], 3);
+    }
+
+    #[tokio::test]
+    async fn the_lease_state_is_logged_compacted_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let gateway = leased_gateway(dir.path());
+        let count = STATE_LOG_COMPACT_AFTER as usize + 10;
+        let cells: Vec<_> = (0..count)
+            .map(|i| gateway.quota().cell(&format!("p{i}"), 1_000_000, 0))
+            .collect();
+        for cell in &cells {
+            cell.add_calls(100);
+        }
+        let client = LeaseClient::new(gateway.clone(), Arc::new(Granting::default()));
+        call_each(&gateway, &cells).await;
+        client.exchange(false).await.unwrap();
+        // Many small exchanges on a few purchases: the log outgrows twice the purchases it
+        // describes, and the state is rewritten.
+        for round in 0..40 {
+            call_each(&gateway, &cells[..5]).await;
+            client.exchange(false).await.unwrap();
+            assert_eq!(client.book.lock().unwrap()["p0"].reported, round + 2);
+        }
+        let generation = client.state_log.lock().unwrap().generation;
+        assert!(generation >= 1, "compacted at least once");
+        assert!(
+            !log_path(dir.path(), generation - 1).exists(),
+            "old log removed"
+        );
+        // A torn last line (a crash mid-append) is ignored.
+        {
+            use std::io::Write;
+            let mut log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log_path(dir.path(), generation))
+                .unwrap();
+            log.write_all(br#"{"id":"p1","reported":99"#).unwrap();
+        }
+        let expected: HashMap<String, u64> = client
+            .book
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, t)| (id.clone(), t.reported))
+            .collect();
+        let incarnation = client.incarnation.clone();
+        drop(client);
+        let again = LeaseClient::new(gateway.clone(), Arc::new(Granting::default()));
+        assert_eq!(again.incarnation, incarnation);
+        let read_back: HashMap<String, u64> = again
+            .book
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, t)| (id.clone(), t.reported))
+            .collect();
+        assert_eq!(read_back, expected);
+        assert_eq!(read_back["p1"], 41);
+        assert_eq!(read_back["p9"], 1);
+    }
 }

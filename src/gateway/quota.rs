@@ -225,6 +225,8 @@ pub struct QuotaCell {
     refill_asked: AtomicBool,
     limit: AtomicU64,
     used: AtomicU64,
+    /// In the registry's list of cells for the lease client to look at (`Leased` mode).
+    noticed: AtomicBool,
     /// Journaled ceiling of `used`.
     reserved: AtomicU64,
     /// How far the latest reservation reached past `used`: the next one is asked for once
@@ -359,6 +361,11 @@ impl QuotaCell {
         &self.purchase_id
     }
 
+    /// The purchase id as shared by the registry's maps (a cheap clone for another map key).
+    pub fn shared_purchase_id(&self) -> &Arc<str> {
+        &self.purchase_id
+    }
+
     /// Is this cell served from leases (limited purchase, `Leased` mode)?
     pub fn is_leased(&self) -> bool {
         self.leased.load(Ordering::Acquire)
@@ -465,6 +472,9 @@ pub struct QuotaRegistry {
     refill_wanted: tokio::sync::Notify,
     /// Woken when a call was taken (`Leased` mode), so usage is reported promptly.
     usage: tokio::sync::Notify,
+    /// Cells with a call taken or a refill asked since the lease client last drained this
+    /// list (`Leased` mode): what it must look at, so that it never walks every cell.
+    noticed: Mutex<Vec<Arc<QuotaCell>>>,
     /// Bumped after every lease exchange.
     refilled: tokio::sync::watch::Sender<u64>,
 }
@@ -514,6 +524,7 @@ impl QuotaRegistry {
             mode,
             refill_wanted: tokio::sync::Notify::new(),
             usage: tokio::sync::Notify::new(),
+            noticed: Mutex::new(Vec::new()),
             refilled: tokio::sync::watch::channel(0).0,
         })
     }
@@ -524,20 +535,46 @@ impl QuotaRegistry {
 
     /// Asks the lease client for a refill and waits up to `wait` for its next exchange to
     /// finish. Returns whether one finished.
-    pub async fn wait_for_refill(&self, cell: &QuotaCell, wait: Duration) -> bool {
+    pub async fn wait_for_refill(&self, cell: &Arc<QuotaCell>, wait: Duration) -> bool {
         let mut refilled = self.refilled.subscribe();
         refilled.borrow_and_update();
         cell.refill_asked.store(true, Ordering::Release);
+        self.notice(cell);
         self.refill_wanted.notify_one();
         tokio::time::timeout(wait, refilled.changed()).await.is_ok()
     }
 
-    /// A call was taken: wakes the lease client (`Leased` mode; a no-op otherwise). Hot path:
-    /// one atomic operation when the client is busy, a task wake-up when it is idle.
-    pub fn note_usage(&self) {
+    /// A call was taken from `cell`: lists it for the lease client and wakes the client
+    /// (`Leased` mode; a no-op otherwise). Hot path: two atomic operations, plus a push onto
+    /// the list for the first call after each time the client drained it, plus a task
+    /// wake-up when the client is idle.
+    pub fn note_usage(&self, cell: &Arc<QuotaCell>) {
         if self.mode == QuotaMode::Leased {
+            self.notice(cell);
             self.usage.notify_one();
         }
+    }
+
+    /// Puts `cell` on the noticed list unless it is on it already.
+    fn notice(&self, cell: &Arc<QuotaCell>) {
+        // An RMW, not a load first: if the client's swap in `drain_noticed` came before this
+        // one, this call re-lists the cell; if after, the client's swap reads this one's
+        // `true`, so everything this caller did before (its take) is visible to the client.
+        if !cell.noticed.swap(true, Ordering::AcqRel) {
+            let mut noticed = self.noticed.lock().unwrap_or_else(|e| e.into_inner());
+            noticed.push(Arc::clone(cell));
+        }
+    }
+
+    /// Takes the list of cells noticed since the last call (for the lease client). Every
+    /// call taken from a cell before its flag is cleared here is visible to the caller after
+    /// this returns; any taken after lists the cell again.
+    pub fn drain_noticed(&self) -> Vec<Arc<QuotaCell>> {
+        let noticed = std::mem::take(&mut *self.noticed.lock().unwrap_or_else(|e| e.into_inner()));
+        for cell in &noticed {
+            cell.noticed.swap(false, Ordering::AcqRel);
+        }
+        noticed
     }
 
     /// Resolves after a call was taken (for the lease client).
@@ -606,6 +643,7 @@ impl QuotaRegistry {
                     refill_asked: AtomicBool::new(false),
                     limit: AtomicU64::new(initial_limit),
                     used: AtomicU64::new(journaled),
+                    noticed: AtomicBool::new(false),
                     reserved: AtomicU64::new(journaled),
                     step: AtomicU64::new(MIN_JOURNAL_STEP.min(self.block)),
                     reserve_lock: Mutex::new(LastReservation::default()),
