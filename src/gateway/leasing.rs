@@ -817,6 +817,14 @@ mod tests {
         }
     }
 
+    /// What the control plane acknowledged per purchase, as the client's book says.
+    fn reported(client: &LeaseClient) -> HashMap<String, u64> {
+        let book = client.book.lock().unwrap();
+        book.iter()
+            .map(|(id, t)| (id.clone(), t.reported))
+            .collect()
+    }
+
     #[tokio::test]
     async fn a_pass_looks_only_at_noticed_cells_and_lets_idle_ones_go() {
         let dir = tempfile::tempdir().unwrap();
@@ -883,24 +891,12 @@ mod tests {
                 .unwrap();
             log.write_all(br#"{"id":"p1","reported":99"#).unwrap();
         }
-        let expected: HashMap<String, u64> = client
-            .book
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(id, t)| (id.clone(), t.reported))
-            .collect();
+        let expected = reported(&client);
         let incarnation = client.incarnation.clone();
         drop(client);
         let again = LeaseClient::new(gateway.clone(), Arc::new(Granting::default()));
         assert_eq!(again.incarnation, incarnation);
-        let read_back: HashMap<String, u64> = again
-            .book
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(id, t)| (id.clone(), t.reported))
-            .collect();
+        let read_back = reported(&again);
         assert_eq!(read_back, expected);
         assert_eq!(read_back["p1"], 41);
         assert_eq!(read_back["p9"], 1);
