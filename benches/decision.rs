@@ -8,7 +8,8 @@
 //! redesign. `decide_and_take/*` is the path as served (the quota journal extended by its own
 //! thread, reservations sized from the rate up to `quota_journal_block`; a take that outruns
 //! it waits for the write, as a request would); `decide_and_take_no_journal/*` the same with
-//! the journal out of reach; `decide_only/*` the pure phases. Results: BENCHMARKS.md.
+//! the journal out of reach; `decide_only/*` the pure phases; `lease_pass/*` one wake-up of a
+//! leased proxy's lease client on a market of 100 000 purchases. Results: BENCHMARKS.md.
 //!
 //! Run: `cargo bench --bench decision`.
 
@@ -307,5 +308,80 @@ fn run_now<F: std::future::Future>(
         .unwrap_or_else(|| runtime.block_on(take()))
 }
 
-criterion_group!(benches, bench_decision, bench_quota_modes);
+/// Purchases on the leased proxy of [`bench_lease_pass`].
+const LEASED_PURCHASES: usize = 100_000;
+
+/// One wake-up of a leased proxy's lease client (`LeaseClient::pass`: rates, exchange,
+/// persisting what changed) on a market of [`LEASED_PURCHASES`] purchases, each called once
+/// and reported, with one call taken on one purchase before each pass. Decision it informs:
+/// whether the client's cost follows what is active or the size of the market (it runs on
+/// the buyers' runtime thread, up to ~50 times a second under load). The control plane is an
+/// in-process service that grants every want; the pass includes the state log's fsync.
+fn bench_lease_pass(c: &mut Criterion) {
+    use marketgate::gateway::leasing::{LeaseClient, LeaseService, LeaseServiceError};
+    use marketgate::gateway::quota::QuotaMode;
+    use marketgate::lease::{LeaseExchange, LeaseGrant, LeaseReply};
+    use std::sync::Arc;
+
+    struct Granting;
+    #[async_trait::async_trait]
+    impl LeaseService for Granting {
+        async fn exchange(&self, exchange: LeaseExchange) -> Result<LeaseReply, LeaseServiceError> {
+            let expires_at = OffsetDateTime::now_utc().unix_timestamp() + 300;
+            let grants = exchange
+                .wants
+                .into_iter()
+                .map(|want| LeaseGrant {
+                    purchase_id: want.purchase_id,
+                    granted: want.calls,
+                    held: want.calls,
+                    unleased: Some(u64::MAX / 2),
+                    expires_at,
+                })
+                .collect();
+            Ok(LeaseReply { grants })
+        }
+    }
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let text = format!("data_dir = '{}'\n", dir.path().display());
+    let config = marketgate::config::Config::from_toml(&text, Vec::new()).expect("config");
+    let gateway = marketgate::gateway::Gateway::open_with_quota(&config, QuotaMode::Leased)
+        .expect("gateway opens");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let quota = gateway.quota();
+    let cells: Vec<_> = (0..LEASED_PURCHASES)
+        .map(|i| quota.cell(&format!("{i:032x}"), u64::MAX / 2, 0))
+        .collect();
+    for cell in &cells {
+        cell.add_calls(1_000_000);
+    }
+    // All at once, so that the journal thread commits their reservations in a few fsyncs.
+    let taken = runtime.block_on(futures_util::future::join_all(
+        cells.iter().map(|c| c.take()),
+    ));
+    assert!(taken.into_iter().all(|t| t.expect("journal")));
+    for cell in &cells {
+        quota.note_usage(cell);
+    }
+    let client = LeaseClient::new(gateway.clone(), Arc::new(Granting));
+    runtime
+        .block_on(client.pass(0.1))
+        .expect("the first pass reports every purchase");
+    let hot = &cells[LEASED_PURCHASES / 2];
+    c.bench_function("lease_pass/100k_purchases_one_active", |b| {
+        b.iter(|| {
+            runtime.block_on(async {
+                assert!(hot.take().await.expect("journal"));
+                quota.note_usage(hot);
+                client.pass(0.1).await.expect("exchange");
+            })
+        })
+    });
+}
+
+criterion_group!(benches, bench_decision, bench_quota_modes, bench_lease_pass);
 criterion_main!(benches);

@@ -413,12 +413,20 @@ impl LeaseClient {
             }
             let elapsed = last_tick.elapsed().as_secs_f64();
             last_tick = Instant::now();
-            self.update_rates(elapsed);
-            if let Err(error) = self.exchange(false).await {
+            if let Err(error) = self.pass(elapsed).await {
                 tracing::warn!(%error, "lease exchange failed; serving from what is held");
             }
-            self.revoke_expired();
         }
+    }
+
+    /// One look at the cells, `elapsed_secs` after the last: updates the watched cells'
+    /// rates, exchanges if there is anything to report or ask for, and drops the leases that
+    /// expired unrenewed (even when the exchange failed). What `run` does on each wake-up.
+    pub async fn pass(&self, elapsed_secs: f64) -> Result<(), LeaseServiceError> {
+        self.update_rates(elapsed_secs);
+        let exchanged = self.exchange(false).await;
+        self.revoke_expired();
+        exchanged
     }
 
     /// The last exchange at a clean shutdown (after traffic drained and the journal was
