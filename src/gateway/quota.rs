@@ -410,15 +410,27 @@ impl QuotaCell {
     /// every cell of `cells` that needs it, with one write and one fsync for all of them.
     /// Keeps the crash bound: `reserved - used ≤ max_step`.
     fn reserve_ahead(journal: &Journal, cells: &mut [Arc<QuotaCell>]) -> Result<(), QuotaError> {
-        // Each cell's lock is held from its ceiling to its store, so `flush` cannot slip in;
-        // locks are taken in address order, as `flush` takes them.
+        Self::set_reservations(journal, cells, |cell, last| {
+            let ceiling = cell.ceiling(last, cell.used());
+            (ceiling > cell.reserved.load(Ordering::Acquire)).then_some(ceiling)
+        })
+    }
+
+    /// Sets each cell's journaled reservation to what `next` chooses for it (`None`: leave
+    /// it), with one write and one fsync for all. Each cell's reservation lock is held from
+    /// the choice to the store, so the journal thread and `flush` never interleave on a cell;
+    /// locks are taken in address order (the slice is sorted here), so they never deadlock.
+    fn set_reservations(
+        journal: &Journal,
+        cells: &mut [Arc<QuotaCell>],
+        next: impl Fn(&QuotaCell, &mut LastReservation) -> Option<u64>,
+    ) -> Result<(), QuotaError> {
         cells.sort_unstable_by_key(|cell| Arc::as_ptr(cell) as usize);
         let mut held = Vec::with_capacity(cells.len());
         for cell in cells.iter() {
             let mut last = cell.reserve_lock.lock().unwrap_or_else(|e| e.into_inner());
-            let ceiling = cell.ceiling(&mut last, cell.used());
-            if ceiling > cell.reserved.load(Ordering::Acquire) {
-                held.push((cell, ceiling, last));
+            if let Some(value) = next(cell, &mut last) {
+                held.push((cell, value, last));
             }
         }
         if held.is_empty() {
@@ -426,11 +438,11 @@ impl QuotaCell {
         }
         let entries: Vec<(&Arc<str>, u64)> = held
             .iter()
-            .map(|(cell, ceiling, _)| (&cell.purchase_id, *ceiling))
+            .map(|(cell, value, _)| (&cell.purchase_id, *value))
             .collect();
         journal.record(&entries)?;
-        for (cell, ceiling, _last) in &held {
-            cell.reserved.store(*ceiling, Ordering::Release);
+        for (cell, value, _last) in &held {
+            cell.reserved.store(*value, Ordering::Release);
         }
         Ok(())
     }
@@ -671,27 +683,11 @@ impl QuotaRegistry {
     /// cell whose journaled value differs, [`FLUSH_BATCH`] lines to an fsync.
     pub fn flush(&self) -> Result<(), QuotaError> {
         let mut cells = self.cells();
-        // Locks are taken in address order, as the journal thread takes them.
-        cells.sort_unstable_by_key(|cell| Arc::as_ptr(cell) as usize);
-        for batch in cells.chunks(FLUSH_BATCH) {
-            let mut held = Vec::new();
-            for cell in batch {
-                let guard = cell.reserve_lock.lock().unwrap_or_else(|e| e.into_inner());
+        for batch in cells.chunks_mut(FLUSH_BATCH) {
+            QuotaCell::set_reservations(&self.journal, batch, |cell, _last| {
                 let used = cell.used();
-                if used != cell.reserved.load(Ordering::Acquire) {
-                    held.push((cell, used, guard));
-                }
-            }
-            let entries: Vec<(&Arc<str>, u64)> = held
-                .iter()
-                .map(|(cell, used, _)| (&cell.purchase_id, *used))
-                .collect();
-            if !entries.is_empty() {
-                self.journal.record(&entries)?;
-            }
-            for (cell, used, _guard) in &held {
-                cell.reserved.store(*used, Ordering::Release);
-            }
+                (used != cell.reserved.load(Ordering::Acquire)).then_some(used)
+            })?;
         }
         Ok(())
     }
