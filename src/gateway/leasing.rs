@@ -423,8 +423,10 @@ impl LeaseClient {
     /// rates, exchanges if there is anything to report or ask for, and drops the leases that
     /// expired unrenewed (even when the exchange failed). What `run` does on each wake-up.
     pub async fn pass(&self, elapsed_secs: f64) -> Result<(), LeaseServiceError> {
-        self.update_rates(elapsed_secs);
-        let exchanged = self.exchange(false).await;
+        let cells = self.watched_cells();
+        self.update_rates(&cells, elapsed_secs);
+        let exchanged = self.exchange(cells, false).await;
+        self.unwatch_idle();
         self.revoke_expired();
         exchanged
     }
@@ -432,7 +434,7 @@ impl LeaseClient {
     /// The last exchange at a clean shutdown (after traffic drained and the journal was
     /// flushed): reports everything and gives back what is held.
     pub async fn finish(&self) -> Result<(), LeaseServiceError> {
-        self.exchange(true).await
+        self.exchange(self.gateway.quota().cells(), true).await
     }
 
     /// Adds the cells the registry noticed to the watched ones and returns all watched.
@@ -462,11 +464,10 @@ impl LeaseClient {
             });
     }
 
-    fn update_rates(&self, elapsed_secs: f64) {
+    fn update_rates(&self, cells: &[Arc<QuotaCell>], elapsed_secs: f64) {
         if elapsed_secs <= 0.0 {
             return;
         }
-        let cells = self.watched_cells();
         let mut book = self.book.lock().expect("lease book lock");
         for cell in cells {
             let used = cell.used();
@@ -500,7 +501,13 @@ impl LeaseClient {
         (left > 0 && renew_due).then_some(0)
     }
 
-    async fn exchange(&self, release_all: bool) -> Result<(), LeaseServiceError> {
+    /// Reports what `cells` served and asks for what they need (with `release_all`, the last
+    /// exchange of a clean shutdown: every cell is reported and every lease given back).
+    async fn exchange(
+        &self,
+        cells: Vec<Arc<QuotaCell>>,
+        release_all: bool,
+    ) -> Result<(), LeaseServiceError> {
         let _one = self.exchanging.lock().await;
         let quota = self.gateway.quota();
         let now = now_secs();
@@ -508,12 +515,6 @@ impl LeaseClient {
         let mut used_at_send: HashMap<String, u64> = HashMap::new();
         let mut reports = Vec::new();
         let mut wants = Vec::new();
-        // A last exchange (clean shutdown) reports every cell; the others, the watched ones.
-        let cells = if release_all {
-            quota.cells()
-        } else {
-            self.watched_cells()
-        };
         {
             let book = self.book.lock().expect("lease book lock");
             for cell in cells {
@@ -544,7 +545,6 @@ impl LeaseClient {
             }
         }
         if reports.is_empty() && wants.is_empty() && !release_all {
-            self.unwatch_idle();
             return Ok(());
         }
         let asked_for_calls = wants.iter().any(|w| w.calls > 0);
@@ -611,7 +611,6 @@ impl LeaseClient {
             .inc();
         self.persist().await;
         quota.exchange_finished();
-        self.unwatch_idle();
         Ok(())
     }
 
@@ -677,7 +676,6 @@ impl LeaseClient {
             let log = self.state_log.lock().expect("lease state log lock");
             log.lines + changed.len() as u64 > STATE_LOG_COMPACT_AFTER.max(2 * purchases as u64)
         };
-        let keys: Vec<String> = changed.iter().map(|c| c.id.clone()).collect();
         let state_log = Arc::clone(&self.state_log);
         let written = if compact {
             let generation = state_log.lock().expect("lease state log lock").generation + 1;
@@ -689,12 +687,10 @@ impl LeaseClient {
         if let Err(error) = written.unwrap_or_else(|e| Err(std::io::Error::other(e))) {
             self.gateway.metrics().quota_journal_errors.inc();
             tracing::error!(%error, "cannot write the lease state");
-            // Written again with the next change.
+            // Everything is written again with the next change (a rare path: a full pass).
             let mut book = self.book.lock().expect("lease book lock");
-            for id in keys {
-                if let Some(tracked) = book.get_mut(&id) {
-                    tracked.dirty = true;
-                }
+            for tracked in book.values_mut() {
+                tracked.dirty = true;
             }
         }
     }
@@ -846,19 +842,19 @@ mod tests {
         let service = Arc::new(Granting::default());
         let client = LeaseClient::new(gateway.clone(), service.clone());
         call_each(&gateway, &cells[..10]).await;
-        client.exchange(false).await.unwrap();
+        client.pass(0.0).await.unwrap();
         assert_eq!(*service.reports.lock().unwrap(), vec![10]);
         // Reported and without a lease or a rate: nothing more to watch.
         assert!(client.watched.lock().unwrap().is_empty());
-        client.exchange(false).await.unwrap();
+        client.pass(0.0).await.unwrap();
         assert_eq!(service.reports.lock().unwrap().len(), 1, "nothing to say");
 
         call_each(&gateway, &cells[500..501]).await;
-        client.exchange(false).await.unwrap();
+        client.pass(0.0).await.unwrap();
         assert_eq!(service.reports.lock().unwrap()[1], 1);
         // A clean shutdown still reports every cell it must: none is left unreported.
         call_each(&gateway, &cells[900..903]).await;
-        client.exchange(true).await.unwrap();
+        client.finish().await.unwrap();
         assert_eq!(service.reports.lock().unwrap()[2], 3);
     }
 
@@ -875,12 +871,12 @@ mod tests {
         }
         let client = LeaseClient::new(gateway.clone(), Arc::new(Granting::default()));
         call_each(&gateway, &cells).await;
-        client.exchange(false).await.unwrap();
+        client.pass(0.0).await.unwrap();
         // Many small exchanges on a few purchases: the log outgrows twice the purchases it
         // describes, and the state is rewritten.
         for round in 0..40 {
             call_each(&gateway, &cells[..5]).await;
-            client.exchange(false).await.unwrap();
+            client.pass(0.0).await.unwrap();
             assert_eq!(client.book.lock().unwrap()["p0"].reported, round + 2);
         }
         let generation = client.state_log.lock().unwrap().generation;
