@@ -144,7 +144,12 @@ impl CompiledApp {
 
     /// The app codes (`X-Apig-AppCode`).
     pub fn codes(&self) -> impl Iterator<Item = &str> {
-        (0..usize::from(self.codes)).map(|i| self.part(2 + i))
+        (0..usize::from(self.codes)).map(|nth| self.code(nth))
+    }
+
+    /// The `nth` app code (below `codes().count()`).
+    fn code(&self, nth: usize) -> &str {
+        self.part(2 + nth)
     }
 }
 
@@ -193,7 +198,7 @@ impl CompiledSnapshot {
         let app = |&(i, _): &(u32, u8)| &self.apps[i as usize];
         self.apps_by_code
             .find(self.hasher.hash_one(code), |&(i, nth)| {
-                self.apps[i as usize].part(2 + usize::from(nth)) == code
+                self.apps[i as usize].code(usize::from(nth)) == code
             })
             .map(app)
     }
@@ -380,7 +385,7 @@ pub fn compile(
         apps_by_key.insert_unique(hash(app.key()), index, |&i| hash(apps[i as usize].key()));
         for (nth, code) in app.codes().enumerate() {
             apps_by_code.insert_unique(hash(code), (index, nth as u8), |&(i, nth)| {
-                hash(apps[i as usize].part(2 + usize::from(nth)))
+                hash(apps[i as usize].code(usize::from(nth)))
             });
         }
     }
