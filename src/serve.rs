@@ -5,18 +5,39 @@
 //! HTTP: every new snapshot version is applied to the in-process gateway (validated and
 //! compiled exactly as a pushed one), and the gateway's quota is leased from the in-process
 //! ledger through [`InProcessLeases`]. Nothing here decides a request or a market change.
+//!
+//! The store is the truth: the data plane serves only snapshots its own control plane made.
+//! Pushes to its admin listener are refused, and at start and after every change the
+//! follower checks the data plane's version against the store's; a data plane ahead of its
+//! store (its `snapshot.json` outlived a restore of an older `marketgate.db`) is brought back
+//! to the store's market by moving the store's version counter past it. A store that is
+//! missing or empty while `data_dir` holds state a store made is an error at start.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::config::Config;
-use crate::control::ControlPlane;
-use crate::gateway::leasing::{LeaseClient, LeaseService, LeaseServiceError};
+use crate::control::{ControlError, ControlPlane};
+use crate::gateway::leasing::{self, LeaseClient, LeaseService, LeaseServiceError};
 use crate::gateway::quota::QuotaMode;
-use crate::gateway::{Gateway, Listeners, SnapshotRejection};
+use crate::gateway::{Gateway, Listeners, SnapshotRejection, SNAPSHOT_FILE};
 use crate::lease::{LeaseExchange, LeaseReply};
 use crate::shutdown::Shutdown;
 
 type RunError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why `serve` refuses to start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// `marketgate.db` was removed or truncated (or `database_url` now names another file)
+    /// while `data_dir` still holds what the old store's market left: starting would serve
+    /// an empty market and forget every purchase.
+    #[error(
+        "the store {} is missing or empty, but {} holds state of a market a store made: restore the store from a backup (docs/operations.md §9), or remove {} to start a new, empty market",
+        store.display(), evidence.display(), evidence.display()
+    )]
+    StoreMissing { store: PathBuf, evidence: PathBuf },
+}
 
 /// The control plane's ledger as a lease service, without HTTP.
 pub struct InProcessLeases(pub ControlPlane);
@@ -34,10 +55,11 @@ impl LeaseService for InProcessLeases {
 /// Runs both planes until `shutdown` fires, then drains buyers, flushes the quota journal and
 /// reports the last usage to the ledger.
 pub async fn run_serve(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
+    check_store_present(&config)?;
     let control = ControlPlane::open(&config).await?;
     let gateway = Gateway::open_with_quota(&config, QuotaMode::Leased)?;
 
-    follow_snapshots(control.clone(), gateway.clone(), &config, shutdown.clone()).await;
+    follow_snapshots(control.clone(), gateway.clone(), &config, shutdown.clone()).await?;
 
     let leases = Arc::new(LeaseClient::new(
         gateway.clone(),
@@ -86,16 +108,37 @@ pub async fn run_serve(config: Config, shutdown: Shutdown) -> Result<(), RunErro
     Ok(())
 }
 
-/// Applies the control plane's snapshot now, and again after every change (batched by
-/// `control.push_debounce`), until `shutdown`.
+/// Refuses to start on a missing or empty SQLite store while `data_dir` holds a snapshot or
+/// lease state: those were made from a store, which is gone. Checked before the store is
+/// opened (opening would create an empty one and the next start would not see the loss).
+fn check_store_present(config: &Config) -> Result<(), ServeError> {
+    let Some(store) = config.database_url.strip_prefix("sqlite://") else {
+        return Ok(());
+    };
+    let store = PathBuf::from(store);
+    let present = std::fs::metadata(&store).is_ok_and(|meta| meta.len() > 0);
+    let evidence = [SNAPSHOT_FILE, leasing::STATE_FILE]
+        .into_iter()
+        .map(|name| config.data_dir.join(name))
+        .find(|path| path.exists());
+    match evidence {
+        Some(evidence) if !present => Err(ServeError::StoreMissing { store, evidence }),
+        _ => Ok(()),
+    }
+}
+
+/// Brings the data plane to the store's snapshot now, and again after every change (batched
+/// by `control.push_debounce`), until `shutdown`. From here on, pushes to the data plane's
+/// admin listener are refused.
 async fn follow_snapshots(
     control: ControlPlane,
     gateway: Gateway,
     config: &Config,
     shutdown: Shutdown,
-) {
+) -> Result<(), ControlError> {
+    gateway.follow_in_process();
     let mut versions = control.subscribe();
-    apply(&control, &gateway).await;
+    catch_up(&control, &gateway, Check::Content).await?;
     let debounce = config.control.push_debounce;
     tokio::spawn(async move {
         loop {
@@ -109,23 +152,73 @@ async fn follow_snapshots(
             }
             tokio::time::sleep(debounce).await;
             versions.borrow_and_update();
-            apply(&control, &gateway).await;
+            if let Err(error) = catch_up(&control, &gateway, Check::Version).await {
+                tracing::error!(%error, "could not move the store's version past the data plane's");
+            }
         }
     });
+    Ok(())
 }
 
-async fn apply(control: &ControlPlane, gateway: &Gateway) {
-    let snapshot = control.snapshot().await;
+/// How closely [`catch_up`] compares the data plane's snapshot with the store's when both
+/// have the same version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Check {
+    /// At start: the same version may have been made by another store (a restored one that
+    /// has since counted up to it), so the contents are compared too.
+    Content,
+    /// After a change this follower saw committed: the version is enough.
+    Version,
+}
+
+/// Applies the store's snapshot unless the data plane serves it already. A data plane
+/// ahead of the store, or at the store's version with other contents, holds a snapshot this
+/// store did not make: that is logged once, the store's version is moved past it, and the
+/// store's snapshot (now newer) replaces it.
+async fn catch_up(
+    control: &ControlPlane,
+    gateway: &Gateway,
+    check: Check,
+) -> Result<(), ControlError> {
+    let mut snapshot = control.snapshot().await;
     // Version 0 is an empty store that never committed anything: nothing to serve yet.
-    if snapshot.version == 0 || gateway.snapshot_version() >= Some(snapshot.version) {
-        return;
+    if snapshot.version == 0 {
+        return Ok(());
+    }
+    if let Some(served) = gateway.wire_snapshot() {
+        let same_version = served.version == snapshot.version;
+        let foreign = served.version > snapshot.version
+            || (same_version && check == Check::Content && !same_market(&served, &snapshot));
+        if foreign {
+            let version = control.move_version_past(served.version).await?;
+            tracing::error!(
+                served = served.version,
+                store = snapshot.version,
+                now = version,
+                snapshot_file = %gateway.snapshot_path().display(),
+                "the data plane's snapshot was not made by this store (restored from an older backup?): serving the store's market from now on, at a version past the data plane's"
+            );
+            snapshot = control.snapshot().await;
+        } else if served.version >= snapshot.version {
+            return Ok(());
+        }
     }
     let gateway = gateway.clone();
-    let applied = tokio::task::spawn_blocking(move || gateway.apply_snapshot(snapshot)).await;
+    let applied = tokio::task::spawn_blocking(move || gateway.apply_from_control(snapshot)).await;
     match applied {
         Ok(Ok(version)) => tracing::debug!(version, "snapshot applied in-process"),
         Ok(Err(SnapshotRejection::NotNewer { .. })) => {}
         Ok(Err(error)) => tracing::error!(%error, "the control plane's snapshot was refused"),
         Err(error) => tracing::error!(%error, "applying the snapshot panicked"),
     }
+    Ok(())
+}
+
+/// The same market, whatever each snapshot's informational build time.
+fn same_market(a: &crate::snapshot::Snapshot, b: &crate::snapshot::Snapshot) -> bool {
+    a.groups == b.groups
+        && a.apps == b.apps
+        && a.purchases == b.purchases
+        && a.app_auths == b.app_auths
+        && a.certificates == b.certificates
 }

@@ -258,6 +258,19 @@ impl ControlPlane {
             .await
     }
 
+    /// Moves the snapshot version past `seen`, a version a data plane holds that this store
+    /// did not make (the store was restored from an older backup, or something else pushed
+    /// to that data plane), durably, and announces it: the snapshot built next is newer than
+    /// what that data plane holds, so it is accepted and replaces it. Returns the version.
+    pub async fn move_version_past(&self, seen: u64) -> Result<u64, ControlError> {
+        let mut state = self.lock().await;
+        let version = self.inner.store.advance_version(seen).await?;
+        state.version = version;
+        self.inner.version.send_replace(version);
+        self.inner.metrics.snapshot_version.set(version as i64);
+        Ok(version)
+    }
+
     pub fn config(&self) -> &Config {
         &self.inner.config
     }

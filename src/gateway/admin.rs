@@ -66,6 +66,9 @@ impl AdminError {
             AdminError::Rejected(SnapshotRejection::WrongBase { .. }) => {
                 (StatusCode::CONFLICT, apig::PARAMETER_ERROR)
             }
+            AdminError::Rejected(SnapshotRejection::Followed) => {
+                (StatusCode::CONFLICT, apig::PARAMETER_ERROR)
+            }
             AdminError::Rejected(SnapshotRejection::Persist(_)) | AdminError::Task(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, apig::SYSTEM_ERROR)
             }

@@ -78,6 +78,10 @@ pub enum SnapshotRejection {
     },
     #[error("cannot write the snapshot to disk")]
     Persist(#[source] std::io::Error),
+    /// `serve`: this data plane takes snapshots from the control plane in its own process
+    /// only, so that it never serves one its store did not make.
+    #[error("this data plane follows the control plane of its own process (marketgate serve): snapshots are not pushed to it")]
+    Followed,
 }
 
 pub(crate) struct Inner {
@@ -90,6 +94,8 @@ pub(crate) struct Inner {
     pub(crate) metrics: metrics::GatewayMetrics,
     pub(crate) upstream: forward::Upstream,
     pub(crate) listening: AtomicBool,
+    /// Set by `serve` ([`Gateway::follow_in_process`]): pushes are refused.
+    followed: AtomicBool,
     pub(crate) default_cert: Option<Arc<rustls::sign::CertifiedKey>>,
     snapshot_path: PathBuf,
 }
@@ -152,6 +158,7 @@ impl Gateway {
             quota,
             metrics,
             listening: AtomicBool::new(false),
+            followed: AtomicBool::new(false),
             default_cert,
             snapshot_path,
         };
@@ -171,8 +178,31 @@ impl Gateway {
         })
     }
 
-    /// Validates, compiles, persists and swaps in `snapshot`; returns its version.
+    /// Validates, compiles, persists and swaps in a pushed `snapshot`; returns its version.
+    /// Refused with [`SnapshotRejection::Followed`] after [`Gateway::follow_in_process`].
     pub fn apply_snapshot(&self, snapshot: Snapshot) -> Result<u64, SnapshotRejection> {
+        if self.inner.followed.load(Ordering::Acquire) {
+            let result = Err(SnapshotRejection::Followed);
+            self.count_push(&result);
+            return result;
+        }
+        self.apply_unfollowed(snapshot)
+    }
+
+    /// From now on this data plane takes snapshots only through
+    /// [`Gateway::apply_from_control`]: pushes to its admin listener are refused (409), so
+    /// that the only snapshots it serves are those its own control plane made (`serve`).
+    pub fn follow_in_process(&self) {
+        self.inner.followed.store(true, Ordering::Release);
+    }
+
+    /// What `serve`'s follower applies: the in-process control plane's snapshot, exactly as
+    /// a push is applied (validated, compiled, persisted, swapped), pushes refused or not.
+    pub fn apply_from_control(&self, snapshot: Snapshot) -> Result<u64, SnapshotRejection> {
+        self.apply_unfollowed(snapshot)
+    }
+
+    fn apply_unfollowed(&self, snapshot: Snapshot) -> Result<u64, SnapshotRejection> {
         let mut applied = self.inner.applied.lock().unwrap_or_else(|e| e.into_inner());
         let result = self.apply_locked(&mut applied, snapshot);
         self.count_push(&result);
@@ -183,6 +213,11 @@ impl Gateway {
     /// [`SnapshotRejection::WrongBase`] unless that is `delta.from_version`; otherwise the
     /// rebuilt full snapshot goes through exactly what [`Gateway::apply_snapshot`] does.
     pub fn apply_delta(&self, delta: Delta) -> Result<u64, SnapshotRejection> {
+        if self.inner.followed.load(Ordering::Acquire) {
+            let result = Err(SnapshotRejection::Followed);
+            self.count_push(&result);
+            return result;
+        }
         let mut applied = self.inner.applied.lock().unwrap_or_else(|e| e.into_inner());
         let base = applied.clone();
         let result = match base.as_deref() {
@@ -216,6 +251,7 @@ impl Gateway {
             Err(SnapshotRejection::Invalid(_)) => "rejected",
             Err(SnapshotRejection::NotNewer { .. }) => "stale",
             Err(SnapshotRejection::WrongBase { .. }) => "stale",
+            Err(SnapshotRejection::Followed) => "stale",
             Err(SnapshotRejection::Persist(_)) => "error",
         };
         self.inner
@@ -260,6 +296,11 @@ impl Gateway {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Where the last good snapshot is kept (`data_dir/snapshot.json`).
+    pub fn snapshot_path(&self) -> &Path {
+        &self.inner.snapshot_path
     }
 
     /// This proxy's `[proxy] node_id`, told to the control plane in push answers.

@@ -10,4 +10,5 @@ mod gateway_tls;
 mod leases;
 mod openapi;
 mod planes;
+mod serve_restore;
 mod support;

@@ -78,6 +78,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// `bump_version` (a change the data plane must see; quota ledger writes — usage reports
     /// and leases — are not); returns the version once durable.
     async fn commit(&self, writes: Vec<Write>, bump_version: bool) -> Result<u64, StoreError>;
+    /// Moves the version counter to `max(current, seen) + 1` in one transaction, with no record
+    /// written; returns the new version once durable. For a data plane that holds a version
+    /// this store did not make (the store was restored from an older backup): the next
+    /// snapshot must be newer than what it holds.
+    async fn advance_version(&self, seen: u64) -> Result<u64, StoreError>;
     /// Can the store be reached now? (`GET /readyz`.) An open SQLite file always can.
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
@@ -154,6 +159,22 @@ mod tests {
             .query_row("SELECT count(*) FROM schema_migrations", [], |r| r.get(0))
             .unwrap();
         assert_eq!(applied, MIGRATIONS.len() as i64);
+    }
+
+    #[tokio::test]
+    async fn sqlite_version_advances_past_what_a_data_plane_saw_and_never_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("store.db").display());
+        let store = open(&url).await.unwrap();
+        assert_eq!(store.commit(vec![put("a", "1")], true).await.unwrap(), 1);
+        assert_eq!(store.advance_version(40).await.unwrap(), 41);
+        // Behind the counter already: it still moves, by one, never back.
+        assert_eq!(store.advance_version(3).await.unwrap(), 42);
+        assert_eq!(store.commit(Vec::new(), true).await.unwrap(), 43);
+        drop(store);
+        let loaded = open(&url).await.unwrap().load().await.unwrap();
+        assert_eq!(loaded.version, 43);
+        assert_eq!(loaded.records.len(), 1);
     }
 
     #[tokio::test]

@@ -129,6 +129,20 @@ impl Store for PostgresStore {
         Ok(u64::try_from(version).unwrap_or(0))
     }
 
+    async fn advance_version(&self, seen: u64) -> Result<u64, StoreError> {
+        let seen = i64::try_from(seen).unwrap_or(i64::MAX - 1);
+        let client = self.pool.get().await.map_err(StoreError::Pool)?;
+        let version: i64 = client
+            .query_one(
+                "UPDATE meta SET value = GREATEST(value, $2) + 1 WHERE key = $1 RETURNING value",
+                &[&VERSION_KEY, &seen],
+            )
+            .await
+            .map_err(StoreError::Postgres)?
+            .get(0);
+        Ok(u64::try_from(version).unwrap_or(0))
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         let client = self.pool.get().await.map_err(StoreError::Pool)?;
         client

@@ -134,4 +134,17 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn advance_version(&self, seen: u64) -> Result<u64, StoreError> {
+        let seen = i64::try_from(seen).unwrap_or(i64::MAX - 1);
+        self.with_conn(move |conn| {
+            let version: i64 = conn.query_row(
+                "UPDATE meta SET value = max(value, ?2) + 1 WHERE key = ?1 RETURNING value",
+                params![VERSION_KEY, seen],
+                |row| row.get(0),
+            )?;
+            Ok(u64::try_from(version).unwrap_or(0))
+        })
+        .await
+    }
 }

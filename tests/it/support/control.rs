@@ -398,6 +398,7 @@ pub async fn served(control: &Control) -> marketgate::snapshot::Snapshot {
 
 /// What the market's purchase answered: the buyer's APP for a listed group.
 pub struct Bought {
+    pub group_id: String,
     pub purchase_id: String,
     pub key: String,
     pub secret: String,
@@ -466,6 +467,7 @@ pub async fn bought_group(
     expect_status("purchase", &bought, 201);
     let field = |name: &str| bought.1[name].as_str().unwrap().to_owned();
     Bought {
+        group_id,
         purchase_id: field("purchase_id"),
         key: field("app_key"),
         secret: field("app_secret"),

@@ -83,6 +83,42 @@ impl Process {
         }
     }
 
+    /// Runs `marketgate <command> --config <config>` expecting it to stop by itself (a start
+    /// that is refused): its exit status and everything it wrote to stderr. Panics if it is
+    /// still running after [`START_TIMEOUT`] (it is killed first).
+    pub async fn run_to_exit(command: &str, config: &Path) -> (std::process::ExitStatus, String) {
+        let mut cmd = Command::new(binary());
+        for (name, _) in std::env::vars().filter(|(n, _)| n.starts_with("MARKETGATE_")) {
+            cmd.env_remove(name);
+        }
+        let mut child = cmd
+            .args([command, "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the binary starts");
+        let mut stderr = child.stderr.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+            text
+        });
+        let deadline = Instant::now() + START_TIMEOUT;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("marketgate {command} kept running; it was expected to refuse to start");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        (status, reader.join().unwrap())
+    }
+
     /// An address field of the "listening" record, e.g. `"buyers"` or `"admin"`.
     pub fn addr(&self, field: &str) -> SocketAddr {
         self.listening[field]
@@ -105,6 +141,16 @@ impl Process {
             assert!(Instant::now() < deadline, "never logged '{message}'");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// How many times the process has logged `message` so far.
+    pub fn count_logged(&self, message: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r["fields"]["message"] == message)
+            .count()
     }
 
     /// SIGKILL: no chance to flush, report or give anything back.
