@@ -701,10 +701,11 @@ pub fn redact_url(url: &str) -> String {
 }
 
 /// Variables that share the `MARKETGATE_` prefix but belong to tools, not to the config:
-/// the buyer tool's credentials and the test suites' binary path.
+/// the buyer tool's credentials, the CLI's backtrace switch and the test suites' binary path.
 pub const NON_CONFIG_VARIABLES: &[&str] = &[
     "MARKETGATE_APP_KEY",
     "MARKETGATE_APP_SECRET",
+    "MARKETGATE_BACKTRACE",
     "MARKETGATE_BIN",
 ];
 

@@ -3,6 +3,7 @@
 //! # Layout
 //!
 //! - [`config`]: the TOML file and `MARKETGATE_*` overrides, validated into [`config::Config`].
+//! - [`bind`]: binding a configured listener; a taken address is named with its key.
 //! - [`signing`]: SDK-HMAC-SHA256 canonicalisation, signing and verification (both planes).
 //! - [`apig`]: Huawei APIG error codes and the error body.
 //! - [`buyer`]: the buyer tool behind `marketgate sign` and `marketgate call`.
@@ -17,6 +18,7 @@
 //! - [`shutdown`]: graceful shutdown as a value that servers wait on.
 
 pub mod apig;
+pub mod bind;
 pub mod buyer;
 pub mod config;
 pub mod control;

@@ -1,48 +1,67 @@
 //! The `marketgate` command: parses the command line, loads the configuration and hands over
 //! to the library. Nothing here decides anything a test would want to check; `anyhow` lives
 //! here only.
+//!
+//! An error ends the command with one line on stderr, `marketgate: error: …` with its causes
+//! joined by `: `, and exit status 1; the full chain with a backtrace only on request (`-v`,
+//! or `MARKETGATE_BACKTRACE=1`), not because `RUST_BACKTRACE` happens to be set.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use marketgate::config::{Config, LogFormat};
+use marketgate::config::{self, Config, LogFormat};
 use marketgate::shutdown::{Shutdown, ShutdownTrigger};
 
+/// Environment variable that asks for an error's full chain and backtrace, as `-v` does.
+const BACKTRACE_VARIABLE: &str = "MARKETGATE_BACKTRACE";
+
 #[derive(Parser)]
-#[command(name = "marketgate", version, about = "API-marketplace gateway")]
+#[command(name = "marketgate", version, about = "API-marketplace gateway", after_help = overview_help())]
 struct Cli {
+    /// On an error, print its full chain of causes and a backtrace (as MARKETGATE_BACKTRACE=1).
+    #[arg(short, long, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Control plane and one data plane in one process on the embedded store.
+    /// Control plane and one data plane in one process on the embedded store (try it here).
+    #[command(after_long_help = serve_help(), after_help = "Ports, data dir, trial credentials and overrides: --help")]
     Serve {
-        /// TOML config; built-in loopback defaults when omitted.
-        #[arg(long)]
+        /// TOML config (keys: docs/operations.md; example: deploy/config/serve.toml).
+        /// Without it: built-in loopback defaults and the trial credentials.
+        #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
-    /// Data plane only: takes snapshots pushed to its admin listener.
+    /// Data plane only: serves buyers from the snapshots the control plane pushes to it.
+    #[command(after_long_help = plane_help("proxy"), after_help = "Config, ports and overrides: --help")]
     Proxy {
-        #[arg(long)]
+        /// TOML config (keys: docs/operations.md; example: deploy/config/proxy.toml).
+        #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Control plane only: market and management API, pushes to proxies.
+    /// Control plane only: market and management API, snapshots and leases for proxies.
+    #[command(after_long_help = plane_help("control"), after_help = "Config, ports and overrides: --help")]
     Control {
-        #[arg(long)]
+        /// TOML config (keys: docs/operations.md; example: deploy/config/control.toml).
+        #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Buyer tool: sign a request with an APP's key and secret and print it as curl.
+    /// Buyer tool: sign a request with an APP's key and secret and print it as a curl command.
+    #[command(after_long_help = buyer_help("sign"))]
     Sign(BuyerArgs),
     /// Buyer tool: sign a request and send it (plain HTTP); exits 1 on a 4xx or 5xx answer.
+    #[command(after_long_help = buyer_help("call"))]
     Call(BuyerArgs),
 }
 
 #[derive(clap::Args)]
 struct BuyerArgs {
-    /// The APP's AppKey.
+    /// The APP's AppKey (the purchase answer's app_key).
     #[arg(long, env = "MARKETGATE_APP_KEY")]
     key: String,
     /// The APP's AppSecret (prefer the environment variable: it stays out of shell history).
@@ -51,8 +70,9 @@ struct BuyerArgs {
     /// HTTP method.
     #[arg(short = 'X', long, default_value = "GET")]
     method: String,
-    /// Extra header to send and sign, `Name: value`; repeatable.
-    #[arg(short = 'H', long = "header")]
+    /// Extra header to send and sign, `Name: value`; repeatable. The group's market domain
+    /// goes here as `-H 'Host: weather.market.local'`.
+    #[arg(short = 'H', long = "header", value_name = "HEADER")]
     headers: Vec<String>,
     /// Request body.
     #[arg(short = 'd', long)]
@@ -60,8 +80,95 @@ struct BuyerArgs {
     /// Do not sign the body (`X-Sdk-Content-Sha256: UNSIGNED-PAYLOAD`).
     #[arg(long)]
     unsigned_payload: bool,
-    /// Absolute URL, e.g. http://127.0.0.1:8080/v1/hello with the group's domain in --host.
+    /// Absolute URL of the gateway's buyer listener and the API's path, e.g.
+    /// http://127.0.0.1:8080/today (the group's domain goes in a Host header, -H).
     url: String,
+}
+
+/// `marketgate --help`: where to start.
+fn overview_help() -> String {
+    "Start here: `marketgate serve --help` (README.md's quickstart). Config keys and their \
+     MARKETGATE_* overrides: docs/operations.md."
+        .to_owned()
+}
+
+/// `marketgate serve --help`: what a newcomer needs to reach it.
+fn serve_help() -> String {
+    format!(
+        "\
+Without --config, serve listens on loopback only:
+  buyers (data plane)           {gateway}   gateway.listen   MARKETGATE_GATEWAY__LISTEN
+  market + management API       {control}   control.listen   MARKETGATE_CONTROL__LISTEN
+  admin (health, metrics)       {admin}   admin.listen     MARKETGATE_ADMIN__LISTEN
+and keeps its data in {data_dir} (relative to the current directory: run it from the same
+place every time; MARKETGATE_DATA_DIR moves it).
+
+Trial credentials (public: only when no credentials are configured; never on a shared machine):
+  the cloud market     X-Auth-Token: {market}
+  a seller             X-Auth-Token: {seller} (domain {seller_domain}, project {seller_project}),
+                       or AK {ak} / SK {sk} with Huawei's SDK
+  the admin listener   Authorization: Bearer {admin_token}
+
+Every config key can be set in the environment as MARKETGATE_SECTION__KEY (top-level keys as
+MARKETGATE_KEY, e.g. MARKETGATE_DATA_DIR); an unknown MARKETGATE_* variable is an error. Keys
+and defaults: docs/operations.md; an example file: deploy/config/serve.toml. RUST_LOG overrides
+[log] level.",
+        gateway = config::DEFAULT_GATEWAY_LISTEN,
+        control = config::DEFAULT_CONTROL_LISTEN,
+        admin = config::DEFAULT_ADMIN_LISTEN,
+        data_dir = config::DEFAULT_DATA_DIR,
+        market = config::TRIAL_MARKET_TOKEN,
+        seller = config::TRIAL_SELLER_TOKEN,
+        seller_domain = config::TRIAL_SELLER_DOMAIN,
+        seller_project = config::TRIAL_SELLER_PROJECT,
+        ak = config::TRIAL_SELLER_AK,
+        sk = config::TRIAL_SELLER_SK,
+        admin_token = config::TRIAL_ADMIN_TOKEN,
+    )
+}
+
+/// `marketgate proxy --help` and `marketgate control --help`.
+fn plane_help(role: &str) -> String {
+    let listeners = match role {
+        "proxy" => format!(
+            "  buyers                        {}   gateway.listen   MARKETGATE_GATEWAY__LISTEN\n  \
+             admin (snapshots, health)     {}   admin.listen     MARKETGATE_ADMIN__LISTEN",
+            config::DEFAULT_GATEWAY_LISTEN,
+            config::DEFAULT_ADMIN_LISTEN
+        ),
+        _ => format!(
+            "  market + management API       {}   control.listen   MARKETGATE_CONTROL__LISTEN\n  \
+             admin (leases, health)        {}   admin.listen     MARKETGATE_ADMIN__LISTEN",
+            config::DEFAULT_CONTROL_LISTEN,
+            config::DEFAULT_ADMIN_LISTEN
+        ),
+    };
+    format!(
+        "\
+It listens on (defaults shown; set them in the config file or the environment):
+{listeners}
+It needs admin.token (MARKETGATE_ADMIN__TOKEN), the same on every plane, and has no trial
+credentials. Its data_dir (default {data_dir}, relative to the current directory) must be
+on local disk that survives restarts.
+
+Every config key can be set in the environment as MARKETGATE_SECTION__KEY (top-level keys as
+MARKETGATE_KEY); an unknown MARKETGATE_* variable is an error. Keys and defaults:
+docs/operations.md; an example: deploy/config/{role}.toml; a fleet on one machine: README.md.",
+        data_dir = config::DEFAULT_DATA_DIR,
+    )
+}
+
+/// `marketgate sign --help` and `marketgate call --help`.
+fn buyer_help(command: &str) -> String {
+    format!(
+        "\
+Example (README.md's quickstart, with the key and secret of a purchase in the environment):
+  export MARKETGATE_APP_KEY=... MARKETGATE_APP_SECRET=...
+  marketgate {command} -H 'Host: weather.market.local' http://127.0.0.1:8080/today
+
+The request is signed with Huawei's SDK-HMAC-SHA256 (Authorization, X-Sdk-Date, Host and every
+-H header signed)."
+    )
 }
 
 impl BuyerArgs {
@@ -82,9 +189,31 @@ impl BuyerArgs {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let verbose = cli.verbose || std::env::var_os(BACKTRACE_VARIABLE).is_some_and(|v| v != "0");
+    if verbose {
+        // anyhow captures a backtrace only when asked through the environment.
+        std::env::set_var("RUST_LIB_BACKTRACE", "1");
+    } else {
+        // RUST_BACKTRACE=1 in a Rust user's shell is not a request for one on every error.
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
+    match execute(cli.command) {
+        Ok(code) => code,
+        Err(err) => {
+            if verbose {
+                eprintln!("marketgate: error: {err:?}");
+            } else {
+                eprintln!("marketgate: error: {err:#}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
         Command::Serve { config } => {
             let config = match config {
                 Some(path) => Config::load(&path)?,
@@ -104,7 +233,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Sign(args) => {
             println!("{}", marketgate::buyer::to_curl(&args.sign()?));
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Call(args) => {
             let request = args.sign()?;
@@ -119,10 +248,11 @@ fn main() -> anyhow::Result<()> {
             }
             println!();
             println!("{}", String::from_utf8_lossy(&response.body));
-            if response.status.as_u16() >= 400 {
-                std::process::exit(1);
-            }
-            Ok(())
+            Ok(if response.status.as_u16() >= 400 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
         }
     }
 }
@@ -130,7 +260,7 @@ fn main() -> anyhow::Result<()> {
 type RunResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 /// Sets up logging and a runtime, wires SIGTERM/Ctrl-C to a [`Shutdown`], runs `role`.
-fn run<F, Fut>(config: Config, role: F) -> anyhow::Result<()>
+fn run<F, Fut>(config: Config, role: F) -> anyhow::Result<ExitCode>
 where
     F: FnOnce(Config, Shutdown) -> Fut,
     Fut: std::future::Future<Output = RunResult>,
@@ -153,7 +283,8 @@ where
             trigger.fire();
         });
         role(config, shutdown).await.map_err(|e| anyhow::anyhow!(e))
-    })
+    })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn wait_for_signal() {

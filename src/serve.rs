@@ -70,7 +70,7 @@ pub async fn run_serve(config: Config, shutdown: Shutdown) -> Result<(), RunErro
     control.spawn_lease_expiry(shutdown.clone());
 
     let listeners = Listeners::bind(&config).await?;
-    let control_listener = tokio::net::TcpListener::bind(config.control.listen).await?;
+    let control_listener = crate::bind::bind("control.listen", config.control.listen).await?;
     tracing::info!(
         buyers = %listeners.buyers.local_addr()?,
         control = %control_listener.local_addr()?,

@@ -317,8 +317,8 @@ pub async fn run_control(
     shutdown: Shutdown,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let cp = ControlPlane::open(&config).await?;
-    let listener = tokio::net::TcpListener::bind(config.control.listen).await?;
-    let admin = tokio::net::TcpListener::bind(config.admin.listen).await?;
+    let listener = crate::bind::bind("control.listen", config.control.listen).await?;
+    let admin = crate::bind::bind("admin.listen", config.admin.listen).await?;
     tracing::info!(
         listen = %listener.local_addr()?,
         admin = %admin.local_addr()?,

@@ -413,13 +413,14 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
-        let buyers = tokio::net::TcpListener::bind(config.gateway.listen).await?;
+    pub async fn bind(config: &Config) -> Result<Listeners, crate::bind::BindError> {
+        use crate::bind::bind;
+        let buyers = bind("gateway.listen", config.gateway.listen).await?;
         let tls = match config.gateway.tls_listen {
-            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await?),
+            Some(addr) => Some(bind("gateway.tls_listen", addr).await?),
             None => None,
         };
-        let admin = tokio::net::TcpListener::bind(config.admin.listen).await?;
+        let admin = bind("admin.listen", config.admin.listen).await?;
         Ok(Listeners { buyers, tls, admin })
     }
 }

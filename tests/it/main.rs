@@ -1,5 +1,6 @@
 //! Integration tests: real sockets on 127.0.0.1:0, in-process servers, one binary.
 
+mod cli;
 mod control;
 mod control_binary;
 mod control_e2e;
