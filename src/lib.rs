@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //!
+//! - [`data_dir`]: one process per `data_dir` (a pid-holding `flock`), files in it 0600.
 //! - [`config`]: the TOML file and `MARKETGATE_*` overrides, validated into [`config::Config`].
 //! - [`bind`]: binding a configured listener; a taken address is named with its key.
 //! - [`signing`]: SDK-HMAC-SHA256 canonicalisation, signing and verification (both planes).
@@ -22,6 +23,7 @@ pub mod bind;
 pub mod buyer;
 pub mod config;
 pub mod control;
+pub mod data_dir;
 pub mod gateway;
 pub mod lease;
 pub mod metrics_text;

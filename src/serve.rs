@@ -55,6 +55,9 @@ impl LeaseService for InProcessLeases {
 /// Runs both planes until `shutdown` fires, then drains buyers, flushes the quota journal and
 /// reports the last usage to the ledger.
 pub async fn run_serve(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
+    // Before the store, the journal or the snapshot file is opened: a second process on this
+    // data_dir stops here, having read and written nothing.
+    let _data_dir = crate::data_dir::DataDir::claim(&config.data_dir)?;
     check_store_present(&config)?;
     let control = ControlPlane::open(&config).await?;
     let gateway = Gateway::open_with_quota(&config, QuotaMode::Leased)?;

@@ -316,6 +316,13 @@ pub async fn run_control(
     config: Config,
     shutdown: Shutdown,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    // On SQLite the store lives in data_dir (by default): one process per data_dir. On
+    // PostgreSQL many replicas share the store and none owns a directory.
+    let _data_dir = if config.database_url.starts_with("sqlite://") {
+        Some(crate::data_dir::DataDir::claim(&config.data_dir)?)
+    } else {
+        None
+    };
     let cp = ControlPlane::open(&config).await?;
     let listener = crate::bind::bind("control.listen", config.control.listen).await?;
     let admin = crate::bind::bind("admin.listen", config.admin.listen).await?;

@@ -459,6 +459,8 @@ impl Gateway {
 /// `gateway.tls_listen` (when set) and `admin.listen`, drains, then flushes quota.
 /// With `gateway.workers > 0` the proxy runs on its own runtime of that many threads.
 pub async fn run_proxy(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
+    // Held until the proxy has flushed and stopped; nothing in data_dir is touched before.
+    let _data_dir = crate::data_dir::DataDir::claim(&config.data_dir)?;
     let workers = config.gateway.workers;
     if workers == 0 {
         return run_proxy_here(config, shutdown).await;

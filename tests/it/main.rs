@@ -4,6 +4,7 @@ mod cli;
 mod control;
 mod control_binary;
 mod control_e2e;
+mod data_dir;
 mod fleet;
 mod gateway;
 mod gateway_crash;

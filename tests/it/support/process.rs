@@ -196,3 +196,48 @@ pub fn free_port() -> SocketAddr {
         .local_addr()
         .unwrap()
 }
+
+/// Runs `marketgate <command> --config <config>` expecting it to stop on its own, unsuccessfully,
+/// within [`START_TIMEOUT`]; returns what it wrote (stdout and stderr). Panics if it keeps
+/// running (it is killed first) or exits successfully.
+pub async fn refused(command: &str, config: &Path) -> String {
+    let mut cmd = Command::new(binary());
+    for (name, _) in std::env::vars().filter(|(n, _)| n.starts_with("MARKETGATE_")) {
+        cmd.env_remove(name);
+    }
+    let mut child = cmd
+        .args([command, "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    let deadline = Instant::now() + START_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("marketgate {command} kept running");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let output = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!status.success(), "marketgate {command} exited 0: {text}");
+    text
+}
+
+impl Process {
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
