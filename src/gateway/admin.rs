@@ -337,8 +337,9 @@ async fn usage(
             json!({
                 "purchase_id": cell.purchase_id(),
                 "used": cell.used(),
-                "left": cell.left(),
-                "leased": serde_json::Value::Null,
+                "left": cell.purchase_left(),
+                "lease_left": cell.lease_left(),
+                "leased": cell.is_leased(),
             })
         })
         .collect();

@@ -441,7 +441,8 @@ pub(crate) async fn handle(
         upstream_ms = trace.upstream.map(|u| u.as_secs_f64() * 1000.0),
         bytes_in,
         bytes_out = response.body().size_hint().exact(),
-        quota_left = trace.purchase.and_then(|p| p.cell.left()),
+        quota_left = trace.purchase.and_then(|p| p.cell.purchase_left()),
+        lease_left = trace.purchase.and_then(|p| p.cell.lease_left()),
     );
     // A request that held the snapshot across a swap may be its last holder. Freeing a
     // large one takes tens of milliseconds (BENCHMARKS.md), which must not stall every

@@ -50,6 +50,8 @@ use hashbrown::DefaultHashBuilder;
 pub const JOURNAL_FILE: &str = "quota.journal";
 /// The limit of a purchase without `quota_limit`: unlimited, still metered.
 pub const UNLIMITED: u64 = u64::MAX;
+/// A leased cell's count of calls outside every lease before its first exchange: unknown.
+const UNKNOWN_UNLEASED: u64 = u64::MAX;
 /// A reservation covers about this much of the purchase's recent traffic (capped by
 /// `gateway.quota_journal_block`). Half of it is left when the journal thread is asked to
 /// extend it, so an fsync may take up to half of this before a request waits on the disk
@@ -219,7 +221,7 @@ pub struct QuotaCell {
     leased: AtomicBool,
     /// Calls the control plane said were left outside every lease at the last exchange:
     /// worth waiting for a refill when the cell runs dry (`Leased` mode only). Starts at
-    /// `u64::MAX`: unknown until the first exchange.
+    /// [`UNKNOWN_UNLEASED`] until the first exchange.
     unleased_hint: AtomicU64,
     /// A caller was refused and waits for a refill of this cell.
     refill_asked: AtomicBool,
@@ -355,6 +357,27 @@ impl QuotaCell {
     pub fn left(&self) -> Option<u64> {
         let limit = self.limit();
         (limit != UNLIMITED).then(|| limit.saturating_sub(self.used()))
+    }
+
+    /// The purchase's calls left as this proxy knows them; `None` when unlimited, or when
+    /// leased and no lease exchange has said yet. Standalone it is [`QuotaCell::left`].
+    /// Leased, `left` is only this proxy's lease balance: the purchase's calls are those
+    /// outside every lease at the last exchange plus that balance — exact with one proxy
+    /// (`serve`), and short of the buyer's view by the other proxies' balances in a fleet.
+    pub fn purchase_left(&self) -> Option<u64> {
+        let left = self.left()?;
+        if !self.is_leased() {
+            return Some(left);
+        }
+        match self.unleased_hint.load(Ordering::Acquire) {
+            UNKNOWN_UNLEASED => None,
+            unleased => Some(unleased.saturating_add(left)),
+        }
+    }
+
+    /// This proxy's lease balance for the purchase; `None` unless the cell is leased.
+    pub fn lease_left(&self) -> Option<u64> {
+        self.left().filter(|_| self.is_leased())
     }
 
     pub fn purchase_id(&self) -> &str {
@@ -651,7 +674,7 @@ impl QuotaRegistry {
                 Arc::new(QuotaCell {
                     purchase_id,
                     leased: AtomicBool::new(false),
-                    unleased_hint: AtomicU64::new(u64::MAX),
+                    unleased_hint: AtomicU64::new(UNKNOWN_UNLEASED),
                     refill_asked: AtomicBool::new(false),
                     limit: AtomicU64::new(initial_limit),
                     used: AtomicU64::new(journaled),

@@ -10,6 +10,7 @@ mod gateway;
 mod gateway_crash;
 mod gateway_tls;
 mod leases;
+mod observability;
 mod openapi;
 mod planes;
 mod serve_restore;

@@ -153,6 +153,11 @@ impl Process {
             .count()
     }
 
+    /// Every JSON log record so far, in order.
+    pub fn records(&self) -> Vec<Value> {
+        self.log.lock().unwrap().clone()
+    }
+
     /// SIGKILL: no chance to flush, report or give anything back.
     pub fn kill_9(&mut self) {
         self.child.kill().unwrap();
