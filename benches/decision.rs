@@ -139,8 +139,8 @@ fn fixture(journal_block: u64) -> Fixture {
     let dir = tempfile::tempdir().expect("a temp dir");
     let quota = QuotaRegistry::open(dir.path(), journal_block).expect("journal");
     let snapshot = market(1_000);
-    marketgate::snapshot::validate::validate(&snapshot).expect("a valid bench snapshot");
-    let compiled = compile(&snapshot, &quota, &GatewayMetrics::new());
+    let compiled =
+        compile(&snapshot, &quota, &GatewayMetrics::new()).expect("a valid bench snapshot");
     let now = OffsetDateTime::now_utc();
 
     // What curl and the SDKs send besides the credentials.

@@ -29,7 +29,7 @@ use marketgate::gateway::metrics::GatewayMetrics;
 use marketgate::gateway::quota::QuotaRegistry;
 use marketgate::gateway::Gateway;
 use marketgate::signing::Payload;
-use marketgate::snapshot::compile::compile;
+use marketgate::snapshot::compile::prepare;
 use marketgate::snapshot::validate::validate;
 use marketgate::snapshot::wire::{
     Api, App, Backend, Group, MarketState, Purchase, PurchaseState, Snapshot,
@@ -150,16 +150,16 @@ fn report_compile_memory() {
     // Memory first, before anything is freed that the allocator could hand out again.
     let before = rss_bytes();
     let (wall, cpu) = (Instant::now(), thread_cpu());
-    validate(&snapshot).expect("valid");
+    let valid = validate(&snapshot).expect("valid");
     let validated = (wall.elapsed(), thread_cpu() - cpu);
-    let first = compile(&snapshot, &quota, &metrics);
+    let first = prepare(valid, &metrics).bind(&quota, &metrics);
     let first_total = (wall.elapsed(), thread_cpu() - cpu);
     let after_first = rss_bytes();
 
     // A re-push: the cells exist; the old snapshot is still held (as during a swap).
     let (wall, cpu) = (Instant::now(), thread_cpu());
-    validate(&snapshot).expect("valid");
-    let second = compile(&snapshot, &quota, &metrics);
+    let valid = validate(&snapshot).expect("valid");
+    let second = prepare(valid, &metrics).bind(&quota, &metrics);
     let second_total = (wall.elapsed(), thread_cpu() - cpu);
     let after_second = rss_bytes();
     let per = |bytes: u64| bytes as f64 / MILLION as f64;
@@ -369,7 +369,7 @@ fn bench_compile(c: &mut Criterion) {
     for (purchases, samples) in [(1_000, 50), (100_000, 10), (MILLION, 10)] {
         let snapshot = market(1, purchases);
         // Cells are created by the first compile; every timed one is a re-push.
-        drop(compile(&snapshot, &quota, &metrics));
+        drop(prepare(validate(&snapshot).expect("valid"), &metrics).bind(&quota, &metrics));
         group.sample_size(samples);
         if purchases >= 100_000 {
             group.measurement_time(Duration::from_secs(if purchases == MILLION {
@@ -385,8 +385,8 @@ fn bench_compile(c: &mut Criterion) {
                 // The old compiled snapshot is freed outside the timing (after the swap it
                 // is freed by whichever holder lets go last).
                 b.iter_with_large_drop(|| {
-                    validate(black_box(snapshot)).expect("valid");
-                    compile(snapshot, &quota, &metrics)
+                    let valid = validate(black_box(snapshot)).expect("valid");
+                    prepare(valid, &metrics).bind(&quota, &metrics)
                 })
             },
         );

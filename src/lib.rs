@@ -5,6 +5,9 @@
 //! - [`data_dir`]: one process per `data_dir` (a pid-holding `flock`), files in it 0600.
 //! - [`config`]: the TOML file and `MARKETGATE_*` overrides, validated into [`config::Config`].
 //! - [`bind`]: binding a configured listener; a taken address is named with its key.
+//! - [`template`]: the `req_uri` template grammar both planes and the router share (a leaf).
+//! - [`certificate`]: PEM certificates and keys into what rustls serves, and their notAfter
+//!   (a leaf).
 //! - [`signing`]: SDK-HMAC-SHA256 canonicalisation, signing and verification (both planes).
 //! - [`apig`]: Huawei APIG error codes and the error body.
 //! - [`buyer`]: the buyer tool behind `marketgate sign` and `marketgate call`.
@@ -21,6 +24,7 @@
 pub mod apig;
 pub mod bind;
 pub mod buyer;
+pub mod certificate;
 pub mod config;
 pub mod control;
 pub mod data_dir;
@@ -31,3 +35,4 @@ pub mod serve;
 pub mod shutdown;
 pub mod signing;
 pub mod snapshot;
+pub mod template;

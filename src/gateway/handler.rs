@@ -679,7 +679,7 @@ mod tests {
     fn decide_admits_a_signed_head_and_refuses_a_tampered_one() {
         let dir = tempfile::tempdir().unwrap();
         let quota = QuotaRegistry::open(dir.path(), 8).unwrap();
-        let compiled = compile(&snapshot(), &quota, &GatewayMetrics::new());
+        let compiled = compile(&snapshot(), &quota, &GatewayMetrics::new()).unwrap();
         let now = OffsetDateTime::now_utc();
         let mut headers = HeaderMap::new();
         headers.insert("host", HeaderValue::from_static("market.test"));

@@ -9,7 +9,6 @@
 //! not decide requests itself.
 
 pub mod admin;
-pub mod certificate;
 pub mod error;
 pub mod forward;
 pub mod handler;
@@ -29,7 +28,7 @@ use arc_swap::ArcSwapOption;
 
 use crate::config::Config;
 use crate::shutdown::Shutdown;
-use crate::snapshot::compile::{compile, CompiledSnapshot};
+use crate::snapshot::compile::{prepare, CompiledSnapshot};
 use crate::snapshot::delta::{self, Delta, DeltaError};
 use crate::snapshot::validate::{validate, ValidationError};
 use crate::snapshot::Snapshot;
@@ -146,7 +145,7 @@ impl Gateway {
         if let Some(not_after) = default_cert
             .as_ref()
             .and_then(|key| key.cert.first())
-            .and_then(|der| certificate::not_after(der))
+            .and_then(|der| crate::certificate::not_after(der))
         {
             metrics.set_default_certificate_expiry(not_after);
         }
@@ -163,7 +162,11 @@ impl Gateway {
             snapshot_path,
         };
         if let Some(snapshot) = load_snapshot(&inner.snapshot_path)? {
-            let compiled = compile(&snapshot, &inner.quota, &inner.metrics);
+            let valid = validate(&snapshot).map_err(|source| GatewayError::SnapshotInvalid {
+                path: inner.snapshot_path.clone(),
+                source,
+            })?;
+            let compiled = prepare(valid, &inner.metrics).bind(&inner.quota, &inner.metrics);
             inner.metrics.snapshot_version.set(snapshot.version as i64);
             inner.metrics.snapshot_applied.set(now_secs());
             inner.current.store(Some(Arc::new(compiled)));
@@ -276,10 +279,12 @@ impl Gateway {
                 });
             }
         }
-        validate(&snapshot).map_err(SnapshotRejection::Invalid)?;
-        let compiled = compile(&snapshot, &inner.quota, &inner.metrics);
-        // Persist before swapping: what is served is always on disk.
+        let valid = validate(&snapshot).map_err(SnapshotRejection::Invalid)?;
+        let prepared = prepare(valid, &inner.metrics);
+        // Persist before anything shared changes: what is served is always on disk, and a
+        // failed persist leaves the quota cells and metrics of the snapshot served as they were.
         persist_snapshot(&inner.snapshot_path, &snapshot).map_err(SnapshotRejection::Persist)?;
+        let compiled = prepared.bind(&inner.quota, &inner.metrics);
         inner.current.store(Some(Arc::new(compiled)));
         inner.metrics.snapshot_version.set(snapshot.version as i64);
         inner.metrics.snapshot_applied.set(now_secs());
@@ -359,6 +364,7 @@ fn now_secs() -> i64 {
         .unwrap_or(0)
 }
 
+/// The snapshot file as written (validated by the caller), or `None` if there is none.
 fn load_snapshot(path: &Path) -> Result<Option<Snapshot>, GatewayError> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
@@ -375,10 +381,6 @@ fn load_snapshot(path: &Path) -> Result<Option<Snapshot>, GatewayError> {
             path: path.to_owned(),
             source,
         })?;
-    validate(&snapshot).map_err(|source| GatewayError::SnapshotInvalid {
-        path: path.to_owned(),
-        source,
-    })?;
     Ok(Some(snapshot))
 }
 
@@ -526,4 +528,74 @@ async fn run_proxy_here(config: Config, shutdown: Shutdown) -> Result<(), RunErr
     }
     tracing::info!("proxy stopped; quota flushed");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::wire::{App, Group, MarketState, Purchase, PurchaseState};
+
+    fn market(version: u64, limit: u64) -> Snapshot {
+        Snapshot {
+            version,
+            groups: vec![Group {
+                id: "g".into(),
+                name: "g".into(),
+                sl_domain: "g.sl.test".into(),
+                url_domain: Some("g.market.test".into()),
+                market_state: MarketState::OnSale,
+                apis: vec![],
+            }],
+            apps: vec![App {
+                id: "a".into(),
+                app_key: "k".into(),
+                app_secret: "s".into(),
+                app_codes: vec![],
+                creator: "MARKET".into(),
+            }],
+            purchases: vec![Purchase {
+                id: "p".into(),
+                group_id: "g".into(),
+                app_id: "a".into(),
+                state: PurchaseState::Active,
+                start_time: 0,
+                expire_time: 10,
+                quota_limit: Some(limit),
+                quota_used: 0,
+            }],
+            ..Snapshot::default()
+        }
+    }
+
+    /// A push whose persist fails changes nothing that is served: not the version, not the
+    /// purchase's quota cell (compile touches shared state only after the persist).
+    #[test]
+    fn a_push_that_cannot_be_persisted_changes_no_quota_cell() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "data_dir = '{}'\n[admin]\ntoken = 'test-token'\n",
+            dir.path().display()
+        );
+        let config = Config::from_toml(&text, Vec::new()).unwrap();
+        let gateway = Gateway::open(&config).unwrap();
+        assert_eq!(gateway.apply_snapshot(market(1, 10)).unwrap(), 1);
+        let cell = gateway.quota().get("p").unwrap();
+        assert_eq!(cell.limit(), 10);
+
+        // The snapshot file's place taken by a non-empty directory: the rename fails.
+        let path = dir.path().join(SNAPSHOT_FILE);
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir_all(path.join("in-the-way")).unwrap();
+        let refused = gateway.apply_snapshot(market(2, 5));
+        assert!(
+            matches!(refused, Err(SnapshotRejection::Persist(_))),
+            "{refused:?}"
+        );
+        assert_eq!(gateway.snapshot_version(), Some(1));
+        assert_eq!(
+            cell.limit(),
+            10,
+            "the refused snapshot's limit reached the live cell"
+        );
+    }
 }

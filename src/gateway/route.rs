@@ -8,7 +8,7 @@
 //! route beats a shorter one; a named method beats `ANY`. It does not authenticate or decide
 //! whether an API is sellable.
 
-use crate::snapshot::validate::Segment;
+use crate::template::Segment;
 
 const RANK_PREFIX: u8 = 0;
 const RANK_GREEDY: u8 = 1;
@@ -57,10 +57,10 @@ pub struct Matched<'p> {
 }
 
 impl Router {
-    /// Adds a route (template already validated). `method` is `ANY` or a method name.
+    /// Adds a route; `method` `None` is `ANY`.
     pub fn insert(
         &mut self,
-        method: &str,
+        method: Option<http::Method>,
         template: &[Segment],
         prefix_match: bool,
         target: usize,
@@ -90,8 +90,6 @@ impl Router {
             Tail::Greedy => RANK_GREEDY,
             Tail::Prefix => RANK_PREFIX,
         });
-        let method = (method != "ANY")
-            .then(|| http::Method::from_bytes(method.as_bytes()).expect("validated method"));
         self.routes.push(Route {
             pieces,
             tail,
@@ -146,11 +144,12 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::validate::parse_template;
+    use crate::template::parse_template;
 
     fn router(routes: &[(&str, &str, bool)]) -> Router {
         let mut r = Router::default();
         for (i, (method, uri, swa)) in routes.iter().enumerate() {
+            let method = (*method != "ANY").then(|| method.parse().unwrap());
             r.insert(method, &parse_template(uri).unwrap(), *swa, i);
         }
         r

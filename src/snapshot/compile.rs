@@ -1,10 +1,13 @@
 //! The compiled snapshot: everything the hot path needs, indexed, built once per push.
 //!
-//! Owns the translation of a validated wire [`Snapshot`] into lookup tables: host → group,
-//! one [`Router`] per group, app key → app, app code → app, app → purchase, each purchase's
-//! quota cell (an `Arc` into the registry, so counters survive swaps), each group's metric
-//! handles and the TLS certificates by server name. It does not validate (call
-//! [`super::validate::validate`] first), swap or persist.
+//! Owns the translation of a [`Validated`] snapshot into lookup tables: host → group, one
+//! [`Router`] per group, app key → app, app code → app, app → purchase, each purchase's quota
+//! cell (an `Arc` into the registry, so counters survive swaps), each group's metric handles
+//! and the TLS certificates by server name. It parses nothing (validation did, once) and has
+//! nothing left to fail on. It is done in two steps so that shared state changes only once
+//! the snapshot is persisted: [`prepare`] builds everything that belongs to the new snapshot
+//! alone; [`Prepared::bind`] then takes the purchases' cells from the quota registry (setting
+//! their limits) and publishes the certificates' expiries. It does not swap or persist.
 
 use std::hash::BuildHasher;
 use std::sync::Arc;
@@ -13,9 +16,10 @@ use hashbrown::{DefaultHashBuilder, HashMap, HashSet, HashTable};
 
 use rustls::sign::CertifiedKey;
 
-use super::validate::{parse_template, Segment, MAX_APP_CODES};
-use super::wire::{App, Backend, Certificate, MarketState, PurchaseState, Snapshot};
-use crate::gateway::certificate::not_after;
+use super::validate::{validate, Validated, ValidationError, MAX_APP_CODES};
+pub use super::validate::{AuthKind, CompiledBackend, PathPiece};
+use super::wire::{App, MarketState, Purchase, PurchaseState, Snapshot};
+pub use crate::certificate::{certified_key_pem, CertificateError};
 use crate::gateway::metrics::{GatewayMetrics, GroupCounters};
 use crate::gateway::quota::{QuotaCell, QuotaRegistry, UNLIMITED};
 use crate::gateway::route::Router;
@@ -38,40 +42,6 @@ pub struct CompiledGroup {
     pub router: Router,
     pub apis: Vec<CompiledApi>,
     pub counters: GroupCounters,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthKind {
-    App,
-    None,
-    /// IAM or AUTHORIZER: not served by this gateway.
-    Unsupported,
-}
-
-/// A piece of a backend path template.
-#[derive(Debug, Clone)]
-pub enum PathPiece {
-    Literal(Box<str>),
-    /// Index into the route's captured parameters.
-    Param(usize),
-}
-
-#[derive(Debug)]
-pub enum CompiledBackend {
-    Http {
-        /// `host:port`.
-        authority: http::uri::Authority,
-        /// `None` passes the buyer's method through (`ANY`).
-        method: Option<http::Method>,
-        path: Vec<PathPiece>,
-        /// The template ended with `/` (kept when filling it).
-        trailing_slash: bool,
-        timeout: std::time::Duration,
-    },
-    Mock {
-        status: http::StatusCode,
-        body: bytes::Bytes,
-    },
 }
 
 #[derive(Debug)]
@@ -107,7 +77,8 @@ pub struct CompiledApp {
 
 impl CompiledApp {
     /// The app of a validated wire app (its credentials fit `u16` offsets: validate checks
-    /// them against [`MAX_CREDENTIAL_BYTES`](super::validate::MAX_CREDENTIAL_BYTES)).
+    /// them against [`MAX_CREDENTIAL_BYTES`](super::validate::MAX_CREDENTIAL_BYTES); were
+    /// they longer, the offsets would saturate and a part read empty, never panic).
     fn new(index: usize, app: &App, purchase: Option<CompiledPurchase>) -> CompiledApp {
         let parts = [&app.app_key, &app.app_secret]
             .into_iter()
@@ -116,20 +87,22 @@ impl CompiledApp {
         let mut ends = [0; 2 + MAX_APP_CODES];
         for (end, part) in ends.iter_mut().zip(parts) {
             credentials.push_str(part);
-            *end = u16::try_from(credentials.len()).expect("validated credential lengths");
+            *end = u16::try_from(credentials.len()).unwrap_or(u16::MAX);
         }
         CompiledApp {
             index,
             purchase,
             credentials: credentials.into_boxed_str(),
             ends,
-            codes: app.app_codes.len() as u8,
+            codes: app.app_codes.len().min(MAX_APP_CODES) as u8,
         }
     }
 
     fn part(&self, i: usize) -> &str {
         let start = if i == 0 { 0 } else { self.ends[i - 1] };
-        &self.credentials[usize::from(start)..usize::from(self.ends[i])]
+        self.credentials
+            .get(usize::from(start)..usize::from(self.ends[i]))
+            .unwrap_or_default()
     }
 
     /// The AppKey a signature names.
@@ -204,132 +177,94 @@ impl CompiledSnapshot {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum CertificateError {
-    #[error("the certificate PEM holds no certificate")]
-    NoCertificate,
-    #[error("the key PEM holds no private key")]
-    NoKey,
-    #[error("PEM does not parse")]
-    Pem(#[source] std::io::Error),
-    #[error("the key is of an unsupported type")]
-    Key(#[source] rustls::Error),
-}
-
-/// Parses a certificate chain and key into what rustls serves.
-pub fn certified_key(cert: &Certificate) -> Result<CertifiedKey, CertificateError> {
-    certified_key_pem(cert.cert_pem.as_bytes(), cert.key_pem.as_bytes())
-}
-
-/// Parses PEM bytes (a chain and a private key) into what rustls serves.
-pub fn certified_key_pem(
-    cert_pem: &[u8],
-    key_pem: &[u8],
-) -> Result<CertifiedKey, CertificateError> {
-    let chain = rustls_pemfile::certs(&mut &cert_pem[..])
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(CertificateError::Pem)?;
-    if chain.is_empty() {
-        return Err(CertificateError::NoCertificate);
-    }
-    let key = rustls_pemfile::private_key(&mut &key_pem[..])
-        .map_err(CertificateError::Pem)?
-        .ok_or(CertificateError::NoKey)?;
-    let signing_key =
-        rustls::crypto::ring::sign::any_supported_type(&key).map_err(CertificateError::Key)?;
-    Ok(CertifiedKey::new(chain, signing_key))
-}
-
-fn backend_path(template: &[Segment], route: &[Segment]) -> Vec<PathPiece> {
-    let params: Vec<&str> = route
-        .iter()
-        .filter_map(|s| match s {
-            Segment::Param(n) | Segment::Greedy(n) => Some(n.as_str()),
-            Segment::Literal(_) => None,
-        })
-        .collect();
-    let mut pieces = Vec::new();
-    for segment in template {
-        match segment {
-            Segment::Literal(l) => pieces.push(PathPiece::Literal(format!("/{l}").into())),
-            Segment::Param(n) | Segment::Greedy(n) => {
-                pieces.push(PathPiece::Literal("/".into()));
-                let index = params
-                    .iter()
-                    .position(|p| p == n)
-                    .expect("validated: backend parameters exist in the route");
-                pieces.push(PathPiece::Param(index));
-            }
-        }
-    }
-    pieces
-}
-
-/// Compiles a validated snapshot. Cells are taken from (or created in) `quota`.
+/// Validates and compiles `snapshot` at once, taking cells from (or creating them in)
+/// `quota`: for what has no persist step between (benches, tests, a snapshot read back from
+/// disk).
 pub fn compile(
     snapshot: &Snapshot,
     quota: &QuotaRegistry,
     metrics: &GatewayMetrics,
-) -> CompiledSnapshot {
+) -> Result<CompiledSnapshot, ValidationError> {
+    Ok(prepare(validate(snapshot)?, metrics).bind(quota, metrics))
+}
+
+/// A compiled snapshot that does not yet hold its purchases' quota cells nor has published
+/// its certificates' expiries: made by [`prepare`], finished by [`Prepared::bind`].
+#[derive(Debug)]
+pub struct Prepared<'a> {
+    compiled: CompiledSnapshot,
+    /// (app index, group index, the purchase) of every purchase.
+    purchases: Vec<(u32, u32, &'a Purchase)>,
+    expiries: Vec<(&'a str, i64)>,
+}
+
+impl Prepared<'_> {
+    /// The version it was compiled from.
+    pub fn version(&self) -> u64 {
+        self.compiled.version
+    }
+
+    /// Takes each purchase's cell from `quota` (created on first sight, its limit and used
+    /// set from the snapshot) and publishes the certificates' expiries: the step that changes
+    /// what the snapshot being served sees, so call it only once the new one is persisted.
+    pub fn bind(self, quota: &QuotaRegistry, metrics: &GatewayMetrics) -> CompiledSnapshot {
+        let Prepared {
+            mut compiled,
+            purchases,
+            expiries,
+        } = self;
+        for (app, group, purchase) in purchases {
+            let cell = quota.cell(
+                &purchase.id,
+                purchase.quota_limit.unwrap_or(UNLIMITED),
+                purchase.quota_used,
+            );
+            if let Some(app) = compiled.apps.get_mut(app as usize) {
+                app.purchase = Some(CompiledPurchase {
+                    group: group as usize,
+                    state: purchase.state,
+                    start_time: purchase.start_time,
+                    expire_time: purchase.expire_time,
+                    cell,
+                });
+            }
+        }
+        metrics.set_certificate_expiries(expiries);
+        compiled
+    }
+}
+
+/// Compiles a validated snapshot, touching no shared state but the groups' metric series
+/// (created at zero if new): the quota cells and certificate expiries wait for
+/// [`Prepared::bind`].
+pub fn prepare<'a>(valid: Validated<'a>, metrics: &GatewayMetrics) -> Prepared<'a> {
+    let Validated {
+        snapshot,
+        apis: parsed,
+        certificates: parsed_certificates,
+        purchase_refs,
+        auth_refs,
+    } = valid;
     let mut hosts = HashMap::new();
     let mut groups = Vec::with_capacity(snapshot.groups.len());
-    let mut group_index = HashMap::new();
-    let mut api_index = HashMap::new();
-    let app_index: HashMap<&str, usize> = snapshot
-        .apps
-        .iter()
-        .enumerate()
-        .map(|(i, a)| (a.id.as_str(), i))
-        .collect();
-    for (gi, group) in snapshot.groups.iter().enumerate() {
-        group_index.insert(group.id.as_str(), gi);
+    for ((gi, group), parsed) in snapshot.groups.iter().enumerate().zip(parsed) {
         hosts.insert(group.sl_domain.as_str().into(), (gi, DomainKind::Seller));
         if let Some(url_domain) = &group.url_domain {
             hosts.insert(url_domain.as_str().into(), (gi, DomainKind::Market));
         }
         let mut router = Router::default();
         let mut apis = Vec::with_capacity(group.apis.len());
-        for (ai, api) in group.apis.iter().enumerate() {
-            api_index.insert(api.id.as_str(), (gi, ai));
-            let template = parse_template(&api.req_uri).expect("validated req_uri");
-            router.insert(&api.req_method, &template, api.match_mode == "SWA", ai);
-            let backend = match &api.backend {
-                Backend::Http {
-                    req_method,
-                    req_uri,
-                    url_domain,
-                    timeout_ms,
-                    ..
-                } => CompiledBackend::Http {
-                    authority: url_domain.parse().expect("validated url_domain"),
-                    method: (req_method != "ANY").then(|| {
-                        http::Method::from_bytes(req_method.as_bytes()).expect("validated method")
-                    }),
-                    path: backend_path(
-                        &parse_template(req_uri).expect("validated backend req_uri"),
-                        &template,
-                    ),
-                    trailing_slash: req_uri.len() > 1 && req_uri.ends_with('/'),
-                    timeout: std::time::Duration::from_millis(*timeout_ms),
-                },
-                Backend::Mock { status, body } => CompiledBackend::Mock {
-                    status: http::StatusCode::from_u16(*status).expect("validated status"),
-                    body: bytes::Bytes::from(body.clone()),
-                },
-            };
+        for ((ai, api), parsed) in group.apis.iter().enumerate().zip(parsed) {
+            router.insert(parsed.method, &parsed.route, parsed.prefix_match, ai);
             apis.push(CompiledApi {
                 id: api.id.as_str().into(),
                 name: api.name.as_str().into(),
                 sellable: api.is_sellable(),
-                auth: match api.auth_type.as_str() {
-                    "APP" => AuthKind::App,
-                    "NONE" => AuthKind::None,
-                    _ => AuthKind::Unsupported,
-                },
+                auth: parsed.auth,
                 app_code_auth: api.app_code_auth,
-                https_only: api.req_protocol == "HTTPS",
-                http_only: api.req_protocol == "HTTP",
-                backend,
+                https_only: parsed.https_only,
+                http_only: parsed.http_only,
+                backend: parsed.backend,
                 authorized_apps: HashSet::new(),
             });
         }
@@ -342,46 +277,30 @@ pub fn compile(
             counters: metrics.group(&group.id),
         });
     }
-    for auth in &snapshot.app_auths {
-        if let (Some(&(gi, ai)), Some(&app)) = (
-            api_index.get(auth.api_id.as_str()),
-            app_index.get(auth.app_id.as_str()),
-        ) {
-            groups[gi].apis[ai].authorized_apps.insert(app);
+    for (gi, ai, app) in auth_refs {
+        if let Some(api) = groups.get_mut(gi).and_then(|g| g.apis.get_mut(ai)) {
+            api.authorized_apps.insert(app as usize);
         }
     }
-    // Each app's purchase, by the app's position (validated: at most one per app).
-    let mut purchase_of: Vec<Option<CompiledPurchase>> = std::iter::repeat_with(|| None)
-        .take(snapshot.apps.len())
+    let purchases = purchase_refs
+        .into_iter()
+        .zip(&snapshot.purchases)
+        .map(|((app, group), purchase)| (app, group, purchase))
         .collect();
-    for purchase in &snapshot.purchases {
-        let cell = quota.cell(
-            &purchase.id,
-            purchase.quota_limit.unwrap_or(UNLIMITED),
-            purchase.quota_used,
-        );
-        purchase_of[app_index[purchase.app_id.as_str()]] = Some(CompiledPurchase {
-            group: group_index[purchase.group_id.as_str()],
-            state: purchase.state,
-            start_time: purchase.start_time,
-            expire_time: purchase.expire_time,
-            cell,
-        });
-    }
     let hasher = DefaultHashBuilder::default();
     let apps: Vec<CompiledApp> = snapshot
         .apps
         .iter()
-        .zip(purchase_of)
         .enumerate()
-        .map(|(i, (app, purchase))| CompiledApp::new(i, app, purchase))
+        .map(|(i, app)| CompiledApp::new(i, app, None))
         .collect();
     let hash = |text: &str| hasher.hash_one(text);
     let code_count = apps.iter().map(|app| usize::from(app.codes)).sum();
     let mut apps_by_key = HashTable::with_capacity(apps.len());
     let mut apps_by_code = HashTable::with_capacity(code_count);
     for app in &apps {
-        let index = u32::try_from(app.index).expect("fewer than 2^32 apps");
+        // Fits: validation allows at most `MAX_APPS` (2^32 - 1) apps.
+        let index = app.index as u32;
         apps_by_key.insert_unique(hash(app.key()), index, |&i| hash(apps[i as usize].key()));
         for (nth, code) in app.codes().enumerate() {
             apps_by_code.insert_unique(hash(code), (index, nth as u8), |&(i, nth)| {
@@ -391,28 +310,27 @@ pub fn compile(
     }
     let mut certificates = HashMap::new();
     let mut expiries = Vec::new();
-    for cert in &snapshot.certificates {
-        if let Ok(key) = certified_key(cert) {
-            let not_after = key.cert.first().and_then(|der| not_after(der));
-            let key = Arc::new(key);
-            for domain in &cert.domains {
-                certificates.insert(domain.as_str().into(), key.clone());
-                if let Some(not_after) = not_after {
-                    expiries.push((domain.as_str(), not_after));
-                }
+    for (cert, parsed) in snapshot.certificates.iter().zip(parsed_certificates) {
+        for domain in &cert.domains {
+            certificates.insert(domain.as_str().into(), parsed.key.clone());
+            if let Some(not_after) = parsed.not_after {
+                expiries.push((domain.as_str(), not_after));
             }
         }
     }
-    metrics.set_certificate_expiries(expiries);
-    CompiledSnapshot {
-        version: snapshot.version,
-        hosts,
-        groups,
-        apps,
-        apps_by_key,
-        apps_by_code,
-        hasher,
-        certificates,
+    Prepared {
+        compiled: CompiledSnapshot {
+            version: snapshot.version,
+            hosts,
+            groups,
+            apps,
+            apps_by_key,
+            apps_by_code,
+            hasher,
+            certificates,
+        },
+        purchases,
+        expiries,
     }
 }
 
@@ -439,10 +357,9 @@ mod tests {
             apps: (0..500).map(app).collect(),
             ..Snapshot::default()
         };
-        super::super::validate::validate(&snapshot).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let quota = QuotaRegistry::open(dir.path(), 8).unwrap();
-        let compiled = compile(&snapshot, &quota, &GatewayMetrics::new());
+        let compiled = compile(&snapshot, &quota, &GatewayMetrics::new()).unwrap();
         for (i, wire) in snapshot.apps.iter().enumerate() {
             let by_key = compiled.app_by_key(&wire.app_key).unwrap();
             assert_eq!(by_key.index, i);

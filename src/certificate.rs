@@ -1,12 +1,47 @@
-//! What the gateway reads from the certificates it serves: the notAfter time, exported as
+//! Certificates the gateway serves: PEM chains and keys parsed into what rustls serves
+//! ([`certified_key_pem`], used by snapshot validation and the default certificate), and
+//! their notAfter time ([`not_after`]), exported as
 //! `marketgate_tls_certificate_expiry_timestamp_seconds` so that an alert fires before a
-//! market domain's certificate (or the default one) expires.
+//! market domain's certificate (or the default one) expires. A leaf: it depends on nothing
+//! in the crate.
 //!
-//! A minimal DER walk over RFC 5280's `Certificate` → `tbsCertificate` → `validity`; it only
+//! The notAfter is read by a minimal DER walk over RFC 5280's `Certificate` → `tbsCertificate` → `validity`; it only
 //! reads, never verifies (rustls and the snapshot's producer own that), and answers `None`
 //! for anything it does not understand rather than guessing.
 
+use rustls::sign::CertifiedKey;
 use time::{Date, Month, PrimitiveDateTime, Time};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertificateError {
+    #[error("the certificate PEM holds no certificate")]
+    NoCertificate,
+    #[error("the key PEM holds no private key")]
+    NoKey,
+    #[error("PEM does not parse")]
+    Pem(#[source] std::io::Error),
+    #[error("the key is of an unsupported type")]
+    Key(#[source] rustls::Error),
+}
+
+/// Parses PEM bytes (a chain and a private key) into what rustls serves.
+pub fn certified_key_pem(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<CertifiedKey, CertificateError> {
+    let chain = rustls_pemfile::certs(&mut &cert_pem[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(CertificateError::Pem)?;
+    if chain.is_empty() {
+        return Err(CertificateError::NoCertificate);
+    }
+    let key = rustls_pemfile::private_key(&mut &key_pem[..])
+        .map_err(CertificateError::Pem)?
+        .ok_or(CertificateError::NoKey)?;
+    let signing_key =
+        rustls::crypto::ring::sign::any_supported_type(&key).map_err(CertificateError::Key)?;
+    Ok(CertifiedKey::new(chain, signing_key))
+}
 
 /// DER tags met on the way to `validity.notAfter`.
 const SEQUENCE: u8 = 0x30;
