@@ -32,7 +32,8 @@ pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
 /// Allowed distance between `X-Sdk-Date` and the clock, in seconds.
 pub const DEFAULT_MAX_CLOCK_SKEW_SECS: u64 = 15 * 60;
-/// Runtime threads for the gateway; 0 means one per CPU.
+/// Gateway worker threads (one current-thread runtime and SO_REUSEPORT socket each); 0 means
+/// one per core the process may run on (its CPU affinity), see `gateway::workers`.
 pub const DEFAULT_GATEWAY_WORKERS: usize = 0;
 /// The most calls of one purchase a proxy reserves ahead in its journal (the most a crash can
 /// lose, beyond the calls in flight). Reservations follow the purchase's rate (about 250 ms of

@@ -4,7 +4,10 @@
 //! It owns only the wiring. The planes talk through the same code paths as a fleet, minus
 //! HTTP: every new snapshot version is applied to the in-process gateway (validated and
 //! compiled exactly as a pushed one), and the gateway's quota is leased from the in-process
-//! ledger through [`InProcessLeases`]. Nothing here decides a request or a market change.
+//! ledger through [`InProcessLeases`]. Buyers are served on the gateway's worker threads
+//! (`gateway.workers`, as in `proxy`); the control plane (its listener, lease exchanges,
+//! store commits, snapshot builds) runs on the caller's runtime, never on a buyer thread.
+//! Nothing here decides a request or a market change.
 //!
 //! The store is the truth: the data plane serves only snapshots its own control plane made.
 //! Pushes to its admin listener are refused, and at start and after every change the

@@ -361,6 +361,7 @@ fn spans(path: &str, params: &[&str]) -> Vec<Range<usize>> {
 /// The service of a buyer connection: runs the phases, answers, logs, counts.
 pub(crate) async fn handle(
     gateway: Arc<Inner>,
+    upstream: forward::Upstream,
     conn: Arc<ConnInfo>,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
@@ -380,7 +381,15 @@ pub(crate) async fn handle(
     let mut trace = Trace::default();
     let result = match &snapshot {
         None => Err(Rejection::NotReady),
-        Some(snapshot) => serve(&gateway, snapshot, &conn, request, &request_id, &mut trace).await,
+        Some(snapshot) => {
+            let context = Served {
+                gateway: &gateway,
+                upstream: &upstream,
+                conn: &conn,
+                request_id: &request_id,
+            };
+            serve(context, snapshot, request, &mut trace).await
+        }
     };
     let (mut response, outcome, error_code) = match result {
         Ok(response) => (response, Outcome::Ok, None),
@@ -482,14 +491,28 @@ fn error_response(rejection: &Rejection, request_id: &HeaderValue) -> Response<B
     response
 }
 
+/// What [`serve`] runs a request with besides the snapshot: the gateway, this loop's
+/// upstream pool, the connection and the request's id.
+#[derive(Clone, Copy)]
+struct Served<'a> {
+    gateway: &'a Inner,
+    upstream: &'a forward::Upstream,
+    conn: &'a ConnInfo,
+    request_id: &'a HeaderValue,
+}
+
 async fn serve<'s>(
-    gateway: &Inner,
+    context: Served<'_>,
     snapshot: &'s CompiledSnapshot,
-    conn: &ConnInfo,
     request: Request<Incoming>,
-    request_id: &HeaderValue,
     trace: &mut Trace<'s>,
 ) -> Result<Response<Body>, Rejection> {
+    let Served {
+        gateway,
+        upstream,
+        conn,
+        request_id,
+    } = context;
     let (mut parts, body) = request.into_parts();
     check_framing(&parts.headers)?;
     if parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len()) > MAX_URI_BYTES {
@@ -593,8 +616,7 @@ async fn serve<'s>(
                 host,
             };
             let started = Instant::now();
-            let result = gateway
-                .upstream
+            let result = upstream
                 .forward(&api.backend, buyer, headers, body, request_id, conn)
                 .await;
             trace.upstream = Some(started.elapsed());

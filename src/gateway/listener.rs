@@ -19,6 +19,7 @@ use rustls::sign::CertifiedKey;
 use tokio_rustls::TlsAcceptor;
 
 use super::handler::{handle, ConnInfo};
+use super::workers::WorkerContext;
 use super::Inner;
 use crate::shutdown::Shutdown;
 use crate::snapshot::compile::{certified_key_pem, CertificateError};
@@ -102,8 +103,10 @@ fn builder(gateway: &Inner) -> auto::Builder<TokioExecutor> {
 }
 
 /// Accepts until `shutdown`, then waits for open connections up to the drain timeout.
+/// Requests forward through the worker's upstream pool (`context`).
 pub(crate) async fn serve(
     gateway: Arc<Inner>,
+    context: WorkerContext,
     listener: tokio::net::TcpListener,
     tls: Option<TlsAcceptor>,
     shutdown: Shutdown,
@@ -125,6 +128,8 @@ pub(crate) async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let gateway = gateway.clone();
+        context.accepted.inc();
+        let upstream = context.upstream.clone();
         let tls = tls.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
@@ -135,7 +140,9 @@ pub(crate) async fn serve(
                     let conn = Arc::new(ConnInfo::new(peer, false, None));
                     let service = {
                         let gateway = gateway.clone();
-                        service_fn(move |req| handle(gateway.clone(), conn.clone(), req))
+                        service_fn(move |req| {
+                            handle(gateway.clone(), upstream.clone(), conn.clone(), req)
+                        })
                     };
                     let connection = builder.serve_connection(TokioIo::new(stream), service);
                     let _ = watcher.watch(connection.into_owned()).await;
@@ -155,7 +162,9 @@ pub(crate) async fn serve(
                         let conn = Arc::new(ConnInfo::new(peer, true, sni));
                         let service = {
                             let gateway = gateway.clone();
-                            service_fn(move |req| handle(gateway.clone(), conn.clone(), req))
+                            service_fn(move |req| {
+                                handle(gateway.clone(), upstream.clone(), conn.clone(), req)
+                            })
                         };
                         let connection = builder.serve_connection(TokioIo::new(stream), service);
                         let _ = watcher.watch(connection.into_owned()).await;

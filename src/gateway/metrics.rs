@@ -45,6 +45,11 @@ const LEASE_CALLS_HELD: Family = (
     "Unspent calls this proxy holds in leases, per purchase",
     "gauge",
 );
+const CONNECTIONS_ACCEPTED: Family = (
+    "marketgate_connections_accepted_total",
+    "Buyer connections accepted, by worker thread (gateway.workers)",
+    "counter",
+);
 const TLS_CERTIFICATE_EXPIRY: Family = (
     "marketgate_tls_certificate_expiry_timestamp_seconds",
     "notAfter (unix time) of each certificate served, by domain (\"default\" for the configured one)",
@@ -52,8 +57,9 @@ const TLS_CERTIFICATE_EXPIRY: Family = (
 );
 
 /// The labelled families, which the text format would omit while they have no series.
-pub const LABELLED_FAMILIES: [Family; 7] = [
+pub const LABELLED_FAMILIES: [Family; 8] = [
     REQUESTS,
+    CONNECTIONS_ACCEPTED,
     REQUEST_DURATION,
     UPSTREAM_DURATION,
     SNAPSHOT_PUSH,
@@ -166,6 +172,8 @@ pub struct GatewayMetrics {
     pub lease_calls_held: IntGaugeVec,
     pub quota_journal_errors: IntCounter,
     pub connections_active: IntGauge,
+    /// Connections accepted, by worker (resolved once per worker: [`Self::worker_accepted`]).
+    connections_accepted: IntCounterVec,
     /// notAfter of each certificate served, by domain.
     tls_certificate_expiry: IntGaugeVec,
     /// notAfter of the configured default certificate (0: none), kept across snapshots.
@@ -227,6 +235,11 @@ impl GatewayMetrics {
         let connections_active =
             IntGauge::new("marketgate_connections_active", "Open buyer connections")
                 .expect("valid metric");
+        let connections_accepted = IntCounterVec::new(
+            Opts::new(CONNECTIONS_ACCEPTED.0, CONNECTIONS_ACCEPTED.1),
+            &["worker"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -238,6 +251,7 @@ impl GatewayMetrics {
             Box::new(lease_calls_held.clone()),
             Box::new(quota_journal_errors.clone()),
             Box::new(connections_active.clone()),
+            Box::new(connections_accepted.clone()),
             Box::new(tls_certificate_expiry.clone()),
         ] {
             registry
@@ -261,6 +275,7 @@ impl GatewayMetrics {
             lease_calls_held,
             quota_journal_errors,
             connections_active,
+            connections_accepted,
             tls_certificate_expiry,
             default_certificate_expiry: Arc::new(AtomicI64::new(0)),
             no_group,
@@ -282,6 +297,12 @@ impl GatewayMetrics {
             request_duration: request_duration.with_label_values(&[group]),
             upstream_duration: upstream_duration.with_label_values(&[group]),
         }
+    }
+
+    /// The accepted-connections counter of worker `index` (resolved when the worker starts).
+    pub fn worker_accepted(&self, index: usize) -> IntCounter {
+        self.connections_accepted
+            .with_label_values(&[&index.to_string()])
     }
 
     /// Handles of a group (compile time).

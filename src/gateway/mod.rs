@@ -17,6 +17,7 @@ pub mod listener;
 pub mod metrics;
 pub mod quota;
 pub mod route;
+pub mod workers;
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -91,7 +92,6 @@ pub(crate) struct Inner {
     applied: Mutex<Option<Arc<Snapshot>>>,
     pub(crate) quota: quota::QuotaRegistry,
     pub(crate) metrics: metrics::GatewayMetrics,
-    pub(crate) upstream: forward::Upstream,
     pub(crate) listening: AtomicBool,
     /// Set by `serve` ([`Gateway::follow_in_process`]): pushes are refused.
     followed: AtomicBool,
@@ -153,7 +153,6 @@ impl Gateway {
             config: config.clone(),
             current: ArcSwapOption::empty(),
             applied: Mutex::new(None),
-            upstream: forward::Upstream::new(&config.gateway),
             quota,
             metrics,
             listening: AtomicBool::new(false),
@@ -336,14 +335,31 @@ impl Gateway {
     }
 
     /// Serves buyers over plain HTTP until `shutdown`, then drains for `gateway.drain_timeout`.
+    /// The loop forwards through an upstream pool of its own.
     pub async fn serve_buyers(&self, listener: tokio::net::TcpListener, shutdown: Shutdown) {
-        listener::serve(self.inner.clone(), listener, None, shutdown).await
+        let context = workers::WorkerContext::new(&self.inner, 0);
+        self.serve_buyers_through(context, listener, false, shutdown)
+            .await
     }
 
     /// Serves buyers over TLS (certificate by SNI from the snapshot, else the default one).
     pub async fn serve_buyers_tls(&self, listener: tokio::net::TcpListener, shutdown: Shutdown) {
-        let tls = listener::tls_acceptor(self.inner.clone());
-        listener::serve(self.inner.clone(), listener, Some(tls), shutdown).await
+        let context = workers::WorkerContext::new(&self.inner, 0);
+        self.serve_buyers_through(context, listener, true, shutdown)
+            .await
+    }
+
+    /// One accept loop of the worker `context` is for (a worker's plain and TLS loops share
+    /// its upstream pool).
+    pub(crate) async fn serve_buyers_through(
+        &self,
+        context: workers::WorkerContext,
+        listener: tokio::net::TcpListener,
+        tls: bool,
+        shutdown: Shutdown,
+    ) {
+        let tls = tls.then(|| listener::tls_acceptor(self.inner.clone()));
+        listener::serve(self.inner.clone(), context, listener, tls, shutdown).await
     }
 
     /// The admin listener's routes (§5–§6).
@@ -407,30 +423,26 @@ fn persist_snapshot(path: &Path, snapshot: &Snapshot) -> std::io::Result<()> {
 
 type RunError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The gateway's listeners, bound from `[gateway]` and `[admin]`.
+/// The gateway's listeners, bound from `[gateway]` and `[admin]`: one buyer socket per
+/// worker (`SO_REUSEPORT`, [`workers`]), one admin listener.
 pub struct Listeners {
-    pub buyers: tokio::net::TcpListener,
-    pub tls: Option<tokio::net::TcpListener>,
+    pub buyers: workers::BuyerSockets,
     pub admin: tokio::net::TcpListener,
 }
 
 impl Listeners {
     pub async fn bind(config: &Config) -> Result<Listeners, crate::bind::BindError> {
-        use crate::bind::bind;
-        let buyers = bind("gateway.listen", config.gateway.listen).await?;
-        let tls = match config.gateway.tls_listen {
-            Some(addr) => Some(bind("gateway.tls_listen", addr).await?),
-            None => None,
-        };
-        let admin = bind("admin.listen", config.admin.listen).await?;
-        Ok(Listeners { buyers, tls, admin })
+        let buyers = workers::BuyerSockets::bind(&config.gateway)?;
+        let admin = crate::bind::bind("admin.listen", config.admin.listen).await?;
+        Ok(Listeners { buyers, admin })
     }
 }
 
 impl Gateway {
-    /// Serves buyers (plain and TLS) and `admin_router` on the admin listener until
-    /// `shutdown`, then waits for buyers to drain and every listener to stop. Flushing the
-    /// quota is the caller's, after this returns.
+    /// Serves buyers on `gateway.workers` threads of their own (plain and TLS) and
+    /// `admin_router` on the admin listener, on the caller's runtime, until `shutdown`;
+    /// then waits for every worker to drain and every listener to stop. Flushing the quota
+    /// is the caller's, after this returns.
     pub async fn serve_listeners(
         &self,
         listeners: Listeners,
@@ -443,58 +455,19 @@ impl Gateway {
                 .with_graceful_shutdown(admin_shutdown.wait())
                 .await
         });
-        let tls_task = listeners.tls.map(|listener| {
-            let gateway = self.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move { gateway.serve_buyers_tls(listener, shutdown).await })
-        });
-        self.serve_buyers(listeners.buyers, shutdown).await;
-        if let Some(task) = tls_task {
-            task.await?;
-        }
+        workers::run(self.clone(), listeners.buyers, shutdown).await?;
         admin_task.await??;
         Ok(())
     }
 }
 
 /// Runs a standalone proxy until `shutdown` fires: binds `gateway.listen`,
-/// `gateway.tls_listen` (when set) and `admin.listen`, drains, then flushes quota.
-/// With `gateway.workers > 0` the proxy runs on its own runtime of that many threads.
+/// `gateway.tls_listen` (when set) and `admin.listen`, drains, then flushes quota. Buyers
+/// are served on `gateway.workers` threads ([`workers`]); the admin listener and the lease
+/// client run on the caller's runtime.
 pub async fn run_proxy(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     // Held until the proxy has flushed and stopped; nothing in data_dir is touched before.
     let _data_dir = crate::data_dir::DataDir::claim(&config.data_dir)?;
-    let workers = config.gateway.workers;
-    if workers == 0 {
-        return run_proxy_here(config, shutdown).await;
-    }
-    let (done, result) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("gateway".into())
-        .spawn(move || {
-            // One worker: a current-thread runtime. A multi-thread runtime of one worker
-            // pays for work stealing and cross-thread wake-ups it cannot use (PERF-NOTES.md,
-            // BENCHMARKS.md).
-            let mut runtime = if workers == 1 {
-                tokio::runtime::Builder::new_current_thread()
-            } else {
-                let mut builder = tokio::runtime::Builder::new_multi_thread();
-                builder.worker_threads(workers);
-                builder
-            };
-            let outcome = runtime
-                .thread_name("gateway-worker")
-                .enable_all()
-                .build()
-                .map_err(RunError::from)
-                .and_then(|runtime| runtime.block_on(run_proxy_here(config, shutdown)));
-            let _ = done.send(outcome);
-        })?;
-    result
-        .await
-        .map_err(|_| RunError::from("the gateway runtime stopped without a result"))?
-}
-
-async fn run_proxy_here(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     let gateway = Gateway::open(&config)?;
     let leasing = config.proxy.control_url.as_deref().map(|url| {
         let service = Arc::new(leasing::HttpLeaseService::new(url, &config.admin.token));
@@ -503,6 +476,7 @@ async fn run_proxy_here(config: Config, shutdown: Shutdown) -> Result<(), RunErr
     let listeners = Listeners::bind(&config).await?;
     tracing::info!(
         buyers = %listeners.buyers.local_addr()?,
+        workers = listeners.buyers.workers(),
         admin = %listeners.admin.local_addr()?,
         version = ?gateway.snapshot_version(),
         "proxy listening"

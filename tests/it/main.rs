@@ -15,3 +15,4 @@ mod openapi;
 mod planes;
 mod serve_restore;
 mod support;
+mod workers;
