@@ -137,6 +137,8 @@ pub struct ControlConfig {
     pub proxies: Vec<ProxyTarget>,
     pub push_debounce: Duration,
     pub lease_ttl: Duration,
+    /// The store's statement, lock and pool-wait timeouts and pool size (`store_*` keys).
+    pub store: crate::control::store::StoreLimits,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -258,6 +260,10 @@ struct FileControl {
     proxies: Vec<ProxyTarget>,
     push_debounce_ms: Option<u64>,
     lease_ttl_secs: Option<u64>,
+    store_statement_timeout_ms: Option<u64>,
+    store_lock_timeout_ms: Option<u64>,
+    store_pool_wait_ms: Option<u64>,
+    store_pool_size: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -328,6 +334,10 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "proxies",
             "push_debounce_ms",
             "lease_ttl_secs",
+            "store_statement_timeout_ms",
+            "store_lock_timeout_ms",
+            "store_pool_wait_ms",
+            "store_pool_size",
         ],
     ),
     (
@@ -568,6 +578,47 @@ impl Config {
         if max_snapshot_bytes < 1024 {
             problems.push("proxy.max_snapshot_bytes: must be at least 1024".into());
         }
+        let store_limits = {
+            use crate::control::store as st;
+            let ms = |key: &str, value: Option<u64>, default: u64, problems: &mut Vec<String>| {
+                let value = value.unwrap_or(default);
+                if value == 0 {
+                    problems.push(format!("control.{key}: must be greater than 0"));
+                }
+                Duration::from_millis(value)
+            };
+            let c = (
+                file.control.store_statement_timeout_ms,
+                file.control.store_lock_timeout_ms,
+                file.control.store_pool_wait_ms,
+            );
+            let pool_size = file
+                .control
+                .store_pool_size
+                .unwrap_or(st::DEFAULT_POOL_SIZE);
+            positive(problems, "control.store_pool_size", pool_size as u64);
+            st::StoreLimits {
+                statement_timeout: ms(
+                    "store_statement_timeout_ms",
+                    c.0,
+                    st::DEFAULT_STATEMENT_TIMEOUT_MS,
+                    problems,
+                ),
+                lock_timeout: ms(
+                    "store_lock_timeout_ms",
+                    c.1,
+                    st::DEFAULT_LOCK_TIMEOUT_MS,
+                    problems,
+                ),
+                pool_wait: ms(
+                    "store_pool_wait_ms",
+                    c.2,
+                    st::DEFAULT_POOL_WAIT_MS,
+                    problems,
+                ),
+                pool_size,
+            }
+        };
         let admin_token = file.admin.token.unwrap_or_default();
         if !admin_token.is_empty() && admin_token.len() < 8 {
             problems.push("admin.token: must be at least 8 characters".into());
@@ -632,6 +683,7 @@ impl Config {
                         .lease_ttl_secs
                         .unwrap_or(DEFAULT_LEASE_TTL_SECS),
                 ),
+                store: store_limits,
             },
             admin: AdminConfig {
                 listen: admin_listen,

@@ -129,8 +129,8 @@ async fn proxies(
     authorized(&admin.cp, &headers)?;
     // node -> (purchases with a lease, calls held)
     let mut leases: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    for purchase in admin.cp.lock().await.purchases.values() {
-        for (node, lease) in &purchase.leases {
+    for (_, ledger) in admin.cp.ledgers().await? {
+        for (node, lease) in &ledger.leases {
             let entry = leases.entry(node.clone()).or_default();
             entry.0 += 1;
             entry.1 += lease.held;

@@ -132,7 +132,7 @@ fn principal_of(
 
 /// One control-API call as a handler sees it: principal, path parameters, query, headers and
 /// the buffered body.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Call {
     pub principal: Principal,
     pub params: HashMap<String, String>,

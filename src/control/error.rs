@@ -9,7 +9,20 @@ use axum::response::{IntoResponse, Response};
 
 use crate::apig;
 
-use super::store::StoreError;
+use super::store::{Conflict, StoreError};
+
+/// Seconds a client is told to wait (`Retry-After`) when the store is unavailable.
+pub const STORE_RETRY_AFTER_SECS: u64 = 1;
+
+impl From<StoreError> for ControlError {
+    fn from(e: StoreError) -> ControlError {
+        match e {
+            StoreError::Unavailable(_) => ControlError::StoreUnavailable(e),
+            StoreError::Conflict(conflict) => ControlError::Contended(conflict),
+            other => ControlError::Store(other),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -92,8 +105,15 @@ pub enum ControlError {
     Conflict(String),
     #[error("no such route")]
     RouteNotFound,
+    /// The store refused the commit for a conflict that a run on the caught-up state may
+    /// resolve (`ControlPlane::commit_with`); answered only once the attempts are spent.
+    #[error("the write conflicted with a concurrent one: {0}")]
+    Contended(#[source] Conflict),
+    /// The store is down, stalled or timed out: retryable, nothing was half-written.
+    #[error("the store is unavailable; retry later: {0}")]
+    StoreUnavailable(#[source] StoreError),
     #[error("store: {0}")]
-    Store(#[from] StoreError),
+    Store(#[source] StoreError),
     #[error("a stored record is unreadable: {0}")]
     Corrupt(#[source] serde_json::Error),
 }
@@ -137,6 +157,14 @@ impl ControlError {
             ApiPublished(_) => (StatusCode::FORBIDDEN, apig::API_PUBLISHED),
             Conflict(_) => (StatusCode::CONFLICT, apig::PARAMETER_ERROR),
             RouteNotFound => (StatusCode::NOT_FOUND, apig::NO_ROUTE),
+            // A claim still held after every attempt: someone else holds the key.
+            Contended(super::store::Conflict::Claimed { .. }) => {
+                (StatusCode::CONFLICT, apig::PARAMETER_ERROR)
+            }
+            Contended(super::store::Conflict::Stale { .. } | super::store::Conflict::Aborted) => {
+                (StatusCode::SERVICE_UNAVAILABLE, apig::SYSTEM_ERROR)
+            }
+            StoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, apig::SYSTEM_ERROR),
             Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, apig::SYSTEM_ERROR),
             Corrupt(_) => (StatusCode::INTERNAL_SERVER_ERROR, apig::SYSTEM_ERROR),
         }
@@ -150,10 +178,15 @@ impl IntoResponse for ControlError {
             tracing::error!(error = %self, "control request failed");
         }
         let request_id = uuid::Uuid::new_v4().simple().to_string();
-        let msg = match status.is_server_error() {
+        let retryable = status == StatusCode::SERVICE_UNAVAILABLE;
+        let msg = match (status.is_server_error(), retryable) {
+            // Retryable: say so (the cause stays in the log).
+            (_, true) => format!(
+                "the service is temporarily unavailable (store); retry after {STORE_RETRY_AFTER_SECS} s"
+            ),
             // Internal details stay in the log.
-            true => "internal error".to_owned(),
-            false => self.to_string(),
+            (true, false) => "internal error".to_owned(),
+            (false, _) => self.to_string(),
         };
         let body = apig::ErrorBody {
             error_code: code,
@@ -169,6 +202,12 @@ impl IntoResponse for ControlError {
             .into_response();
         if let Ok(value) = HeaderValue::from_str(&request_id) {
             response.headers_mut().insert("x-request-id", value);
+        }
+        if retryable {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                HeaderValue::from(STORE_RETRY_AFTER_SECS),
+            );
         }
         response
     }
@@ -229,6 +268,21 @@ mod tests {
                 500,
                 "APIG.9999",
             ),
+            (
+                ControlError::StoreUnavailable(StoreError::Unavailable(s())),
+                503,
+                "APIG.9999",
+            ),
+            (
+                ControlError::Contended(Conflict::Claimed {
+                    scope: "domain",
+                    key: s(),
+                    owner: s(),
+                }),
+                409,
+                "APIG.2000",
+            ),
+            (ControlError::Contended(Conflict::Aborted), 503, "APIG.9999"),
             (
                 ControlError::Corrupt(serde_json::from_str::<u8>("x").unwrap_err()),
                 500,

@@ -2,19 +2,27 @@
 //!
 //! It owns the exchange (apply a proxy's usage reports, grant or renew its leases, give back
 //! on release), the operator's release of a dead proxy's leases, and the sweep that takes
-//! back expired leases. The arithmetic is `crate::lease::Ledger`'s; this module only loads
-//! ledgers from purchases, applies it and commits the result before answering. Ledger writes
-//! do not bump the snapshot version: proxies learn them through exchanges, not pushes.
+//! back expired leases. The arithmetic is `crate::lease::Ledger`'s; this module decides from
+//! the caught-up state which purchases may be leased, and hands the arithmetic to the store as
+//! a [`LedgerUpdate`]: the store runs it on the purchases' ledger rows while it holds them
+//! locked (`FOR UPDATE`), in ONE transaction per exchange, whichever replica the proxy talks
+//! to. Ledger writes do not take a snapshot version: proxies learn them through exchanges,
+//! not pushes. Ledger rows are apart from the purchase documents, so an exchange never
+//! conflicts with a market write.
 //!
-//! Invariant (per purchase, after every commit): `used + Σ held ≤ limit`.
+//! Invariant (per purchase, after every commit, across every replica): `used + Σ held ≤
+//! limit`. Reports with `since` and an incarnation stay idempotent across replicas: the
+//! tallies they are checked against are in the same locked row.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::lease::{LeaseExchange, LeaseGrant, LeaseReply};
+use crate::lease::{LeaseExchange, LeaseGrant, LeaseReply, Ledger};
 use crate::shutdown::Shutdown;
 use crate::snapshot::{MarketState, PurchaseState};
 
-use super::state::{Change, PurchaseRec, State};
+use super::state::{LedgerDoc, PurchaseRec, State};
+use super::store::{LedgerRows, LedgerUpdate};
 use super::{ControlError, ControlPlane};
 
 /// The control plane takes an expired lease back only this many seconds after its expiry, so
@@ -23,154 +31,199 @@ pub const EXPIRY_GRACE_SECS: i64 = 30;
 /// How often expired leases are swept.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
+/// A ledger row's ledger; a purchase without a row yet starts from its document's copy.
+fn row_ledger(doc: Option<&str>, fallback: &Ledger) -> Result<Ledger, ControlError> {
+    match doc {
+        Some(doc) => LedgerDoc::parse(doc),
+        None => Ok(fallback.clone()),
+    }
+}
+
+/// What a ledger update computed, handed back out of the store's transaction.
+type Outcome<T> = Arc<Mutex<Option<Result<T, ControlError>>>>;
+
+fn take<T>(outcome: &Outcome<T>) -> Result<T, ControlError> {
+    outcome
+        .lock()
+        .expect("ledger outcome")
+        .take()
+        .unwrap_or_else(|| {
+            Err(ControlError::Conflict(
+                "the ledger update did not run".into(),
+            ))
+        })
+}
+
 impl ControlPlane {
     /// One exchange with a proxy: reports first, then grants (or renewals), or everything
-    /// given back with `release_all`. Durable before it returns.
+    /// given back with `release_all`. One transaction, durable before it returns.
     pub async fn exchange_leases(
         &self,
         exchange: LeaseExchange,
     ) -> Result<LeaseReply, ControlError> {
-        let node = exchange.node_id.as_str();
-        if node.is_empty() {
+        if exchange.node_id.is_empty() {
             return Err(ControlError::InvalidParameter(
                 "node_id: must not be empty".into(),
             ));
         }
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let ttl = self.config().control.lease_ttl.as_secs() as i64;
-        let mut state = self.lock().await;
-        let mut touched: Vec<PurchaseRec> = Vec::new();
-        let mut grants = Vec::new();
-
-        let mut ids: Vec<&str> = exchange
+        let mut ids: Vec<String> = exchange
             .reports
             .iter()
-            .map(|r| r.purchase_id.as_str())
-            .chain(exchange.wants.iter().map(|w| w.purchase_id.as_str()))
+            .map(|r| r.purchase_id.clone())
+            .chain(exchange.wants.iter().map(|w| w.purchase_id.clone()))
             .collect();
         if exchange.release_all {
-            ids.extend(
-                state
-                    .purchases
-                    .values()
-                    .filter(|p| p.leases.contains_key(node))
-                    .map(|p| p.purchase_id.as_str()),
-            );
+            ids.extend(self.held_by(&exchange.node_id).await?);
         }
         ids.sort_unstable();
         ids.dedup();
-
-        for id in ids {
-            let Some(purchase) = state.purchases.get(id) else {
-                tracing::warn!(
-                    purchase = id,
-                    node,
-                    "lease exchange names an unknown purchase"
-                );
-                continue;
-            };
-            let mut ledger = purchase.ledger();
-            for report in exchange.reports.iter().filter(|r| r.purchase_id == id) {
-                match (exchange.incarnation.as_deref(), report.since) {
-                    (Some(incarnation), Some(since)) => {
-                        ledger.report_since(node, incarnation, since, report.used);
-                    }
-                    _ => ledger.report(node, report.used),
-                }
-            }
-            let granted = if exchange.release_all {
-                ledger.release(node);
-                0
-            } else {
-                let want: u64 = exchange
-                    .wants
-                    .iter()
-                    .filter(|w| w.purchase_id == id)
-                    .map(|w| w.calls)
-                    .sum();
-                let want = if servable(&state, purchase, now) {
-                    want
-                } else {
-                    0
-                };
-                ledger.grant(node, want, now, ttl)
-            };
-            let lease = ledger.leases.get(node).copied();
-            grants.push(LeaseGrant {
-                purchase_id: id.to_owned(),
-                granted,
-                held: lease.map_or(0, |l| l.held),
-                unleased: ledger.unleased(),
-                expires_at: lease.map_or(now, |l| l.expires_at),
-            });
-            let mut changed = purchase.clone();
-            changed.set_ledger(ledger);
-            touched.push(changed);
+        // Which purchases exist and may be leased now: from the caught-up state.
+        let known: Vec<(String, bool, Ledger)> = {
+            let state = self.lock().await?;
+            ids.into_iter()
+                .filter_map(|id| {
+                    let Some(purchase) = state.purchases.get(&id) else {
+                        tracing::warn!(
+                            purchase = id,
+                            node = exchange.node_id,
+                            "lease exchange names an unknown purchase"
+                        );
+                        return None;
+                    };
+                    let fallback = Ledger::new(purchase.quota_limit, purchase.quota_used);
+                    Some((id, servable(&state, purchase, now), fallback))
+                })
+                .collect()
+        };
+        if known.is_empty() {
+            return Ok(LeaseReply { grants: Vec::new() });
         }
-        if !touched.is_empty() {
-            let changes = touched.into_iter().map(Change::Purchase).collect();
-            self.commit_ledger(&mut state, changes).await?;
-        }
-        Ok(LeaseReply { grants })
+        let outcome: Outcome<Vec<LeaseGrant>> = Arc::default();
+        let out = outcome.clone();
+        let update = LedgerUpdate {
+            ids: known.iter().map(|(id, _, _)| id.clone()).collect(),
+            apply: Box::new(move |rows: &mut LedgerRows| {
+                let result = exchange_rows(&exchange, &known, rows, now, ttl);
+                *out.lock().expect("ledger outcome") = Some(result);
+            }),
+        };
+        self.commit_ledgers(update).await?;
+        Ok(LeaseReply {
+            grants: take(&outcome)?,
+        })
     }
 
-    /// A purchase's ledger as it stands (for `/v1/usage`-style views and tests).
-    pub async fn ledger(&self, purchase_id: &str) -> Option<crate::lease::Ledger> {
-        self.lock()
+    /// A purchase's ledger as the store holds it now (for views and tests).
+    pub async fn ledger(&self, purchase_id: &str) -> Option<Ledger> {
+        let rows = self
+            .inner
+            .store
+            .ledgers(Some(vec![purchase_id.to_owned()]))
             .await
-            .purchases
-            .get(purchase_id)
-            .map(PurchaseRec::ledger)
+            .ok()?;
+        rows.first().and_then(|(_, doc)| LedgerDoc::parse(doc).ok())
+    }
+
+    /// The ledgers of `ids` the store has, by purchase id (one query, for list views).
+    pub async fn ledgers_of(
+        &self,
+        ids: Vec<String>,
+    ) -> Result<std::collections::HashMap<String, Ledger>, ControlError> {
+        self.inner
+            .store
+            .ledgers(Some(ids))
+            .await?
+            .into_iter()
+            .map(|(id, doc)| Ok((id, LedgerDoc::parse(&doc)?)))
+            .collect()
+    }
+
+    /// Every ledger, by purchase id (the admin listener's lease view, the expiry sweep).
+    pub async fn ledgers(&self) -> Result<Vec<(String, Ledger)>, ControlError> {
+        self.inner
+            .store
+            .ledgers(None)
+            .await?
+            .into_iter()
+            .map(|(id, doc)| Ok((id, LedgerDoc::parse(&doc)?)))
+            .collect()
+    }
+
+    /// The purchases in whose ledgers `node` holds a lease.
+    async fn held_by(&self, node: &str) -> Result<Vec<String>, ControlError> {
+        Ok(self
+            .ledgers()
+            .await?
+            .into_iter()
+            .filter(|(_, ledger)| ledger.leases.contains_key(node))
+            .map(|(id, _)| id)
+            .collect())
     }
 
     /// Gives back every lease `node` holds (an operator, for a proxy that is gone for good).
     /// Returns the calls released.
     pub async fn release_leases(&self, node: &str) -> Result<u64, ControlError> {
-        let mut state = self.lock().await;
-        let mut released = 0;
-        let mut changes = Vec::new();
-        for purchase in state.purchases.values() {
-            if purchase.leases.contains_key(node) {
-                let mut ledger = purchase.ledger();
-                released += ledger.release(node);
-                let mut changed = purchase.clone();
-                changed.set_ledger(ledger);
-                changes.push(Change::Purchase(changed));
-            }
+        let ids = self.held_by(node).await?;
+        let outcome: Outcome<u64> = Arc::default();
+        if !ids.is_empty() {
+            let out = outcome.clone();
+            let node = node.to_owned();
+            let update = LedgerUpdate {
+                ids,
+                apply: Box::new(move |rows: &mut LedgerRows| {
+                    let result = each_ledger(rows, |ledger| ledger.release(&node));
+                    *out.lock().expect("ledger outcome") = Some(result);
+                }),
+            };
+            self.commit_ledgers(update).await?;
         }
-        if !changes.is_empty() {
-            self.commit_ledger(&mut state, changes).await?;
-        }
+        let released = match outcome.lock().expect("ledger outcome").take() {
+            Some(result) => result?,
+            None => 0,
+        };
         tracing::info!(node, released, "leases released by an operator");
         Ok(released)
     }
 
     /// Takes back leases past expiry and grace. Returns how many were taken.
     pub async fn expire_leases(&self, now: i64) -> Result<usize, ControlError> {
-        let mut state = self.lock().await;
-        let mut expired = 0;
-        let mut changes = Vec::new();
-        for purchase in state.purchases.values() {
-            if purchase
+        let expired = |ledger: &Ledger| {
+            ledger
                 .leases
                 .values()
                 .any(|l| l.expires_at + EXPIRY_GRACE_SECS < now)
-            {
-                let mut ledger = purchase.ledger();
-                let nodes = ledger.expire(now, EXPIRY_GRACE_SECS);
-                for node in &nodes {
-                    tracing::warn!(purchase = %purchase.purchase_id, node, "lease expired: taken back");
-                }
-                expired += nodes.len();
-                let mut changed = purchase.clone();
-                changed.set_ledger(ledger);
-                changes.push(Change::Purchase(changed));
-            }
+        };
+        let ids: Vec<String> = self
+            .ledgers()
+            .await?
+            .into_iter()
+            .filter(|(_, ledger)| expired(ledger))
+            .map(|(id, _)| id)
+            .collect();
+        if ids.is_empty() {
+            return Ok(0);
         }
-        if !changes.is_empty() {
-            self.commit_ledger(&mut state, changes).await?;
-        }
-        Ok(expired)
+        let outcome: Outcome<u64> = Arc::default();
+        let out = outcome.clone();
+        let update = LedgerUpdate {
+            ids,
+            apply: Box::new(move |rows: &mut LedgerRows| {
+                // Checked again under the row lock: another replica may have swept first,
+                // or the proxy renewed.
+                let result = each_ledger(rows, |ledger| {
+                    let nodes = ledger.expire(now, EXPIRY_GRACE_SECS);
+                    for node in &nodes {
+                        tracing::warn!(node, "lease expired: taken back");
+                    }
+                    nodes.len() as u64
+                });
+                *out.lock().expect("ledger outcome") = Some(result);
+            }),
+        };
+        self.commit_ledgers(update).await?;
+        Ok(take(&outcome)? as usize)
     }
 
     /// Sweeps expired leases every [`SWEEP_INTERVAL`] until `shutdown`.
@@ -189,6 +242,69 @@ impl ControlPlane {
             }
         });
     }
+}
+
+/// Applies `f` to every existing ledger row and writes it back; the sum of what `f` returns.
+fn each_ledger(
+    rows: &mut LedgerRows,
+    mut f: impl FnMut(&mut Ledger) -> u64,
+) -> Result<u64, ControlError> {
+    let mut total = 0;
+    for (_, doc) in rows.iter_mut() {
+        let Some(text) = doc.as_deref() else {
+            continue;
+        };
+        let mut ledger = LedgerDoc::parse(text)?;
+        total += f(&mut ledger);
+        *doc = Some(LedgerDoc::render(&ledger));
+    }
+    Ok(total)
+}
+
+/// The exchange's arithmetic on the locked rows (`known`: the purchases, in the rows' order,
+/// whether each may be leased, and the ledger to start from where a row is missing).
+fn exchange_rows(
+    exchange: &LeaseExchange,
+    known: &[(String, bool, Ledger)],
+    rows: &mut LedgerRows,
+    now: i64,
+    ttl: i64,
+) -> Result<Vec<LeaseGrant>, ControlError> {
+    let node = exchange.node_id.as_str();
+    let mut grants = Vec::with_capacity(rows.len());
+    for ((id, doc), (_, servable, fallback)) in rows.iter_mut().zip(known) {
+        let mut ledger = row_ledger(doc.as_deref(), fallback)?;
+        for report in exchange.reports.iter().filter(|r| &r.purchase_id == id) {
+            match (exchange.incarnation.as_deref(), report.since) {
+                (Some(incarnation), Some(since)) => {
+                    ledger.report_since(node, incarnation, since, report.used);
+                }
+                _ => ledger.report(node, report.used),
+            }
+        }
+        let granted = if exchange.release_all {
+            ledger.release(node);
+            0
+        } else {
+            let want: u64 = exchange
+                .wants
+                .iter()
+                .filter(|w| &w.purchase_id == id)
+                .map(|w| w.calls)
+                .sum();
+            ledger.grant(node, if *servable { want } else { 0 }, now, ttl)
+        };
+        let lease = ledger.leases.get(node).copied();
+        grants.push(LeaseGrant {
+            purchase_id: id.clone(),
+            granted,
+            held: lease.map_or(0, |l| l.held),
+            unleased: ledger.unleased(),
+            expires_at: lease.map_or(now, |l| l.expires_at),
+        });
+        *doc = Some(LedgerDoc::render(&ledger));
+    }
+    Ok(grants)
 }
 
 /// May calls of this purchase be leased now? Active, within its times, group not delisted.

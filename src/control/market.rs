@@ -21,6 +21,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 
 use crate::config::Role;
+use crate::lease::Ledger;
 use crate::snapshot::{MarketState, PurchaseState};
 
 use super::auth::Call;
@@ -29,8 +30,10 @@ use super::management::{
     new_app_code, new_credential, opt_str, reply, req_str, DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT,
 };
 use super::state::{
-    new_id, now_rfc3339, rfc3339, AppCodeRec, AppRec, Change, GroupRec, PurchaseRec, State,
+    new_id, now_rfc3339, rfc3339, AppCodeRec, AppRec, Change, GroupRec, LedgerDoc, PurchaseRec,
+    State, KIND_GROUP,
 };
+use super::store::LedgerUpdate;
 use super::ControlPlane;
 
 type Handler = Result<Response, ControlError>;
@@ -88,7 +91,7 @@ pub async fn onsell(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     if !valid_url_domain(&url_domain) {
         return Err(ControlError::InvalidParameter("url_domain".into()));
     }
-    let mut state = cp.lock().await;
+    let mut state = cp.lock().await?;
     let mut group = seller_group(&state, &call, &seller, false)?.clone();
     match group.market_state {
         MarketState::Delisted => return Err(ControlError::Delisted(group.id)),
@@ -121,7 +124,7 @@ pub async fn offsell(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler 
     call.check_instance(&cp, false)?;
     call.market_project()?;
     let seller = required_domain(&call)?;
-    let mut state = cp.lock().await;
+    let mut state = cp.lock().await?;
     let mut group = seller_group(&state, &call, &seller, false)?.clone();
     match group.market_state {
         MarketState::OnSale => {}
@@ -141,7 +144,7 @@ pub async fn delist(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     call.check_instance(&cp, true)?;
     call.market_project()?;
     let seller = required_domain(&call)?;
-    let mut state = cp.lock().await;
+    let mut state = cp.lock().await?;
     let mut group = seller_group(&state, &call, &seller, true)?.clone();
     match group.market_state {
         MarketState::Delisted => return Ok(StatusCode::NO_CONTENT.into_response()),
@@ -202,7 +205,7 @@ pub async fn reserve(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler 
     let buyer = required_domain(&call)?;
     let body = call.json()?;
     let group_id = req_str(&body, "group_id")?;
-    let mut state = cp.lock().await;
+    let mut state = cp.lock().await?;
     buyable(&state, &group_id, &buyer, true)?;
     let now = now_rfc3339();
     let purchase = PurchaseRec {
@@ -218,14 +221,14 @@ pub async fn reserve(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler 
         req_quota: None,
         quota_limit: None,
         quota_used: 0,
-        leases: Default::default(),
-        tallies: Default::default(),
         app_id: None,
         create_time: now.clone(),
         update_time: now,
     };
     let out = json!({"group_id": group_id, "purchase_id": purchase.purchase_id});
-    cp.commit(&mut state, vec![Change::Purchase(purchase)])
+    // Decided on the group being on sale: it must still be at commit.
+    let reads = [(KIND_GROUP, group_id.as_str())];
+    cp.commit_with(&mut state, &reads, vec![Change::Purchase(purchase)], None)
         .await?;
     Ok(reply(StatusCode::CREATED, out))
 }
@@ -265,7 +268,7 @@ pub async fn purchase(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler
     let body = call.json()?;
     let order_id = req_str(&body, "order_id")?;
     let group_id = req_str(&body, "group_id")?;
-    let mut state = cp.lock().await;
+    let mut state = cp.lock().await?;
     if let Some(existing) = state
         .purchases
         .values()
@@ -327,8 +330,6 @@ pub async fn purchase(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler
             req_quota: None,
             quota_limit: None,
             quota_used: 0,
-            leases: Default::default(),
-            tallies: Default::default(),
             app_id: None,
             create_time: now.clone(),
             update_time: now.clone(),
@@ -361,9 +362,28 @@ pub async fn purchase(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler
     purchase.app_id = Some(app.id.clone());
     purchase.update_time = now;
     let purchase_id = purchase.purchase_id.clone();
-    cp.commit(
+    // The ledger row, in the same transaction: the calls bought.
+    let ledger = LedgerUpdate {
+        ids: vec![purchase_id.clone()],
+        apply: Box::new(move |rows| {
+            let mut ledger = rows[0]
+                .1
+                .as_deref()
+                .and_then(|doc| LedgerDoc::parse(doc).ok())
+                .unwrap_or_default();
+            ledger.limit = req_quota;
+            rows[0].1 = Some(LedgerDoc::render(&ledger));
+        }),
+    };
+    // Decided on the group being on sale: it must still be at commit. The order_id is the
+    // purchase's claim: a concurrent purchase of the same order (on any replica) loses it,
+    // runs again, and answers this purchase.
+    let reads = [(KIND_GROUP, group_id.as_str())];
+    cp.commit_with(
         &mut state,
+        &reads,
         vec![Change::App(app), Change::Purchase(purchase)],
+        Some(ledger),
     )
     .await?;
     let out = purchase_answer(&state, &state.purchases[&purchase_id]);
@@ -379,24 +399,36 @@ fn state_name(state: PurchaseState) -> &'static str {
     }
 }
 
-/// The buyer's view of a purchase (row 12, and the answer of row 6).
-fn purchase_view(state: &State, p: &PurchaseRec) -> Value {
+/// The buyer's view of a purchase (row 12, and the answer of row 6), with the live figures of
+/// its ledger where the store has one (else the copy of the last market write). A purchase
+/// of a delisted group shows as frozen: a purchase committed while its group was being
+/// delisted (on another replica) is refused like the others.
+fn purchase_view(state: &State, p: &PurchaseRec, ledger: Option<&Ledger>) -> Value {
     let app = p.app_id.as_ref().and_then(|id| state.apps.get(id));
     let group = state.groups.get(&p.group_id);
+    let delisted = group.is_some_and(|g| g.market_state == MarketState::Delisted);
+    let shown = match p.state {
+        PurchaseState::Active if delisted => PurchaseState::Frozen,
+        other => other,
+    };
+    let (limit, used, left) = match ledger {
+        Some(l) => (l.limit, l.used, l.calls_left()),
+        None => (p.quota_limit, p.quota_used, p.calls_left()),
+    };
     json!({
         "purchase_id": p.purchase_id,
         "order_id": p.order_id,
         "group_id": p.group_id,
         "group_name": group.map(|g| g.name.clone()),
         "url_domain": group.and_then(|g| g.url_domain.clone()),
-        "state": state_name(p.state),
+        "state": state_name(shown),
         "order_type": p.order_type,
         "start_time": rfc3339(p.start_time),
         "expire_time": rfc3339(p.expire_time),
         "req_quota": p.req_quota,
-        "quota_limit": p.quota_limit,
-        "quota_used": p.quota_used,
-        "quota_left": p.calls_left(),
+        "quota_limit": limit,
+        "quota_used": used,
+        "quota_left": left,
         "app_id": p.app_id,
         "app_key": app.map(|a| a.app_key.clone()),
         "create_time": p.create_time,
@@ -412,7 +444,7 @@ pub async fn set_unused(AxState(cp): AxState<ControlPlane>, call: Call) -> Handl
     let body = call.json()?;
     let unused = int_field(&body, "unused")?
         .ok_or_else(|| ControlError::InvalidParameter("unused".into()))?;
-    let mut state = cp.lock().await;
+    let mut state = cp.lock().await?;
     let found = match opt_str(&body, "purchase_id")?.filter(|p| !p.is_empty()) {
         Some(id) => state.purchases.get(&id),
         None => {
@@ -456,18 +488,43 @@ pub async fn set_unused(AxState(cp): AxState<ControlPlane>, call: Call) -> Handl
             return Err(ControlError::Delisted(purchase.group_id));
         }
         purchase.state = PurchaseState::Active;
-        // Leases above what is now left shrink (docs/quota-leases.md, "Market changes").
-        let mut ledger = purchase.ledger();
-        ledger.set_calls_left(unused as u64);
-        purchase.set_ledger(ledger);
     }
-    purchase.update_time = now_rfc3339();
     let id = purchase.purchase_id.clone();
-    cp.commit(&mut state, vec![Change::Purchase(purchase)])
+    let ledger = match unused > 0 {
+        false => None,
+        true => {
+            // The snapshot's copy, from the ledger as it stands; the ledger itself is set
+            // under its row lock in the same transaction (reports may land in between).
+            let live = cp
+                .ledger(&id)
+                .await
+                .unwrap_or_else(|| Ledger::new(purchase.quota_limit, purchase.quota_used));
+            purchase.quota_used = live.used;
+            purchase.quota_limit = Some(live.used + unused as u64);
+            let fallback = live;
+            Some(LedgerUpdate {
+                ids: vec![id.clone()],
+                apply: Box::new(move |rows| {
+                    let mut ledger = rows[0]
+                        .1
+                        .as_deref()
+                        .and_then(|doc| LedgerDoc::parse(doc).ok())
+                        .unwrap_or(fallback);
+                    // Leases above what is now left shrink (docs/quota-leases.md, "Market
+                    // changes").
+                    ledger.set_calls_left(unused as u64);
+                    rows[0].1 = Some(LedgerDoc::render(&ledger));
+                }),
+            })
+        }
+    };
+    purchase.update_time = now_rfc3339();
+    cp.commit_with(&mut state, &[], vec![Change::Purchase(purchase)], ledger)
         .await?;
+    let live = cp.ledger(&id).await;
     Ok(reply(
         StatusCode::OK,
-        purchase_view(&state, &state.purchases[&id]),
+        purchase_view(&state, &state.purchases[&id], live.as_ref()),
     ))
 }
 
@@ -478,7 +535,7 @@ pub async fn lock(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let seller = required_domain(&call)?;
     let body = call.json()?;
     let status = int_field(&body, "status")?;
-    let mut state = cp.lock().await;
+    let mut state = cp.lock().await?;
     let mut group = seller_group(&state, &call, &seller, false)?.clone();
     let to = match (status, group.market_state) {
         (Some(3), MarketState::Unlisted | MarketState::Locked) => MarketState::Locked,
@@ -542,7 +599,7 @@ fn market_groups(
 pub async fn list_tosell(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     call.check_instance(&cp, false)?;
     call.market_project()?;
-    let state = cp.lock().await;
+    let state = cp.lock().await?;
     market_groups(&call, &state, |g| {
         matches!(
             g.market_state,
@@ -555,7 +612,7 @@ pub async fn list_tosell(AxState(cp): AxState<ControlPlane>, call: Call) -> Hand
 pub async fn list_onsell(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     call.check_instance(&cp, false)?;
     call.market_project()?;
-    let state = cp.lock().await;
+    let state = cp.lock().await?;
     market_groups(&call, &state, |g| g.market_state == MarketState::OnSale)
 }
 
@@ -578,7 +635,7 @@ pub async fn freeze(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
         .map(|v| v.as_str().map(str::to_owned))
         .collect::<Option<_>>()
         .ok_or_else(|| ControlError::InvalidParameter("purchase_ids".into()))?;
-    let mut state = cp.lock().await;
+    let mut state = cp.lock().await?;
     let now = now_rfc3339();
     let (mut results, mut changes) = (Vec::new(), Vec::new());
     for id in ids {
@@ -647,7 +704,7 @@ fn buyer_purchase<'a>(state: &'a State, call: &Call) -> Result<&'a PurchaseRec, 
 pub async fn unsubscribe(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     call.check_instance(&cp, false)?;
     call.market_project()?;
-    let mut state = cp.lock().await;
+    let mut state = cp.lock().await?;
     let mut purchase = buyer_purchase(&state, &call)?.clone();
     if purchase.state == PurchaseState::Unsubscribed {
         return Ok(StatusCode::NO_CONTENT.into_response());
@@ -664,7 +721,7 @@ pub async fn list_purchases(AxState(cp): AxState<ControlPlane>, call: Call) -> H
     call.check_instance(&cp, false)?;
     let project = call.market_project()?;
     let domain = call.acting_domain(false)?;
-    let state = cp.lock().await;
+    let state = cp.lock().await?;
     let mut items: Vec<&PurchaseRec> = state
         .purchases
         .values()
@@ -679,9 +736,11 @@ pub async fn list_purchases(AxState(cp): AxState<ControlPlane>, call: Call) -> H
         })
         .collect();
     items.sort_by(|a, b| a.create_time.cmp(&b.create_time));
+    let ids = items.iter().map(|p| p.purchase_id.clone()).collect();
+    let ledgers = cp.ledgers_of(ids).await?;
     let views = items
         .into_iter()
-        .map(|p| purchase_view(&state, p))
+        .map(|p| purchase_view(&state, p, ledgers.get(&p.purchase_id)))
         .collect();
     Ok(super::management::page(&call, "purchases", views))
 }
@@ -690,7 +749,11 @@ pub async fn list_purchases(AxState(cp): AxState<ControlPlane>, call: Call) -> H
 pub async fn show_purchase(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     call.check_instance(&cp, false)?;
     call.market_project()?;
-    let state = cp.lock().await;
+    let state = cp.lock().await?;
     let purchase = buyer_purchase(&state, &call)?;
-    Ok(reply(StatusCode::OK, purchase_view(&state, purchase)))
+    let live = cp.ledger(&purchase.purchase_id).await;
+    Ok(reply(
+        StatusCode::OK,
+        purchase_view(&state, purchase, live.as_ref()),
+    ))
 }

@@ -1,16 +1,26 @@
 //! The control plane (`marketgate control`): market API (CONTRACT §3), Huawei-APIG-v2
 //! management API (§4), the durable store, and the snapshot source for the data plane.
 //!
-//! Design: the control plane is the single writer of its database. The whole market state
-//! lives in memory behind one `tokio::sync::Mutex<State>`, loaded from the store at start.
-//! Every write locks the state, validates against it, commits the changed records to the
-//! store in ONE transaction (which also bumps the snapshot version), then applies them in
-//! memory and answers. Uniqueness (names, url_domain, app_key) and order_id idempotency are
-//! therefore exact under any concurrency, and every 2xx is durable before it is sent.
+//! Design: the store is the truth, and any number of replicas may share it (PostgreSQL). Each
+//! replica keeps a follower cache of the store, a [`State`] behind one mutex, at a version of
+//! the store. Every answer first catches the cache up to the store's current version (one
+//! query: read-your-writes across replicas). A write then validates against the caught-up
+//! state (for precise errors), and commits ONE transaction whose own statements decide
+//! conflicts: compare-and-swap on each record's revision, uniqueness claims (names,
+//! url_domain, app keys, order_id) and the next snapshot version, taken last so that version
+//! order is commit order. A commit refused by those checks is [`ControlError::Contended`]:
+//! the request runs again on the caught-up state, a bounded number of times
+//! ([`MAX_WRITE_ATTEMPTS`]), and now answers what the winner made true (the same purchase for
+//! the same `order_id`, 400 APIG.3305 for a url_domain taken). Every 2xx is durable before it
+//! is sent. Replicas follow each other's commits through the store's notifications (LISTEN/
+//! NOTIFY), with a poll every [`FOLLOW_POLL_INTERVAL`] so that a lost notification costs
+//! latency, never a change, and announce each new version on their watch channel.
 //!
-//! This module owns wiring (`ControlPlane`, the routers, `run_control`); request logic lives in
-//! `management` and `market`, the snapshot build in `publish`, pushing it to proxies in
-//! `push`, the admin listener in `admin`, its metrics in `metrics`.
+//! The quota ledgers (`leases`) live in their own rows, changed under row locks.
+//!
+//! This module owns wiring (`ControlPlane`, the routers, `run_control`) and the commit path;
+//! request logic lives in `management` and `market`, the snapshot build in `publish`, pushing
+//! it to proxies in `push`, the admin listener in `admin`, its metrics in `metrics`.
 
 pub mod admin;
 pub mod auth;
@@ -25,8 +35,13 @@ pub mod push;
 pub mod state;
 pub mod store;
 
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
+use axum::extract::State as AxState;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::Router;
 use tokio::sync::{watch, Mutex, MutexGuard};
@@ -36,9 +51,16 @@ use crate::shutdown::Shutdown;
 
 use push::{PushMetrics, PushStatus};
 
+use auth::Call;
 pub use error::ControlError;
 use state::{Change, State};
-use store::Store;
+use store::{Commit, LedgerUpdate, Read, Store, StoreError};
+
+/// How many times one request runs when the store refuses its commit for a conflict (each
+/// time on the caught-up state), before it answers the conflict.
+pub const MAX_WRITE_ATTEMPTS: u32 = 8;
+/// How often a replica asks the store for new versions even without a notification.
+pub const FOLLOW_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The control plane: cheap to clone, all clones share one state and store.
 #[derive(Debug, Clone)]
@@ -57,22 +79,38 @@ struct Inner {
 }
 
 impl ControlPlane {
-    /// Opens the store named by `config.database_url`, applies migrations, loads the state.
+    /// Opens the store named by `config.database_url`, applies migrations, loads the state
+    /// and starts following the store's changes.
     ///
     /// A fresh store is at version 0, which no proxy accepts (`snapshot::validate`: version
     /// ≥ 1); opening one commits an empty change so that the very first snapshot pushed, an
     /// empty market at version 1, is valid and proxies become ready before the first sale.
     pub async fn open(config: &Config) -> Result<ControlPlane, ControlError> {
-        let store = store::open(&config.database_url).await?;
-        let mut state = State::from_loaded(store.load().await?)?;
+        let store = store::open(&config.database_url, config.control.store).await?;
+        let mut state = State::default();
+        let everything = store.changes_since(0).await?;
+        for stored in everything.records {
+            state.apply_stored(stored)?;
+        }
+        state.version = everything.version;
+        if !store.claims_built().await? {
+            store.build_claims(state.all_claims()).await?;
+        }
         if state.version == 0 {
-            state.version = store.commit(Vec::new(), true).await?;
+            let done = store
+                .commit(Commit {
+                    bump_version: true,
+                    ..Commit::default()
+                })
+                .await?;
+            state.version = done.version;
         }
         let (version, _) = watch::channel(state.version);
         let state = Arc::new(Mutex::new(state));
         let metrics = metrics::ControlMetrics::new(&state);
         metrics.snapshot_version.set(*version.borrow() as i64);
-        Ok(ControlPlane {
+        let notifications = store.notifications();
+        let cp = ControlPlane {
             inner: Arc::new(Inner {
                 config: config.clone(),
                 store,
@@ -80,7 +118,11 @@ impl ControlPlane {
                 version,
                 metrics,
             }),
-        })
+        };
+        if let Some(notifications) = notifications {
+            tokio::spawn(follow(Arc::downgrade(&cp.inner), notifications));
+        }
+        Ok(cp)
     }
 
     /// The admin listener's routes (health, metrics, version, `GET /v1/proxies`, leases);
@@ -140,36 +182,46 @@ impl ControlPlane {
         Router::new()
             .route(
                 &format!("{m}/api-groups"),
-                post(mg::create_group).get(mg::list_groups),
+                post(retried(mg::create_group)).get(mg::list_groups),
             )
             .route(
                 &format!("{m}/api-groups/{{group_id}}"),
                 get(mg::show_group)
-                    .put(mg::update_group)
-                    .delete(mg::delete_group),
+                    .put(retried(mg::update_group))
+                    .delete(retried(mg::delete_group)),
             )
             .route(
                 &format!("{m}/apis"),
-                post(mg::create_api).get(mg::list_apis),
+                post(retried(mg::create_api)).get(mg::list_apis),
             )
-            .route(&format!("{m}/apis/action"), post(mg::publish_action))
-            .route(&format!("{m}/apis/publish"), post(mg::publish_batch))
+            .route(
+                &format!("{m}/apis/action"),
+                post(retried(mg::publish_action)),
+            )
+            .route(
+                &format!("{m}/apis/publish"),
+                post(retried(mg::publish_batch)),
+            )
             .route(
                 &format!("{m}/apis/{{api_id}}"),
-                get(mg::show_api).put(mg::update_api).delete(mg::delete_api),
+                get(mg::show_api)
+                    .put(retried(mg::update_api))
+                    .delete(retried(mg::delete_api)),
             )
             .route(&format!("{m}/envs"), get(mg::list_envs))
             .route(
                 &format!("{m}/apps"),
-                post(mg::create_app).get(mg::list_apps),
+                post(retried(mg::create_app)).get(mg::list_apps),
             )
             .route(
                 &format!("{m}/apps/{{app_id}}"),
-                get(mg::show_app).put(mg::update_app).delete(mg::delete_app),
+                get(mg::show_app)
+                    .put(retried(mg::update_app))
+                    .delete(retried(mg::delete_app)),
             )
             .route(
                 &format!("{m}/apps/secret/{{app_id}}"),
-                put(mg::reset_secret),
+                put(retried(mg::reset_secret)),
             )
             .route(
                 &format!("{m}/apps/validation/{{app_id}}"),
@@ -177,41 +229,50 @@ impl ControlPlane {
             )
             .route(
                 &format!("{m}/apps/{{app_id}}/app-codes"),
-                post(mg::create_app_code)
-                    .put(mg::generate_app_code)
+                post(retried(mg::create_app_code))
+                    .put(retried(mg::generate_app_code))
                     .get(mg::list_app_codes),
             )
             .route(
                 &format!("{m}/apps/{{app_id}}/app-codes/{{app_code_id}}"),
-                get(mg::show_app_code).delete(mg::delete_app_code),
+                get(mg::show_app_code).delete(retried(mg::delete_app_code)),
             )
-            .route(&format!("{m}/app-auths"), post(mg::create_auths))
+            .route(&format!("{m}/app-auths"), post(retried(mg::create_auths)))
             .route(&format!("{m}/app-auths/binded-apps"), get(mg::list_auths))
             .route(
                 &format!("{m}/app-auths/{{app_auth_id}}"),
-                delete(mg::delete_auth),
+                delete(retried(mg::delete_auth)),
             )
             .route(
                 &format!("{k}/api-groups/onsell/{{group_id}}"),
-                put(mk::onsell).delete(mk::offsell),
+                put(retried(mk::onsell)).delete(retried(mk::offsell)),
             )
             .route(&format!("{k}/api-groups/onsell"), get(mk::list_onsell))
             .route(&format!("{k}/api-groups/tosell"), get(mk::list_tosell))
             .route(
                 &format!("{k}/api-groups/delist/{{group_id}}"),
-                delete(mk::delist),
+                delete(retried(mk::delist)),
             )
-            .route(&format!("{k}/api-groups/reserve"), post(mk::reserve))
-            .route(&format!("{k}/api-groups/purchase"), post(mk::purchase))
-            .route(&format!("{k}/api-groups/status"), post(mk::set_unused))
+            .route(
+                &format!("{k}/api-groups/reserve"),
+                post(retried(mk::reserve)),
+            )
+            .route(
+                &format!("{k}/api-groups/purchase"),
+                post(retried(mk::purchase)),
+            )
+            .route(
+                &format!("{k}/api-groups/status"),
+                post(retried(mk::set_unused)),
+            )
             .route(
                 &format!("{k}/api-groups/status/{{group_id}}"),
-                put(mk::lock),
+                put(retried(mk::lock)),
             )
-            .route(&format!("{k}/project"), put(mk::freeze))
+            .route(&format!("{k}/project"), put(retried(mk::freeze)))
             .route(
                 &format!("{k}/unsubscribe/{{purchase_id}}"),
-                delete(mk::unsubscribe),
+                delete(retried(mk::unsubscribe)),
             )
             .route(&format!("{k}/purchases"), get(mk::list_purchases))
             .route(
@@ -231,9 +292,13 @@ impl ControlPlane {
             .merge(openapi::router())
     }
 
-    /// The full snapshot at the current version.
+    /// The full snapshot at the current version (caught up with the store first; if the store
+    /// cannot be reached, the snapshot of the version this replica holds).
     pub async fn snapshot(&self) -> crate::snapshot::Snapshot {
-        let state = self.inner.state.lock().await;
+        let mut state = self.inner.state.lock().await;
+        if let Err(error) = self.catch_up(&mut state).await {
+            tracing::warn!(%error, "snapshot built without catching up with the store");
+        }
         publish::build(&state)
     }
 
@@ -244,18 +309,32 @@ impl ControlPlane {
 
     /// Adds `calls` served calls to the purchase's ledger, durably (no snapshot change).
     pub async fn record_usage(&self, purchase_id: &str, calls: u64) -> Result<(), ControlError> {
-        let mut state = self.lock().await;
-        let mut purchase = state
-            .purchases
-            .get(purchase_id)
-            .cloned()
-            .ok_or_else(|| ControlError::PurchaseNotFound(purchase_id.to_owned()))?;
+        let state = self.lock().await?;
+        if !state.purchases.contains_key(purchase_id) {
+            return Err(ControlError::PurchaseNotFound(purchase_id.to_owned()));
+        }
+        drop(state);
         if calls == 0 {
             return Ok(());
         }
-        purchase.quota_used = purchase.quota_used.saturating_add(calls);
-        self.commit_ledger(&mut state, vec![Change::Purchase(purchase)])
-            .await
+        let failed = Arc::new(std::sync::Mutex::new(None));
+        let failure = failed.clone();
+        let update = LedgerUpdate {
+            ids: vec![purchase_id.to_owned()],
+            apply: Box::new(move |rows| {
+                let doc = rows[0].1.as_deref().unwrap_or("{}");
+                match state::LedgerDoc::parse(doc) {
+                    Ok(mut ledger) => {
+                        ledger.used = ledger.used.saturating_add(calls);
+                        rows[0].1 = Some(state::LedgerDoc::render(&ledger));
+                    }
+                    Err(e) => *failure.lock().expect("ledger failure") = Some(e),
+                }
+            }),
+        };
+        self.commit_ledgers(update).await?;
+        let failed = failed.lock().expect("ledger failure").take();
+        failed.map_or(Ok(()), Err)
     }
 
     /// Moves the snapshot version past `seen`, a version a data plane holds that this store
@@ -263,49 +342,160 @@ impl ControlPlane {
     /// to that data plane), durably, and announces it: the snapshot built next is newer than
     /// what that data plane holds, so it is accepted and replaces it. Returns the version.
     pub async fn move_version_past(&self, seen: u64) -> Result<u64, ControlError> {
-        let mut state = self.lock().await;
+        let mut state = self.lock().await?;
         let version = self.inner.store.advance_version(seen).await?;
-        state.version = version;
-        self.inner.version.send_replace(version);
-        self.inner.metrics.snapshot_version.set(version as i64);
-        Ok(version)
+        // Caught up rather than jumped: another replica may have committed in between.
+        self.catch_up(&mut state).await?;
+        Ok(version.max(state.version))
     }
 
     pub fn config(&self) -> &Config {
         &self.inner.config
     }
 
-    async fn lock(&self) -> MutexGuard<'_, State> {
-        self.inner.state.lock().await
+    /// The state, caught up with the store's current version: what every answer is built
+    /// from, so that a 2xx on any replica shows every write acknowledged before it.
+    async fn lock(&self) -> Result<MutexGuard<'_, State>, ControlError> {
+        let mut state = self.inner.state.lock().await;
+        self.catch_up(&mut state).await?;
+        Ok(state)
     }
 
-    /// Commits `changes` durably (one transaction, version bumped), then applies them to the
-    /// in-memory state and announces the new version. Callers hold the state lock.
-    async fn commit(&self, state: &mut State, changes: Vec<Change>) -> Result<(), ControlError> {
-        let writes = changes.iter().map(Change::to_write).collect();
-        let version = self.inner.store.commit(writes, true).await?;
-        for change in changes {
-            state.apply(change);
+    /// Applies to `state` what the store committed after `state.version`, and announces the
+    /// new version.
+    async fn catch_up(&self, state: &mut State) -> Result<(), ControlError> {
+        let changes = self.inner.store.changes_since(state.version).await?;
+        if changes.version <= state.version {
+            return Ok(());
         }
+        for stored in changes.records {
+            state.apply_stored(stored)?;
+        }
+        self.announce(state, changes.version);
+        Ok(())
+    }
+
+    fn announce(&self, state: &mut State, version: u64) {
         state.version = version;
         self.inner.version.send_replace(version);
         self.inner.metrics.snapshot_version.set(version as i64);
-        Ok(())
     }
 
-    /// Commits quota ledger changes (usage, leases) durably without a new snapshot version:
-    /// proxies learn them through lease exchanges, not pushes.
-    async fn commit_ledger(
+    /// Commits `changes` durably (one transaction, next version), then applies them to the
+    /// state and announces the new version. Callers hold the state lock.
+    async fn commit(&self, state: &mut State, changes: Vec<Change>) -> Result<(), ControlError> {
+        self.commit_with(state, &[], changes, None).await
+    }
+
+    /// [`ControlPlane::commit`], also requiring that the records `reads` (`(kind, id)`) the
+    /// changes were decided on are unchanged at commit, and with a ledger update in the same
+    /// transaction. A conflict catches `state` up and is [`ControlError::Contended`]: the
+    /// request runs again ([`retried`]).
+    async fn commit_with(
         &self,
         state: &mut State,
+        reads: &[(&'static str, &str)],
         changes: Vec<Change>,
+        ledger: Option<LedgerUpdate>,
     ) -> Result<(), ControlError> {
-        let writes = changes.iter().map(Change::to_write).collect();
-        self.inner.store.commit(writes, false).await?;
-        for change in changes {
-            state.apply(change);
+        let commit = Commit {
+            reads: reads
+                .iter()
+                .map(|(kind, id)| Read {
+                    kind,
+                    id: (*id).to_owned(),
+                    rev: state.rev(kind, id).unwrap_or(0),
+                })
+                .collect(),
+            writes: changes.iter().map(|c| c.to_write(state)).collect(),
+            ledger,
+            bump_version: true,
+        };
+        match self.inner.store.commit(commit).await {
+            Ok(done) if done.version == state.version + 1 => {
+                // Nothing else committed since this state was caught up: it is the store's
+                // state at the new version once these changes apply.
+                for (change, rev) in changes.into_iter().zip(done.revs) {
+                    state.apply_at(change, rev);
+                }
+                self.announce(state, done.version);
+                Ok(())
+            }
+            Ok(_) => self.catch_up(state).await,
+            Err(StoreError::Conflict(conflict)) => {
+                tracing::debug!(%conflict, "commit refused by the store; catching up");
+                self.catch_up(state).await?;
+                Err(ControlError::Contended(conflict))
+            }
+            Err(other) => Err(other.into()),
         }
+    }
+
+    /// Commits a ledger update alone: no snapshot version (proxies learn ledgers through
+    /// lease exchanges, not pushes), and no state lock: ledger rows are locked by the store.
+    async fn commit_ledgers(&self, update: LedgerUpdate) -> Result<(), ControlError> {
+        self.inner
+            .store
+            .commit(Commit {
+                ledger: Some(update),
+                ..Commit::default()
+            })
+            .await?;
         Ok(())
+    }
+}
+
+/// Follows the store's notifications for as long as the control plane lives: each announced
+/// version (or, every [`FOLLOW_POLL_INTERVAL`], any version not announced) is caught up and
+/// announced on the watch channel, so pushers and subscribers serve it.
+async fn follow(cp: Weak<Inner>, mut notifications: watch::Receiver<u64>) {
+    loop {
+        let woke = tokio::time::timeout(FOLLOW_POLL_INTERVAL, notifications.changed()).await;
+        if matches!(woke, Ok(Err(_))) {
+            return; // the listener is gone: the store was dropped
+        }
+        let Some(inner) = cp.upgrade() else {
+            return;
+        };
+        let cp = ControlPlane { inner };
+        let notified = *notifications.borrow_and_update();
+        if woke.is_ok() && notified <= cp.version() {
+            continue; // our own commit, already applied
+        }
+        let mut state = cp.inner.state.lock().await;
+        if let Err(error) = cp.catch_up(&mut state).await {
+            tracing::warn!(%error, "following the store failed; retrying");
+        }
+    }
+}
+
+/// A boxed handler future, as [`retried`] returns it.
+type Answer = Pin<Box<dyn Future<Output = Response> + Send>>;
+
+/// Runs `handler` again while the store refuses its commit for a conflict
+/// ([`ControlError::Contended`]), at most [`MAX_WRITE_ATTEMPTS`] times: each run validates
+/// against the state the refused commit caught up, so it answers what the winner made true.
+fn retried<H, F>(
+    handler: H,
+) -> impl Fn(AxState<ControlPlane>, Call) -> Answer + Clone + Send + 'static
+where
+    H: Fn(AxState<ControlPlane>, Call) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Result<Response, ControlError>> + Send + 'static,
+{
+    move |AxState(cp): AxState<ControlPlane>, call: Call| {
+        let handler = handler.clone();
+        Box::pin(async move {
+            let mut attempt = 1;
+            loop {
+                match handler(AxState(cp.clone()), call.clone()).await {
+                    Err(ControlError::Contended(conflict)) if attempt < MAX_WRITE_ATTEMPTS => {
+                        tracing::debug!(%conflict, attempt, "request runs again");
+                        attempt += 1;
+                    }
+                    other => return other.into_response(),
+                }
+            }
+        })
     }
 }
 

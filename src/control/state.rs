@@ -1,9 +1,12 @@
 //! The market state held in memory: entities, their invariants, and how committed changes
-//! apply. Loaded whole from the store at start; changed only through [`Change`]s that have
-//! been committed to the store first (see `ControlPlane::commit`).
+//! apply. Each replica's `State` is a follower cache of the store, never the arbiter: it is
+//! caught up from the store's change sequence ([`State::apply_stored`]) before every answer
+//! and every write, handlers validate against it (for precise errors), and the store's own
+//! checks decide conflicts: each record's revision (`revs`, compare-and-swap) and the
+//! uniqueness [`Claim`]s that [`Change::claims`] derives from the record.
 //!
 //! Must not do I/O or HTTP: handlers validate against a `&State`, produce `Change`s, the
-//! control plane commits them and then calls [`State::apply`].
+//! control plane commits them and then calls [`State::apply_at`].
 
 use std::collections::BTreeMap;
 
@@ -12,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::snapshot::{self, MarketState, PurchaseState};
 
 use super::error::ControlError;
-use super::store::{Loaded, Write};
+use super::store::{Claim, Stored, Write};
 
 /// The built-in environment.
 pub const RELEASE_ENV_ID: &str = "DEFAULT_ENVIRONMENT_RELEASE_ID";
@@ -155,18 +158,14 @@ pub struct PurchaseRec {
     /// Calls bought by the order, as the market sent them (echoed on idempotent replays).
     #[serde(default)]
     pub req_quota: Option<u64>,
-    /// Calls granted in total (`None` unlimited). Row 6 moves it: limit = used + unused.
+    /// Calls granted in total (`None` unlimited), as of the purchase's last market write: the
+    /// copy that snapshots carry (so that version N is the same content everywhere). The
+    /// live figure is the ledger's (`ledgers` table, [`LedgerDoc`]). Row 6 moves it.
     #[serde(default)]
     pub quota_limit: Option<u64>,
-    /// Calls served, as reported by the data plane.
+    /// Calls served as of the purchase's last market write (the snapshot's copy, as above).
     #[serde(default)]
     pub quota_used: u64,
-    /// Calls leased to each proxy and not yet reported (docs/quota-leases.md).
-    #[serde(default)]
-    pub leases: BTreeMap<String, crate::lease::Lease>,
-    /// Per proxy, what its usage reports have counted (idempotent reports).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub tallies: BTreeMap<String, crate::lease::Tally>,
     #[serde(default)]
     pub app_id: Option<String>,
     pub create_time: String,
@@ -174,28 +173,50 @@ pub struct PurchaseRec {
 }
 
 impl PurchaseRec {
-    /// Calls left: `limit - used`, never negative; `None` when unlimited. The arithmetic is
-    /// the quota ledger's ([`crate::lease::Ledger`]).
+    /// Calls left as of the last market write (the snapshot's view); the live figure is the
+    /// ledger's [`crate::lease::Ledger::calls_left`].
     pub fn calls_left(&self) -> Option<u64> {
-        self.ledger().calls_left()
+        self.quota_limit
+            .map(|limit| limit.saturating_sub(self.quota_used))
+    }
+}
+
+/// A purchase's quota ledger as stored in its `ledgers` row. Reads the ledger fields of a
+/// purchase document too (`quota_limit`, `quota_used`, `leases`, `tallies`): migration 2
+/// seeded each ledger row with its purchase's document.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LedgerDoc {
+    #[serde(default, alias = "quota_limit")]
+    pub limit: Option<u64>,
+    #[serde(default, alias = "quota_used")]
+    pub used: u64,
+    #[serde(default)]
+    pub leases: BTreeMap<String, crate::lease::Lease>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tallies: BTreeMap<String, crate::lease::Tally>,
+}
+
+impl LedgerDoc {
+    /// The ledger a stored document holds.
+    pub fn parse(doc: &str) -> Result<crate::lease::Ledger, ControlError> {
+        let d: LedgerDoc = serde_json::from_str(doc).map_err(ControlError::Corrupt)?;
+        Ok(crate::lease::Ledger {
+            limit: d.limit,
+            used: d.used,
+            leases: d.leases,
+            tallies: d.tallies,
+        })
     }
 
-    /// The purchase's quota ledger: limit, used and leases.
-    pub fn ledger(&self) -> crate::lease::Ledger {
-        crate::lease::Ledger {
-            limit: self.quota_limit,
-            used: self.quota_used,
-            leases: self.leases.clone(),
-            tallies: self.tallies.clone(),
-        }
-    }
-
-    /// Stores a ledger changed by lease exchanges or the market.
-    pub fn set_ledger(&mut self, ledger: crate::lease::Ledger) {
-        self.quota_limit = ledger.limit;
-        self.quota_used = ledger.used;
-        self.leases = ledger.leases;
-        self.tallies = ledger.tallies;
+    /// The document that stores `ledger`.
+    pub fn render(ledger: &crate::lease::Ledger) -> String {
+        let d = LedgerDoc {
+            limit: ledger.limit,
+            used: ledger.used,
+            leases: ledger.leases.clone(),
+            tallies: ledger.tallies.clone(),
+        };
+        serde_json::to_string(&d).expect("a ledger serializes")
     }
 }
 
@@ -215,44 +236,126 @@ pub enum Change {
     Purchase(PurchaseRec),
 }
 
-const KIND_GROUP: &str = "group";
-const KIND_API: &str = "api";
-const KIND_APP: &str = "app";
-const KIND_AUTH: &str = "auth";
-const KIND_PURCHASE: &str = "purchase";
+pub const KIND_GROUP: &str = "group";
+pub const KIND_API: &str = "api";
+pub const KIND_APP: &str = "app";
+pub const KIND_AUTH: &str = "auth";
+pub const KIND_PURCHASE: &str = "purchase";
+
+/// Claim scopes (the `claims` table): what must be unique, and within what.
+pub const CLAIM_DOMAIN: &str = "domain";
+pub const CLAIM_GROUP_NAME: &str = "group_name";
+pub const CLAIM_API_NAME: &str = "api_name";
+pub const CLAIM_API_ROUTE: &str = "api_route";
+pub const CLAIM_APP_NAME: &str = "app_name";
+pub const CLAIM_APP_KEY: &str = "app_key";
+pub const CLAIM_APP_CODE: &str = "app_code";
+pub const CLAIM_AUTH: &str = "auth";
+pub const CLAIM_ORDER_ID: &str = "order_id";
 
 impl Change {
-    /// The store write for this change.
-    pub fn to_write(&self) -> Write {
-        fn put<T: Serialize>(kind: &'static str, id: &str, rec: &T) -> Write {
-            Write {
-                kind,
-                id: id.to_owned(),
-                doc: Some(serde_json::to_string(rec).expect("records always serialize")),
-            }
-        }
-        fn delete(kind: &'static str, id: &str) -> Write {
-            Write {
-                kind,
-                id: id.to_owned(),
-                doc: None,
-            }
-        }
+    /// The record this change writes: `(kind, id)`.
+    pub fn key(&self) -> (&'static str, &str) {
         match self {
-            Change::Group(g) => put(KIND_GROUP, &g.id, g),
-            Change::DeleteGroup(id) => delete(KIND_GROUP, id),
-            Change::Api(a) => put(KIND_API, &a.id, a),
-            Change::DeleteApi(id) => delete(KIND_API, id),
-            Change::App(a) => put(KIND_APP, &a.id, a),
-            Change::DeleteApp(id) => delete(KIND_APP, id),
-            Change::Auth(a) => put(KIND_AUTH, &a.id, a),
-            Change::DeleteAuth(id) => delete(KIND_AUTH, id),
-            Change::Purchase(p) => put(KIND_PURCHASE, &p.purchase_id, p),
+            Change::Group(g) => (KIND_GROUP, &g.id),
+            Change::DeleteGroup(id) => (KIND_GROUP, id),
+            Change::Api(a) => (KIND_API, &a.id),
+            Change::DeleteApi(id) => (KIND_API, id),
+            Change::App(a) => (KIND_APP, &a.id),
+            Change::DeleteApp(id) => (KIND_APP, id),
+            Change::Auth(a) => (KIND_AUTH, &a.id),
+            Change::DeleteAuth(id) => (KIND_AUTH, id),
+            Change::Purchase(p) => (KIND_PURCHASE, &p.purchase_id),
+        }
+    }
+
+    /// What the record holds unique once written: the store refuses a commit whose claim
+    /// another record holds, whatever any replica's cache said. A delete holds nothing.
+    pub fn claims(&self) -> Vec<Claim> {
+        let claim = |scope: &'static str, key: String| Claim { scope, key };
+        let mut claims = match self {
+            Change::Group(g) => {
+                let mut c = vec![
+                    claim(CLAIM_GROUP_NAME, format!("{}/{}", g.project_id, g.name)),
+                    claim(CLAIM_DOMAIN, g.sl_domain.clone()),
+                ];
+                c.extend(g.url_domain.clone().map(|d| claim(CLAIM_DOMAIN, d)));
+                c
+            }
+            Change::Api(a) => {
+                let route = |method: &str, uri: &str| {
+                    claim(CLAIM_API_ROUTE, format!("{}/{method} {uri}", a.group_id))
+                };
+                let mut c = vec![
+                    claim(CLAIM_API_NAME, format!("{}/{}", a.group_id, a.def.name)),
+                    route(&a.def.req_method, &a.def.req_uri),
+                ];
+                c.extend(
+                    a.release
+                        .as_ref()
+                        .map(|p| route(&p.frozen.req_method, &p.frozen.req_uri)),
+                );
+                c
+            }
+            Change::App(a) => {
+                let mut c = vec![
+                    claim(CLAIM_APP_NAME, format!("{}/{}", a.project_id, a.name)),
+                    claim(CLAIM_APP_KEY, a.app_key.clone()),
+                ];
+                c.extend(
+                    a.codes
+                        .iter()
+                        .map(|code| claim(CLAIM_APP_CODE, code.app_code.clone())),
+                );
+                c
+            }
+            Change::Auth(a) => vec![claim(CLAIM_AUTH, format!("{}/{}", a.app_id, a.api_id))],
+            Change::Purchase(p) => p
+                .order_id
+                .clone()
+                .map(|o| claim(CLAIM_ORDER_ID, o))
+                .into_iter()
+                .collect(),
+            Change::DeleteGroup(_)
+            | Change::DeleteApi(_)
+            | Change::DeleteApp(_)
+            | Change::DeleteAuth(_) => Vec::new(),
+        };
+        claims.sort();
+        claims.dedup();
+        claims
+    }
+
+    /// The store write for this change, validated against `state` (its revision of the
+    /// record: the compare-and-swap).
+    pub fn to_write(&self, state: &State) -> Write {
+        fn doc<T: Serialize>(rec: &T) -> Option<String> {
+            Some(serde_json::to_string(rec).expect("records always serialize"))
+        }
+        let (kind, id) = self.key();
+        let doc = match self {
+            Change::Group(g) => doc(g),
+            Change::Api(a) => doc(a),
+            Change::App(a) => doc(a),
+            Change::Auth(a) => doc(a),
+            Change::Purchase(p) => doc(p),
+            Change::DeleteGroup(_)
+            | Change::DeleteApi(_)
+            | Change::DeleteApp(_)
+            | Change::DeleteAuth(_) => None,
+        };
+        Write {
+            kind,
+            id: id.to_owned(),
+            doc,
+            rev: state.rev(kind, id),
+            claims: self.claims(),
         }
     }
 }
 
-/// Everything the control plane knows, keyed by id (BTreeMap: stable listing order).
+/// Everything the control plane knows, keyed by id (BTreeMap: stable listing order), at
+/// `version` of the store, with each live record's revision.
 #[derive(Debug, Default, Clone)]
 pub struct State {
     pub version: u64,
@@ -261,38 +364,98 @@ pub struct State {
     pub apps: BTreeMap<String, AppRec>,
     pub auths: BTreeMap<String, AuthRec>,
     pub purchases: BTreeMap<String, PurchaseRec>,
+    revs: std::collections::HashMap<(&'static str, String), u64>,
 }
 
 impl State {
-    pub fn from_loaded(loaded: Loaded) -> Result<State, ControlError> {
-        let mut state = State {
-            version: loaded.version,
-            ..State::default()
-        };
-        for (kind, _id, doc) in loaded.records {
-            let change = match kind.as_str() {
-                KIND_GROUP => {
-                    Change::Group(serde_json::from_str(&doc).map_err(ControlError::Corrupt)?)
-                }
-                KIND_API => Change::Api(serde_json::from_str(&doc).map_err(ControlError::Corrupt)?),
-                KIND_APP => Change::App(serde_json::from_str(&doc).map_err(ControlError::Corrupt)?),
-                KIND_AUTH => {
-                    Change::Auth(serde_json::from_str(&doc).map_err(ControlError::Corrupt)?)
-                }
-                KIND_PURCHASE => {
-                    Change::Purchase(serde_json::from_str(&doc).map_err(ControlError::Corrupt)?)
-                }
-                other => {
-                    tracing::warn!(kind = other, "ignoring a record of an unknown kind");
-                    continue;
-                }
-            };
-            state.apply(change);
-        }
-        Ok(state)
+    /// The revision of a live record this state holds (`None`: no such record).
+    pub fn rev(&self, kind: &'static str, id: &str) -> Option<u64> {
+        self.revs.get(&(kind, id.to_owned())).copied()
     }
 
-    pub fn apply(&mut self, change: Change) {
+    /// Applies one record as the store holds it (a tombstone removes it).
+    pub fn apply_stored(&mut self, stored: Stored) -> Result<(), ControlError> {
+        let Some(kind) = [KIND_GROUP, KIND_API, KIND_APP, KIND_AUTH, KIND_PURCHASE]
+            .into_iter()
+            .find(|k| *k == stored.kind)
+        else {
+            tracing::warn!(kind = stored.kind, "ignoring a record of an unknown kind");
+            return Ok(());
+        };
+        let id = stored.id;
+        let change = match stored.doc {
+            None => match kind {
+                KIND_GROUP => Change::DeleteGroup(id),
+                KIND_API => Change::DeleteApi(id),
+                KIND_APP => Change::DeleteApp(id),
+                KIND_AUTH => Change::DeleteAuth(id),
+                _ => {
+                    self.purchases.remove(&id);
+                    self.revs.remove(&(kind, id));
+                    return Ok(());
+                }
+            },
+            Some(doc) => {
+                let corrupt = ControlError::Corrupt;
+                match kind {
+                    KIND_GROUP => Change::Group(serde_json::from_str(&doc).map_err(corrupt)?),
+                    KIND_API => Change::Api(serde_json::from_str(&doc).map_err(corrupt)?),
+                    KIND_APP => Change::App(serde_json::from_str(&doc).map_err(corrupt)?),
+                    KIND_AUTH => Change::Auth(serde_json::from_str(&doc).map_err(corrupt)?),
+                    _ => Change::Purchase(serde_json::from_str(&doc).map_err(corrupt)?),
+                }
+            }
+        };
+        self.apply_at(change, stored.rev);
+        Ok(())
+    }
+
+    /// Applies a committed change whose record is now at revision `rev`.
+    pub fn apply_at(&mut self, change: Change, rev: u64) {
+        let (kind, id) = change.key();
+        let key = (kind, id.to_owned());
+        match &change {
+            Change::DeleteGroup(_)
+            | Change::DeleteApi(_)
+            | Change::DeleteApp(_)
+            | Change::DeleteAuth(_) => {
+                self.revs.remove(&key);
+            }
+            Change::Group(_)
+            | Change::Api(_)
+            | Change::App(_)
+            | Change::Auth(_)
+            | Change::Purchase(_) => {
+                self.revs.insert(key, rev);
+            }
+        }
+        self.apply(change);
+    }
+
+    /// Every claim the records of this state hold, with its owner (to build the claims of
+    /// a store written before claims existed).
+    pub fn all_claims(&self) -> Vec<(Claim, String)> {
+        let changes = self
+            .groups
+            .values()
+            .cloned()
+            .map(Change::Group)
+            .chain(self.apis.values().cloned().map(Change::Api))
+            .chain(self.apps.values().cloned().map(Change::App))
+            .chain(self.auths.values().cloned().map(Change::Auth))
+            .chain(self.purchases.values().cloned().map(Change::Purchase));
+        changes
+            .flat_map(|change| {
+                let owner = change.key().1.to_owned();
+                change
+                    .claims()
+                    .into_iter()
+                    .map(move |claim| (claim, owner.clone()))
+            })
+            .collect()
+    }
+
+    fn apply(&mut self, change: Change) {
         match change {
             Change::Group(g) => {
                 self.groups.insert(g.id.clone(), g);
@@ -377,8 +540,6 @@ mod tests {
             req_quota: Some(10),
             quota_limit: Some(10),
             quota_used: 3,
-            leases: BTreeMap::new(),
-            tallies: BTreeMap::new(),
             app_id: None,
             create_time: String::new(),
             update_time: String::new(),
