@@ -7,6 +7,8 @@
 
 pub mod compile;
 pub mod delta;
+#[cfg(test)]
+mod properties;
 pub mod validate;
 pub mod wire;
 

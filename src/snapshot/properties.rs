@@ -1,0 +1,496 @@
+//! Property tests (proptest) of what a hostile or buggy control plane can send a proxy: route
+//! templates, whole snapshots and deltas. Arbitrary input never panics — not in the
+//! template parser, the router, validation, compile or a delta's apply — and valid input
+//! round-trips: a rendered template parses back to its segments, a valid snapshot survives
+//! JSON and compiles, and a delta computed between two snapshots rebuilds the second.
+
+use proptest::collection::vec;
+use proptest::prelude::*;
+
+use super::compile::{compile, prepare};
+use super::delta::{apply, diff, Delta};
+use super::validate::validate;
+use super::wire::{
+    Api, App, AppAuth, Backend, Group, MarketState, Purchase, PurchaseState, Snapshot,
+};
+use crate::gateway::metrics::GatewayMetrics;
+use crate::gateway::quota::QuotaRegistry;
+use crate::gateway::route::Router;
+use crate::template::{parse_template, Segment};
+
+/// Cases per property: enough to find the seams, few enough for a debug build on 2 cores.
+const CASES: u32 = 128;
+
+fn config() -> ProptestConfig {
+    ProptestConfig {
+        cases: CASES,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+/// Bytes a template or path is made of, weighted to the grammar's special characters.
+fn template_text() -> impl Strategy<Value = String> {
+    vec(
+        prop_oneof![
+            Just('/'),
+            Just('{'),
+            Just('}'),
+            Just('+'),
+            Just(' '),
+            Just('?'),
+            Just('%'),
+            Just('é'),
+            proptest::char::range('a', 'e'),
+        ],
+        0..24,
+    )
+    .prop_map(|chars| chars.into_iter().collect())
+}
+
+/// A valid template's segments: distinct parameter names, `{name+}` only last.
+fn segments() -> impl Strategy<Value = Vec<Segment>> {
+    (
+        vec(
+            prop_oneof![
+                "[a-z0-9._~-]{1,6}".prop_map(Segment::Literal),
+                "[a-z]{1,4}".prop_map(Segment::Param),
+            ],
+            0..6,
+        ),
+        proptest::option::of("[a-z]{1,4}"),
+    )
+        .prop_map(|(mut segments, greedy)| {
+            segments.extend(greedy.map(Segment::Greedy));
+            // Parameter names made unique by their position.
+            for (i, segment) in segments.iter_mut().enumerate() {
+                if let Segment::Param(name) | Segment::Greedy(name) = segment {
+                    name.push_str(&i.to_string());
+                }
+            }
+            segments
+        })
+}
+
+fn render(segments: &[Segment]) -> String {
+    if segments.is_empty() {
+        return "/".into();
+    }
+    segments
+        .iter()
+        .map(|segment| match segment {
+            Segment::Literal(l) => format!("/{l}"),
+            Segment::Param(n) => format!("/{{{n}}}"),
+            Segment::Greedy(n) => format!("/{{{n}+}}"),
+        })
+        .collect()
+}
+
+/// Ids drawn from a small pool, so that duplicates and dangling references happen.
+fn id() -> impl Strategy<Value = String> {
+    prop_oneof![Just(String::new()), "[a-c]{1,2}"]
+}
+
+fn api() -> impl Strategy<Value = Api> {
+    (
+        id(),
+        prop_oneof![Just(1u8), Just(2), any::<u8>()],
+        prop_oneof![Just("HTTP"), Just("HTTPS"), Just("BOTH"), Just("FTP")],
+        prop_oneof![Just("GET"), Just("ANY"), Just("POST"), Just("get")],
+        prop_oneof![segments().prop_map(|s| render(&s)), template_text()],
+        prop_oneof![Just("NORMAL"), Just("SWA"), Just("x")],
+        prop_oneof![Just("APP"), Just("NONE"), Just("IAM"), Just("?")],
+        any::<bool>(),
+        backend(),
+    )
+        .prop_map(
+            |(id, api_type, protocol, method, req_uri, mode, auth, code, backend)| Api {
+                id,
+                name: "api".into(),
+                api_type,
+                req_protocol: protocol.into(),
+                req_method: method.into(),
+                req_uri,
+                match_mode: mode.into(),
+                auth_type: auth.into(),
+                app_code_auth: code,
+                backend,
+            },
+        )
+}
+
+fn backend() -> impl Strategy<Value = Backend> {
+    prop_oneof![
+        (
+            prop_oneof![Just("HTTP"), Just("HTTPS")],
+            prop_oneof![Just("GET"), Just("ANY"), Just("BREW")],
+            prop_oneof![segments().prop_map(|s| render(&s)), template_text()],
+            prop_oneof![
+                Just("127.0.0.1:8080".to_owned()),
+                Just("a@b:1".to_owned()),
+                "[a-z:0-9/]{0,12}"
+            ],
+            prop_oneof![Just(1_000u64), any::<u64>()],
+        )
+            .prop_map(|(p, m, uri, domain, timeout)| Backend::Http {
+                req_protocol: p.into(),
+                req_method: m.into(),
+                req_uri: uri,
+                url_domain: domain,
+                timeout_ms: timeout,
+            }),
+        (any::<u16>(), ".{0,8}").prop_map(|(status, body)| Backend::Mock { status, body }),
+    ]
+}
+
+fn group() -> impl Strategy<Value = Group> {
+    (
+        id(),
+        prop_oneof!["[a-c]{1,2}\\.sl", Just("Bad_Domain".to_owned())],
+        proptest::option::of("[a-c]{1,2}\\.market"),
+        prop_oneof![
+            Just(MarketState::OnSale),
+            Just(MarketState::Delisted),
+            Just(MarketState::Unlisted)
+        ],
+        vec(api(), 0..4),
+    )
+        .prop_map(|(id, sl, url, state, apis)| Group {
+            id,
+            name: "group".into(),
+            sl_domain: sl,
+            url_domain: url,
+            market_state: state,
+            apis,
+        })
+}
+
+fn app() -> impl Strategy<Value = App> {
+    (
+        id(),
+        prop_oneof![id(), ".{0,4}"],
+        prop_oneof![Just("s".to_owned()), Just(String::new()), "é{0,700}"],
+        vec(id(), 0..7),
+        prop_oneof![Just("USER"), Just("MARKET"), Just("ROOT")],
+    )
+        .prop_map(|(id, key, secret, codes, creator)| App {
+            id,
+            app_key: key,
+            app_secret: secret,
+            app_codes: codes,
+            creator: creator.into(),
+        })
+}
+
+fn purchase() -> impl Strategy<Value = Purchase> {
+    (
+        id(),
+        id(),
+        id(),
+        prop_oneof![Just(PurchaseState::Active), Just(PurchaseState::Frozen)],
+        any::<i64>(),
+        any::<i64>(),
+        proptest::option::of(any::<u64>()),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(id, group_id, app_id, state, start, expire, limit, used)| Purchase {
+                id,
+                group_id,
+                app_id,
+                state,
+                start_time: start.min(expire),
+                expire_time: if start % 7 == 0 { start } else { expire },
+                quota_limit: limit,
+                quota_used: used,
+            },
+        )
+}
+
+/// Any snapshot (mostly invalid: pools of ids collide, references dangle).
+fn snapshot() -> impl Strategy<Value = Snapshot> {
+    (
+        0u64..4,
+        vec(group(), 0..4),
+        vec(app(), 0..5),
+        vec(purchase(), 0..5),
+        vec((id(), id()), 0..3),
+    )
+        .prop_map(|(version, groups, apps, purchases, auths)| Snapshot {
+            version,
+            generated_at: None,
+            groups,
+            apps,
+            purchases,
+            app_auths: auths
+                .into_iter()
+                .map(|(app_id, api_id)| AppAuth { app_id, api_id })
+                .collect(),
+            certificates: Vec::new(),
+        })
+}
+
+/// A valid market by construction: unique ids, domains and keys, purchases of existing
+/// groups by apps of their own, backend parameters taken from the route.
+fn valid_snapshot() -> impl Strategy<Value = Snapshot> {
+    (
+        1u64..1_000,
+        vec((segments(), any::<bool>(), 100u16..600), 1..4),
+        0usize..6,
+        vec(any::<(bool, u16, Option<u32>)>(), 0..6),
+    )
+        .prop_map(|(version, apis, apps, purchases)| {
+            let groups = apis
+                .into_iter()
+                .enumerate()
+                .map(|(g, (route, swa, status))| {
+                    let backend_uri = render(
+                        &route
+                            .iter()
+                            .filter(|s| !matches!(s, Segment::Literal(_)))
+                            .cloned()
+                            .collect::<Vec<_>>(),
+                    );
+                    Group {
+                        id: format!("g{g}"),
+                        name: format!("group {g}"),
+                        sl_domain: format!("g{g}.sl.test"),
+                        url_domain: Some(format!("g{g}.market.test")),
+                        market_state: MarketState::OnSale,
+                        apis: vec![
+                            Api {
+                                id: format!("g{g}-http"),
+                                name: "http".into(),
+                                api_type: 1,
+                                req_protocol: "BOTH".into(),
+                                req_method: "GET".into(),
+                                req_uri: render(&route),
+                                match_mode: if swa { "SWA" } else { "NORMAL" }.into(),
+                                auth_type: "APP".into(),
+                                app_code_auth: swa,
+                                backend: Backend::Http {
+                                    req_protocol: "HTTP".into(),
+                                    req_method: "ANY".into(),
+                                    req_uri: backend_uri,
+                                    url_domain: "127.0.0.1:9".into(),
+                                    timeout_ms: 5_000,
+                                },
+                            },
+                            Api {
+                                id: format!("g{g}-mock"),
+                                name: "mock".into(),
+                                api_type: 2,
+                                req_protocol: "HTTP".into(),
+                                req_method: "POST".into(),
+                                req_uri: "/mock".into(),
+                                match_mode: "NORMAL".into(),
+                                auth_type: "NONE".into(),
+                                app_code_auth: false,
+                                backend: Backend::Mock {
+                                    status,
+                                    body: "ok".into(),
+                                },
+                            },
+                        ],
+                    }
+                })
+                .collect::<Vec<_>>();
+            let apps: Vec<App> = (0..apps)
+                .map(|a| App {
+                    id: format!("a{a}"),
+                    app_key: format!("key-{a}"),
+                    app_secret: format!("secret-{a}"),
+                    app_codes: (0..a % 3).map(|c| format!("code-{a}-{c}")).collect(),
+                    creator: "MARKET".into(),
+                })
+                .collect();
+            let purchases = purchases
+                .into_iter()
+                .zip(&apps)
+                .enumerate()
+                .map(|(p, ((frozen, group, limit), app))| Purchase {
+                    id: format!("p{p}"),
+                    group_id: format!("g{}", usize::from(group) % groups.len()),
+                    app_id: app.id.clone(),
+                    state: if frozen {
+                        PurchaseState::Frozen
+                    } else {
+                        PurchaseState::Active
+                    },
+                    start_time: 0,
+                    expire_time: 4_102_444_800,
+                    quota_limit: limit.map(u64::from),
+                    quota_used: 0,
+                })
+                .collect();
+            Snapshot {
+                version,
+                generated_at: None,
+                groups,
+                apps,
+                purchases,
+                app_auths: Vec::new(),
+                certificates: Vec::new(),
+            }
+        })
+}
+
+/// Entities of `snapshot` by id, in id order: what a delta must reproduce, whatever order.
+fn by_id(snapshot: &Snapshot) -> (Vec<&Group>, Vec<&App>, Vec<&Purchase>) {
+    let mut groups: Vec<&Group> = snapshot.groups.iter().collect();
+    groups.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut apps: Vec<&App> = snapshot.apps.iter().collect();
+    apps.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut purchases: Vec<&Purchase> = snapshot.purchases.iter().collect();
+    purchases.sort_by(|a, b| a.id.cmp(&b.id));
+    (groups, apps, purchases)
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn any_template_parses_or_is_refused_never_panics(text in template_text()) {
+        let _ = parse_template(&text);
+    }
+
+    #[test]
+    fn a_rendered_template_parses_back_to_its_segments(segments in segments()) {
+        prop_assert_eq!(parse_template(&render(&segments)).unwrap(), segments);
+    }
+
+    /// A path made by filling a route's parameters is matched, capturing what was filled.
+    #[test]
+    fn a_filled_route_is_found_with_its_parameters(
+        segments in segments(),
+        values in vec("[a-z0-9%]{1,5}", 6),
+        tail in vec("[a-z]{1,3}", 1..3),
+        path in template_text(),
+    ) {
+        let mut router = Router::default();
+        router.insert(None, &segments, false, 7);
+        // Arbitrary paths never panic.
+        let _ = router.find(&http::Method::GET, &path);
+        let mut filled = String::new();
+        let mut expected = Vec::new();
+        for (segment, value) in segments.iter().zip(values.iter().cycle()) {
+            match segment {
+                Segment::Literal(l) => filled.push_str(&format!("/{l}")),
+                Segment::Param(_) => {
+                    filled.push_str(&format!("/{value}"));
+                    expected.push(value.clone());
+                }
+                Segment::Greedy(_) => {
+                    let rest = tail.join("/");
+                    filled.push_str(&format!("/{rest}"));
+                    expected.push(rest);
+                }
+            }
+        }
+        if filled.is_empty() {
+            filled.push('/');
+        }
+        let found = router.find(&http::Method::DELETE, &filled);
+        prop_assert!(found.is_some(), "{} not found by {}", filled, render(&segments));
+        let found = found.unwrap();
+        prop_assert_eq!(found.target, 7);
+        prop_assert_eq!(found.params, expected.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+
+    /// Whatever the snapshot, validation answers; what it accepts compiles without a panic.
+    #[test]
+    fn any_snapshot_is_validated_and_compiled_without_a_panic(snapshot in snapshot()) {
+        let dir = tempfile::tempdir().unwrap();
+        let quota = QuotaRegistry::open(dir.path(), 8).unwrap();
+        let metrics = GatewayMetrics::new();
+        if let Ok(valid) = validate(&snapshot) {
+            let compiled = prepare(valid, &metrics).bind(&quota, &metrics);
+            for app in &snapshot.apps {
+                prop_assert!(compiled.app_by_key(&app.app_key).is_some());
+            }
+        }
+    }
+
+    /// Arbitrary bytes as a pushed body: refused by serde or validation, never a panic.
+    #[test]
+    fn arbitrary_json_never_panics(bytes in vec(any::<u8>(), 0..256)) {
+        if let Ok(snapshot) = serde_json::from_slice::<Snapshot>(&bytes) {
+            let _ = validate(&snapshot);
+        }
+        if let Ok(delta) = serde_json::from_slice::<Delta>(&bytes) {
+            let _ = apply(&Snapshot::default(), delta);
+        }
+    }
+
+    /// A valid snapshot survives JSON, validates again, and every app is found by key and
+    /// each of its codes in what it compiles to.
+    #[test]
+    fn a_valid_snapshot_round_trips_and_compiles(snapshot in valid_snapshot()) {
+        validate(&snapshot).unwrap();
+        let json = serde_json::to_vec(&snapshot).unwrap();
+        let back: Snapshot = serde_json::from_slice(&json).unwrap();
+        prop_assert_eq!(&back, &snapshot);
+        let dir = tempfile::tempdir().unwrap();
+        let quota = QuotaRegistry::open(dir.path(), 8).unwrap();
+        let compiled = compile(&back, &quota, &GatewayMetrics::new()).unwrap();
+        for (i, app) in snapshot.apps.iter().enumerate() {
+            prop_assert_eq!(compiled.app_by_key(&app.app_key).map(|a| a.index), Some(i));
+            for code in &app.app_codes {
+                prop_assert_eq!(compiled.app_by_code(code).map(|a| a.index), Some(i));
+            }
+        }
+        for purchase in &snapshot.purchases {
+            prop_assert!(quota.get(&purchase.id).is_some());
+        }
+    }
+
+    /// The delta between two valid snapshots rebuilds the second from the first (entities
+    /// compared by id), and the result validates.
+    #[test]
+    fn a_delta_rebuilds_the_snapshot_it_was_made_for(
+        old in valid_snapshot(),
+        new in valid_snapshot(),
+    ) {
+        let mut new = new;
+        new.version += old.version + 1;
+        let delta = diff(&old, &new);
+        let json = serde_json::to_vec(&delta).unwrap();
+        let delta: Delta = serde_json::from_slice(&json).unwrap();
+        let rebuilt = apply(&old, delta).unwrap();
+        prop_assert_eq!(rebuilt.version, new.version);
+        prop_assert_eq!(by_id(&rebuilt), by_id(&new));
+        prop_assert_eq!(&rebuilt.app_auths, &new.app_auths);
+        validate(&rebuilt).unwrap();
+    }
+
+    /// Any delta on any base: refused or applied, never a panic; applied, it is validated
+    /// like a full snapshot.
+    #[test]
+    fn any_delta_on_any_base_never_panics(
+        base in snapshot(),
+        groups in vec(group(), 0..3),
+        apps in vec(app(), 0..3),
+        purchases in vec(purchase(), 0..3),
+        removed in vec(id(), 0..3),
+        from_version in 0u64..4,
+        version in 0u64..6,
+    ) {
+        let delta = Delta {
+            from_version,
+            version,
+            generated_at: None,
+            groups,
+            removed_groups: removed.clone(),
+            apps,
+            removed_apps: removed.clone(),
+            purchases,
+            removed_purchases: removed,
+            app_auths: None,
+            certificates: None,
+        };
+        if let Ok(rebuilt) = apply(&base, delta) {
+            prop_assert!(rebuilt.version > base.version);
+            let _ = validate(&rebuilt);
+        }
+    }
+}
