@@ -210,6 +210,9 @@ impl IntoResponse for ControlError {
             );
         }
         response
+            .extensions_mut()
+            .insert(super::metrics::AnsweredError { code, message: msg });
+        response
     }
 }
 

@@ -6,12 +6,23 @@
 //! `marketgate_proxy_acked_version{proxy}`, `marketgate_control_snapshot_pushes_total{result}`)
 //! and `marketgate_quota_calls_left{purchase}`, which is computed from the state when scraped.
 //! It never changes the state.
+//!
+//! It also owns the control plane's request metrics and access log ([`observe`], a layer on
+//! the market and management router): one `control_access` line and one count and duration
+//! per request (method, route template, status), auth failures and unknown routes included.
 
 use std::sync::{Arc, Weak};
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{IntGauge, IntGaugeVec, Opts, Registry};
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State as AxState};
+use axum::middleware::Next;
+use axum::response::Response;
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 use tokio::sync::Mutex;
 
 use super::push::PushMetrics;
@@ -29,6 +40,7 @@ pub struct ControlMetrics {
     registry: Registry,
     pub snapshot_version: IntGauge,
     pub push: PushMetrics,
+    pub requests: RequestMetrics,
 }
 
 impl ControlMetrics {
@@ -45,6 +57,7 @@ impl ControlMetrics {
             .register(Box::new(snapshot_version.clone()))
             .expect("metric names are unique");
         let push = PushMetrics::register(&registry).expect("metric names are unique");
+        let requests = RequestMetrics::register(&registry).expect("metric names are unique");
         registry
             .register(Box::new(CallsLeft::new(Arc::downgrade(state))))
             .expect("metric names are unique");
@@ -52,6 +65,7 @@ impl ControlMetrics {
             registry,
             snapshot_version,
             push,
+            requests,
         }
     }
 
@@ -68,10 +82,125 @@ impl ControlMetrics {
 }
 
 /// The control plane's labelled families, announced even before their first series.
-pub const LABELLED_FAMILIES: [Family; 2] = [
+pub const LABELLED_FAMILIES: [Family; 4] = [
     (PushMetrics::ACKED_NAME, PushMetrics::ACKED_HELP, "gauge"),
     (CALLS_LEFT_NAME, CALLS_LEFT_HELP, "gauge"),
+    (REQUESTS_NAME, REQUESTS_HELP, "counter"),
+    (DURATION_NAME, DURATION_HELP, "histogram"),
 ];
+
+const REQUESTS_NAME: &str = "marketgate_control_requests_total";
+const REQUESTS_HELP: &str =
+    "Market and management API requests by method, route template and HTTP status";
+const DURATION_NAME: &str = "marketgate_control_request_duration_seconds";
+const DURATION_HELP: &str =
+    "Market and management API request latency by method and route template";
+/// Upper bounds of the request duration buckets, in seconds: a read answers in
+/// milliseconds, a durable write waits for a commit (an fsync or a PostgreSQL round trip).
+const DURATION_BUCKETS_SECS: [f64; 10] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
+/// The route label of a request that matched no route (answered 404 APIG.0101).
+const UNMATCHED_ROUTE: &str = "unmatched";
+
+/// `marketgate_control_requests_total{method,route,status}` and
+/// `marketgate_control_request_duration_seconds{method,route}`. Label values come from the
+/// code (route templates, known methods, statuses), never from raw request input.
+#[derive(Debug, Clone)]
+pub struct RequestMetrics {
+    total: IntCounterVec,
+    duration: HistogramVec,
+}
+
+impl RequestMetrics {
+    fn register(registry: &Registry) -> prometheus::Result<RequestMetrics> {
+        let total = IntCounterVec::new(
+            Opts::new(REQUESTS_NAME, REQUESTS_HELP),
+            &["method", "route", "status"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(DURATION_NAME, DURATION_HELP)
+                .buckets(DURATION_BUCKETS_SECS.to_vec()),
+            &["method", "route"],
+        )?;
+        registry.register(Box::new(total.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        Ok(RequestMetrics { total, duration })
+    }
+
+    fn record(&self, method: &str, route: &str, status: u16, seconds: f64) {
+        let status = status.to_string();
+        self.total
+            .with_label_values(&[method, route, &status])
+            .inc();
+        self.duration
+            .with_label_values(&[method, route])
+            .observe(seconds);
+    }
+}
+
+/// The APIG error code and message of an error answer, left on the response by
+/// [`super::error::ControlError`] for [`observe`] to log.
+#[derive(Debug, Clone)]
+pub struct AnsweredError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// The method as a label: the ones the API has, else `other` (a label never holds raw input).
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// The layer around the market and management router: one `control_access` log line and one
+/// count and duration per request. It reads no body and no credential header; the path is
+/// logged (ids only), the query string is not.
+pub async fn observe(
+    AxState(metrics): AxState<ControlMetrics>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let method = method_label(request.method());
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    let path = request.uri().path().to_owned();
+    let response = next.run(request).await;
+    let elapsed = started.elapsed();
+    let route = route.as_deref().unwrap_or(UNMATCHED_ROUTE);
+    let status = response.status().as_u16();
+    metrics
+        .requests
+        .record(method, route, status, elapsed.as_secs_f64());
+    let error = response.extensions().get::<AnsweredError>();
+    tracing::info!(
+        target: "control_access",
+        request_id = response
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(""),
+        method,
+        route,
+        path = path.as_str(),
+        status,
+        error_code = error.map(|e| e.code),
+        error = error.map(|e| e.message.as_str()),
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+    );
+    response
+}
 
 const CALLS_LEFT_NAME: &str = "marketgate_quota_calls_left";
 const CALLS_LEFT_HELP: &str =

@@ -290,6 +290,11 @@ impl ControlPlane {
             // The OpenAPI document, `GET /openapi.json`: merged after the auth layer, so it
             // needs no credentials.
             .merge(openapi::router())
+            // Outermost: every request is counted and logged, refused ones included.
+            .layer(axum::middleware::from_fn_with_state(
+                self.inner.metrics.clone(),
+                metrics::observe,
+            ))
     }
 
     /// The full snapshot at the current version (caught up with the store first; if the store

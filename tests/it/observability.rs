@@ -1,16 +1,18 @@
 //! What an operator reads is true: `marketgate serve` as a real process, its JSON log read
 //! back. The access log's `quota_left` and `/v1/usage`'s `left` are the purchase's calls left,
-//! equal to the buyer's view, and the proxy's lease balance has its own name (`lease_left`).
+//! equal to the buyer's view, and the proxy's lease balance has its own name (`lease_left`);
+//! every market and management request leaves one access line and a count by route.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::support::control::{
-    bought_group, config_toml, market_base, Api, Auth, BUYER_DOMAIN, BUYER_PROJECT, MARKET_TOKEN,
+    bought_group, config_toml, market_base, mgmt, Api, Auth, BUYER_DOMAIN, BUYER_PROJECT,
+    MARKET_TOKEN, SELLER_PROJECT, SELLER_TOKEN,
 };
 use crate::support::gateway::{admin_get, request, signed_as, Backend, Buyer, ADMIN_TOKEN};
 use crate::support::process::Process;
@@ -152,4 +154,120 @@ async fn calls_left_in_the_log_and_usage_are_the_purchases_under_leases() {
         .expect("a leased purchase has lease_left");
     assert!(lease_now <= BOUGHT - made, "{mine}");
     assert_eq!(mine["leased"], true, "{mine}");
+}
+
+/// The access log records of the control plane's market and management API.
+fn control_lines(process: &Process) -> Vec<Value> {
+    process
+        .records()
+        .into_iter()
+        .filter(|r| r["target"] == "control_access")
+        .map(|r| r["fields"].clone())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_control_request_leaves_one_access_line_and_a_metric() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("marketgate.db");
+    let config = dir.path().join("control.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = '{}'\n{}",
+            dir.path().display(),
+            config_toml(&format!("sqlite://{}", db.display()), "127.0.0.1:0").replace(
+                "token = \"admin-token\"",
+                &format!("token = \"{ADMIN_TOKEN}\"")
+            )
+        ),
+    )
+    .unwrap();
+    let control = Process::start("control", &config, "control plane listening").await;
+    let (addr, admin) = (control.addr("listen"), control.addr("admin"));
+
+    let seller = Api::new(addr, Auth::Token(SELLER_TOKEN.into()));
+    let groups = format!("{}/api-groups", mgmt(SELLER_PROJECT));
+    let short = seller.post(&groups, json!({"name": "ab"})).await;
+    assert_eq!(short.0, 400, "{}", short.1);
+    let created = seller
+        .post(&groups, json!({"name": "observed_group"}))
+        .await;
+    assert_eq!(created.0, 201, "{}", created.1);
+    let stranger = Api::new(addr, Auth::Token("no-such-token".into()));
+    assert_eq!(stranger.get(&groups).await.0, 401);
+    assert_eq!(seller.get("/v2/nowhere").await.0, 404);
+
+    let deadline = Instant::now() + WITHIN;
+    let lines = loop {
+        let lines = control_lines(&control);
+        if lines.len() >= 4 {
+            break lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} control access lines: {lines:#?}",
+            lines.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(lines.len(), 4, "one line per request: {lines:#?}");
+    let template = "/v2/{project_id}/apigw/instances/{instance_id}/api-groups";
+    let summary: Vec<(String, String, u64, Option<String>)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["method"].as_str().unwrap().to_owned(),
+                l["route"].as_str().unwrap().to_owned(),
+                l["status"].as_u64().unwrap(),
+                l["error_code"].as_str().map(str::to_owned),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (
+                "POST".into(),
+                template.into(),
+                400,
+                Some("APIG.2012".into())
+            ),
+            ("POST".into(), template.into(), 201, None),
+            ("GET".into(), template.into(), 401, Some("APIG.1002".into())),
+            (
+                "GET".into(),
+                "unmatched".into(),
+                404,
+                Some("APIG.0101".into())
+            ),
+        ],
+        "{lines:#?}"
+    );
+    for line in &lines {
+        assert!(line["duration_ms"].as_f64().is_some(), "{line}");
+        assert!(!line["request_id"].as_str().unwrap().is_empty(), "{line}");
+    }
+    assert!(
+        lines[0]["error"].as_str().unwrap().contains("name"),
+        "the 4xx says what was wrong: {}",
+        lines[0]
+    );
+    let logged = format!("{lines:?}");
+    assert!(
+        !logged.contains("no-such-token"),
+        "a credential reached the log"
+    );
+
+    let metrics =
+        String::from_utf8(admin_get(admin, "/metrics", true).await.body.to_vec()).unwrap();
+    for series in [
+        format!("marketgate_control_requests_total{{method=\"POST\",route=\"{template}\",status=\"400\"}} 1"),
+        format!("marketgate_control_requests_total{{method=\"POST\",route=\"{template}\",status=\"201\"}} 1"),
+        format!("marketgate_control_requests_total{{method=\"GET\",route=\"{template}\",status=\"401\"}} 1"),
+        "marketgate_control_requests_total{method=\"GET\",route=\"unmatched\",status=\"404\"} 1".to_owned(),
+        format!("marketgate_control_request_duration_seconds_count{{method=\"POST\",route=\"{template}\"}} 2"),
+    ] {
+        assert!(metrics.contains(&series), "no {series} in\n{metrics}");
+    }
 }
