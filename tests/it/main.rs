@@ -1,6 +1,7 @@
 //! Integration tests: real sockets on 127.0.0.1:0, in-process servers, one binary.
 
 mod cli;
+mod cluster;
 mod control;
 mod control_binary;
 mod control_e2e;

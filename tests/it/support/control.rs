@@ -188,6 +188,11 @@ impl Control {
         }
     }
 
+    /// Another replica on the same database (PostgreSQL: one control plane, many processes).
+    pub async fn replica(&self) -> Control {
+        Self::open(self.database_url.clone(), self._dir.clone()).await
+    }
+
     /// Stops this one and opens a new one on the same database.
     pub async fn restart(self) -> Control {
         self.trigger.fire();
