@@ -26,6 +26,10 @@ impl SnapshotSource for ControlPlane {
     async fn snapshot(&self) -> Arc<Snapshot> {
         Arc::new(ControlPlane::snapshot(self).await)
     }
+
+    async fn move_version_past(&self, seen: u64) -> Result<u64, super::ControlError> {
+        ControlPlane::move_version_past(self, seen).await
+    }
 }
 
 /// The snapshot of `state` at `state.version`.

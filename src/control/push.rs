@@ -49,6 +49,10 @@ pub trait SnapshotSource: Send + Sync + 'static {
     fn subscribe(&self) -> watch::Receiver<u64>;
     /// The current full snapshot.
     async fn snapshot(&self) -> Arc<Snapshot>;
+    /// A proxy holds `seen`, a version this source did not make (its store was restored from
+    /// an older backup, or someone pushed to the proxy directly): move the version past it so
+    /// that the next snapshot replaces it. Returns the new version.
+    async fn move_version_past(&self, seen: u64) -> Result<u64, super::ControlError>;
 }
 
 /// What the control plane knows about one proxy (`GET /v1/proxies`).
@@ -216,7 +220,7 @@ impl Pusher {
             if !up_to_date {
                 tokio::time::sleep(debounce).await;
                 let snapshot = source.snapshot().await;
-                match self.push(&snapshot).await {
+                match self.push(&snapshot, source.as_ref()).await {
                     Ok(()) => {
                         backoff = FIRST_BACKOFF;
                         continue;
@@ -265,7 +269,11 @@ impl Pusher {
     }
 
     /// Sends `snapshot`, as a delta when that is possible and worth it.
-    async fn push(&mut self, snapshot: &Arc<Snapshot>) -> Result<(), PushError> {
+    async fn push(
+        &mut self,
+        snapshot: &Arc<Snapshot>,
+        source: &dyn SnapshotSource,
+    ) -> Result<(), PushError> {
         if let Some(base) = self.acked.clone() {
             let delta = delta::diff(&base, snapshot);
             let entities =
@@ -296,6 +304,30 @@ impl Pusher {
                 Some(answer) if answer.version == Some(snapshot.version) => {
                     self.acknowledged(snapshot.clone(), answer, "ok");
                     Ok(())
+                }
+                // Ahead of every version this control plane made: the proxy serves a
+                // snapshot that is not the market's. Never leave it there: move the version
+                // past it; the next push (a new version) replaces it.
+                Some(ProxyAnswer {
+                    version: Some(held),
+                    ..
+                }) if held > snapshot.version => {
+                    match source.move_version_past(held).await {
+                        Ok(version) => tracing::error!(
+                            proxy = %self.admin_url,
+                            held,
+                            control = snapshot.version,
+                            now = version,
+                            "the proxy holds a version this control plane did not make: moving the version past it"
+                        ),
+                        Err(error) => tracing::error!(
+                            proxy = %self.admin_url,
+                            held,
+                            %error,
+                            "the proxy holds a version this control plane did not make, and the version could not be moved past it"
+                        ),
+                    }
+                    Err(PushError::Conflict)
                 }
                 _ => Err(PushError::Conflict),
             },

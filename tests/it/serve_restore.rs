@@ -199,3 +199,58 @@ async fn serve_follows_a_restored_store_and_refuses_a_missing_one() {
         "an empty store was created in place of the lost one"
     );
 }
+
+/// A proxy that holds a version its control plane did not make (here pushed to it directly,
+/// as a proxy restored from another store's disk would hold one) is not left there: the
+/// control plane moves its version past the proxy's and the proxy serves the market again —
+/// a purchase made afterwards is served, a delist refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_ahead_of_its_control_plane_is_brought_back() {
+    use crate::support::planes::{call, first_refusal, Planes, CONVERGE};
+
+    let planes = Planes::start(1).await;
+    let gid = planes.listed_group("ahead", "ahead.example.com").await;
+    let version = planes.converged().await;
+    let proxy = &planes.proxies[0];
+
+    let mut foreign = planes.cp.snapshot().await;
+    foreign.version = version + 1_000;
+    foreign.groups.clear();
+    foreign.purchases.clear();
+    foreign.apps.clear();
+    foreign.app_auths.clear();
+    let answer = push(proxy.admin, serde_json::to_vec(&foreign).unwrap(), None).await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(proxy.version(), Some(version + 1_000));
+
+    // The next market change reaches the proxy, at a version past the one it held.
+    let (key, secret) = planes.buy(&gid, "after-foreign-push", 1_000).await;
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let answer = call(&proxy.buyer(), "ahead.example.com", &key, &secret).await;
+        if answer.status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the proxy stayed on the foreign snapshot: {} {:?}, proxy at {:?}, control at {}",
+            answer.status,
+            answer.body,
+            proxy.version(),
+            planes.cp.version()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(planes.cp.version() > version + 1_000);
+    let converged = planes.converged().await;
+    assert!(converged > version + 1_000);
+
+    let refused = tokio::spawn(first_refusal(
+        proxy.buyer(),
+        "ahead.example.com".into(),
+        key,
+        secret,
+    ));
+    planes.delist(&gid).await;
+    refused.await.unwrap();
+}
