@@ -2,6 +2,7 @@
 
 mod cli;
 mod cluster;
+mod cluster_fleet;
 mod control;
 mod control_binary;
 mod control_e2e;

@@ -1,0 +1,294 @@
+//! Three `marketgate control` binaries on one PostgreSQL database are one control plane, with
+//! three `marketgate proxy` binaries each leasing from (and pushed to by) a different replica.
+//!
+//! Q calls are bought through replica 0; replicas 1 and 2 learn of the purchase only through
+//! the store (its notifications) and push it to their proxies. 64 buyers then call through all
+//! three proxies while replica 1 is killed with SIGKILL mid-run, right after it acknowledged a
+//! write, and later restarted. The ledger is in the store, so whichever replica a proxy talks
+//! to, the backend receives exactly Q calls: never more, and after the fleet drains, none
+//! fewer (no proxy crashed: nothing is lost). The write replica 1 acknowledged before its
+//! death is there on the others. PostgreSQL only; skipped, saying so, without it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use crate::support::control::{self as ctl, bought_group, config_toml, Api, Auth, Bought};
+use crate::support::gateway::{admin_get, request, signed_as, Backend, Buyer, ADMIN_TOKEN};
+use crate::support::process::{free_port, Process};
+
+const QUOTA: u64 = 3000;
+const CLIENTS: usize = 64;
+/// Calls each client offers: 64 × 70 = 4480 for 3000 bought.
+const CALLS_PER_CLIENT: usize = 70;
+const REPLICAS: usize = 3;
+/// The replica killed once the backend has seen [`KILL_AFTER`] calls.
+const VICTIM: usize = 1;
+const KILL_AFTER: u64 = QUOTA / 3;
+const DOMAIN: &str = "cluster.example.com";
+/// How long the fleet may take to agree (snapshots followed and pushed, leases drained).
+const CONVERGE: Duration = Duration::from_secs(30);
+
+/// A control replica: fixed addresses, so that it comes back where its proxy looks for it.
+struct Replica {
+    config: PathBuf,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    process: Process,
+}
+
+impl Replica {
+    async fn start(dir: &Path, n: usize, database_url: &str, proxy_admin: SocketAddr) -> Replica {
+        let (listen, admin) = (free_port(), free_port());
+        let toml = config_toml(database_url, &listen.to_string()).replace(
+            "listen = \"127.0.0.1:0\"\ntoken = \"admin-token\"",
+            &format!("listen = \"{admin}\"\ntoken = \"{ADMIN_TOKEN}\""),
+        ) + &format!("[[control.proxies]]\nadmin_url = \"http://{proxy_admin}\"\n");
+        let config = dir.join(format!("control-{n}.toml"));
+        std::fs::write(&config, toml).unwrap();
+        let process = Process::start("control", &config, "control plane listening").await;
+        assert_eq!(process.addr("admin"), admin, "the replica's admin address");
+        Replica {
+            config,
+            listen,
+            admin,
+            process,
+        }
+    }
+
+    async fn restart(&mut self) {
+        self.process = Process::start("control", &self.config, "control plane listening").await;
+    }
+
+    fn market(&self, domain: &str) -> Api {
+        Api::new(self.listen, Auth::Token(ctl::MARKET_TOKEN.into())).as_domain(domain)
+    }
+
+    async fn version(&self) -> u64 {
+        let answer = admin_get(self.admin, "/v1/snapshot/version", true).await;
+        answer.json()["version"].as_u64().expect("a version")
+    }
+}
+
+fn proxy_config(dir: &Path, node: &str, admin: SocketAddr, control_admin: SocketAddr) -> PathBuf {
+    let data_dir = dir.join(node);
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let config = dir.join(format!("{node}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = '{}'\n\
+             [gateway]\nlisten = '127.0.0.1:0'\n\
+             [admin]\nlisten = '{admin}'\ntoken = '{ADMIN_TOKEN}'\n\
+             [proxy]\nnode_id = '{node}'\ncontrol_url = 'http://{control_admin}'\n\
+             [log]\nformat = 'json'\n",
+            data_dir.display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+struct Cluster {
+    replicas: Vec<Replica>,
+    proxies: Vec<Process>,
+    bought: Bought,
+    backend: Backend,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn call(&self) -> http::Request<http_body_util::Full<Bytes>> {
+        signed_as(
+            &self.bought.key,
+            &self.bought.secret,
+            request("GET", DOMAIN, "/call", Bytes::new()),
+        )
+    }
+
+    /// Waits until every proxy serves `version` or newer, each pushed by its own replica.
+    async fn served_everywhere(&self, version: u64) {
+        let deadline = Instant::now() + CONVERGE;
+        for (n, proxy) in self.proxies.iter().enumerate() {
+            loop {
+                let answer = admin_get(proxy.addr("admin"), "/v1/snapshot/version", true).await;
+                if answer.json()["version"].as_u64() >= Some(version) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "proxy {n} never got {version}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+
+    /// The buyer's view of the purchase on replica `n`.
+    async fn purchase(&self, n: usize) -> Value {
+        let answer = self.replicas[n]
+            .market(ctl::BUYER_DOMAIN)
+            .get(&format!(
+                "{}/purchases/{}",
+                ctl::market_base(ctl::BUYER_PROJECT),
+                self.bought.purchase_id
+            ))
+            .await;
+        ctl::expect_status("buyer's view", &answer, 200);
+        answer.1
+    }
+
+    /// Calls held in leases, per the store (asked of replica 0).
+    async fn held(&self) -> u64 {
+        let answer = admin_get(self.replicas[0].admin, "/v1/proxies", true).await;
+        assert_eq!(answer.status, 200);
+        answer.json()["leases"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|l| l["calls_held"].as_u64().unwrap())
+            .sum()
+    }
+
+    /// Calls every proxy in turn until a whole round serves nothing and the store has nothing
+    /// left unleased; returns the calls served.
+    async fn drain(&self) -> u64 {
+        let mut served = 0;
+        let deadline = Instant::now() + CONVERGE;
+        loop {
+            let mut round = 0;
+            for proxy in &self.proxies {
+                let buyer = Buyer::new(proxy.addr("buyers"));
+                while buyer.send(self.call()).await.status == 200 {
+                    round += 1;
+                }
+            }
+            served += round;
+            let left = self.purchase(0).await["quota_left"].as_u64().unwrap();
+            if round == 0 && left.saturating_sub(self.held().await) == 0 {
+                return served;
+            }
+            assert!(Instant::now() < deadline, "the cluster never ran dry");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_three_replicas_lease_exactly_q_through_a_replica_kill_9() {
+    let Some(store) = ctl::Backend::all()
+        .await
+        .into_iter()
+        .find(|b| matches!(b, ctl::Backend::Postgres))
+    else {
+        return;
+    };
+    let backend = Backend::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let database_url = store.fresh_database(dir.path()).await;
+    let proxy_admins: Vec<SocketAddr> = (0..REPLICAS).map(|_| free_port()).collect();
+    let mut replicas = Vec::new();
+    for (n, proxy_admin) in proxy_admins.iter().enumerate() {
+        replicas.push(Replica::start(dir.path(), n, &database_url, *proxy_admin).await);
+    }
+    let mut proxies = Vec::new();
+    for (n, admin) in proxy_admins.iter().enumerate() {
+        let config = proxy_config(dir.path(), &format!("proxy-{n}"), *admin, replicas[n].admin);
+        proxies.push(Process::start("proxy", &config, "proxy listening").await);
+    }
+    let bought = bought_group(replicas[0].listen, backend.addr, DOMAIN, QUOTA).await;
+    let mut cluster = Cluster {
+        replicas,
+        proxies,
+        bought,
+        backend,
+        _dir: dir,
+    };
+    // Replicas 1 and 2 serve what replica 0 committed, and push it to their proxies.
+    let version = cluster.replicas[0].version().await;
+    cluster.served_everywhere(version).await;
+
+    let buyers: Arc<Vec<Buyer>> = Arc::new(
+        cluster
+            .proxies
+            .iter()
+            .map(|p| Buyer::new(p.addr("buyers")))
+            .collect(),
+    );
+    let ok = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for c in 0..CLIENTS {
+        let requests: Vec<_> = (0..CALLS_PER_CLIENT).map(|_| cluster.call()).collect();
+        let (buyers, ok) = (buyers.clone(), ok.clone());
+        clients.push(tokio::spawn(async move {
+            for request in requests {
+                let answer = buyers[c % REPLICAS].send(request).await;
+                match answer.status.as_u16() {
+                    200 => {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                    405 => assert_eq!(answer.code(), "APIG.0501", "{:?}", answer.body),
+                    other => panic!("unexpected {other}: {:?}", answer.body),
+                }
+            }
+        }));
+    }
+
+    // Mid-run: the victim acknowledges a write, then dies with nothing flushed.
+    let deadline = Instant::now() + CONVERGE;
+    while cluster.backend.hits() < KILL_AFTER {
+        assert!(Instant::now() < deadline, "the load never got going");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let acked = cluster.replicas[VICTIM]
+        .market(ctl::BUYER_DOMAIN)
+        .post(
+            &format!(
+                "{}/api-groups/reserve",
+                ctl::market_base(ctl::BUYER_PROJECT)
+            ),
+            json!({"group_id": cluster.bought.group_id}),
+        )
+        .await;
+    ctl::expect_status("a reservation on the victim", &acked, 201);
+    cluster.replicas[VICTIM].process.kill_9();
+    let reserved = acked.1["purchase_id"].as_str().unwrap().to_owned();
+    let seen = cluster.replicas[0]
+        .market(ctl::BUYER_DOMAIN)
+        .get(&format!(
+            "{}/purchases/{reserved}",
+            ctl::market_base(ctl::BUYER_PROJECT)
+        ))
+        .await;
+    ctl::expect_status("the acknowledged write, on replica 0", &seen, 200);
+    assert_eq!(seen.1["state"], "reserved");
+
+    for client in clients {
+        client.await.unwrap();
+    }
+    let hits = cluster.backend.hits();
+    assert!(hits <= QUOTA, "over-admitted: {hits}");
+
+    // The victim comes back; its proxy leases again; the cluster drains to exactly Q.
+    cluster.replicas[VICTIM].restart().await;
+    let served = ok.load(Ordering::SeqCst) + cluster.drain().await;
+    let hits = cluster.backend.hits();
+    assert_eq!(hits, QUOTA, "the backend receives exactly what was bought");
+    assert_eq!(served, QUOTA, "every call served was answered 200");
+    // Every replica's view of the ledger is the store's.
+    for n in 0..REPLICAS {
+        let purchase = cluster.purchase(n).await;
+        assert_eq!(purchase["quota_left"], 0, "replica {n}: {purchase}");
+    }
+    for proxy in &mut cluster.proxies {
+        proxy.terminate();
+    }
+    let used = cluster.purchase(2).await["quota_used"].as_u64().unwrap();
+    assert_eq!(used, QUOTA, "the ledger counts every served call");
+    for replica in &mut cluster.replicas {
+        replica.process.terminate();
+    }
+}
