@@ -46,7 +46,7 @@ pub enum Rejection {
     #[error("quota journal unavailable")]
     Quota(#[source] super::quota::QuotaError),
     #[error("backend unavailable")]
-    BackendUnavailable(#[source] hyper_util::client::legacy::Error),
+    BackendUnavailable(#[source] super::forward::ForwardError),
     #[error("backend timed out")]
     BackendTimeout,
     #[error("internal error: {0}")]

@@ -1,7 +1,10 @@
 //! Forwarding an admitted call to its backend over pooled keep-alive connections.
 //!
-//! Owns the upstream client (hyper-util legacy, TCP_NODELAY, pool with idle timeout and a
-//! timer), the backend URI (`backend_api` path template filled from the route's parameters,
+//! Owns the upstream client: HTTP/1.1 connections driven with hyper's connection-level API
+//! (`hyper::client::conn::http1`) from the request's own task, as pingora does — no task
+//! per connection, no channel hand-off between tasks — kept alive in a pool per worker
+//! ([`Upstream`]: one per accept loop, used by one thread) with an idle timeout and a cap
+//! per backend, TCP_NODELAY and a connect timeout. Also the backend URI (`backend_api` path template filled from the route's parameters,
 //! the buyer's query passed through), the headers the backend gets (X-Request-Id,
 //! X-Forwarded-*; never the buyer's credentials or hop-by-hop headers) and the per-API
 //! timeout. Bodies stream both ways. It does not decide whether a call counts: it reports
@@ -10,14 +13,23 @@
 use std::ops::Range;
 use std::time::Duration;
 
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{ready, Context, Poll};
+use std::time::Instant;
+
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::Authority;
 use http::{Request, Response};
+use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper::client::conn::{http1, TrySendError};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 
 use super::handler::{ConnInfo, APP_CODE_HEADER};
 use crate::config::GatewayConfig;
@@ -29,6 +41,11 @@ pub type Body = BoxBody<Bytes, BoxError>;
 
 /// Upstream connect timeout, milliseconds.
 pub const UPSTREAM_CONNECT_TIMEOUT_MS: u64 = 5_000;
+/// TCP keep-alive probes on upstream connections start after this many seconds idle.
+pub const UPSTREAM_TCP_KEEPALIVE_SECS: u64 = 60;
+/// The idle sweep runs at least this often, in milliseconds (closing connections idle longer
+/// than `gateway.upstream_pool_idle_secs`).
+pub const POOL_SWEEP_MAX_INTERVAL_MS: u64 = 30_000;
 
 pub fn full(bytes: Bytes) -> Body {
     Full::new(bytes).map_err(|never| match never {}).boxed()
@@ -43,14 +60,27 @@ pub fn stream(body: Incoming, max: usize) -> Body {
 pub enum ForwardError {
     /// The connection was never made: the call did not reach the backend.
     #[error("cannot connect to the backend")]
-    Connect(#[source] hyper_util::client::legacy::Error),
+    Connect(#[source] std::io::Error),
+    /// The connection could not start HTTP/1.1 (nothing was sent).
+    #[error("cannot start HTTP/1.1 with the backend")]
+    Handshake(#[source] hyper::Error),
     /// The request may have reached the backend.
     #[error("the backend call failed")]
-    Failed(#[source] hyper_util::client::legacy::Error),
+    Failed(#[source] hyper::Error),
     #[error("the backend did not answer in time")]
     Timeout,
     #[error("the backend URI does not form")]
     BadTarget,
+}
+
+impl ForwardError {
+    /// Whether the call certainly never reached the backend (it is then given back).
+    pub fn never_reached(&self) -> bool {
+        match self {
+            ForwardError::Connect(_) | ForwardError::Handshake(_) | ForwardError::BadTarget => true,
+            ForwardError::Failed(_) | ForwardError::Timeout => false,
+        }
+    }
 }
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -110,24 +140,96 @@ fn strip_named_in_connection(headers: &mut HeaderMap) {
     }
 }
 
-/// The pooled client to every backend.
+/// One worker's client to every backend: a pool of idle keep-alive connections per backend
+/// authority. Cheap to clone (one `Arc`). Its lock is only ever taken by the worker's own
+/// thread (or a test runtime's few), so it is never contended across workers.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpConnector, Body>,
+    pool: Arc<Pool>,
+}
+
+struct Pool {
+    hosts: Mutex<HashMap<Authority, HostPool>>,
+    max_idle_per_host: usize,
+    idle_timeout: Duration,
+    sweeping: std::sync::atomic::AtomicBool,
+}
+
+/// The idle connections to one backend, oldest first, and its `Host` value (made once).
+struct HostPool {
+    host: HeaderValue,
+    idle: VecDeque<Idle>,
+}
+
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+/// An HTTP/1.1 connection: the handle requests are sent on, and the state machine that does
+/// the I/O, which whoever uses the connection polls (the request's task, then its response
+/// body's).
+struct Conn {
+    sender: http1::SendRequest<Body>,
+    driver: http1::Connection<TokioIo<TcpStream>, Body>,
+    /// The driver finished (the connection closed or failed): never poll it again.
+    closed: bool,
+}
+
+impl Conn {
+    /// Runs the connection's I/O as far as it goes without waiting. Ready: it has closed.
+    fn drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.closed {
+            return Poll::Ready(());
+        }
+        match Pin::new(&mut self.driver).poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(_) => {
+                self.closed = true;
+                Poll::Ready(())
+            }
+        }
+    }
+
+    /// Whether an idle connection can take a request now: still open, and hyper ready for
+    /// the next message. Polls once with a no-op waker (it never waits).
+    fn ready_now(&mut self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        if self.drive(&mut cx).is_ready() {
+            return false;
+        }
+        matches!(self.sender.poll_ready(&mut cx), Poll::Ready(Ok(())))
+    }
+
+    /// Sends `request` and drives the connection until the response head is in. Hot path.
+    async fn send(
+        &mut self,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<Body>>> {
+        let mut response = std::pin::pin!(self.sender.try_send_request(request));
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(result) = response.as_mut().poll(cx) {
+                return Poll::Ready(result);
+            }
+            // The connection does the writing and reading; once it ends, the response
+            // future holds hyper's error for this request.
+            ready!(self.drive(cx));
+            response.as_mut().poll(cx)
+        })
+        .await
+    }
 }
 
 impl Upstream {
     pub fn new(config: &GatewayConfig) -> Upstream {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        connector.set_connect_timeout(Some(Duration::from_millis(UPSTREAM_CONNECT_TIMEOUT_MS)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(config.upstream_pool_idle)
-            .pool_max_idle_per_host(config.upstream_pool_idle_per_host)
-            .build(connector);
-        Upstream { client }
+        Upstream {
+            pool: Arc::new(Pool {
+                hosts: Mutex::new(HashMap::new()),
+                max_idle_per_host: config.upstream_pool_idle_per_host,
+                idle_timeout: config.upstream_pool_idle,
+                sweeping: std::sync::atomic::AtomicBool::new(false),
+            }),
+        }
     }
 
     /// Sends the call; the response streams back. Hot path.
@@ -153,8 +255,8 @@ impl Upstream {
         else {
             return Err(ForwardError::BadTarget);
         };
-        // Origin form only: the authority goes into the URI as parsed at compile time,
-        // never re-formatted and re-parsed.
+        // Origin form: HTTP/1.1 to an origin server sends the path and query only; the
+        // authority goes into Host.
         let mut target = String::with_capacity(64);
         for piece in path {
             match piece {
@@ -175,19 +277,12 @@ impl Upstream {
             target.push('?');
             target.push_str(query);
         }
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(http::uri::Scheme::HTTP);
-        uri.authority = Some(authority.clone());
-        uri.path_and_query = Some(
-            http::uri::PathAndQuery::from_maybe_shared(Bytes::from(target))
-                .map_err(|_| ForwardError::BadTarget)?,
-        );
-        let uri = http::Uri::from_parts(uri).map_err(|_| ForwardError::BadTarget)?;
+        let uri = http::Uri::from_maybe_shared(Bytes::from(target))
+            .map_err(|_| ForwardError::BadTarget)?;
 
         strip_hop_by_hop(&mut headers);
         headers.remove(header::AUTHORIZATION);
         headers.remove(APP_CODE_HEADER);
-        headers.remove(header::HOST);
         headers.insert(X_REQUEST_ID, request_id.clone());
         let forwarded_for = match headers.get(X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
             Some(prior) => {
@@ -213,17 +308,250 @@ impl Upstream {
         *request.uri_mut() = uri;
         *request.headers_mut() = headers;
 
-        let response = match tokio::time::timeout(*timeout, self.client.request(request)).await {
-            Err(_) => return Err(ForwardError::Timeout),
-            Ok(Err(e)) if e.is_connect() => return Err(ForwardError::Connect(e)),
-            Ok(Err(e)) => return Err(ForwardError::Failed(e)),
-            Ok(Ok(response)) => response,
-        };
+        let (response, conn) =
+            match tokio::time::timeout(*timeout, self.send(authority, request)).await {
+                Err(_) => return Err(ForwardError::Timeout),
+                Ok(result) => result?,
+            };
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(
-            parts,
-            body.map_err(|e| Box::new(e) as BoxError).boxed(),
-        ))
+        let body = UpstreamBody {
+            body,
+            finished: false,
+            conn: Some(conn),
+            pool: Arc::downgrade(&self.pool),
+            authority: authority.clone(),
+        };
+        Ok(Response::from_parts(parts, BodyExt::boxed(body)))
+    }
+
+    /// Sends on an idle connection to `authority` if one is ready, else on a new one. A
+    /// request that a reused connection gave back unsent (it had closed meanwhile) is sent
+    /// once more on a new connection, as hyper-util's pool did.
+    async fn send(
+        &self,
+        authority: &Authority,
+        mut request: Request<Body>,
+    ) -> Result<(Response<Incoming>, Conn), ForwardError> {
+        let (reused, host) = self.checkout(authority);
+        request.headers_mut().insert(header::HOST, host);
+        let mut conn = match reused {
+            Some(conn) => conn,
+            None => connect(authority).await?,
+        };
+        match conn.send(request).await {
+            Ok(response) => return Ok((response, conn)),
+            Err(mut error) => match error.take_message() {
+                Some(unsent) if reused_connection(&error) => request = unsent,
+                _ => return Err(ForwardError::Failed(error.into_error())),
+            },
+        }
+        let mut conn = connect(authority).await?;
+        match conn.send(request).await {
+            Ok(response) => Ok((response, conn)),
+            Err(error) => Err(ForwardError::Failed(error.into_error())),
+        }
+    }
+
+    /// The newest idle connection to `authority` that can take a request (older ones past
+    /// the idle timeout, or closed by the backend, are dropped on the way), and the `Host`
+    /// value for it.
+    fn checkout(&self, authority: &Authority) -> (Option<Conn>, HeaderValue) {
+        let mut hosts = self.pool.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        let pool = hosts.entry(authority.clone()).or_insert_with(|| HostPool {
+            host: host_value(authority),
+            idle: VecDeque::new(),
+        });
+        let host = pool.host.clone();
+        while let Some(mut idle) = pool.idle.pop_back() {
+            if idle.since.elapsed() < self.pool.idle_timeout && idle.conn.ready_now() {
+                return (Some(idle.conn), host);
+            }
+        }
+        (None, host)
+    }
+}
+
+/// A request handed back unsent: on a reused connection this means it closed while idle.
+fn reused_connection(error: &TrySendError<Request<Body>>) -> bool {
+    let error = error.error();
+    error.is_canceled() || error.is_closed() || error.is_incomplete_message()
+}
+
+/// `Host` for `authority`: as hyper-util's client sent it, the port only when not 80.
+fn host_value(authority: &Authority) -> HeaderValue {
+    let text = match authority.port_u16() {
+        Some(80) => authority.host(),
+        _ => authority.as_str(),
+    };
+    HeaderValue::from_str(text).expect("an authority is a valid header value")
+}
+
+/// Opens a connection to `authority` (TCP_NODELAY, TCP keep-alive) within the connect
+/// timeout and starts HTTP/1.1 on it. Nothing is sent yet: every error here means the call
+/// never reached the backend.
+async fn connect(authority: &Authority) -> Result<Conn, ForwardError> {
+    let host = authority.host();
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let port = authority.port_u16().unwrap_or(80);
+    let stream = tokio::time::timeout(
+        Duration::from_millis(UPSTREAM_CONNECT_TIMEOUT_MS),
+        TcpStream::connect((host, port)),
+    )
+    .await
+    .map_err(|_| ForwardError::Connect(std::io::ErrorKind::TimedOut.into()))?
+    .map_err(ForwardError::Connect)?;
+    let _ = stream.set_nodelay(true);
+    let keepalive =
+        socket2::TcpKeepalive::new().with_time(Duration::from_secs(UPSTREAM_TCP_KEEPALIVE_SECS));
+    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+    let (sender, driver) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(ForwardError::Handshake)?;
+    Ok(Conn {
+        sender,
+        driver,
+        closed: false,
+    })
+}
+
+impl Pool {
+    /// Takes back a connection whose response ended, unless its backend is at
+    /// `gateway.upstream_pool_idle_per_host` idle connections already.
+    fn checkin(self: &Arc<Self>, authority: Authority, conn: Conn) {
+        if conn.closed || self.max_idle_per_host == 0 {
+            return;
+        }
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(pool) = hosts.get_mut(&authority) else {
+            return;
+        };
+        if pool.idle.len() >= self.max_idle_per_host {
+            return;
+        }
+        pool.idle.push_back(Idle {
+            conn,
+            since: Instant::now(),
+        });
+        drop(hosts);
+        self.start_sweeping();
+    }
+
+    /// Starts (once, on the runtime of the first connection kept) the task that closes
+    /// connections idle past the timeout while no request comes to take them. It ends when
+    /// the pool is dropped.
+    fn start_sweeping(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if self.sweeping.load(Ordering::Relaxed) || self.sweeping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.sweeping.store(false, Ordering::Release);
+            return;
+        };
+        let pool: Weak<Pool> = Arc::downgrade(self);
+        let every = (self.idle_timeout / 2).clamp(
+            Duration::from_millis(1),
+            Duration::from_millis(POOL_SWEEP_MAX_INTERVAL_MS),
+        );
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(pool) = pool.upgrade() else { return };
+                pool.sweep();
+            }
+        });
+    }
+
+    /// Drops idle connections past the idle timeout (each backend's list is oldest first).
+    fn sweep(&self) {
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        for pool in hosts.values_mut() {
+            while pool
+                .idle
+                .front()
+                .is_some_and(|idle| idle.since.elapsed() >= self.idle_timeout)
+            {
+                pool.idle.pop_front();
+            }
+        }
+    }
+}
+
+/// A backend's response body. Polling it also drives its connection (the bytes are read by
+/// the connection's state machine); once the body has ended the connection goes back to its
+/// pool, and if the body is dropped before its end the connection is closed.
+struct UpstreamBody {
+    body: Incoming,
+    /// The body yielded its end (a chunked body need not say so in `is_end_stream`).
+    finished: bool,
+    conn: Option<Conn>,
+    pool: Weak<Pool>,
+    authority: Authority,
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
+            return Poll::Ready(this.ended(frame));
+        }
+        // Waiting for data: let the connection read it (this task is woken for either).
+        if let Some(conn) = &mut this.conn {
+            let _ = conn.drive(cx);
+        }
+        let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
+        Poll::Ready(this.ended(frame))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl UpstreamBody {
+    /// Passes a frame on; on an error the connection is not reused.
+    fn ended(
+        &mut self,
+        frame: Option<Result<Frame<Bytes>, hyper::Error>>,
+    ) -> Option<Result<Frame<Bytes>, BoxError>> {
+        match frame {
+            Some(Ok(frame)) => Some(Ok(frame)),
+            Some(Err(error)) => {
+                self.conn = None;
+                Some(Err(Box::new(error)))
+            }
+            None => {
+                self.finished = true;
+                None
+            }
+        }
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // Reusable only if the whole response was read: otherwise its rest would be read as
+        // the next response.
+        if !(self.finished || self.body.is_end_stream()) {
+            return;
+        }
+        if let (Some(conn), Some(pool)) = (self.conn.take(), self.pool.upgrade()) {
+            pool.checkin(self.authority.clone(), conn);
+        }
     }
 }

@@ -622,20 +622,22 @@ async fn serve<'s>(
             trace.upstream = Some(started.elapsed());
             match result {
                 Ok(response) => Ok(response),
-                Err(ForwardError::Connect(e)) => {
+                Err(error) => {
                     // Never reached the backend: the call is given back.
-                    if let Some(purchase) = purchase {
-                        purchase.cell.give_back();
+                    if error.never_reached() {
+                        if let Some(purchase) = purchase {
+                            purchase.cell.give_back();
+                        }
                     }
-                    Err(Rejection::BackendUnavailable(e))
-                }
-                Err(ForwardError::Failed(e)) => Err(Rejection::BackendUnavailable(e)),
-                Err(ForwardError::Timeout) => Err(Rejection::BackendTimeout),
-                Err(ForwardError::BadTarget) => {
-                    if let Some(purchase) = purchase {
-                        purchase.cell.give_back();
-                    }
-                    Err(Rejection::Internal("backend target does not form a URI"))
+                    Err(match error {
+                        ForwardError::Timeout => Rejection::BackendTimeout,
+                        ForwardError::BadTarget => {
+                            Rejection::Internal("backend target does not form a URI")
+                        }
+                        error @ (ForwardError::Connect(_)
+                        | ForwardError::Handshake(_)
+                        | ForwardError::Failed(_)) => Rejection::BackendUnavailable(error),
+                    })
                 }
             }
         }

@@ -17,4 +17,5 @@ mod openapi;
 mod planes;
 mod serve_restore;
 mod support;
+mod upstream;
 mod workers;
