@@ -28,6 +28,21 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 12 * 1024 * 1024;
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
 /// A client must finish sending its request head within this many milliseconds (slowloris).
 pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+/// Open connections each listener serves at once; past it the idle ones are closed to make
+/// room, and a connection that finds no room within `ACCEPT_QUEUE_WAIT_MS` is refused. The
+/// buyer listener's is lowered at start to fit the process's open-file limit.
+pub const DEFAULT_GATEWAY_MAX_CONNECTIONS: usize = 10_000;
+pub const DEFAULT_CONTROL_MAX_CONNECTIONS: usize = 256;
+pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
+/// A connection with no request in flight for this many milliseconds is closed (HTTP/1
+/// keep-alive and HTTP/2 alike); it is noticed between one and two such periods.
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
+/// A request body that sends nothing for this many milliseconds is abandoned (400).
+pub const DEFAULT_BODY_READ_TIMEOUT_MS: u64 = 30_000;
+/// A TLS handshake must finish within this many milliseconds.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// Streams one HTTP/2 connection may have open at once.
+pub const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 256;
 /// On SIGTERM, in-flight requests get this many milliseconds to finish.
 pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
 /// Allowed distance between `X-Sdk-Date` and the clock, in seconds.
@@ -127,6 +142,22 @@ pub struct GatewayConfig {
     pub quota_journal_block: u64,
     pub upstream_pool_idle_per_host: usize,
     pub upstream_pool_idle: Duration,
+    /// Connection limit and timeouts of the buyer listeners (plain and TLS, each).
+    pub connections: ConnectionLimits,
+    pub tls_handshake_timeout: Duration,
+    pub h2_max_concurrent_streams: u32,
+}
+
+/// What bounds one listener's connections: how many, and how long each may be silent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    /// A request head (and a new connection's first request) must arrive within this.
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight this long is closed.
+    pub idle_timeout: Duration,
+    /// A request body silent this long is abandoned.
+    pub body_read_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -139,6 +170,7 @@ pub struct ControlConfig {
     pub lease_ttl: Duration,
     /// The store's statement, lock and pool-wait timeouts and pool size (`store_*` keys).
     pub store: crate::control::store::StoreLimits,
+    pub connections: ConnectionLimits,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -147,6 +179,7 @@ pub struct AdminConfig {
     pub token: String,
     /// Serve `/metrics` without the admin token.
     pub metrics_public: bool,
+    pub connections: ConnectionLimits,
 }
 
 impl AdminConfig {
@@ -246,6 +279,11 @@ struct FileGateway {
     quota_journal_block: Option<u64>,
     upstream_pool_idle_per_host: Option<usize>,
     upstream_pool_idle_secs: Option<u64>,
+    max_connections: Option<usize>,
+    idle_timeout_ms: Option<u64>,
+    body_read_timeout_ms: Option<u64>,
+    tls_handshake_timeout_ms: Option<u64>,
+    h2_max_concurrent_streams: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -264,6 +302,10 @@ struct FileControl {
     store_lock_timeout_ms: Option<u64>,
     store_pool_wait_ms: Option<u64>,
     store_pool_size: Option<usize>,
+    max_connections: Option<usize>,
+    header_read_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+    body_read_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -272,6 +314,10 @@ struct FileAdmin {
     listen: Option<String>,
     token: Option<String>,
     metrics_public: Option<bool>,
+    max_connections: Option<usize>,
+    header_read_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+    body_read_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -323,6 +369,11 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "quota_journal_block",
             "upstream_pool_idle_per_host",
             "upstream_pool_idle_secs",
+            "max_connections",
+            "idle_timeout_ms",
+            "body_read_timeout_ms",
+            "tls_handshake_timeout_ms",
+            "h2_max_concurrent_streams",
         ],
     ),
     (
@@ -338,6 +389,10 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "store_lock_timeout_ms",
             "store_pool_wait_ms",
             "store_pool_size",
+            "max_connections",
+            "header_read_timeout_ms",
+            "idle_timeout_ms",
+            "body_read_timeout_ms",
         ],
     ),
     (
@@ -355,7 +410,18 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
         &["token", "domain_id", "project_id", "role"],
     ),
     ("control.proxies", &["admin_url"]),
-    ("admin", &["listen", "token", "metrics_public"]),
+    (
+        "admin",
+        &[
+            "listen",
+            "token",
+            "metrics_public",
+            "max_connections",
+            "header_read_timeout_ms",
+            "idle_timeout_ms",
+            "body_read_timeout_ms",
+        ],
+    ),
     (
         "proxy",
         &[
@@ -619,6 +685,57 @@ impl Config {
                 pool_size,
             }
         };
+        let gateway_connections = connection_limits(
+            problems,
+            "gateway",
+            [
+                file.gateway.max_connections.map(|n| n as u64),
+                Some(header_read_timeout_ms),
+                file.gateway.idle_timeout_ms,
+                file.gateway.body_read_timeout_ms,
+            ],
+            DEFAULT_GATEWAY_MAX_CONNECTIONS,
+        );
+        let control_connections = connection_limits(
+            problems,
+            "control",
+            [
+                file.control.max_connections.map(|n| n as u64),
+                file.control.header_read_timeout_ms,
+                file.control.idle_timeout_ms,
+                file.control.body_read_timeout_ms,
+            ],
+            DEFAULT_CONTROL_MAX_CONNECTIONS,
+        );
+        let admin_connections = connection_limits(
+            problems,
+            "admin",
+            [
+                file.admin.max_connections.map(|n| n as u64),
+                file.admin.header_read_timeout_ms,
+                file.admin.idle_timeout_ms,
+                file.admin.body_read_timeout_ms,
+            ],
+            DEFAULT_ADMIN_MAX_CONNECTIONS,
+        );
+        let tls_handshake_timeout_ms = file
+            .gateway
+            .tls_handshake_timeout_ms
+            .unwrap_or(DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS);
+        positive(
+            problems,
+            "gateway.tls_handshake_timeout_ms",
+            tls_handshake_timeout_ms,
+        );
+        let h2_max_concurrent_streams = file
+            .gateway
+            .h2_max_concurrent_streams
+            .unwrap_or(DEFAULT_H2_MAX_CONCURRENT_STREAMS);
+        positive(
+            problems,
+            "gateway.h2_max_concurrent_streams",
+            h2_max_concurrent_streams as u64,
+        );
         let admin_token = file.admin.token.unwrap_or_default();
         if !admin_token.is_empty() && admin_token.len() < 8 {
             problems.push("admin.token: must be at least 8 characters".into());
@@ -667,6 +784,9 @@ impl Config {
                         .upstream_pool_idle_secs
                         .unwrap_or(DEFAULT_UPSTREAM_POOL_IDLE_SECS),
                 ),
+                connections: gateway_connections,
+                tls_handshake_timeout: Duration::from_millis(tls_handshake_timeout_ms),
+                h2_max_concurrent_streams,
             },
             control: ControlConfig {
                 listen: control_listen,
@@ -684,11 +804,13 @@ impl Config {
                         .unwrap_or(DEFAULT_LEASE_TTL_SECS),
                 ),
                 store: store_limits,
+                connections: control_connections,
             },
             admin: AdminConfig {
                 listen: admin_listen,
                 token: admin_token,
                 metrics_public: file.admin.metrics_public.unwrap_or(false),
+                connections: admin_connections,
             },
             proxy: ProxyConfig {
                 node_id: file.proxy.node_id.unwrap_or_else(default_node_id),
@@ -716,6 +838,41 @@ impl Config {
         } else {
             Ok(())
         }
+    }
+}
+
+/// `[section] max_connections`, `header_read_timeout_ms`, `idle_timeout_ms` and
+/// `body_read_timeout_ms` (in that order in `given`), defaulted and checked to be positive.
+fn connection_limits(
+    problems: &mut Vec<String>,
+    section: &str,
+    given: [Option<u64>; 4],
+    default_max: usize,
+) -> ConnectionLimits {
+    let keys = [
+        "max_connections",
+        "header_read_timeout_ms",
+        "idle_timeout_ms",
+        "body_read_timeout_ms",
+    ];
+    let defaults = [
+        default_max as u64,
+        DEFAULT_HEADER_READ_TIMEOUT_MS,
+        DEFAULT_IDLE_TIMEOUT_MS,
+        DEFAULT_BODY_READ_TIMEOUT_MS,
+    ];
+    let mut values = [0u64; 4];
+    for i in 0..4 {
+        values[i] = given[i].unwrap_or(defaults[i]);
+        if values[i] == 0 {
+            problems.push(format!("{section}.{}: must be greater than 0", keys[i]));
+        }
+    }
+    ConnectionLimits {
+        max_connections: values[0] as usize,
+        header_read_timeout: Duration::from_millis(values[1]),
+        idle_timeout: Duration::from_millis(values[2]),
+        body_read_timeout: Duration::from_millis(values[3]),
     }
 }
 

@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //!
+//! - [`accept`]: the one accept loop of every listener: connection limits, timeouts, back-off.
 //! - [`data_dir`]: one process per `data_dir` (a pid-holding `flock`), files in it 0600.
 //! - [`config`]: the TOML file and `MARKETGATE_*` overrides, validated into [`config::Config`].
 //! - [`bind`]: binding a configured listener; a taken address is named with its key.
@@ -21,6 +22,7 @@
 //! - [`serve`]: `marketgate serve`: both planes in one process, joined without HTTP.
 //! - [`shutdown`]: graceful shutdown as a value that servers wait on.
 
+pub mod accept;
 pub mod apig;
 pub mod bind;
 pub mod buyer;

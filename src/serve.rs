@@ -57,11 +57,12 @@ impl LeaseService for InProcessLeases {
 
 /// Runs both planes until `shutdown` fires, then drains buyers, flushes the quota journal and
 /// reports the last usage to the ledger.
-pub async fn run_serve(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
+pub async fn run_serve(mut config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     // Before the store, the journal or the snapshot file is opened: a second process on this
     // data_dir stops here, having read and written nothing.
     let _data_dir = crate::data_dir::DataDir::claim(&config.data_dir)?;
     check_store_present(&config)?;
+    crate::accept::fit_open_file_limit(&mut config, true);
     let control = ControlPlane::open(&config).await?;
     let gateway = Gateway::open_with_quota(&config, QuotaMode::Leased)?;
 
@@ -85,9 +86,11 @@ pub async fn run_serve(config: Config, shutdown: Shutdown) -> Result<(), RunErro
         "marketgate serve: both planes listening"
     );
 
-    let control_task = tokio::spawn(crate::control::serve(
+    // Every listener of this process is counted in the gateway's registry (one /metrics).
+    let control_task = tokio::spawn(crate::control::serve_with(
         control_listener,
         control.clone(),
+        gateway.metrics().accept.clone(),
         shutdown.clone(),
     ));
     // One admin listener: the gateway's routes (health, readiness, version, usage, metrics)

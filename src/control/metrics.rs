@@ -41,6 +41,8 @@ pub struct ControlMetrics {
     pub snapshot_version: IntGauge,
     pub push: PushMetrics,
     pub requests: RequestMetrics,
+    /// The control and admin listeners' accept-loop counters (`crate::accept`).
+    pub accept: crate::accept::AcceptMetrics,
 }
 
 impl ControlMetrics {
@@ -61,11 +63,14 @@ impl ControlMetrics {
         registry
             .register(Box::new(CallsLeft::new(Arc::downgrade(state))))
             .expect("metric names are unique");
+        let accept = crate::accept::AcceptMetrics::new();
+        accept.register(&registry).expect("metric names are unique");
         ControlMetrics {
             registry,
             snapshot_version,
             push,
             requests,
+            accept,
         }
     }
 

@@ -143,6 +143,11 @@ impl ControlPlane {
         self.inner.metrics.render()
     }
 
+    /// The accept loop's counters of this control plane's listeners.
+    pub fn accept_metrics(&self) -> crate::accept::AcceptMetrics {
+        self.inner.metrics.accept.clone()
+    }
+
     /// The pushers' metrics (`spawn_pushers` registers nothing itself).
     pub fn push_metrics(&self) -> PushMetrics {
         self.inner.metrics.push.clone()
@@ -532,25 +537,40 @@ pub async fn run_control(
     let push = cp.spawn_pushers(shutdown.clone());
     cp.spawn_lease_expiry(shutdown.clone());
     let admin_router = cp.admin_router(push);
-    let admin_shutdown = shutdown.clone();
-    let admin_task = tokio::spawn(async move {
-        axum::serve(admin, admin_router)
-            .with_graceful_shutdown(admin_shutdown.wait())
-            .await
-    });
+    let admin_spec = crate::accept::router_spec("admin", config.admin.connections, &config);
+    let admin_task = tokio::spawn(crate::accept::serve_router(
+        admin,
+        admin_spec,
+        cp.accept_metrics(),
+        admin_router,
+        shutdown.clone(),
+    ));
     serve(listener, cp, shutdown).await?;
-    admin_task.await??;
+    admin_task.await?;
     tracing::info!("control plane stopped");
     Ok(())
 }
 
-/// Serves the control API on `listener` until `shutdown` fires.
+/// Serves the control API on `listener` until `shutdown` fires, bounded by `[control]`'s
+/// connection limit and timeouts (`crate::accept`), counted in this control plane's metrics.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     cp: ControlPlane,
     shutdown: Shutdown,
 ) -> std::io::Result<()> {
-    axum::serve(listener, cp.router())
-        .with_graceful_shutdown(shutdown.wait())
-        .await
+    let metrics = cp.accept_metrics();
+    serve_with(listener, cp, metrics, shutdown).await
+}
+
+/// [`serve`], counted in `metrics` (`serve` counts all its listeners in the gateway's).
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    cp: ControlPlane,
+    metrics: crate::accept::AcceptMetrics,
+    shutdown: Shutdown,
+) -> std::io::Result<()> {
+    let config = cp.config();
+    let spec = crate::accept::router_spec("control", config.control.connections, config);
+    crate::accept::serve_router(listener, spec, metrics, cp.router(), shutdown).await;
+    Ok(())
 }

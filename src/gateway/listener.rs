@@ -11,9 +11,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio_rustls::TlsAcceptor;
@@ -21,11 +18,9 @@ use tokio_rustls::TlsAcceptor;
 use super::handler::{handle, ConnInfo};
 use super::workers::WorkerContext;
 use super::Inner;
+use crate::accept::{self, ListenerSpec, Peer};
 use crate::shutdown::Shutdown;
 use crate::snapshot::compile::{certified_key_pem, CertificateError};
-
-/// A TLS handshake must finish within this many milliseconds.
-pub const TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -86,24 +81,26 @@ pub(crate) fn tls_acceptor(gateway: Arc<Inner>) -> TlsAcceptor {
     TlsAcceptor::from(Arc::new(config))
 }
 
-fn builder(gateway: &Inner) -> auto::Builder<TokioExecutor> {
-    let limits = &gateway.config.gateway;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(limits.max_header_bytes as u32);
-    builder
+/// The bounds of one worker's buyer listener (`name`: `buyers` or `buyers_tls`), from
+/// `[gateway]`: `max_connections` is the listener's across all workers, shared evenly.
+pub(crate) fn spec(gateway: &Inner, name: &'static str) -> ListenerSpec {
+    let config = &gateway.config.gateway;
+    let mut limits = config.connections;
+    let workers = super::workers::worker_count(config.workers);
+    limits.max_connections = (limits.max_connections / workers).max(1);
+    ListenerSpec {
+        name,
+        limits,
+        max_header_bytes: config.max_header_bytes,
+        h2_max_concurrent_streams: config.h2_max_concurrent_streams,
+        tls_handshake_timeout: config.tls_handshake_timeout,
+        drain_timeout: config.drain_timeout,
+    }
 }
 
-/// Accepts until `shutdown`, then waits for open connections up to the drain timeout.
-/// Requests forward through the worker's upstream pool (`context`).
+/// Accepts buyers until `shutdown`, then waits for open connections up to the drain timeout
+/// (the accept loop and its bounds are [`crate::accept`]'s). Requests forward through the
+/// worker's upstream pool (`context`).
 pub(crate) async fn serve(
     gateway: Arc<Inner>,
     context: WorkerContext,
@@ -112,74 +109,20 @@ pub(crate) async fn serve(
     shutdown: Shutdown,
 ) {
     gateway.listening.store(true, Ordering::Release);
-    let graceful = GracefulShutdown::new();
-    let stop = shutdown.wait();
-    tokio::pin!(stop);
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    continue;
-                }
-            },
-            _ = &mut stop => break,
-        };
-        let _ = stream.set_nodelay(true);
+    let name = if tls.is_some() {
+        "buyers_tls"
+    } else {
+        "buyers"
+    };
+    let spec = spec(&gateway, name);
+    let mut metrics = gateway.metrics.accept.clone();
+    metrics.also_open = Some(gateway.metrics.connections_active.clone());
+    let make = move |peer: Peer| {
+        let conn = Arc::new(ConnInfo::new(peer.addr, peer.tls, peer.sni));
         let gateway = gateway.clone();
         context.accepted.inc();
         let upstream = context.upstream.clone();
-        let tls = tls.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            gateway.metrics.connections_active.inc();
-            let builder = builder(&gateway);
-            match tls {
-                None => {
-                    let conn = Arc::new(ConnInfo::new(peer, false, None));
-                    let service = {
-                        let gateway = gateway.clone();
-                        service_fn(move |req| {
-                            handle(gateway.clone(), upstream.clone(), conn.clone(), req)
-                        })
-                    };
-                    let connection = builder.serve_connection(TokioIo::new(stream), service);
-                    let _ = watcher.watch(connection.into_owned()).await;
-                }
-                Some(acceptor) => {
-                    let handshake = tokio::time::timeout(
-                        std::time::Duration::from_millis(TLS_HANDSHAKE_TIMEOUT_MS),
-                        acceptor.accept(stream),
-                    )
-                    .await;
-                    if let Ok(Ok(stream)) = handshake {
-                        let sni = stream
-                            .get_ref()
-                            .1
-                            .server_name()
-                            .map(|s| s.to_ascii_lowercase().into_boxed_str());
-                        let conn = Arc::new(ConnInfo::new(peer, true, sni));
-                        let service = {
-                            let gateway = gateway.clone();
-                            service_fn(move |req| {
-                                handle(gateway.clone(), upstream.clone(), conn.clone(), req)
-                            })
-                        };
-                        let connection = builder.serve_connection(TokioIo::new(stream), service);
-                        let _ = watcher.watch(connection.into_owned()).await;
-                    }
-                }
-            }
-            gateway.metrics.connections_active.dec();
-        });
-    }
-    drop(listener);
-    let drain = gateway.config.gateway.drain_timeout;
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(drain) => {
-            tracing::warn!("drain timeout: closing remaining connections");
-        }
-    }
+        service_fn(move |req| handle(gateway.clone(), upstream.clone(), conn.clone(), req))
+    };
+    accept::serve(listener, spec, tls, metrics, make, shutdown).await
 }

@@ -174,6 +174,8 @@ pub struct GatewayMetrics {
     pub connections_active: IntGauge,
     /// Connections accepted, by worker (resolved once per worker: [`Self::worker_accepted`]).
     connections_accepted: IntCounterVec,
+    /// The accept loop's counters of every listener this process serves through the gateway.
+    pub accept: crate::accept::AcceptMetrics,
     /// notAfter of each certificate served, by domain.
     tls_certificate_expiry: IntGaugeVec,
     /// notAfter of the configured default certificate (0: none), kept across snapshots.
@@ -258,6 +260,8 @@ impl GatewayMetrics {
                 .register(collector)
                 .expect("metric names are unique");
         }
+        let accept = crate::accept::AcceptMetrics::new();
+        accept.register(&registry).expect("metric names are unique");
         // Every push result is exported from the start, at 0 (labels as in deploy/metrics.txt).
         for result in ["applied", "rejected", "stale", "error"] {
             snapshot_push.with_label_values(&[result]);
@@ -276,6 +280,7 @@ impl GatewayMetrics {
             quota_journal_errors,
             connections_active,
             connections_accepted,
+            accept,
             tls_certificate_expiry,
             default_certificate_expiry: Arc::new(AtomicI64::new(0)),
             no_group,

@@ -449,14 +449,17 @@ impl Gateway {
         admin_router: axum::Router,
         shutdown: Shutdown,
     ) -> Result<(), RunError> {
-        let admin_shutdown = shutdown.clone();
-        let admin_task = tokio::spawn(async move {
-            axum::serve(listeners.admin, admin_router)
-                .with_graceful_shutdown(admin_shutdown.wait())
-                .await
-        });
+        let config = &self.inner.config;
+        let admin_spec = crate::accept::router_spec("admin", config.admin.connections, config);
+        let admin_task = tokio::spawn(crate::accept::serve_router(
+            listeners.admin,
+            admin_spec,
+            self.inner.metrics.accept.clone(),
+            admin_router,
+            shutdown.clone(),
+        ));
         workers::run(self.clone(), listeners.buyers, shutdown).await?;
-        admin_task.await??;
+        admin_task.await?;
         Ok(())
     }
 }
@@ -465,9 +468,10 @@ impl Gateway {
 /// `gateway.tls_listen` (when set) and `admin.listen`, drains, then flushes quota. Buyers
 /// are served on `gateway.workers` threads ([`workers`]); the admin listener and the lease
 /// client run on the caller's runtime.
-pub async fn run_proxy(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
+pub async fn run_proxy(mut config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     // Held until the proxy has flushed and stopped; nothing in data_dir is touched before.
     let _data_dir = crate::data_dir::DataDir::claim(&config.data_dir)?;
+    crate::accept::fit_open_file_limit(&mut config, false);
     let gateway = Gateway::open(&config)?;
     let leasing = config.proxy.control_url.as_deref().map(|url| {
         let service = Arc::new(leasing::HttpLeaseService::new(url, &config.admin.token));

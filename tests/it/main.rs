@@ -1,5 +1,6 @@
 //! Integration tests: real sockets on 127.0.0.1:0, in-process servers, one binary.
 
+mod adversarial;
 mod cli;
 mod cluster;
 mod cluster_fleet;

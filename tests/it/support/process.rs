@@ -34,7 +34,24 @@ impl Process {
     /// message of its "listening" record). Its stdout must be JSON logs (`[log] format =
     /// "json"`). Panics if it has not after [`START_TIMEOUT`].
     pub async fn start(command: &str, config: &Path, ready: &str) -> Process {
-        let mut cmd = Command::new(binary());
+        Self::start_under(&[], command, config, ready).await
+    }
+
+    /// [`Process::start`] under a wrapper command, e.g. `["prlimit", "--nofile=256"]`.
+    pub async fn start_under(
+        wrapper: &[&str],
+        command: &str,
+        config: &Path,
+        ready: &str,
+    ) -> Process {
+        let mut cmd = match wrapper.split_first() {
+            None => Command::new(binary()),
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(binary());
+                cmd
+            }
+        };
         // Every MARKETGATE_* variable is a config override for the binary (MARKETGATE_BIN
         // would be an unknown key): the child gets none.
         for (name, _) in std::env::vars().filter(|(n, _)| n.starts_with("MARKETGATE_")) {
@@ -241,6 +258,11 @@ pub async fn refused(command: &str, config: &Path) -> String {
 }
 
 impl Process {
+    /// How many log records it wrote so far.
+    pub fn log_records(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+
     /// The child's pid.
     pub fn pid(&self) -> u32 {
         self.child.id()
