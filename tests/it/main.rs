@@ -17,6 +17,7 @@ mod observability;
 mod openapi;
 mod planes;
 mod serve_restore;
+mod store_faults;
 mod support;
 mod upstream;
 mod workers;

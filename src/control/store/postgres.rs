@@ -68,10 +68,9 @@ fn postgres_error(e: tokio_postgres::Error) -> StoreError {
 }
 
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
-    match e {
-        deadpool_postgres::PoolError::Backend(e) => postgres_error(e),
-        other => StoreError::Unavailable(format!("connection pool: {other}")),
-    }
+    // Whatever stops the pool from handing out a connection — a wait or connect timeout, a
+    // refused or failed connection, a database that is gone — a retry may cure.
+    StoreError::Unavailable(format!("connection pool: {e}"))
 }
 
 fn to_u64(v: i64) -> u64 {

@@ -170,8 +170,28 @@ impl Control {
     }
 
     async fn open(database_url: String, dir: std::sync::Arc<tempfile::TempDir>) -> Control {
-        let config = Config::from_toml(&config_toml(&database_url, "127.0.0.1:0"), Vec::new())
-            .expect("test config is valid");
+        Self::open_with(database_url, dir, "").await
+    }
+
+    /// A control plane on a fresh database with `control_keys` (TOML lines) added to its
+    /// `[control]` table, e.g. the store's timeouts.
+    pub async fn start_with(backend: &Backend, control_keys: &str) -> Control {
+        let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+        let url = backend.fresh_database(dir.path()).await;
+        Self::open_with(url, dir, control_keys).await
+    }
+
+    async fn open_with(
+        database_url: String,
+        dir: std::sync::Arc<tempfile::TempDir>,
+        control_keys: &str,
+    ) -> Control {
+        let toml = config_toml(&database_url, "127.0.0.1:0").replacen(
+            "[control]\n",
+            &format!("[control]\n{control_keys}\n"),
+            1,
+        );
+        let config = Config::from_toml(&toml, Vec::new()).expect("test config is valid");
         let cp = ControlPlane::open(&config)
             .await
             .expect("control plane opens");
@@ -257,6 +277,17 @@ impl Api {
 
     /// Sends a request; returns the status and the JSON body (`Null` when empty).
     pub async fn send(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let (status, body, _) = self.send_full(method, path, body).await;
+        (status, body)
+    }
+
+    /// Like [`Api::send`], with the answer's headers.
+    pub async fn send_full(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value, http::HeaderMap) {
         let body = body
             .map(|b| serde_json::to_vec(&b).unwrap())
             .unwrap_or_default();
@@ -308,7 +339,8 @@ impl Api {
         }
         let response = self.client.request(request).await.expect("request is sent");
         let status = response.status().as_u16();
-        let has_request_id = response.headers().contains_key("x-request-id");
+        let headers = response.headers().clone();
+        let has_request_id = headers.contains_key("x-request-id");
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
         let value = if bytes.is_empty() {
             Value::Null
@@ -319,7 +351,7 @@ impl Api {
         if status >= 400 {
             assert!(has_request_id, "an error answer carries X-Request-Id");
         }
-        (status, value)
+        (status, value, headers)
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
