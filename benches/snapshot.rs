@@ -13,6 +13,9 @@
 //! request latency, where the old snapshot was freed), and a gzip'ed 1M push through a
 //! proxy's admin listener over loopback, as the control plane sends it.
 //!
+//! A one-purchase change at 1M is then timed as a delta and as a full push
+//! (`SNAPSHOT_BENCH_DELTA_ONLY=1` runs only that).
+//!
 //! Run: `cargo bench --bench snapshot` (the 1M cases need ~4 GiB of memory and a minute or
 //! two); `SNAPSHOT_BENCH_REPORT_ONLY=1` prints the one-off report and skips criterion.
 
@@ -211,6 +214,53 @@ fn report_compile_memory() {
 /// Swaps a 1M snapshot in through [`Gateway::apply_snapshot`] (validate, compile, persist,
 /// swap) while another thread runs the request path's snapshot load + decide + take in a
 /// loop, as `handler::handle` does (it holds its `load_full()` until the answer is written).
+/// A market change at 1M purchases as a proxy applies it: a delta of one purchase
+/// (`apply_delta`: the wire snapshot rebuilt, validated, compiled, the delta appended to the
+/// snapshot log, swapped) against the same change as a full push (`apply_snapshot`, which
+/// rewrites the whole snapshot file), in one run.
+fn report_delta() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let mut config = Config::builtin().expect("built-in config");
+    config.data_dir = dir.path().to_owned();
+    let gateway = Gateway::open(&config).expect("gateway");
+    gateway
+        .apply_snapshot(market(1, MILLION))
+        .expect("v1 applies");
+    let mut deltas = Vec::new();
+    for round in 0..5u64 {
+        let base = gateway.wire_snapshot().expect("a snapshot");
+        let mut changed = base.purchases[(round as usize * 7919) % MILLION].clone();
+        changed.quota_limit = Some(1_000 + round);
+        let delta = marketgate::snapshot::delta::Delta {
+            from_version: base.version,
+            version: base.version + 1,
+            purchases: vec![changed],
+            ..Default::default()
+        };
+        drop(base);
+        let started = Instant::now();
+        gateway.apply_delta(delta).expect("the delta applies");
+        deltas.push(started.elapsed());
+    }
+    let mut full = Vec::new();
+    for round in 0..2u64 {
+        let mut snapshot = (*gateway.wire_snapshot().expect("a snapshot")).clone();
+        snapshot.version += 1;
+        snapshot.purchases[round as usize].quota_limit = Some(7);
+        let started = Instant::now();
+        gateway
+            .apply_snapshot(snapshot)
+            .expect("the full push applies");
+        full.push(started.elapsed());
+    }
+    let list = |times: &[Duration]| times.iter().map(|t| secs(*t)).collect::<Vec<_>>().join(" ");
+    eprintln!(
+        "snapshot: 1M one-purchase change: apply_delta (appended record) {}; apply_snapshot (full checkpoint) {}",
+        list(&deltas),
+        list(&full)
+    );
+}
+
 fn report_swap_under_traffic() {
     let dir = tempfile::tempdir().expect("a temp dir");
     let mut config = Config::builtin().expect("built-in config");
@@ -401,8 +451,13 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
+    if std::env::var_os("SNAPSHOT_BENCH_DELTA_ONLY").is_some() {
+        report_delta();
+        return;
+    }
     report_compile_memory();
     report_swap_under_traffic();
+    report_delta();
     report_http_push();
     if std::env::var_os("SNAPSHOT_BENCH_REPORT_ONLY").is_some() {
         return;

@@ -34,8 +34,14 @@ use crate::snapshot::delta::{self, Delta, DeltaError};
 use crate::snapshot::validate::{validate, ValidationError};
 use crate::snapshot::Snapshot;
 
-/// File name of the last good snapshot inside `data_dir`.
+/// File name of the last good snapshot inside `data_dir` (the last full checkpoint).
 pub const SNAPSHOT_FILE: &str = "snapshot.json";
+/// File name of the deltas applied since the checkpoint in [`SNAPSHOT_FILE`], one JSON line
+/// each, in order: a delta is persisted by appending one record, not by rewriting the market.
+pub const SNAPSHOT_LOG_FILE: &str = "snapshot.log";
+/// Deltas appended to [`SNAPSHOT_LOG_FILE`] before the next one is persisted as a full
+/// checkpoint instead (and the log emptied): bounds replay at start to this many deltas.
+pub const SNAPSHOT_CHECKPOINT_EVERY_DELTAS: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -90,6 +96,8 @@ pub(crate) struct Inner {
     /// The wire form of what `current` was compiled from: the base of the next delta. Its
     /// lock also serializes applies, so the two change together (buyers never read it).
     applied: Mutex<Option<Arc<Snapshot>>>,
+    /// Records in the snapshot log since the checkpoint (changed under `applied`'s lock).
+    logged: std::sync::atomic::AtomicUsize,
     pub(crate) quota: quota::QuotaRegistry,
     pub(crate) metrics: metrics::GatewayMetrics,
     pub(crate) listening: AtomicBool,
@@ -153,6 +161,7 @@ impl Gateway {
             config: config.clone(),
             current: ArcSwapOption::empty(),
             applied: Mutex::new(None),
+            logged: std::sync::atomic::AtomicUsize::new(0),
             quota,
             metrics,
             listening: AtomicBool::new(false),
@@ -160,7 +169,8 @@ impl Gateway {
             default_cert,
             snapshot_path,
         };
-        if let Some(snapshot) = load_snapshot(&inner.snapshot_path)? {
+        if let Some((snapshot, logged)) = load_snapshot(&inner.snapshot_path)? {
+            inner.logged.store(logged, Ordering::Relaxed);
             let valid = validate(&snapshot).map_err(|source| GatewayError::SnapshotInvalid {
                 path: inner.snapshot_path.clone(),
                 source,
@@ -206,7 +216,7 @@ impl Gateway {
 
     fn apply_unfollowed(&self, snapshot: Snapshot) -> Result<u64, SnapshotRejection> {
         let mut applied = self.inner.applied.lock().unwrap_or_else(|e| e.into_inner());
-        let result = self.apply_locked(&mut applied, snapshot);
+        let result = self.apply_locked(&mut applied, snapshot, None);
         self.count_push(&result);
         result
     }
@@ -227,25 +237,44 @@ impl Gateway {
                 current: None,
                 from_version: delta.from_version,
             }),
-            Some(base) => match delta::apply(base, delta) {
-                Ok(snapshot) => self.apply_locked(&mut applied, snapshot),
-                Err(DeltaError::WrongBase {
-                    from_version,
-                    current,
-                }) => Err(SnapshotRejection::WrongBase {
-                    current,
-                    from_version,
-                }),
-                Err(DeltaError::NotNewer { version, .. }) => Err(SnapshotRejection::NotNewer {
-                    current: base.version,
-                    offered: version,
-                }),
+            Some(base) => match serde_json::to_vec(&delta)
+                .map_err(|e| SnapshotRejection::Persist(std::io::Error::other(e)))
+                .and_then(|record| {
+                    delta::apply(base, delta)
+                        .map(|snapshot| (snapshot, record))
+                        .map_err(SnapshotRejection::from)
+                }) {
+                Ok((snapshot, record)) => self.apply_locked(&mut applied, snapshot, Some(record)),
+                Err(rejection) => Err(rejection),
             },
         };
         self.count_push(&result);
         result
     }
+}
 
+impl From<DeltaError> for SnapshotRejection {
+    fn from(error: DeltaError) -> SnapshotRejection {
+        match error {
+            DeltaError::WrongBase {
+                from_version,
+                current,
+            } => SnapshotRejection::WrongBase {
+                current,
+                from_version,
+            },
+            DeltaError::NotNewer {
+                from_version,
+                version,
+            } => SnapshotRejection::NotNewer {
+                current: from_version,
+                offered: version,
+            },
+        }
+    }
+}
+
+impl Gateway {
     /// `marketgate_snapshot_push_total{result}`, label values as in `deploy/metrics.txt`.
     fn count_push(&self, result: &Result<u64, SnapshotRejection>) {
         let label = match result {
@@ -263,11 +292,15 @@ impl Gateway {
             .inc();
     }
 
-    /// Applies `snapshot` while holding the apply lock (`applied` is its guard).
+    /// Applies `snapshot` while holding the apply lock (`applied` is its guard). `delta` is
+    /// the record of the delta that made it from the snapshot served (JSON), persisted by
+    /// appending it to the snapshot log; a full snapshot (`None`), or every
+    /// [`SNAPSHOT_CHECKPOINT_EVERY_DELTAS`]th delta, is persisted as a checkpoint.
     fn apply_locked(
         &self,
         applied: &mut Option<Arc<Snapshot>>,
         snapshot: Snapshot,
+        delta: Option<Vec<u8>>,
     ) -> Result<u64, SnapshotRejection> {
         let inner = &self.inner;
         if let Some(current) = self.snapshot_version() {
@@ -282,7 +315,19 @@ impl Gateway {
         let prepared = prepare(valid, &inner.metrics);
         // Persist before anything shared changes: what is served is always on disk, and a
         // failed persist leaves the quota cells and metrics of the snapshot served as they were.
-        persist_snapshot(&inner.snapshot_path, &snapshot).map_err(SnapshotRejection::Persist)?;
+        let logged = inner.logged.load(Ordering::Relaxed);
+        match delta {
+            Some(record) if logged + 1 < SNAPSHOT_CHECKPOINT_EVERY_DELTAS => {
+                append_record(&log_path(&inner.snapshot_path), &record)
+                    .map_err(SnapshotRejection::Persist)?;
+                inner.logged.store(logged + 1, Ordering::Relaxed);
+            }
+            _ => {
+                persist_snapshot(&inner.snapshot_path, &snapshot)
+                    .map_err(SnapshotRejection::Persist)?;
+                inner.logged.store(0, Ordering::Relaxed);
+            }
+        }
         let compiled = prepared.bind(&inner.quota, &inner.metrics);
         inner.current.store(Some(Arc::new(compiled)));
         inner.metrics.snapshot_version.set(snapshot.version as i64);
@@ -380,8 +425,68 @@ fn now_secs() -> i64 {
         .unwrap_or(0)
 }
 
-/// The snapshot file as written (validated by the caller), or `None` if there is none.
-fn load_snapshot(path: &Path) -> Result<Option<Snapshot>, GatewayError> {
+/// The snapshot log beside the checkpoint at `snapshot_path`.
+fn log_path(snapshot_path: &Path) -> PathBuf {
+    snapshot_path.with_file_name(SNAPSHOT_LOG_FILE)
+}
+
+/// The last good snapshot (validated by the caller) and how many logged deltas it took, or
+/// `None` if there is none: the checkpoint, then every delta of the log that follows from
+/// it, in order. A torn last record (a crash during its append: it was never acknowledged)
+/// or one that does not follow (left from before a checkpoint) ends the replay; the
+/// snapshot replayed is then written as a new checkpoint so the log restarts clean.
+fn load_snapshot(path: &Path) -> Result<Option<(Snapshot, usize)>, GatewayError> {
+    let Some(mut snapshot) = load_checkpoint(path)? else {
+        return Ok(None);
+    };
+    let log = log_path(path);
+    let bytes = match std::fs::read(&log) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some((snapshot, 0))),
+        Err(source) => return Err(GatewayError::SnapshotRead { path: log, source }),
+    };
+    let mut replayed = 0;
+    let mut clean = true;
+    let mut rest = &bytes[..];
+    while !rest.is_empty() {
+        let Some(end) = rest.iter().position(|&b| b == b'\n') else {
+            clean = false; // torn: never acknowledged
+            break;
+        };
+        let record = &rest[..end];
+        rest = &rest[end + 1..];
+        let next = serde_json::from_slice::<Delta>(record)
+            .ok()
+            .and_then(|delta| delta::apply(&snapshot, delta).ok());
+        match next {
+            Some(next) => {
+                snapshot = next;
+                replayed += 1;
+            }
+            None => {
+                clean = false;
+                break;
+            }
+        }
+    }
+    if !clean {
+        tracing::warn!(
+            log = %log.display(),
+            replayed,
+            version = snapshot.version,
+            "the snapshot log ends in a record that does not apply (torn by a crash, or older than the checkpoint): serving what it replayed, checkpointed anew"
+        );
+        persist_snapshot(path, &snapshot).map_err(|source| GatewayError::SnapshotRead {
+            path: path.to_owned(),
+            source,
+        })?;
+        replayed = 0;
+    }
+    Ok(Some((snapshot, replayed)))
+}
+
+/// The checkpoint file as written, or `None` if there is none.
+fn load_checkpoint(path: &Path) -> Result<Option<Snapshot>, GatewayError> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -418,7 +523,35 @@ fn persist_snapshot(path: &Path, snapshot: &Snapshot) -> std::io::Result<()> {
         file.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;
+    // The deltas before this checkpoint are in it. Left behind by a crash, they would not
+    // replay: none follows from the checkpoint's version.
+    match std::fs::remove_file(log_path(path)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// Appends one record (and a newline) to the snapshot log and makes it durable before
+/// returning: the delta is then as persisted as a checkpoint would have made it.
+fn append_record(log: &Path, record: &[u8]) -> std::io::Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(log)?;
+    let created = file.metadata()?.len() == 0;
+    let mut line = Vec::with_capacity(record.len() + 1);
+    line.extend_from_slice(record);
+    line.push(b'\n');
+    file.write_all(&line)?;
+    file.sync_data()?;
+    if created {
+        // A new file's name is durable once its directory is.
+        std::fs::File::open(log.parent().unwrap_or(Path::new(".")))?.sync_all()?;
+    }
+    Ok(())
 }
 
 type RunError = Box<dyn std::error::Error + Send + Sync>;
@@ -543,6 +676,75 @@ mod tests {
             }],
             ..Snapshot::default()
         }
+    }
+
+    fn open(dir: &Path) -> Gateway {
+        let text = format!(
+            "data_dir = '{}'\n[admin]\ntoken = 'test-token'\n",
+            dir.display()
+        );
+        Gateway::open(&Config::from_toml(&text, Vec::new()).unwrap()).unwrap()
+    }
+
+    /// The purchase's limit goes up by one with each version: a delta of one purchase.
+    fn next(gateway: &Gateway) -> u64 {
+        let base = gateway.wire_snapshot().unwrap();
+        let new = market(base.version + 1, 10 + base.version);
+        gateway.apply_delta(delta::diff(&base, &new)).unwrap()
+    }
+
+    /// Deltas are persisted as appended records, replayed at start; a record torn by a crash
+    /// is ignored and the log restarts from a new checkpoint.
+    #[test]
+    fn deltas_are_appended_and_replayed_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let gateway = open(dir.path());
+        gateway.apply_snapshot(market(1, 10)).unwrap();
+        for _ in 0..3 {
+            next(&gateway);
+        }
+        let checkpoint = load_checkpoint(&dir.path().join(SNAPSHOT_FILE))
+            .unwrap()
+            .unwrap();
+        assert_eq!(checkpoint.version, 1, "a delta rewrote the whole snapshot");
+        let log = std::fs::read_to_string(dir.path().join(SNAPSHOT_LOG_FILE)).unwrap();
+        assert_eq!(log.lines().count(), 3);
+        let served = gateway.wire_snapshot().unwrap();
+        drop(gateway);
+
+        let gateway = open(dir.path());
+        assert_eq!(gateway.snapshot_version(), Some(4));
+        assert_eq!(gateway.wire_snapshot().unwrap().purchases, served.purchases);
+        assert_eq!(gateway.quota().get("p").unwrap().limit(), 13);
+        next(&gateway);
+        drop(gateway);
+
+        // A crash in the middle of an append: half a record, never acknowledged.
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(SNAPSHOT_LOG_FILE))
+            .unwrap();
+        file.write_all(br#"{"from_version":5,"vers"#).unwrap();
+        drop(file);
+        let gateway = open(dir.path());
+        assert_eq!(gateway.snapshot_version(), Some(5));
+        assert!(!dir.path().join(SNAPSHOT_LOG_FILE).exists());
+        assert_eq!(
+            load_checkpoint(&dir.path().join(SNAPSHOT_FILE))
+                .unwrap()
+                .unwrap()
+                .version,
+            5
+        );
+        // A checkpoint every SNAPSHOT_CHECKPOINT_EVERY_DELTAS deltas bounds the log.
+        for _ in 0..SNAPSHOT_CHECKPOINT_EVERY_DELTAS + 3 {
+            next(&gateway);
+        }
+        let log = std::fs::read_to_string(dir.path().join(SNAPSHOT_LOG_FILE)).unwrap();
+        assert!(log.lines().count() < SNAPSHOT_CHECKPOINT_EVERY_DELTAS);
+        let version = gateway.snapshot_version();
+        drop(gateway);
+        assert_eq!(open(dir.path()).snapshot_version(), version);
     }
 
     /// A push whose persist fails changes nothing that is served: not the version, not the
