@@ -8,6 +8,7 @@ mod control;
 mod control_binary;
 mod control_e2e;
 mod data_dir;
+mod docs_links;
 mod fleet;
 mod gateway;
 mod gateway_crash;
