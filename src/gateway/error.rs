@@ -54,6 +54,18 @@ pub enum Rejection {
 }
 
 impl Rejection {
+    /// Which authentication rule refused the caller (`unknown app key`, `the signature does
+    /// not match`, …), for the access log's `auth_rule`; `None` for any other rejection.
+    pub fn auth_rule(&self) -> Option<&dyn std::fmt::Display> {
+        match self {
+            Rejection::AuthFailed(rule) => Some(rule),
+            Rejection::Signature(cause) => Some(cause),
+            _ => None,
+        }
+    }
+}
+
+impl Rejection {
     pub fn status(&self) -> StatusCode {
         match self {
             Rejection::NotReady => StatusCode::SERVICE_UNAVAILABLE,

@@ -250,6 +250,17 @@ pub fn authenticate<'s>(
     Err(Rejection::AuthFailed("no Authorization or X-Apig-AppCode"))
 }
 
+/// The access log's `auth_rule` for a signature made with a key no app has.
+const UNKNOWN_APP_KEY: &str = "unknown app key";
+
+/// The AppKey (`Access=`) of a parseable `Authorization` header. Failure path only.
+fn claimed_app_key(headers: &HeaderMap) -> Option<Box<str>> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    Authorization::parse(value)
+        .ok()
+        .map(|auth| auth.access.into())
+}
+
 /// Phase 4: may this app call this API now?
 pub fn entitle<'s>(
     group: &CompiledGroup,
@@ -333,6 +344,12 @@ struct Trace<'s> {
     group: Option<&'s CompiledGroup>,
     api: Option<&'s CompiledApi>,
     app: Option<&'s CompiledApp>,
+    /// The AppKey an `Authorization` header named, kept only when authentication failed: the
+    /// access log names the key a refused caller used (an identifier, never a secret).
+    claimed_key: Option<Box<str>>,
+    /// The claimed key is no app's: the signature was checked against a dummy secret (so an
+    /// unknown key costs the same time) and failed, but the rule an operator needs is this.
+    unknown_key: bool,
     purchase: Option<&'s CompiledPurchase>,
     upstream: Option<Duration>,
 }
@@ -391,12 +408,13 @@ pub(crate) async fn handle(
             serve(context, snapshot, request, &mut trace).await
         }
     };
-    let (mut response, outcome, error_code) = match result {
-        Ok(response) => (response, Outcome::Ok, None),
+    let (mut response, outcome, error_code, rejection) = match result {
+        Ok(response) => (response, Outcome::Ok, None, None),
         Err(rejection) => (
             error_response(&rejection, &request_id),
             rejection.outcome(),
             Some(rejection.code()),
+            Some(rejection),
         ),
     };
     let latency = started.elapsed();
@@ -441,7 +459,15 @@ pub(crate) async fn handle(
         path = uri.path(),
         group_id = trace.group.map(|g| &*g.id),
         api_id = trace.api.map(|a| &*a.id),
-        app_key = trace.app.map(|a| a.key()),
+        app_key = trace.app.map(|a| a.key()).or(trace.claimed_key.as_deref()),
+        auth_rule = if trace.unknown_key {
+            Some(tracing::field::display(&UNKNOWN_APP_KEY as &dyn std::fmt::Display))
+        } else {
+            rejection
+                .as_ref()
+                .and_then(Rejection::auth_rule)
+                .map(tracing::field::display)
+        },
         purchase_id = trace.purchase.map(|p| p.id()),
         status = response.status().as_u16(),
         outcome = outcome.as_str(),
@@ -582,7 +608,13 @@ async fn serve<'s>(
     };
     let payload = Payload::Body(buffered.as_deref().unwrap_or(&[]));
     let now = OffsetDateTime::now_utc();
-    let app = authenticate(snapshot, api, &head, payload, now, options)?;
+    let app = authenticate(snapshot, api, &head, payload, now, options).inspect_err(|_| {
+        trace.claimed_key = claimed_app_key(head.headers);
+        trace.unknown_key = trace
+            .claimed_key
+            .as_deref()
+            .is_some_and(|key| snapshot.app_by_key(key).is_none());
+    })?;
     trace.app = app;
     let purchase = entitle(group, domain, api, app, now)?;
     trace.purchase = purchase;

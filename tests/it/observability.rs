@@ -154,6 +154,43 @@ async fn calls_left_in_the_log_and_usage_are_the_purchases_under_leases() {
         .expect("a leased purchase has lease_left");
     assert!(lease_now <= BOUGHT - made, "{mine}");
     assert_eq!(mine["leased"], true, "{mine}");
+
+    // A refused caller's line names the rule that failed and the key it used, no secret.
+    assert_eq!(call(buyers, &bought.key, "not-the-secret").await, 401);
+    assert_eq!(call(buyers, "no-such-key", "whatever-secret").await, 401);
+    let deadline = Instant::now() + WITHIN;
+    let refused = loop {
+        let refused: Vec<Value> = serve
+            .records()
+            .into_iter()
+            .filter(|r| r["target"] == "access" && r["fields"]["status"] == 401)
+            .map(|r| r["fields"].clone())
+            .collect();
+        if refused.len() == 2 {
+            break refused;
+        }
+        assert!(Instant::now() < deadline, "{} refused lines", refused.len());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let rules: Vec<(&str, &str)> = refused
+        .iter()
+        .map(|l| {
+            (
+                l["app_key"].as_str().unwrap_or(""),
+                l["auth_rule"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rules,
+        vec![
+            (bought.key.as_str(), "the signature does not match"),
+            ("no-such-key", "unknown app key"),
+        ],
+        "{refused:#?}"
+    );
+    let logged = format!("{:?}", serve.records());
+    assert!(!logged.contains(&bought.secret) && !logged.contains("not-the-secret"));
 }
 
 /// The access log records of the control plane's market and management API.
