@@ -61,6 +61,9 @@ pub async fn run_serve(mut config: Config, shutdown: Shutdown) -> Result<(), Run
     // Before the store, the journal or the snapshot file is opened: a second process on this
     // data_dir stops here, having read and written nothing.
     let _data_dir = crate::data_dir::DataDir::claim(&config.data_dir)?;
+    // A SQLite file kept outside data_dir needs its own lock (one process per database).
+    let _database =
+        crate::control::store::lock_sqlite_file(&config.database_url, &config.data_dir)?;
     check_store_present(&config)?;
     crate::accept::fit_open_file_limit(&mut config, true);
     let control = ControlPlane::open(&config).await?;

@@ -523,6 +523,8 @@ pub async fn run_control(
     } else {
         None
     };
+    // A SQLite file kept outside data_dir needs its own lock (one process per database).
+    let _database = store::lock_sqlite_file(&config.database_url, &config.data_dir)?;
     let cp = ControlPlane::open(&config).await?;
     let listener = crate::bind::bind("control.listen", config.control.listen).await?;
     let admin = crate::bind::bind("admin.listen", config.admin.listen).await?;

@@ -292,3 +292,39 @@ async fn cluster_three_replicas_lease_exactly_q_through_a_replica_kill_9() {
         replica.process.terminate();
     }
 }
+
+/// SQLite is for one process: a second control plane on the same database file, kept outside
+/// both processes' data_dirs, is refused at start before it opens the file, naming the
+/// holder; the first never notices.
+#[tokio::test]
+async fn cluster_a_second_control_plane_on_one_sqlite_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = dir.path().join("shared/market.db");
+    let database_url = format!("sqlite://{}", database.display());
+    let config = |n: usize| {
+        let path = dir.path().join(format!("control-{n}.toml"));
+        let toml = format!(
+            "data_dir = '{}'\n{}",
+            dir.path().join(format!("data-{n}")).display(),
+            config_toml(&database_url, "127.0.0.1:0")
+        );
+        std::fs::write(&path, toml).unwrap();
+        path
+    };
+    let first = Process::start("control", &config(0), "control plane listening").await;
+    let size = std::fs::metadata(&database).unwrap().len();
+    let said = crate::support::process::refused("control", &config(1)).await;
+    assert!(
+        said.contains(&format!("pid {}", first.pid())) && said.contains("SQLite database"),
+        "the refusal names the holder: {said}"
+    );
+    assert_eq!(std::fs::metadata(&database).unwrap().len(), size);
+    let seller = Api::new(first.addr("listen"), Auth::Token(ctl::SELLER_TOKEN.into()));
+    let created = seller
+        .post(
+            &format!("{}/api-groups", ctl::mgmt(ctl::SELLER_PROJECT)),
+            json!({"name": "still_served"}),
+        )
+        .await;
+    ctl::expect_status("the first one still serves", &created, 201);
+}

@@ -249,6 +249,42 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// The lock file beside a SQLite database: `<db>.lock`.
+pub const SQLITE_LOCK_SUFFIX: &str = ".lock";
+
+/// SQLite is for one process. A database inside `data_dir` is covered by the data_dir lock
+/// ([`crate::data_dir::DataDir::claim`], taken first); one kept elsewhere is locked on its
+/// own, on `<db>.lock` (the same [`crate::data_dir::FileLock`]), before it is opened: a second
+/// control plane on the file stops here, naming the holder's pid. `None` for PostgreSQL and
+/// for a database inside `data_dir`. Call after claiming `data_dir`.
+pub fn lock_sqlite_file(
+    database_url: &str,
+    data_dir: &std::path::Path,
+) -> Result<Option<crate::data_dir::FileLock>, crate::data_dir::LockError> {
+    let Some(path) = database_url.strip_prefix("sqlite://") else {
+        return Ok(None);
+    };
+    let db = std::path::Path::new(path);
+    let parent = match db.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => std::path::PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|source| crate::data_dir::LockError::Io {
+        action: "create",
+        path: parent.clone(),
+        source,
+    })?;
+    let inside = match (parent.canonicalize(), data_dir.canonicalize()) {
+        (Ok(parent), Ok(data_dir)) => parent.starts_with(data_dir),
+        _ => false,
+    };
+    if inside {
+        return Ok(None);
+    }
+    let lock = std::path::PathBuf::from(format!("{path}{SQLITE_LOCK_SUFFIX}"));
+    crate::data_dir::FileLock::acquire(&lock, "SQLite database", db).map(Some)
+}
+
 /// Opens the backend named by `database_url` (`sqlite://PATH` or `postgres://…`) and applies
 /// pending migrations.
 pub async fn open(database_url: &str, limits: StoreLimits) -> Result<Box<dyn Store>, StoreError> {
