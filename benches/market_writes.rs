@@ -1,10 +1,13 @@
 //! Market writes: purchases per second and their latency at 100 concurrent market clients,
 //! on each store (SQLite, and PostgreSQL when one answers on 127.0.0.1:5432).
 //!
-//! Decision it informs: whether one control plane with the "whole state in memory, one
-//! transaction per write, single writer" design (docs/control-plane.md) keeps up with a
-//! market's write rate, and what durability (fsync per acknowledged write) costs on each
-//! store. Run: `cargo bench --bench market_writes` (PURCHASES=N per client, default 20).
+//! Decision it informs: whether the control plane's write path (docs/control-plane.md: a
+//! follower cache per replica, one transaction per write whose statements decide conflicts)
+//! keeps up with a market's write rate, what durability (fsync per acknowledged write) costs
+//! on each store, and whether replicas add throughput (no global lock: the store is the
+//! limit). PostgreSQL runs with 1 and with 3 replicas on one database (clients spread
+//! round-robin over them). Run: `cargo bench --bench market_writes` (PURCHASES=N per client,
+//! default 20).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -124,25 +127,28 @@ async fn listed_group(api: &Api) -> String {
     gid
 }
 
-async fn run(store: &str, database_url: &str, per_client: usize) {
+async fn run(store: &str, database_url: &str, per_client: usize, replicas: usize) {
     let config = config(database_url);
-    let cp = ControlPlane::open(&config)
-        .await
-        .expect("control plane opens");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let (trigger, shutdown) = ShutdownTrigger::new();
-    tokio::spawn(marketgate::control::serve(listener, cp, shutdown));
-    let api = Arc::new(Api {
-        client: Client::builder(TokioExecutor::new()).build_http(),
-        base: format!("http://{addr}"),
-    });
-    let gid = Arc::new(listed_group(&api).await);
+    let mut apis = Vec::new();
+    for _ in 0..replicas {
+        let cp = ControlPlane::open(&config)
+            .await
+            .expect("control plane opens");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(marketgate::control::serve(listener, cp, shutdown.clone()));
+        apis.push(Arc::new(Api {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            base: format!("http://{addr}"),
+        }));
+    }
+    let gid = Arc::new(listed_group(&apis[0]).await);
 
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..CLIENTS {
-        let (api, gid) = (api.clone(), gid.clone());
+        let (api, gid) = (apis[c % replicas].clone(), gid.clone());
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(per_client);
             for n in 0..per_client {
@@ -173,7 +179,7 @@ async fn run(store: &str, database_url: &str, per_client: usize) {
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
     println!(
-        "| {store} | {} | {:.0} | {:.1} | {:.1} | {:.1} |",
+        "| {store} | {replicas} | {} | {:.0} | {:.1} | {:.1} | {:.1} |",
         latencies.len(),
         latencies.len() as f64 / elapsed.as_secs_f64(),
         pct(0.50).as_secs_f64() * 1e3,
@@ -196,24 +202,27 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        println!("| store | purchases | purchases/s | p50 ms | p99 ms | max ms |");
-        println!("|---|---|---|---|---|---|");
+        println!("| store | replicas | purchases | purchases/s | p50 ms | p99 ms | max ms |");
+        println!("|---|---|---|---|---|---|---|");
         let dir = tempfile::tempdir().unwrap();
         let sqlite = format!("sqlite://{}", dir.path().join("bench.db").display());
-        run("SQLite (WAL, synchronous=FULL)", &sqlite, per_client).await;
+        run("SQLite (WAL, synchronous=FULL)", &sqlite, per_client, 1).await;
         match tokio_postgres::connect(POSTGRES_ADMIN_URL, tokio_postgres::NoTls).await {
             Ok((client, connection)) => {
                 tokio::spawn(connection);
-                let name = format!("mg_bench_{}", std::process::id());
-                client
-                    .execute(&format!("CREATE DATABASE {name}"), &[])
-                    .await
-                    .unwrap();
-                let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
-                run("PostgreSQL 15 (local, default fsync)", &url, per_client).await;
-                let _ = client
-                    .execute(&format!("DROP DATABASE {name} WITH (FORCE)"), &[])
-                    .await;
+                for replicas in [1, 3] {
+                    let name = format!("mg_bench_{}_{replicas}", std::process::id());
+                    client
+                        .execute(&format!("CREATE DATABASE {name}"), &[])
+                        .await
+                        .unwrap();
+                    let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+                    let store = "PostgreSQL 15 (local, default fsync)";
+                    run(store, &url, per_client, replicas).await;
+                    let _ = client
+                        .execute(&format!("DROP DATABASE {name} WITH (FORCE)"), &[])
+                        .await;
+                }
             }
             Err(_) => println!("PostgreSQL not reachable on 127.0.0.1:5432: skipped"),
         }
