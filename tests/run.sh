@@ -5,6 +5,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The Rust tests name their PostgreSQL databases mg_<epoch>_<MG_TEST_RUN><id>: when this run
+# ends, passed or failed, it drops its own (and leaves any other run's alone).
+export MG_TEST_RUN="run$$t$(date +%s)"
+drop_test_databases() {
+  command -v psql >/dev/null || return 0
+  local db
+  for db in $(psql -h 127.0.0.1 -U postgres -Atc \
+    "SELECT datname FROM pg_database WHERE datname LIKE 'mg\_%\_${MG_TEST_RUN}%'" 2>/dev/null); do
+    psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null || true
+  done
+}
+trap drop_test_databases EXIT
+
 cargo test --all-targets
 
 # Python suites: Huawei's SDK as the client, against the real binary.

@@ -67,8 +67,9 @@ impl Backend {
                     .expect("postgres connects");
                 tokio::spawn(conn);
                 let name = format!(
-                    "mg_{}_{}",
+                    "mg_{}_{}{}",
                     time::OffsetDateTime::now_utc().unix_timestamp(),
+                    run_tag(),
                     &uuid::Uuid::new_v4().simple().to_string()[..12]
                 );
                 client
@@ -80,6 +81,17 @@ impl Backend {
             }
         }
     }
+}
+
+/// The run's tag in database names (`MG_TEST_RUN`, lower-case letters and digits only), set
+/// by `tests/run.sh` so that it drops this run's databases when it ends, and nobody else's.
+fn run_tag() -> String {
+    std::env::var("MG_TEST_RUN")
+        .unwrap_or_default()
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect()
 }
 
 /// Test databases older than this are dropped by later runs, in seconds.

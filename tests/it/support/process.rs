@@ -57,6 +57,7 @@ impl Process {
         for (name, _) in std::env::vars().filter(|(n, _)| n.starts_with("MARKETGATE_")) {
             cmd.env_remove(name);
         }
+        beside_config(&mut cmd, config);
         let mut child = cmd
             .args([command, "--config"])
             .arg(config)
@@ -108,6 +109,7 @@ impl Process {
         for (name, _) in std::env::vars().filter(|(n, _)| n.starts_with("MARKETGATE_")) {
             cmd.env_remove(name);
         }
+        beside_config(&mut cmd, config);
         let mut child = cmd
             .args([command, "--config"])
             .arg(config)
@@ -205,6 +207,14 @@ impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Runs the child in the config's folder: a relative path in the config (the default
+/// `./marketgate-data`) lands in the test's own directory, not in the repository.
+fn beside_config(cmd: &mut Command, config: &Path) {
+    if let Some(dir) = config.parent().filter(|d| !d.as_os_str().is_empty()) {
+        cmd.current_dir(dir);
     }
 }
 
