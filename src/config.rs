@@ -9,6 +9,7 @@
 //!
 //! This module does not open sockets or files other than the config file itself.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -493,19 +494,17 @@ impl Config {
                 })
             }
         };
-        apply_env_overrides(&mut table, env, &mut problems);
-        find_unknown_keys(&table, &mut problems);
-        if !problems.is_empty() {
-            return Err(ConfigError { problems });
-        }
-        let file: FileConfig = match toml::Value::Table(table).try_into() {
-            Ok(file) => file,
-            Err(e) => {
-                return Err(ConfigError {
-                    problems: vec![e.to_string().trim().to_owned()],
-                })
-            }
-        };
+        let origins = apply_env_overrides(&mut table, env, &mut problems);
+        let mut found = Vec::new();
+        find_unknown_keys(&table, &mut found);
+        // Every value of the wrong type, not only serde's first: each is taken out, so the
+        // rest still deserializes and is validated below.
+        let file = loose_deserialize(&mut table, &mut found);
+        problems.extend(
+            found
+                .into_iter()
+                .map(|(path, problem)| where_from(text, &origins, &path, &problem)),
+        );
         let config = Self::validate(file, &mut problems);
         if problems.is_empty() {
             Ok(config)
@@ -821,7 +820,16 @@ impl Config {
             },
             log: LogConfig {
                 format: file.log.format.unwrap_or(LogFormat::Text),
-                level: file.log.level.unwrap_or_else(|| "info".to_owned()),
+                level: {
+                    let level = file
+                        .log
+                        .level
+                        .unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_owned());
+                    if let Some(problem) = log_level_problem(&level) {
+                        problems.push(format!("log.level: '{level}' {problem}"));
+                    }
+                    level
+                },
             },
             trial_credentials: false,
         }
@@ -923,11 +931,14 @@ pub const NON_CONFIG_VARIABLES: &[&str] = &[
 /// sets the top-level `data_dir`. Values parse as TOML scalars when they can (numbers,
 /// booleans), else they are strings. [`NON_CONFIG_VARIABLES`] are skipped; any other
 /// `MARKETGATE_*` name that is not a config key is an error, so typos are caught.
+/// Returns which variable set each key path it set (`gateway.listen` →
+/// `MARKETGATE_GATEWAY__LISTEN`), so that a problem with it names the variable.
 fn apply_env_overrides(
     table: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
     problems: &mut Vec<String>,
-) {
+) -> HashMap<String, String> {
+    let mut origins = HashMap::new();
     for (name, raw) in env {
         let Some(path) = name.strip_prefix("MARKETGATE_") else {
             continue;
@@ -945,6 +956,7 @@ fn apply_env_overrides(
         match parts.as_slice() {
             [key] => {
                 table.insert(key.clone(), value);
+                origins.insert(key.clone(), name);
             }
             [section, key] => {
                 let entry = table
@@ -953,6 +965,7 @@ fn apply_env_overrides(
                 match entry.as_table_mut() {
                     Some(section_table) => {
                         section_table.insert(key.clone(), value);
+                        origins.insert(format!("{section}.{key}"), name);
                     }
                     None => problems.push(format!("{name}: {section} is not a table")),
                 }
@@ -962,9 +975,145 @@ fn apply_env_overrides(
             )),
         }
     }
+    origins
 }
 
-fn find_unknown_keys(table: &toml::Table, problems: &mut Vec<String>) {
+/// `[log] level` when the file says nothing.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// The levels a `[log] level` directive may name.
+const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// Why `level` is not a filter of levels (`info`, `marketgate=debug,hyper=warn`); `None` when
+/// it is. A bare word that is no level (`loud`) would be taken by `tracing` as a target
+/// name with no level, and the process would log nothing at all.
+fn log_level_problem(level: &str) -> Option<String> {
+    for directive in level.split(',').map(str::trim) {
+        let named = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
+        let target_ok = directive.rsplit_once('=').is_none_or(|(target, _)| {
+            !target.is_empty()
+                && target
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_:-.[]{}=\" \'".contains(c))
+        });
+        if !LOG_LEVELS.contains(&named.to_ascii_lowercase().as_str()) || !target_ok {
+            return Some(format!(
+                "is not a log filter: each comma-separated part must be a level ({}) or \
+                 target=level, e.g. \"info\" or \"info,marketgate=debug\"",
+                LOG_LEVELS.join(", ")
+            ));
+        }
+    }
+    None
+}
+
+/// Deserializes `table`, taking out (and reporting in `problems` by key path) every value
+/// serde refuses, so that one wrongly typed value does not hide the others. Values under a
+/// path already in `problems` (unknown keys) are taken out without a second report.
+fn loose_deserialize(table: &mut toml::Table, problems: &mut Vec<(String, String)>) -> FileConfig {
+    let reported = |path: &str, problems: &[(String, String)]| {
+        problems.iter().any(|(p, _)| {
+            p == path
+                || p.strip_prefix(path)
+                    .is_some_and(|rest| rest.starts_with(['.', '[']))
+        })
+    };
+    let keys: Vec<String> = table.keys().cloned().collect();
+    for key in keys {
+        if problems.iter().any(|(p, _)| p == &key) {
+            table.remove(&key);
+            continue;
+        }
+        let section = table.get(&key).and_then(toml::Value::as_table).cloned();
+        match section {
+            // A section: each of its keys on its own (arrays of tables stay whole).
+            Some(section) => {
+                for inner in section.keys() {
+                    let path = format!("{key}.{inner}");
+                    if reported(&path, problems) {
+                        if let Some(t) = table.get_mut(&key).and_then(toml::Value::as_table_mut) {
+                            t.remove(inner);
+                        }
+                        continue;
+                    }
+                    let one = toml::Table::from_iter([(
+                        key.clone(),
+                        toml::Value::Table(toml::Table::from_iter([(
+                            inner.clone(),
+                            section[inner].clone(),
+                        )])),
+                    )]);
+                    if let Err(e) = toml::Value::Table(one).try_into::<FileConfig>() {
+                        problems.push((path, serde_message(&e)));
+                        if let Some(t) = table.get_mut(&key).and_then(toml::Value::as_table_mut) {
+                            t.remove(inner);
+                        }
+                    }
+                }
+            }
+            None => {
+                let one = toml::Table::from_iter([(key.clone(), table[&key].clone())]);
+                if let Err(e) = toml::Value::Table(one).try_into::<FileConfig>() {
+                    problems.push((key.clone(), serde_message(&e)));
+                    table.remove(&key);
+                }
+            }
+        }
+    }
+    toml::Value::Table(table.clone())
+        .try_into()
+        .unwrap_or_default()
+}
+
+/// serde's message without toml's "in `key`" line (the key path is said in front).
+fn serde_message(e: &toml::de::Error) -> String {
+    let text = e.to_string();
+    text.lines().next().unwrap_or("").trim().to_owned()
+}
+
+/// `problem` about key `path`, saying where the value came from: the variable that set it,
+/// or its line in the file.
+fn where_from(text: &str, origins: &HashMap<String, String>, path: &str, problem: &str) -> String {
+    if let Some(variable) = origins.get(path) {
+        return match problem {
+            "unknown key" => format!(
+                "{variable}: not a config variable (it would set {path}, which is no key; see \
+                 docs/operations.md)"
+            ),
+            _ => format!("{variable} (sets {path}): {problem}"),
+        };
+    }
+    match line_of(text, path) {
+        Some(line) => format!("{path} (line {line}): {problem}"),
+        None => format!("{path}: {problem}"),
+    }
+}
+
+/// The 1-based line of `key = …` for `section.key` (or a top-level `key`) in TOML text;
+/// `None` for keys in arrays of tables, or when it cannot be found.
+fn line_of(text: &str, path: &str) -> Option<usize> {
+    let (section, key) = match path.split_once('.') {
+        Some((section, key)) if !key.contains(['.', '[']) => (section, key),
+        None => ("", path),
+        Some(_) => return None,
+    };
+    let mut current = String::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if let Some(header) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
+            current = header.trim_start_matches('[').trim().to_owned();
+            continue;
+        }
+        let assigned = line
+            .split_once('=')
+            .map(|(name, _)| name.trim().trim_matches(['"', '\'']));
+        if current == section && assigned == Some(key) {
+            return Some(number + 1);
+        }
+    }
+    None
+}
+
+fn find_unknown_keys(table: &toml::Table, problems: &mut Vec<(String, String)>) {
     fn known(section: &str) -> &'static [&'static str] {
         KNOWN_KEYS
             .iter()
@@ -972,7 +1121,7 @@ fn find_unknown_keys(table: &toml::Table, problems: &mut Vec<String>) {
             .map(|(_, keys)| *keys)
             .unwrap_or(&[])
     }
-    fn walk(section: &str, table: &toml::Table, problems: &mut Vec<String>) {
+    fn walk(section: &str, table: &toml::Table, problems: &mut Vec<(String, String)>) {
         for (key, value) in table {
             let path = if section.is_empty() {
                 key.clone()
@@ -980,7 +1129,7 @@ fn find_unknown_keys(table: &toml::Table, problems: &mut Vec<String>) {
                 format!("{section}.{key}")
             };
             if !known(section).contains(&key.as_str()) {
-                problems.push(format!("{path}: unknown key"));
+                problems.push((path, "unknown key".to_owned()));
                 continue;
             }
             match value {
@@ -990,7 +1139,10 @@ fn find_unknown_keys(table: &toml::Table, problems: &mut Vec<String>) {
                         if let toml::Value::Table(inner) = item {
                             for inner_key in inner.keys() {
                                 if !known(&path).contains(&inner_key.as_str()) {
-                                    problems.push(format!("{path}[{i}].{inner_key}: unknown key"));
+                                    problems.push((
+                                        format!("{path}[{i}].{inner_key}"),
+                                        "unknown key".to_owned(),
+                                    ));
                                 }
                             }
                         }
@@ -1030,8 +1182,10 @@ mod tests {
         )
         .unwrap_err();
         let all = err.problems.join("\n");
-        assert!(all.contains("colour: unknown key"), "{all}");
-        assert!(all.contains("gateway.speed: unknown key"), "{all}");
+        assert!(all.contains("colour (line 1): unknown key"), "{all}");
+        assert!(all.contains("gateway.speed (line 4): unknown key"), "{all}");
+        // Unknown keys no longer hide the other problems.
+        assert!(all.contains("gateway.listen: 'nope' is not an address"), "{all}");
         assert!(
             all.contains("control.tokens[0].extra: unknown key"),
             "{all}"
@@ -1114,6 +1268,50 @@ mod tests {
         let env = vec![("MARKETGATE_GATEWAY__LISTENN".to_owned(), "x".to_owned())];
         let err = Config::from_toml("", env).unwrap_err();
         assert!(err.problems[0].contains("gateway.listenn"));
+    }
+
+    #[test]
+    fn every_problem_in_file_and_environment_is_reported_at_once_with_its_origin() {
+        let text = "colour = 1\n[log]\nlevel = \"loud\"\n[gateway]\nlisten = 5\nworkers = \"x\"\n";
+        let env = vec![
+            ("MARKETGATE_GATEWAY__SPEED".to_owned(), "3".to_owned()),
+            (
+                "MARKETGATE_ADMIN__METRICS_PUBLIC".to_owned(),
+                "maybe".to_owned(),
+            ),
+        ];
+        let problems = Config::from_toml(text, env).unwrap_err().problems;
+        let expected = [
+            "colour (line 1): unknown key",
+            "MARKETGATE_GATEWAY__SPEED: not a config variable (it would set gateway.speed",
+            "gateway.listen (line 5): invalid type: integer `5`, expected a string",
+            "gateway.workers (line 6): invalid type: string \"x\"",
+            "MARKETGATE_ADMIN__METRICS_PUBLIC (sets admin.metrics_public): invalid type",
+            "log.level: 'loud' is not a log filter",
+        ];
+        for want in expected {
+            assert!(
+                problems.iter().any(|p| p.starts_with(want)),
+                "no problem starting {want:?} in {problems:#?}"
+            );
+        }
+        assert_eq!(problems.len(), expected.len(), "{problems:#?}");
+    }
+
+    #[test]
+    fn log_filters_are_levels_or_target_levels() {
+        for good in [
+            "info",
+            "WARN",
+            "info,marketgate=debug",
+            "marketgate::control=trace",
+            "off",
+        ] {
+            assert_eq!(log_level_problem(good), None, "{good}");
+        }
+        for bad in ["loud", "", "info,", "marketgate=loud", "=debug"] {
+            assert!(log_level_problem(bad).is_some(), "{bad}");
+        }
     }
 
     #[test]
