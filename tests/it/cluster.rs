@@ -275,3 +275,44 @@ async fn cluster_a_delist_on_one_replica_is_never_undone_and_versions_agree() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Measurement, not a check (run by hand: `cargo test --test it cluster_follow_latency --
+/// --ignored --nocapture`): how long after a write's 2xx on replica 0 replicas 1 and 2 announce
+/// its version on their own (LISTEN/NOTIFY, no request to them). Prints p50/p99/max.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement: run by hand, prints percentiles"]
+async fn cluster_follow_latency() {
+    let Some(replicas) = replicas().await else {
+        return;
+    };
+    let seller = replicas[0].client(SELLER_TOKEN);
+    let mut followers: Vec<_> = replicas[1..].iter().map(|r| r.cp.subscribe()).collect();
+    let mut lags = Vec::new();
+    for n in 0..200 {
+        let created = seller
+            .post(
+                &format!("{}/api-groups", mgmt(SELLER_PROJECT)),
+                json!({"name": format!("follow_{n}")}),
+            )
+            .await;
+        let acked = Instant::now();
+        expect_status("create", &created, 201);
+        let version = replicas[0].cp.version();
+        for follower in &mut followers {
+            tokio::time::timeout(FOLLOW, follower.wait_for(|v| *v >= version))
+                .await
+                .expect("followed")
+                .unwrap();
+            lags.push(acked.elapsed());
+        }
+    }
+    lags.sort();
+    let pct = |p: f64| lags[((lags.len() as f64 * p) as usize).min(lags.len() - 1)];
+    println!(
+        "follow latency over {} (write, replica) pairs: p50 {:?} p99 {:?} max {:?}",
+        lags.len(),
+        pct(0.50),
+        pct(0.99),
+        lags.last().unwrap()
+    );
+}
