@@ -8,19 +8,28 @@
 # what enforcement costs against marketgate's own plain forwarding (target <= 10%), and what
 # quota leases cost against a local-only quota cell (row leased_enforced: the same signed call
 # on a `marketgate proxy` with `proxy.control_url`, its purchase bought through a
-# `marketgate control` on core 1; target <= 5% throughput).
+# `marketgate control` on core 1; target <= 5% throughput), and what `marketgate serve` on
+# its defaults costs against the proxy (row serve_enforced: a `marketgate serve` with no
+# config file, pinned to core 0 like the proxy, its purchase bought through its own market
+# API; it binds 127.0.0.1:8080-8082, so the script holds /tmp/marketgate-ports.lock; its
+# stdout, the access log at the default level, goes to /dev/null).
 #
 # Usage: benches/load/run.sh [RUNS]
 #   RUNS (3), DURATION (10s), CONNS (32), MARKETGATE_BIN (target/release/marketgate),
 #   JOURNAL_BLOCK: gateway.quota_journal_block of the marketgate proxies (unset: the default),
 #   COMPARE_BIN: a second marketgate build (e.g. before a change) run side by side, rows
-#   compare_plain / compare_enforced, interleaved with the others in every round;
+#   compare_plain / compare_enforced / compare_serve (the latter on 18011-18013 through
+#   MARKETGATE_* overrides, otherwise on its defaults), interleaved in every round;
 #   RESULTS: a directory to keep the raw "req/s p99_ms cpu_us" lines in;
 #   PERF_OUT: after the rounds, record a `perf` profile of marketgate under the enforced load
 #   into this file (`perf report -i FILE`).   (needs wrk, nginx, haproxy: apt-get install wrk nginx-light haproxy)
-# Binds 127.0.0.1:18000-18010 for its duration; everything it starts is stopped on exit.
+# Binds 127.0.0.1:18000-18013 and 8080-8082 for its duration; everything it starts is
+# stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# serve's default ports are shared with tests/quickstart.sh and others: hold their lock.
+exec 9>/tmp/marketgate-ports.lock
+flock 9
 RUNS=${RUNS:-${1:-3}}
 DURATION=${DURATION:-10s}
 CONNS=${CONNS:-32}
@@ -126,14 +135,27 @@ taskset -c 0 haproxy -f "$WORK/haproxy.cfg" & PIDS+=($!); PID_haproxy=$!
 taskset -c 0 "$BIN" proxy --config "$WORK/marketgate.toml" & PIDS+=($!); PID_marketgate=$!
 taskset -c 0 "$BIN" proxy --config "$WORK/leased.toml" & PIDS+=($!); PID_leased=$!
 taskset -c 1 "$BIN" control --config "$WORK/control.toml" & PIDS+=($!)
+# marketgate serve with no config file (its defaults), in its own directory (its data dir is
+# ./marketgate-data); no MARKETGATE_* variable reaches it but those named here.
+serve_on() { # BIN DIR [VAR=VALUE...] -> starts it on core 0, prints its pid
+  local bin=$1 dir=$2; shift 2
+  mkdir -p "$dir"
+  (cd "$dir" && exec env $(env | grep -o '^MARKETGATE_[A-Z_]*' | sed 's/^/-u /') "$@" taskset -c 0 "$bin" serve >/dev/null 2>"$dir/stderr") &
+  echo $!
+}
+if [[ ${#BIN} -gt 0 && $BIN != /* ]]; then BIN_ABS=$PWD/$BIN; else BIN_ABS=$BIN; fi
+PID_serve=$(serve_on "$BIN_ABS" "$WORK/serve"); PIDS+=("$PID_serve")
 if [[ -n ${COMPARE_BIN:-} ]]; then
+  PID_compareserve=$(serve_on "$COMPARE_BIN" "$WORK/compare-serve" MARKETGATE_GATEWAY__LISTEN=127.0.0.1:18011 \
+    MARKETGATE_CONTROL__LISTEN=127.0.0.1:18012 MARKETGATE_ADMIN__LISTEN=127.0.0.1:18013); PIDS+=("$PID_compareserve")
+  wait_serve_compare="18012 18013"
   sed -e 's/18003/18005/; s/18004/18006/; s/mg-data/mg-data-compare/' "$WORK/marketgate.toml" > "$WORK/compare.toml"
   taskset -c 0 "$COMPARE_BIN" proxy --config "$WORK/compare.toml" & PIDS+=($!); PID_compare=$!
   wait_compare=18006
 fi
 
 wait_port() { for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.1; done; echo "port $1 never answered"; exit 1; }
-for port in 18000 18001 18002 18004 18008 18010 ${wait_compare:-}; do wait_port "$port"; done
+for port in 18000 18001 18002 18004 18008 18010 8081 8082 ${wait_compare:-} ${wait_serve_compare:-}; do wait_port "$port"; done
 
 # One group with two APIs on the same backend: /enforced (APP auth, bought with a huge
 # quota) and /plain (NONE auth on the seller's sl_domain: marketgate's own plain forwarding).
@@ -162,27 +184,42 @@ done
 # The leased proxy's purchase, bought as the market buys: a seller's group with one HTTP API
 # on the same backend, published and listed; 10^12 calls bought. The control plane pushes the
 # snapshot to the leased proxy and leases it calls.
-CONTROL=http://127.0.0.1:18009
-V2=$CONTROL/v2/bench-seller-project/apigw/instances/default
-MARKET_API=$CONTROL/v1/bench-seller-project/apigw/instances/default/market
-SELLER=(-H 'X-Auth-Token: bench-seller-token' -H 'Content-Type: application/json')
-MARKET=(-H 'X-Auth-Token: bench-market-token' -H 'Content-Type: application/json')
-GROUP=$(curl -sf "${SELLER[@]}" -X POST "$V2/api-groups" -d '{"name": "bench_leased"}' | jq -r .id)
-API=$(curl -sf "${SELLER[@]}" -X POST "$V2/apis" -d '{"name": "enforced", "group_id": "'"$GROUP"'",
-  "type": 1, "req_protocol": "HTTP", "req_method": "GET", "req_uri": "/enforced", "auth_type": "APP",
-  "backend_type": "HTTP", "backend_api": {"req_protocol": "HTTP", "req_method": "GET", "req_uri": "/",
-  "url_domain": "127.0.0.1:18000", "timeout": 5000}}' | jq -r .id)
-curl -sf "${SELLER[@]}" -X POST "$V2/apis/action" \
-  -d '{"action": "online", "api_id": "'"$API"'", "env_id": "DEFAULT_ENVIRONMENT_RELEASE_ID"}' >/dev/null
-curl -sf "${MARKET[@]}" -H 'X-Domain-Id: bench-seller' -X PUT "$MARKET_API/api-groups/onsell/$GROUP" \
-  -d '{"url_domain": "leased.bench.local"}' >/dev/null
-PURCHASE=$(curl -sf "${MARKET[@]}" -H 'X-Domain-Id: bench-buyer' -X POST \
-  "$CONTROL/v1/bench-buyer-project/apigw/instances/default/market/api-groups/purchase" \
-  -d '{"order_id": "bench-order", "group_id": "'"$GROUP"'", "order_type": 1, "req_quota": 1000000000000,
-       "start_time": "'$((NOW - 60))'", "expire_time": "'$((NOW + 86400))'"}')
-LEASED_KEY=$(jq -r .app_key <<<"$PURCHASE")
-LEASED_SECRET=$(jq -r .app_secret <<<"$PURCHASE")
-[[ -n $LEASED_KEY && $LEASED_KEY != null ]] || { echo "the bench purchase failed: $PURCHASE"; exit 1; }
+# buy CONTROL SELLER_TOKEN SELLER_DOMAIN SELLER_PROJECT MARKET_TOKEN URL_DOMAIN -> "key secret"
+buy() {
+  local control=$1 seller_domain=$3 project=$4 url_domain=$6
+  local v2=$control/v2/$project/apigw/instances/default
+  local market_api=$control/v1/$project/apigw/instances/default/market
+  local seller=(-H "X-Auth-Token: $2" -H 'Content-Type: application/json')
+  local market=(-H "X-Auth-Token: $5" -H 'Content-Type: application/json')
+  local group api purchase
+  group=$(curl -sf "${seller[@]}" -X POST "$v2/api-groups" -d '{"name": "bench_bought"}' | jq -r .id)
+  api=$(curl -sf "${seller[@]}" -X POST "$v2/apis" -d '{"name": "enforced", "group_id": "'"$group"'",
+    "type": 1, "req_protocol": "HTTP", "req_method": "GET", "req_uri": "/enforced", "auth_type": "APP",
+    "backend_type": "HTTP", "backend_api": {"req_protocol": "HTTP", "req_method": "GET", "req_uri": "/",
+    "url_domain": "127.0.0.1:18000", "timeout": 5000}}' | jq -r .id)
+  curl -sf "${seller[@]}" -X POST "$v2/apis/action" \
+    -d '{"action": "online", "api_id": "'"$api"'", "env_id": "DEFAULT_ENVIRONMENT_RELEASE_ID"}' >/dev/null
+  curl -sf "${market[@]}" -H "X-Domain-Id: $seller_domain" -X PUT "$market_api/api-groups/onsell/$group" \
+    -d '{"url_domain": "'"$url_domain"'"}' >/dev/null
+  purchase=$(curl -sf "${market[@]}" -H 'X-Domain-Id: bench-buyer' -X POST \
+    "$control/v1/bench-buyer-project/apigw/instances/default/market/api-groups/purchase" \
+    -d '{"order_id": "bench-order", "group_id": "'"$group"'", "order_type": 1, "req_quota": 1000000000000,
+         "start_time": "'$((NOW - 60))'", "expire_time": "'$((NOW + 86400))'"}')
+  local key secret
+  key=$(jq -r .app_key <<<"$purchase")
+  secret=$(jq -r .app_secret <<<"$purchase")
+  [[ -n $key && $key != null ]] || { echo "the bench purchase on $control failed: $purchase" >&2; exit 1; }
+  echo "$key $secret"
+}
+read -r LEASED_KEY LEASED_SECRET < <(buy http://127.0.0.1:18009 bench-seller-token bench-seller bench-seller-project \
+  bench-market-token leased.bench.local)
+# serve on its defaults: the trial credentials of Config::builtin (README).
+read -r SERVE_KEY SERVE_SECRET < <(buy http://127.0.0.1:8081 trial-seller-token seller-domain seller-project \
+  trial-market-token serve.bench.local)
+if [[ -n ${COMPARE_BIN:-} ]]; then
+  read -r CSERVE_KEY CSERVE_SECRET < <(buy http://127.0.0.1:18012 trial-seller-token seller-domain seller-project \
+    trial-market-token serve.bench.local)
+fi
 
 # Pre-sign the requests: a fixed signature stays valid inside the 15-minute window, so they
 # are signed again before each enforced run (a long series of runs outlives one window).
@@ -202,6 +239,10 @@ LUA
 sign_all() {
   sign_lua benchkey0001 benchsecret0001 market.bench.local http://127.0.0.1:18003/enforced "$WORK/enforced.lua"
   sign_lua "$LEASED_KEY" "$LEASED_SECRET" leased.bench.local http://127.0.0.1:18007/enforced "$WORK/leased.lua"
+  sign_lua "$SERVE_KEY" "$SERVE_SECRET" serve.bench.local http://127.0.0.1:8080/enforced "$WORK/serve.lua"
+  if [[ -n ${COMPARE_BIN:-} ]]; then
+    sign_lua "$CSERVE_KEY" "$CSERVE_SECRET" serve.bench.local http://127.0.0.1:18011/enforced "$WORK/compareserve.lua"
+  fi
 }
 sign_all
 DATE=$(grep -o '"X-Sdk-Date"\] = "[0-9TZ]*' "$WORK/enforced.lua" | grep -o '[0-9TZ]*$')
@@ -223,6 +264,17 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 [[ -n $leased_ok ]] || { echo "the leased proxy never served the bench purchase"; exit 1; }
+# serve applies its own market within its debounce; wait for it (both builds).
+for target in "8080 $SERVE_KEY $SERVE_SECRET" ${COMPARE_BIN:+"18011 $CSERVE_KEY $CSERVE_SECRET"}; do
+  read -r port key secret <<<"$target"
+  served=
+  for _ in $(seq 100); do
+    "$BIN" call --key "$key" --secret "$secret" -H 'Host: serve.bench.local' \
+      "http://127.0.0.1:$port/enforced" >/dev/null 2>&1 && { served=1; break; }
+    sleep 0.1
+  done
+  [[ -n $served ]] || { echo "marketgate serve on $port never served the bench purchase"; exit 1; }
+done
 curl -sf -H 'Host: plain.bench.local' http://127.0.0.1:18003/plain >/dev/null \
   || { echo "the plain bench request is refused by marketgate"; exit 1; }
 curl -sf -H 'Host: market.bench.local' -H 'X-Apig-AppCode: benchappcode0123456789abcdef0123456789abcdef0123456789abcdef0123' \
@@ -258,6 +310,11 @@ run() {
   rps=$(awk '/Requests\/sec/ {print $2}' "$WORK/out.txt")
   p99=$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}' "$WORK/out.txt")
   requests=$(awk '/requests in/ {print $1}' "$WORK/out.txt")
+  if [[ -z $requests || $requests == 0 ]] || ! kill -0 "$pid" 2>/dev/null; then
+    echo "$name: no answers (server $pid $(kill -0 "$pid" 2>/dev/null && echo running || echo gone))"; cat "$WORK/out.txt"
+    for log in "$WORK"/serve/stderr "$WORK"/compare-serve/stderr; do [[ -s $log ]] && { echo "== $log"; tail -20 "$log"; }; done
+    exit 1
+  fi
   cpu_us=$(awk -v t=$((after - before)) -v hz="$(getconf CLK_TCK)" -v n="$requests" 'BEGIN {printf "%.2f", t / hz * 1e6 / n}')
   echo "$rps $p99 $cpu_us" >> "$WORK/$name.txt"
   echo "run $i $name: $rps req/s, p99 $p99 ms, server CPU $cpu_us us/request" >&2
@@ -273,10 +330,12 @@ for i in $(seq "$RUNS"); do
   sign_all
   run marketgate_enforced http://127.0.0.1:18003/enforced "$WORK/enforced.lua"
   run leased_enforced http://127.0.0.1:18007/enforced "$WORK/leased.lua"
+  run serve_enforced http://127.0.0.1:8080/enforced "$WORK/serve.lua"
   run marketgate_appcode http://127.0.0.1:18003/enforced "$WORK/appcode.lua"
   if [[ -n ${COMPARE_BIN:-} ]]; then
     run compare_plain http://127.0.0.1:18005/plain "$WORK/plain.lua"
     run compare_enforced http://127.0.0.1:18005/enforced "$WORK/enforced.lua"
+    run compareserve_enforced http://127.0.0.1:18011/enforced "$WORK/compareserve.lua"
   fi
 done
 
@@ -297,7 +356,7 @@ ratio_median() { # NAME BASE COLUMN -> median over runs of NAME[col] / BASE[col]
 }
 echo "| path | req/s (median of $RUNS) | p99 ms (median) | req/s ÷ nginx (median of per-round ratios) | p99 ÷ nginx | req/s ÷ marketgate_plain | server CPU µs/request (median) | CPU/request ÷ nginx |"
 echo "|---|---|---|---|---|---|---|---|"
-for name in direct nginx haproxy marketgate_plain marketgate_enforced leased_enforced marketgate_appcode ${COMPARE_BIN:+compare_plain compare_enforced}; do
+for name in direct nginx haproxy marketgate_plain marketgate_enforced leased_enforced serve_enforced marketgate_appcode ${COMPARE_BIN:+compare_plain compare_enforced compareserve_enforced}; do
   rps=$(cut -d' ' -f1 "$WORK/$name.txt" | median)
   p99=$(cut -d' ' -f2 "$WORK/$name.txt" | median)
   cpu=$(cut -d' ' -f3 "$WORK/$name.txt" | median)
@@ -310,4 +369,14 @@ echo
 printf 'Leases, leased_enforced ÷ marketgate_enforced (median of per-round ratios): req/s %.3fx, p99 %.2fx, server CPU/request %.3fx\n' \
   "$(ratio_median leased_enforced marketgate_enforced 1)" "$(ratio_median leased_enforced marketgate_enforced 2)" \
   "$(ratio_median leased_enforced marketgate_enforced 3)"
+printf 'serve, serve_enforced ÷ marketgate_enforced (median of per-round ratios): req/s %.3fx, p99 %.2fx, server CPU/request %.3fx\n' \
+  "$(ratio_median serve_enforced marketgate_enforced 1)" "$(ratio_median serve_enforced marketgate_enforced 2)" \
+  "$(ratio_median serve_enforced marketgate_enforced 3)"
+if [[ -n ${COMPARE_BIN:-} ]]; then
+  for pair in "marketgate_enforced compare_enforced" "marketgate_plain compare_plain" "serve_enforced compareserve_enforced"; do
+    read -r new old <<<"$pair"
+    printf 'A/B, %s ÷ %s (median of per-round ratios): req/s %.3fx, p99 %.2fx, server CPU/request %.3fx\n' "$new" "$old" \
+      "$(ratio_median "$new" "$old" 1)" "$(ratio_median "$new" "$old" 2)" "$(ratio_median "$new" "$old" 3)"
+  done
+fi
 if [[ -n ${RESULTS:-} ]]; then mkdir -p "$RESULTS" && cp "$WORK"/*.txt "$RESULTS"/; fi

@@ -257,30 +257,35 @@ impl Upstream {
         };
         // Origin form: HTTP/1.1 to an origin server sends the path and query only; the
         // authority goes into Host.
-        let mut target = String::with_capacity(64);
+        // One allocation, frozen into the URI's bytes as it is (a `String` turned into
+        // `Bytes` costs a second one for the shared header).
+        let mut target = bytes::BytesMut::with_capacity(64);
         for piece in path {
             match piece {
-                PathPiece::Literal(l) => target.push_str(l),
-                PathPiece::Param(i) => target.push_str(
+                PathPiece::Literal(l) => target.extend_from_slice(l.as_bytes()),
+                PathPiece::Param(i) => target.extend_from_slice(
                     buyer
                         .params
                         .get(*i)
                         .and_then(|span| buyer.path.get(span.clone()))
-                        .unwrap_or(""),
+                        .unwrap_or("")
+                        .as_bytes(),
                 ),
             }
         }
         if path.is_empty() || *trailing_slash {
-            target.push('/');
+            target.extend_from_slice(b"/");
         }
         if let Some(query) = buyer.query {
-            target.push('?');
-            target.push_str(query);
+            target.extend_from_slice(b"?");
+            target.extend_from_slice(query.as_bytes());
         }
-        let uri = http::Uri::from_maybe_shared(Bytes::from(target))
-            .map_err(|_| ForwardError::BadTarget)?;
+        let uri =
+            http::Uri::from_maybe_shared(target.freeze()).map_err(|_| ForwardError::BadTarget)?;
 
         strip_hop_by_hop(&mut headers);
+        // Room for the five headers added below (Host included), grown once.
+        headers.reserve(5);
         headers.remove(header::AUTHORIZATION);
         headers.remove(APP_CODE_HEADER);
         headers.insert(X_REQUEST_ID, request_id.clone());
