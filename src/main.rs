@@ -9,6 +9,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::io::Write as _;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use marketgate::config::{self, Config, LogFormat};
@@ -232,7 +234,8 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             run(config, marketgate::control::run_control)
         }
         Command::Sign(args) => {
-            println!("{}", marketgate::buyer::to_curl(&args.sign()?));
+            let curl = marketgate::buyer::to_curl(&args.sign()?);
+            print_quietly(|out| writeln!(out, "{curl}"))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Call(args) => {
@@ -242,18 +245,33 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 .build()
                 .context("starting the runtime")?;
             let response = runtime.block_on(marketgate::buyer::send(request))?;
-            println!("{:?} {}", http::Version::HTTP_11, response.status);
-            for (name, value) in &response.headers {
-                println!("{}: {}", name, value.to_str().unwrap_or("<binary>"));
-            }
-            println!();
-            println!("{}", String::from_utf8_lossy(&response.body));
+            print_quietly(|out| {
+                writeln!(out, "{:?} {}", http::Version::HTTP_11, response.status)?;
+                for (name, value) in &response.headers {
+                    writeln!(out, "{}: {}", name, value.to_str().unwrap_or("<binary>"))?;
+                }
+                writeln!(out)?;
+                writeln!(out, "{}", String::from_utf8_lossy(&response.body))
+            })?;
             Ok(if response.status.as_u16() >= 400 {
                 ExitCode::FAILURE
             } else {
                 ExitCode::SUCCESS
             })
         }
+    }
+}
+
+/// Writes to stdout; a reader that went away (`marketgate call … | head -1`) is not an error.
+fn print_quietly(
+    write: impl FnOnce(&mut std::io::StdoutLock<'_>) -> std::io::Result<()>,
+) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match write(&mut out).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(e).context("writing to standard output"))
+        }
+        _ => Ok(()),
     }
 }
 
