@@ -1185,7 +1185,10 @@ mod tests {
         assert!(all.contains("colour (line 1): unknown key"), "{all}");
         assert!(all.contains("gateway.speed (line 4): unknown key"), "{all}");
         // Unknown keys no longer hide the other problems.
-        assert!(all.contains("gateway.listen: 'nope' is not an address"), "{all}");
+        assert!(
+            all.contains("gateway.listen: 'nope' is not an address"),
+            "{all}"
+        );
         assert!(
             all.contains("control.tokens[0].extra: unknown key"),
             "{all}"
