@@ -54,6 +54,10 @@ pub enum SignatureError {
     RequiredHeaderUnsigned(&'static str),
     #[error("a signed header is absent from the request")]
     SignedHeaderAbsent,
+    /// A header named in SignedHeaders appears more than once: the signature covers one
+    /// value, the backend would get both (a buyer-side fault: 400, not 401).
+    #[error("a signed header appears more than once in the request")]
+    SignedHeaderRepeated,
     #[error("the signature does not match")]
     Mismatch,
 }
@@ -183,6 +187,32 @@ pub fn verify(
     now: OffsetDateTime,
     max_skew_secs: i64,
 ) -> Result<(), SignatureError> {
+    check_head(auth, request, now, max_skew_secs)?;
+    let date = request
+        .header_value(DATE_HEADER)
+        .ok_or(SignatureError::DateMissing)?;
+    let canonical = canonical_request_hash(request, auth.signed_headers)?;
+    let expected = signature_bytes(secret, date, &canonical);
+    let mut given = [0u8; 32];
+    hex::decode_to_slice(auth.signature, &mut given)
+        .map_err(|_| SignatureError::Malformed("Signature is not hex"))?;
+    if bool::from(expected.ct_eq(&given)) {
+        Ok(())
+    } else {
+        Err(SignatureError::Mismatch)
+    }
+}
+
+/// Every check of [`verify`] that needs neither the secret nor the body: `host` and
+/// `x-sdk-date` signed, the date well-formed and within `max_skew_secs` of `now`, every
+/// signed header present exactly once, the signature hex. The data plane runs it before it
+/// reads a body, so that a request that can never verify costs no buffering.
+pub fn check_head(
+    auth: &Authorization<'_>,
+    request: &RequestParts<'_>,
+    now: OffsetDateTime,
+    max_skew_secs: i64,
+) -> Result<(), SignatureError> {
     if !auth.signs(DATE_HEADER) {
         return Err(SignatureError::RequiredHeaderUnsigned(DATE_HEADER));
     }
@@ -196,16 +226,20 @@ pub fn verify(
     if (now - signed_at).whole_seconds().abs() > max_skew_secs {
         return Err(SignatureError::DateSkewed);
     }
-    let canonical = canonical_request_hash(request, auth.signed_headers)?;
-    let expected = signature_bytes(secret, date, &canonical);
-    let mut given = [0u8; 32];
-    hex::decode_to_slice(auth.signature, &mut given)
-        .map_err(|_| SignatureError::Malformed("Signature is not hex"))?;
-    if bool::from(expected.ct_eq(&given)) {
-        Ok(())
-    } else {
-        Err(SignatureError::Mismatch)
+    for name in auth.signed_headers.split(';') {
+        let mut values = request.headers.get_all(name).iter();
+        match (values.next(), values.next()) {
+            (_, Some(_)) => return Err(SignatureError::SignedHeaderRepeated),
+            (None, None) if !(name == "host" && request.authority.is_some()) => {
+                return Err(SignatureError::SignedHeaderAbsent)
+            }
+            _ => {}
+        }
     }
+    if !auth.signature.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(SignatureError::Malformed("Signature is not hex"));
+    }
+    Ok(())
 }
 
 /// Signs a request: returns the `Authorization` header value. `headers` must already hold
@@ -593,6 +627,34 @@ mod tests {
         assert_eq!(
             verify(&auth, &parts, SECRET, now, 900),
             Err(SignatureError::RequiredHeaderUnsigned("host"))
+        );
+    }
+
+    #[test]
+    fn a_repeated_signed_header_is_refused_before_the_signature() {
+        let mut h = headers(&[("host", "market.example.com"), ("x-sdk-date", DATE)]);
+        h.insert("x-amount", HeaderValue::from_static("1"));
+        let parts = RequestParts {
+            method: "GET",
+            path: "/",
+            query: None,
+            headers: &h,
+            authority: None,
+            payload: Payload::Body(b""),
+        };
+        let header = sign(KEY, SECRET, &parts, &["host", "x-amount", "x-sdk-date"]).unwrap();
+        let now = parse_sdk_date(DATE).unwrap();
+        let auth = Authorization::parse(&header).unwrap();
+        assert_eq!(verify(&auth, &parts, SECRET, now, 900), Ok(()));
+        let mut injected = h.clone();
+        injected.append("x-amount", HeaderValue::from_static("1000"));
+        let parts = RequestParts {
+            headers: &injected,
+            ..parts
+        };
+        assert_eq!(
+            verify(&auth, &parts, SECRET, now, 900),
+            Err(SignatureError::SignedHeaderRepeated)
         );
     }
 

@@ -37,6 +37,13 @@ pub enum AdminError {
         "the body is larger than proxy.max_snapshot_bytes ({limit} bytes) after decompression"
     )]
     TooLarge { limit: usize },
+    /// A compressed body inflating past what any real snapshot compresses to (a
+    /// decompression bomb), stopped while it decompressed.
+    #[error(
+        "the {compressed}-byte body decompresses to more than {bound} bytes \
+         ({MAX_DECOMPRESSION_RATIO}x its size, at least {DECOMPRESSION_FLOOR_BYTES})"
+    )]
+    Inflated { compressed: usize, bound: usize },
     #[error("the body could not be read")]
     Body(#[source] BytesRejection),
     #[error("{path}: {message}")]
@@ -55,7 +62,9 @@ impl AdminError {
             AdminError::Decompress(_) | AdminError::Decode { .. } => {
                 (StatusCode::BAD_REQUEST, apig::PARAMETER_ERROR)
             }
-            AdminError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, apig::PARAMETER_ERROR),
+            AdminError::TooLarge { .. } | AdminError::Inflated { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, apig::PARAMETER_ERROR)
+            }
             AdminError::Body(_) => (StatusCode::BAD_REQUEST, apig::PARAMETER_ERROR),
             AdminError::Rejected(SnapshotRejection::Invalid(_)) => {
                 (StatusCode::BAD_REQUEST, apig::PARAMETER_ERROR)
@@ -100,11 +109,35 @@ fn authorized(gateway: &Gateway, headers: &HeaderMap) -> Result<(), AdminError> 
     }
 }
 
+/// A compressed push may inflate to at most this many times its size (JSON snapshots
+/// compress about 5-20x), or [`DECOMPRESSION_FLOOR_BYTES`], whichever is more, and never past
+/// `proxy.max_snapshot_bytes`: checked while decompressing, so a bomb costs at most that.
+pub const MAX_DECOMPRESSION_RATIO: usize = 256;
+/// What any compressed push may inflate to, whatever its ratio, in bytes.
+pub const DECOMPRESSION_FLOOR_BYTES: usize = 64 << 20;
+
+/// Refuses a request without the admin token before anything reads its body.
+async fn require_token(
+    State(gateway): State<Gateway>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match authorized(&gateway, request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(error) => error.into_response(),
+    }
+}
+
 /// The admin routes of one gateway.
 pub fn router(gateway: Gateway) -> Router {
     let max_snapshot_bytes = gateway.inner.config.proxy.max_snapshot_bytes;
     Router::new()
-        .route("/v1/snapshot", put(put_snapshot).patch(patch_snapshot))
+        .route(
+            "/v1/snapshot",
+            put(put_snapshot).patch(patch_snapshot).route_layer(
+                axum::middleware::from_fn_with_state(gateway.clone(), require_token),
+            ),
+        )
         .route("/v1/snapshot/version", get(snapshot_version))
         .route("/v1/usage", get(usage))
         .route("/metrics", get(metrics))
@@ -142,11 +175,17 @@ fn decode_json<T: serde::de::DeserializeOwned>(
         .trim()
         .to_ascii_lowercase();
     let mut plain = Vec::new();
+    // Decompression stops one byte past the bound: a bomb never costs more than the bound.
+    let bound = limit.min(
+        body.len()
+            .saturating_mul(MAX_DECOMPRESSION_RATIO)
+            .max(DECOMPRESSION_FLOOR_BYTES),
+    );
     let bytes: &[u8] = match encoding.as_str() {
         "identity" | "" => body,
         "gzip" => {
             flate2::read::GzDecoder::new(body)
-                .take(limit as u64 + 1)
+                .take(bound as u64 + 1)
                 .read_to_end(&mut plain)
                 .map_err(AdminError::Decompress)?;
             &plain
@@ -154,7 +193,7 @@ fn decode_json<T: serde::de::DeserializeOwned>(
         "zstd" => {
             zstd::stream::read::Decoder::new(body)
                 .map_err(AdminError::Decompress)?
-                .take(limit as u64 + 1)
+                .take(bound as u64 + 1)
                 .read_to_end(&mut plain)
                 .map_err(AdminError::Decompress)?;
             &plain
@@ -163,6 +202,12 @@ fn decode_json<T: serde::de::DeserializeOwned>(
     };
     if bytes.len() > limit {
         return Err(AdminError::TooLarge { limit });
+    }
+    if bytes.len() > bound {
+        return Err(AdminError::Inflated {
+            compressed: body.len(),
+            bound,
+        });
     }
     // The common case parses once; only a bad snapshot pays for the search of its path.
     if let Ok(parsed) = serde_json::from_slice::<T>(bytes) {
@@ -379,6 +424,13 @@ mod tests {
             (AdminError::Encoding("br".into()), 415),
             (AdminError::TooLarge { limit: 1024 }, 413),
             (
+                AdminError::Inflated {
+                    compressed: 1,
+                    bound: 2,
+                },
+                413,
+            ),
+            (
                 AdminError::Decode {
                     path: "$".into(),
                     message: "x".into(),
@@ -402,6 +454,26 @@ mod tests {
         ];
         for (error, status) in table {
             assert_eq!(error.status_and_code().0.as_u16(), status, "{error:?}");
+        }
+    }
+
+    /// A zstd bomb (a few KB inflating to 256 MiB of spaces) is stopped at the floor while it
+    /// decompresses: 413, having held at most that much.
+    #[test]
+    fn a_decompression_bomb_is_stopped_while_it_inflates() {
+        use std::io::Write;
+        let mut encoder = zstd::stream::Encoder::new(Vec::new(), 1).unwrap();
+        let chunk = vec![b' '; 1 << 20];
+        for _ in 0..256 {
+            encoder.write_all(&chunk).unwrap();
+        }
+        let bomb = encoder.finish().unwrap();
+        assert!(bomb.len() < 100 * 1024, "{}", bomb.len());
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_ENCODING, "zstd".parse().unwrap());
+        match decode_snapshot(&headers, &bomb, 1 << 30) {
+            Err(AdminError::Inflated { bound, .. }) => assert_eq!(bound, DECOMPRESSION_FLOOR_BYTES),
+            other => panic!("{other:?}"),
         }
     }
 

@@ -31,8 +31,10 @@ pub enum Rejection {
     HeadersTooLarge,
     #[error("request body too large")]
     BodyTooLarge,
-    #[error("reading the request body failed")]
-    BodyRead(#[source] hyper::Error),
+    /// Malformed chunked framing, a body that stopped (the buyer's connection) or sent
+    /// nothing for `body_read_timeout_ms`: the buyer's fault, never charged.
+    #[error("reading the request body failed: {0}")]
+    BodyRead(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("Incorrect app authentication information: {0}")]
     AuthFailed(&'static str),
     #[error("Incorrect app authentication information: signature not accepted")]

@@ -21,9 +21,11 @@ use hyper::body::Incoming;
 use time::OffsetDateTime;
 
 use super::error::Rejection;
+use super::forward::BoxError;
 use super::forward::{self, Body, BuyerCall, ForwardError};
 use super::metrics::Outcome;
 use super::Inner;
+use crate::accept::TimedBody;
 use crate::apig::ErrorBody;
 use crate::signing::{self, Authorization, Payload, RequestParts};
 use crate::snapshot::compile::{
@@ -259,6 +261,117 @@ fn claimed_app_key(headers: &HeaderMap) -> Option<Box<str>> {
     Authorization::parse(value)
         .ok()
         .map(|auth| auth.access.into())
+}
+
+/// Phase 3, the part that needs no body: for a signed request on an APP-auth API, the key
+/// must be known and [`signing::check_head`] pass, so that a request that can never verify
+/// is refused before its body is buffered. Answers as [`authenticate`] would.
+fn screen_signature(
+    snapshot: &CompiledSnapshot,
+    api: &CompiledApi,
+    head: &RequestHead<'_>,
+    now: OffsetDateTime,
+    options: DecideOptions,
+) -> Result<(), Rejection> {
+    if !matches!(api.auth, AuthKind::App) {
+        return Ok(());
+    }
+    let Some(value) = head.headers.get(header::AUTHORIZATION) else {
+        return Ok(());
+    };
+    let value = value
+        .to_str()
+        .map_err(|_| Rejection::AuthFailed("Authorization is not text"))?;
+    let auth = Authorization::parse(value).map_err(signature_rejection)?;
+    let parts = RequestParts {
+        method: head.method.as_str(),
+        path: head.path,
+        query: head.query,
+        headers: head.headers,
+        authority: Some(head.authority),
+        payload: Payload::Unsigned,
+    };
+    signing::check_head(&auth, &parts, now, options.max_clock_skew_secs)
+        .map_err(signature_rejection)?;
+    if snapshot.app_by_key(auth.access).is_none() {
+        return Err(Rejection::AuthFailed(UNKNOWN_APP_KEY));
+    }
+    Ok(())
+}
+
+/// A signature error as the buyer is answered: a header signed but sent twice is a malformed
+/// request (400); every other is the same 401.
+fn signature_rejection(error: signing::SignatureError) -> Rejection {
+    match error {
+        signing::SignatureError::SignedHeaderRepeated => {
+            Rejection::BadRequest("a signed header appears more than once")
+        }
+        error => Rejection::Signature(error),
+    }
+}
+
+/// A failed read of the buyer's body: over the limit is 413, anything else (malformed
+/// chunked framing, a silent or vanished sender) 400.
+fn body_rejection(error: BoxError) -> Rejection {
+    if error.is::<http_body_util::LengthLimitError>() {
+        Rejection::BodyTooLarge
+    } else {
+        Rejection::BodyRead(error)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The buyer's body streamed to the backend: bounded in size and in silence, and when it
+    /// fails, the failure is kept (`fault`) so that the call is answered as the buyer's fault
+    /// (400/413, given back) rather than as the backend's (502, charged).
+    struct BuyerBody {
+        #[pin]
+        inner: Limited<TimedBody<Incoming>>,
+        fault: Arc<std::sync::Mutex<Option<Rejection>>>,
+    }
+}
+
+impl BuyerBody {
+    fn new(
+        body: Incoming,
+        max: usize,
+        timeout: Duration,
+        fault: Arc<std::sync::Mutex<Option<Rejection>>>,
+    ) -> BuyerBody {
+        BuyerBody {
+            inner: Limited::new(TimedBody::new(body, timeout), max),
+            fault,
+        }
+    }
+}
+
+impl http_body::Body for BuyerBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match std::task::ready!(this.inner.poll_frame(cx)) {
+            Some(Err(error)) => {
+                let message = error.to_string();
+                let mut fault = this.fault.lock().unwrap_or_else(|e| e.into_inner());
+                fault.get_or_insert(body_rejection(error));
+                std::task::Poll::Ready(Some(Err(message.into())))
+            }
+            other => std::task::Poll::Ready(other),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Phase 4: may this app call this API now?
@@ -609,24 +722,33 @@ async fn serve<'s>(
     if declared.is_some_and(|n| n > max_body as u64) {
         return Err(Rejection::BodyTooLarge);
     }
+    let now = OffsetDateTime::now_utc();
+    // Nothing unauthenticated costs memory: a signature that can never verify (an unknown
+    // AppKey, a skewed date, a header signed twice) is refused before the body is read.
+    screen_signature(snapshot, api, &head, now, options).inspect_err(|_| {
+        trace.claimed_key = claimed_app_key(head.headers);
+        trace.unknown_key = trace
+            .claimed_key
+            .as_deref()
+            .is_some_and(|key| snapshot.app_by_key(key).is_none());
+    })?;
+    let body_timeout = gateway.config.gateway.connections.body_read_timeout;
     let signed_body = parts.headers.contains_key(header::AUTHORIZATION)
         && signing::needs_body(&parts.headers)
         && !body.is_end_stream();
     let (buffered, streamed) = if signed_body {
-        let bytes = Limited::new(body, max_body)
+        let bytes = Limited::new(TimedBody::new(body, body_timeout), max_body)
             .collect()
             .await
-            .map_err(|e| match e.downcast::<hyper::Error>() {
-                Ok(e) => Rejection::BodyRead(*e),
-                Err(_) => Rejection::BodyTooLarge,
-            })?
+            .map_err(body_rejection)?
             .to_bytes();
         (Some(bytes), None)
+    } else if body.is_end_stream() {
+        (None, None)
     } else {
         (None, Some(body))
     };
     let payload = Payload::Body(buffered.as_deref().unwrap_or(&[]));
-    let now = OffsetDateTime::now_utc();
     let app = authenticate(snapshot, api, &head, payload, now, options).inspect_err(|_| {
         trace.claimed_key = claimed_app_key(head.headers);
         trace.unknown_key = trace
@@ -648,9 +770,12 @@ async fn serve<'s>(
             Ok(response)
         }
         CompiledBackend::Http { .. } => {
+            let buyer_fault = Arc::new(std::sync::Mutex::new(None));
             let body: Body = match (buffered, streamed) {
                 (Some(bytes), _) => forward::full(bytes),
-                (None, Some(body)) => forward::stream(body, max_body),
+                (None, Some(body)) => {
+                    BuyerBody::new(body, max_body, body_timeout, buyer_fault.clone()).boxed()
+                }
                 (None, None) => forward::full(Bytes::new()),
             };
             let host = match parts.headers.get(header::HOST) {
@@ -674,6 +799,15 @@ async fn serve<'s>(
             match result {
                 Ok(response) => Ok(response),
                 Err(error) => {
+                    // The buyer's body broke the call (malformed, too large, silent): the
+                    // buyer's fault, so it is neither charged nor the seller's error.
+                    let fault = buyer_fault.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    if let Some(fault) = fault {
+                        if let Some(purchase) = purchase {
+                            purchase.cell.give_back();
+                        }
+                        return Err(fault);
+                    }
                     // Never reached the backend: the call is given back.
                     if error.never_reached() {
                         if let Some(purchase) = purchase {

@@ -19,6 +19,8 @@ use crate::support::process::Process;
 struct Usage {
     open_files: usize,
     rss_kib: u64,
+    /// The peak RSS so far (VmHWM).
+    peak_kib: u64,
     /// User plus system CPU, in clock ticks (1/100 s).
     cpu_ticks: u64,
 }
@@ -33,6 +35,11 @@ fn usage(pid: u32) -> Usage {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap();
+    let peak_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
@@ -40,6 +47,7 @@ fn usage(pid: u32) -> Usage {
     Usage {
         open_files,
         rss_kib,
+        peak_kib,
         cpu_ticks,
     }
 }
@@ -47,6 +55,17 @@ fn usage(pid: u32) -> Usage {
 /// Starts `marketgate proxy` in `dir` with at most `nofile` open files and `extra` config, and
 /// pushes it the test market (echo backend, unlimited purchase).
 async fn proxy(dir: &Path, nofile: u32, extra: &str, backend: SocketAddr) -> Process {
+    proxy_selling(dir, nofile, extra, backend, None).await
+}
+
+/// [`proxy`] with `quota` calls bought by the test buyer (`None`: unlimited).
+async fn proxy_selling(
+    dir: &Path,
+    nofile: u32,
+    extra: &str,
+    backend: SocketAddr,
+    quota: Option<u64>,
+) -> Process {
     let config = dir.join("proxy.toml");
     std::fs::write(
         &config,
@@ -61,7 +80,7 @@ async fn proxy(dir: &Path, nofile: u32, extra: &str, backend: SocketAddr) -> Pro
         Process::start_under(&["prlimit", &limit], "proxy", &config, "proxy listening").await;
     let answer = push(
         process.addr("admin"),
-        serde_json::to_vec(&market(1, backend, None)).unwrap(),
+        serde_json::to_vec(&market(1, backend, quota)).unwrap(),
         None,
     )
     .await;
@@ -216,4 +235,239 @@ async fn idle_sockets_past_the_open_file_limit_starve_no_listener() {
         before.rss_kib,
         after.rss_kib
     );
+}
+
+/// A signed head (host and x-sdk-date signed, plus `extra` headers sent unsigned) as raw
+/// HTTP/1.1 text without the final blank line.
+fn signed_head(
+    key: &str,
+    secret: &str,
+    method: &str,
+    path: &str,
+    extra: &[(&'static str, &str)],
+) -> String {
+    let mut request = request(method, MARKET, path, Bytes::new());
+    for (name, value) in extra {
+        request
+            .headers_mut()
+            .insert(*name, http::HeaderValue::from_str(value).unwrap());
+    }
+    let request = signed_as(key, secret, request);
+    let mut head = format!("{method} {path} HTTP/1.1\r\n");
+    for (name, value) in request.headers() {
+        head.push_str(&format!("{name}: {}\r\n", value.to_str().unwrap()));
+    }
+    head
+}
+
+/// Reads until a response head (`\r\n\r\n`) or `within`; the status, 0 for none.
+async fn status_within(stream: &mut TcpStream, within: Duration) -> u16 {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + within;
+    while !out.windows(4).any(|w| w == b"\r\n\r\n") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&out).into_owned();
+    text.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Item 2: bodies announced at the limit under a made-up AppKey. Before: each body (12 MiB)
+/// was read into memory before the key was checked; 80 took the process from 12 MB to 964 MB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_keys_get_401_before_their_bodies_are_read() {
+    const CONNECTIONS: usize = 80;
+    let backend = Backend::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let process = proxy(dir.path(), 4096, "", backend.addr).await;
+    let (buyers, pid) = (process.addr("buyers"), process.pid());
+    let before = usage(pid);
+    let head = signed_head(
+        "made-up-key",
+        "made-up-secret",
+        "POST",
+        "/v1/echo/1",
+        &[("content-length", "12582912")],
+    ) + "\r\n";
+    let mut attackers = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let mut stream = TcpStream::connect(buyers).await.unwrap();
+        stream.write_all(head.as_bytes()).await.unwrap();
+        // A first slice of the body; the rest would follow if the proxy read it.
+        let _ = stream.write_all(&vec![b'x'; 256 * 1024]).await;
+        attackers.push(stream);
+    }
+    let (status, took) = timed_call(buyers).await;
+    assert_eq!(status, 200, "another buyer during the attack");
+    for stream in &mut attackers {
+        assert_eq!(status_within(stream, Duration::from_secs(5)).await, 401);
+    }
+    let after = usage(pid);
+    let grown_kib = after.peak_kib.saturating_sub(before.rss_kib);
+    assert!(grown_kib < 64 * 1024, "peak RSS {before:?} → {after:?}");
+    assert_eq!(backend.hits(), 1, "only the real buyer reached the backend");
+    eprintln!(
+        "bogus-key bodies: {CONNECTIONS} × 12 MiB announced: all 401; RSS {} → {} KiB \
+         (peak {} KiB); another buyer's call {took:?}",
+        before.rss_kib, after.rss_kib, after.peak_kib
+    );
+}
+
+/// Item 2, the admin listener: a zstd bomb pushed without the token is refused before its
+/// body is read, and with the token it is stopped while it inflates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zstd_bomb_costs_at_most_the_decompression_bound() {
+    use std::io::Write;
+    let backend = Backend::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let process = proxy(dir.path(), 4096, "", backend.addr).await;
+    let (admin, pid) = (process.addr("admin"), process.pid());
+    let mut encoder = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+    let chunk = vec![b' '; 1 << 20];
+    for _ in 0..1024 {
+        encoder.write_all(&chunk).unwrap();
+    }
+    let bomb = encoder.finish().unwrap();
+    let before = usage(pid);
+    // Without the token: 401 before the body.
+    let mut stream = TcpStream::connect(admin).await.unwrap();
+    let head = format!(
+        "PUT /v1/snapshot HTTP/1.1\r\nhost: admin\r\ncontent-encoding: zstd\r\ncontent-length: {}\r\n\r\n",
+        1 << 30
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    assert_eq!(
+        status_within(&mut stream, Duration::from_secs(5)).await,
+        401
+    );
+    // With it: 413, bounded while it ran.
+    let answer = push(admin, bomb.clone(), Some("zstd")).await;
+    assert_eq!(answer.status, 413, "{answer:?}");
+    let after = usage(pid);
+    let grown_kib = after.peak_kib.saturating_sub(before.rss_kib);
+    // The floor (64 MiB) and the doubling of the buffer it was read into.
+    assert!(grown_kib < 160 * 1024, "RSS {before:?} → {after:?}");
+    assert_eq!(
+        admin_get(admin, "/v1/snapshot/version", true).await.json()["version"],
+        1,
+        "nothing changed"
+    );
+    eprintln!(
+        "zstd bomb: {} bytes inflating to 1 GiB: 413; RSS {} KiB, peak {} KiB",
+        bomb.len(),
+        before.rss_kib,
+        after.peak_kib
+    );
+}
+
+/// Item 6: a second copy of a signed header, a malformed chunked body and a streamed body
+/// over the limit are the buyer's faults: 400/413 with our error body, no call charged, the
+/// backend's group not blamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buyer_faults_are_the_buyers_and_cost_no_call() {
+    const QUOTA: u64 = 10;
+    let backend = Backend::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let process = proxy_selling(
+        dir.path(),
+        4096,
+        "max_body_bytes = 65536",
+        backend.addr,
+        Some(QUOTA),
+    )
+    .await;
+    let (buyers, admin) = (process.addr("buyers"), process.addr("admin"));
+    let used = || async {
+        let usage = admin_get(admin, "/v1/usage", true).await.json();
+        usage["purchases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["purchase_id"] == "p1")
+            .map_or(0, |p| p["used"].as_u64().unwrap())
+    };
+
+    // x-amount: 1 signed, x-amount: 1000 injected after it.
+    let mut request = request("GET", MARKET, "/v1/echo/1", Bytes::new());
+    request
+        .headers_mut()
+        .insert("x-amount", http::HeaderValue::from_static("1"));
+    signed_at(KEY, SECRET, &mut request, time::OffsetDateTime::now_utc());
+    let parts = {
+        let h = request.headers();
+        marketgate::signing::RequestParts {
+            method: "GET",
+            path: "/v1/echo/1",
+            query: None,
+            headers: h,
+            authority: None,
+            payload: marketgate::signing::Payload::Body(b""),
+        }
+    };
+    let authorization = marketgate::signing::sign(
+        KEY,
+        SECRET.as_bytes(),
+        &parts,
+        &["host", "x-amount", "x-sdk-date"],
+    )
+    .unwrap();
+    let head = format!(
+        "GET /v1/echo/1 HTTP/1.1\r\nhost: {MARKET}\r\nx-sdk-date: {}\r\nx-amount: 1\r\nx-amount: 1000\r\nauthorization: {authorization}\r\nconnection: close\r\n\r\n",
+        signing_header(&request, "x-sdk-date")
+    );
+    let answer = raw_until_close(buyers, head.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer.contains("APIG.0201") && answer.contains("x-request-id"),
+        "{answer}"
+    );
+
+    // A malformed chunked body, the payload unsigned so that it streams to the backend.
+    let unsigned = [("x-sdk-content-sha256", "UNSIGNED-PAYLOAD")];
+    let head = signed_head(KEY, SECRET, "POST", "/v1/echo/1", &unsigned)
+        + "transfer-encoding: chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\nZZZ\r\n";
+    let answer = raw_until_close(buyers, head.as_bytes()).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 400"),
+        "malformed chunked: {answer}"
+    );
+
+    // A streamed body past max_body_bytes.
+    let mut body = String::new();
+    for _ in 0..4 {
+        body.push_str(&format!("8000\r\n{}\r\n", "y".repeat(0x8000)));
+    }
+    body.push_str("0\r\n\r\n");
+    let head = signed_head(KEY, SECRET, "POST", "/v1/echo/1", &unsigned)
+        + "transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+        + &body;
+    let answer = raw_until_close(buyers, head.as_bytes()).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 413"),
+        "over the limit: {answer}"
+    );
+
+    assert_eq!(used().await, 0, "no call charged for the buyer's faults");
+    let metrics = admin_get(admin, "/metrics", true).await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    let blamed: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("marketgate_requests_total") && l.contains("backend_error"))
+        .filter(|l| !l.ends_with(" 0"))
+        .collect();
+    assert!(
+        blamed.is_empty(),
+        "the seller's backend is blamed: {blamed:?}"
+    );
+}
+
+fn signing_header(request: &http::Request<http_body_util::Full<Bytes>>, name: &str) -> String {
+    request.headers()[name].to_str().unwrap().to_owned()
 }
