@@ -59,9 +59,15 @@ pub const DEFAULT_QUOTA_JOURNAL_BLOCK: u64 = 4096;
 pub const DEFAULT_PUSH_DEBOUNCE_MS: u64 = 50;
 /// A quota lease not renewed for this many seconds returns to the ledger.
 pub const DEFAULT_LEASE_TTL_SECS: u64 = 300;
+/// A proxy asks for leases that cover this many seconds of a purchase's recent traffic, so that
+/// it keeps serving that long with every control plane unreachable (docs/quota-leases.md).
+pub const DEFAULT_OUTAGE_BUDGET_SECS: u64 = 60;
+/// A proxy silent for this many seconds leaves the control plane's `GET /v1/proxies`, and
+/// another incarnation may then take its node id.
+pub const DEFAULT_PROXY_EXPIRY_SECS: u64 = 60;
 /// The smallest and largest lease a proxy asks for, in calls.
 pub const DEFAULT_LEASE_MIN_CALLS: u64 = 16;
-pub const DEFAULT_LEASE_MAX_CALLS: u64 = 10_000;
+pub const DEFAULT_LEASE_MAX_CALLS: u64 = 1_000_000;
 /// Largest snapshot (or delta) a proxy's admin listener takes, in bytes after decompression:
 /// room for a market of about two million purchases (~510 bytes of JSON each).
 pub const DEFAULT_MAX_SNAPSHOT_BYTES: usize = 1 << 30;
@@ -117,14 +123,6 @@ pub struct Token {
     pub role: Role,
 }
 
-/// A proxy the control plane pushes snapshots to.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ProxyTarget {
-    /// Base URL of the proxy's admin listener, e.g. `http://10.0.0.5:8082`.
-    pub admin_url: String,
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct GatewayConfig {
     pub listen: SocketAddr,
@@ -166,12 +164,13 @@ pub struct ControlConfig {
     pub listen: SocketAddr,
     pub credentials: Vec<Credential>,
     pub tokens: Vec<Token>,
-    pub proxies: Vec<ProxyTarget>,
     pub push_debounce: Duration,
     pub lease_ttl: Duration,
     /// The store's statement, lock and pool-wait timeouts and pool size (`store_*` keys).
     pub store: crate::control::store::StoreLimits,
     pub connections: ConnectionLimits,
+    /// A proxy silent this long leaves `GET /v1/proxies` (its node id is free again).
+    pub proxy_expiry: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -206,8 +205,11 @@ impl AdminConfig {
 pub struct ProxyConfig {
     /// This proxy's name in leases and in the control plane's `/v1/proxies`.
     pub node_id: String,
-    /// The control plane's admin listener; without it a proxy keeps its quota locally.
-    pub control_url: Option<String>,
+    /// The control planes' admin listeners, tried in order with failover; empty: a proxy
+    /// keeps its quota locally and takes snapshots only by `PUT`/`PATCH /v1/snapshot`.
+    pub control_urls: Vec<String>,
+    /// Leases cover this long of a purchase's recent traffic (serving through an outage).
+    pub outage_budget: Duration,
     pub lease_min_calls: u64,
     pub lease_max_calls: u64,
     /// The largest pushed snapshot or delta taken, in bytes after decompression (413 above).
@@ -295,8 +297,8 @@ struct FileControl {
     credentials: Vec<Credential>,
     #[serde(default)]
     tokens: Vec<Token>,
-    #[serde(default)]
-    proxies: Vec<ProxyTarget>,
+    /// Removed (proxies subscribe): kept in the file form only to refuse it with the reason.
+    proxies: Option<toml::Value>,
     push_debounce_ms: Option<u64>,
     lease_ttl_secs: Option<u64>,
     store_statement_timeout_ms: Option<u64>,
@@ -307,6 +309,7 @@ struct FileControl {
     header_read_timeout_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
     body_read_timeout_ms: Option<u64>,
+    proxy_expiry_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -326,6 +329,9 @@ struct FileAdmin {
 struct FileProxy {
     node_id: Option<String>,
     control_url: Option<String>,
+    /// Read as any value so that a string or a list of non-strings is refused with the reason.
+    control_urls: Option<toml::Value>,
+    outage_budget_secs: Option<u64>,
     lease_min_calls: Option<u64>,
     lease_max_calls: Option<u64>,
     max_snapshot_bytes: Option<usize>,
@@ -394,6 +400,7 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "header_read_timeout_ms",
             "idle_timeout_ms",
             "body_read_timeout_ms",
+            "proxy_expiry_secs",
         ],
     ),
     (
@@ -428,6 +435,8 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
         &[
             "node_id",
             "control_url",
+            "control_urls",
+            "outage_budget_secs",
             "lease_min_calls",
             "lease_max_calls",
             "max_snapshot_bytes",
@@ -611,18 +620,29 @@ impl Config {
                 ));
             }
         }
-        for (i, p) in file.control.proxies.iter().enumerate() {
-            if let Some(problem) = plane_url_problem(&p.admin_url) {
-                problems.push(format!(
-                    "control.proxies[{i}].admin_url: '{}' {problem}",
-                    p.admin_url
-                ));
-            }
+        if file.control.proxies.is_some() {
+            problems.push(
+                "control.proxies: removed: proxies subscribe to the control plane themselves \
+                 ([proxy] control_urls on each proxy); delete this table"
+                    .into(),
+            );
         }
-        if let Some(url) = &file.proxy.control_url {
-            if let Some(problem) = plane_url_problem(url) {
-                problems.push(format!("proxy.control_url: '{url}' {problem}"));
-            }
+        let control_urls = control_urls(
+            file.proxy.control_url.as_deref(),
+            file.proxy.control_urls.as_ref(),
+            problems,
+        );
+        let outage_budget_secs = file
+            .proxy
+            .outage_budget_secs
+            .unwrap_or(DEFAULT_OUTAGE_BUDGET_SECS);
+        positive(problems, "proxy.outage_budget_secs", outage_budget_secs);
+        let proxy_expiry_secs = file
+            .control
+            .proxy_expiry_secs
+            .unwrap_or(DEFAULT_PROXY_EXPIRY_SECS);
+        if proxy_expiry_secs < 2 {
+            problems.push("control.proxy_expiry_secs: must be at least 2".into());
         }
         let lease_min_calls = file
             .proxy
@@ -735,6 +755,13 @@ impl Config {
             "gateway.h2_max_concurrent_streams",
             h2_max_concurrent_streams as u64,
         );
+        let node_id = file
+            .proxy
+            .node_id
+            .unwrap_or_else(|| default_node_id(&data_dir));
+        if node_id.is_empty() {
+            problems.push("proxy.node_id: must not be empty".into());
+        }
         let admin_token = file.admin.token.unwrap_or_default();
         if !admin_token.is_empty() && admin_token.len() < 8 {
             problems.push("admin.token: must be at least 8 characters".into());
@@ -791,7 +818,6 @@ impl Config {
                 listen: control_listen,
                 credentials: file.control.credentials,
                 tokens: file.control.tokens,
-                proxies: file.control.proxies,
                 push_debounce: Duration::from_millis(
                     file.control
                         .push_debounce_ms
@@ -804,6 +830,7 @@ impl Config {
                 ),
                 store: store_limits,
                 connections: control_connections,
+                proxy_expiry: Duration::from_secs(proxy_expiry_secs),
             },
             admin: AdminConfig {
                 listen: admin_listen,
@@ -812,8 +839,9 @@ impl Config {
                 connections: admin_connections,
             },
             proxy: ProxyConfig {
-                node_id: file.proxy.node_id.unwrap_or_else(default_node_id),
-                control_url: file.proxy.control_url,
+                node_id,
+                control_urls,
+                outage_budget: Duration::from_secs(outage_budget_secs),
                 lease_min_calls,
                 lease_max_calls,
                 max_snapshot_bytes,
@@ -900,8 +928,79 @@ fn plane_url_problem(url: &str) -> Option<&'static str> {
     }
 }
 
-fn default_node_id() -> String {
-    std::env::var("HOSTNAME").unwrap_or_else(|_| "proxy-1".to_owned())
+/// `[proxy] control_urls` (a list), or `control_url` (its one-element shorthand); each URL
+/// checked. Malformed forms are refused with the reason: a string where a list belongs, a
+/// comma-separated string (which would name no host), both keys at once.
+fn control_urls(
+    one: Option<&str>,
+    list: Option<&toml::Value>,
+    problems: &mut Vec<String>,
+) -> Vec<String> {
+    let mut urls = Vec::new();
+    let check = |key: &str, url: &str, urls: &mut Vec<String>, problems: &mut Vec<String>| {
+        if url.contains(',') || url.trim() != url || url.contains(' ') {
+            problems.push(format!(
+                "{key}: '{url}' is not one URL (a comma or a space in it); several control \
+                 planes go in a list: control_urls = [\"http://cp-a:8082\", \"http://cp-b:8082\"]"
+            ));
+        } else if let Some(problem) = plane_url_problem(url) {
+            problems.push(format!("{key}: '{url}' {problem}"));
+        } else {
+            urls.push(url.trim_end_matches('/').to_owned());
+        }
+    };
+    match (one, list) {
+        (Some(_), Some(_)) => problems.push(
+            "proxy.control_url and proxy.control_urls: give one of them (control_url is the \
+             one-element shorthand of control_urls)"
+                .into(),
+        ),
+        (Some(url), None) => check("proxy.control_url", url, &mut urls, problems),
+        (None, Some(toml::Value::Array(items))) => {
+            if items.is_empty() {
+                problems.push(
+                    "proxy.control_urls: must not be empty (leave it out for a proxy of its own)"
+                        .into(),
+                );
+            }
+            for (i, item) in items.iter().enumerate() {
+                match item.as_str() {
+                    Some(url) => check(
+                        &format!("proxy.control_urls[{i}]"),
+                        url,
+                        &mut urls,
+                        problems,
+                    ),
+                    None => problems.push(format!(
+                        "proxy.control_urls[{i}]: must be a string like \"http://cp-a:8082\""
+                    )),
+                }
+            }
+        }
+        (None, Some(other)) => problems.push(format!(
+            "proxy.control_urls: must be a list like [\"http://cp-a:8082\", \"http://cp-b:8082\"], \
+             not a {}",
+            other.type_str()
+        )),
+        (None, None) => {}
+    }
+    urls
+}
+
+/// The host name and a short hash of the absolute `data_dir`: unique per host and data
+/// directory, stable across restarts (two proxies on one host with their own directories get
+/// two ids; one directory keeps its id).
+fn default_node_id(data_dir: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "proxy".to_owned());
+    let dir = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    let digest = Sha256::digest(dir.as_os_str().as_encoded_bytes());
+    format!("{host}-{}", hex::encode(&digest[..4]))
 }
 
 /// A database URL with any password replaced, safe for messages.
@@ -1216,21 +1315,74 @@ mod tests {
     #[test]
     fn the_planes_reach_each_other_over_plain_http_only() {
         let err = Config::from_toml(
-            "[proxy]\ncontrol_url = 'https://control:8082'\n\
-             [[control.proxies]]\nadmin_url = 'https://proxy-1:8082'\n\
-             [[control.proxies]]\nadmin_url = 'proxy-2:8082'\n",
+            "[proxy]\ncontrol_urls = ['https://control:8082', 'cp-b:8082']\n",
             no_env(),
         )
         .unwrap_err();
         let all = err.problems.join("\n");
-        assert!(all.contains("proxy.control_url: 'https://control:8082' must start with http://: the planes speak plain HTTP"), "{all}");
-        assert!(all.contains("control.proxies[0].admin_url"), "{all}");
+        assert!(all.contains("proxy.control_urls[0]: 'https://control:8082' must start with http://: the planes speak plain HTTP"), "{all}");
         assert!(
-            all.contains("control.proxies[1].admin_url: 'proxy-2:8082' must start with http://"),
+            all.contains("proxy.control_urls[1]: 'cp-b:8082' must start with http://"),
             "{all}"
         );
-        let fine = "[proxy]\ncontrol_url = 'http://control:8082'\n[[control.proxies]]\nadmin_url = 'http://proxy-1:8082'\n";
-        assert!(Config::from_toml(fine, no_env()).is_ok());
+        let fine = "[proxy]\ncontrol_url = 'http://control:8082/'\n";
+        let config = Config::from_toml(fine, no_env()).unwrap();
+        assert_eq!(config.proxy.control_urls, vec!["http://control:8082"]);
+    }
+
+    #[test]
+    fn control_urls_is_a_list_and_malformed_forms_say_why() {
+        let list = "[proxy]\ncontrol_urls = ['http://cp-a:8082', 'http://cp-b:8082']\n";
+        let config = Config::from_toml(list, no_env()).unwrap();
+        assert_eq!(
+            config.proxy.control_urls,
+            vec!["http://cp-a:8082", "http://cp-b:8082"]
+        );
+        for (text, expected) in [
+            (
+                "[proxy]\ncontrol_url = 'http://cp-a:8082,http://cp-b:8082'\n",
+                "is not one URL",
+            ),
+            (
+                "[proxy]\ncontrol_urls = 'http://cp-a:8082,http://cp-b:8082'\n",
+                "must be a list like",
+            ),
+            (
+                "[proxy]\ncontrol_urls = [1]\n",
+                "proxy.control_urls[0]: must be a string",
+            ),
+            ("[proxy]\ncontrol_urls = []\n", "must not be empty"),
+            (
+                "[proxy]\ncontrol_url = 'http://a:1'\ncontrol_urls = ['http://b:1']\n",
+                "give one of them",
+            ),
+            (
+                "[[control.proxies]]\nadmin_url = 'http://proxy-1:8082'\n",
+                "control.proxies: removed: proxies subscribe",
+            ),
+        ] {
+            let all = Config::from_toml(text, no_env())
+                .unwrap_err()
+                .problems
+                .join("\n");
+            assert!(all.contains(expected), "{text}: {all}");
+        }
+        // From the environment, a list is a TOML array.
+        let env = vec![(
+            "MARKETGATE_PROXY__CONTROL_URLS".to_owned(),
+            "[\"http://a:1\", \"http://b:1\"]".to_owned(),
+        )];
+        let config = Config::from_toml("", env).unwrap();
+        assert_eq!(config.proxy.control_urls.len(), 2);
+    }
+
+    #[test]
+    fn the_default_node_id_differs_per_data_dir_and_stays() {
+        let a = Config::from_toml("data_dir = '/srv/a'\n", no_env()).unwrap();
+        let b = Config::from_toml("data_dir = '/srv/b'\n", no_env()).unwrap();
+        let a_again = Config::from_toml("data_dir = '/srv/a'\n", no_env()).unwrap();
+        assert_ne!(a.proxy.node_id, b.proxy.node_id);
+        assert_eq!(a.proxy.node_id, a_again.proxy.node_id);
     }
 
     #[test]

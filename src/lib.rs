@@ -11,6 +11,10 @@
 //!   (a leaf).
 //! - [`signing`]: SDK-HMAC-SHA256 canonicalisation, signing and verification (both planes).
 //! - [`apig`]: Huawei APIG error codes and the error body.
+//! - [`backoff`]: the one retry backoff (exponential, jittered, capped).
+//! - [`durable`]: the one durable file replacement (temporary file, fsync, rename, 0600).
+//! - [`feed`]: the snapshot subscription between the planes: its wire form and the content
+//!   hash both planes compute (docs/snapshot-protocol.md).
 //! - [`buyer`]: the buyer tool behind `marketgate sign` and `marketgate call`.
 //! - [`snapshot`]: the contract between the planes: wire types, validation, compiled form.
 //! - [`gateway`]: the data plane: listeners, per-request phases, quota and its lease client,
@@ -24,12 +28,15 @@
 
 pub mod accept;
 pub mod apig;
+pub mod backoff;
 pub mod bind;
 pub mod buyer;
 pub mod certificate;
 pub mod config;
 pub mod control;
 pub mod data_dir;
+pub mod durable;
+pub mod feed;
 pub mod gateway;
 pub mod lease;
 pub mod metrics_text;

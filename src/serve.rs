@@ -78,6 +78,8 @@ pub async fn run_serve(mut config: Config, shutdown: Shutdown) -> Result<(), Run
     leases.recover(&shutdown).await;
     tokio::spawn(leases.clone().run(shutdown.clone()));
     control.spawn_lease_expiry(shutdown.clone());
+    // Other proxies may subscribe to this one's control plane too.
+    let subscriptions = control.spawn_subscriptions(shutdown.clone());
 
     let listeners = Listeners::bind(&config).await?;
     let control_listener = crate::bind::bind("control.listen", config.control.listen).await?;
@@ -106,7 +108,7 @@ pub async fn run_serve(mut config: Config, shutdown: Shutdown) -> Result<(), Run
         .admin_router()
         .merge(crate::control::admin::ledger_router(
             control.clone(),
-            crate::control::push::PushStatus::none(),
+            subscriptions,
         ));
     gateway
         .serve_listeners(listeners, admin_router, shutdown)

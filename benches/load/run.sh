@@ -120,8 +120,6 @@ token = "bench-seller-token"
 domain_id = "bench-seller"
 project_id = "bench-seller-project"
 role = "tenant"
-[[control.proxies]]
-admin_url = "http://127.0.0.1:18008"
 [admin]
 listen = "127.0.0.1:18010"
 token = "bench-admin-token"

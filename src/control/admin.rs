@@ -1,13 +1,14 @@
 //! The control plane's admin listener (`[admin] listen`, CONTRACT §5–§7): health, readiness,
-//! metrics, the snapshot version, the per-proxy push status, and the quota lease exchange
-//! that proxies call (`docs/quota-leases.md`).
+//! metrics, the snapshot version, the snapshot subscription proxies poll
+//! (docs/snapshot-protocol.md), the proxies in touch, and the quota lease exchange that
+//! proxies call (`docs/quota-leases.md`).
 //!
 //! Owns admin authentication on this listener (`Authorization: Bearer <admin.token>` or
 //! `X-Admin-Token`, compared in constant time; an empty configured token admits no one) and
 //! the decoding of lease bodies with the path of the first bad field. Errors are
 //! [`ControlError`]s, so they answer with the APIG error body like the control API. It holds
-//! no state of its own: leases are [`ControlPlane::exchange_leases`]'s, push status the
-//! pushers'.
+//! no state of its own: leases are [`ControlPlane::exchange_leases`]'s, published versions
+//! and proxies in touch [`Subscriptions`]'.
 //!
 //! | route | token | answer |
 //! |---|---|---|
@@ -15,8 +16,9 @@
 //! | `GET /readyz` | no | 200 `ready` when the store answers, else 503 |
 //! | `GET /metrics` | unless `admin.metrics_public` | Prometheus text |
 //! | `GET /v1/snapshot/version` | yes | `{"version":N}` |
-//! | `GET /v1/proxies` | yes | `{"version":N,"proxies":[{admin_url,node_id,acked_version,acked_at,last_error,pushes_ok,pushes_failed,calls_held}],"leases":[{node_id,purchases,calls_held}]}` |
-//! | `POST /v1/leases` | yes | `LeaseExchange` → `LeaseReply` |
+//! | `POST /v1/snapshot/subscribe` | yes | `feed::Poll` → 200 gzip full or delta (`x-snapshot-kind`), 204 after the hold, 409 node id in use |
+//! | `GET /v1/proxies` | yes | `{"version":N,"hash":H,"proxies":[{node_id,incarnation,acked_version,content_hash,content,last_seen,silent_secs,lag_versions,lag_secs,last_error,polls,resyncs,calls_held}],"leases":[{node_id,purchases,calls_held}]}` |
+//! | `POST /v1/leases` | yes | `LeaseExchange` → `LeaseReply` (409 node id in use) |
 //! | `POST /v1/leases/release` | yes | `{"node_id"}` → `{"node_id","released"}` |
 
 use std::collections::BTreeMap;
@@ -24,26 +26,26 @@ use std::collections::BTreeMap;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::push::PushStatus;
+use super::subscriptions::{Answer, Subscriptions};
 use super::{ControlError, ControlPlane};
+use crate::feed::{self, Poll};
 use crate::lease::{LeaseExchange, LeaseReply};
 
 /// What the admin handlers share.
 #[derive(Clone)]
 struct Admin {
     cp: ControlPlane,
-    push: PushStatus,
+    subscriptions: Subscriptions,
 }
 
-/// The admin routes of `cp`, with `push` the status of its pushers (`PushStatus::none()`
-/// where there are none).
-pub fn router(cp: ControlPlane, push: PushStatus) -> Router {
+/// The admin routes of `cp`, answering polls and `GET /v1/proxies` from `subscriptions`.
+pub fn router(cp: ControlPlane, subscriptions: Subscriptions) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -52,17 +54,19 @@ pub fn router(cp: ControlPlane, push: PushStatus) -> Router {
         .merge(ledger_routes())
         .fallback(|| async { ControlError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ControlError::RouteNotFound })
-        .with_state(Admin { cp, push })
+        .with_state(Admin { cp, subscriptions })
 }
 
-/// Only the routes that are the control plane's alone (proxies, leases): `serve` mounts them
-/// beside its gateway's admin routes, which answer health, readiness, metrics and version.
-pub fn ledger_router(cp: ControlPlane, push: PushStatus) -> Router {
-    ledger_routes().with_state(Admin { cp, push })
+/// Only the routes that are the control plane's alone (subscription, proxies, leases):
+/// `serve` mounts them beside its gateway's admin routes, which answer health, readiness,
+/// metrics and version.
+pub fn ledger_router(cp: ControlPlane, subscriptions: Subscriptions) -> Router {
+    ledger_routes().with_state(Admin { cp, subscriptions })
 }
 
 fn ledger_routes() -> Router<Admin> {
     Router::new()
+        .route(feed::SUBSCRIBE_PATH, post(subscribe))
         .route("/v1/proxies", get(proxies))
         .route("/v1/leases", post(exchange))
         .route("/v1/leases/release", post(release))
@@ -120,8 +124,69 @@ async fn snapshot_version(
     Ok(Json(json!({ "version": admin.cp.version() })))
 }
 
-/// Push status per configured proxy, with the calls it holds in leases; and every node that
-/// holds a lease, configured or not (an in-process proxy, one removed from the config).
+/// One long-poll of a proxy (docs/snapshot-protocol.md): the full snapshot or a delta as
+/// soon as one is newer than what it serves, else 204 after the hold.
+async fn subscribe(
+    State(admin): State<Admin>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ControlError> {
+    authorized(&admin.cp, &headers)?;
+    let poll: Poll = parse(&body)?;
+    if poll.node_id.is_empty() || poll.incarnation.is_empty() {
+        return Err(ControlError::InvalidParameter(
+            "node_id and incarnation: must not be empty".into(),
+        ));
+    }
+    let answer = admin.subscriptions.poll(&poll).await?;
+    let Some(answer) = answer else {
+        let mut response = StatusCode::NO_CONTENT.into_response();
+        if let Some(published) = admin.subscriptions.published() {
+            let headers = response.headers_mut();
+            headers.insert(feed::VERSION_HEADER, published.version.into());
+            if let Ok(hash) = published.hash.to_string().parse() {
+                headers.insert(feed::HASH_HEADER, hash);
+            }
+        }
+        return Ok(response);
+    };
+    let (kind, published, body) = match answer {
+        Answer::Full(p) => ("full", p.clone(), p.full_gzip.clone()),
+        Answer::Delta(p) => {
+            let body = p
+                .delta
+                .as_ref()
+                .expect("a delta answer has a delta")
+                .gzip
+                .clone();
+            ("delta", p, body)
+        }
+    };
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/json".to_owned()),
+            (header::CONTENT_ENCODING, "gzip".to_owned()),
+            (
+                header::HeaderName::from_static(feed::KIND_HEADER),
+                kind.to_owned(),
+            ),
+            (
+                header::HeaderName::from_static(feed::VERSION_HEADER),
+                published.version.to_string(),
+            ),
+            (
+                header::HeaderName::from_static(feed::HASH_HEADER),
+                published.hash.to_string(),
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// The proxies in touch (polled within `control.proxy_expiry_secs`), with the calls each
+/// holds in leases; and every node that holds a lease, in touch or not (an in-process proxy,
+/// one gone whose lease has not expired yet).
 async fn proxies(
     State(admin): State<Admin>,
     headers: HeaderMap,
@@ -137,16 +202,12 @@ async fn proxies(
         }
     }
     let proxies: Vec<_> = admin
-        .push
-        .all()
+        .subscriptions
+        .in_touch()
         .into_iter()
-        .map(|status| {
-            let held = status
-                .node_id
-                .as_ref()
-                .and_then(|node| leases.get(node))
-                .map_or(0, |(_, calls)| *calls);
-            let mut value = serde_json::to_value(status).expect("a status serializes");
+        .map(|proxy| {
+            let held = leases.get(&proxy.node_id).map_or(0, |(_, calls)| *calls);
+            let mut value = serde_json::to_value(proxy).expect("a status serializes");
             value["calls_held"] = held.into();
             value
         })
@@ -157,8 +218,11 @@ async fn proxies(
             json!({"node_id": node, "purchases": purchases, "calls_held": calls})
         })
         .collect();
+    let published = admin.subscriptions.published();
     Ok(Json(json!({
         "version": admin.cp.version(),
+        "published_version": published.as_ref().map(|p| p.version),
+        "hash": published.as_ref().map(|p| p.hash.to_string()),
         "proxies": proxies,
         "leases": leases,
     })))
@@ -171,7 +235,21 @@ async fn exchange(
 ) -> Result<Json<LeaseReply>, ControlError> {
     authorized(&admin.cp, &headers)?;
     let exchange: LeaseExchange = parse(&body)?;
-    Ok(Json(admin.cp.exchange_leases(exchange).await?))
+    if let Some(incarnation) = &exchange.incarnation {
+        // Never two live proxies on one lease: the second incarnation is refused.
+        admin.subscriptions.claim(&exchange.node_id, incarnation)?;
+    }
+    let leaving = exchange
+        .release_all
+        .then(|| exchange.incarnation.clone())
+        .flatten();
+    let reply = admin.cp.exchange_leases(exchange.clone()).await?;
+    if let Some(incarnation) = leaving {
+        // A clean stop gives every lease back; a restart's recovery does too, and polls
+        // again at once, so leaving costs it nothing.
+        admin.subscriptions.leave(&exchange.node_id, &incarnation);
+    }
+    Ok(Json(reply))
 }
 
 #[derive(Deserialize)]

@@ -103,6 +103,18 @@ pub enum ControlError {
     /// A market transition the state machine does not allow (e.g. lock while on sale).
     #[error("conflict: {0}")]
     Conflict(String),
+    /// A proxy claims a node id that another live incarnation holds (CONTRACT §5: two live
+    /// proxies never share one node id). Its polls and lease exchanges are refused.
+    #[error(
+        "node_id '{node_id}' is held by the live proxy of incarnation {held_by}; this proxy \
+         (incarnation {claimed_by}) is refused until that one is silent for \
+         control.proxy_expiry_secs: give each proxy its own [proxy] node_id"
+    )]
+    NodeIdInUse {
+        node_id: String,
+        held_by: String,
+        claimed_by: String,
+    },
     #[error("no such route")]
     RouteNotFound,
     /// The store refused the commit for a conflict that a run on the caught-up state may
@@ -156,6 +168,7 @@ impl ControlError {
             GroupHasApis(_) => (StatusCode::FORBIDDEN, apig::GROUP_HAS_APIS),
             ApiPublished(_) => (StatusCode::FORBIDDEN, apig::API_PUBLISHED),
             Conflict(_) => (StatusCode::CONFLICT, apig::PARAMETER_ERROR),
+            NodeIdInUse { .. } => (StatusCode::CONFLICT, apig::PARAMETER_ERROR),
             RouteNotFound => (StatusCode::NOT_FOUND, apig::NO_ROUTE),
             // A claim still held after every attempt: someone else holds the key.
             Contended(super::store::Conflict::Claimed { .. }) => {
@@ -265,6 +278,15 @@ mod tests {
             (ControlError::GroupHasApis(s()), 403, "APIG.3415"),
             (ControlError::ApiPublished(s()), 403, "APIG.3416"),
             (ControlError::Conflict(s()), 409, "APIG.2000"),
+            (
+                ControlError::NodeIdInUse {
+                    node_id: s(),
+                    held_by: s(),
+                    claimed_by: s(),
+                },
+                409,
+                "APIG.2000",
+            ),
             (ControlError::RouteNotFound, 404, "APIG.0101"),
             (
                 ControlError::Store(StoreError::UnknownScheme(s())),

@@ -2,8 +2,9 @@
 //! of its own per [`super::ControlPlane`] (tests open many; `serve` exposes it beside the
 //! proxy's).
 //!
-//! Owns `marketgate_control_snapshot_version`, the pushers' metrics ([`PushMetrics`]:
-//! `marketgate_proxy_acked_version{proxy}`, `marketgate_control_snapshot_pushes_total{result}`)
+//! Owns `marketgate_control_snapshot_version`, the subscriptions' metrics
+//! ([`SubscriptionMetrics`]: `marketgate_proxy_acked_version{proxy}`,
+//! `marketgate_control_snapshots_sent_total{kind}`, …)
 //! and `marketgate_quota_calls_left{purchase}`, which is computed from the state when scraped.
 //! It never changes the state.
 //!
@@ -25,8 +26,8 @@ use prometheus::{
 };
 use tokio::sync::Mutex;
 
-use super::push::PushMetrics;
 use super::state::State;
+use super::subscriptions::SubscriptionMetrics;
 use crate::metrics_text::Family;
 
 /// `marketgate_quota_calls_left` covers only this many purchases: those with the most used
@@ -39,7 +40,7 @@ pub const CALLS_LEFT_TOP: usize = 50;
 pub struct ControlMetrics {
     registry: Registry,
     pub snapshot_version: IntGauge,
-    pub push: PushMetrics,
+    pub subscriptions: SubscriptionMetrics,
     pub requests: RequestMetrics,
     /// The control and admin listeners' accept-loop counters (`crate::accept`).
     pub accept: crate::accept::AcceptMetrics,
@@ -58,7 +59,8 @@ impl ControlMetrics {
         registry
             .register(Box::new(snapshot_version.clone()))
             .expect("metric names are unique");
-        let push = PushMetrics::register(&registry).expect("metric names are unique");
+        let subscriptions =
+            SubscriptionMetrics::register(&registry).expect("metric names are unique");
         let requests = RequestMetrics::register(&registry).expect("metric names are unique");
         registry
             .register(Box::new(CallsLeft::new(Arc::downgrade(state))))
@@ -68,7 +70,7 @@ impl ControlMetrics {
         ControlMetrics {
             registry,
             snapshot_version,
-            push,
+            subscriptions,
             requests,
             accept,
         }
@@ -88,7 +90,11 @@ impl ControlMetrics {
 
 /// The control plane's labelled families, announced even before their first series.
 pub const LABELLED_FAMILIES: [Family; 4] = [
-    (PushMetrics::ACKED_NAME, PushMetrics::ACKED_HELP, "gauge"),
+    (
+        SubscriptionMetrics::ACKED_NAME,
+        SubscriptionMetrics::ACKED_HELP,
+        "gauge",
+    ),
     (CALLS_LEFT_NAME, CALLS_LEFT_HELP, "gauge"),
     (REQUESTS_NAME, REQUESTS_HELP, "counter"),
     (DURATION_NAME, DURATION_HELP, "histogram"),

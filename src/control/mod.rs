@@ -19,8 +19,9 @@
 //! The quota ledgers (`leases`) live in their own rows, changed under row locks.
 //!
 //! This module owns wiring (`ControlPlane`, the routers, `run_control`) and the commit path;
-//! request logic lives in `management` and `market`, the snapshot build in `publish`, pushing
-//! it to proxies in `push`, the admin listener in `admin`, its metrics in `metrics`.
+//! request logic lives in `management` and `market`, the snapshot build in `publish`,
+//! publishing it once per version to the proxies that subscribe in `subscriptions`, the admin
+//! listener in `admin`, its metrics in `metrics`.
 
 pub mod admin;
 pub mod auth;
@@ -31,9 +32,9 @@ pub mod market;
 pub mod metrics;
 pub mod openapi;
 pub mod publish;
-pub mod push;
 pub mod state;
 pub mod store;
+pub mod subscriptions;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -49,7 +50,7 @@ use tokio::sync::{watch, Mutex, MutexGuard};
 use crate::config::Config;
 use crate::shutdown::Shutdown;
 
-use push::{PushMetrics, PushStatus};
+use subscriptions::{SubscriptionMetrics, Subscriptions};
 
 use auth::Call;
 pub use error::ControlError;
@@ -125,10 +126,11 @@ impl ControlPlane {
         Ok(cp)
     }
 
-    /// The admin listener's routes (health, metrics, version, `GET /v1/proxies`, leases);
-    /// `push` is what [`ControlPlane::spawn_pushers`] returned, or `PushStatus::none()`.
-    pub fn admin_router(&self, push: PushStatus) -> Router {
-        admin::router(self.clone(), push)
+    /// The admin listener's routes (health, metrics, version, the snapshot subscription,
+    /// `GET /v1/proxies`, leases); `subscriptions` is what
+    /// [`ControlPlane::spawn_subscriptions`] returned.
+    pub fn admin_router(&self, subscriptions: Subscriptions) -> Router {
+        admin::router(self.clone(), subscriptions)
     }
 
     /// This control plane's metrics registry (not the global one), for `serve` to expose
@@ -148,24 +150,16 @@ impl ControlPlane {
         self.inner.metrics.accept.clone()
     }
 
-    /// The pushers' metrics (`spawn_pushers` registers nothing itself).
-    pub fn push_metrics(&self) -> PushMetrics {
-        self.inner.metrics.push.clone()
+    /// The subscriptions' metrics (registered with the control plane's).
+    pub fn subscription_metrics(&self) -> SubscriptionMetrics {
+        self.inner.metrics.subscriptions.clone()
     }
 
-    /// Starts one pusher per `[[control.proxies]]` entry (admin token, `push_debounce` from
-    /// the config); they stop when `shutdown` fires. Returns their status for the admin
-    /// router.
-    pub fn spawn_pushers(&self, shutdown: Shutdown) -> PushStatus {
-        let config = self.config();
-        push::spawn_pushers(
-            Arc::new(self.clone()),
-            &config.control.proxies,
-            config.admin.token.clone(),
-            config.control.push_debounce,
-            self.push_metrics(),
-            shutdown,
-        )
+    /// Starts publishing each version once for the proxies that subscribe (debounced by
+    /// `control.push_debounce`); it stops when `shutdown` fires. Returns the handle the admin
+    /// router answers polls and `GET /v1/proxies` from.
+    pub fn spawn_subscriptions(&self, shutdown: Shutdown) -> Subscriptions {
+        Subscriptions::start(self, shutdown)
     }
 
     /// The current snapshot version (no lock taken).
@@ -510,7 +504,7 @@ where
 }
 
 /// Runs a standalone control plane until `shutdown` fires: binds `control.listen` and
-/// `admin.listen`, starts the pushers for `[[control.proxies]]` and the lease expiry sweep,
+/// `admin.listen`, starts publishing snapshots to subscribed proxies and the lease expiry sweep,
 /// and on shutdown lets both listeners drain their requests in flight.
 pub async fn run_control(
     config: Config,
@@ -531,14 +525,13 @@ pub async fn run_control(
     tracing::info!(
         listen = %listener.local_addr()?,
         admin = %admin.local_addr()?,
-        proxies = config.control.proxies.len(),
         version = cp.version(),
         store = %crate::config::redact_url(&config.database_url),
         "control plane listening"
     );
-    let push = cp.spawn_pushers(shutdown.clone());
+    let subscriptions = cp.spawn_subscriptions(shutdown.clone());
     cp.spawn_lease_expiry(shutdown.clone());
-    let admin_router = cp.admin_router(push);
+    let admin_router = cp.admin_router(subscriptions);
     let admin_spec = crate::accept::router_spec("admin", config.admin.connections, &config);
     let admin_task = tokio::spawn(crate::accept::serve_router(
         admin,

@@ -1,5 +1,6 @@
 //! The snapshot source: builds the data plane's wire snapshot (`crate::snapshot::Snapshot`)
-//! from the in-memory state at its committed version. Pushing it to proxies is not here.
+//! from the in-memory state at its committed version. Sending it to proxies is not here
+//! (`subscriptions` publishes each version once).
 //!
 //! What goes in: every group (with `sl_domain`, `url_domain`, `market_state`) with the RELEASE
 //! definitions of its published APIs as frozen at publish time (never drafts); MARKET apps of
@@ -8,29 +9,10 @@
 //! store or change state.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
 use crate::snapshot::{self, Snapshot};
 
-use super::push::SnapshotSource;
 use super::state::{now_rfc3339, State};
-use super::ControlPlane;
-
-/// The control plane is what pushers follow: its version channel and its current snapshot.
-#[async_trait::async_trait]
-impl SnapshotSource for ControlPlane {
-    fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
-        ControlPlane::subscribe(self)
-    }
-
-    async fn snapshot(&self) -> Arc<Snapshot> {
-        Arc::new(ControlPlane::snapshot(self).await)
-    }
-
-    async fn move_version_past(&self, seen: u64) -> Result<u64, super::ControlError> {
-        ControlPlane::move_version_past(self, seen).await
-    }
-}
 
 /// The snapshot of `state` at `state.version`.
 pub fn build(state: &State) -> Snapshot {

@@ -45,6 +45,13 @@ pub enum Rejection {
     PurchaseInactive,
     #[error("the calls bought are used up")]
     QuotaExhausted,
+    /// This proxy's lease of the purchase ran dry while no control plane answers (or, in
+    /// `serve`, the store does not): calls may be left, but none can be leased now.
+    #[error(
+        "no calls leased to this proxy are left and the control plane is unreachable: \
+         retry later"
+    )]
+    LeaseUnavailable,
     #[error("quota journal unavailable")]
     Quota(#[source] super::quota::QuotaError),
     #[error("backend unavailable")]
@@ -70,7 +77,7 @@ impl Rejection {
 impl Rejection {
     pub fn status(&self) -> StatusCode {
         match self {
-            Rejection::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::NotReady | Rejection::LeaseUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Rejection::UnknownHost | Rejection::NoRoute => StatusCode::NOT_FOUND,
             Rejection::Delisted | Rejection::NotAuthorized => StatusCode::FORBIDDEN,
             Rejection::BadRequest(_) | Rejection::HostSniMismatch | Rejection::BodyRead(_) => {
@@ -91,7 +98,7 @@ impl Rejection {
 
     pub fn code(&self) -> &'static str {
         match self {
-            Rejection::NotReady => apig::NOT_READY,
+            Rejection::NotReady | Rejection::LeaseUnavailable => apig::NOT_READY,
             Rejection::UnknownHost | Rejection::NoRoute => apig::NO_ROUTE,
             Rejection::Delisted => apig::GROUP_DELISTED,
             Rejection::BadRequest(_)
@@ -112,7 +119,7 @@ impl Rejection {
 
     pub fn outcome(&self) -> Outcome {
         match self {
-            Rejection::NotReady => Outcome::NotReady,
+            Rejection::NotReady | Rejection::LeaseUnavailable => Outcome::NotReady,
             Rejection::UnknownHost | Rejection::NoRoute => Outcome::NoRoute,
             Rejection::Delisted => Outcome::Delisted,
             Rejection::BadRequest(_)
@@ -159,6 +166,7 @@ mod tests {
             (Rejection::PurchaseInactive, 405, "APIG.0502"),
             (Rejection::BackendTimeout, 504, "APIG.0201"),
             (Rejection::NotReady, 503, "APIG.0606"),
+            (Rejection::LeaseUnavailable, 503, "APIG.0606"),
             (Rejection::Internal("x"), 500, "APIG.0601"),
         ];
         for (rejection, status, code) in table {

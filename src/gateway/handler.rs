@@ -433,9 +433,14 @@ async fn take_quota_or_refill(
     let mut taken = take_quota(purchase).await;
     if matches!(taken, Err(Rejection::QuotaExhausted)) && purchase.cell.may_refill() {
         // Concurrent callers may drain a refill before this one retries: keep asking until
-        // the control plane says nothing is left to lease or the wait is over.
+        // the control plane says nothing is left to lease or the wait is over. With the
+        // control plane unreachable no refill can come: the buyer is told at once.
         let deadline = Instant::now() + REFILL_WAIT;
         while matches!(taken, Err(Rejection::QuotaExhausted)) && purchase.cell.may_refill() {
+            if gateway.quota.control_unreachable() {
+                taken = Err(Rejection::LeaseUnavailable);
+                break;
+            }
             let Some(wait) = deadline.checked_duration_since(Instant::now()) else {
                 break;
             };

@@ -17,6 +17,8 @@ pub mod listener;
 pub mod metrics;
 pub mod quota;
 pub mod route;
+pub mod subscriber;
+pub mod uplink;
 pub mod workers;
 
 use std::io::Write;
@@ -123,11 +125,12 @@ impl std::fmt::Debug for Gateway {
 
 impl Gateway {
     /// Opens the quota journal and loads the last good snapshot from `config.data_dir`.
-    /// Quota is leased from the control plane when `proxy.control_url` is set, else local.
+    /// Quota is leased from the control plane when `proxy.control_urls` names one, else local.
     pub fn open(config: &Config) -> Result<Gateway, GatewayError> {
-        let mode = match config.proxy.control_url {
-            Some(_) => quota::QuotaMode::Leased,
-            None => quota::QuotaMode::Local,
+        let mode = if config.proxy.control_urls.is_empty() {
+            quota::QuotaMode::Local
+        } else {
+            quota::QuotaMode::Leased
         };
         Self::open_with_quota(config, mode)
     }
@@ -216,7 +219,17 @@ impl Gateway {
 
     fn apply_unfollowed(&self, snapshot: Snapshot) -> Result<u64, SnapshotRejection> {
         let mut applied = self.inner.applied.lock().unwrap_or_else(|e| e.into_inner());
-        let result = self.apply_locked(&mut applied, snapshot, None);
+        let result = self.apply_locked(&mut applied, snapshot, None, false);
+        self.count_push(&result);
+        result
+    }
+
+    /// [`Gateway::apply_snapshot`] that also takes the version already served: a control
+    /// plane resyncing a proxy whose content differs from that version's (a delta applied on
+    /// a wrong base), docs/snapshot-protocol.md.
+    pub fn resync_snapshot(&self, snapshot: Snapshot) -> Result<u64, SnapshotRejection> {
+        let mut applied = self.inner.applied.lock().unwrap_or_else(|e| e.into_inner());
+        let result = self.apply_locked(&mut applied, snapshot, None, true);
         self.count_push(&result);
         result
     }
@@ -244,7 +257,7 @@ impl Gateway {
                         .map(|snapshot| (snapshot, record))
                         .map_err(SnapshotRejection::from)
                 }) {
-                Ok((snapshot, record)) => self.apply_locked(&mut applied, snapshot, Some(record)),
+                Ok((snapshot, record)) => self.apply_locked(&mut applied, snapshot, Some(record), false),
                 Err(rejection) => Err(rejection),
             },
         };
@@ -301,10 +314,11 @@ impl Gateway {
         applied: &mut Option<Arc<Snapshot>>,
         snapshot: Snapshot,
         delta: Option<Vec<u8>>,
+        same_version_too: bool,
     ) -> Result<u64, SnapshotRejection> {
         let inner = &self.inner;
         if let Some(current) = self.snapshot_version() {
-            if snapshot.version <= current {
+            if snapshot.version < current || (snapshot.version == current && !same_version_too) {
                 return Err(SnapshotRejection::NotNewer {
                     current,
                     offered: snapshot.version,
@@ -508,21 +522,8 @@ fn load_checkpoint(path: &Path) -> Result<Option<Snapshot>, GatewayError> {
 /// Writes `snapshot` to `path` by a temporary file (mode 0600: it holds secrets), fsync and
 /// rename, so a crash leaves either the old or the new file, never half of one.
 fn persist_snapshot(path: &Path, snapshot: &Snapshot) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = path.with_extension("json.tmp");
     let bytes = serde_json::to_vec(snapshot).map_err(std::io::Error::other)?;
-    {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(&bytes)?;
-        file.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
+    crate::durable::write_atomic(path, &bytes)?;
     // The deltas before this checkpoint are in it. Left behind by a crash, they would not
     // replay: none follows from the checkpoint's version.
     match std::fs::remove_file(log_path(path)) {
@@ -530,7 +531,7 @@ fn persist_snapshot(path: &Path, snapshot: &Snapshot) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    std::fs::File::open(dir)?.sync_all()
+    std::fs::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
 }
 
 /// Appends one record (and a newline) to the snapshot log and makes it durable before
@@ -606,19 +607,48 @@ pub async fn run_proxy(mut config: Config, shutdown: Shutdown) -> Result<(), Run
     let _data_dir = crate::data_dir::DataDir::claim(&config.data_dir)?;
     crate::accept::fit_open_file_limit(&mut config, false);
     let gateway = Gateway::open(&config)?;
-    let leasing = config.proxy.control_url.as_deref().map(|url| {
-        let service = Arc::new(leasing::HttpLeaseService::new(url, &config.admin.token));
+    let listeners = Listeners::bind(&config).await?;
+    run_proxy_with(gateway, listeners, shutdown).await
+}
+
+/// Runs an opened proxy on bound listeners until `shutdown`: with `proxy.control_urls`, it
+/// subscribes to the control planes' snapshots (`subscriber`) and leases quota from them
+/// (`leasing`), both through one [`uplink::Uplink`]. Then drains, flushes the journal and
+/// gives its leases back. (Tests run proxies in-process through this.)
+pub async fn run_proxy_with(
+    gateway: Gateway,
+    listeners: Listeners,
+    shutdown: Shutdown,
+) -> Result<(), RunError> {
+    let config = gateway.inner.config.clone();
+    let uplink = (!config.proxy.control_urls.is_empty()).then(|| {
+        Arc::new(uplink::Uplink::new(
+            config.proxy.control_urls.clone(),
+            &config.admin.token,
+        ))
+    });
+    let leasing = uplink.as_ref().map(|uplink| {
+        let service = Arc::new(leasing::HttpLeaseService::new(uplink.clone()));
         Arc::new(leasing::LeaseClient::new(gateway.clone(), service))
     });
-    let listeners = Listeners::bind(&config).await?;
     tracing::info!(
         buyers = %listeners.buyers.local_addr()?,
         workers = listeners.buyers.workers(),
         admin = %listeners.admin.local_addr()?,
         version = ?gateway.snapshot_version(),
+        node = %config.proxy.node_id,
+        control = ?config.proxy.control_urls,
         "proxy listening"
     );
-    if let Some(client) = &leasing {
+    if let (Some(uplink), Some(client)) = (&uplink, &leasing) {
+        // Snapshots first (a proxy serves within a second of first contact), independent of
+        // the lease recovery, which may wait for the control plane.
+        let subscriber = subscriber::Subscriber::new(
+            gateway.clone(),
+            uplink.clone(),
+            client.incarnation().to_owned(),
+        );
+        tokio::spawn(subscriber.run(shutdown.clone()));
         // Report what the journal says was served before taking new leases; meanwhile
         // limited purchases are served only from what is leased (nothing yet).
         let client = client.clone();

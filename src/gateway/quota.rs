@@ -180,26 +180,17 @@ fn push_line(lines: &mut String, purchase_id: &str, value: u64) {
     lines.push('\n');
 }
 
-/// Writes `last` (each purchase's last value) as a journal at `path`, by a temporary file
-/// and a rename, and returns the file opened for appending.
+/// Writes `last` (each purchase's last value) as a journal at `path`, durably replacing the
+/// old one (`crate::durable`), and returns the file opened for appending.
 fn write_compacted<'a>(
     path: &Path,
     last: impl Iterator<Item = (&'a str, u64)>,
 ) -> std::io::Result<File> {
-    let compact = path.with_extension("journal.tmp");
-    {
-        let mut out = File::create(&compact)?;
-        let mut lines = String::new();
-        for (id, value) in last {
-            push_line(&mut lines, id, value);
-        }
-        out.write_all(lines.as_bytes())?;
-        out.sync_all()?;
+    let mut lines = String::new();
+    for (id, value) in last {
+        push_line(&mut lines, id, value);
     }
-    std::fs::rename(&compact, path)?;
-    if let Some(dir) = path.parent() {
-        File::open(dir)?.sync_all()?;
-    }
+    crate::durable::write_atomic(path, lines.as_bytes())?;
     OpenOptions::new().append(true).open(path)
 }
 
@@ -512,6 +503,8 @@ pub struct QuotaRegistry {
     noticed: Mutex<Vec<Arc<QuotaCell>>>,
     /// Bumped after every lease exchange.
     refilled: tokio::sync::watch::Sender<u64>,
+    /// Set while the lease client cannot reach the control plane.
+    control_unreachable: AtomicBool,
 }
 
 impl QuotaRegistry {
@@ -561,6 +554,7 @@ impl QuotaRegistry {
             usage: tokio::sync::Notify::new(),
             noticed: Mutex::new(Vec::new()),
             refilled: tokio::sync::watch::channel(0).0,
+            control_unreachable: AtomicBool::new(false),
         })
     }
 
@@ -615,6 +609,20 @@ impl QuotaRegistry {
     /// Resolves after a call was taken (for the lease client).
     pub async fn usage_noted(&self) {
         self.usage.notified().await
+    }
+
+    /// Is the control plane unreachable (the lease client's last exchange failed)? A caller
+    /// whose cell ran dry is then refused at once instead of waiting for a refill.
+    pub fn control_unreachable(&self) -> bool {
+        self.control_unreachable.load(Ordering::Acquire)
+    }
+
+    /// The lease client's view after each exchange; waiters are woken when it turns bad.
+    pub fn set_control_unreachable(&self, unreachable: bool) {
+        let before = self.control_unreachable.swap(unreachable, Ordering::AcqRel);
+        if unreachable && !before {
+            self.refilled.send_modify(|n| *n += 1);
+        }
     }
 
     /// Resolves when a refused caller asked for a refill (for the lease client).

@@ -1,7 +1,7 @@
 //! A fleet of real processes, wired as an operator wires them (CONTRACT §1, §5, §7): one
-//! `marketgate control` and three `marketgate proxy` binaries. The control plane pushes
-//! snapshots to each proxy's admin listener (`[[control.proxies]]`); each proxy leases quota
-//! from the control plane's admin listener over HTTP (`proxy.control_url`).
+//! `marketgate control` and three `marketgate proxy` binaries that no control-plane config
+//! names: each proxy subscribes to the control plane's admin listener for snapshots and
+//! leases quota from it over HTTP (`proxy.control_urls`).
 //!
 //! They share one purchase of Q calls under 64 concurrent buyers while one proxy is killed
 //! with SIGKILL mid-run and later restarted on its data directory. The backend must never
@@ -58,7 +58,7 @@ impl FleetProxy {
                 "data_dir = '{}'\n\
                  [gateway]\nlisten = '127.0.0.1:0'\nquota_journal_block = {JOURNAL_BLOCK}\n\
                  [admin]\nlisten = '{admin}'\ntoken = '{ADMIN_TOKEN}'\n\
-                 [proxy]\nnode_id = '{node}'\ncontrol_url = 'http://{control_admin}'\n\
+                 [proxy]\nnode_id = '{node}'\ncontrol_urls = ['http://{control_admin}']\n\
                  [log]\nformat = 'json'\n",
                 data_dir.display()
             ),
@@ -98,18 +98,12 @@ impl Fleet {
         let backend = Backend::echo().await;
         let dir = tempfile::tempdir().unwrap();
         let database_url = store.fresh_database(dir.path()).await;
-        // The proxies' admin addresses go into the control plane's config, and a restarted
-        // proxy must come back on its own: fixed before anything starts.
+        // A restarted proxy comes back on its own admin address (for the test to find it).
         let admins: Vec<SocketAddr> = (0..PROXIES).map(|_| free_port()).collect();
-        let mut toml = config_toml(&database_url, "127.0.0.1:0").replace(
+        let toml = config_toml(&database_url, "127.0.0.1:0").replace(
             "token = \"admin-token\"",
             &format!("token = \"{ADMIN_TOKEN}\""),
         );
-        for admin in &admins {
-            toml.push_str(&format!(
-                "[[control.proxies]]\nadmin_url = \"http://{admin}\"\n"
-            ));
-        }
         let config = dir.path().join("control.toml");
         std::fs::write(&config, toml).unwrap();
         let control = Process::start("control", &config, "control plane listening").await;
@@ -139,7 +133,7 @@ impl Fleet {
         answer.json()["version"].as_u64().expect("a version")
     }
 
-    /// Waits until `proxy` serves `version` or newer (pushed by the control plane).
+    /// Waits until `proxy` serves `version` or newer (sent to its subscription).
     async fn serves(&self, proxy: &FleetProxy, version: u64) {
         let deadline = Instant::now() + CONVERGE;
         loop {

@@ -1,5 +1,6 @@
-//! The two planes over real sockets: the control plane pushes snapshots (full or delta) to
-//! three proxies, and what the market does is what every proxy decides, within a second.
+//! The two planes over real sockets: three proxies subscribe to the control plane (no
+//! control-plane config names them) and are sent snapshots (full or delta); what the market
+//! does is what every proxy decides, within a second.
 
 use std::io::Write as _;
 use std::time::{Duration, Instant};
@@ -74,48 +75,68 @@ async fn planes_purchase_is_served_by_every_proxy_and_delist_refused_within_a_se
 async fn planes_deltas_when_current_and_full_snapshots_after_a_restart() {
     let mut planes = Planes::start(3).await;
     planes.converged().await;
-    let metrics = planes.cp.push_metrics();
-    let (deltas, fulls, conflicts) = (
-        metrics.pushes("delta_ok"),
-        metrics.pushes("ok"),
-        metrics.pushes("conflict"),
-    );
-    assert!(fulls >= 3, "the first push to each proxy is full");
+    let metrics = planes.cp.subscription_metrics();
+    let (deltas, fulls) = (metrics.sent("delta"), metrics.sent("full"));
+    assert!(fulls >= 3, "the first snapshot to each proxy is full");
 
     // Proxies that hold the previous version get a delta.
     planes.small_change("delta_1").await;
     planes.converged().await;
     assert!(
-        metrics.pushes("delta_ok") >= deltas + 3,
+        metrics.sent("delta") >= deltas + 3,
         "one delta per proxy: {} -> {}",
         deltas,
-        metrics.pushes("delta_ok")
+        metrics.sent("delta")
     );
-    assert_eq!(metrics.pushes("ok"), fulls, "no full push while current");
+    assert_eq!(
+        metrics.sent("full"),
+        fulls,
+        "no full snapshot while current"
+    );
 
-    // A proxy restarted on an empty data dir, with no change to push: the periodic version
-    // check finds it empty and sends the full snapshot.
+    // A proxy restarted on an empty data dir, with no change since: it asks, and is sent
+    // the full snapshot.
     let proxy = planes.proxies.remove(1);
     let restarted = proxy.restart_empty().await;
-    assert_eq!(restarted.version(), None, "an empty data dir: no snapshot");
     planes.proxies.insert(1, restarted);
     planes.converged().await;
-    eventually("the resync is a full push", || metrics.pushes("ok") > fulls).await;
+    assert!(metrics.sent("full") > fulls, "the empty proxy got it full");
+}
 
-    // A proxy restarted empty just before a change: its delta is refused (409) and the
-    // full snapshot follows.
-    let proxy = planes.proxies.remove(2);
-    let restarted = proxy.restart_empty().await;
-    planes.proxies.insert(2, restarted);
-    planes.small_change("delta_2").await;
+#[tokio::test]
+async fn planes_a_proxy_serving_other_content_is_seen_and_resynced() {
+    let planes = Planes::start(2).await;
     let version = planes.converged().await;
-    eventually("the delta to the empty proxy was refused", || {
-        metrics.pushes("conflict") > conflicts
-    })
-    .await;
-    for proxy in &planes.proxies {
-        assert_eq!(proxy.version(), Some(version), "{}", proxy.node);
-    }
+    // Proxy 1 is made to serve, at the next version, other content than the control plane
+    // will (as a delta applied on a wrong base would).
+    let mut other = (*planes.proxies[0].gateway.wire_snapshot().unwrap()).clone();
+    other.version = version + 1;
+    other.groups.push(marketgate::snapshot::Group {
+        id: "not-on-the-control-plane".into(),
+        name: "ghost".into(),
+        sl_domain: "ghost.sl.example.com".into(),
+        url_domain: None,
+        market_state: marketgate::snapshot::MarketState::Unlisted,
+        apis: Vec::new(),
+    });
+    planes.proxies[0].gateway.apply_snapshot(other).unwrap();
+    let mismatches = planes.cp.subscription_metrics().mismatches();
+    planes.small_change("next").await;
+    // Converged means: every proxy acked the version with the control plane's content hash.
+    planes.converged().await;
+    assert!(planes.cp.subscription_metrics().mismatches() > mismatches);
+    let wire = planes.proxies[0].gateway.wire_snapshot().unwrap();
+    assert!(wire.groups.iter().all(|g| g.name != "ghost"), "resynced");
+    let (_, body) = admin_call(planes.admin, "GET", "/v1/proxies", None, WITH_TOKEN).await;
+    let shown = body["proxies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["node_id"] == "proxy-1")
+        .cloned()
+        .unwrap();
+    assert!(shown["resyncs"].as_u64().unwrap() >= 1, "{shown}");
+    assert_eq!(shown["content"], "match", "{shown}");
 }
 
 #[tokio::test]
@@ -123,26 +144,23 @@ async fn planes_control_admin_shows_acked_versions_per_proxy() {
     let planes = Planes::start(3).await;
     planes.small_change("acked").await;
     let version = planes.converged().await;
-    // The ack is recorded right after the proxy answers; give the pushers that moment.
-    let deadline = Instant::now() + CONVERGE;
-    let proxies = loop {
-        let (status, body) = admin_call(planes.admin, "GET", "/v1/proxies", None, WITH_TOKEN).await;
-        assert_eq!(status, 200, "{body}");
-        assert_eq!(body["version"], version);
-        let list = body["proxies"].as_array().unwrap().clone();
-        if list.iter().all(|p| p["acked_version"] == version) {
-            break list;
-        }
-        assert!(Instant::now() < deadline, "{body}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
-    assert_eq!(proxies.len(), 3);
+    let (status, body) = admin_call(planes.admin, "GET", "/v1/proxies", None, WITH_TOKEN).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["version"], version);
+    let proxies = body["proxies"].as_array().unwrap().clone();
+    assert_eq!(proxies.len(), 3, "{body}");
     for (proxy, status) in planes.proxies.iter().zip(&proxies) {
-        assert_eq!(status["admin_url"], format!("http://{}", proxy.admin));
         assert_eq!(status["node_id"], proxy.node.as_str());
-        assert!(status["acked_at"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(status["acked_version"], version);
+        assert_eq!(status["content"], "match");
+        assert_eq!(status["content_hash"], body["hash"]);
+        assert_eq!(status["lag_versions"], 0);
+        assert!(status["incarnation"]
+            .as_str()
+            .is_some_and(|i| !i.is_empty()));
+        assert!(status["last_seen"].as_str().unwrap().ends_with('Z'));
         assert!(status["last_error"].is_null());
-        assert_eq!(status["calls_held"], 0, "local quota mode: no leases");
+        assert_eq!(status["calls_held"], 0, "no purchase: no leases");
     }
 
     let (status, body) = admin_call(planes.admin, "GET", "/v1/proxies", None, &[]).await;
@@ -174,7 +192,8 @@ async fn planes_control_admin_shows_acked_versions_per_proxy() {
         );
         assert!(text.contains(&line), "{line} in\n{text}");
     }
-    assert!(text.contains("marketgate_control_snapshot_pushes_total{result=\"delta_ok\"}"));
+    assert!(text.contains("marketgate_control_snapshots_sent_total{kind=\"delta\"}"));
+    assert!(text.contains("marketgate_control_proxies 3"), "{text}");
     assert!(
         text.contains("# TYPE marketgate_quota_calls_left gauge"),
         "{text}"
@@ -490,4 +509,140 @@ async fn planes_propagation_delist_to_refusal() {
         percentile(&all, 99.0),
         all[all.len() - 1]
     );
+}
+
+#[tokio::test]
+async fn planes_proxies_join_by_starting_and_serve_within_a_second() {
+    let mut planes = Planes::start(0).await;
+    let gid = planes.listed_group("join", "join.example.com").await;
+    let (key, secret) = planes.buy(&gid, "order-j", 1_000_000).await;
+    for n in 1..=3 {
+        let started = Instant::now();
+        planes.add_proxy(&format!("joiner-{n}")).await;
+        let proxy = planes.proxies.last().unwrap();
+        eventually("the new proxy serves", || proxy.gateway.is_ready()).await;
+        let ready = started.elapsed();
+        assert!(ready < Duration::from_secs(1), "ready after {ready:?}");
+        planes.converged().await;
+        let proxy = planes.proxies.last().unwrap();
+        let answer = call(&proxy.buyer(), "join.example.com", &key, &secret).await;
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+    }
+    planes.converged().await;
+    let (_, body) = admin_call(planes.admin, "GET", "/v1/proxies", None, WITH_TOKEN).await;
+    assert_eq!(body["proxies"].as_array().unwrap().len(), 3, "{body}");
+    // One stopped for good leaves the list (a clean stop says so at once).
+    planes.proxies.pop().unwrap().stop().await;
+    let (_, body) = admin_call(planes.admin, "GET", "/v1/proxies", None, WITH_TOKEN).await;
+    let nodes: Vec<_> = body["proxies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["node_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(nodes, ["joiner-1", "joiner-2"], "{body}");
+}
+
+#[tokio::test]
+async fn planes_a_silent_proxy_leaves_the_list_after_the_expiry() {
+    let planes = Planes::start_with(0, "proxy_expiry_secs = 2\n").await;
+    let poll = json!({"node_id": "ghost", "incarnation": "i-1", "version": null});
+    let (status, _) = admin_call(
+        planes.admin,
+        "POST",
+        "/v1/snapshot/subscribe",
+        Some(serde_json::to_vec(&poll).unwrap()),
+        WITH_TOKEN,
+    )
+    .await;
+    assert_eq!(
+        status, 200,
+        "a proxy with nothing is sent the full snapshot"
+    );
+    let listed = || {
+        planes
+            .subscriptions
+            .in_touch()
+            .iter()
+            .any(|p| p.node_id == "ghost")
+    };
+    assert!(listed());
+    // Another incarnation claiming it while it is live is refused, naming both.
+    let other = json!({"node_id": "ghost", "incarnation": "i-2", "version": null});
+    let (status, body) = admin_call(
+        planes.admin,
+        "POST",
+        "/v1/snapshot/subscribe",
+        Some(serde_json::to_vec(&other).unwrap()),
+        WITH_TOKEN,
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    let message = body["error_msg"].as_str().unwrap();
+    assert!(message.contains("i-1") && message.contains("i-2"), "{body}");
+    let deadline = Instant::now() + CONVERGE;
+    while listed() {
+        assert!(Instant::now() < deadline, "never left the list");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn planes_two_proxies_with_one_node_id_one_is_refused() {
+    let mut planes = Planes::start(1).await;
+    let gid = planes.listed_group("twin", "twin.example.com").await;
+    let (key, secret) = planes.buy(&gid, "order-t", 100).await;
+    planes.converged().await;
+    let first = &planes.proxies[0];
+    assert_eq!(
+        call(&first.buyer(), "twin.example.com", &key, &secret)
+            .await
+            .status,
+        200
+    );
+    // A second proxy, own data dir, same node id.
+    let twin = Proxy::start(&first.node.clone(), &[planes.admin], "").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!twin.gateway.is_ready(), "the twin is refused snapshots");
+    let answer = call(&twin.buyer(), "twin.example.com", &key, &secret).await;
+    assert_eq!(
+        (answer.status.as_u16(), answer.code().as_str()),
+        (503, "APIG.0606")
+    );
+    let ledger = planes
+        .cp
+        .ledger(&planes.cp.snapshot().await.purchases[0].id)
+        .await
+        .unwrap();
+    assert!(
+        ledger.leases.len() <= 1,
+        "one lease, the first proxy's: {ledger:?}"
+    );
+    // The first keeps serving, and never more than bought across both.
+    let mut served = 1;
+    while call(
+        &planes.proxies[0].buyer(),
+        "twin.example.com",
+        &key,
+        &secret,
+    )
+    .await
+    .status
+        == 200
+    {
+        served += 1;
+        assert!(served <= 100, "over-admitted");
+    }
+    assert_eq!(served, 100);
+    twin.stop().await;
+    planes.proxies.clear();
+}
+
+#[tokio::test]
+async fn planes_a_proxy_fails_over_to_the_next_control_url() {
+    let planes = Planes::start(0).await;
+    let dead = crate::support::process::free_port();
+    let proxy = Proxy::start("failover", &[dead, planes.admin], "").await;
+    eventually("served through the second URL", || proxy.gateway.is_ready()).await;
+    proxy.stop().await;
 }

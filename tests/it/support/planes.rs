@@ -1,7 +1,7 @@
 //! Both planes in one test: a control plane (market + management API, admin listener,
-//! pushers) and N proxies, every listener on 127.0.0.1:0 in this process. The control plane
-//! pushes to the proxies exactly as `marketgate control` does; the proxies serve buyers in the
-//! local quota mode (no `control_url`).
+//! subscriptions) and N proxies, every listener on 127.0.0.1:0 in this process. The proxies
+//! subscribe to the control plane (`proxy.control_urls`) and lease their quota from it exactly
+//! as `marketgate proxy` does (`gateway::run_proxy_with`); no control-plane config names them.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,9 +12,9 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use marketgate::config::Config;
-use marketgate::control::push::PushStatus;
+use marketgate::control::subscriptions::Subscriptions;
 use marketgate::control::ControlPlane;
-use marketgate::gateway::Gateway;
+use marketgate::gateway::{Gateway, Listeners};
 use marketgate::shutdown::ShutdownTrigger;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
@@ -28,63 +28,67 @@ use super::gateway::{config, request, signed_as, Answer, Buyer, ADMIN_TOKEN};
 /// How long a test waits for the planes to agree before it fails.
 pub const CONVERGE: Duration = Duration::from_secs(10);
 
-/// One proxy: a gateway serving buyers and its admin API.
+/// One proxy: a gateway serving buyers and its admin API, subscribed to `control`.
 pub struct Proxy {
     pub node: String,
     pub gateway: Gateway,
     pub buyers: SocketAddr,
-    pub admin: SocketAddr,
+    control: Vec<SocketAddr>,
     _dir: Arc<tempfile::TempDir>,
     trigger: ShutdownTrigger,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Proxy {
-    /// A proxy named `node` with an empty data dir, its admin listener on `admin` (or any
-    /// free port).
-    pub async fn start(node: &str, admin: Option<SocketAddr>) -> Proxy {
+    /// A proxy named `node` with an empty data dir, subscribed to the control planes whose
+    /// admin listeners are `control` (in that order), with `extra` TOML in its `[proxy]`.
+    pub async fn start(node: &str, control: &[SocketAddr], extra: &str) -> Proxy {
         let dir = Arc::new(tempfile::tempdir().unwrap());
-        let config = config(dir.path(), &format!("[proxy]\nnode_id = '{node}'\n"));
+        let urls: Vec<String> = control.iter().map(|a| format!("'http://{a}'")).collect();
+        let config = config(
+            dir.path(),
+            &format!(
+                "[proxy]\nnode_id = '{node}'\ncontrol_urls = [{}]\n{extra}",
+                urls.join(", ")
+            ),
+        );
         let gateway = Gateway::open(&config).unwrap();
-        let buyers_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin_listener = TcpListener::bind(admin.unwrap_or(([127, 0, 0, 1], 0).into()))
-            .await
-            .expect("the admin address is free");
-        let buyers = buyers_listener.local_addr().unwrap();
-        let admin = admin_listener.local_addr().unwrap();
+        let listeners = Listeners {
+            buyers: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            tls: None,
+            admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        };
+        let buyers = listeners.buyers.local_addr().unwrap();
         let (trigger, shutdown) = ShutdownTrigger::new();
         let g = gateway.clone();
-        let s = shutdown.clone();
-        let mut tasks = vec![tokio::spawn(async move {
-            g.serve_buyers(buyers_listener, s).await
-        })];
-        let router = gateway.admin_router();
-        tasks.push(tokio::spawn(async move {
-            axum::serve(admin_listener, router)
-                .with_graceful_shutdown(shutdown.wait())
+        let task = tokio::spawn(async move {
+            marketgate::gateway::run_proxy_with(g, listeners, shutdown)
                 .await
                 .unwrap()
-        }));
+        });
         Proxy {
             node: node.to_owned(),
             gateway,
             buyers,
-            admin,
+            control: control.to_vec(),
             _dir: dir,
             trigger,
-            tasks,
+            task,
         }
     }
 
-    /// Stops it (drained) and starts a new proxy of the same name on the same admin address
-    /// with an empty data dir: a machine replaced, or a disk lost.
-    pub async fn restart_empty(self) -> Proxy {
-        let (node, admin) = (self.node.clone(), self.admin);
+    /// Stops it cleanly (drained, leases given back): gone for good.
+    pub async fn stop(self) {
         self.trigger.fire();
-        for task in self.tasks {
-            task.await.unwrap();
-        }
-        Proxy::start(&node, Some(admin)).await
+        self.task.await.unwrap();
+    }
+
+    /// Stops it cleanly and starts a new proxy of the same name with an empty data dir: a
+    /// machine replaced, or a disk lost.
+    pub async fn restart_empty(self) -> Proxy {
+        let (node, control) = (self.node.clone(), self.control.clone());
+        self.stop().await;
+        Proxy::start(&node, &control, "").await
     }
 
     pub fn version(&self) -> Option<u64> {
@@ -96,14 +100,14 @@ impl Proxy {
     }
 }
 
-/// A control plane with its admin listener and pushers to `proxies`.
+/// A control plane with its admin listener, and proxies subscribed to it.
 pub struct Planes {
     pub cp: ControlPlane,
     /// The market and management API.
     pub control: SocketAddr,
     /// The control plane's admin listener.
     pub admin: SocketAddr,
-    pub push: PushStatus,
+    pub subscriptions: Subscriptions,
     pub proxies: Vec<Proxy>,
     _trigger: ShutdownTrigger,
     _dir: tempfile::TempDir,
@@ -112,22 +116,18 @@ pub struct Planes {
 impl Planes {
     /// One control plane on a fresh SQLite store and `n` proxies `proxy-1` … `proxy-n`.
     pub async fn start(n: usize) -> Planes {
-        let mut proxies = Vec::new();
-        for i in 1..=n {
-            proxies.push(Proxy::start(&format!("proxy-{i}"), None).await);
-        }
+        Self::start_with(n, "").await
+    }
+
+    /// [`Planes::start`] with `extra` TOML keys in the control plane's `[control]` table.
+    pub async fn start_with(n: usize, extra: &str) -> Planes {
         let dir = tempfile::tempdir().unwrap();
         let database_url = format!("sqlite://{}", dir.path().join("marketgate.db").display());
-        let mut toml = config_toml(&database_url, "127.0.0.1:0").replace(
+        let toml = config_toml(&database_url, "127.0.0.1:0").replace(
             "token = \"admin-token\"",
             &format!("token = \"{ADMIN_TOKEN}\""),
         );
-        for proxy in &proxies {
-            toml.push_str(&format!(
-                "[[control.proxies]]\nadmin_url = \"http://{}\"\n",
-                proxy.admin
-            ));
-        }
+        let toml = toml.replacen("[control]\n", &format!("[control]\n{extra}"), 1);
         let config = Config::from_toml(&toml, Vec::new()).expect("test config is valid");
         let cp = ControlPlane::open(&config)
             .await
@@ -142,47 +142,60 @@ impl Planes {
             cp.clone(),
             shutdown.clone(),
         ));
-        let push = cp.spawn_pushers(shutdown.clone());
-        let router = cp.admin_router(push.clone());
+        let subscriptions = cp.spawn_subscriptions(shutdown.clone());
+        cp.spawn_lease_expiry(shutdown.clone());
+        let router = cp.admin_router(subscriptions.clone());
         tokio::spawn(async move {
             axum::serve(admin_listener, router)
                 .with_graceful_shutdown(shutdown.wait())
                 .await
         });
+        let mut proxies = Vec::new();
+        for i in 1..=n {
+            proxies.push(Proxy::start(&format!("proxy-{i}"), &[admin], "").await);
+        }
         Planes {
             cp,
             control,
             admin,
-            push,
+            subscriptions,
             proxies,
             _trigger: trigger,
             _dir: dir,
         }
     }
 
+    /// Adds a proxy named `node`, subscribed to this control plane.
+    pub async fn add_proxy(&mut self, node: &str) {
+        let proxy = Proxy::start(node, &[self.admin], "").await;
+        self.proxies.push(proxy);
+    }
+
     pub fn client(&self, token: &str) -> Api {
         Api::new(self.control, Auth::Token(token.to_owned()))
     }
 
-    /// Waits until every proxy serves the control plane's current version and the pushers
-    /// have recorded the acks; returns the version.
+    /// Waits until every proxy serves the control plane's current version and has acked it
+    /// (polled again, with the control plane's content hash); returns the version.
     pub async fn converged(&self) -> u64 {
         let version = self.cp.version();
         let deadline = Instant::now() + CONVERGE;
         loop {
             let held: Vec<Option<u64>> = self.proxies.iter().map(Proxy::version).collect();
-            let acked = self
-                .push
-                .all()
-                .iter()
-                .map(|s| s.acked_version)
-                .collect::<Vec<_>>();
-            if held.iter().chain(&acked).all(|v| *v == Some(version)) {
+            let in_touch = self.subscriptions.in_touch();
+            let acked = self.proxies.iter().all(|proxy| {
+                in_touch.iter().any(|p| {
+                    p.node_id == proxy.node
+                        && p.acked_version == Some(version)
+                        && p.content == "match"
+                })
+            });
+            if acked && held.iter().all(|v| *v == Some(version)) {
                 return version;
             }
             assert!(
                 Instant::now() < deadline,
-                "proxies hold {held:?}, the control plane is at {version}"
+                "proxies hold {held:?}, the control plane is at {version}: {in_touch:?}"
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

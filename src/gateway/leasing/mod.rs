@@ -1,10 +1,14 @@
 //! The lease client: keeps this proxy's quota cells supplied with calls leased by the control
 //! plane, and reports what they served (docs/quota-leases.md).
 //!
-//! It owns the exchange loop, the per-purchase bookkeeping (what was reported, when the lease
-//! expires, the recent rate) and `lease-state.json` in `data_dir` (what the control plane has
+//! In three parts: this module is the policy (the exchange loop, the per-purchase
+//! bookkeeping — what was reported, when the lease expires, the recent rate — and how much to
+//! ask for: `proxy.outage_budget_secs` of recent traffic, so that a proxy rides out an outage
+//! of its control planes that long); [`transport`] carries an exchange to the control plane;
+//! [`state`] is `lease-state.json` and its log in `data_dir` (what the control plane has
 //! acknowledged, so that a restart reports exactly the rest). It does not decide requests:
-//! the handler takes calls from cells; this module only moves the cells' limits.
+//! the handler takes calls from cells; this module only moves the cells' limits, and tells
+//! the quota registry whether the control plane answers (a dry cell is then refused at once).
 //!
 //! Invariants:
 //! - A limited cell's `limit - used` is what this proxy holds; after every exchange it is set
@@ -18,17 +22,21 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use serde::{Deserialize, Serialize};
-
+use crate::backoff::Backoff;
 use crate::gateway::quota::QuotaCell;
 use crate::gateway::Gateway;
-use crate::lease::{LeaseExchange, LeaseReply, LeaseWant, UsageReport};
+use crate::lease::{LeaseExchange, LeaseWant, UsageReport};
 use crate::shutdown::Shutdown;
+
+pub mod state;
+pub mod transport;
+
+pub use state::STATE_FILE;
+use state::{
+    append_log, replay_log, rewrite_state, write_state, AckedPurchase, AckedState, LoggedPurchase,
+    StateLog, STATE_LOG_COMPACT_AFTER,
+};
+pub use transport::{HttpLeaseService, LeaseService, LeaseServiceError, EXCHANGE_TIMEOUT};
 
 /// How often the client looks at its cells, unless a caller asks for a refill or a call is
 /// taken sooner.
@@ -39,154 +47,11 @@ pub const MIN_EXCHANGE_INTERVAL: Duration = Duration::from_millis(20);
 pub const REVOKE_MARGIN_SECS: i64 = 5;
 /// A lease is renewed when less than this share of its time to live is left.
 const RENEW_WHEN_LEFT: f64 = 0.5;
-/// A refill asks for about this many seconds of the purchase's recent traffic.
-const WANT_SECONDS: f64 = 2.0;
 /// Weight of the newest sample in the rate's moving average.
 const RATE_SMOOTHING: f64 = 0.3;
 /// A smoothed rate below this many calls per second counts as none (about 2.5 s after the
 /// last call at 100 calls/s), so that a quiet cell stops being watched.
 const IDLE_RATE: f64 = 0.01;
-/// File in `data_dir` holding what the control plane acknowledged, as of its last rewrite.
-pub const STATE_FILE: &str = "lease-state.json";
-/// The changes since that rewrite: `lease-state.<generation>.log` in `data_dir`, one JSON
-/// line per purchase changed by an exchange (the last line of a purchase wins).
-const STATE_LOG_PREFIX: &str = "lease-state.";
-/// The state file is rewritten (and a new log begun) once the log holds this many lines and
-/// more than twice as many as there are purchases.
-const STATE_LOG_COMPACT_AFTER: u64 = if cfg!(test) { 64 } else { 10_000 };
-/// A lease exchange that takes longer than this fails.
-pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Why an exchange with the control plane failed.
-#[derive(Debug, thiserror::Error)]
-pub enum LeaseServiceError {
-    #[error("control plane unreachable")]
-    Unreachable(#[source] Box<dyn std::error::Error + Send + Sync>),
-    #[error("control plane refused the exchange ({status}): {body}")]
-    Refused { status: u16, body: String },
-    #[error("the control plane's answer is not a lease reply")]
-    BadReply(#[source] serde_json::Error),
-    #[error("lease exchange timed out")]
-    Timeout,
-}
-
-/// The control plane as the lease client sees it: in-process for `serve`, HTTP for `proxy`.
-#[async_trait::async_trait]
-pub trait LeaseService: Send + Sync + 'static {
-    async fn exchange(&self, exchange: LeaseExchange) -> Result<LeaseReply, LeaseServiceError>;
-}
-
-/// `POST {control_url}/v1/leases` with the admin token.
-pub struct HttpLeaseService {
-    url: String,
-    token: String,
-    client: Client<HttpConnector, Full<Bytes>>,
-}
-
-impl HttpLeaseService {
-    pub fn new(control_url: &str, admin_token: &str) -> HttpLeaseService {
-        HttpLeaseService {
-            url: format!("{}/v1/leases", control_url.trim_end_matches('/')),
-            token: admin_token.to_owned(),
-            client: Client::builder(TokioExecutor::new()).build_http(),
-        }
-    }
-}
-
-#[async_trait::async_trait]
-impl LeaseService for HttpLeaseService {
-    async fn exchange(&self, exchange: LeaseExchange) -> Result<LeaseReply, LeaseServiceError> {
-        let body = serde_json::to_vec(&exchange).expect("an exchange serializes");
-        let request = http::Request::post(&self.url)
-            .header(
-                http::header::AUTHORIZATION,
-                format!("Bearer {}", self.token),
-            )
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| LeaseServiceError::Unreachable(Box::new(e)))?;
-        let call = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| LeaseServiceError::Unreachable(Box::new(e)))?;
-            let status = response.status();
-            let bytes = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| LeaseServiceError::Unreachable(Box::new(e)))?
-                .to_bytes();
-            if !status.is_success() {
-                return Err(LeaseServiceError::Refused {
-                    status: status.as_u16(),
-                    body: String::from_utf8_lossy(&bytes).into_owned(),
-                });
-            }
-            serde_json::from_slice(&bytes).map_err(LeaseServiceError::BadReply)
-        };
-        tokio::time::timeout(EXCHANGE_TIMEOUT, call)
-            .await
-            .map_err(|_| LeaseServiceError::Timeout)?
-    }
-}
-
-/// What the control plane acknowledged, per purchase: persisted in [`STATE_FILE`] after every
-/// exchange, so that a restarted proxy reports exactly the rest and, with the control plane
-/// unreachable, keeps serving the lease it held until that lease expires.
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
-struct AckedState {
-    /// Names this life of the data directory in every exchange (made when the file is first
-    /// written), so that the control plane can tell a repeated report from a proxy that lost
-    /// its disk and counts from zero again.
-    #[serde(default)]
-    incarnation: String,
-    purchases: HashMap<String, AckedPurchase>,
-    /// Which log holds the changes made after this file was written (0 for files written
-    /// before the log existed: there is no `lease-state.0.log` then).
-    #[serde(default)]
-    log_generation: u64,
-}
-
-/// One line of the state log: a purchase's acknowledged values after an exchange.
-#[derive(Debug, Serialize, Deserialize)]
-struct LoggedPurchase {
-    id: String,
-    #[serde(flatten)]
-    acked: AckedPurchase,
-}
-
-/// Where the next changes to the lease state are appended.
-#[derive(Debug)]
-struct StateLog {
-    dir: PathBuf,
-    generation: u64,
-    /// Lines in the current log.
-    lines: u64,
-}
-
-impl StateLog {
-    fn path(&self) -> PathBuf {
-        log_path(&self.dir, self.generation)
-    }
-}
-
-fn log_path(dir: &std::path::Path, generation: u64) -> PathBuf {
-    dir.join(format!("{STATE_LOG_PREFIX}{generation}.log"))
-}
-
-#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
-struct AckedPurchase {
-    /// This proxy's `used` count the control plane has been told of.
-    reported: u64,
-    /// Calls held at the last exchange.
-    #[serde(default)]
-    held: u64,
-    /// Epoch seconds; 0 when nothing is held.
-    #[serde(default)]
-    expires_at: i64,
-}
 
 /// Bookkeeping of one purchase.
 #[derive(Debug, Default, Clone, Copy)]
@@ -220,6 +85,8 @@ pub struct LeaseClient {
     node_id: String,
     min_calls: u64,
     max_calls: u64,
+    /// A refill asks for this many seconds of the purchase's recent traffic.
+    outage_budget_secs: f64,
     state_path: PathBuf,
     incarnation: String,
     book: Mutex<HashMap<String, Tracked>>,
@@ -279,6 +146,7 @@ impl LeaseClient {
             node_id: config.proxy.node_id.clone(),
             min_calls: config.proxy.lease_min_calls,
             max_calls: config.proxy.lease_max_calls,
+            outage_budget_secs: config.proxy.outage_budget.as_secs_f64(),
             state_path,
             incarnation,
             book: Mutex::new(book),
@@ -310,7 +178,7 @@ impl LeaseClient {
     /// or `shutdown` fires; meanwhile limited cells serve nothing they were not leased.
     pub async fn recover(&self, shutdown: &Shutdown) {
         let quota = self.gateway.quota();
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::default();
         loop {
             let reports: Vec<UsageReport> = {
                 let book = self.book.lock().expect("lease book lock");
@@ -351,6 +219,7 @@ impl LeaseClient {
                         }
                     }
                     self.persist().await;
+                    quota.set_control_unreachable(false);
                     // Whatever a cell held before the restart was just given back.
                     for cell in quota.cells() {
                         if cell.is_leased() {
@@ -370,18 +239,25 @@ impl LeaseClient {
                         .quota_lease_requests
                         .with_label_values(&["error"])
                         .inc();
-                    tracing::warn!(%error, "cannot report the journal to the control plane yet");
+                    if backoff.failures() == 0 {
+                        tracing::warn!(%error, "cannot report the journal to the control plane yet; retrying with backoff");
+                    }
+                    quota.set_control_unreachable(true);
                     // Meanwhile the cells serve what they held before the restart, and no
                     // longer than that lease is valid.
                     self.revoke_expired();
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
                         _ = shutdown.clone().wait() => return,
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }
+    }
+
+    /// Names this life of the data directory (the subscription uses the same one).
+    pub fn incarnation(&self) -> &str {
+        &self.incarnation
     }
 
     /// Resolves once the journal has been reported after the start.
@@ -396,6 +272,7 @@ impl LeaseClient {
         // The last exchange prompted by usage: the first report after a quiet spell goes at
         // once (a buyer's view then shows the call), reports under load batch.
         let mut last_usage_exchange: Option<Instant> = None;
+        let mut backoff = Backoff::default();
         loop {
             let quota = self.gateway.quota();
             tokio::select! {
@@ -413,8 +290,33 @@ impl LeaseClient {
             }
             let elapsed = last_tick.elapsed().as_secs_f64();
             last_tick = Instant::now();
-            if let Err(error) = self.pass(elapsed).await {
-                tracing::warn!(%error, "lease exchange failed; serving from what is held");
+            match self.pass(elapsed).await {
+                // A pass with nothing to say proves nothing: the state changes only with an
+                // exchange's outcome (set in `exchange`).
+                Ok(()) if quota.control_unreachable() => {}
+                Ok(()) => {
+                    if backoff.failures() > 0 {
+                        tracing::info!("lease exchanges succeed again");
+                    }
+                    backoff.reset();
+                }
+                Err(error) => {
+                    // Logged once per outage, not per attempt; buyers whose lease runs dry
+                    // meanwhile are answered 503 at once (`QuotaRegistry::control_unreachable`).
+                    if backoff.failures() == 0 {
+                        tracing::warn!(%error, "lease exchanges failing; serving from the leases held, retrying with backoff");
+                    }
+                    if let LeaseServiceError::Refused { status: 409, body } = &error {
+                        if backoff.failures() == 0 {
+                            tracing::error!(node = %self.node_id, reason = %body, "the control plane refuses this proxy's node id");
+                        }
+                    }
+                    let delay = backoff.next_delay();
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.clone().wait() => return,
+                    }
+                }
             }
         }
     }
@@ -490,7 +392,8 @@ impl LeaseClient {
             return None;
         }
         let left = cell.limit().saturating_sub(cell.used());
-        let size = ((tracked.rate * WANT_SECONDS) as u64).clamp(self.min_calls, self.max_calls);
+        let size =
+            ((tracked.rate * self.outage_budget_secs) as u64).clamp(self.min_calls, self.max_calls);
         let asked = cell.take_refill_request();
         let low = left < (size / 4).max(1);
         if asked || (tracked.rate > 0.0 && low) {
@@ -564,10 +467,12 @@ impl LeaseClient {
                     .quota_lease_requests
                     .with_label_values(&["error"])
                     .inc();
+                quota.set_control_unreachable(true);
                 quota.exchange_finished();
                 return Err(error);
             }
         };
+        quota.set_control_unreachable(false);
         let mut granted_any = false;
         {
             let mut book = self.book.lock().expect("lease book lock");
@@ -696,91 +601,16 @@ impl LeaseClient {
     }
 }
 
-/// Applies the state's log (`lease-state.<generation>.log`) to `state`; returns its lines.
-/// Only whole lines count: a torn last line was never acknowledged to anyone.
-fn replay_log(dir: &std::path::Path, state: &mut AckedState) -> u64 {
-    let path = log_path(dir, state.log_generation);
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        return 0;
-    };
-    let whole = text.rsplit_once('\n').map_or("", |(whole, _torn)| whole);
-    let mut lines = 0;
-    for line in whole.split('\n').filter(|line| !line.is_empty()) {
-        lines += 1;
-        match serde_json::from_str::<LoggedPurchase>(line) {
-            Ok(logged) => {
-                state.purchases.insert(logged.id, logged.acked);
-            }
-            Err(error) => {
-                tracing::error!(%error, path = %path.display(), line = lines, "lease state log line skipped")
-            }
-        }
-    }
-    lines
-}
-
-/// Appends `changed` to the current log and fsyncs it.
-fn append_log(state_log: &Mutex<StateLog>, changed: &[LoggedPurchase]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut log = state_log.lock().unwrap_or_else(|e| e.into_inner());
-    let mut lines = Vec::new();
-    for logged in changed {
-        serde_json::to_writer(&mut lines, logged).map_err(std::io::Error::other)?;
-        lines.push(b'\n');
-    }
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log.path())?;
-    file.write_all(&lines)?;
-    file.sync_data()?;
-    log.lines += changed.len() as u64;
-    Ok(())
-}
-
-/// Rewrites the state file whole, naming the next log, then removes the old log. A crash in
-/// between leaves the old log unread (the new state names the next one).
-fn rewrite_state(
-    state_log: &Mutex<StateLog>,
-    path: &std::path::Path,
-    state: &AckedState,
-) -> std::io::Result<()> {
-    let mut log = state_log.lock().unwrap_or_else(|e| e.into_inner());
-    write_state(path, state)?;
-    let old = log.path();
-    log.generation = state.log_generation;
-    log.lines = 0;
-    match std::fs::remove_file(old) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
-}
-
-/// Writes `state` to `path` by an fsync'ed temporary file, an atomic rename and an fsync of
-/// the directory (the rename is durable before the old log is removed).
-fn write_state(path: &std::path::Path, state: &AckedState) -> std::io::Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec(state).map_err(std::io::Error::other)?,
-    )?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}
-
 fn now_secs() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
 #[cfg(test)]
 mod tests {
+    use super::state::log_path;
     use super::*;
     use crate::gateway::quota::QuotaMode;
-    use crate::lease::LeaseGrant;
+    use crate::lease::{LeaseGrant, LeaseReply};
 
     /// Grants every want in full and remembers how many reports each exchange carried.
     #[derive(Default)]
