@@ -395,9 +395,12 @@ impl LeaseClient {
         let size =
             ((tracked.rate * self.outage_budget_secs) as u64).clamp(self.min_calls, self.max_calls);
         let asked = cell.take_refill_request();
-        let low = left < (size / 4).max(1);
+        // Never hold less than the outage budget while traffic flows: topped up to a quarter
+        // above it whenever it dips below, so that an outage starting at any moment finds
+        // `outage_budget_secs` of traffic in hand (as far as the fair share allows).
+        let low = left < size;
         if asked || (tracked.rate > 0.0 && low) {
-            return Some(size.saturating_sub(left).max(1));
+            return Some((size + size / 4).saturating_sub(left).max(1));
         }
         let renew_due = tracked.expires_at > 0
             && ((tracked.expires_at - now) as f64) < RENEW_WHEN_LEFT * ttl_secs as f64;

@@ -23,7 +23,7 @@ use super::control::{
     config_toml, expect_status, market_base, mgmt, Api, Auth, BUYER_DOMAIN, BUYER_PROJECT,
     MARKET_TOKEN, SELLER_DOMAIN, SELLER_PROJECT, SELLER_TOKEN,
 };
-use super::gateway::{config, request, signed_as, Answer, Buyer, ADMIN_TOKEN};
+use super::gateway::{request, signed_as, Answer, Buyer, ADMIN_TOKEN};
 
 /// How long a test waits for the planes to agree before it fails.
 pub const CONVERGE: Duration = Duration::from_secs(10);
@@ -45,19 +45,16 @@ impl Proxy {
     pub async fn start(node: &str, control: &[SocketAddr], extra: &str) -> Proxy {
         let dir = Arc::new(tempfile::tempdir().unwrap());
         let urls: Vec<String> = control.iter().map(|a| format!("'http://{a}'")).collect();
-        let config = config(
-            dir.path(),
-            &format!(
-                "[proxy]\nnode_id = '{node}'\ncontrol_urls = [{}]\n{extra}",
-                urls.join(", ")
-            ),
+        let text = format!(
+            "data_dir = '{}'\n[gateway]\nlisten = '127.0.0.1:0'\nworkers = 1\n\
+             [admin]\nlisten = '127.0.0.1:0'\ntoken = '{ADMIN_TOKEN}'\n\
+             [proxy]\nnode_id = '{node}'\ncontrol_urls = [{}]\n{extra}",
+            dir.path().display(),
+            urls.join(", ")
         );
+        let config = Config::from_toml(&text, Vec::new()).unwrap();
         let gateway = Gateway::open(&config).unwrap();
-        let listeners = Listeners {
-            buyers: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            tls: None,
-            admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        };
+        let listeners = Listeners::bind(&config).await.unwrap();
         let buyers = listeners.buyers.local_addr().unwrap();
         let (trigger, shutdown) = ShutdownTrigger::new();
         let g = gateway.clone();

@@ -177,6 +177,17 @@ impl Process {
         self.log.lock().unwrap().clone()
     }
 
+    /// CPU time the process has used so far (user + system), from `/proc/PID/stat`.
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .expect("the process is alive");
+        // Fields after the command name (which is in parentheses and may hold spaces).
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        // USER_HZ is 100 on every Linux this runs on.
+        Duration::from_millis(ticks * 10)
+    }
+
     /// SIGKILL: no chance to flush, report or give anything back.
     pub fn kill_9(&mut self) {
         self.child.kill().unwrap();
