@@ -237,7 +237,10 @@ async fn exchange(
     let exchange: LeaseExchange = parse(&body)?;
     if let Some(incarnation) = &exchange.incarnation {
         // Never two live proxies on one lease: the second incarnation is refused.
-        admin.subscriptions.claim(&exchange.node_id, incarnation)?;
+        admin
+            .subscriptions
+            .claim(&exchange.node_id, incarnation)
+            .await?;
     }
     let leaving = exchange
         .release_all
@@ -247,7 +250,10 @@ async fn exchange(
     if let Some(incarnation) = leaving {
         // A clean stop gives every lease back; a restart's recovery does too, and polls
         // again at once, so leaving costs it nothing.
-        admin.subscriptions.leave(&exchange.node_id, &incarnation);
+        admin
+            .subscriptions
+            .leave(&exchange.node_id, &incarnation)
+            .await;
     }
     Ok(Json(reply))
 }

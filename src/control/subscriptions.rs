@@ -33,6 +33,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use super::state::now_rfc3339;
+use super::store::nodes::NodeClaim;
 use super::{ControlError, ControlPlane};
 use crate::feed::{ContentHash, Poll};
 use crate::shutdown::Shutdown;
@@ -42,6 +43,10 @@ use crate::snapshot::Snapshot;
 /// The longest a poll is held with nothing to send; shorter when `control.proxy_expiry_secs`
 /// is short (a third of it), so that a healthy proxy never looks silent.
 pub const POLL_HOLD: Duration = Duration::from_secs(20);
+/// A node id's claim confirmed by the store is asked again after this share of
+/// `control.proxy_expiry_secs` (a busy proxy costs the store one small write per interval,
+/// not one per lease exchange).
+const CLAIM_REFRESH: f64 = 0.25;
 /// A delta carrying more than this share of the snapshot's entities is not built: the full
 /// snapshot is sent instead.
 const DELTA_MAX_SHARE: f64 = 0.5;
@@ -178,6 +183,10 @@ struct SubscriptionsInner {
     /// can still be checked for content.
     previous: Mutex<Option<(u64, ContentHash)>>,
     proxies: Mutex<HashMap<String, Entry>>,
+    /// Node ids whose claim the store confirmed for an incarnation, and when: asked again
+    /// only after [`CLAIM_REFRESH`] of the expiry.
+    confirmed: Mutex<HashMap<String, (String, Instant)>>,
+    cp: ControlPlane,
     expiry: Duration,
     hold: Duration,
     metrics: SubscriptionMetrics,
@@ -194,6 +203,8 @@ impl Subscriptions {
                 published: watch::channel(None).0,
                 previous: Mutex::new(None),
                 proxies: Mutex::new(HashMap::new()),
+                confirmed: Mutex::new(HashMap::new()),
+                cp: cp.clone(),
                 expiry,
                 hold: POLL_HOLD.min(expiry / 3),
                 metrics: cp.subscription_metrics(),
@@ -260,6 +271,7 @@ impl Subscriptions {
     /// waits until there is something to send it, or [`POLL_HOLD`] passes (`None`: 204), or
     /// the control plane shuts down.
     pub async fn poll(&self, poll: &Poll) -> Result<Option<Answer>, ControlError> {
+        self.claim(&poll.node_id, &poll.incarnation).await?;
         let mut published = self.inner.published.subscribe();
         let current = published.borrow_and_update().clone();
         self.record(poll, current.as_deref())?;
@@ -314,9 +326,8 @@ impl Subscriptions {
         }
     }
 
-    /// Refuses `poll`'s node id if another live incarnation holds it; else records the ack.
+    /// Records `poll` as the proxy's ack (its claim already made).
     fn record(&self, poll: &Poll, published: Option<&Published>) -> Result<(), ControlError> {
-        self.claim(&poll.node_id, &poll.incarnation)?;
         let now = Instant::now();
         let previous = *self.inner.previous.lock().expect("previous lock");
         let hash = poll
@@ -392,14 +403,64 @@ impl Subscriptions {
         Ok(())
     }
 
-    /// Takes or renews `node_id` for `incarnation`: refused while another incarnation that
-    /// polled within `control.proxy_expiry_secs` holds it. The lease exchange asks this too.
-    pub fn claim(&self, node_id: &str, incarnation: &str) -> Result<(), ControlError> {
+    /// Takes or renews `node_id` for `incarnation` in the store, so that it holds across
+    /// control replicas: refused while another incarnation seen within
+    /// `control.proxy_expiry_secs` holds it. The lease exchange asks this too. With the
+    /// store unreachable, this replica's own view decides.
+    pub async fn claim(&self, node_id: &str, incarnation: &str) -> Result<(), ControlError> {
+        let refresh = self.inner.expiry.mul_f64(CLAIM_REFRESH);
+        {
+            let confirmed = self.inner.confirmed.lock().expect("confirmed lock");
+            if let Some((held_by, at)) = confirmed.get(node_id) {
+                if held_by == incarnation && at.elapsed() < refresh {
+                    return Ok(());
+                }
+            }
+        }
+        let now_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+        let expiry_ms = self.inner.expiry.as_millis() as i64;
+        let claimed = self
+            .inner
+            .cp
+            .inner
+            .store
+            .claim_node(node_id, incarnation, now_ms as i64, expiry_ms)
+            .await;
+        match claimed {
+            Ok(NodeClaim::Held) => {
+                self.inner
+                    .confirmed
+                    .lock()
+                    .expect("confirmed lock")
+                    .insert(node_id.to_owned(), (incarnation.to_owned(), Instant::now()));
+                self.claim_locally(node_id, incarnation)
+            }
+            Ok(NodeClaim::HeldBy(held_by)) => {
+                let error = ControlError::NodeIdInUse {
+                    node_id: node_id.to_owned(),
+                    held_by,
+                    claimed_by: incarnation.to_owned(),
+                };
+                tracing::warn!(%error, "a second proxy claims a node id in use: refused");
+                Err(error)
+            }
+            Err(error) => {
+                tracing::warn!(%error, node = node_id, "the store cannot confirm a node id claim; this replica's view decides");
+                self.claim_locally(node_id, incarnation)
+            }
+        }
+    }
+
+    /// This replica's own view of who holds `node_id`: refused while another incarnation
+    /// that polled here within the expiry holds it.
+    fn claim_locally(&self, node_id: &str, incarnation: &str) -> Result<(), ControlError> {
         let now = Instant::now();
         let mut proxies = self.inner.proxies.lock().expect("proxies lock");
         if let Some(entry) = proxies.get(node_id) {
             let live = now.duration_since(entry.seen) < self.inner.expiry;
             if live && entry.view.incarnation != incarnation {
+                // The store gave the node id to `incarnation` (the holder went silent there
+                // first) or cannot be asked: only refuse on a holder live here too.
                 let error = ControlError::NodeIdInUse {
                     node_id: node_id.to_owned(),
                     held_by: entry.view.incarnation.clone(),
@@ -417,7 +478,22 @@ impl Subscriptions {
 
     /// `node_id` of `incarnation` stopped cleanly (its last lease exchange gave everything
     /// back): it leaves the list now, and its node id is free for a replacement at once.
-    pub fn leave(&self, node_id: &str, incarnation: &str) {
+    pub async fn leave(&self, node_id: &str, incarnation: &str) {
+        self.inner
+            .confirmed
+            .lock()
+            .expect("confirmed lock")
+            .remove(node_id);
+        if let Err(error) = self
+            .inner
+            .cp
+            .inner
+            .store
+            .release_node(node_id, incarnation)
+            .await
+        {
+            tracing::warn!(%error, node = node_id, "could not give the node id up in the store; it frees at expiry");
+        }
         let mut proxies = self.inner.proxies.lock().expect("proxies lock");
         if proxies
             .get(node_id)

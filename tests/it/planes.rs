@@ -646,3 +646,59 @@ async fn planes_a_proxy_fails_over_to_the_next_control_url() {
     eventually("served through the second URL", || proxy.gateway.is_ready()).await;
     proxy.stop().await;
 }
+
+/// Two control replicas on one store: a proxy polling one and a twin with its node id
+/// polling the other are one identity, decided by the store (`proxy_nodes`). On SQLite and,
+/// when it answers, PostgreSQL.
+#[tokio::test]
+async fn planes_one_node_id_holds_across_control_replicas() {
+    use crate::support::control as ctl;
+    use marketgate::feed::Poll;
+    for store in ctl::Backend::all().await {
+        let dir = tempfile::tempdir().unwrap();
+        let database_url = store.fresh_database(dir.path()).await;
+        let toml = ctl::config_toml(&database_url, "127.0.0.1:0");
+        let config = marketgate::config::Config::from_toml(&toml, Vec::new()).unwrap();
+        let (_trigger, shutdown) = marketgate::shutdown::ShutdownTrigger::new();
+        let a = marketgate::control::ControlPlane::open(&config)
+            .await
+            .unwrap();
+        let b = marketgate::control::ControlPlane::open(&config)
+            .await
+            .unwrap();
+        let (on_a, on_b) = (
+            a.spawn_subscriptions(shutdown.clone()),
+            b.spawn_subscriptions(shutdown.clone()),
+        );
+        let poll = |incarnation: &str| Poll {
+            node_id: "edge-1".into(),
+            incarnation: incarnation.into(),
+            version: None,
+            content_hash: None,
+            last_error: None,
+        };
+        let first = tokio::time::timeout(CONVERGE, on_a.poll(&poll("life-1")))
+            .await
+            .unwrap();
+        assert!(first.is_ok(), "{store:?}: {first:?}");
+        let twin = tokio::time::timeout(CONVERGE, on_b.poll(&poll("life-2")))
+            .await
+            .unwrap();
+        match twin {
+            Err(marketgate::control::ControlError::NodeIdInUse {
+                held_by,
+                claimed_by,
+                ..
+            }) => assert_eq!(
+                (held_by.as_str(), claimed_by.as_str()),
+                ("life-1", "life-2")
+            ),
+            other => panic!("{store:?}: the twin on the other replica was not refused: {other:?}"),
+        }
+        // The holder itself is welcome on either replica.
+        assert!(on_b.claim("edge-1", "life-1").await.is_ok());
+        // A clean stop gives the id up at once, on every replica.
+        on_a.leave("edge-1", "life-1").await;
+        assert!(on_b.claim("edge-1", "life-2").await.is_ok(), "{store:?}");
+    }
+}

@@ -13,6 +13,8 @@
 //! - `ledgers(purchase_id, doc)`: each purchase's quota ledger (`crate::lease::Ledger`),
 //!   apart from the purchase document so that market writes and lease exchanges never
 //!   conflict; changed under a row lock (`FOR UPDATE`), never by compare-and-swap.
+//! - `proxy_nodes(node_id, incarnation, seen_at_ms)`: which incarnation of a proxy holds each
+//!   node id ([`nodes`]): one live proxy per node id across every replica.
 //! - `meta`: the snapshot version counter. A commit that changes what proxies see takes the
 //!   next version as its LAST statement, so the counter's row lock orders versions exactly as
 //!   commits: a reader that sees version N sees every commit up to N and nothing after it.
@@ -25,6 +27,7 @@
 //! This module must not interpret documents or decide anything about the market: that is
 //! `state`'s job.
 
+pub mod nodes;
 pub mod postgres;
 pub mod sqlite;
 
@@ -57,6 +60,11 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
          CREATE TABLE ledgers (purchase_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
          INSERT INTO ledgers (purchase_id, doc) SELECT id, doc FROM records WHERE kind = 'purchase';
          INSERT INTO meta (key, value) VALUES ('claims_built', 0);",
+    ),
+    // The node registry: one live proxy per node id, across replicas (`nodes`).
+    (
+        3,
+        "CREATE TABLE proxy_nodes (node_id TEXT PRIMARY KEY, incarnation TEXT NOT NULL, seen_at_ms BIGINT NOT NULL);",
     ),
 ];
 
@@ -239,6 +247,17 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// this store did not make (the store was restored from an older backup): the next
     /// snapshot must be newer than what it holds.
     async fn advance_version(&self, seen: u64) -> Result<u64, StoreError>;
+    /// Claims `node_id` for `incarnation` at `now_ms`, unless another incarnation seen within
+    /// `expiry_ms` holds it ([`nodes::CLAIM_SQL`]).
+    async fn claim_node(
+        &self,
+        node_id: &str,
+        incarnation: &str,
+        now_ms: i64,
+        expiry_ms: i64,
+    ) -> Result<nodes::NodeClaim, StoreError>;
+    /// Gives `node_id` up if `incarnation` holds it (a clean stop).
+    async fn release_node(&self, node_id: &str, incarnation: &str) -> Result<(), StoreError>;
     /// Can the store be reached now? (`GET /readyz`.)
     async fn ping(&self) -> Result<(), StoreError>;
     /// Versions committed by other processes as the store announces them (PostgreSQL

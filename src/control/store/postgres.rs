@@ -508,6 +508,45 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn claim_node(
+        &self,
+        node_id: &str,
+        incarnation: &str,
+        now_ms: i64,
+        expiry_ms: i64,
+    ) -> Result<super::nodes::NodeClaim, StoreError> {
+        self.bounded(async {
+            let mut client = self.pool.get().await.map_err(pool_error)?;
+            let tx = client.transaction().await.map_err(postgres_error)?;
+            tx.execute(
+                super::nodes::CLAIM_SQL,
+                &[&node_id, &incarnation, &now_ms, &expiry_ms],
+            )
+            .await
+            .map_err(postgres_error)?;
+            let holder: Option<String> = tx
+                .query_opt(super::nodes::HOLDER_SQL, &[&node_id])
+                .await
+                .map_err(postgres_error)?
+                .map(|row| row.get(0));
+            tx.commit().await.map_err(postgres_error)?;
+            Ok(super::nodes::outcome(incarnation, holder))
+        })
+        .await
+    }
+
+    async fn release_node(&self, node_id: &str, incarnation: &str) -> Result<(), StoreError> {
+        self.bounded(async {
+            let client = self.pool.get().await.map_err(pool_error)?;
+            client
+                .execute(super::nodes::RELEASE_SQL, &[&node_id, &incarnation])
+                .await
+                .map_err(postgres_error)?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.bounded(async {
             let client = self.pool.get().await.map_err(pool_error)?;

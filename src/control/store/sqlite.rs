@@ -351,6 +351,38 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn claim_node(
+        &self,
+        node_id: &str,
+        incarnation: &str,
+        now_ms: i64,
+        expiry_ms: i64,
+    ) -> Result<super::nodes::NodeClaim, StoreError> {
+        let (node_id, incarnation) = (node_id.to_owned(), incarnation.to_owned());
+        self.with_conn(move |conn| {
+            let tx = conn.transaction()?;
+            tx.execute(
+                super::nodes::CLAIM_SQL,
+                params![node_id, incarnation, now_ms, expiry_ms],
+            )?;
+            let holder: Option<String> = tx
+                .query_row(super::nodes::HOLDER_SQL, params![node_id], |row| row.get(0))
+                .optional()?;
+            tx.commit()?;
+            Ok(super::nodes::outcome(&incarnation, holder))
+        })
+        .await
+    }
+
+    async fn release_node(&self, node_id: &str, incarnation: &str) -> Result<(), StoreError> {
+        let (node_id, incarnation) = (node_id.to_owned(), incarnation.to_owned());
+        self.with_conn(move |conn| {
+            conn.execute(super::nodes::RELEASE_SQL, params![node_id, incarnation])?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
