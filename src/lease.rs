@@ -33,9 +33,14 @@ pub struct LeaseExchange {
     /// Calls wanted on top of what is held, per purchase.
     #[serde(default)]
     pub wants: Vec<LeaseWant>,
-    /// Give back everything held after applying the reports (clean shutdown).
+    /// Give back everything held after applying the reports (clean shutdown, or the
+    /// recovery after a start).
     #[serde(default)]
     pub release_all: bool,
+    /// The proxy is stopping cleanly: it leaves the control plane's `GET /v1/proxies` and
+    /// frees its node id at once (a start's recovery gives leases back without leaving).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub leaving: bool,
     /// Names the life of the proxy's data directory (made when its lease state is first
     /// written): a proxy that lost its disk counts from zero again, and the ledger must know.
     /// Without it, reports are plain increments.

@@ -243,17 +243,14 @@ async fn exchange(
             .await?;
     }
     let leaving = exchange
-        .release_all
+        .leaving
         .then(|| exchange.incarnation.clone())
         .flatten();
-    let reply = admin.cp.exchange_leases(exchange.clone()).await?;
+    let node_id = exchange.node_id.clone();
+    let reply = admin.cp.exchange_leases(exchange).await?;
     if let Some(incarnation) = leaving {
-        // A clean stop gives every lease back; a restart's recovery does too, and polls
-        // again at once, so leaving costs it nothing.
-        admin
-            .subscriptions
-            .leave(&exchange.node_id, &incarnation)
-            .await;
+        // A clean stop: it leaves the list and frees its node id at once.
+        admin.subscriptions.leave(&node_id, &incarnation).await;
     }
     Ok(Json(reply))
 }

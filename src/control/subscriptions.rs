@@ -186,6 +186,8 @@ struct SubscriptionsInner {
     /// Node ids whose claim the store confirmed for an incarnation, and when: asked again
     /// only after [`CLAIM_REFRESH`] of the expiry.
     confirmed: Mutex<HashMap<String, (String, Instant)>>,
+    /// The highest version a proxy held past this control plane's, already moved past.
+    moved_past: Mutex<u64>,
     cp: ControlPlane,
     expiry: Duration,
     hold: Duration,
@@ -204,6 +206,7 @@ impl Subscriptions {
                 previous: Mutex::new(None),
                 proxies: Mutex::new(HashMap::new()),
                 confirmed: Mutex::new(HashMap::new()),
+                moved_past: Mutex::new(0),
                 cp: cp.clone(),
                 expiry,
                 hold: POLL_HOLD.min(expiry / 3),
@@ -275,6 +278,11 @@ impl Subscriptions {
         let mut published = self.inner.published.subscribe();
         let current = published.borrow_and_update().clone();
         self.record(poll, current.as_deref())?;
+        if let (Some(held), Some(p)) = (poll.version, current.as_deref()) {
+            if held > p.version {
+                self.bring_back(&poll.node_id, held).await;
+            }
+        }
         let deadline = tokio::time::Instant::now() + self.inner.hold;
         let mut current = current;
         loop {
@@ -296,6 +304,45 @@ impl Subscriptions {
                 _ = self.inner.shutdown.clone().wait() => return Ok(None),
             }
             current = published.borrow_and_update().clone();
+        }
+    }
+
+    /// A proxy serves `held`, past this control plane's published version. If the store has
+    /// not made it either (a proxy restored from another store's disk, or pushed to by
+    /// hand), the version is moved past it so that the next snapshot replaces what it
+    /// serves; a replica merely behind the store catches up instead. Once per version seen.
+    async fn bring_back(&self, node_id: &str, held: u64) {
+        {
+            let mut moved = self.inner.moved_past.lock().expect("moved lock");
+            if held <= *moved {
+                return;
+            }
+            *moved = held;
+        }
+        let store_version = match self.inner.cp.lock().await {
+            Ok(state) => state.version,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the store's version");
+                return;
+            }
+        };
+        if held <= store_version {
+            return; // this replica was behind the store: its publisher follows
+        }
+        match self.inner.cp.move_version_past(held).await {
+            Ok(version) => tracing::error!(
+                node = node_id,
+                held,
+                store = store_version,
+                now = version,
+                "a proxy holds a version this control plane did not make: moved the version past it"
+            ),
+            Err(error) => tracing::error!(
+                node = node_id,
+                held,
+                %error,
+                "a proxy holds a version this control plane did not make, and the version could not be moved past it"
+            ),
         }
     }
 

@@ -1,8 +1,8 @@
 //! Three `marketgate control` binaries on one PostgreSQL database are one control plane, with
-//! three `marketgate proxy` binaries each leasing from (and pushed to by) a different replica.
+//! three `marketgate proxy` binaries each leasing from (and subscribed to) a different replica.
 //!
 //! Q calls are bought through replica 0; replicas 1 and 2 learn of the purchase only through
-//! the store (its notifications) and push it to their proxies. 64 buyers then call through all
+//! the store (its notifications) and send it to their proxies. 64 buyers then call through all
 //! three proxies while replica 1 is killed with SIGKILL mid-run, right after it acknowledged a
 //! write, and later restarted. The ledger is in the store, so whichever replica a proxy talks
 //! to, the backend receives exactly Q calls: never more, and after the fleet drains, none
@@ -48,7 +48,9 @@ impl Replica {
         let toml = config_toml(database_url, &listen.to_string()).replace(
             "listen = \"127.0.0.1:0\"\ntoken = \"admin-token\"",
             &format!("listen = \"{admin}\"\ntoken = \"{ADMIN_TOKEN}\""),
-        ) + &format!("[[control.proxies]]\nadmin_url = \"http://{proxy_admin}\"\n");
+        );
+        // The proxy subscribes to this replica itself (`control_url`): nothing names it here.
+        let _ = proxy_admin;
         let config = dir.join(format!("control-{n}.toml"));
         std::fs::write(&config, toml).unwrap();
         let process = Process::start("control", &config, "control plane listening").await;

@@ -200,6 +200,7 @@ impl LeaseClient {
                 reports: reports.clone(),
                 wants: Vec::new(),
                 release_all: true,
+                leaving: false,
                 incarnation: Some(self.incarnation.clone()),
             };
             match self.service.exchange(exchange).await {
@@ -459,6 +460,8 @@ impl LeaseClient {
             reports,
             wants,
             release_all,
+            // Only `finish` gives everything back from here: the clean stop.
+            leaving: release_all,
             incarnation: Some(self.incarnation.clone()),
         };
         let result = self.service.exchange(exchange).await;

@@ -33,6 +33,8 @@ pub struct Proxy {
     pub node: String,
     pub gateway: Gateway,
     pub buyers: SocketAddr,
+    /// Its admin listener (the operators' `PUT`/`PATCH /v1/snapshot`).
+    pub admin: SocketAddr,
     control: Vec<SocketAddr>,
     _dir: Arc<tempfile::TempDir>,
     trigger: ShutdownTrigger,
@@ -56,6 +58,7 @@ impl Proxy {
         let gateway = Gateway::open(&config).unwrap();
         let listeners = Listeners::bind(&config).await.unwrap();
         let buyers = listeners.buyers.local_addr().unwrap();
+        let admin = listeners.admin.local_addr().unwrap();
         let (trigger, shutdown) = ShutdownTrigger::new();
         let g = gateway.clone();
         let task = tokio::spawn(async move {
@@ -67,6 +70,7 @@ impl Proxy {
             node: node.to_owned(),
             gateway,
             buyers,
+            admin,
             control: control.to_vec(),
             _dir: dir,
             trigger,
