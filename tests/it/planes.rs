@@ -440,11 +440,19 @@ async fn planes_patch_applies_a_delta_and_refuses_a_wrong_base() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "measurement: run by hand, prints percentiles"]
 async fn planes_propagation_delist_to_refusal() {
-    const N: usize = 50;
-    let planes = Planes::start(3).await;
+    // MARKETGATE_PROPAGATION_PROXIES / _ROUNDS: the fleet size and rounds (BENCHMARKS.md).
+    let env = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let proxies = env("MARKETGATE_PROPAGATION_PROXIES", 3);
+    let n = env("MARKETGATE_PROPAGATION_ROUNDS", 50);
+    let planes = Planes::start(proxies).await;
     let mut latencies: Vec<Vec<f64>> = vec![Vec::new(); planes.proxies.len()];
     let started = Instant::now();
-    for round in 0..N {
+    for round in 0..n {
         let domain = format!("round{round}.example.com");
         let gid = planes
             .listed_group(&format!("round_{round}"), &domain)
@@ -478,7 +486,7 @@ async fn planes_propagation_delist_to_refusal() {
         }
     }
     println!(
-        "delist -> first 403 APIG.0306, {N} rounds, 3 proxies, push_debounce {:?}, {:.1} s",
+        "delist -> first 403 APIG.0306, {n} rounds, {proxies} proxies, push_debounce {:?}, {:.1} s",
         planes.cp.config().control.push_debounce,
         started.elapsed().as_secs_f64()
     );
