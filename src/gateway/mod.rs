@@ -257,7 +257,9 @@ impl Gateway {
                         .map(|snapshot| (snapshot, record))
                         .map_err(SnapshotRejection::from)
                 }) {
-                Ok((snapshot, record)) => self.apply_locked(&mut applied, snapshot, Some(record), false),
+                Ok((snapshot, record)) => {
+                    self.apply_locked(&mut applied, snapshot, Some(record), false)
+                }
                 Err(rejection) => Err(rejection),
             },
         };

@@ -64,9 +64,10 @@ fn retryable(body: &Value, headers: &http::HeaderMap) {
 }
 
 async fn readyz(control: &Control) -> u16 {
-    let router = control
+    let subscriptions = control
         .cp
-        .admin_router(marketgate::control::push::PushStatus::none());
+        .spawn_subscriptions(marketgate::shutdown::Shutdown::never());
+    let router = control.cp.admin_router(subscriptions);
     let request = http::Request::get("/readyz")
         .body(axum::body::Body::empty())
         .unwrap();
