@@ -32,6 +32,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::rule;
 use super::subscriptions::{Answer, Subscriptions};
 use super::{ControlError, ControlPlane};
 use crate::feed::{self, Poll};
@@ -134,9 +135,12 @@ async fn subscribe(
     authorized(&admin.cp, &headers)?;
     let poll: Poll = parse(&body)?;
     if poll.node_id.is_empty() || poll.incarnation.is_empty() {
-        return Err(ControlError::InvalidParameter(
-            "node_id and incarnation: must not be empty".into(),
-        ));
+        let field = if poll.node_id.is_empty() {
+            "node_id"
+        } else {
+            "incarnation"
+        };
+        return Err(rule::required(field));
     }
     let answer = admin.subscriptions.poll(&poll).await?;
     let Some(answer) = answer else {
@@ -269,7 +273,7 @@ async fn release(
     authorized(&admin.cp, &headers)?;
     let Release { node_id } = parse(&body)?;
     if node_id.is_empty() {
-        return Err(ControlError::InvalidParameter("node_id".into()));
+        return Err(rule::required("node_id"));
     }
     let released = admin.cp.release_leases(&node_id).await?;
     Ok(Json(json!({ "node_id": node_id, "released": released })))

@@ -35,11 +35,13 @@ pub enum ControlError {
     /// The body is not JSON, or a field has the wrong type.
     #[error("parameter error: {0}")]
     BadJson(String),
-    /// A field is present but not allowed; the message names it.
+    /// A field's value breaks its rule; the message names the field and states the rule
+    /// (Huawei's wording around it). Built by `control::rule`, never by hand.
     #[error(
-        "Invalid parameter value,parameterName:{0}. Please refer to the support documentation"
+        "Invalid parameter value,parameterName:{field}. {field} {rule}. Please refer to the \
+         support documentation"
     )]
-    InvalidParameter(String),
+    InvalidParameter { field: String, rule: String },
     /// A required header is missing (`X-Domain-Id`).
     #[error("missing header: {0}")]
     MissingHeader(&'static str),
@@ -138,7 +140,7 @@ impl ControlError {
             Unauthenticated(_) => (StatusCode::UNAUTHORIZED, apig::AUTH_FAILED),
             Forbidden(_) => (StatusCode::FORBIDDEN, apig::NO_PERMISSION),
             BadJson(_) => (StatusCode::BAD_REQUEST, apig::PARAMETER_ERROR),
-            InvalidParameter(_) => (StatusCode::BAD_REQUEST, apig::INVALID_PARAMETER),
+            InvalidParameter { .. } => (StatusCode::BAD_REQUEST, apig::INVALID_PARAMETER),
             MissingHeader(_) => (StatusCode::BAD_REQUEST, apig::PARAMETER_ERROR),
             InstanceNotFound(_) => (StatusCode::NOT_FOUND, apig::INSTANCE_NOT_FOUND),
             InstanceNotFoundBadRequest(_) => (StatusCode::BAD_REQUEST, apig::INSTANCE_NOT_FOUND),
@@ -240,7 +242,14 @@ mod tests {
             (ControlError::Unauthenticated(s()), 401, "APIG.1002"),
             (ControlError::Forbidden(s()), 403, "APIG.1005"),
             (ControlError::BadJson(s()), 400, "APIG.2000"),
-            (ControlError::InvalidParameter(s()), 400, "APIG.2012"),
+            (
+                ControlError::InvalidParameter {
+                    field: s(),
+                    rule: s(),
+                },
+                400,
+                "APIG.2012",
+            ),
             (ControlError::MissingHeader("X-Domain-Id"), 400, "APIG.2000"),
             (ControlError::InstanceNotFound(s()), 404, "APIG.3030"),
             (

@@ -62,9 +62,7 @@ impl ControlPlane {
         exchange: LeaseExchange,
     ) -> Result<LeaseReply, ControlError> {
         if exchange.node_id.is_empty() {
-            return Err(ControlError::InvalidParameter(
-                "node_id: must not be empty".into(),
-            ));
+            return Err(super::rule::required("node_id"));
         }
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let ttl = self.config().control.lease_ttl.as_secs() as i64;

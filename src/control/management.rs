@@ -18,6 +18,7 @@ use crate::snapshot::{self, MarketState};
 
 use super::auth::Call;
 use super::error::ControlError;
+use super::rule::{self, is_cjk, Text};
 use super::state::{
     new_id, now_rfc3339, ApiDef, ApiRec, AppCodeRec, AppRec, AuthRec, BackendApiDef, Change,
     GroupRec, Publication, State, MAX_APP_CODES, RELEASE_ENV_ID, RELEASE_ENV_NAME,
@@ -30,6 +31,8 @@ pub const DEFAULT_PAGE_LIMIT: usize = 20;
 pub const MAX_PAGE_LIMIT: usize = 500;
 /// Longest backend timeout, in milliseconds.
 pub const MAX_BACKEND_TIMEOUT_MS: u64 = 600_000;
+/// Most API ids in one batch publish.
+pub const MAX_BATCH_APIS: usize = 1000;
 /// Length of generated app codes, in characters (Huawei accepts 64–180).
 pub const GENERATED_APP_CODE_CHARS: usize = 64;
 
@@ -40,10 +43,6 @@ type Handler = Result<Response, ControlError>;
 
 pub(crate) fn reply(status: StatusCode, body: Value) -> Response {
     (status, Json(body)).into_response()
-}
-
-fn invalid(field: &str) -> ControlError {
-    ControlError::InvalidParameter(field.to_owned())
 }
 
 /// A string field: absent/null is `None`, another JSON type is a parameter error.
@@ -61,78 +60,108 @@ pub(crate) fn opt_str(
 pub(crate) fn req_str(body: &Map<String, Value>, field: &str) -> Result<String, ControlError> {
     opt_str(body, field)?
         .filter(|s| !s.is_empty())
-        .ok_or_else(|| invalid(field))
+        .ok_or_else(|| rule::required(field))
 }
 
 fn opt_int(body: &Map<String, Value>, field: &str) -> Result<Option<i64>, ControlError> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => n.as_i64().map(Some).ok_or_else(|| invalid(field)),
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .map(Some)
+            .ok_or_else(|| rule::invalid(field, format!("must be an integer (got {n})"))),
         Some(_) => Err(ControlError::BadJson(format!("{field} must be an integer"))),
     }
 }
 
+/// A string field that must be one of `allowed`.
 fn one_of(value: String, allowed: &[&str], field: &str) -> Result<String, ControlError> {
-    if allowed.contains(&value.as_str()) {
-        Ok(value)
-    } else {
-        Err(invalid(field))
-    }
-}
-
-fn is_cjk(c: char) -> bool {
-    !c.is_ascii() && c.is_alphabetic()
+    rule::one_of(field, &value, allowed)?;
+    Ok(value)
 }
 
 /// Group and API names: 3–255 chars of CJK, letters, digits, `-_./():、`, starting with a
 /// letter, digit or CJK character.
-fn valid_group_name(name: &str) -> bool {
-    let count = name.chars().count();
-    (3..=255).contains(&count)
-        && name
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric() || is_cjk(c))
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || is_cjk(c) || "-_./():、（）：".contains(c))
-}
+const GROUP_NAME: Text = Text {
+    min: 3,
+    max: 255,
+    first: |c| c.is_ascii_alphanumeric() || is_cjk(c),
+    chars: |c| c.is_ascii_alphanumeric() || is_cjk(c) || "-_./():、（）：".contains(c),
+    says_chars: "letters, digits, Chinese characters and - _ . / ( ) : 、",
+    says_first: "a letter, a digit or a Chinese character",
+};
 
 /// App names: 3–64 chars of letters, digits, `_` and CJK, starting with a letter or CJK.
-fn valid_app_name(name: &str) -> bool {
-    let count = name.chars().count();
-    (3..=64).contains(&count)
-        && name
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || is_cjk(c))
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || is_cjk(c))
-}
+const APP_NAME: Text = Text {
+    min: 3,
+    max: 64,
+    first: |c| c.is_ascii_alphabetic() || is_cjk(c),
+    chars: |c| c.is_ascii_alphanumeric() || c == '_' || is_cjk(c),
+    says_chars: "letters, digits, _ and Chinese characters",
+    says_first: "a letter or a Chinese character",
+};
+
+/// Longest remark, in characters.
+pub const MAX_REMARK_CHARS: usize = 255;
 
 fn valid_remark(body: &Map<String, Value>) -> Result<String, ControlError> {
     let remark = opt_str(body, "remark")?.unwrap_or_default();
-    if remark.chars().count() > 255 {
-        return Err(invalid("remark"));
+    let count = remark.chars().count();
+    if count > MAX_REMARK_CHARS {
+        return Err(rule::invalid(
+            "remark",
+            format!("must be at most {MAX_REMARK_CHARS} characters (got {count})"),
+        ));
     }
     Ok(remark)
 }
 
-fn charset_ok(s: &str, min: usize, max: usize, extra: &str, first_extra: &str) -> bool {
-    (min..=max).contains(&s.len())
-        && s.chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric() || first_extra.contains(c))
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || extra.contains(c))
-}
+/// AppKeys: 8–200 of letters, digits, `_` and `-`, starting with a letter or digit.
+const APP_KEY: Text = Text {
+    min: 8,
+    max: 200,
+    first: |c| c.is_ascii_alphanumeric(),
+    chars: |c| c.is_ascii_alphanumeric() || "_-".contains(c),
+    says_chars: "letters, digits, _ and -",
+    says_first: "a letter or a digit",
+};
+
+/// AppSecrets: 8–128 of letters, digits and `_-!@#$%`, starting with a letter or digit.
+const APP_SECRET: Text = Text {
+    min: 8,
+    max: 128,
+    first: |c| c.is_ascii_alphanumeric(),
+    chars: |c| c.is_ascii_alphanumeric() || "_-!@#$%".contains(c),
+    says_chars: "letters, digits and _ - ! @ # $ %",
+    says_first: "a letter or a digit",
+};
+
+/// App codes: 64–180 chars of letters, digits and `+_!@#$%-/=`, starting with a letter,
+/// digit, `+` or `/`.
+const APP_CODE: Text = Text {
+    min: 64,
+    max: 180,
+    first: |c| c.is_ascii_alphanumeric() || "+/".contains(c),
+    chars: |c| c.is_ascii_alphanumeric() || "+_!@#$%-/=".contains(c),
+    says_chars: "letters, digits and + _ ! @ # $ % - / =",
+    says_first: "a letter, a digit, + or /",
+};
 
 /// Path parameter names: 1–32 of letters, digits, `-` and `_`, starting with a letter
 /// (Huawei also allows `.`; the data plane's templates do not, so neither do we).
-fn valid_param_name(name: &str) -> bool {
-    charset_ok(name, 1, 32, "-_", "") && name.starts_with(|c: char| c.is_ascii_alphabetic())
-}
+const PARAM_NAME: Text = Text {
+    min: 1,
+    max: 32,
+    first: |c| c.is_ascii_alphabetic(),
+    chars: |c| c.is_ascii_alphanumeric() || "-_".contains(c),
+    says_chars: "letters, digits, - and _",
+    says_first: "a letter",
+};
+
+/// The `req_uri` grammar, for a person.
+const REQ_URI_RULE: &str = "must start with / and be at most 512 characters; each segment is \
+    letters, digits and - _ . ~ * %, or a parameter {name} (or {name+} as the last segment) \
+    whose name is 1 to 32 letters, digits, - and _ starting with a letter, each name once";
 
 /// `req_uri`: starts with `/`, ≤ 512 chars; each segment is literal (letters, digits,
 /// `-_.~*%`), `{name}`, or `{name+}` (last segment only); no parameter twice. Returns the
@@ -156,7 +185,7 @@ pub(crate) fn parse_req_uri(uri: &str) -> Option<Vec<String>> {
                 Some(name) => (name, true),
                 None => (inner, false),
             };
-            if !valid_param_name(name) || (greedy && i + 1 != segments.len()) {
+            if !PARAM_NAME.allows(name) || (greedy && i + 1 != segments.len()) {
                 return None;
             }
             if names.iter().any(|n| n == name) {
@@ -304,9 +333,7 @@ fn group_fields(
     except: Option<&str>,
 ) -> Result<(String, String), ControlError> {
     let name = req_str(body, "name")?;
-    if !valid_group_name(&name) {
-        return Err(invalid("name"));
-    }
+    GROUP_NAME.check("name", &name)?;
     let remark = valid_remark(body)?;
     if state
         .groups
@@ -410,13 +437,12 @@ fn api_def(
     let group_id = req_str(body, "group_id")?;
     own_group(state, &group_id, project)?;
     let name = req_str(body, "name")?;
-    if !valid_group_name(&name) {
-        return Err(invalid("name"));
-    }
-    let api_type = match opt_int(body, "type")? {
-        Some(t @ (1 | 2)) => t as u8,
-        _ => return Err(invalid("type")),
-    };
+    GROUP_NAME.check("name", &name)?;
+    let api_type = rule::one_of_int(
+        "type",
+        opt_int(body, "type")?,
+        &[(1, "public"), (2, "private")],
+    )? as u8;
     let req_protocol = one_of(
         req_str(body, "req_protocol")?,
         &["HTTP", "HTTPS", "BOTH"],
@@ -427,7 +453,8 @@ fn api_def(
     ];
     let req_method = one_of(req_str(body, "req_method")?, METHODS, "req_method")?;
     let req_uri = req_str(body, "req_uri")?;
-    let front_params = parse_req_uri(&req_uri).ok_or_else(|| invalid("req_uri"))?;
+    let front_params =
+        parse_req_uri(&req_uri).ok_or_else(|| rule::invalid("req_uri", REQ_URI_RULE))?;
     let match_mode = one_of(
         opt_str(body, "match_mode")?.unwrap_or_else(|| "NORMAL".into()),
         &["NORMAL", "SWA"],
@@ -439,7 +466,10 @@ fn api_def(
         "auth_type",
     )?;
     if auth_type == "AUTHORIZER" && opt_str(body, "authorizer_id")?.is_none_or(|a| a.is_empty()) {
-        return Err(invalid("authorizer_id"));
+        return Err(rule::invalid(
+            "authorizer_id",
+            "is required when auth_type is AUTHORIZER",
+        ));
     }
     let app_code_auth_type = match body.get("auth_opt") {
         None | Some(Value::Null) => "DISABLE".to_owned(),
@@ -458,18 +488,27 @@ fn api_def(
     let remark = valid_remark(body)?;
     let (backend_api, mock_result) = if backend_type == "HTTP" {
         let Some(Value::Object(b)) = body.get("backend_api") else {
-            return Err(invalid("backend_api"));
+            return Err(rule::invalid(
+                "backend_api",
+                "is required (an object) when backend_type is HTTP",
+            ));
         };
-        let timeout = match opt_int(b, "timeout")? {
-            Some(t) if (1..=MAX_BACKEND_TIMEOUT_MS as i64).contains(&t) => t as u64,
-            _ => return Err(invalid("backend_api.timeout")),
-        };
-        let url_domain = req_str(b, "url_domain").map_err(|_| invalid("backend_api.url_domain"))?;
+        let timeout = rule::int_range(
+            "backend_api.timeout",
+            opt_int(b, "timeout")?,
+            1,
+            MAX_BACKEND_TIMEOUT_MS as i64,
+            "ms",
+        )? as u64;
+        const BACKEND_DOMAIN_RULE: &str =
+            "must be a host or host:port of at most 255 characters, without scheme, path or user";
+        let url_domain = req_str(b, "url_domain")
+            .map_err(|_| rule::invalid("backend_api.url_domain", BACKEND_DOMAIN_RULE))?;
         if url_domain.len() > 255
             || url_domain.contains(['/', '@'])
             || url_domain.parse::<http::uri::Authority>().is_err()
         {
-            return Err(invalid("backend_api.url_domain"));
+            return Err(rule::invalid("backend_api.url_domain", BACKEND_DOMAIN_RULE));
         }
         // The data plane forwards over plain HTTP only; an HTTPS backend would make every
         // snapshot unservable, so it is refused here.
@@ -484,9 +523,13 @@ fn api_def(
             "backend_api.req_method",
         )?;
         let uri = opt_str(b, "req_uri")?.unwrap_or_else(|| req_uri.clone());
-        let back_params = parse_req_uri(&uri).ok_or_else(|| invalid("backend_api.req_uri"))?;
-        if back_params.iter().any(|p| !front_params.contains(p)) {
-            return Err(invalid("backend_api.req_uri"));
+        let back_params = parse_req_uri(&uri)
+            .ok_or_else(|| rule::invalid("backend_api.req_uri", REQ_URI_RULE))?;
+        if let Some(unknown) = back_params.iter().find(|p| !front_params.contains(p)) {
+            return Err(rule::invalid(
+                "backend_api.req_uri",
+                format!("may only use parameters of req_uri ({{{unknown}}} is not in it)"),
+            ));
         }
         (
             Some(BackendApiDef {
@@ -712,7 +755,10 @@ pub async fn update_api(AxState(cp): AxState<ControlPlane>, call: Call) -> Handl
     let mut api = own_api(&state, call.param("api_id"), &project)?.clone();
     let (group_id, def) = api_def(&state, &body, &project, Some(&api.id))?;
     if group_id != api.group_id {
-        return Err(invalid("group_id"));
+        return Err(rule::invalid(
+            "group_id",
+            format!("cannot change: the API belongs to group {}", api.group_id),
+        ));
     }
     api.def = def;
     api.update_time = now_rfc3339();
@@ -808,7 +854,7 @@ fn action(value: &str) -> Result<bool, ControlError> {
     match value {
         "online" => Ok(true),
         "offline" => Ok(false),
-        _ => Err(invalid("action")),
+        other => rule::one_of("action", other, &["online", "offline"]).map(|_| false),
     }
 }
 
@@ -839,16 +885,31 @@ pub async fn publish_batch(AxState(cp): AxState<ControlPlane>, call: Call) -> Ha
     let ids: Vec<String> = match (body.get("apis"), opt_str(&body, "group_id")?) {
         (Some(Value::Array(ids)), _) if !ids.is_empty() => ids
             .iter()
-            .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| invalid("apis")))
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| rule::invalid("apis", "must be a list of API ids (strings)"))
+            })
             .collect::<Result<_, _>>()?,
         (_, Some(group_id)) => {
             own_group(&state, &group_id, &project)?;
             state.group_apis(&group_id).map(|a| a.id.clone()).collect()
         }
-        _ => return Err(invalid("apis")),
+        _ => {
+            return Err(rule::invalid(
+                "apis",
+                "must be a non-empty list of API ids, or group_id given instead",
+            ))
+        }
     };
-    if ids.len() > 1000 {
-        return Err(invalid("apis"));
+    if ids.len() > MAX_BATCH_APIS {
+        return Err(rule::invalid(
+            "apis",
+            format!(
+                "must hold at most {MAX_BATCH_APIS} API ids (got {})",
+                ids.len()
+            ),
+        ));
     }
     let (mut success, mut failure, mut changes) = (Vec::new(), Vec::new(), Vec::new());
     let mut published: Vec<ApiRec> = Vec::new();
@@ -938,10 +999,6 @@ fn app_key_taken(state: &State, key: &str, except: Option<&str>) -> bool {
         .any(|a| a.app_key == key && Some(a.id.as_str()) != except)
 }
 
-fn valid_secret(secret: &str) -> bool {
-    charset_ok(secret, 8, 128, "_-!@#$%", "")
-}
-
 /// Validates an `AppCreate` body: `(name, remark, app_key?, app_secret?)`.
 fn app_fields(
     state: &State,
@@ -950,22 +1007,18 @@ fn app_fields(
     except: Option<&str>,
 ) -> Result<(String, String, Option<String>, Option<String>), ControlError> {
     let name = req_str(body, "name")?;
-    if !valid_app_name(&name) {
-        return Err(invalid("name"));
-    }
+    APP_NAME.check("name", &name)?;
     let remark = valid_remark(body)?;
     let key = opt_str(body, "app_key")?.filter(|k| !k.is_empty());
     if let Some(key) = &key {
-        if !charset_ok(key, 8, 200, "_-", "") {
-            return Err(invalid("app_key"));
-        }
+        APP_KEY.check("app_key", key)?;
         if app_key_taken(state, key, except) {
             return Err(ControlError::AppKeyExists(key.clone()));
         }
     }
     let secret = opt_str(body, "app_secret")?.filter(|s| !s.is_empty());
-    if secret.as_deref().is_some_and(|s| !valid_secret(s)) {
-        return Err(invalid("app_secret"));
+    if let Some(secret) = &secret {
+        APP_SECRET.check("app_secret", secret)?;
     }
     if state
         .apps
@@ -1091,8 +1144,8 @@ pub async fn reset_secret(AxState(cp): AxState<ControlPlane>, call: Call) -> Han
     let (_, project) = call.tenant_scope(&cp)?;
     let body = call.json()?;
     let secret = opt_str(&body, "app_secret")?.filter(|s| !s.is_empty());
-    if secret.as_deref().is_some_and(|s| !valid_secret(s)) {
-        return Err(invalid("app_secret"));
+    if let Some(secret) = &secret {
+        APP_SECRET.check("app_secret", secret)?;
     }
     let mut state = cp.lock().await?;
     let mut app = own_app(&state, call.param("app_id"), &project)?.clone();
@@ -1147,18 +1200,10 @@ async fn add_app_code(cp: &ControlPlane, call: &Call, given: Option<String>) -> 
     Ok(reply(StatusCode::CREATED, out))
 }
 
-/// App codes: 64–180 chars of letters, digits and `+_!@#$%-/=`, starting with a letter,
-/// digit, `+` or `/`.
-fn valid_app_code(code: &str) -> bool {
-    charset_ok(code, 64, 180, "+_!@#$%-/=", "+/")
-}
-
 pub async fn create_app_code(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let body = call.json()?;
     let code = req_str(&body, "app_code")?;
-    if !valid_app_code(&code) {
-        return Err(invalid("app_code"));
-    }
+    APP_CODE.check("app_code", &code)?;
     add_app_code(&cp, &call, Some(code)).await
 }
 
@@ -1205,12 +1250,13 @@ pub async fn delete_app_code(AxState(cp): AxState<ControlPlane>, call: Call) -> 
 // App authorizations.
 
 fn str_list(body: &Map<String, Value>, field: &str) -> Result<Vec<String>, ControlError> {
+    let refuse = || rule::invalid(field, "must be a non-empty list of ids (strings)");
     match body.get(field) {
         Some(Value::Array(items)) if !items.is_empty() => items
             .iter()
-            .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| invalid(field)))
+            .map(|v| v.as_str().map(str::to_owned).ok_or_else(refuse))
             .collect(),
-        _ => Err(invalid(field)),
+        _ => Err(refuse()),
     }
 }
 
@@ -1353,13 +1399,13 @@ mod tests {
 
     #[test]
     fn names_and_codes() {
-        assert!(valid_group_name("market_group01"));
-        assert!(valid_group_name("市场分组"));
-        assert!(!valid_group_name("ab"));
-        assert!(!valid_group_name("_abc"));
-        assert!(valid_app_name("app_01"));
-        assert!(!valid_app_name("1app"));
-        assert!(valid_app_code(&new_app_code()));
-        assert!(!valid_app_code("short"));
+        assert!(GROUP_NAME.allows("market_group01"));
+        assert!(GROUP_NAME.allows("市场分组"));
+        assert!(!GROUP_NAME.allows("ab"));
+        assert!(!GROUP_NAME.allows("_abc"));
+        assert!(APP_NAME.allows("app_01"));
+        assert!(!APP_NAME.allows("1app"));
+        assert!(APP_CODE.allows(&new_app_code()));
+        assert!(!APP_CODE.allows("short"));
     }
 }

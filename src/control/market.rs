@@ -29,6 +29,7 @@ use super::error::ControlError;
 use super::management::{
     new_app_code, new_credential, opt_str, reply, req_str, DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT,
 };
+use super::rule;
 use super::state::{
     new_id, now_rfc3339, rfc3339, AppCodeRec, AppRec, Change, GroupRec, LedgerDoc, PurchaseRec,
     State, KIND_GROUP,
@@ -89,7 +90,14 @@ pub async fn onsell(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let body = call.json()?;
     let url_domain = req_str(&body, "url_domain")?.to_ascii_lowercase();
     if !valid_url_domain(&url_domain) {
-        return Err(ControlError::InvalidParameter("url_domain".into()));
+        return Err(rule::invalid(
+            "url_domain",
+            format!(
+                "must be a domain name of at most {MAX_URL_DOMAIN_CHARS} characters with at \
+                 least one dot; each label 1 to 63 of a-z, 0-9 and -, not starting or ending \
+                 with - (got \"{url_domain}\")"
+            ),
+        ));
     }
     let mut state = cp.lock().await?;
     let mut group = seller_group(&state, &call, &seller, false)?.clone();
@@ -235,7 +243,12 @@ pub async fn reserve(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler 
 
 /// An integer sent as a JSON number or a string of digits.
 fn int_field(body: &Map<String, Value>, field: &str) -> Result<Option<i64>, ControlError> {
-    let bad = || ControlError::InvalidParameter(field.to_owned());
+    let bad = || {
+        rule::invalid(
+            field,
+            "must be an integer (a JSON number or a string of digits)",
+        )
+    };
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => n.as_i64().map(Some).ok_or_else(bad),
@@ -260,7 +273,59 @@ fn purchase_answer(state: &State, p: &PurchaseRec) -> Value {
     })
 }
 
-/// Row 5: buy. Idempotent on `order_id`.
+/// `order_type`'s values (CONTRACT §2).
+const ORDER_TYPES: [(i64, &str); 3] = [
+    (1, "prepaid package"),
+    (2, "postpaid period"),
+    (3, "postpaid on-demand"),
+];
+
+/// What a purchase request asks for, compared with the purchase an `order_id` already made.
+struct Bought {
+    start_time: i64,
+    expire_time: i64,
+    order_type: u8,
+    req_quota: Option<u64>,
+}
+
+impl Bought {
+    /// `None` when `existing` was bought with this content, else the fields that differ
+    /// (`req_quota 100, this request 200`).
+    fn differs_from(&self, existing: &PurchaseRec) -> Option<String> {
+        let show = |q: Option<u64>| q.map_or_else(|| "unlimited".to_owned(), |q| q.to_string());
+        let mut differs = Vec::new();
+        if existing.req_quota != self.req_quota {
+            differs.push(format!(
+                "req_quota {} (this request: {})",
+                show(existing.req_quota),
+                show(self.req_quota)
+            ));
+        }
+        if existing.order_type != Some(self.order_type) {
+            differs.push(format!(
+                "order_type {} (this request: {})",
+                existing.order_type.map_or(0, i64::from),
+                self.order_type
+            ));
+        }
+        if existing.start_time != self.start_time {
+            differs.push(format!(
+                "start_time {} (this request: {})",
+                existing.start_time, self.start_time
+            ));
+        }
+        if existing.expire_time != self.expire_time {
+            differs.push(format!(
+                "expire_time {} (this request: {})",
+                existing.expire_time, self.expire_time
+            ));
+        }
+        (!differs.is_empty()).then(|| differs.join(", "))
+    }
+}
+
+/// Row 5: buy. Idempotent on `order_id`: the same content again answers the same purchase; a
+/// different content under the same `order_id` is 409 naming what differs.
 pub async fn purchase(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     call.check_instance(&cp, false)?;
     let project = call.market_project()?;
@@ -268,6 +333,29 @@ pub async fn purchase(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler
     let body = call.json()?;
     let order_id = req_str(&body, "order_id")?;
     let group_id = req_str(&body, "group_id")?;
+    let start_time = rule::epoch_seconds(&body, "start_time")?
+        .ok_or_else(|| rule::invalid("start_time", rule::EPOCH_SECONDS))?;
+    let expire_time = rule::epoch_seconds(&body, "expire_time")?
+        .ok_or_else(|| rule::invalid("expire_time", rule::EPOCH_SECONDS))?;
+    rule::time_order("start_time", start_time, "expire_time", expire_time)?;
+    let order_type =
+        rule::one_of_int("order_type", int_field(&body, "order_type")?, &ORDER_TYPES)? as u8;
+    let req_quota = match int_field(&body, "req_quota")? {
+        Some(q) if q > 0 => Some(q as u64),
+        Some(q) => {
+            return Err(rule::invalid(
+                "req_quota",
+                format!("must be a positive number of calls (got {q})"),
+            ))
+        }
+        None if order_type == 1 => {
+            return Err(rule::invalid(
+                "req_quota",
+                "is required for order_type 1 (prepaid package): the number of calls bought",
+            ))
+        }
+        None => None,
+    };
     let mut state = cp.lock().await?;
     if let Some(existing) = state
         .purchases
@@ -279,29 +367,26 @@ pub async fn purchase(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler
                 "order_id {order_id} belongs to another purchase"
             )));
         }
+        let asked = Bought {
+            start_time,
+            expire_time,
+            order_type,
+            req_quota,
+        };
+        if let Some(differs) = asked.differs_from(existing) {
+            return Err(ControlError::Conflict(format!(
+                "order_id {order_id} was already bought as purchase {} with {differs}; an \
+                 order_id is one purchase: replay it with the same content, or use a new \
+                 order_id",
+                existing.purchase_id
+            )));
+        }
         return Ok(reply(
             StatusCode::CREATED,
             purchase_answer(&state, existing),
         ));
     }
     buyable(&state, &group_id, &buyer, false)?;
-    let start_time = int_field(&body, "start_time")?
-        .ok_or_else(|| ControlError::InvalidParameter("start_time".into()))?;
-    let expire_time = int_field(&body, "expire_time")?
-        .ok_or_else(|| ControlError::InvalidParameter("expire_time".into()))?;
-    if expire_time <= start_time || start_time < 0 {
-        return Err(ControlError::InvalidParameter("expire_time".into()));
-    }
-    let order_type = match int_field(&body, "order_type")? {
-        Some(t @ 1..=3) => t as u8,
-        _ => return Err(ControlError::InvalidParameter("order_type".into())),
-    };
-    let req_quota = match int_field(&body, "req_quota")? {
-        Some(q) if q > 0 => Some(q as u64),
-        Some(_) => return Err(ControlError::InvalidParameter("req_quota".into())),
-        None if order_type == 1 => return Err(ControlError::InvalidParameter("req_quota".into())),
-        None => None,
-    };
     let now = now_rfc3339();
     let mut purchase = match opt_str(&body, "purchase_id")?.filter(|p| !p.is_empty()) {
         Some(id) => {
@@ -442,8 +527,12 @@ pub async fn set_unused(AxState(cp): AxState<ControlPlane>, call: Call) -> Handl
     let path_project = call.market_project()?;
     let buyer = call.acting_domain(false)?;
     let body = call.json()?;
-    let unused = int_field(&body, "unused")?
-        .ok_or_else(|| ControlError::InvalidParameter("unused".into()))?;
+    let unused = int_field(&body, "unused")?.ok_or_else(|| {
+        rule::invalid(
+            "unused",
+            "is required: the calls left to set (> 0 unfreezes), or <= 0 to freeze",
+        )
+    })?;
     let mut state = cp.lock().await?;
     let found = match opt_str(&body, "purchase_id")?.filter(|p| !p.is_empty()) {
         Some(id) => state.purchases.get(&id),
@@ -534,25 +623,28 @@ pub async fn lock(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     call.market_project()?;
     let seller = required_domain(&call)?;
     let body = call.json()?;
-    let status = int_field(&body, "status")?;
+    let lock = rule::one_of_int(
+        "status",
+        int_field(&body, "status")?,
+        &[(3, "lock"), (2, "unlock")],
+    )? == 3;
     let mut state = cp.lock().await?;
     let mut group = seller_group(&state, &call, &seller, false)?.clone();
-    let to = match (status, group.market_state) {
-        (Some(3), MarketState::Unlisted | MarketState::Locked) => MarketState::Locked,
-        (Some(2), MarketState::Locked | MarketState::Unlisted) => MarketState::Unlisted,
-        (Some(3 | 2), from) => {
+    let to = match (lock, group.market_state) {
+        (true, MarketState::Unlisted | MarketState::Locked) => MarketState::Locked,
+        (false, MarketState::Locked | MarketState::Unlisted) => MarketState::Unlisted,
+        (_, from) => {
             return Err(ControlError::Conflict(format!(
                 "the API group {} is {}",
                 group.id,
                 from.as_str()
             )))
         }
-        _ => return Err(ControlError::InvalidParameter("status".into())),
     };
     group.market_state = to;
     group.update_time = now_rfc3339();
     let out = json!({"id": group.id, "name": group.name, "remark": group.remark,
-                     "update_time": group.update_time, "status": status});
+                     "update_time": group.update_time, "status": if lock { 3 } else { 2 }});
     cp.commit(&mut state, vec![Change::Group(group)]).await?;
     Ok(reply(StatusCode::CREATED, out))
 }
@@ -622,19 +714,20 @@ pub async fn freeze(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     call.market_project()?;
     let domain = call.acting_domain(false)?;
     let body = call.json()?;
-    let freeze = match int_field(&body, "status")? {
-        Some(3) => true,
-        Some(1) => false,
-        _ => return Err(ControlError::InvalidParameter("status".into())),
-    };
+    let freeze = rule::one_of_int(
+        "status",
+        int_field(&body, "status")?,
+        &[(3, "freeze"), (1, "unfreeze")],
+    )? == 3;
+    let ids_rule = || rule::invalid("purchase_ids", "must be a list of purchase ids (strings)");
     let Some(Value::Array(ids)) = body.get("purchase_ids") else {
-        return Err(ControlError::InvalidParameter("purchase_ids".into()));
+        return Err(ids_rule());
     };
     let ids: Vec<String> = ids
         .iter()
         .map(|v| v.as_str().map(str::to_owned))
         .collect::<Option<_>>()
-        .ok_or_else(|| ControlError::InvalidParameter("purchase_ids".into()))?;
+        .ok_or_else(ids_rule)?;
     let mut state = cp.lock().await?;
     let now = now_rfc3339();
     let (mut results, mut changes) = (Vec::new(), Vec::new());

@@ -21,7 +21,8 @@
 //! This module owns wiring (`ControlPlane`, the routers, `run_control`) and the commit path;
 //! request logic lives in `management` and `market`, the snapshot build in `publish`,
 //! publishing it once per version to the proxies that subscribe in `subscriptions`, the admin
-//! listener in `admin`, its metrics in `metrics`.
+//! listener in `admin`, its metrics in `metrics`, the wording of every refused value (the
+//! rule it broke) in `rule`.
 
 pub mod admin;
 pub mod auth;
@@ -32,6 +33,7 @@ pub mod market;
 pub mod metrics;
 pub mod openapi;
 pub mod publish;
+pub mod rule;
 pub mod state;
 pub mod store;
 pub mod subscriptions;

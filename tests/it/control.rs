@@ -544,6 +544,126 @@ async fn control_management_apps_codes_auths() {
     }
 }
 
+/// Issue 12 item 4: a refused value's message states the rule (length and characters,
+/// allowed values, epoch seconds and the order of times), and an `order_id` replayed with
+/// other content says what differs. Messages do not depend on the store: SQLite only.
+#[tokio::test]
+async fn refusals_state_the_rule_they_apply() {
+    let control = Control::start(&Backend::Sqlite).await;
+    let seller = control.client(SELLER_TOKEN);
+    let groups = format!("{}/api-groups", mgmt(SELLER_PROJECT));
+    expect_rule(
+        "group name too short",
+        &seller.post(&groups, json!({"name": "ab"})).await,
+        "name",
+        "name must be 3 to 255 characters of letters, digits, Chinese characters and \
+         - _ . / ( ) : 、, starting with a letter, a digit or a Chinese character (got 2)",
+    );
+    expect_rule(
+        "group name with a space",
+        &seller.post(&groups, json!({"name": "my group"})).await,
+        "name",
+        "(' ' is not allowed)",
+    );
+    let apps = format!("{}/apps", mgmt(SELLER_PROJECT));
+    expect_rule(
+        "app name too long",
+        &seller.post(&apps, json!({"name": "a".repeat(65)})).await,
+        "name",
+        "must be 3 to 64 characters of letters, digits, _ and Chinese characters, starting \
+         with a letter or a Chinese character (got 65)",
+    );
+    let (gid, _) = sellable_group(&seller, "ruled_group").await;
+    let api = json!({"group_id": gid, "name": "ruled_api", "type": 1, "req_protocol": "HTTP",
+                     "req_method": "FETCH", "req_uri": "/r", "auth_type": "APP",
+                     "backend_type": "MOCK"});
+    expect_rule(
+        "unknown method",
+        &seller
+            .post(&format!("{}/apis", mgmt(SELLER_PROJECT)), api)
+            .await,
+        "req_method",
+        "must be one of GET, POST, PUT, DELETE, HEAD, PATCH, OPTIONS, ANY (got \"FETCH\")",
+    );
+
+    let market = control.client(MARKET_TOKEN);
+    let sm = market.as_domain(SELLER_DOMAIN);
+    let bm = market.as_domain(BUYER_DOMAIN);
+    let sbase = market_base(SELLER_PROJECT);
+    expect_rule(
+        "lock status",
+        &sm.put(
+            &format!("{sbase}/api-groups/status/{gid}"),
+            json!({"status": 7}),
+        )
+        .await,
+        "status",
+        "must be one of 3 (lock), 2 (unlock) (got 7)",
+    );
+    let listed = sm
+        .put(
+            &format!("{sbase}/api-groups/onsell/{gid}"),
+            json!({"url_domain": "ruled.example.com"}),
+        )
+        .await;
+    expect_status("onsell", &listed, 201);
+    let purchase = format!("{}/api-groups/purchase", market_base(BUYER_PROJECT));
+    let buy = json!({"order_id": "ruled-order", "group_id": gid, "start_time": "1700000000",
+                     "expire_time": "4102444800", "req_quota": "100", "order_type": "1"});
+    let mut iso = buy.clone();
+    iso["start_time"] = json!("2026-01-01T00:00:00Z");
+    expect_rule(
+        "ISO start_time",
+        &bm.post(&purchase, iso).await,
+        "start_time",
+        "must be a time in epoch seconds",
+    );
+    let mut backwards = buy.clone();
+    backwards["expire_time"] = json!(1600000000);
+    expect_rule(
+        "expire before start",
+        &bm.post(&purchase, backwards).await,
+        "expire_time",
+        "expire_time must be after start_time",
+    );
+    let mut order_type = buy.clone();
+    order_type["order_type"] = json!(4);
+    expect_rule(
+        "order_type",
+        &bm.post(&purchase, order_type).await,
+        "order_type",
+        "must be one of 1 (prepaid package), 2 (postpaid period), 3 (postpaid on-demand) (got 4)",
+    );
+    let bought = bm.post(&purchase, buy.clone()).await;
+    expect_status("purchase", &bought, 201);
+    assert_eq!(
+        bm.post(&purchase, buy.clone()).await,
+        bought,
+        "the same order_id with the same content answers the same purchase"
+    );
+    let mut more = buy.clone();
+    more["req_quota"] = json!(200);
+    let replay = bm.post(&purchase, more).await;
+    expect_error("order_id with another req_quota", &replay, 409, "APIG.2000");
+    let msg = replay.1["error_msg"].as_str().unwrap();
+    assert!(
+        msg.contains("order_id ruled-order was already bought")
+            && msg.contains("req_quota 100 (this request: 200)"),
+        "{msg}"
+    );
+    let view = bm
+        .get(&format!(
+            "{}/purchases/{}",
+            market_base(BUYER_PROJECT),
+            bought.1["purchase_id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(
+        view.1["quota_limit"], 100,
+        "the refused replay changed nothing"
+    );
+}
+
 #[tokio::test]
 async fn control_market_rows_follow_the_seeds_and_the_state_machine() {
     for backend in Backend::all().await {

@@ -169,13 +169,15 @@ def api_body(group_id, name, uri):
     )
 
 
-def expect_error(call, status, code):
+def expect_error(call, status, code, says=None):
     with pytest.raises(exceptions.ClientRequestException) as raised:
         call()
     assert raised.value.status_code == status, raised.value
     assert raised.value.error_code == code, raised.value
     assert raised.value.error_msg
     assert raised.value.request_id
+    if says is not None:
+        assert says in raised.value.error_msg, raised.value.error_msg
 
 
 def test_sdk_full_seller_flow(apig):
@@ -282,7 +284,19 @@ def test_sdk_full_seller_flow(apig):
     )
     bad = api_body(group.id, "sdk_api_bad", "/two/{id}")
     bad.backend_type = "FUNCTION"
-    expect_error(lambda: apig.create_api_v2(CreateApiV2Request(instance_id=INSTANCE, body=bad)), 400, "APIG.2012")
+    expect_error(
+        lambda: apig.create_api_v2(CreateApiV2Request(instance_id=INSTANCE, body=bad)),
+        400,
+        "APIG.2012",
+        'parameterName:backend_type. backend_type must be one of HTTP, MOCK (got "FUNCTION")',
+    )
+    expect_error(
+        lambda: apig.create_api_group_v2(CreateApiGroupV2Request(instance_id=INSTANCE, body=ApiGroupCreate(name="ab"))),
+        400,
+        "APIG.2012",
+        "name must be 3 to 255 characters of letters, digits, Chinese characters and - _ . / ( ) : 、, "
+        "starting with a letter, a digit or a Chinese character (got 2)",
+    )
     for _ in range(3):
         apig.create_app_code_auto_v2(CreateAppCodeAutoV2Request(instance_id=INSTANCE, app_id=app.id))
     expect_error(

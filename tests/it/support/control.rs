@@ -394,6 +394,22 @@ pub fn expect_error(step: &str, answer: &(u16, Value), status: u16, code: &str) 
     );
 }
 
+/// A 400 APIG.2012 naming `field` and saying `rule` (a fragment of the rule's words), inside
+/// Huawei's message.
+#[track_caller]
+pub fn expect_rule(step: &str, answer: &(u16, Value), field: &str, rule: &str) {
+    expect_error(step, answer, 400, "APIG.2012");
+    let msg = answer.1["error_msg"].as_str().unwrap_or_default();
+    assert!(
+        msg.starts_with(&format!("Invalid parameter value,parameterName:{field}. ")),
+        "{step}: names the field {field}: {msg}"
+    );
+    assert!(
+        msg.contains(rule),
+        "{step}: states the rule {rule:?}: {msg}"
+    );
+}
+
 #[track_caller]
 pub fn expect_status(step: &str, answer: &(u16, Value), status: u16) {
     assert_eq!(answer.0, status, "{step}: {}", answer.1);
