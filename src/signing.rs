@@ -286,7 +286,9 @@ pub fn format_sdk_date(at: OffsetDateTime) -> String {
 /// Parses `YYYYMMDDTHHMMSSZ`.
 pub fn parse_sdk_date(value: &str) -> Result<OffsetDateTime, SignatureError> {
     let b = value.as_bytes();
-    if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' {
+    // ASCII first: the fields below are sliced by byte offsets (found by the property test
+    // `any_sdk_date_parses_or_is_refused`: `10中100T000000Z` split a character).
+    if b.len() != 16 || !b.is_ascii() || b[8] != b'T' || b[15] != b'Z' {
         return Err(SignatureError::DateMalformed);
     }
     let num = |range: std::ops::Range<usize>| -> Result<u32, SignatureError> {
@@ -357,16 +359,15 @@ fn canonical_request_hash(
     Ok(hasher.finalize().into())
 }
 
-/// The path percent-decoded, each segment re-encoded, always ending in `/`.
+/// The path percent-decoded, split on `/`, each segment re-encoded, always ending in `/`.
+///
+/// Decoded, then split, as Huawei's signer does (`unquote(path).split('/')`): a `%2F` in the
+/// path separates segments exactly as `/` does, so `/a%2Fb` and `/a/b` have one canonical
+/// form. The data plane routes on that same form (`gateway::handler::routed_path`), so one
+/// signature never reaches two APIs.
 fn write_canonical_uri(hasher: &mut Sha256, path: &str) {
     let path = if path.is_empty() { "/" } else { path };
-    for (i, segment) in path.split('/').enumerate() {
-        if i > 0 {
-            hasher.update(b"/");
-        }
-        write_encoded(hasher, segment.as_bytes(), true);
-    }
-    if !path.ends_with('/') {
+    if !write_encoded(hasher, path.as_bytes(), Encode::Path) {
         hasher.update(b"/");
     }
 }
@@ -389,22 +390,33 @@ fn write_canonical_query(hasher: &mut Sha256, query: &str) {
         if i > 0 {
             hasher.update(b"&");
         }
-        write_encoded(hasher, name, false);
+        write_encoded(hasher, name, Encode::Component);
         hasher.update(b"=");
-        write_encoded(hasher, value, false);
+        write_encoded(hasher, value, Encode::Component);
     }
 }
 
-/// Percent-encodes `raw` into the hasher, keeping RFC 3986 unreserved bytes. With `decode`
-/// set, `%XY` escapes in `raw` are decoded first (paths arrive encoded on the wire).
-fn write_encoded(hasher: &mut Sha256, raw: &[u8], decode: bool) {
+/// How [`write_encoded`] reads its input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encode {
+    /// A path as sent on the wire: `%XY` escapes are decoded first, and `/` (sent or
+    /// decoded) is kept as the segment separator.
+    Path,
+    /// A decoded query name or value: every byte but the unreserved ones is encoded.
+    Component,
+}
+
+/// Percent-encodes `raw` into the hasher, keeping RFC 3986 unreserved bytes (and, for a
+/// path, the `/` separators). Returns whether the last byte written was a `/`.
+fn write_encoded(hasher: &mut Sha256, raw: &[u8], mode: Encode) -> bool {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let mut buf = [0u8; 96];
     let mut len = 0;
     let mut i = 0;
+    let mut slash_last = false;
     while i < raw.len() {
         let mut byte = raw[i];
-        if decode && byte == b'%' && i + 2 < raw.len() {
+        if mode == Encode::Path && byte == b'%' && i + 2 < raw.len() {
             if let (Some(hi), Some(lo)) = (hex_value(raw[i + 1]), hex_value(raw[i + 2])) {
                 byte = hi << 4 | lo;
                 i += 2;
@@ -415,9 +427,14 @@ fn write_encoded(hasher: &mut Sha256, raw: &[u8], decode: bool) {
             hasher.update(&buf[..len]);
             len = 0;
         }
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+        slash_last = false;
+        if byte.is_ascii_alphanumeric()
+            || matches!(byte, b'-' | b'_' | b'.' | b'~')
+            || (mode == Encode::Path && byte == b'/')
+        {
             buf[len] = byte;
             len += 1;
+            slash_last = byte == b'/';
         } else {
             buf[len] = b'%';
             buf[len + 1] = HEX[(byte >> 4) as usize];
@@ -426,6 +443,7 @@ fn write_encoded(hasher: &mut Sha256, raw: &[u8], decode: bool) {
         }
     }
     hasher.update(&buf[..len]);
+    slash_last
 }
 
 fn percent_decode(raw: &[u8]) -> Vec<u8> {
@@ -453,6 +471,9 @@ fn hex_value(c: u8) -> Option<u8> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod properties;
 
 #[cfg(test)]
 mod tests {

@@ -138,6 +138,38 @@ pub fn check_framing(headers: &HeaderMap) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// The path as routing (and the signature's canonical form) sees it: `%2F` (either case)
+/// decoded to `/`. Huawei's signer decodes the whole path before it splits it into segments
+/// (docs/spec/signing.md), so `/a%2Fb` and `/a/b` carry one signature; routing the form the
+/// signature covers means one signed request reaches one API, never another by a re-encoded
+/// slash (as nginx, which also matches locations on the decoded path). Hot path: borrowed,
+/// with no allocation, unless the path holds a `%2F`.
+pub fn routed_path(path: &str) -> Cow<'_, str> {
+    let is_encoded_slash = |w: &[u8]| w[0] == b'%' && w[1] == b'2' && (w[2] | 0x20) == b'f';
+    if !path.contains('%') || !path.as_bytes().windows(3).any(is_encoded_slash) {
+        return Cow::Borrowed(path);
+    }
+    let bytes = path.as_bytes();
+    let mut routed = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if i + 2 < bytes.len() && is_encoded_slash(&bytes[i..i + 3]) {
+            routed.push('/');
+            i += 3;
+        } else {
+            // `path` is a str and '%', '2', 'F' are ASCII: copying up to the next escape
+            // keeps every UTF-8 sequence whole.
+            let next = bytes[i + 1..]
+                .iter()
+                .position(|&b| b == b'%')
+                .map_or(bytes.len(), |p| i + 1 + p);
+            routed.push_str(&path[i..next]);
+            i = next;
+        }
+    }
+    Cow::Owned(routed)
+}
+
 fn host_without_port(authority: &str) -> &str {
     if authority.starts_with('[') {
         return authority
@@ -697,9 +729,10 @@ async fn serve<'s>(
             return Err(Rejection::BadRequest("Host and request target disagree"));
         }
     }
+    let path = routed_path(parts.uri.path());
     let head = RequestHead {
         method: &parts.method,
-        path: parts.uri.path(),
+        path: &path,
         query: parts.uri.query(),
         headers: &parts.headers,
         authority,
@@ -791,7 +824,7 @@ async fn serve<'s>(
             let headers = std::mem::take(&mut parts.headers);
             let buyer = BuyerCall {
                 method: &parts.method,
-                path: parts.uri.path(),
+                path: &path,
                 params: &params,
                 query: parts.uri.query(),
                 host,
