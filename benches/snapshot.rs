@@ -363,7 +363,10 @@ fn report_http_push() {
     let dir = tempfile::tempdir().expect("a temp dir");
     let mut config = Config::builtin().expect("built-in config");
     config.data_dir = dir.path().to_owned();
-    config.admin.token = TOKEN.to_owned();
+    config.admin.tokens = vec![marketgate::config::AdminToken {
+        token: TOKEN.to_owned(),
+        role: marketgate::config::AdminRole::Operator,
+    }];
     let gateway = Gateway::open(&config).expect("gateway");
     let json = serde_json::to_vec(&market(1, MILLION)).expect("serialises");
     let started = Instant::now();

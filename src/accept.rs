@@ -711,10 +711,11 @@ pub fn router_spec(
 }
 
 /// Serves `router` on `listener` with the bounds of `spec` until `shutdown` (the control and
-/// admin listeners).
+/// admin listeners), over TLS when `tls` is given (the admin listener's `[admin] tls_cert`).
 pub async fn serve_router(
     listener: TcpListener,
     spec: ListenerSpec,
+    tls: Option<TlsAcceptor>,
     metrics: AcceptMetrics,
     router: axum::Router,
     shutdown: Shutdown,
@@ -724,7 +725,7 @@ pub async fn serve_router(
     serve(
         listener,
         spec,
-        None,
+        tls,
         metrics,
         move |_peer| service.clone(),
         shutdown,

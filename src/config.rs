@@ -76,6 +76,9 @@ pub const DEFAULT_UPSTREAM_POOL_IDLE_PER_HOST: usize = 256;
 /// Idle upstream connections are closed after this many seconds.
 pub const DEFAULT_UPSTREAM_POOL_IDLE_SECS: u64 = 90;
 
+/// Shortest admin token (`[admin] token`, `[[admin.tokens]]`, `[proxy] control_token`).
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 8;
+
 /// Trial credentials of [`Config::builtin`]; printed in the README quickstart.
 pub const TRIAL_ADMIN_TOKEN: &str = "trial-admin-token";
 pub const TRIAL_MARKET_TOKEN: &str = "trial-market-token";
@@ -173,32 +176,110 @@ pub struct ControlConfig {
     pub proxy_expiry: Duration,
 }
 
+/// What an admin token may do on the admin listeners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminRole {
+    /// Everything: snapshot pushes (`PUT`/`PATCH /v1/snapshot`), usage, metrics, the proxy
+    /// list, and all a proxy may do.
+    Operator,
+    /// What a proxy needs of a control plane and no more: subscribe to snapshots, exchange
+    /// and release leases, read the version. A stolen proxy credential cannot push a
+    /// snapshot to the other proxies.
+    Proxy,
+}
+
+/// One accepted admin token (`[[admin.tokens]]`). Several at once: rotation adds the new
+/// token, moves every client to it, then removes the old one, with no restart in between
+/// that refuses anyone.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct AdminToken {
+    pub token: String,
+    pub role: AdminRole,
+}
+
+/// The admin listener's own certificate, and the CA its clients' certificates must chain to
+/// (mutual TLS) when set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Why an admin request is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdminRefusal {
+    #[error("missing or wrong admin token")]
+    Unauthenticated,
+    #[error(
+        "{what} needs an operator token ([[admin.tokens]] with role = \"operator\", or \
+         [admin] token); this token has role proxy, which may only subscribe to snapshots and \
+         exchange leases"
+    )]
+    NotOperator { what: &'static str },
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
-    pub token: String,
+    /// Every token accepted, with its role: `[[admin.tokens]]`, and `[admin] token` (the
+    /// one-token shorthand: an operator token).
+    pub tokens: Vec<AdminToken>,
     /// Serve `/metrics` without the admin token.
     pub metrics_public: bool,
     pub connections: ConnectionLimits,
+    /// HTTPS on the admin listener (`tls_cert`, `tls_key`, `tls_client_ca`).
+    pub tls: Option<AdminTls>,
 }
 
 impl AdminConfig {
-    /// Does a request to an admin listener carry the admin token
-    /// (`Authorization: Bearer <token>` or `X-Admin-Token: <token>`)? Compared in constant
-    /// time; an empty configured token admits no one. Both planes' admin listeners ask this.
-    pub fn admits(&self, headers: &http::HeaderMap) -> bool {
+    /// The role of the admin token a request carries (`Authorization: Bearer <token>` or
+    /// `X-Admin-Token: <token>`), compared in constant time with every configured token;
+    /// `None` without a configured token. Both planes' admin listeners ask this.
+    pub fn role_of(&self, headers: &http::HeaderMap) -> Option<AdminRole> {
         use subtle::ConstantTimeEq;
         let given = headers
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .or_else(|| headers.get("x-admin-token").and_then(|v| v.to_str().ok()));
-        let expected = self.token.as_bytes();
-        match given {
-            Some(token) => !expected.is_empty() && bool::from(token.as_bytes().ct_eq(expected)),
-            None => false,
+            .or_else(|| headers.get("x-admin-token").and_then(|v| v.to_str().ok()))?;
+        // Every token is compared (no early exit): the time taken does not say which matched.
+        let mut role = None;
+        for known in &self.tokens {
+            let matches = !known.token.is_empty()
+                && bool::from(given.as_bytes().ct_eq(known.token.as_bytes()));
+            if matches && role != Some(AdminRole::Operator) {
+                role = Some(known.role);
+            }
+        }
+        role
+    }
+
+    /// May this request do `what`, which needs `needed`? An operator may do what a proxy may.
+    pub fn check(
+        &self,
+        headers: &http::HeaderMap,
+        needed: AdminRole,
+        what: &'static str,
+    ) -> Result<AdminRole, AdminRefusal> {
+        match (self.role_of(headers), needed) {
+            (None, _) => Err(AdminRefusal::Unauthenticated),
+            (Some(AdminRole::Proxy), AdminRole::Operator) => {
+                Err(AdminRefusal::NotOperator { what })
+            }
+            (Some(role), _) => Ok(role),
         }
     }
+}
+
+/// How a proxy checks its control planes' certificates on `https://` control URLs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlTrust {
+    /// Certificates chaining to the CA(s) in this PEM file, for the URL's host name or IP.
+    Ca(PathBuf),
+    /// Exactly these certificates (lower-case hex SHA-256 of their DER), whatever their issuer.
+    Pinned(Vec<String>),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -214,6 +295,13 @@ pub struct ProxyConfig {
     pub lease_max_calls: u64,
     /// The largest pushed snapshot or delta taken, in bytes after decompression (413 above).
     pub max_snapshot_bytes: usize,
+    /// The admin token this proxy presents to its control planes (`[proxy] control_token`,
+    /// else the `[admin] token` shorthand); a proxy-role token is enough.
+    pub control_token: String,
+    /// How `https://` control URLs are trusted (`control_ca` or `control_cert_sha256`).
+    pub control_trust: Option<ControlTrust>,
+    /// This proxy's certificate and key for mutual TLS with its control planes.
+    pub control_identity: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -317,6 +405,11 @@ struct FileControl {
 struct FileAdmin {
     listen: Option<String>,
     token: Option<String>,
+    #[serde(default)]
+    tokens: Vec<AdminToken>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
     metrics_public: Option<bool>,
     max_connections: Option<usize>,
     header_read_timeout_ms: Option<u64>,
@@ -335,6 +428,11 @@ struct FileProxy {
     lease_min_calls: Option<u64>,
     lease_max_calls: Option<u64>,
     max_snapshot_bytes: Option<usize>,
+    control_token: Option<String>,
+    control_ca: Option<PathBuf>,
+    control_cert_sha256: Option<Vec<String>>,
+    control_client_cert: Option<PathBuf>,
+    control_client_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -423,6 +521,10 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
         &[
             "listen",
             "token",
+            "tokens",
+            "tls_cert",
+            "tls_key",
+            "tls_client_ca",
             "metrics_public",
             "max_connections",
             "header_read_timeout_ms",
@@ -440,8 +542,14 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "lease_min_calls",
             "lease_max_calls",
             "max_snapshot_bytes",
+            "control_token",
+            "control_ca",
+            "control_cert_sha256",
+            "control_client_cert",
+            "control_client_key",
         ],
     ),
+    ("admin.tokens", &["token", "role"]),
     ("log", &["format", "level"]),
 ];
 
@@ -481,8 +589,11 @@ impl Config {
                 role: Role::Tenant,
             }];
         }
-        if config.admin.token.is_empty() {
-            config.admin.token = TRIAL_ADMIN_TOKEN.into();
+        if config.admin.tokens.is_empty() {
+            config.admin.tokens = vec![AdminToken {
+                token: TRIAL_ADMIN_TOKEN.into(),
+                role: AdminRole::Operator,
+            }];
             config.trial_credentials = true;
         }
         Ok(config)
@@ -763,9 +874,73 @@ impl Config {
             problems.push("proxy.node_id: must not be empty".into());
         }
         let admin_token = file.admin.token.unwrap_or_default();
-        if !admin_token.is_empty() && admin_token.len() < 8 {
-            problems.push("admin.token: must be at least 8 characters".into());
+        if !admin_token.is_empty() && admin_token.len() < MIN_ADMIN_TOKEN_CHARS {
+            problems.push(format!(
+                "admin.token: must be at least {MIN_ADMIN_TOKEN_CHARS} characters"
+            ));
         }
+        for (i, t) in file.admin.tokens.iter().enumerate() {
+            if t.token.len() < MIN_ADMIN_TOKEN_CHARS {
+                problems.push(format!(
+                    "admin.tokens[{i}].token: must be at least {MIN_ADMIN_TOKEN_CHARS} characters"
+                ));
+            }
+        }
+        // The shorthand is an operator token, listed first.
+        let admin_tokens: Vec<AdminToken> = (!admin_token.is_empty())
+            .then(|| AdminToken {
+                token: admin_token.clone(),
+                role: AdminRole::Operator,
+            })
+            .into_iter()
+            .chain(file.admin.tokens)
+            .collect();
+        let admin_tls = match (file.admin.tls_cert, file.admin.tls_key) {
+            (Some(cert), Some(key)) => Some(AdminTls {
+                cert,
+                key,
+                client_ca: file.admin.tls_client_ca,
+            }),
+            (None, None) => {
+                if file.admin.tls_client_ca.is_some() {
+                    problems.push(
+                        "admin.tls_client_ca: needs admin.tls_cert and admin.tls_key (client \
+                         certificates are asked for over TLS only)"
+                            .into(),
+                    );
+                }
+                None
+            }
+            _ => {
+                problems.push("admin.tls_cert and admin.tls_key go together".into());
+                None
+            }
+        };
+        let control_token = file.proxy.control_token.unwrap_or(admin_token);
+        if !control_token.is_empty() && control_token.len() < MIN_ADMIN_TOKEN_CHARS {
+            problems.push(format!(
+                "proxy.control_token: must be at least {MIN_ADMIN_TOKEN_CHARS} characters"
+            ));
+        }
+        let control_trust = control_trust(
+            file.proxy.control_ca,
+            file.proxy.control_cert_sha256,
+            &control_urls,
+            problems,
+        );
+        let control_identity = match (
+            file.proxy.control_client_cert,
+            file.proxy.control_client_key,
+        ) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => {
+                problems.push(
+                    "proxy.control_client_cert and proxy.control_client_key go together".into(),
+                );
+                None
+            }
+        };
         let instance_id = file
             .instance_id
             .unwrap_or_else(|| DEFAULT_INSTANCE_ID.to_owned());
@@ -834,9 +1009,10 @@ impl Config {
             },
             admin: AdminConfig {
                 listen: admin_listen,
-                token: admin_token,
+                tokens: admin_tokens,
                 metrics_public: file.admin.metrics_public.unwrap_or(false),
                 connections: admin_connections,
+                tls: admin_tls,
             },
             proxy: ProxyConfig {
                 node_id,
@@ -845,6 +1021,9 @@ impl Config {
                 lease_min_calls,
                 lease_max_calls,
                 max_snapshot_bytes,
+                control_token,
+                control_trust,
+                control_identity,
             },
             log: LogConfig {
                 format: file.log.format.unwrap_or(LogFormat::Text),
@@ -863,17 +1042,37 @@ impl Config {
         }
     }
 
-    /// Problems that only matter for roles that need them, e.g. `proxy` without an admin token.
-    pub fn require_admin_token(&self) -> Result<(), ConfigError> {
-        if self.admin.token.is_empty() {
+    /// What `marketgate control` needs beyond the file's own rules: an admin token, or no
+    /// proxy could subscribe.
+    pub fn require_control_tokens(&self) -> Result<(), ConfigError> {
+        if self.admin.tokens.is_empty() {
             Err(ConfigError {
                 problems: vec![
-                    "admin.token: required (the planes authenticate to each other with it)".into(),
+                    "admin.token or [[admin.tokens]]: required (the planes authenticate to each \
+                     other with admin tokens: give proxies a role = \"proxy\" token)"
+                        .into(),
                 ],
             })
         } else {
             Ok(())
         }
+    }
+
+    /// What `marketgate proxy` needs beyond the file's own rules: a token for its control
+    /// planes when it has any, else an admin token to be pushed snapshots with.
+    pub fn require_proxy_tokens(&self) -> Result<(), ConfigError> {
+        let problem = if !self.proxy.control_urls.is_empty() && self.proxy.control_token.is_empty()
+        {
+            "proxy.control_token (or admin.token): required to subscribe to proxy.control_urls"
+        } else if self.proxy.control_urls.is_empty() && self.admin.tokens.is_empty() {
+            "admin.token or [[admin.tokens]]: required (a proxy without control_urls is fed by \
+             PUT /v1/snapshot with an operator token)"
+        } else {
+            return Ok(());
+        };
+        Err(ConfigError {
+            problems: vec![problem.into()],
+        })
     }
 }
 
@@ -913,19 +1112,71 @@ fn connection_limits(
 }
 
 /// What is wrong with a URL by which one plane reaches the other's admin listener, if
-/// anything. The planes speak plain HTTP to each other (admin listeners serve no TLS), so an
-/// `https://` URL would fail at every push or lease exchange: refuse it at start instead.
+/// anything: `http://`, or `https://` with `proxy.control_ca` or `control_cert_sha256`.
 fn plane_url_problem(url: &str) -> Option<&'static str> {
-    if url.starts_with("http://") {
+    if url.starts_with("http://") || url.starts_with("https://") {
         None
-    } else if url.starts_with("https://") {
-        Some(
-            "must start with http://: the planes speak plain HTTP to each other (keep the \
-             admin listeners on a private network, or put a TLS tunnel between them)",
-        )
     } else {
-        Some("must start with http://")
+        Some("must start with http:// or https://")
     }
+}
+
+/// `proxy.control_ca` or `proxy.control_cert_sha256` (one of them) when a control URL is
+/// `https://`; neither is refused then (there is no system trust store to fall back on), and
+/// either without an `https://` URL is refused too (the operator believes in TLS that is not
+/// used).
+fn control_trust(
+    ca: Option<PathBuf>,
+    pins: Option<Vec<String>>,
+    urls: &[String],
+    problems: &mut Vec<String>,
+) -> Option<ControlTrust> {
+    let https = urls.iter().any(|u| u.starts_with("https://"));
+    let trust = match (ca, pins) {
+        (Some(_), Some(_)) => {
+            problems.push(
+                "proxy.control_ca and proxy.control_cert_sha256: give one of them (a CA, or \
+                 the pinned certificates)"
+                    .into(),
+            );
+            return None;
+        }
+        (Some(ca), None) => Some(ControlTrust::Ca(ca)),
+        (None, Some(pins)) => {
+            let mut good = Vec::new();
+            for (i, pin) in pins.iter().enumerate() {
+                let pin = pin.trim().to_ascii_lowercase().replace(':', "");
+                if pin.len() == 64 && pin.chars().all(|c| c.is_ascii_hexdigit()) {
+                    good.push(pin);
+                } else {
+                    problems.push(format!(
+                        "proxy.control_cert_sha256[{i}]: must be the 64 hex digits of a \
+                         certificate's SHA-256 (openssl x509 -in cert.pem -outform DER | sha256sum)"
+                    ));
+                }
+            }
+            if pins.is_empty() {
+                problems.push("proxy.control_cert_sha256: must not be empty".into());
+            }
+            Some(ControlTrust::Pinned(good))
+        }
+        (None, None) => None,
+    };
+    match (https, &trust) {
+        (true, None) => problems.push(
+            "proxy.control_urls: an https:// control URL needs proxy.control_ca (the CA that \
+             signed the control planes' certificates) or proxy.control_cert_sha256 (their \
+             certificates pinned)"
+                .into(),
+        ),
+        (false, Some(_)) if !urls.is_empty() => problems.push(
+            "proxy.control_ca / proxy.control_cert_sha256: set, but no control URL is \
+             https:// (they would not be used)"
+                .into(),
+        ),
+        _ => {}
+    }
+    trust
 }
 
 /// `[proxy] control_urls` (a list), or `control_url` (its one-element shorthand); each URL
@@ -1313,21 +1564,102 @@ mod tests {
     }
 
     #[test]
-    fn the_planes_reach_each_other_over_plain_http_only() {
+    fn https_between_the_planes_needs_a_trust_and_says_which() {
         let err = Config::from_toml(
             "[proxy]\ncontrol_urls = ['https://control:8082', 'cp-b:8082']\n",
             no_env(),
         )
         .unwrap_err();
         let all = err.problems.join("\n");
-        assert!(all.contains("proxy.control_urls[0]: 'https://control:8082' must start with http://: the planes speak plain HTTP"), "{all}");
         assert!(
-            all.contains("proxy.control_urls[1]: 'cp-b:8082' must start with http://"),
+            all.contains("proxy.control_urls: an https:// control URL needs proxy.control_ca"),
             "{all}"
         );
-        let fine = "[proxy]\ncontrol_url = 'http://control:8082/'\n";
-        let config = Config::from_toml(fine, no_env()).unwrap();
-        assert_eq!(config.proxy.control_urls, vec!["http://control:8082"]);
+        assert!(
+            all.contains("proxy.control_urls[1]: 'cp-b:8082' must start with http:// or https://"),
+            "{all}"
+        );
+        let pinned = format!(
+            "[proxy]\ncontrol_url = 'https://control:8082/'\ncontrol_cert_sha256 = ['{}']\n",
+            "AB".repeat(32)
+        );
+        let config = Config::from_toml(&pinned, no_env()).unwrap();
+        assert_eq!(config.proxy.control_urls, vec!["https://control:8082"]);
+        assert_eq!(
+            config.proxy.control_trust,
+            Some(ControlTrust::Pinned(vec!["ab".repeat(32)]))
+        );
+        let err = Config::from_toml(
+            "[proxy]\ncontrol_url = 'http://control:8082'\ncontrol_ca = 'ca.pem'\n\
+             control_client_cert = 'c.pem'\n[admin]\ntls_key = 'k.pem'\n",
+            no_env(),
+        )
+        .unwrap_err();
+        let all = err.problems.join("\n");
+        for expected in [
+            "set, but no control URL is https://",
+            "proxy.control_client_cert and proxy.control_client_key go together",
+            "admin.tls_cert and admin.tls_key go together",
+        ] {
+            assert!(all.contains(expected), "{expected}: {all}");
+        }
+    }
+
+    #[test]
+    fn admin_tokens_have_roles_and_several_are_accepted() {
+        let text = "[admin]\ntoken = 'operator-old'\n\
+                    [[admin.tokens]]\ntoken = 'operator-new'\nrole = 'operator'\n\
+                    [[admin.tokens]]\ntoken = 'proxy-token'\nrole = 'proxy'\n\
+                    [proxy]\ncontrol_url = 'http://cp:8082'\ncontrol_token = 'proxy-token'\n";
+        let config = Config::from_toml(text, no_env()).unwrap();
+        let with = |token: &str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(
+                http::header::AUTHORIZATION,
+                format!("Bearer {token}").parse().unwrap(),
+            );
+            headers
+        };
+        let admin = &config.admin;
+        assert_eq!(
+            admin.role_of(&with("operator-old")),
+            Some(AdminRole::Operator)
+        );
+        assert_eq!(
+            admin.role_of(&with("operator-new")),
+            Some(AdminRole::Operator)
+        );
+        assert_eq!(admin.role_of(&with("proxy-token")), Some(AdminRole::Proxy));
+        assert_eq!(admin.role_of(&with("nope-nope")), None);
+        assert_eq!(admin.role_of(&http::HeaderMap::new()), None);
+        let refused = admin
+            .check(
+                &with("proxy-token"),
+                AdminRole::Operator,
+                "PUT /v1/snapshot",
+            )
+            .unwrap_err();
+        assert!(refused
+            .to_string()
+            .starts_with("PUT /v1/snapshot needs an operator token"));
+        assert!(admin
+            .check(&with("operator-new"), AdminRole::Proxy, "POST /v1/leases")
+            .is_ok());
+        assert_eq!(config.proxy.control_token, "proxy-token");
+        // The shorthand is what a proxy presents when it has no control_token.
+        let short = Config::from_toml(
+            "[admin]\ntoken = 'one-token'\n[proxy]\ncontrol_url = 'http://cp:8082'\n",
+            no_env(),
+        )
+        .unwrap();
+        assert_eq!(short.proxy.control_token, "one-token");
+        let err = Config::from_toml(
+            "[[admin.tokens]]\ntoken = 'short'\nrole = 'root'\n",
+            no_env(),
+        )
+        .unwrap_err();
+        let all = err.problems.join("\n");
+        assert!(all.contains("admin.tokens"), "{all}");
     }
 
     #[test]

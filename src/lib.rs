@@ -5,6 +5,8 @@
 //! - [`accept`]: the one accept loop of every listener: connection limits, timeouts, back-off.
 //! - [`data_dir`]: one process per `data_dir` (a pid-holding `flock`), files in it 0600.
 //! - [`config`]: the TOML file and `MARKETGATE_*` overrides, validated into [`config::Config`].
+//! - [`plane_tls`]: TLS between the planes: the admin listener's certificate (and client CA),
+//!   a proxy's trust in its control planes (a CA or pinned certificates) and its own.
 //! - [`bind`]: binding a configured listener; a taken address is named with its key.
 //! - [`template`]: the `req_uri` template grammar both planes and the router share (a leaf).
 //! - [`certificate`]: PEM certificates and keys into what rustls serves, and their notAfter
@@ -40,6 +42,7 @@ pub mod feed;
 pub mod gateway;
 pub mod lease;
 pub mod metrics_text;
+pub mod plane_tls;
 pub mod serve;
 pub mod shutdown;
 pub mod signing;

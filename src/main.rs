@@ -149,9 +149,12 @@ fn plane_help(role: &str) -> String {
         "\
 It listens on (defaults shown; set them in the config file or the environment):
 {listeners}
-It needs admin.token (MARKETGATE_ADMIN__TOKEN), the same on every plane, and has no trial
-credentials. Its data_dir (default {data_dir}, relative to the current directory) must be
-on local disk that survives restarts.
+It needs admin tokens and has no trial credentials: [admin] token (MARKETGATE_ADMIN__TOKEN)
+is the one-token shorthand, accepted on every plane; [[admin.tokens]] (role = \"operator\" or
+\"proxy\") accept several at once for rotation, and a proxy presents [proxy] control_token.
+The planes may speak HTTPS to each other ([admin] tls_cert, [proxy] control_ca).
+Its data_dir (default {data_dir}, relative to the current directory) must be on local disk
+that survives restarts.
 
 Every config key can be set in the environment as MARKETGATE_SECTION__KEY (top-level keys as
 MARKETGATE_KEY); an unknown MARKETGATE_* variable is an error. Keys and defaults:
@@ -225,12 +228,12 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Proxy { config } => {
             let config = Config::load(&config)?;
-            config.require_admin_token()?;
+            config.require_proxy_tokens()?;
             run(config, marketgate::gateway::run_proxy)
         }
         Command::Control { config } => {
             let config = Config::load(&config)?;
-            config.require_admin_token()?;
+            config.require_control_tokens()?;
             run(config, marketgate::control::run_control)
         }
         Command::Sign(args) => {

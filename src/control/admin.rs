@@ -3,8 +3,10 @@
 //! (docs/snapshot-protocol.md), the proxies in touch, and the quota lease exchange that
 //! proxies call (`docs/quota-leases.md`).
 //!
-//! Owns admin authentication on this listener (`Authorization: Bearer <admin.token>` or
-//! `X-Admin-Token`, compared in constant time; an empty configured token admits no one) and
+//! Owns admin authentication on this listener (`Authorization: Bearer <token>` or
+//! `X-Admin-Token`, compared in constant time with every configured admin token; the routes a
+//! proxy needs take a proxy or an operator token, the others an operator token: 403 naming
+//! the rule for a proxy token) and
 //! the decoding of lease bodies with the path of the first bad field. Errors are
 //! [`ControlError`]s, so they answer with the APIG error body like the control API. It holds
 //! no state of its own: leases are [`ControlPlane::exchange_leases`]'s, published versions
@@ -14,12 +16,12 @@
 //! |---|---|---|
 //! | `GET /healthz` | no | 200 `ok` |
 //! | `GET /readyz` | no | 200 `ready` when the store answers, else 503 |
-//! | `GET /metrics` | unless `admin.metrics_public` | Prometheus text |
-//! | `GET /v1/snapshot/version` | yes | `{"version":N}` |
-//! | `POST /v1/snapshot/subscribe` | yes | `feed::Poll` → 200 gzip full or delta (`x-snapshot-kind`), 204 after the hold, 409 node id in use |
-//! | `GET /v1/proxies` | yes | `{"version":N,"hash":H,"proxies":[{node_id,incarnation,acked_version,content_hash,content,last_seen,silent_secs,lag_versions,lag_secs,last_error,polls,resyncs,calls_held}],"leases":[{node_id,purchases,calls_held}]}` |
-//! | `POST /v1/leases` | yes | `LeaseExchange` → `LeaseReply` (409 node id in use) |
-//! | `POST /v1/leases/release` | yes | `{"node_id"}` → `{"node_id","released"}` |
+//! | `GET /metrics` | operator, unless `admin.metrics_public` | Prometheus text |
+//! | `GET /v1/snapshot/version` | proxy | `{"version":N}` |
+//! | `POST /v1/snapshot/subscribe` | proxy | `feed::Poll` → 200 gzip full or delta (`x-snapshot-kind`), 204 after the hold, 409 node id in use |
+//! | `GET /v1/proxies` | operator | `{"version":N,"hash":H,"proxies":[{node_id,incarnation,acked_version,content_hash,content,last_seen,silent_secs,lag_versions,lag_secs,last_error,polls,resyncs,calls_held}],"leases":[{node_id,purchases,calls_held}]}` |
+//! | `POST /v1/leases` | proxy | `LeaseExchange` → `LeaseReply` (409 node id in use) |
+//! | `POST /v1/leases/release` | proxy | `{"node_id"}` → `{"node_id","released"}` |
 
 use std::collections::BTreeMap;
 
@@ -35,6 +37,7 @@ use serde_json::json;
 use super::rule;
 use super::subscriptions::{Answer, Subscriptions};
 use super::{ControlError, ControlPlane};
+use crate::config::{AdminRefusal, AdminRole};
 use crate::feed::{self, Poll};
 use crate::lease::{LeaseExchange, LeaseReply};
 
@@ -73,13 +76,22 @@ fn ledger_routes() -> Router<Admin> {
         .route("/v1/leases/release", post(release))
 }
 
-fn authorized(cp: &ControlPlane, headers: &HeaderMap) -> Result<(), ControlError> {
-    if cp.config().admin.admits(headers) {
-        Ok(())
-    } else {
-        Err(ControlError::Unauthenticated(
+/// Refuses a request without an admin token that may do `what` (`needed`: a proxy's routes
+/// take a proxy or an operator token, the others an operator's).
+fn authorized(
+    cp: &ControlPlane,
+    headers: &HeaderMap,
+    needed: AdminRole,
+    what: &'static str,
+) -> Result<(), ControlError> {
+    match cp.config().admin.check(headers, needed, what) {
+        Ok(_) => Ok(()),
+        Err(AdminRefusal::Unauthenticated) => Err(ControlError::Unauthenticated(
             "admin token missing or wrong".into(),
-        ))
+        )),
+        Err(refusal @ AdminRefusal::NotOperator { .. }) => {
+            Err(ControlError::Forbidden(refusal.to_string()))
+        }
     }
 }
 
@@ -109,7 +121,7 @@ async fn metrics(
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, ControlError> {
     if !admin.cp.config().admin.metrics_public {
-        authorized(&admin.cp, &headers)?;
+        authorized(&admin.cp, &headers, AdminRole::Operator, "GET /metrics")?;
     }
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -121,7 +133,12 @@ async fn snapshot_version(
     State(admin): State<Admin>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, ControlError> {
-    authorized(&admin.cp, &headers)?;
+    authorized(
+        &admin.cp,
+        &headers,
+        AdminRole::Proxy,
+        "GET /v1/snapshot/version",
+    )?;
     Ok(Json(json!({ "version": admin.cp.version() })))
 }
 
@@ -132,7 +149,12 @@ async fn subscribe(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ControlError> {
-    authorized(&admin.cp, &headers)?;
+    authorized(
+        &admin.cp,
+        &headers,
+        AdminRole::Proxy,
+        "POST /v1/snapshot/subscribe",
+    )?;
     let poll: Poll = parse(&body)?;
     if poll.node_id.is_empty() || poll.incarnation.is_empty() {
         let field = if poll.node_id.is_empty() {
@@ -195,7 +217,7 @@ async fn proxies(
     State(admin): State<Admin>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, ControlError> {
-    authorized(&admin.cp, &headers)?;
+    authorized(&admin.cp, &headers, AdminRole::Operator, "GET /v1/proxies")?;
     // node -> (purchases with a lease, calls held)
     let mut leases: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     for (_, ledger) in admin.cp.ledgers().await? {
@@ -237,7 +259,7 @@ async fn exchange(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<LeaseReply>, ControlError> {
-    authorized(&admin.cp, &headers)?;
+    authorized(&admin.cp, &headers, AdminRole::Proxy, "POST /v1/leases")?;
     let exchange: LeaseExchange = parse(&body)?;
     if let Some(incarnation) = &exchange.incarnation {
         // Never two live proxies on one lease: the second incarnation is refused.
@@ -270,7 +292,12 @@ async fn release(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<impl IntoResponse, ControlError> {
-    authorized(&admin.cp, &headers)?;
+    authorized(
+        &admin.cp,
+        &headers,
+        AdminRole::Proxy,
+        "POST /v1/leases/release",
+    )?;
     let Release { node_id } = parse(&body)?;
     if node_id.is_empty() {
         return Err(rule::required("node_id"));

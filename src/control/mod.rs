@@ -521,12 +521,14 @@ pub async fn run_control(
     };
     // A SQLite file kept outside data_dir needs its own lock (one process per database).
     let _database = store::lock_sqlite_file(&config.database_url, &config.data_dir)?;
+    let admin_tls = crate::plane_tls::admin_acceptor(config.admin.tls.as_ref())?;
     let cp = ControlPlane::open(&config).await?;
     let listener = crate::bind::bind("control.listen", config.control.listen).await?;
     let admin = crate::bind::bind("admin.listen", config.admin.listen).await?;
     tracing::info!(
         listen = %listener.local_addr()?,
         admin = %admin.local_addr()?,
+        admin_tls = config.admin.tls.is_some(),
         version = cp.version(),
         store = %crate::config::redact_url(&config.database_url),
         "control plane listening"
@@ -538,6 +540,7 @@ pub async fn run_control(
     let admin_task = tokio::spawn(crate::accept::serve_router(
         admin,
         admin_spec,
+        admin_tls,
         cp.accept_metrics(),
         admin_router,
         shutdown.clone(),
@@ -568,6 +571,6 @@ pub async fn serve_with(
 ) -> std::io::Result<()> {
     let config = cp.config();
     let spec = crate::accept::router_spec("control", config.control.connections, config);
-    crate::accept::serve_router(listener, spec, metrics, cp.router(), shutdown).await;
+    crate::accept::serve_router(listener, spec, None, metrics, cp.router(), shutdown).await;
     Ok(())
 }

@@ -3,8 +3,9 @@
 //!
 //! `PATCH /v1/snapshot` takes a [`Delta`] against the version served (409 otherwise).
 //!
-//! Owns admin authentication (`Authorization: Bearer <admin.token>` or `X-Admin-Token`,
-//! compared in constant time), decoding of pushed snapshots (JSON, optionally gzip or zstd,
+//! Owns admin authentication (`Authorization: Bearer <token>` or `X-Admin-Token`, compared
+//! in constant time with every configured admin token; pushes, usage and metrics need an
+//! operator token, and a proxy token is refused 403 naming the rule), decoding of pushed snapshots (JSON, optionally gzip or zstd,
 //! bounded after decompression) with the field path of the first bad field, and the mapping
 //! of [`AdminError`] to status and `{"error_code","error_msg"}` in one exhaustive match. It
 //! does not validate or apply snapshots itself (that is [`super::Gateway::apply_snapshot`]).
@@ -22,6 +23,7 @@ use serde_json::json;
 
 use super::{Gateway, SnapshotRejection};
 use crate::apig;
+use crate::config::{AdminRefusal, AdminRole};
 use crate::snapshot::delta::Delta;
 use crate::snapshot::Snapshot;
 
@@ -29,6 +31,9 @@ use crate::snapshot::Snapshot;
 pub enum AdminError {
     #[error("missing or wrong admin token")]
     Unauthorized,
+    /// A known token whose role may not do this (a proxy's on a snapshot push).
+    #[error(transparent)]
+    Forbidden(AdminRefusal),
     #[error("Content-Encoding {0:?} is not identity, gzip or zstd")]
     Encoding(String),
     #[error("the body does not decompress")]
@@ -58,6 +63,7 @@ impl AdminError {
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             AdminError::Unauthorized => (StatusCode::UNAUTHORIZED, apig::AUTH_FAILED),
+            AdminError::Forbidden(_) => (StatusCode::FORBIDDEN, apig::NO_PERMISSION),
             AdminError::Encoding(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, apig::PARAMETER_ERROR),
             AdminError::Decompress(_) | AdminError::Decode { .. } => {
                 (StatusCode::BAD_REQUEST, apig::PARAMETER_ERROR)
@@ -101,11 +107,17 @@ impl IntoResponse for AdminError {
     }
 }
 
-fn authorized(gateway: &Gateway, headers: &HeaderMap) -> Result<(), AdminError> {
-    if gateway.inner.config.admin.admits(headers) {
-        Ok(())
-    } else {
-        Err(AdminError::Unauthorized)
+/// Refuses a request without an admin token that may do `what` (`needed`).
+fn authorized(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+    needed: AdminRole,
+    what: &'static str,
+) -> Result<(), AdminError> {
+    match gateway.inner.config.admin.check(headers, needed, what) {
+        Ok(_) => Ok(()),
+        Err(AdminRefusal::Unauthenticated) => Err(AdminError::Unauthorized),
+        Err(refusal) => Err(AdminError::Forbidden(refusal)),
     }
 }
 
@@ -116,13 +128,17 @@ pub const MAX_DECOMPRESSION_RATIO: usize = 256;
 /// What any compressed push may inflate to, whatever its ratio, in bytes.
 pub const DECOMPRESSION_FLOOR_BYTES: usize = 64 << 20;
 
-/// Refuses a request without the admin token before anything reads its body.
+/// Refuses a snapshot push without an operator token before anything reads its body.
 async fn require_token(
     State(gateway): State<Gateway>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    match authorized(&gateway, request.headers()) {
+    let what = match *request.method() {
+        http::Method::PATCH => "PATCH /v1/snapshot",
+        _ => "PUT /v1/snapshot",
+    };
+    match authorized(&gateway, request.headers(), AdminRole::Operator, what) {
         Ok(()) => next.run(request).await,
         Err(error) => error.into_response(),
     }
@@ -294,7 +310,7 @@ async fn put_snapshot(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, AdminError> {
-    authorized(&gateway, &headers)?;
+    authorized(&gateway, &headers, AdminRole::Operator, "PUT /v1/snapshot")?;
     let body = pushed_body(&gateway, body)?;
     // Decoding and compiling a large snapshot takes seconds of CPU (BENCHMARKS.md): off the
     // runtime threads, so that buyers' requests keep being served while it runs.
@@ -317,7 +333,12 @@ async fn patch_snapshot(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, AdminError> {
-    authorized(&gateway, &headers)?;
+    authorized(
+        &gateway,
+        &headers,
+        AdminRole::Operator,
+        "PATCH /v1/snapshot",
+    )?;
     let body = pushed_body(&gateway, body)?;
     let node_id = gateway.node_id().to_owned();
     let version = tokio::task::spawn_blocking(move || {
@@ -363,7 +384,12 @@ async fn snapshot_version(
     State(gateway): State<Gateway>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, AdminError> {
-    authorized(&gateway, &headers)?;
+    authorized(
+        &gateway,
+        &headers,
+        AdminRole::Proxy,
+        "GET /v1/snapshot/version",
+    )?;
     Ok(Json(
         json!({ "version": gateway.snapshot_version(), "node_id": gateway.node_id() }),
     ))
@@ -373,7 +399,7 @@ async fn usage(
     State(gateway): State<Gateway>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, AdminError> {
-    authorized(&gateway, &headers)?;
+    authorized(&gateway, &headers, AdminRole::Operator, "GET /v1/usage")?;
     let mut purchases: Vec<_> = gateway
         .quota()
         .cells()
@@ -397,7 +423,7 @@ async fn metrics(
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, AdminError> {
     if !gateway.inner.config.admin.metrics_public {
-        authorized(&gateway, &headers)?;
+        authorized(&gateway, &headers, AdminRole::Operator, "GET /metrics")?;
     }
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

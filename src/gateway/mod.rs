@@ -587,9 +587,11 @@ impl Gateway {
     ) -> Result<(), RunError> {
         let config = &self.inner.config;
         let admin_spec = crate::accept::router_spec("admin", config.admin.connections, config);
+        let admin_tls = crate::plane_tls::admin_acceptor(config.admin.tls.as_ref())?;
         let admin_task = tokio::spawn(crate::accept::serve_router(
             listeners.admin,
             admin_spec,
+            admin_tls,
             self.inner.metrics.accept.clone(),
             admin_router,
             shutdown.clone(),
@@ -623,12 +625,14 @@ pub async fn run_proxy_with(
     shutdown: Shutdown,
 ) -> Result<(), RunError> {
     let config = gateway.inner.config.clone();
-    let uplink = (!config.proxy.control_urls.is_empty()).then(|| {
-        Arc::new(uplink::Uplink::new(
+    let uplink = match config.proxy.control_urls.is_empty() {
+        true => None,
+        false => Some(Arc::new(uplink::Uplink::new(
             config.proxy.control_urls.clone(),
-            &config.admin.token,
-        ))
-    });
+            &config.proxy.control_token,
+            crate::plane_tls::uplink_client_config(&config.proxy)?,
+        ))),
+    };
     let leasing = uplink.as_ref().map(|uplink| {
         let service = Arc::new(leasing::HttpLeaseService::new(uplink.clone()));
         Arc::new(leasing::LeaseClient::new(gateway.clone(), service))

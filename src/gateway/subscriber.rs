@@ -170,7 +170,7 @@ impl Subscriber {
     fn failed(&mut self, index: usize, error: &UplinkError) {
         let next = self.uplink.fail_over(index).to_owned();
         let reason = match error {
-            UplinkError::Unreachable { url, source } => format!("{url} unreachable: {source}"),
+            UplinkError::Unreachable { url, why, .. } => format!("{url} unreachable: {why}"),
             UplinkError::Timeout { url, timeout } => {
                 format!("{url} did not answer within {timeout:?}")
             }

@@ -1,5 +1,7 @@
 //! The proxy's link to its control planes: `[proxy] control_urls` tried in order with
-//! failover, the admin token, one HTTP client. The snapshot subscriber and the lease
+//! failover, the proxy's admin token (`[proxy] control_token`), one HTTP client that speaks
+//! HTTPS to `https://` URLs with the trust `crate::plane_tls` built (a CA or pinned
+//! certificates, and this proxy's own certificate for mutual TLS). The snapshot subscriber and the lease
 //! transport both speak through it, so they move to the next control plane together and a
 //! URL that failed one of them is not tried again by the other first.
 //!
@@ -12,6 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -19,9 +22,12 @@ use hyper_util::rt::TokioExecutor;
 /// Why an exchange with a control plane got no answer.
 #[derive(Debug, thiserror::Error)]
 pub enum UplinkError {
-    #[error("control plane {url} unreachable")]
+    /// `why` is the whole chain of causes in one line (`… invalid peer certificate:
+    /// UnknownIssuer`): the client's own message says only "client error (Connect)".
+    #[error("control plane {url} unreachable: {why}")]
     Unreachable {
         url: String,
+        why: String,
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
@@ -42,20 +48,39 @@ pub struct Uplink {
     /// Index into `urls` of the control plane now used.
     current: AtomicUsize,
     token: String,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
 impl Uplink {
-    /// `urls` must not be empty (config validation makes sure of it for a proxy).
-    pub fn new(urls: Vec<String>, admin_token: &str) -> Uplink {
+    /// `urls` must not be empty (config validation makes sure of it for a proxy); `tls` is
+    /// how `https://` URLs are trusted (config validation makes sure there is one when a URL
+    /// is `https://`).
+    pub fn new(urls: Vec<String>, token: &str, tls: Option<rustls::ClientConfig>) -> Uplink {
         assert!(!urls.is_empty(), "an uplink needs at least one control URL");
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        connector.enforce_http(false);
+        // Without configured trust no URL is https:// (validated): an empty root store then
+        // refuses any that would be, rather than trusting anything.
+        let tls = tls.unwrap_or_else(|| {
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default versions")
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth()
+        });
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         Uplink {
             urls,
             current: AtomicUsize::new(0),
-            token: admin_token.to_owned(),
+            token: token.to_owned(),
             client: Client::builder(TokioExecutor::new()).build(connector),
         }
     }
@@ -107,6 +132,7 @@ impl Uplink {
         let unreachable =
             |source: Box<dyn std::error::Error + Send + Sync>| UplinkError::Unreachable {
                 url: base.to_owned(),
+                why: causes(source.as_ref()),
                 source,
             };
         let call = async {
@@ -137,6 +163,22 @@ impl Uplink {
             });
         (index, outcome)
     }
+}
+
+/// `error` and its sources in one line, each said once (`client error (Connect): invalid
+/// peer certificate: UnknownIssuer`).
+fn causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut said = error.to_string();
+    let mut next = error.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !said.contains(&text) {
+            said.push_str(": ");
+            said.push_str(&text);
+        }
+        next = cause.source();
+    }
+    said
 }
 
 /// A control plane that does not accept a connection within this long counts as down.

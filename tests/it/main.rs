@@ -16,6 +16,7 @@ mod gateway_tls;
 mod leases;
 mod observability;
 mod openapi;
+mod plane_tls;
 mod planes;
 mod serve_restore;
 mod store_faults;
