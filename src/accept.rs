@@ -10,6 +10,10 @@
 //! [`ACCEPT_BACKOFF_MIN`] to [`ACCEPT_BACKOFF_MAX`] and are logged once per burst, never spun
 //! on.
 //!
+//! A TLS listener reads each ClientHello first and runs the handshake with the server
+//! configuration its [`TlsChooser`] picks for it (by SNI: a domain may admit TLS 1.3 only),
+//! so that what a configuration does not allow fails the handshake itself.
+//!
 //! Each connection is bounded in time: a TLS handshake by `tls_handshake_timeout`; the first
 //! request must start within `header_read_timeout` (hyper's own header timeout then bounds
 //! every HTTP/1 head); and a connection with no request in flight for `idle_timeout` is
@@ -36,7 +40,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::LazyConfigAcceptor;
 
 use crate::config::ConnectionLimits;
 use crate::shutdown::Shutdown;
@@ -277,12 +281,27 @@ fn builder(spec: &ListenerSpec) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// Picks the server configuration a TLS handshake runs with, from its ClientHello.
+pub type TlsChooser =
+    Arc<dyn Fn(&rustls::server::ClientHello<'_>) -> Arc<rustls::ServerConfig> + Send + Sync>;
+
+/// The TLS handshake of one connection: the ClientHello, then the handshake with the
+/// configuration `choose` picks for it.
+async fn handshake(
+    stream: tokio::net::TcpStream,
+    choose: &TlsChooser,
+) -> std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+    let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream).await?;
+    let config = choose(&start.client_hello());
+    start.into_stream(config).await
+}
+
 /// Serves `listener` until `shutdown`, building one service per connection with `make`, over
 /// TLS when `tls` is given; then drains (see the module docs).
 pub async fn serve<M, S, B>(
     listener: TcpListener,
     spec: ListenerSpec,
-    tls: Option<TlsAcceptor>,
+    tls: Option<TlsChooser>,
     metrics: AcceptMetrics,
     make: M,
     shutdown: Shutdown,
@@ -394,10 +413,12 @@ pub async fn serve<M, S, B>(
                     });
                     connection(stream, service, &spec, &metrics, room, shutdown).await;
                 }
-                Some(acceptor) => {
-                    let handshake =
-                        tokio::time::timeout(spec.tls_handshake_timeout, acceptor.accept(stream))
-                            .await;
+                Some(choose) => {
+                    let handshake = tokio::time::timeout(
+                        spec.tls_handshake_timeout,
+                        handshake(stream, &choose),
+                    )
+                    .await;
                     if let Ok(Ok(stream)) = handshake {
                         let sni = stream
                             .get_ref()

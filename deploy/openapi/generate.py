@@ -452,6 +452,95 @@ add(MGMT + "/app-auths/binded-apps", "get", op("ListAppsBindedToApiV2", "List th
 add(MGMT + "/app-auths/{app_auth_id}", "delete", op("CancelingAuthorizationV2", "Cancel an authorization", AUTH,
     (204, None, "cancelled"), [403, 404], XP), base + ("app_auth_id",))
 
+# ---- independent domains and certificates (docs/domains.md) --------------------------------
+DOM, CERT = "domains", "certificates"
+CERTS = "/v2/{project_id}/apigw/certificates"
+SSL = S("string", "TLSv1.1 | TLSv1.2 (both: TLS 1.2 and up) | TLSv1.3", enum=["TLSv1.1", "TLSv1.2", "TLSv1.3"])
+PORT = S("integer", "only -1 (absent): a proxy's listeners serve every domain")
+parameters["domain_id"] = path_param("domain_id", "bound domain id")
+parameters["certificate_id"] = path_param("certificate_id", "certificate id")
+schemas.update({
+    "UrlDomainCreate": obj({"url_domain": S("string", "the host name, lower-cased", minLength=1, maxLength=255),
+                            "min_ssl_version": SSL, "is_http_redirect_to_https": S("boolean"),
+                            "verified_client_certificate_enabled": S("boolean", "only false: no client certificates"),
+                            "ingress_http_port": PORT, "ingress_https_port": PORT}, required=("url_domain",)),
+    "UrlDomainModify": obj({"min_ssl_version": SSL, "is_http_redirect_to_https": S("boolean"),
+                            "verified_client_certificate_enabled": S("boolean", "only false: no client certificates"),
+                            "ingress_http_port": PORT, "ingress_https_port": PORT}),
+    "UrlDomainRef": obj({"id": S("string"), "url_domain": S("string"), "status": S("integer", "3: marketgate does not check DNS"),
+                         "min_ssl_version": S("string"), "is_http_redirect_to_https": S("boolean"),
+                         "verified_client_certificate_enabled": S("boolean"), "ssl_id": S("string"), "ssl_name": S("string"),
+                         "api_group_id": S("string"), "api_group_name": S("string"), "instance_id": S("string")},
+                        required=("id", "url_domain")),
+    "CertificateForm": obj({"name": S("string", "4–50 of letters, digits, _ and CJK, starting with a letter or CJK"),
+                            "cert_content": S("string", "PEM chain, leaf first"),
+                            "private_key": S("string", "PEM private key (RSA, ECDSA or Ed25519); never answered"),
+                            "type": S("string", enum=["global", "instance"]), "instance_id": S("string"),
+                            "trusted_root_ca": S("string", "only empty: no client certificates"),
+                            "algorithm_type": S("string", enum=["RSA", "ECC"]),
+                            "cert_content_sign": S("string", "only empty: no SM2"),
+                            "private_key_sign": S("string", "only empty: no SM2")},
+                           required=("name", "cert_content", "private_key")),
+    "Certificate": obj({"id": S("string"), "name": S("string"), "type": S("string"), "instance_id": S("string"),
+                        "project_id": S("string"), "common_name": S("string"), "san": S("array", items=S("string")),
+                        "version": S("integer"), "organization": S("array", items=S("string")),
+                        "organizational_unit": S("array", items=S("string")), "locality": S("array", items=S("string")),
+                        "state": S("array", items=S("string")), "country": S("array", items=S("string")),
+                        "not_before": TIME, "not_after": TIME, "serial_number": S("string"),
+                        "issuer": S("array", items=S("string")), "signature_algorithm": S("string"),
+                        "algorithm_type": S("string"), "is_has_trusted_root_ca": S("boolean"),
+                        "create_time": TIME, "update_time": TIME},
+                       required=("id", "name", "not_after"), desc="a certificate, never its private key"),
+    "CertificateList": envelope("certs", "Certificate", "certificates"),
+    "AttachOrDetachDomains": obj({"domains": S("array", items=obj({
+        "domain": S("string", "a bound domain of the caller's"), "instance_ids": S("array", items=S("string")),
+        "verified_client_certificate_enabled": S("boolean")}, required=("domain",)))}, required=("domains",)),
+    "BoundDomainList": envelope("bound_domains", "UrlDomainRef", "domains a certificate is attached to"),
+})
+schemas["UrlDomain"]["properties"].update({
+    k: dict(v, nullable=True) for k, v in {
+        "is_http_redirect_to_https": S("boolean"), "verified_client_certificate_enabled": S("boolean"),
+        "is_has_trusted_root_ca": S("boolean"), "ssl_infos": S("array", items=S("object"))}.items()})
+GD = MGMT + "/api-groups/{group_id}/domains"
+add(GD, "post", op("AssociateDomainV2", "Bind an independent domain to a group", DOM,
+    (201, ref("UrlDomainRef"), "bound"), [403, 404], XP, ref("UrlDomainCreate"),
+    desc="400 APIG.3305 the host name answers for a group already; APIG.2012 a sixth domain."), base + ("group_id",))
+add(GD + "/{domain_id}", "put", op("UpdateDomainV2", "Change a bound domain's TLS settings", DOM,
+    (200, ref("UrlDomainRef"), "changed"), [403, 404], XP, ref("UrlDomainModify")), base + ("group_id", "domain_id"))
+add(GD + "/{domain_id}", "delete", op("DisassociateDomainV2", "Unbind a domain", DOM,
+    (204, None, "unbound"), [403, 404], XP), base + ("group_id", "domain_id"))
+add(GD + "/{domain_id}/certificate", "post", op("AssociateCertificateV2", "Bind a certificate given inline", DOM,
+    (201, ref("UrlDomainRef"), "bound"), [403, 404], XP, ref("CertificateForm"),
+    desc="400 APIG.2012 naming the rule: parses, key matches, not expired, covers the domain."),
+    base + ("group_id", "domain_id"))
+add(GD + "/{domain_id}/certificate/{certificate_id}", "get", op(
+    "ShowDetailsOfDomainNameCertificateV2", "Show a domain's certificate (never the key)", DOM,
+    (200, ref("Certificate"), "the certificate"), [403, 404], XP), base + ("group_id", "domain_id", "certificate_id"))
+add(GD + "/{domain_id}/certificate/{certificate_id}", "delete", op(
+    "DisassociateCertificateV2", "Unbind a domain's certificate (the certificate stays)", DOM,
+    (204, None, "unbound"), [403, 404], XP), base + ("group_id", "domain_id", "certificate_id"))
+add(CERTS, "post", op("CreateCertificateV2", "Create a certificate", CERT,
+    (201, ref("Certificate"), "created"), [403], XP, ref("CertificateForm"),
+    desc="400 APIG.2012 naming the rule: parses, key matches, not expired."), ("project_id",))
+add(CERTS, "get", op("ListCertificatesV2", "List certificates", CERT,
+    (200, ref("CertificateList"), "certificates"), [403], XP + P("offset", "limit", "name") + [
+        query(q, S("string")) for q in ("common_name", "signature_algorithm", "type", "instance_id", "algorithm_type")]),
+    ("project_id",))
+add(CERTS + "/{certificate_id}", "get", op("ShowDetailsOfCertificateV2", "Show a certificate (never the key)", CERT,
+    (200, ref("Certificate"), "the certificate"), [403, 404], XP), ("project_id", "certificate_id"))
+add(CERTS + "/{certificate_id}", "put", op("UpdateCertificateV2", "Replace a certificate and key (rotation)", CERT,
+    (200, ref("Certificate"), "replaced"), [403, 404], XP, ref("CertificateForm"),
+    desc="The new certificate must cover every domain it is attached to."), ("project_id", "certificate_id"))
+add(CERTS + "/{certificate_id}", "delete", op("DeleteCertificateV2", "Delete a certificate", CERT,
+    (204, None, "deleted"), [403, 404, 409], XP, desc="409 while a domain serves it."), ("project_id", "certificate_id"))
+add(CERTS + "/{certificate_id}/domains/attach", "post", op("BatchAssociateDomainsV2", "Attach to bound domains", CERT,
+    (204, None, "attached"), [403, 404], XP, ref("AttachOrDetachDomains")), ("project_id", "certificate_id"))
+add(CERTS + "/{certificate_id}/domains/detach", "post", op("BatchDisassociateDomainsV2", "Detach from bound domains", CERT,
+    (204, None, "detached"), [403, 404], XP, ref("AttachOrDetachDomains")), ("project_id", "certificate_id"))
+add(CERTS + "/{certificate_id}/attached-domains", "get", op("ListAttachedDomainsV2", "Domains a certificate serves", CERT,
+    (200, ref("BoundDomainList"), "domains"), [403, 404], XP + P("offset", "limit") + [query("url_domain", S("string"))]),
+    ("project_id", "certificate_id"))
+
 # ---- the document itself ---------------------------------------------------------------
 paths["/openapi.json"] = {"get": {
     "operationId": "GetOpenApiDocument", "summary": "This document (no authentication)", "tags": ["meta"],
@@ -476,7 +565,7 @@ doc = {
     },
     "servers": [{"url": "http://127.0.0.1:8081", "description": "marketgate serve with built-in defaults"}],
     "security": [{"AuthToken": []}, {"SdkHmac": []}],
-    "tags": [{"name": t} for t in (MK, G, A, PUB, ENV, APP, AUTH, "meta")],
+    "tags": [{"name": t} for t in (MK, G, A, PUB, ENV, APP, AUTH, DOM, CERT, "meta")],
     "paths": dict(sorted(paths.items())),
     "components": {
         "securitySchemes": {

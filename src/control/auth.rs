@@ -270,6 +270,36 @@ impl Call {
         Ok(())
     }
 
+    /// The body as a typed request (`T`, one struct per resource): absent fields take their
+    /// serde defaults, an empty body reads as `{}`, and a wrong type or a missing required
+    /// field is [`ControlError::BadJson`] naming the field.
+    pub fn body<T: serde::de::DeserializeOwned>(&self) -> Result<T, ControlError> {
+        let body: &[u8] = if self.body.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            &self.body
+        };
+        serde_json::from_slice(body)
+            .map_err(|e| ControlError::BadJson(format!("the body does not parse: {e}")))
+    }
+
+    /// Scope of the project-level resources that have no instance in their path
+    /// (`/v2/{project_id}/apigw/certificates`): the caller acts in its own project only.
+    /// Returns `(domain_id, project_id)`.
+    pub fn project_scope(&self) -> Result<(String, String), ControlError> {
+        let project = self.param("project_id");
+        let header = self.header("x-project-id");
+        if project != self.principal.project_id || header.is_some_and(|h| h != project) {
+            return Err(ControlError::Forbidden(format!(
+                "the caller may not act in project {project}"
+            )));
+        }
+        Ok((
+            self.principal.domain_id.clone(),
+            self.principal.project_id.clone(),
+        ))
+    }
+
     /// Management API scope: the caller acts in its own project only. Returns
     /// `(domain_id, project_id)` owning what it creates.
     pub fn tenant_scope(&self, cp: &ControlPlane) -> Result<(String, String), ControlError> {

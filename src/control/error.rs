@@ -65,6 +65,18 @@ pub enum ControlError {
     AuthNotFound(String),
     #[error("the environment {0} does not exist")]
     EnvNotFound(String),
+    #[error("the URL domain {0} does not exist")]
+    DomainNotFound(String),
+    #[error("the SSL certificate {0} does not exist")]
+    CertificateNotFound(String),
+    #[error("the API group {0} already has the maximum number of independent domains (5)")]
+    TooManyDomains(String),
+    /// A certificate (or its key) broke a rule: the message names the field and the rule,
+    /// never the key.
+    #[error("Invalid parameter value,parameterName:{field}. {rule}")]
+    CertificateRefused { field: &'static str, rule: String },
+    #[error("the certificate name {0} already exists")]
+    CertificateNameExists(String),
     #[error("the purchase {0} does not exist")]
     PurchaseNotFound(String),
     #[error("the API group {0} is not on sale")]
@@ -151,6 +163,11 @@ impl ControlError {
             AppCodeNotFound(_) => (StatusCode::NOT_FOUND, apig::APP_NOT_FOUND),
             AuthNotFound(_) => (StatusCode::NOT_FOUND, apig::AUTH_RECORD_NOT_FOUND),
             EnvNotFound(_) => (StatusCode::NOT_FOUND, apig::INVALID_PARAMETER),
+            DomainNotFound(_) => (StatusCode::NOT_FOUND, apig::URL_DOMAIN_NOT_FOUND),
+            CertificateNotFound(_) => (StatusCode::NOT_FOUND, apig::CERTIFICATE_NOT_FOUND),
+            TooManyDomains(_) => (StatusCode::BAD_REQUEST, apig::INVALID_PARAMETER),
+            CertificateRefused { .. } => (StatusCode::BAD_REQUEST, apig::INVALID_PARAMETER),
+            CertificateNameExists(_) => (StatusCode::BAD_REQUEST, apig::INVALID_PARAMETER),
             PurchaseNotFound(_) => (StatusCode::NOT_FOUND, apig::LISTING_NOT_FOUND),
             NotOnSale(_) => (StatusCode::CONFLICT, apig::LISTING_NOT_FOUND),
             ListingNotFound(_) => (StatusCode::NOT_FOUND, apig::LISTING_NOT_FOUND),
@@ -264,6 +281,18 @@ mod tests {
             (ControlError::AppCodeNotFound(s()), 404, "APIG.3004"),
             (ControlError::AuthNotFound(s()), 404, "APIG.3009"),
             (ControlError::EnvNotFound(s()), 404, "APIG.2012"),
+            (ControlError::DomainNotFound(s()), 404, "APIG.3020"),
+            (ControlError::CertificateNotFound(s()), 404, "APIG.3021"),
+            (ControlError::TooManyDomains(s()), 400, "APIG.2012"),
+            (
+                ControlError::CertificateRefused {
+                    field: "cert_content",
+                    rule: s(),
+                },
+                400,
+                "APIG.2012",
+            ),
+            (ControlError::CertificateNameExists(s()), 400, "APIG.2012"),
             (ControlError::PurchaseNotFound(s()), 404, "APIG.3016"),
             (ControlError::NotOnSale(s()), 409, "APIG.3016"),
             (ControlError::ListingNotFound(s()), 404, "APIG.3016"),

@@ -250,7 +250,11 @@ fn exact(call: &Call, field: &str, value: &str) -> bool {
         .is_none_or(|wanted| wanted == value)
 }
 
-fn own_group<'a>(state: &'a State, id: &str, project: &str) -> Result<&'a GroupRec, ControlError> {
+pub(crate) fn own_group<'a>(
+    state: &'a State,
+    id: &str,
+    project: &str,
+) -> Result<&'a GroupRec, ControlError> {
     state
         .groups
         .get(id)
@@ -291,7 +295,7 @@ fn on_sell_status(state: MarketState) -> u8 {
     }
 }
 
-pub(crate) fn group_json(g: &GroupRec) -> Value {
+pub(crate) fn group_json(state: &State, g: &GroupRec) -> Value {
     json!({
         "id": g.id,
         "name": g.name,
@@ -303,7 +307,7 @@ pub(crate) fn group_json(g: &GroupRec) -> Value {
         "register_time": g.register_time,
         "update_time": g.update_time,
         "on_sell_status": on_sell_status(g.market_state),
-        "url_domains": [],
+        "url_domains": super::domains::url_domains_json(state, &g.id),
         "is_default": 2,
         "version": "V1",
         "market_state": g.market_state.as_str(),
@@ -364,7 +368,7 @@ pub async fn create_group(AxState(cp): AxState<ControlPlane>, call: Call) -> Han
         register_time: now.clone(),
         update_time: now,
     };
-    let out = group_json(&group);
+    let out = group_json(&state, &group);
     cp.commit(&mut state, vec![Change::Group(group)]).await?;
     Ok(reply(StatusCode::CREATED, out))
 }
@@ -377,7 +381,7 @@ pub async fn list_groups(AxState(cp): AxState<ControlPlane>, call: Call) -> Hand
         .values()
         .filter(|g| g.project_id == project)
         .filter(|g| exact(&call, "id", &g.id) && matches(&call, "name", &g.name))
-        .map(group_json)
+        .map(|g| group_json(&state, g))
         .collect();
     Ok(page(&call, "groups", items))
 }
@@ -386,7 +390,7 @@ pub async fn show_group(AxState(cp): AxState<ControlPlane>, call: Call) -> Handl
     let (_, project) = call.tenant_scope(&cp)?;
     let state = cp.lock().await?;
     let group = own_group(&state, call.param("group_id"), &project)?;
-    Ok(reply(StatusCode::OK, group_json(group)))
+    Ok(reply(StatusCode::OK, group_json(&state, group)))
 }
 
 pub async fn update_group(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
@@ -398,7 +402,7 @@ pub async fn update_group(AxState(cp): AxState<ControlPlane>, call: Call) -> Han
     group.name = name;
     group.remark = remark;
     group.update_time = now_rfc3339();
-    let out = group_json(&group);
+    let out = group_json(&state, &group);
     cp.commit(&mut state, vec![Change::Group(group)]).await?;
     Ok(reply(StatusCode::OK, out))
 }
@@ -419,8 +423,13 @@ pub async fn delete_group(AxState(cp): AxState<ControlPlane>, call: Call) -> Han
             group.id
         )));
     }
-    let id = group.id.clone();
-    cp.commit(&mut state, vec![Change::DeleteGroup(id)]).await?;
+    // Its bound domains go with it (as on Huawei); their certificates stay.
+    let mut changes: Vec<Change> = state
+        .group_domains(&group.id)
+        .map(|d| Change::DeleteDomain(d.id.clone()))
+        .collect();
+    changes.push(Change::DeleteGroup(group.id.clone()));
+    cp.commit(&mut state, changes).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

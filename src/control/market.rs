@@ -68,7 +68,7 @@ fn required_domain(call: &Call) -> Result<String, ControlError> {
         .ok_or(ControlError::MissingHeader("X-Domain-Id"))
 }
 
-fn valid_url_domain(domain: &str) -> bool {
+pub(crate) fn valid_url_domain(domain: &str) -> bool {
     domain.len() <= MAX_URL_DOMAIN_CHARS
         && domain.contains('.')
         && domain.split('.').all(|label| {
@@ -108,11 +108,13 @@ pub async fn onsell(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
         | MarketState::OffSale
         | MarketState::OnSale => {}
     }
-    let taken = state.groups.values().any(|g| {
-        g.id != group.id
-            && (g.url_domain.as_deref() == Some(url_domain.as_str()) || g.sl_domain == url_domain)
-    });
-    if taken {
+    // A bound domain is a record of its own (its claim's owner), even in this group.
+    let bound = state.domains.values().any(|d| d.url_domain == url_domain);
+    if bound
+        || state
+            .domain_owner(&url_domain)
+            .is_some_and(|owner| owner != group.id)
+    {
         return Err(ControlError::UrlDomainTaken(url_domain));
     }
     if !state.has_sellable_api(&group.id) {

@@ -19,13 +19,16 @@
 //! The quota ledgers (`leases`) live in their own rows, changed under row locks.
 //!
 //! This module owns wiring (`ControlPlane`, the routers, `run_control`) and the commit path;
-//! request logic lives in `management` and `market`, the snapshot build in `publish`,
+//! request logic lives in `management` and `market` (a group's bound domains in `domains`,
+//! certificates in `certificates`), the snapshot build in `publish`,
 //! publishing it once per version to the proxies that subscribe in `subscriptions`, the admin
 //! listener in `admin`, its metrics in `metrics`, the wording of every refused value (the
 //! rule it broke) in `rule`.
 
 pub mod admin;
 pub mod auth;
+pub mod certificates;
+pub mod domains;
 pub mod error;
 pub mod leases;
 pub mod management;
@@ -178,6 +181,8 @@ impl ControlPlane {
     pub fn router(&self) -> Router {
         let m = "/v2/{project_id}/apigw/instances/{instance_id}";
         let k = "/v1/{project_id}/apigw/instances/{instance_id}/market";
+        let c = "/v2/{project_id}/apigw";
+        let g = "/v2/{project_id}/apigw/instances/{instance_id}/api-groups/{group_id}";
         use management as mg;
         use market as mk;
         Router::new()
@@ -243,6 +248,41 @@ impl ControlPlane {
             .route(
                 &format!("{m}/app-auths/{{app_auth_id}}"),
                 delete(retried(mg::delete_auth)),
+            )
+            .route(&format!("{g}/domains"), post(retried(domains::bind)))
+            .route(
+                &format!("{g}/domains/{{domain_id}}"),
+                put(retried(domains::update)).delete(retried(domains::unbind)),
+            )
+            .route(
+                &format!("{g}/domains/{{domain_id}}/certificate"),
+                post(retried(domains::bind_certificate)),
+            )
+            .route(
+                &format!("{g}/domains/{{domain_id}}/certificate/{{certificate_id}}"),
+                get(domains::show_certificate).delete(retried(domains::unbind_certificate)),
+            )
+            .route(
+                &format!("{c}/certificates"),
+                post(retried(certificates::create)).get(certificates::list),
+            )
+            .route(
+                &format!("{c}/certificates/{{certificate_id}}"),
+                get(certificates::show)
+                    .put(retried(certificates::update))
+                    .delete(retried(certificates::delete)),
+            )
+            .route(
+                &format!("{c}/certificates/{{certificate_id}}/domains/attach"),
+                post(retried(certificates::attach)),
+            )
+            .route(
+                &format!("{c}/certificates/{{certificate_id}}/domains/detach"),
+                post(retried(certificates::detach)),
+            )
+            .route(
+                &format!("{c}/certificates/{{certificate_id}}/attached-domains"),
+                get(certificates::attached_domains),
             )
             .route(
                 &format!("{k}/api-groups/onsell/{{group_id}}"),

@@ -5,8 +5,10 @@
 //! What goes in: every group (with `sl_domain`, `url_domain`, `market_state`) with the RELEASE
 //! definitions of its published APIs as frozen at publish time (never drafts); MARKET apps of
 //! purchases and USER apps that hold app authorizations; purchases that have an app (a
-//! reserved purchase has none yet); app authorizations of published APIs. Must not read the
-//! store or change state.
+//! reserved purchase has none yet); app authorizations of published APIs; sellers' bound
+//! domains with their TLS rules, and each certificate attached to one of them with the
+//! domains it serves (a certificate attached to nothing is not sent: its key stays in the
+//! store). Must not read the store or change state.
 
 use std::collections::BTreeSet;
 
@@ -82,6 +84,39 @@ pub fn build(state: &State) -> Snapshot {
             creator: a.creator.clone(),
         })
         .collect();
+    let domains: Vec<snapshot::Domain> = state
+        .domains
+        .values()
+        .filter(|d| state.groups.contains_key(&d.group_id))
+        .map(|d| snapshot::Domain {
+            domain: d.url_domain.clone(),
+            group_id: d.group_id.clone(),
+            // Stored values are checked at the API (`domains::SSL_VERSIONS`).
+            min_tls_version: snapshot::MinTlsVersion::from_name(&d.min_ssl_version)
+                .unwrap_or_default(),
+            https_redirect: d.is_http_redirect_to_https,
+        })
+        .collect();
+    let certificates = state
+        .certificates
+        .values()
+        .filter_map(|c| {
+            let served: Vec<String> = state
+                .domains
+                .values()
+                .filter(|d| {
+                    d.certificate_id.as_deref() == Some(c.id.as_str())
+                        && state.groups.contains_key(&d.group_id)
+                })
+                .map(|d| d.url_domain.clone())
+                .collect();
+            (!served.is_empty()).then(|| snapshot::Certificate {
+                domains: served,
+                cert_pem: c.cert_content.clone(),
+                key_pem: c.private_key.clone(),
+            })
+        })
+        .collect();
     Snapshot {
         version: state.version,
         generated_at: Some(now_rfc3339()),
@@ -89,6 +124,7 @@ pub fn build(state: &State) -> Snapshot {
         apps,
         purchases,
         app_auths,
-        certificates: Vec::new(),
+        certificates,
+        domains,
     }
 }

@@ -220,6 +220,82 @@ impl LedgerDoc {
     }
 }
 
+/// An independent domain bound to a group (Huawei's `url_domains` of a group): buyers reach
+/// the group by it as by its market `url_domain`. A domain belongs to one group (the
+/// `domain` claim it shares with `sl_domain` and `url_domain`), a group holds at most
+/// [`MAX_GROUP_DOMAINS`] (one `domain_slot` claim each).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DomainRec {
+    pub id: String,
+    pub group_id: String,
+    /// Lower-case host name.
+    pub url_domain: String,
+    /// Which of the group's [`MAX_GROUP_DOMAINS`] slots it holds (`0..MAX_GROUP_DOMAINS`).
+    pub slot: u8,
+    /// `TLSv1.1`, `TLSv1.2` or `TLSv1.3`.
+    pub min_ssl_version: String,
+    #[serde(default)]
+    pub is_http_redirect_to_https: bool,
+    /// The certificate served for it, by SNI.
+    #[serde(default)]
+    pub certificate_id: Option<String>,
+    pub create_time: String,
+}
+
+/// A seller's TLS certificate (`/v2/{project_id}/apigw/certificates`). `private_key` is a
+/// secret: no answer, log line or error carries it (`Debug` leaves it out).
+#[derive(Clone, Serialize, Deserialize)]
+pub struct CertRec {
+    pub id: String,
+    pub name: String,
+    pub domain_id: String,
+    pub project_id: String,
+    pub instance_id: String,
+    /// PEM chain, leaf first.
+    pub cert_content: String,
+    /// PEM private key.
+    pub private_key: String,
+    pub common_name: String,
+    #[serde(default)]
+    pub san: Vec<String>,
+    #[serde(default)]
+    pub issuer: Vec<String>,
+    #[serde(default)]
+    pub organization: Vec<String>,
+    #[serde(default)]
+    pub organizational_unit: Vec<String>,
+    #[serde(default)]
+    pub locality: Vec<String>,
+    #[serde(default)]
+    pub state: Vec<String>,
+    #[serde(default)]
+    pub country: Vec<String>,
+    pub serial_number: String,
+    pub signature_algorithm: String,
+    pub algorithm_type: String,
+    /// Unix seconds.
+    pub not_before: i64,
+    /// Unix seconds.
+    pub not_after: i64,
+    pub create_time: String,
+    pub update_time: String,
+}
+
+impl std::fmt::Debug for CertRec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertRec")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("project_id", &self.project_id)
+            .field("common_name", &self.common_name)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Huawei's limit of independent domains per group.
+pub const MAX_GROUP_DOMAINS: u8 = 5;
+
 /// A committed change to one record.
 #[derive(Debug, Clone)]
 // Changes live for one request; boxing the big variants buys nothing measurable.
@@ -234,6 +310,10 @@ pub enum Change {
     Auth(AuthRec),
     DeleteAuth(String),
     Purchase(PurchaseRec),
+    Domain(DomainRec),
+    DeleteDomain(String),
+    Certificate(CertRec),
+    DeleteCertificate(String),
 }
 
 pub const KIND_GROUP: &str = "group";
@@ -241,6 +321,8 @@ pub const KIND_API: &str = "api";
 pub const KIND_APP: &str = "app";
 pub const KIND_AUTH: &str = "auth";
 pub const KIND_PURCHASE: &str = "purchase";
+pub const KIND_DOMAIN: &str = "domain";
+pub const KIND_CERTIFICATE: &str = "certificate";
 
 /// Claim scopes (the `claims` table): what must be unique, and within what.
 pub const CLAIM_DOMAIN: &str = "domain";
@@ -252,6 +334,10 @@ pub const CLAIM_APP_KEY: &str = "app_key";
 pub const CLAIM_APP_CODE: &str = "app_code";
 pub const CLAIM_AUTH: &str = "auth";
 pub const CLAIM_ORDER_ID: &str = "order_id";
+/// `{group_id}/{slot}`: a group's domains hold distinct slots, so the store itself refuses a
+/// sixth.
+pub const CLAIM_DOMAIN_SLOT: &str = "domain_slot";
+pub const CLAIM_CERTIFICATE_NAME: &str = "certificate_name";
 
 impl Change {
     /// The record this change writes: `(kind, id)`.
@@ -266,6 +352,10 @@ impl Change {
             Change::Auth(a) => (KIND_AUTH, &a.id),
             Change::DeleteAuth(id) => (KIND_AUTH, id),
             Change::Purchase(p) => (KIND_PURCHASE, &p.purchase_id),
+            Change::Domain(d) => (KIND_DOMAIN, &d.id),
+            Change::DeleteDomain(id) => (KIND_DOMAIN, id),
+            Change::Certificate(c) => (KIND_CERTIFICATE, &c.id),
+            Change::DeleteCertificate(id) => (KIND_CERTIFICATE, id),
         }
     }
 
@@ -316,10 +406,20 @@ impl Change {
                 .map(|o| claim(CLAIM_ORDER_ID, o))
                 .into_iter()
                 .collect(),
+            Change::Domain(d) => vec![
+                claim(CLAIM_DOMAIN, d.url_domain.clone()),
+                claim(CLAIM_DOMAIN_SLOT, format!("{}/{}", d.group_id, d.slot)),
+            ],
+            Change::Certificate(c) => vec![claim(
+                CLAIM_CERTIFICATE_NAME,
+                format!("{}/{}", c.project_id, c.name),
+            )],
             Change::DeleteGroup(_)
             | Change::DeleteApi(_)
             | Change::DeleteApp(_)
-            | Change::DeleteAuth(_) => Vec::new(),
+            | Change::DeleteAuth(_)
+            | Change::DeleteDomain(_)
+            | Change::DeleteCertificate(_) => Vec::new(),
         };
         claims.sort();
         claims.dedup();
@@ -339,10 +439,14 @@ impl Change {
             Change::App(a) => doc(a),
             Change::Auth(a) => doc(a),
             Change::Purchase(p) => doc(p),
+            Change::Domain(d) => doc(d),
+            Change::Certificate(c) => doc(c),
             Change::DeleteGroup(_)
             | Change::DeleteApi(_)
             | Change::DeleteApp(_)
-            | Change::DeleteAuth(_) => None,
+            | Change::DeleteAuth(_)
+            | Change::DeleteDomain(_)
+            | Change::DeleteCertificate(_) => None,
         };
         Write {
             kind,
@@ -364,6 +468,8 @@ pub struct State {
     pub apps: BTreeMap<String, AppRec>,
     pub auths: BTreeMap<String, AuthRec>,
     pub purchases: BTreeMap<String, PurchaseRec>,
+    pub domains: BTreeMap<String, DomainRec>,
+    pub certificates: BTreeMap<String, CertRec>,
     revs: std::collections::HashMap<(&'static str, String), u64>,
 }
 
@@ -375,10 +481,17 @@ impl State {
 
     /// Applies one record as the store holds it (a tombstone removes it).
     pub fn apply_stored(&mut self, stored: Stored) -> Result<(), ControlError> {
-        let Some(kind) = [KIND_GROUP, KIND_API, KIND_APP, KIND_AUTH, KIND_PURCHASE]
-            .into_iter()
-            .find(|k| *k == stored.kind)
-        else {
+        let Some(kind) = [
+            KIND_GROUP,
+            KIND_API,
+            KIND_APP,
+            KIND_AUTH,
+            KIND_PURCHASE,
+            KIND_DOMAIN,
+            KIND_CERTIFICATE,
+        ]
+        .into_iter()
+        .find(|k| *k == stored.kind) else {
             tracing::warn!(kind = stored.kind, "ignoring a record of an unknown kind");
             return Ok(());
         };
@@ -389,6 +502,8 @@ impl State {
                 KIND_API => Change::DeleteApi(id),
                 KIND_APP => Change::DeleteApp(id),
                 KIND_AUTH => Change::DeleteAuth(id),
+                KIND_DOMAIN => Change::DeleteDomain(id),
+                KIND_CERTIFICATE => Change::DeleteCertificate(id),
                 _ => {
                     self.purchases.remove(&id);
                     self.revs.remove(&(kind, id));
@@ -402,6 +517,10 @@ impl State {
                     KIND_API => Change::Api(serde_json::from_str(&doc).map_err(corrupt)?),
                     KIND_APP => Change::App(serde_json::from_str(&doc).map_err(corrupt)?),
                     KIND_AUTH => Change::Auth(serde_json::from_str(&doc).map_err(corrupt)?),
+                    KIND_DOMAIN => Change::Domain(serde_json::from_str(&doc).map_err(corrupt)?),
+                    KIND_CERTIFICATE => {
+                        Change::Certificate(serde_json::from_str(&doc).map_err(corrupt)?)
+                    }
                     _ => Change::Purchase(serde_json::from_str(&doc).map_err(corrupt)?),
                 }
             }
@@ -418,14 +537,18 @@ impl State {
             Change::DeleteGroup(_)
             | Change::DeleteApi(_)
             | Change::DeleteApp(_)
-            | Change::DeleteAuth(_) => {
+            | Change::DeleteAuth(_)
+            | Change::DeleteDomain(_)
+            | Change::DeleteCertificate(_) => {
                 self.revs.remove(&key);
             }
             Change::Group(_)
             | Change::Api(_)
             | Change::App(_)
             | Change::Auth(_)
-            | Change::Purchase(_) => {
+            | Change::Purchase(_)
+            | Change::Domain(_)
+            | Change::Certificate(_) => {
                 self.revs.insert(key, rev);
             }
         }
@@ -443,7 +566,9 @@ impl State {
             .chain(self.apis.values().cloned().map(Change::Api))
             .chain(self.apps.values().cloned().map(Change::App))
             .chain(self.auths.values().cloned().map(Change::Auth))
-            .chain(self.purchases.values().cloned().map(Change::Purchase));
+            .chain(self.purchases.values().cloned().map(Change::Purchase))
+            .chain(self.domains.values().cloned().map(Change::Domain))
+            .chain(self.certificates.values().cloned().map(Change::Certificate));
         changes
             .flat_map(|change| {
                 let owner = change.key().1.to_owned();
@@ -484,11 +609,48 @@ impl State {
             Change::Purchase(p) => {
                 self.purchases.insert(p.purchase_id.clone(), p);
             }
+            Change::Domain(d) => {
+                self.domains.insert(d.id.clone(), d);
+            }
+            Change::DeleteDomain(id) => {
+                self.domains.remove(&id);
+            }
+            Change::Certificate(c) => {
+                self.certificates.insert(c.id.clone(), c);
+            }
+            Change::DeleteCertificate(id) => {
+                self.certificates.remove(&id);
+            }
         }
     }
 
     pub fn group_apis<'a>(&'a self, group_id: &'a str) -> impl Iterator<Item = &'a ApiRec> + 'a {
         self.apis.values().filter(move |a| a.group_id == group_id)
+    }
+
+    /// The group that answers on host name `domain` (as its `sl_domain`, market
+    /// `url_domain` or a bound domain), if any: a host name belongs to one group.
+    pub fn domain_owner(&self, domain: &str) -> Option<&str> {
+        self.groups
+            .values()
+            .find(|g| g.sl_domain == domain || g.url_domain.as_deref() == Some(domain))
+            .map(|g| g.id.as_str())
+            .or_else(|| {
+                self.domains
+                    .values()
+                    .find(|d| d.url_domain == domain)
+                    .map(|d| d.group_id.as_str())
+            })
+    }
+
+    /// The independent domains bound to a group.
+    pub fn group_domains<'a>(
+        &'a self,
+        group_id: &'a str,
+    ) -> impl Iterator<Item = &'a DomainRec> + 'a {
+        self.domains
+            .values()
+            .filter(move |d| d.group_id == group_id)
     }
 
     pub fn has_sellable_api(&self, group_id: &str) -> bool {

@@ -210,6 +210,42 @@ pub fn resolve_host<'s>(
     Ok((group, domain))
 }
 
+/// Phase 1b, plain HTTP only: a seller's bound domain that asks for HTTPS
+/// (`is_http_redirect_to_https`) is answered with a redirect to the same URL over HTTPS, on
+/// the port the TLS listener is bound to (`tls_port`; none named when it is 443, or 0: no
+/// TLS listener, so TLS is terminated in front, on 443). 301 for GET and HEAD, 308 otherwise (the method
+/// and body are kept). Costs nothing while no bound domain exists.
+pub fn https_redirect(
+    snapshot: &CompiledSnapshot,
+    head: &RequestHead<'_>,
+    tls_port: u16,
+) -> Option<Response<Body>> {
+    if head.tls || snapshot.domain_rules.is_empty() {
+        return None;
+    }
+    let host = host_without_port(head.authority).to_ascii_lowercase();
+    if !snapshot.domain_rules.get(host.as_str())?.https_redirect {
+        return None;
+    }
+    let port = match tls_port {
+        0 | 443 => String::new(),
+        port => format!(":{port}"),
+    };
+    let query = head.query.map_or(String::new(), |q| format!("?{q}"));
+    let location = format!("https://{host}{port}{}{query}", head.path);
+    let status = if matches!(*head.method, http::Method::GET | http::Method::HEAD) {
+        http::StatusCode::MOVED_PERMANENTLY
+    } else {
+        http::StatusCode::PERMANENT_REDIRECT
+    };
+    let mut response = Response::new(forward::full(Bytes::new()));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::LOCATION, HeaderValue::from_str(&location).ok()?);
+    Some(response)
+}
+
 /// Phase 2: method and path → API (sellable only on the market domain).
 pub fn route<'s, 'p>(
     group: &'s CompiledGroup,
@@ -745,6 +781,13 @@ async fn serve<'s>(
     };
     let (group, domain) = resolve_host(snapshot, &head)?;
     trace.group = Some(group);
+    if let Some(redirect) = https_redirect(
+        snapshot,
+        &head,
+        gateway.tls_port.load(std::sync::atomic::Ordering::Relaxed),
+    ) {
+        return Ok(redirect);
+    }
     let (api, params) = route(group, domain, &head)?;
     trace.api = Some(api);
     // Positions rather than borrows, so that the buyer's headers can be handed on to the

@@ -3,7 +3,7 @@
 //! Owns the accept loop, hyper-util's `auto` server (HTTP/1.1 and HTTP/2) with its header
 //! limits and header-read timeout (slowloris), the TLS acceptor whose certificate is chosen
 //! by SNI from the current snapshot (else the default from config) with ALPN h2 and
-//! http/1.1, and the graceful drain bounded by `gateway.drain_timeout`. It does not decide
+//! http/1.1 and whose TLS versions are a bound domain's (`min_ssl_version`), and the graceful drain bounded by `gateway.drain_timeout`. It does not decide
 //! requests: each request goes to [`super::handler::handle`] with its [`ConnInfo`].
 
 use std::path::Path;
@@ -13,14 +13,14 @@ use std::sync::Arc;
 use hyper::service::service_fn;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use tokio_rustls::TlsAcceptor;
 
 use super::handler::{handle, ConnInfo};
 use super::workers::WorkerContext;
 use super::Inner;
-use crate::accept::{self, ListenerSpec, Peer};
+use crate::accept::{self, ListenerSpec, Peer, TlsChooser};
 use crate::shutdown::Shutdown;
 use crate::snapshot::compile::{certified_key_pem, CertificateError};
+use crate::snapshot::MinTlsVersion;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -45,7 +45,8 @@ pub fn load_default_cert(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsErr
     certified_key_pem(&read(cert)?, &read(key)?).map_err(TlsError::Certificate)
 }
 
-/// Chooses a certificate by SNI from the snapshot served at handshake time.
+/// Chooses a certificate by SNI from the snapshot served at handshake time (else the
+/// default one).
 struct SniResolver {
     gateway: Arc<Inner>,
 }
@@ -69,16 +70,41 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-pub(crate) fn tls_acceptor(gateway: Arc<Inner>) -> TlsAcceptor {
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("ring supports the default versions")
-    .with_no_client_auth()
-    .with_cert_resolver(Arc::new(SniResolver { gateway }));
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    TlsAcceptor::from(Arc::new(config))
+/// The buyers' TLS configurations, chosen per ClientHello: TLS 1.2 and 1.3, or TLS 1.3 only
+/// for a bound domain whose `min_ssl_version` is `TLSv1.3` (its handshakes in TLS 1.2 fail
+/// with a `protocol_version` alert). `TLSv1.1` and `TLSv1.2` need nothing more: rustls never
+/// speaks below 1.2.
+pub(crate) fn tls_chooser(gateway: Arc<Inner>) -> TlsChooser {
+    let config = |versions: &[&'static rustls::SupportedProtocolVersion]| {
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(versions)
+        .expect("ring supports TLS 1.2 and 1.3")
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SniResolver {
+            gateway: gateway.clone(),
+        }));
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Arc::new(config)
+    };
+    let any = config(rustls::DEFAULT_VERSIONS);
+    let tls13 = config(&[&rustls::version::TLS13]);
+    let rules = gateway.clone();
+    Arc::new(move |hello: &ClientHello<'_>| {
+        let tls13_only = hello.server_name().is_some_and(|name| {
+            rules.current.load().as_ref().is_some_and(|s| {
+                s.domain_rules
+                    .get(name)
+                    .is_some_and(|r| r.min_tls_version == MinTlsVersion::Tls13)
+            })
+        });
+        if tls13_only {
+            tls13.clone()
+        } else {
+            any.clone()
+        }
+    })
 }
 
 /// The bounds of one worker's buyer listener (`name`: `buyers` or `buyers_tls`), from
@@ -105,10 +131,15 @@ pub(crate) async fn serve(
     gateway: Arc<Inner>,
     context: WorkerContext,
     listener: tokio::net::TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<TlsChooser>,
     shutdown: Shutdown,
 ) {
     gateway.listening.store(true, Ordering::Release);
+    if tls.is_some() {
+        if let Ok(addr) = listener.local_addr() {
+            gateway.tls_port.store(addr.port(), Ordering::Relaxed);
+        }
+    }
     let name = if tls.is_some() {
         "buyers_tls"
     } else {

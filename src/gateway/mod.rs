@@ -103,6 +103,8 @@ pub(crate) struct Inner {
     pub(crate) quota: quota::QuotaRegistry,
     pub(crate) metrics: metrics::GatewayMetrics,
     pub(crate) listening: AtomicBool,
+    /// The port the buyers' TLS listener is bound to (0: none yet), for HTTPS redirects.
+    pub(crate) tls_port: std::sync::atomic::AtomicU16,
     /// Set by `serve` ([`Gateway::follow_in_process`]): pushes are refused.
     followed: AtomicBool,
     pub(crate) default_cert: Option<Arc<rustls::sign::CertifiedKey>>,
@@ -168,6 +170,7 @@ impl Gateway {
             quota,
             metrics,
             listening: AtomicBool::new(false),
+            tls_port: std::sync::atomic::AtomicU16::new(0),
             followed: AtomicBool::new(false),
             default_cert,
             snapshot_path,
@@ -419,7 +422,7 @@ impl Gateway {
         tls: bool,
         shutdown: Shutdown,
     ) {
-        let tls = tls.then(|| listener::tls_acceptor(self.inner.clone()));
+        let tls = tls.then(|| listener::tls_chooser(self.inner.clone()));
         listener::serve(self.inner.clone(), context, listener, tls, shutdown).await
     }
 

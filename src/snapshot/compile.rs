@@ -1,9 +1,10 @@
 //! The compiled snapshot: everything the hot path needs, indexed, built once per push.
 //!
-//! Owns the translation of a [`Validated`] snapshot into lookup tables: host → group, one
+//! Owns the translation of a [`Validated`] snapshot into lookup tables: host → group (a
+//! seller's bound domain as one more name of its group's market domain), one
 //! [`Router`] per group, app key → app, app code → app, app → purchase, each purchase's quota
 //! cell (an `Arc` into the registry, so counters survive swaps), each group's metric handles
-//! and the TLS certificates by server name. It parses nothing (validation did, once) and has
+//! and the TLS certificates and bound domains' TLS rules by server name. It parses nothing (validation did, once) and has
 //! nothing left to fail on. It is done in two steps so that shared state changes only once
 //! the snapshot is persisted: [`prepare`] builds everything that belongs to the new snapshot
 //! alone; [`Prepared::bind`] then takes the purchases' cells from the quota registry (setting
@@ -18,7 +19,7 @@ use rustls::sign::CertifiedKey;
 
 use super::validate::{validate, Validated, ValidationError, MAX_APP_CODES};
 pub use super::validate::{AuthKind, CompiledBackend, PathPiece};
-use super::wire::{App, MarketState, Purchase, PurchaseState, Snapshot};
+use super::wire::{App, MarketState, MinTlsVersion, Purchase, PurchaseState, Snapshot};
 pub use crate::certificate::{certified_key_pem, CertificateError};
 use crate::gateway::metrics::{GatewayMetrics, GroupCounters};
 use crate::gateway::quota::{QuotaCell, QuotaRegistry, UNLIMITED};
@@ -31,6 +32,13 @@ pub enum DomainKind {
     Market,
     /// The seller's `sl_domain`: every published API, app authorizations, no quota.
     Seller,
+}
+
+/// A seller's bound domain's TLS rules (the wire's `domains`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DomainRules {
+    pub min_tls_version: MinTlsVersion,
+    pub https_redirect: bool,
 }
 
 #[derive(Debug)]
@@ -155,6 +163,8 @@ pub struct CompiledSnapshot {
     apps_by_code: HashTable<(u32, u8)>,
     hasher: DefaultHashBuilder,
     pub certificates: HashMap<Box<str>, Arc<CertifiedKey>>,
+    /// The TLS rules of sellers' bound domains, by host name (empty: none bound).
+    pub domain_rules: HashMap<Box<str>, DomainRules>,
 }
 
 impl CompiledSnapshot {
@@ -244,6 +254,7 @@ pub fn prepare<'a>(valid: Validated<'a>, metrics: &GatewayMetrics) -> Prepared<'
         certificates: parsed_certificates,
         purchase_refs,
         auth_refs,
+        domain_groups,
     } = valid;
     let mut hosts = HashMap::new();
     let mut groups = Vec::with_capacity(snapshot.groups.len());
@@ -276,6 +287,17 @@ pub fn prepare<'a>(valid: Validated<'a>, metrics: &GatewayMetrics) -> Prepared<'
             apis,
             counters: metrics.group(&group.id),
         });
+    }
+    let mut domain_rules = HashMap::new();
+    for (bound, gi) in snapshot.domains.iter().zip(domain_groups) {
+        hosts.insert(bound.domain.as_str().into(), (gi, DomainKind::Market));
+        domain_rules.insert(
+            bound.domain.as_str().into(),
+            DomainRules {
+                min_tls_version: bound.min_tls_version,
+                https_redirect: bound.https_redirect,
+            },
+        );
     }
     for (gi, ai, app) in auth_refs {
         if let Some(api) = groups.get_mut(gi).and_then(|g| g.apis.get_mut(ai)) {
@@ -328,6 +350,7 @@ pub fn prepare<'a>(valid: Validated<'a>, metrics: &GatewayMetrics) -> Prepared<'
             apps_by_code,
             hasher,
             certificates,
+            domain_rules,
         },
         purchases,
         expiries,

@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::wire::{App, AppAuth, Certificate, Group, Purchase, Snapshot};
+use super::wire::{App, AppAuth, Certificate, Domain, Group, Purchase, Snapshot};
 
 /// The changes from `from_version` to `version`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -40,6 +40,9 @@ pub struct Delta {
     /// Certificates likewise: the whole list when any changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificates: Option<Vec<Certificate>>,
+    /// Bound domains likewise (at most five per group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domains: Option<Vec<Domain>>,
 }
 
 /// Why a delta could not be applied.
@@ -65,6 +68,7 @@ impl Delta {
             && self.removed_purchases.is_empty()
             && self.app_auths.is_none()
             && self.certificates.is_none()
+            && self.domains.is_none()
     }
 
     /// Entities carried, a rough size for choosing between delta and full push.
@@ -77,6 +81,7 @@ impl Delta {
             + self.removed_purchases.len()
             + self.app_auths.as_ref().map_or(0, Vec::len)
             + self.certificates.as_ref().map_or(0, Vec::len)
+            + self.domains.as_ref().map_or(0, Vec::len)
     }
 }
 
@@ -97,6 +102,7 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> Delta {
         removed_purchases,
         app_auths: (old.app_auths != new.app_auths).then(|| new.app_auths.clone()),
         certificates: (old.certificates != new.certificates).then(|| new.certificates.clone()),
+        domains: (old.domains != new.domains).then(|| new.domains.clone()),
     }
 }
 
@@ -130,6 +136,7 @@ pub fn apply(base: &Snapshot, delta: Delta) -> Result<Snapshot, DeltaError> {
         certificates: delta
             .certificates
             .unwrap_or_else(|| base.certificates.clone()),
+        domains: delta.domains.unwrap_or_else(|| base.domains.clone()),
     })
 }
 

@@ -227,6 +227,7 @@ fn snapshot() -> impl Strategy<Value = Snapshot> {
                 .map(|(app_id, api_id)| AppAuth { app_id, api_id })
                 .collect(),
             certificates: Vec::new(),
+            domains: Vec::new(),
         })
 }
 
@@ -331,6 +332,7 @@ fn valid_snapshot() -> impl Strategy<Value = Snapshot> {
                 purchases,
                 app_auths: Vec::new(),
                 certificates: Vec::new(),
+                domains: Vec::new(),
             }
         })
 }
@@ -487,6 +489,7 @@ proptest! {
             removed_purchases: removed,
             app_auths: None,
             certificates: None,
+            domains: None,
         };
         if let Ok(rebuilt) = apply(&base, delta) {
             prop_assert!(rebuilt.version > base.version);

@@ -117,6 +117,8 @@ pub struct Validated<'a> {
     pub purchase_refs: Vec<(u32, u32)>,
     /// Each app authorization's (group, API, app) indices.
     pub auth_refs: Vec<(usize, usize, u32)>,
+    /// `domain_groups[i]`: the group index of bound domain `i`.
+    pub domain_groups: Vec<usize>,
 }
 
 const METHODS: &[&str] = &[
@@ -303,6 +305,29 @@ pub fn validate<'a>(snapshot: &'a Snapshot) -> Result<Validated<'a>, ValidationE
         parsed_apis.push(parsed_group);
     }
 
+    // Bound domains: one more name of their group's market domain, each unique among every
+    // group's names.
+    let mut domain_groups = Vec::with_capacity(snapshot.domains.len());
+    for (i, bound) in snapshot.domains.iter().enumerate() {
+        let path = format!("domains[{i}].domain");
+        if !valid_domain(&bound.domain) {
+            return Err(bad(path, "not a lower-case host name"));
+        }
+        if let Some(other) = domains.insert(bound.domain.as_str(), path.clone()) {
+            return Err(bad(
+                path,
+                format!("domain '{}' is also {other}", bound.domain),
+            ));
+        }
+        let Some(&group) = group_ids.get(bound.group_id.as_str()) else {
+            return Err(bad(
+                format!("domains[{i}].group_id"),
+                format!("no group '{}' in the snapshot", bound.group_id),
+            ));
+        };
+        domain_groups.push(group);
+    }
+
     // Field paths of the per-buyer lists are built only for the error returned: formatting
     // one for each of a million entries was a third of a 1M-purchase validation.
     if snapshot.apps.len() > MAX_APPS {
@@ -437,6 +462,7 @@ pub fn validate<'a>(snapshot: &'a Snapshot) -> Result<Validated<'a>, ValidationE
         certificates,
         purchase_refs,
         auth_refs,
+        domain_groups,
     })
 }
 

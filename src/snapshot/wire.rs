@@ -29,6 +29,9 @@ pub struct Snapshot {
     /// Certificates for market domains, chosen by SNI.
     #[serde(default)]
     pub certificates: Vec<Certificate>,
+    /// Sellers' independent domains, each one more name of its group's market domain.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub domains: Vec<Domain>,
 }
 
 /// An API group with the RELEASE definitions of its published APIs.
@@ -194,6 +197,45 @@ pub enum PurchaseState {
 pub struct AppAuth {
     pub app_id: String,
     pub api_id: String,
+}
+
+/// A seller's independent domain bound to a group (Huawei's `url_domains`): buyers reach the
+/// group on it as on its market `url_domain`, with the TLS rules the seller chose.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Domain {
+    pub domain: String,
+    pub group_id: String,
+    #[serde(default)]
+    pub min_tls_version: MinTlsVersion,
+    /// Plain-HTTP requests are redirected to HTTPS.
+    #[serde(default)]
+    pub https_redirect: bool,
+}
+
+/// The lowest TLS version a domain's handshakes may use, by Huawei's names. rustls speaks
+/// TLS 1.2 and 1.3 only, so `TLSv1.1` and `TLSv1.2` both admit TLS 1.2 and up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum MinTlsVersion {
+    #[default]
+    #[serde(rename = "TLSv1.1")]
+    Tls11,
+    #[serde(rename = "TLSv1.2")]
+    Tls12,
+    #[serde(rename = "TLSv1.3")]
+    Tls13,
+}
+
+impl MinTlsVersion {
+    /// By Huawei's name (`TLSv1.1`, `TLSv1.2`, `TLSv1.3`).
+    pub fn from_name(name: &str) -> Option<MinTlsVersion> {
+        match name {
+            "TLSv1.1" => Some(MinTlsVersion::Tls11),
+            "TLSv1.2" => Some(MinTlsVersion::Tls12),
+            "TLSv1.3" => Some(MinTlsVersion::Tls13),
+            _ => None,
+        }
+    }
 }
 
 /// A certificate and key (PEM) served for the listed domains.

@@ -9,6 +9,7 @@ mod control_binary;
 mod control_e2e;
 mod data_dir;
 mod docs_links;
+mod domains;
 mod fleet;
 mod gateway;
 mod gateway_crash;

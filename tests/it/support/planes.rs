@@ -33,6 +33,8 @@ pub struct Proxy {
     pub node: String,
     pub gateway: Gateway,
     pub buyers: SocketAddr,
+    /// Its buyers' TLS listener, when `[gateway] tls_listen` was given.
+    pub buyers_tls: Option<SocketAddr>,
     /// Its admin listener (the operators' `PUT`/`PATCH /v1/snapshot`).
     pub admin: SocketAddr,
     control: Vec<SocketAddr>,
@@ -45,10 +47,21 @@ impl Proxy {
     /// A proxy named `node` with an empty data dir, subscribed to the control planes whose
     /// admin listeners are `control` (in that order), with `extra` TOML in its `[proxy]`.
     pub async fn start(node: &str, control: &[SocketAddr], extra: &str) -> Proxy {
+        Self::start_with(node, control, "", extra).await
+    }
+
+    /// [`Proxy::start`] with `gateway` TOML keys in its `[gateway]` table too (a TLS
+    /// listener: `tls_listen`, `tls_cert`, `tls_key`).
+    pub async fn start_with(
+        node: &str,
+        control: &[SocketAddr],
+        gateway: &str,
+        extra: &str,
+    ) -> Proxy {
         let dir = Arc::new(tempfile::tempdir().unwrap());
         let urls: Vec<String> = control.iter().map(|a| format!("'http://{a}'")).collect();
         let text = format!(
-            "data_dir = '{}'\n[gateway]\nlisten = '127.0.0.1:0'\nworkers = 1\n\
+            "data_dir = '{}'\n[gateway]\nlisten = '127.0.0.1:0'\nworkers = 1\n{gateway}\n\
              [admin]\nlisten = '127.0.0.1:0'\ntoken = '{ADMIN_TOKEN}'\n\
              [proxy]\nnode_id = '{node}'\ncontrol_urls = [{}]\n{extra}",
             dir.path().display(),
@@ -58,6 +71,7 @@ impl Proxy {
         let gateway = Gateway::open(&config).unwrap();
         let listeners = Listeners::bind(&config).await.unwrap();
         let buyers = listeners.buyers.local_addr().unwrap();
+        let buyers_tls = listeners.buyers.tls_addr().map(|a| a.unwrap());
         let admin = listeners.admin.local_addr().unwrap();
         let (trigger, shutdown) = ShutdownTrigger::new();
         let g = gateway.clone();
@@ -70,6 +84,7 @@ impl Proxy {
             node: node.to_owned(),
             gateway,
             buyers,
+            buyers_tls,
             admin,
             control: control.to_vec(),
             _dir: dir,
