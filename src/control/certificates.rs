@@ -20,6 +20,7 @@ use super::auth::Call;
 use super::domains::domain_ref_json;
 use super::error::ControlError;
 use super::management::{page, reply};
+use super::rule::{invalid, is_cjk, one_of, Text};
 use super::state::{new_id, now_rfc3339, rfc3339, CertRec, Change, DomainRec, State};
 use super::ControlPlane;
 use crate::certificate;
@@ -71,25 +72,18 @@ pub struct DomainRef {
     pub verified_client_certificate_enabled: Option<bool>,
 }
 
-fn invalid(field: &str) -> ControlError {
-    ControlError::InvalidParameter(field.to_owned())
-}
+/// Certificate names, as Huawei's.
+const CERTIFICATE_NAME: Text = Text {
+    min: 4,
+    max: 50,
+    first: |c| c.is_ascii_alphabetic() || is_cjk(c),
+    chars: |c| c.is_ascii_alphanumeric() || c == '_' || is_cjk(c),
+    says_chars: "letters, digits, _ and Chinese characters",
+    says_first: "a letter or a Chinese character",
+};
 
-fn is_cjk(c: char) -> bool {
-    !c.is_ascii() && c.is_alphabetic()
-}
-
-/// Certificate names: 4–50 of CJK, letters, digits and `_`, starting with a letter or CJK.
-fn valid_name(name: &str) -> bool {
-    (4..=50).contains(&name.chars().count())
-        && name
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || is_cjk(c))
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || is_cjk(c))
-}
+/// Why a value marketgate does not offer is refused.
+const NOT_OFFERED: &str = "must be empty: client certificates and SM2 are not offered";
 
 fn now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
@@ -133,9 +127,7 @@ pub(crate) fn checked(
     project: &str,
     existing: Option<&CertRec>,
 ) -> Result<CertRec, ControlError> {
-    if !valid_name(&form.name) {
-        return Err(invalid("name"));
-    }
+    CERTIFICATE_NAME.check("name", &form.name)?;
     let except = existing.map(|c| c.id.as_str());
     if state
         .certificates
@@ -150,36 +142,36 @@ pub(crate) fn checked(
         .is_some_and(|ca| !ca.is_empty())
     {
         // Client certificates (mutual TLS) are not offered: refused, not ignored.
-        return Err(invalid("trusted_root_ca"));
+        return Err(invalid("trusted_root_ca", NOT_OFFERED));
     }
-    if !matches!(form.algorithm_type.as_deref(), None | Some("RSA" | "ECC")) {
-        return Err(invalid("algorithm_type"));
+    if let Some(algorithm) = &form.algorithm_type {
+        one_of("algorithm_type", algorithm, &["RSA", "ECC"])?;
     }
     for (field, value) in [
         ("cert_content_sign", &form.cert_content_sign),
         ("private_key_sign", &form.private_key_sign),
     ] {
         if value.as_deref().is_some_and(|v| !v.is_empty()) {
-            return Err(invalid(field));
+            return Err(invalid(field, NOT_OFFERED));
         }
     }
-    let instance_id = match form.cert_type.as_deref().unwrap_or(DEFAULT_TYPE) {
+    let cert_type = form.cert_type.as_deref().unwrap_or(DEFAULT_TYPE);
+    let instance_id = match one_of("type", cert_type, &["global", "instance"])? {
         "global" => GLOBAL_INSTANCE.to_owned(),
-        "instance" => form
+        _ => form
             .instance_id
             .filter(|i| !i.is_empty())
-            .ok_or_else(|| invalid("instance_id"))?,
-        _ => return Err(invalid("type")),
+            .ok_or_else(|| super::rule::required("instance_id"))?,
     };
     for (field, pem) in [
         ("cert_content", &form.cert_content),
         ("private_key", &form.private_key),
     ] {
         if pem.len() > MAX_PEM_BYTES {
-            return Err(ControlError::CertificateRefused {
+            return Err(invalid(
                 field,
-                rule: format!("must be at most {MAX_PEM_BYTES} bytes of PEM"),
-            });
+                format!("must be at most {MAX_PEM_BYTES} bytes of PEM"),
+            ));
         }
     }
     let seen = certificate::inspect(
@@ -189,14 +181,11 @@ pub(crate) fn checked(
     )
     .map_err(|error| {
         let (field, rule) = error.rule();
-        ControlError::CertificateRefused {
-            field,
-            rule: match error {
-                certificate::CertificateError::Expired { not_after } => {
-                    format!("{rule} (notAfter {})", rfc3339(not_after))
-                }
-                _ => rule.to_owned(),
-            },
+        match error {
+            certificate::CertificateError::Expired { not_after } => {
+                invalid(field, format!("{rule} (notAfter {})", rfc3339(not_after)))
+            }
+            _ => invalid(field, rule),
         }
     })?;
     let now = now_rfc3339();
@@ -231,13 +220,13 @@ pub(crate) fn require_covers(c: &CertRec, domain: &str) -> Result<(), ControlErr
     if certificate::covers(c.cert_content.as_bytes(), domain) {
         return Ok(());
     }
-    Err(ControlError::CertificateRefused {
-        field: "cert_content",
-        rule: format!(
+    Err(invalid(
+        "cert_content",
+        format!(
             "must cover the domain {domain} (its names are [{}])",
             c.san.join(", ")
         ),
-    })
+    ))
 }
 
 fn own_certificate<'a>(
@@ -380,19 +369,22 @@ pub async fn attach(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let mut state = cp.lock().await?;
     let certificate = own_certificate(&state, call.param("certificate_id"), &project)?;
     if certificate.not_after <= now() {
-        return Err(ControlError::CertificateRefused {
-            field: "cert_content",
-            rule: format!(
+        return Err(invalid(
+            "cert_content",
+            format!(
                 "must not be expired (notAfter {})",
                 rfc3339(certificate.not_after)
             ),
-        });
+        ));
     }
     // Written unchanged (its revision moves): a delete decided before this attach fails.
     let mut changes = vec![Change::Certificate(certificate.clone())];
     for named in &body.domains {
         if named.verified_client_certificate_enabled == Some(true) {
-            return Err(invalid("verified_client_certificate_enabled"));
+            return Err(invalid(
+                "verified_client_certificate_enabled",
+                "must be false: client certificates are not offered",
+            ));
         }
         let mut domain = own_domain_named(&state, &named.domain, &project)?.clone();
         require_covers(certificate, &domain.url_domain)?;
@@ -400,7 +392,7 @@ pub async fn attach(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
         changes.push(Change::Domain(domain));
     }
     if changes.len() == 1 {
-        return Err(invalid("domains"));
+        return Err(invalid("domains", "must name at least one domain"));
     }
     cp.commit(&mut state, changes).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -423,7 +415,7 @@ pub async fn detach(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
         changes.push(Change::Domain(domain));
     }
     if changes.is_empty() {
-        return Err(invalid("domains"));
+        return Err(invalid("domains", "must name at least one domain"));
     }
     cp.commit(&mut state, changes).await?;
     Ok(StatusCode::NO_CONTENT.into_response())

@@ -21,7 +21,8 @@ use super::auth::Call;
 use super::certificates::{self, cert_json, CertificateForm};
 use super::error::ControlError;
 use super::management::{own_group, reply};
-use super::market::valid_url_domain;
+use super::market::check_url_domain;
+use super::rule::{invalid, one_of};
 use super::state::{new_id, now_rfc3339, Change, DomainRec, GroupRec, State, MAX_GROUP_DOMAINS};
 use super::ControlPlane;
 
@@ -67,10 +68,6 @@ pub struct DomainModify {
     pub ingress_https_port: Option<i64>,
 }
 
-fn invalid(field: &str) -> ControlError {
-    ControlError::InvalidParameter(field.to_owned())
-}
-
 /// The settings marketgate does not offer are refused rather than ignored: client
 /// certificates (mutual TLS) and per-domain ingress ports (a proxy's listeners serve every
 /// domain).
@@ -80,14 +77,20 @@ fn refuse_unsupported(
     https_port: Option<i64>,
 ) -> Result<(), ControlError> {
     if client_certificates == Some(true) {
-        return Err(invalid("verified_client_certificate_enabled"));
+        return Err(invalid(
+            "verified_client_certificate_enabled",
+            "must be false: client certificates are not offered",
+        ));
     }
     for (field, port) in [
         ("ingress_http_port", http_port),
         ("ingress_https_port", https_port),
     ] {
         if port.is_some_and(|p| p != -1) {
-            return Err(invalid(field));
+            return Err(invalid(
+                field,
+                "must be -1 or absent: a proxy's listeners serve every domain",
+            ));
         }
     }
     Ok(())
@@ -96,8 +99,7 @@ fn refuse_unsupported(
 fn ssl_version(value: Option<String>, current: &str) -> Result<String, ControlError> {
     match value {
         None => Ok(current.to_owned()),
-        Some(v) if SSL_VERSIONS.contains(&v.as_str()) => Ok(v),
-        Some(_) => Err(invalid("min_ssl_version")),
+        Some(v) => Ok(one_of("min_ssl_version", &v, SSL_VERSIONS)?.to_owned()),
     }
 }
 
@@ -182,9 +184,7 @@ pub async fn bind(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
         body.ingress_https_port,
     )?;
     let url_domain = body.url_domain.trim_end_matches('.').to_ascii_lowercase();
-    if !valid_url_domain(&url_domain) {
-        return Err(invalid("url_domain"));
-    }
+    check_url_domain(&url_domain)?;
     let min_ssl_version = ssl_version(body.min_ssl_version, DEFAULT_MIN_SSL_VERSION)?;
     let mut state = cp.lock().await?;
     let group = own_group(&state, call.param("group_id"), &project)?;

@@ -71,10 +71,6 @@ pub enum ControlError {
     CertificateNotFound(String),
     #[error("the API group {0} already has the maximum number of independent domains (5)")]
     TooManyDomains(String),
-    /// A certificate (or its key) broke a rule: the message names the field and the rule,
-    /// never the key.
-    #[error("Invalid parameter value,parameterName:{field}. {rule}")]
-    CertificateRefused { field: &'static str, rule: String },
     #[error("the certificate name {0} already exists")]
     CertificateNameExists(String),
     #[error("the purchase {0} does not exist")]
@@ -166,7 +162,6 @@ impl ControlError {
             DomainNotFound(_) => (StatusCode::NOT_FOUND, apig::URL_DOMAIN_NOT_FOUND),
             CertificateNotFound(_) => (StatusCode::NOT_FOUND, apig::CERTIFICATE_NOT_FOUND),
             TooManyDomains(_) => (StatusCode::BAD_REQUEST, apig::INVALID_PARAMETER),
-            CertificateRefused { .. } => (StatusCode::BAD_REQUEST, apig::INVALID_PARAMETER),
             CertificateNameExists(_) => (StatusCode::BAD_REQUEST, apig::INVALID_PARAMETER),
             PurchaseNotFound(_) => (StatusCode::NOT_FOUND, apig::LISTING_NOT_FOUND),
             NotOnSale(_) => (StatusCode::CONFLICT, apig::LISTING_NOT_FOUND),
@@ -284,14 +279,6 @@ mod tests {
             (ControlError::DomainNotFound(s()), 404, "APIG.3020"),
             (ControlError::CertificateNotFound(s()), 404, "APIG.3021"),
             (ControlError::TooManyDomains(s()), 400, "APIG.2012"),
-            (
-                ControlError::CertificateRefused {
-                    field: "cert_content",
-                    rule: s(),
-                },
-                400,
-                "APIG.2012",
-            ),
             (ControlError::CertificateNameExists(s()), 400, "APIG.2012"),
             (ControlError::PurchaseNotFound(s()), 404, "APIG.3016"),
             (ControlError::NotOnSale(s()), 409, "APIG.3016"),

@@ -68,7 +68,22 @@ fn required_domain(call: &Call) -> Result<String, ControlError> {
         .ok_or(ControlError::MissingHeader("X-Domain-Id"))
 }
 
-pub(crate) fn valid_url_domain(domain: &str) -> bool {
+/// A market `url_domain` or a seller's bound domain (lower-cased): refused with its rule.
+pub(crate) fn check_url_domain(url_domain: &str) -> Result<(), ControlError> {
+    if valid_url_domain(url_domain) {
+        return Ok(());
+    }
+    Err(rule::invalid(
+        "url_domain",
+        format!(
+            "must be a domain name of at most {MAX_URL_DOMAIN_CHARS} characters with at \
+             least one dot; each label 1 to 63 of a-z, 0-9 and -, not starting or ending \
+             with - (got \"{url_domain}\")"
+        ),
+    ))
+}
+
+fn valid_url_domain(domain: &str) -> bool {
     domain.len() <= MAX_URL_DOMAIN_CHARS
         && domain.contains('.')
         && domain.split('.').all(|label| {
@@ -89,16 +104,7 @@ pub async fn onsell(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let seller = required_domain(&call)?;
     let body = call.json()?;
     let url_domain = req_str(&body, "url_domain")?.to_ascii_lowercase();
-    if !valid_url_domain(&url_domain) {
-        return Err(rule::invalid(
-            "url_domain",
-            format!(
-                "must be a domain name of at most {MAX_URL_DOMAIN_CHARS} characters with at \
-                 least one dot; each label 1 to 63 of a-z, 0-9 and -, not starting or ending \
-                 with - (got \"{url_domain}\")"
-            ),
-        ));
-    }
+    check_url_domain(&url_domain)?;
     let mut state = cp.lock().await?;
     let mut group = seller_group(&state, &call, &seller, false)?.clone();
     match group.market_state {

@@ -418,15 +418,15 @@ async fn bad_certificates_and_domains_are_refused_with_their_rule() {
     let refusals = [
         (
             json!({"name": "wrong_key", "cert_content": good.cert_pem, "private_key": other.key_pem}),
-            "private_key. must match the certificate's public key",
+            "private_key must match the certificate's public key",
         ),
         (
             form("expired", &made(&[domain], now - 86_400)),
-            "cert_content. must not be expired",
+            "cert_content must not be expired",
         ),
         (
             json!({"name": "garbage", "cert_content": "not a certificate", "private_key": good.key_pem}),
-            "cert_content. must be a PEM X.509 certificate",
+            "cert_content must be a PEM X.509 certificate",
         ),
     ];
     for (body, rule) in refusals {
