@@ -736,13 +736,18 @@ pub fn router_spec(
 pub async fn serve_router(
     listener: TcpListener,
     spec: ListenerSpec,
-    tls: Option<TlsAcceptor>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     metrics: AcceptMetrics,
     router: axum::Router,
     shutdown: Shutdown,
 ) {
     let body_read_timeout = spec.limits.body_read_timeout;
     let service = router_service(router, body_read_timeout);
+    // One configuration for every handshake.
+    let tls = tls.map(|acceptor| {
+        let config = acceptor.config().clone();
+        Arc::new(move |_: &rustls::server::ClientHello<'_>| config.clone()) as TlsChooser
+    });
     serve(
         listener,
         spec,
