@@ -42,6 +42,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::LazyConfigAcceptor;
 
+use crate::auth_guard::{AuthGuard, Penalised};
 use crate::config::ConnectionLimits;
 use crate::shutdown::Shutdown;
 
@@ -84,6 +85,15 @@ pub struct AcceptMetrics {
     pub accept_errors: prometheus::IntCounterVec,
     /// `marketgate_listener_connections{listener}`
     pub open: prometheus::IntGaugeVec,
+    /// `marketgate_listener_max_connections{listener}`: the limit in force (after
+    /// `fit_open_file_limit`), for alerts on how full a listener is.
+    pub max: prometheus::IntGaugeVec,
+    /// `marketgate_auth_failures_total{listener}`: requests refused 401 (a wrong key,
+    /// signature, AppCode or token), counted per peer by the listener's `crate::auth_guard`.
+    pub auth_failures: prometheus::IntCounterVec,
+    /// `marketgate_auth_limited_total{listener}`: requests refused 429 because their peer
+    /// made `auth_failure_limit` failed authentications in the current window.
+    pub auth_limited: prometheus::IntCounterVec,
     /// A gauge of its own that also counts this listener's open connections (the data plane's
     /// `marketgate_connections_active`, CONTRACT §9).
     pub also_open: Option<prometheus::IntGauge>,
@@ -125,6 +135,31 @@ impl AcceptMetrics {
                 &["listener"],
             )
             .expect("valid metric"),
+            max: IntGaugeVec::new(
+                Opts::new(
+                    "marketgate_listener_max_connections",
+                    "The connection limit in force per listener (max_connections)",
+                ),
+                &["listener"],
+            )
+            .expect("valid metric"),
+            auth_failures: IntCounterVec::new(
+                Opts::new(
+                    "marketgate_auth_failures_total",
+                    "Requests refused for a wrong credential (401): key, signature, AppCode or token",
+                ),
+                &["listener"],
+            )
+            .expect("valid metric"),
+            auth_limited: IntCounterVec::new(
+                Opts::new(
+                    "marketgate_auth_limited_total",
+                    "Requests refused (429) because their peer made auth_failure_limit failed \
+                     authentications in the current window",
+                ),
+                &["listener"],
+            )
+            .expect("valid metric"),
             also_open: None,
         }
     }
@@ -134,6 +169,9 @@ impl AcceptMetrics {
         registry.register(Box::new(self.refused.clone()))?;
         registry.register(Box::new(self.closed.clone()))?;
         registry.register(Box::new(self.accept_errors.clone()))?;
+        registry.register(Box::new(self.auth_failures.clone()))?;
+        registry.register(Box::new(self.auth_limited.clone()))?;
+        registry.register(Box::new(self.max.clone()))?;
         registry.register(Box::new(self.open.clone()))
     }
 }
@@ -326,6 +364,16 @@ pub async fn serve<M, S, B>(
     });
     let name = spec.name;
     let open = metrics.open.with_label_values(&[name]);
+    // Every series of this listener exists from the start, at 0: "nothing yet" is then
+    // told apart from "not exported" (deploy/check-metrics.sh, alerts on `increase`).
+    for reason in [Close::NoRequest, Close::Idle, Close::Room] {
+        metrics.closed.with_label_values(&[name, reason.label()]);
+    }
+    metrics.auth_failures.with_label_values(&[name]);
+    metrics.auth_limited.with_label_values(&[name]);
+    // Added, not set: the workers of one buyer listener each serve a share of its limit.
+    let max = metrics.max.with_label_values(&[name]);
+    max.add(spec.limits.max_connections as i64);
     let refused = metrics.refused.with_label_values(&[name]);
     let accept_errors = metrics.accept_errors.with_label_values(&[name]);
     let mut backoff = ACCEPT_BACKOFF_MIN;
@@ -442,6 +490,7 @@ pub async fn serve<M, S, B>(
         });
     }
     drop(listener);
+    max.sub(spec.limits.max_connections as i64);
     // Every connection saw the shutdown and is closing; they are all gone when every slot is
     // free again.
     let all = spec.limits.max_connections as u32;
@@ -693,11 +742,79 @@ pub fn fit_open_file_limit(config: &mut crate::config::Config, control: bool) ->
 /// The fewest buyer connections [`fit_open_file_limit`] leaves.
 pub const MIN_BUYER_CONNECTIONS: u64 = 16;
 
+/// One listener's bound on guessing credentials, as a connection's service applies it: the
+/// peer, the listener's table and its counters.
+#[derive(Clone)]
+pub struct Guarded {
+    pub guard: Arc<AuthGuard>,
+    pub peer: std::net::IpAddr,
+    pub failures: prometheus::IntCounter,
+    pub limited: prometheus::IntCounter,
+}
+
+impl Guarded {
+    /// The guard of listener `name`, with its counters in `metrics`, for connections to come.
+    pub fn listener(
+        name: &str,
+        bound: crate::auth_guard::AuthFailureLimit,
+        metrics: &AcceptMetrics,
+    ) -> impl Fn(std::net::IpAddr) -> Guarded + Send + Sync + 'static {
+        let guard = Arc::new(AuthGuard::new(bound));
+        let failures = metrics.auth_failures.with_label_values(&[name]);
+        let limited = metrics.auth_limited.with_label_values(&[name]);
+        move |peer| Guarded {
+            guard: guard.clone(),
+            peer,
+            failures: failures.clone(),
+            limited: limited.clone(),
+        }
+    }
+
+    /// Before any credential is read: is this peer over its limit?
+    pub fn check(&self, now_secs: u64) -> Result<(), Penalised> {
+        self.guard.check(self.peer, now_secs).inspect_err(|_| {
+            self.limited.inc();
+        })
+    }
+
+    /// A credential of this peer's was refused.
+    pub fn failed(&self, now_secs: u64) {
+        self.failures.inc();
+        self.guard.failed(self.peer, now_secs);
+    }
+}
+
+/// The control and admin listeners' answer to a peer over its limit: 429 with
+/// `Retry-After`, the APIG error body and a request id.
+fn penalised_response(penalised: Penalised) -> Response<axum::body::Body> {
+    let request_id = uuid::Uuid::new_v4().simple().to_string();
+    let message = penalised.to_string();
+    let body = crate::apig::ErrorBody {
+        error_code: crate::apig::THROTTLED,
+        error_msg: &message,
+        request_id: &request_id,
+    }
+    .to_json();
+    Response::builder()
+        .status(http::StatusCode::TOO_MANY_REQUESTS)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(
+            http::header::RETRY_AFTER,
+            penalised.retry_after.as_secs().max(1),
+        )
+        .header("x-request-id", request_id)
+        .body(axum::body::Body::from(body))
+        .expect("a valid response")
+}
+
 /// An axum router as the per-connection service [`serve`] takes, its request bodies bounded
-/// by `body_read_timeout`.
+/// by `body_read_timeout`, and its peer bounded in failed authentications by `guarded`:
+/// every 401 the router answers counts, and a peer over its limit is answered 429 before the
+/// router (and so any credential check) sees its request.
 pub fn router_service(
     router: axum::Router,
     body_read_timeout: Duration,
+    guarded: Guarded,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Response<axum::body::Body>,
@@ -709,9 +826,21 @@ pub fn router_service(
        + 'static {
     hyper::service::service_fn(move |request: Request<Incoming>| {
         use tower::ServiceExt;
-        let request =
-            request.map(|body| axum::body::Body::new(TimedBody::new(body, body_read_timeout)));
-        router.clone().oneshot(request)
+        let router = router.clone();
+        let guarded = guarded.clone();
+        async move {
+            let now = crate::auth_guard::now_secs();
+            if let Err(penalised) = guarded.check(now) {
+                return Ok(penalised_response(penalised));
+            }
+            let request =
+                request.map(|body| axum::body::Body::new(TimedBody::new(body, body_read_timeout)));
+            let response = router.oneshot(request).await?;
+            if response.status() == http::StatusCode::UNAUTHORIZED {
+                guarded.failed(now);
+            }
+            Ok(response)
+        }
     })
 }
 
@@ -742,18 +871,20 @@ pub async fn serve_router(
     shutdown: Shutdown,
 ) {
     let body_read_timeout = spec.limits.body_read_timeout;
-    let service = router_service(router, body_read_timeout);
     // One configuration for every handshake.
     let tls = tls.map(|acceptor| {
         let config = acceptor.config().clone();
         Arc::new(move |_: &rustls::server::ClientHello<'_>| config.clone()) as TlsChooser
     });
+    let guarded = Guarded::listener(spec.name, spec.limits.auth_failures, &metrics);
     serve(
         listener,
         spec,
         tls,
         metrics,
-        move |_peer| service.clone(),
+        move |peer: Peer| {
+            router_service(router.clone(), body_read_timeout, guarded(peer.addr.ip()))
+        },
         shutdown,
     )
     .await

@@ -26,6 +26,8 @@ pub const BAD_REQUEST: &str = "APIG.0201";
 pub const APP_AUTH_FAILED: &str = "APIG.0303";
 pub const APP_NOT_AUTHORIZED: &str = "APIG.0304";
 pub const GROUP_DELISTED: &str = "APIG.0306";
+/// Throttled: a throttling threshold reached, or a peer over its failed-authentication limit.
+pub const THROTTLED: &str = "APIG.0308";
 pub const QUOTA_EXHAUSTED: &str = "APIG.0501";
 pub const PURCHASE_INACTIVE: &str = "APIG.0502";
 pub const INTERNAL: &str = "APIG.0601";

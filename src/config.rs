@@ -46,6 +46,11 @@ pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 256;
 /// On SIGTERM, in-flight requests get this many milliseconds to finish.
 pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
+/// Failed authentications one peer may make per window on a listener before it is refused
+/// (429) for the rest of the window (`crate::auth_guard`); 0 turns the bound off.
+pub const DEFAULT_AUTH_FAILURE_LIMIT: u32 = 100;
+/// The window of `auth_failure_limit`, in seconds.
+pub const DEFAULT_AUTH_FAILURE_WINDOW_SECS: u64 = 10;
 /// Allowed distance between `X-Sdk-Date` and the clock, in seconds.
 pub const DEFAULT_MAX_CLOCK_SKEW_SECS: u64 = 15 * 60;
 /// Gateway worker threads (one current-thread runtime and SO_REUSEPORT socket each); 0 means
@@ -160,6 +165,8 @@ pub struct ConnectionLimits {
     pub idle_timeout: Duration,
     /// A request body silent this long is abandoned.
     pub body_read_timeout: Duration,
+    /// Failed authentications per peer and window before the peer is refused.
+    pub auth_failures: crate::auth_guard::AuthFailureLimit,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -373,6 +380,8 @@ struct FileGateway {
     max_connections: Option<usize>,
     idle_timeout_ms: Option<u64>,
     body_read_timeout_ms: Option<u64>,
+    auth_failure_limit: Option<u32>,
+    auth_failure_window_secs: Option<u64>,
     tls_handshake_timeout_ms: Option<u64>,
     h2_max_concurrent_streams: Option<u32>,
 }
@@ -397,6 +406,8 @@ struct FileControl {
     header_read_timeout_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
     body_read_timeout_ms: Option<u64>,
+    auth_failure_limit: Option<u32>,
+    auth_failure_window_secs: Option<u64>,
     proxy_expiry_secs: Option<u64>,
 }
 
@@ -415,6 +426,8 @@ struct FileAdmin {
     header_read_timeout_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
     body_read_timeout_ms: Option<u64>,
+    auth_failure_limit: Option<u32>,
+    auth_failure_window_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -477,6 +490,8 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "max_connections",
             "idle_timeout_ms",
             "body_read_timeout_ms",
+            "auth_failure_limit",
+            "auth_failure_window_secs",
             "tls_handshake_timeout_ms",
             "h2_max_concurrent_streams",
         ],
@@ -498,6 +513,8 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "header_read_timeout_ms",
             "idle_timeout_ms",
             "body_read_timeout_ms",
+            "auth_failure_limit",
+            "auth_failure_window_secs",
             "proxy_expiry_secs",
         ],
     ),
@@ -530,6 +547,8 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "header_read_timeout_ms",
             "idle_timeout_ms",
             "body_read_timeout_ms",
+            "auth_failure_limit",
+            "auth_failure_window_secs",
         ],
     ),
     (
@@ -824,6 +843,10 @@ impl Config {
                 file.gateway.idle_timeout_ms,
                 file.gateway.body_read_timeout_ms,
             ],
+            [
+                file.gateway.auth_failure_limit.map(u64::from),
+                file.gateway.auth_failure_window_secs,
+            ],
             DEFAULT_GATEWAY_MAX_CONNECTIONS,
         );
         let control_connections = connection_limits(
@@ -835,6 +858,10 @@ impl Config {
                 file.control.idle_timeout_ms,
                 file.control.body_read_timeout_ms,
             ],
+            [
+                file.control.auth_failure_limit.map(u64::from),
+                file.control.auth_failure_window_secs,
+            ],
             DEFAULT_CONTROL_MAX_CONNECTIONS,
         );
         let admin_connections = connection_limits(
@@ -845,6 +872,10 @@ impl Config {
                 file.admin.header_read_timeout_ms,
                 file.admin.idle_timeout_ms,
                 file.admin.body_read_timeout_ms,
+            ],
+            [
+                file.admin.auth_failure_limit.map(u64::from),
+                file.admin.auth_failure_window_secs,
             ],
             DEFAULT_ADMIN_MAX_CONNECTIONS,
         );
@@ -1082,6 +1113,7 @@ fn connection_limits(
     problems: &mut Vec<String>,
     section: &str,
     given: [Option<u64>; 4],
+    auth: [Option<u64>; 2],
     default_max: usize,
 ) -> ConnectionLimits {
     let keys = [
@@ -1108,6 +1140,27 @@ fn connection_limits(
         header_read_timeout: Duration::from_millis(values[1]),
         idle_timeout: Duration::from_millis(values[2]),
         body_read_timeout: Duration::from_millis(values[3]),
+        auth_failures: auth_failure_limit(problems, section, auth),
+    }
+}
+
+/// `[section] auth_failure_limit` (0 turns the bound off) and `auth_failure_window_secs`
+/// (positive, at most a day).
+fn auth_failure_limit(
+    problems: &mut Vec<String>,
+    section: &str,
+    [limit, window]: [Option<u64>; 2],
+) -> crate::auth_guard::AuthFailureLimit {
+    let limit = limit.unwrap_or(u64::from(DEFAULT_AUTH_FAILURE_LIMIT));
+    let window = window.unwrap_or(DEFAULT_AUTH_FAILURE_WINDOW_SECS);
+    if window == 0 || window > 86_400 {
+        problems.push(format!(
+            "{section}.auth_failure_window_secs: must be between 1 and 86400 (seconds)"
+        ));
+    }
+    crate::auth_guard::AuthFailureLimit {
+        limit: u32::try_from(limit).unwrap_or(u32::MAX),
+        window: Duration::from_secs(window.clamp(1, 86_400)),
     }
 }
 

@@ -3,6 +3,8 @@
 //! # Layout
 //!
 //! - [`accept`]: the one accept loop of every listener: connection limits, timeouts, back-off.
+//! - [`auth_guard`]: per listener, a bound on failed authentications per peer (a fixed table,
+//!   no memory per stranger), checked before any credential is.
 //! - [`data_dir`]: one process per `data_dir` (a pid-holding `flock`), files in it 0600.
 //! - [`config`]: the TOML file and `MARKETGATE_*` overrides, validated into [`config::Config`].
 //! - [`plane_tls`]: TLS between the planes: the admin listener's certificate (and client CA),
@@ -30,6 +32,7 @@
 
 pub mod accept;
 pub mod apig;
+pub mod auth_guard;
 pub mod backoff;
 pub mod bind;
 pub mod buyer;

@@ -39,6 +39,10 @@ pub enum Rejection {
     AuthFailed(&'static str),
     #[error("Incorrect app authentication information: signature not accepted")]
     Signature(#[source] SignatureError),
+    /// The peer made `gateway.auth_failure_limit` failed authentications in the current
+    /// window (`crate::auth_guard`): refused before any credential is checked.
+    #[error("{0}")]
+    AuthLimited(#[source] crate::auth_guard::Penalised),
     #[error("the app is not authorized for this API group")]
     NotAuthorized,
     #[error("the purchase is frozen, unsubscribed, not started or expired")]
@@ -87,6 +91,7 @@ impl Rejection {
             Rejection::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Rejection::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::AuthFailed(_) | Rejection::Signature(_) => StatusCode::UNAUTHORIZED,
+            Rejection::AuthLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Rejection::PurchaseInactive | Rejection::QuotaExhausted => {
                 StatusCode::METHOD_NOT_ALLOWED
             }
@@ -110,6 +115,7 @@ impl Rejection {
             | Rejection::BackendUnavailable(_)
             | Rejection::BackendTimeout => apig::BAD_REQUEST,
             Rejection::AuthFailed(_) | Rejection::Signature(_) => apig::APP_AUTH_FAILED,
+            Rejection::AuthLimited(_) => apig::THROTTLED,
             Rejection::NotAuthorized => apig::APP_NOT_AUTHORIZED,
             Rejection::PurchaseInactive => apig::PURCHASE_INACTIVE,
             Rejection::QuotaExhausted => apig::QUOTA_EXHAUSTED,
@@ -128,7 +134,9 @@ impl Rejection {
             | Rejection::UriTooLong
             | Rejection::HeadersTooLarge
             | Rejection::BodyTooLarge => Outcome::BadRequest,
-            Rejection::AuthFailed(_) | Rejection::Signature(_) => Outcome::AuthFailed,
+            Rejection::AuthFailed(_) | Rejection::Signature(_) | Rejection::AuthLimited(_) => {
+                Outcome::AuthFailed
+            }
             Rejection::NotAuthorized => Outcome::NotAuthorized,
             Rejection::PurchaseInactive => Outcome::Frozen,
             Rejection::QuotaExhausted => Outcome::QuotaExhausted,
@@ -159,6 +167,13 @@ mod tests {
                 Rejection::Signature(SignatureError::Mismatch),
                 401,
                 "APIG.0303",
+            ),
+            (
+                Rejection::AuthLimited(crate::auth_guard::Penalised {
+                    retry_after: std::time::Duration::from_secs(3),
+                }),
+                429,
+                "APIG.0308",
             ),
             (Rejection::NotAuthorized, 403, "APIG.0304"),
             (Rejection::Delisted, 403, "APIG.0306"),

@@ -53,6 +53,15 @@ pub struct ConnInfo {
 }
 
 impl ConnInfo {
+    /// The listener's name in metrics: `buyers` or `buyers_tls`.
+    pub fn listener(&self) -> &'static str {
+        if self.tls {
+            "buyers_tls"
+        } else {
+            "buyers"
+        }
+    }
+
     pub fn new(peer: std::net::SocketAddr, tls: bool, sni: Option<Box<str>>) -> ConnInfo {
         let peer_ip = HeaderValue::from_str(&peer.ip().to_string())
             .expect("an IP address is a valid header value");
@@ -621,6 +630,27 @@ pub(crate) async fn handle(
             Some(rejection),
         ),
     };
+    match &rejection {
+        // Every refused credential counts against its peer (`crate::auth_guard`).
+        Some(rejection) if rejection.status() == http::StatusCode::UNAUTHORIZED => {
+            gateway
+                .metrics
+                .accept
+                .auth_failures
+                .with_label_values(&[conn.listener()])
+                .inc();
+            gateway
+                .auth_guard
+                .failed(conn.peer.ip(), crate::auth_guard::now_secs());
+        }
+        Some(Rejection::AuthLimited(penalised)) => {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(penalised.retry_after.as_secs().max(1)),
+            );
+        }
+        _ => {}
+    }
     let latency = started.elapsed();
     let headers = response.headers_mut();
     headers.reserve(1);
@@ -804,6 +834,21 @@ async fn serve<'s>(
         return Err(Rejection::BodyTooLarge);
     }
     let now = OffsetDateTime::now_utc();
+    // A peer that guessed too often this window is refused before any credential is read.
+    if matches!(api.auth, AuthKind::App) {
+        gateway
+            .auth_guard
+            .check(conn.peer.ip(), now.unix_timestamp().max(0) as u64)
+            .map_err(|penalised| {
+                gateway
+                    .metrics
+                    .accept
+                    .auth_limited
+                    .with_label_values(&[conn.listener()])
+                    .inc();
+                Rejection::AuthLimited(penalised)
+            })?;
+    }
     // Nothing unauthenticated costs memory: a signature that can never verify (an unknown
     // AppKey, a skewed date, a header signed twice) is refused before the body is read.
     screen_signature(snapshot, api, &head, now, options).inspect_err(|_| {

@@ -109,6 +109,9 @@ pub(crate) struct Inner {
     followed: AtomicBool,
     pub(crate) default_cert: Option<Arc<rustls::sign::CertifiedKey>>,
     snapshot_path: PathBuf,
+    /// Failed authentications per peer, one table for both buyer listeners (a peer is the
+    /// same guesser over HTTP and HTTPS); counted per listener in `metrics.accept`.
+    pub(crate) auth_guard: crate::auth_guard::AuthGuard,
 }
 
 /// The data plane, as a cheaply cloneable handle.
@@ -174,6 +177,7 @@ impl Gateway {
             followed: AtomicBool::new(false),
             default_cert,
             snapshot_path,
+            auth_guard: crate::auth_guard::AuthGuard::new(config.gateway.connections.auth_failures),
         };
         if let Some((snapshot, logged)) = load_snapshot(&inner.snapshot_path)? {
             inner.logged.store(logged, Ordering::Relaxed);

@@ -471,3 +471,198 @@ async fn buyer_faults_are_the_buyers_and_cost_no_call() {
 fn signing_header(request: &http::Request<http_body_util::Full<Bytes>>, name: &str) -> String {
     request.headers()[name].to_str().unwrap().to_owned()
 }
+
+/// Sends `requests` on one connection from `source` to `to`, pipelined as fast as the socket
+/// takes them, and counts the answers' statuses; also returns the first answer of each
+/// status (head and body) and how long it all took. Bounded by `within`.
+async fn pipelined(
+    source: std::net::IpAddr,
+    to: SocketAddr,
+    requests: Vec<String>,
+    within: Duration,
+) -> (
+    std::collections::BTreeMap<u16, usize>,
+    Vec<String>,
+    Duration,
+) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(source, 0)).unwrap();
+    let stream = socket.connect(to).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    let expected = requests.len();
+    let started = Instant::now();
+    let writing = tokio::spawn(async move {
+        for request in requests {
+            if writer.write_all(request.as_bytes()).await.is_err() {
+                break;
+            }
+        }
+        writer
+    });
+    let mut counts = std::collections::BTreeMap::new();
+    let mut firsts: Vec<String> = Vec::new();
+    let mut text = String::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let deadline = Instant::now() + within;
+    let mut seen = 0;
+    while seen < expected {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, reader.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => text.push_str(&String::from_utf8_lossy(&buf[..n])),
+            _ => break,
+        }
+        // Whole answers: a head, then a body of its Content-Length.
+        while let Some(end) = text.find("\r\n\r\n") {
+            let head = &text[..end];
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            if text.len() < end + 4 + length {
+                break;
+            }
+            let answer: String = text.drain(..end + 4 + length).collect();
+            let status: u16 = answer.split(' ').nth(1).unwrap().parse().unwrap();
+            if !counts.contains_key(&status) {
+                firsts.push(answer);
+            }
+            *counts.entry(status).or_insert(0) += 1;
+            seen += 1;
+        }
+    }
+    drop(writing.await);
+    (counts, firsts, started.elapsed())
+}
+
+/// Item 6 (issue 10, guessing): thousands of wrong AppKeys, AppCodes and admin tokens from
+/// one peer, as fast as one connection takes them. Before: no limit (10,000 wrong AppCodes a
+/// second were each checked). Now each peer has `auth_failure_limit` failures per window;
+/// then 429 APIG.0308 with `Retry-After`, counted per listener, in a table of fixed size;
+/// another peer's calls are served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessing_credentials_is_bounded_per_peer() {
+    const GUESSES: usize = 4_000;
+    const LIMIT: usize = 50;
+    let backend = Backend::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let process = proxy(
+        dir.path(),
+        4096,
+        &format!("auth_failure_limit = {LIMIT}\nauth_failure_window_secs = 60"),
+        backend.addr,
+    )
+    .await;
+    let (buyers, admin, pid) = (process.addr("buyers"), process.addr("admin"), process.pid());
+    let attacker: std::net::IpAddr = [127, 0, 0, 2].into();
+    let before = usage(pid);
+
+    // Buyers' listener: wrong AppKeys (signed with a made-up key) and wrong AppCodes.
+    let guesses: Vec<String> = (0..GUESSES)
+        .map(|i| {
+            if i % 2 == 0 {
+                signed_head(&format!("guess-{i}"), "guess", "GET", "/v1/echo/1", &[]) + "\r\n"
+            } else {
+                format!(
+                    "GET /v1/echo/1 HTTP/1.1\r\nhost: {MARKET}\r\nx-apig-appcode: guess-{i}\r\n\r\n"
+                )
+            }
+        })
+        .collect();
+    let guessing = tokio::spawn(pipelined(
+        attacker,
+        buyers,
+        guesses,
+        Duration::from_secs(60),
+    ));
+    // Another buyer (127.0.0.1) meanwhile.
+    let mut others = Vec::new();
+    for _ in 0..5 {
+        others.push(timed_call(buyers).await);
+    }
+    let (counts, firsts, took) = guessing.await.unwrap();
+    let after = usage(pid);
+    assert_eq!(counts.values().sum::<usize>(), GUESSES, "{counts:?}");
+    // One window, or two if the test straddles a window's end.
+    let failed = counts.get(&401).copied().unwrap_or(0);
+    assert!((LIMIT..=2 * LIMIT).contains(&failed), "{counts:?}");
+    assert_eq!(
+        counts.get(&429).copied().unwrap_or(0),
+        GUESSES - failed,
+        "{counts:?}"
+    );
+    let limited = firsts
+        .iter()
+        .find(|a| a.starts_with("HTTP/1.1 429"))
+        .unwrap();
+    let lower = limited.to_ascii_lowercase();
+    assert!(lower.contains("retry-after: "), "{limited}");
+    assert!(lower.contains("x-request-id: "), "{limited}");
+    assert!(limited.contains(r#""error_code":"APIG.0308""#), "{limited}");
+    assert!(
+        others.iter().all(|(status, _)| *status == 200),
+        "{others:?}"
+    );
+    assert_eq!(
+        backend.hits(),
+        others.len() as u64,
+        "no guess reached the backend"
+    );
+
+    // Admin listener: wrong tokens, default limit (100 per 10 s).
+    let tokens: Vec<String> = (0..1_000)
+        .map(|i| {
+            format!(
+                "GET /v1/usage HTTP/1.1\r\nhost: admin\r\nauthorization: Bearer guess-{i}\r\n\r\n"
+            )
+        })
+        .collect();
+    let (admin_counts, admin_firsts, _) =
+        pipelined(attacker, admin, tokens, Duration::from_secs(30)).await;
+    let admin_failed = admin_counts.get(&401).copied().unwrap_or(0);
+    assert!((100..=200).contains(&admin_failed), "{admin_counts:?}");
+    let limited = admin_firsts
+        .iter()
+        .find(|a| a.starts_with("HTTP/1.1 429"))
+        .unwrap();
+    assert!(limited.contains(r#""error_code":"APIG.0308""#), "{limited}");
+    assert_eq!(healthz(admin).await, 200, "another peer's admin calls");
+
+    let metrics =
+        String::from_utf8_lossy(&admin_get(admin, "/metrics", true).await.body).into_owned();
+    let sample = |name: &str, listener: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name) && l.contains(&format!("listener=\"{listener}\"")))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        sample("marketgate_auth_failures_total", "buyers"),
+        failed as u64
+    );
+    assert_eq!(
+        sample("marketgate_auth_limited_total", "buyers"),
+        (GUESSES - failed) as u64
+    );
+    assert_eq!(
+        sample("marketgate_auth_failures_total", "admin"),
+        admin_failed as u64
+    );
+    let grown_kib = after.peak_kib.saturating_sub(before.rss_kib);
+    assert!(grown_kib < 32 * 1024, "peak RSS {before:?} → {after:?}");
+    eprintln!(
+        "guessing: {GUESSES} wrong AppKeys/AppCodes from one peer in {took:?} ({:.0}/s): \
+         {counts:?}; admin tokens: {admin_counts:?}; another buyer's calls {:?}; RSS {} → {} KiB \
+         (peak {} KiB), CPU {} ticks",
+        GUESSES as f64 / took.as_secs_f64(),
+        others.iter().map(|(_, t)| *t).collect::<Vec<_>>(),
+        before.rss_kib,
+        after.rss_kib,
+        after.peak_kib,
+        after.cpu_ticks - before.cpu_ticks,
+    );
+}
