@@ -7,7 +7,10 @@ AK/SK-signed calls), the market lists it and sells it, the buyer finds its AppCo
 buyer calls through the gateway: signed, with the AppCode, and failing ones (bad signature,
 unknown AppKey, bad AppCode, calls used up, backend down). Wrong tokens, a bad control-API
 signature and a wrong admin token are tried too. Then it greps every line the process printed
-and every error body it answered for every secret used, and finds none.
+and every error body it answered for every secret used, and finds none. The seller's TLS
+private keys are secrets too: it binds a domain, creates a certificate, attaches it, rotates
+it to a new key, binds one inline, and has one refused for a key that does not match; a line
+of each key's base64 is grepped for (a JSON log escapes a PEM's newlines).
 """
 
 import secrets
@@ -17,6 +20,7 @@ import pytest
 from huaweicloudsdkcore.sdk_request import SdkRequest
 from huaweicloudsdkcore.signer.signer import Signer
 
+from certificates import made
 from marketgate_process import Serve, free_ports, request
 
 INSTANCE = "default"
@@ -175,6 +179,26 @@ def play(run, serve):
         apis.append(api_id)
         run.call(c, "POST", f"{v2}/apis/action",
                  {"action": "online", "api_id": api_id, "env_id": RELEASE}, seller, 201)
+
+    # The seller's domain and TLS keys: created, attached, rotated, bound inline, one refused.
+    domain = "api.secrets-seller.test"
+    _, _, body = run.call(c, "POST", f"{v2}/api-groups/{group}/domains", {"url_domain": domain}, seller, 201)
+    domain_id = json_of(body)["id"]
+    certs = "/v2/seller-project/apigw/certificates"
+    first, rotated, inline, stranger = (made([domain]) for _ in range(4))
+    for what, cert in [("first", first), ("rotated", rotated), ("inline", inline), ("stranger", stranger)]:
+        run.secret(f"TLS private key, {what}", cert.key_needle())
+    form = lambda cert, key=None: {"name": "secrets_cert", "cert_content": cert.cert_pem,
+                                   "private_key": key or cert.key_pem}
+    _, _, body = run.call(c, "POST", certs, form(first), seller, 201)
+    cert_id = json_of(body)["id"]
+    run.call(c, "POST", f"{certs}/{cert_id}/domains/attach", {"domains": [{"domain": domain}]}, seller, 204)
+    run.call(c, "PUT", f"{certs}/{cert_id}", form(rotated), seller, 200)
+    run.call(c, "PUT", f"{certs}/{cert_id}", form(rotated, stranger.key_pem), seller, 400)
+    _, _, body = run.call(c, "GET", f"{certs}/{cert_id}", None, seller, 200)
+    assert rotated.key_needle() not in body.decode(), "a certificate's answer carries its key"
+    run.call(c, "POST", f"{v2}/api-groups/{group}/domains/{domain_id}/certificate",
+             form(inline) | {"name": "secrets_inline"}, seller, 201)
 
     # The seller's own app: a chosen secret, a reset one, a chosen and a generated AppCode.
     own_secret = run.secret("seller app secret", rand("ownsecret"))
