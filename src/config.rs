@@ -1,6 +1,7 @@
 //! Configuration: one TOML file, every key overridable by `MARKETGATE_SECTION__KEY`.
 //!
-//! The file form ([`FileConfig`], serde, unknown keys refused) is turned into a validated
+//! The file form ([`FileConfig`], serde; every key it does not know is found by
+//! `serde_ignored` and refused, so the known keys are its fields) is turned into a validated
 //! [`Config`] by [`Config::load`] / [`Config::from_toml`]. Every problem found — unknown keys,
 //! bad values, missing values — is reported at once in one [`ConfigError`], each naming its
 //! key. Defaults are named constants with their unit. `marketgate serve` with no file uses
@@ -112,7 +113,6 @@ pub enum LogFormat {
 
 /// An AK/SK pair that signs control-API requests.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Credential {
     pub access_key: String,
     pub secret_key: String,
@@ -123,7 +123,6 @@ pub struct Credential {
 
 /// A bearer token for the control API.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Token {
     pub token: String,
     pub domain_id: String,
@@ -343,7 +342,6 @@ pub struct ConfigError {
 // ---- file form -------------------------------------------------------------------------
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct FileConfig {
     instance_id: Option<String>,
     data_dir: Option<PathBuf>,
@@ -361,7 +359,6 @@ struct FileConfig {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct FileGateway {
     listen: Option<String>,
     tls_listen: Option<String>,
@@ -387,7 +384,6 @@ struct FileGateway {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct FileControl {
     listen: Option<String>,
     #[serde(default)]
@@ -412,7 +408,6 @@ struct FileControl {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct FileAdmin {
     listen: Option<String>,
     token: Option<String>,
@@ -431,7 +426,6 @@ struct FileAdmin {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct FileProxy {
     node_id: Option<String>,
     control_url: Option<String>,
@@ -449,128 +443,10 @@ struct FileProxy {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct FileLog {
     format: Option<LogFormat>,
     level: Option<String>,
 }
-
-/// Known keys per table, for reporting every unknown key at once (serde stops at the first).
-const KNOWN_KEYS: &[(&str, &[&str])] = &[
-    (
-        "",
-        &[
-            "instance_id",
-            "data_dir",
-            "database_url",
-            "gateway",
-            "control",
-            "admin",
-            "proxy",
-            "log",
-        ],
-    ),
-    (
-        "gateway",
-        &[
-            "listen",
-            "tls_listen",
-            "tls_cert",
-            "tls_key",
-            "workers",
-            "appcode_over_http",
-            "max_body_bytes",
-            "max_header_bytes",
-            "header_read_timeout_ms",
-            "drain_timeout_ms",
-            "max_clock_skew_secs",
-            "quota_journal_block",
-            "upstream_pool_idle_per_host",
-            "upstream_pool_idle_secs",
-            "max_connections",
-            "idle_timeout_ms",
-            "body_read_timeout_ms",
-            "auth_failure_limit",
-            "auth_failure_window_secs",
-            "tls_handshake_timeout_ms",
-            "h2_max_concurrent_streams",
-        ],
-    ),
-    (
-        "control",
-        &[
-            "listen",
-            "credentials",
-            "tokens",
-            "proxies",
-            "push_debounce_ms",
-            "lease_ttl_secs",
-            "store_statement_timeout_ms",
-            "store_lock_timeout_ms",
-            "store_pool_wait_ms",
-            "store_pool_size",
-            "max_connections",
-            "header_read_timeout_ms",
-            "idle_timeout_ms",
-            "body_read_timeout_ms",
-            "auth_failure_limit",
-            "auth_failure_window_secs",
-            "proxy_expiry_secs",
-        ],
-    ),
-    (
-        "control.credentials",
-        &[
-            "access_key",
-            "secret_key",
-            "domain_id",
-            "project_id",
-            "role",
-        ],
-    ),
-    (
-        "control.tokens",
-        &["token", "domain_id", "project_id", "role"],
-    ),
-    ("control.proxies", &["admin_url"]),
-    (
-        "admin",
-        &[
-            "listen",
-            "token",
-            "tokens",
-            "tls_cert",
-            "tls_key",
-            "tls_client_ca",
-            "metrics_public",
-            "max_connections",
-            "header_read_timeout_ms",
-            "idle_timeout_ms",
-            "body_read_timeout_ms",
-            "auth_failure_limit",
-            "auth_failure_window_secs",
-        ],
-    ),
-    (
-        "proxy",
-        &[
-            "node_id",
-            "control_url",
-            "control_urls",
-            "outage_budget_secs",
-            "lease_min_calls",
-            "lease_max_calls",
-            "max_snapshot_bytes",
-            "control_token",
-            "control_ca",
-            "control_cert_sha256",
-            "control_client_cert",
-            "control_client_key",
-        ],
-    ),
-    ("admin.tokens", &["token", "role"]),
-    ("log", &["format", "level"]),
-];
 
 impl Config {
     /// Reads `path`, applies `MARKETGATE_*` overrides from the process environment, validates.
@@ -634,10 +510,10 @@ impl Config {
             }
         };
         let origins = apply_env_overrides(&mut table, env, &mut problems);
+        // Every unknown key and every value of the wrong type, not only serde's first: each
+        // value of the wrong type is taken out, so the rest still deserializes and is
+        // validated below.
         let mut found = Vec::new();
-        find_unknown_keys(&table, &mut found);
-        // Every value of the wrong type, not only serde's first: each is taken out, so the
-        // rest still deserializes and is validated below.
         let file = loose_deserialize(&mut table, &mut found);
         problems.extend(
             found
@@ -1409,35 +1285,20 @@ fn log_level_problem(level: &str) -> Option<String> {
     None
 }
 
-/// Deserializes `table`, taking out (and reporting in `problems` by key path) every value
-/// serde refuses, so that one wrongly typed value does not hide the others. Values under a
-/// path already in `problems` (unknown keys) are taken out without a second report.
+/// Deserializes `table` into the file form, reporting in `problems` (by key path) every key
+/// the types do not know and every value serde refuses, so that neither hides the others:
+/// each top-level value and each key of a section is deserialized on its own, through
+/// `serde_ignored`, which names every key the file form ignored; a value of the wrong type is
+/// taken out before the whole is deserialized. The known keys are the file form's fields: no
+/// list of them is kept by hand.
 fn loose_deserialize(table: &mut toml::Table, problems: &mut Vec<(String, String)>) -> FileConfig {
-    let reported = |path: &str, problems: &[(String, String)]| {
-        problems.iter().any(|(p, _)| {
-            p == path
-                || p.strip_prefix(path)
-                    .is_some_and(|rest| rest.starts_with(['.', '[']))
-        })
-    };
     let keys: Vec<String> = table.keys().cloned().collect();
     for key in keys {
-        if problems.iter().any(|(p, _)| p == &key) {
-            table.remove(&key);
-            continue;
-        }
         let section = table.get(&key).and_then(toml::Value::as_table).cloned();
         match section {
             // A section: each of its keys on its own (arrays of tables stay whole).
             Some(section) => {
                 for inner in section.keys() {
-                    let path = format!("{key}.{inner}");
-                    if reported(&path, problems) {
-                        if let Some(t) = table.get_mut(&key).and_then(toml::Value::as_table_mut) {
-                            t.remove(inner);
-                        }
-                        continue;
-                    }
                     let one = toml::Table::from_iter([(
                         key.clone(),
                         toml::Value::Table(toml::Table::from_iter([(
@@ -1445,8 +1306,8 @@ fn loose_deserialize(table: &mut toml::Table, problems: &mut Vec<(String, String
                             section[inner].clone(),
                         )])),
                     )]);
-                    if let Err(e) = toml::Value::Table(one).try_into::<FileConfig>() {
-                        problems.push((path, serde_message(&e)));
+                    if let Err(e) = deserialize_reporting(one, problems) {
+                        problems.push((format!("{key}.{inner}"), serde_message(&e)));
                         if let Some(t) = table.get_mut(&key).and_then(toml::Value::as_table_mut) {
                             t.remove(inner);
                         }
@@ -1455,16 +1316,51 @@ fn loose_deserialize(table: &mut toml::Table, problems: &mut Vec<(String, String
             }
             None => {
                 let one = toml::Table::from_iter([(key.clone(), table[&key].clone())]);
-                if let Err(e) = toml::Value::Table(one).try_into::<FileConfig>() {
+                if let Err(e) = deserialize_reporting(one, problems) {
                     problems.push((key.clone(), serde_message(&e)));
                     table.remove(&key);
                 }
             }
         }
     }
+    // What is left deserializes; its unknown keys were reported above.
     toml::Value::Table(table.clone())
         .try_into()
         .unwrap_or_default()
+}
+
+/// Deserializes `one` into the file form, adding each key it ignores to `problems` as an
+/// unknown key (once per path: an unknown section is one problem, not one per key in it).
+fn deserialize_reporting(
+    one: toml::Table,
+    problems: &mut Vec<(String, String)>,
+) -> Result<FileConfig, toml::de::Error> {
+    let mut unknown = Vec::new();
+    let parsed = serde_ignored::deserialize(toml::Value::Table(one), |path| {
+        unknown.push(key_path(&path))
+    });
+    for path in unknown {
+        if !problems.iter().any(|(p, _)| *p == path) {
+            problems.push((path, "unknown key".to_owned()));
+        }
+    }
+    parsed
+}
+
+/// `serde_ignored`'s path as the config names keys: `gateway.speed`, `control.tokens[0].extra`.
+fn key_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", key_path(parent)),
+        Path::Map { parent, key } => match key_path(parent) {
+            parent if parent.is_empty() => key.to_string(),
+            parent => format!("{parent}.{key}"),
+        },
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => key_path(parent),
+    }
 }
 
 /// serde's message without toml's "in `key`" line (the key path is said in front).
@@ -1504,6 +1400,10 @@ fn line_of(text: &str, path: &str) -> Option<usize> {
         let line = line.trim();
         if let Some(header) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
             current = header.trim_start_matches('[').trim().to_owned();
+            // An unknown section is named by its header.
+            if current == path {
+                return Some(number + 1);
+            }
             continue;
         }
         let assigned = line
@@ -1514,48 +1414,6 @@ fn line_of(text: &str, path: &str) -> Option<usize> {
         }
     }
     None
-}
-
-fn find_unknown_keys(table: &toml::Table, problems: &mut Vec<(String, String)>) {
-    fn known(section: &str) -> &'static [&'static str] {
-        KNOWN_KEYS
-            .iter()
-            .find(|(name, _)| *name == section)
-            .map(|(_, keys)| *keys)
-            .unwrap_or(&[])
-    }
-    fn walk(section: &str, table: &toml::Table, problems: &mut Vec<(String, String)>) {
-        for (key, value) in table {
-            let path = if section.is_empty() {
-                key.clone()
-            } else {
-                format!("{section}.{key}")
-            };
-            if !known(section).contains(&key.as_str()) {
-                problems.push((path, "unknown key".to_owned()));
-                continue;
-            }
-            match value {
-                toml::Value::Table(inner) => walk(&path, inner, problems),
-                toml::Value::Array(items) => {
-                    for (i, item) in items.iter().enumerate() {
-                        if let toml::Value::Table(inner) = item {
-                            for inner_key in inner.keys() {
-                                if !known(&path).contains(&inner_key.as_str()) {
-                                    problems.push((
-                                        format!("{path}[{i}].{inner_key}"),
-                                        "unknown key".to_owned(),
-                                    ));
-                                }
-                            }
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-    walk("", table, problems);
 }
 
 #[cfg(test)]
@@ -1596,6 +1454,50 @@ mod tests {
             all.contains("control.tokens[0].extra: unknown key"),
             "{all}"
         );
+    }
+
+    #[test]
+    fn the_known_keys_are_the_types_fields() {
+        // An unknown section is one problem; keys in arrays of tables are named with their
+        // index; a key the types gained (admin.tokens, proxy.control_ca) needs no list.
+        let err = Config::from_toml(
+            "[colours]\nred = 1\nblue = 2\n[admin]\ntoken = 'abcdefgh'\n\
+             [[admin.tokens]]\ntoken = 'ijklmnop'\nrole = 'proxy'\nscope = 'all'\n\
+             [proxy]\ncontrol_url = 'https://cp:8082'\ncontrol_ca = 'ca.pem'\ncontrol_cas = 'x'\n",
+            no_env(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.problems,
+            vec![
+                "admin.tokens[0].scope: unknown key".to_owned(),
+                "colours (line 1): unknown key".to_owned(),
+                "proxy.control_cas (line 13): unknown key".to_owned(),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_example_configs_use_only_known_keys() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/config");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            if let Err(err) = Config::from_toml(&text, no_env()) {
+                let unknown: Vec<_> = err
+                    .problems
+                    .iter()
+                    .filter(|p| p.contains("unknown key"))
+                    .collect();
+                assert!(unknown.is_empty(), "{}: {unknown:?}", path.display());
+            }
+            checked += 1;
+        }
+        assert!(checked >= 3, "the example configs in {}", dir.display());
     }
 
     #[test]
