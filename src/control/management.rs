@@ -18,7 +18,7 @@ use crate::snapshot::{self, MarketState};
 
 use super::auth::Call;
 use super::error::ControlError;
-use super::rule::{self, is_cjk, Text};
+use super::rule::{self, Text, APP_NAME, GROUP_NAME};
 use super::state::{
     new_id, now_rfc3339, ApiDef, ApiRec, AppCodeRec, AppRec, AuthRec, BackendApiDef, Change,
     GroupRec, Publication, State, MAX_APP_CODES, RELEASE_ENV_ID, RELEASE_ENV_NAME,
@@ -79,27 +79,6 @@ fn one_of(value: String, allowed: &[&str], field: &str) -> Result<String, Contro
     rule::one_of(field, &value, allowed)?;
     Ok(value)
 }
-
-/// Group and API names: 3–255 chars of CJK, letters, digits, `-_./():、`, starting with a
-/// letter, digit or CJK character.
-const GROUP_NAME: Text = Text {
-    min: 3,
-    max: 255,
-    first: |c| c.is_ascii_alphanumeric() || is_cjk(c),
-    chars: |c| c.is_ascii_alphanumeric() || is_cjk(c) || "-_./():、（）：".contains(c),
-    says_chars: "letters, digits, Chinese characters and - _ . / ( ) : 、",
-    says_first: "a letter, a digit or a Chinese character",
-};
-
-/// App names: 3–64 chars of letters, digits, `_` and CJK, starting with a letter or CJK.
-const APP_NAME: Text = Text {
-    min: 3,
-    max: 64,
-    first: |c| c.is_ascii_alphabetic() || is_cjk(c),
-    chars: |c| c.is_ascii_alphanumeric() || c == '_' || is_cjk(c),
-    says_chars: "letters, digits, _ and Chinese characters",
-    says_first: "a letter or a Chinese character",
-};
 
 /// Longest remark, in characters.
 pub const MAX_REMARK_CHARS: usize = 255;

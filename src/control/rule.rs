@@ -185,6 +185,27 @@ impl Text {
     }
 }
 
+/// Group and API names (Huawei's rule; for other resources named like them too): 3–255 chars of CJK, letters, digits, `-_./():、`, starting with a
+/// letter, digit or CJK character.
+pub const GROUP_NAME: Text = Text {
+    min: 3,
+    max: 255,
+    first: |c| c.is_ascii_alphanumeric() || is_cjk(c),
+    chars: |c| c.is_ascii_alphanumeric() || is_cjk(c) || "-_./():、（）：".contains(c),
+    says_chars: "letters, digits, Chinese characters and - _ . / ( ) : 、",
+    says_first: "a letter, a digit or a Chinese character",
+};
+
+/// App names (Huawei's rule; throttles and other short names follow it too): 3–64 chars of letters, digits, `_` and CJK, starting with a letter or CJK.
+pub const APP_NAME: Text = Text {
+    min: 3,
+    max: 64,
+    first: |c| c.is_ascii_alphabetic() || is_cjk(c),
+    chars: |c| c.is_ascii_alphanumeric() || c == '_' || is_cjk(c),
+    says_chars: "letters, digits, _ and Chinese characters",
+    says_first: "a letter or a Chinese character",
+};
+
 /// A letter outside ASCII: Chinese characters and other scripts, as Huawei's names allow.
 pub fn is_cjk(c: char) -> bool {
     !c.is_ascii() && c.is_alphabetic()
@@ -193,15 +214,6 @@ pub fn is_cjk(c: char) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const APP_NAME: Text = Text {
-        min: 3,
-        max: 64,
-        first: |c| c.is_ascii_alphabetic() || is_cjk(c),
-        chars: |c| c.is_ascii_alphanumeric() || c == '_' || is_cjk(c),
-        says_chars: "letters, digits, _ and Chinese characters",
-        says_first: "a letter or a Chinese character",
-    };
 
     fn message(e: ControlError) -> String {
         e.to_string()
