@@ -272,7 +272,7 @@ fn attached<'a>(state: &'a State, certificate_id: &'a str) -> impl Iterator<Item
 pub async fn create(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (tenant, project) = call.project_scope()?;
     let form: CertificateForm = call.body()?;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     let certificate = checked(&state, form, &tenant, &project, None)?;
     let out = cert_json(&certificate);
     cp.commit(&mut state, vec![Change::Certificate(certificate)])
@@ -283,7 +283,7 @@ pub async fn create(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
 /// `GET /v2/{project_id}/apigw/certificates`: `{total, size, certs}`.
 pub async fn list(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.project_scope()?;
-    let state = cp.lock().await?;
+    let state = cp.state().await?;
     let wanted = |field: &str, value: &str| {
         call.query
             .get(field)
@@ -314,7 +314,7 @@ pub async fn list(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
 /// `GET /v2/{project_id}/apigw/certificates/{certificate_id}`: without the key.
 pub async fn show(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.project_scope()?;
-    let state = cp.lock().await?;
+    let state = cp.state().await?;
     let certificate = own_certificate(&state, call.param("certificate_id"), &project)?;
     Ok(reply(StatusCode::OK, cert_json(certificate)))
 }
@@ -325,7 +325,7 @@ pub async fn show(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
 pub async fn update(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (tenant, project) = call.project_scope()?;
     let form: CertificateForm = call.body()?;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     let existing = own_certificate(&state, call.param("certificate_id"), &project)?;
     let certificate = checked(&state, form, &tenant, &project, Some(existing))?;
     for domain in attached(&state, &certificate.id) {
@@ -341,7 +341,7 @@ pub async fn update(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
 /// domain serves it.
 pub async fn delete(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.project_scope()?;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     let certificate = own_certificate(&state, call.param("certificate_id"), &project)?;
     let domains: Vec<&str> = attached(&state, &certificate.id)
         .map(|d| d.url_domain.as_str())
@@ -366,7 +366,7 @@ pub async fn delete(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
 pub async fn attach(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.project_scope()?;
     let body: DomainsBody = call.body()?;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     let certificate = own_certificate(&state, call.param("certificate_id"), &project)?;
     if certificate.not_after <= now() {
         return Err(invalid(
@@ -403,7 +403,7 @@ pub async fn attach(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
 pub async fn detach(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.project_scope()?;
     let body: DomainsBody = call.body()?;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     let certificate = own_certificate(&state, call.param("certificate_id"), &project)?;
     let mut changes = Vec::new();
     for named in &body.domains {
@@ -424,7 +424,7 @@ pub async fn detach(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
 /// `GET …/certificates/{certificate_id}/attached-domains`: `{total, size, bound_domains}`.
 pub async fn attached_domains(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.project_scope()?;
-    let state = cp.lock().await?;
+    let state = cp.state().await?;
     let certificate = own_certificate(&state, call.param("certificate_id"), &project)?;
     let filter = call.query.get("url_domain").filter(|q| !q.is_empty());
     let items = attached(&state, &certificate.id)

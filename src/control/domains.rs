@@ -186,7 +186,7 @@ pub async fn bind(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let url_domain = body.url_domain.trim_end_matches('.').to_ascii_lowercase();
     check_url_domain(&url_domain)?;
     let min_ssl_version = ssl_version(body.min_ssl_version, DEFAULT_MIN_SSL_VERSION)?;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     let group = own_group(&state, call.param("group_id"), &project)?;
     if state.domain_owner(&url_domain).is_some() {
         return Err(ControlError::UrlDomainTaken(url_domain));
@@ -219,7 +219,7 @@ pub async fn update(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
         body.ingress_http_port,
         body.ingress_https_port,
     )?;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     let group = own_group(&state, call.param("group_id"), &project)?;
     let mut domain = own_domain(&state, group, call.param("domain_id"))?.clone();
     domain.min_ssl_version = ssl_version(body.min_ssl_version, &domain.min_ssl_version)?;
@@ -235,7 +235,7 @@ pub async fn update(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
 /// a resource of its own).
 pub async fn unbind(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.tenant_scope(&cp)?;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     let group = own_group(&state, call.param("group_id"), &project)?;
     let id = own_domain(&state, group, call.param("domain_id"))?
         .id
@@ -251,7 +251,7 @@ pub async fn unbind(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
 pub async fn bind_certificate(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (tenant, project) = call.tenant_scope(&cp)?;
     let form: CertificateForm = call.body()?;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     let group = own_group(&state, call.param("group_id"), &project)?;
     let mut domain = own_domain(&state, group, call.param("domain_id"))?.clone();
     let certificate = certificates::checked(&state, form, &tenant, &project, None)?;
@@ -272,7 +272,7 @@ pub async fn bind_certificate(AxState(cp): AxState<ControlPlane>, call: Call) ->
 /// its key.
 pub async fn show_certificate(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.tenant_scope(&cp)?;
-    let state = cp.lock().await?;
+    let state = cp.state().await?;
     let group = own_group(&state, call.param("group_id"), &project)?;
     let domain = own_domain(&state, group, call.param("domain_id"))?;
     let wanted = call.param("certificate_id");
@@ -289,7 +289,7 @@ pub async fn show_certificate(AxState(cp): AxState<ControlPlane>, call: Call) ->
 /// certificate (SNI falls back to the default one); the certificate stays.
 pub async fn unbind_certificate(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.tenant_scope(&cp)?;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     let group = own_group(&state, call.param("group_id"), &project)?;
     let mut domain = own_domain(&state, group, call.param("domain_id"))?.clone();
     let wanted = call.param("certificate_id");

@@ -77,9 +77,12 @@ impl ControlPlane {
         }
         ids.sort_unstable();
         ids.dedup();
-        // Which purchases exist and may be leased now: from the caught-up state.
+        // Which purchases exist and may be leased now: from the cache, caught up only when it
+        // does not know one of them (one exchange is one store transaction). The quota
+        // arithmetic reads the ledger rows locked in that transaction, never the cache.
         let known: Vec<(String, bool, Ledger)> = {
-            let state = self.lock().await?;
+            let names: Vec<&str> = ids.iter().map(String::as_str).collect();
+            let state = self.knowing(&names).await?;
             ids.into_iter()
                 .filter_map(|id| {
                     let Some(purchase) = state.purchases.get(&id) else {

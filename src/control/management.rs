@@ -3,7 +3,7 @@
 //! validation, list envelopes and status codes, so that the official SDK works against it.
 //!
 //! Every handler: authenticate (middleware), scope to the caller's own project, validate
-//! against the in-memory state under the state lock, commit the changes, answer. Resources of
+//! against a caught-up view of the state, commit the changes, answer. Resources of
 //! another project read as absent (404), as on Huawei. Must not touch market states (that is
 //! `market`) or build snapshots (that is `publish`).
 
@@ -331,7 +331,7 @@ fn group_fields(
 pub async fn create_group(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (domain, project) = call.tenant_scope(&cp)?;
     let body = call.json()?;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     let (name, remark) = group_fields(&state, &body, &project, None)?;
     let now = now_rfc3339();
     let group = GroupRec {
@@ -354,7 +354,7 @@ pub async fn create_group(AxState(cp): AxState<ControlPlane>, call: Call) -> Han
 
 pub async fn list_groups(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.tenant_scope(&cp)?;
-    let state = cp.lock().await?;
+    let state = cp.state().await?;
     let items = state
         .groups
         .values()
@@ -367,7 +367,7 @@ pub async fn list_groups(AxState(cp): AxState<ControlPlane>, call: Call) -> Hand
 
 pub async fn show_group(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.tenant_scope(&cp)?;
-    let state = cp.lock().await?;
+    let state = cp.state().await?;
     let group = own_group(&state, call.param("group_id"), &project)?;
     Ok(reply(StatusCode::OK, group_json(&state, group)))
 }
@@ -375,7 +375,7 @@ pub async fn show_group(AxState(cp): AxState<ControlPlane>, call: Call) -> Handl
 pub async fn update_group(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.tenant_scope(&cp)?;
     let body = call.json()?;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     let mut group = own_group(&state, call.param("group_id"), &project)?.clone();
     let (name, remark) = group_fields(&state, &body, &project, Some(&group.id))?;
     group.name = name;
@@ -388,7 +388,7 @@ pub async fn update_group(AxState(cp): AxState<ControlPlane>, call: Call) -> Han
 
 pub async fn delete_group(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.tenant_scope(&cp)?;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     let group = own_group(&state, call.param("group_id"), &project)?;
     if state.group_apis(&group.id).next().is_some() {
         return Err(ControlError::GroupHasApis(group.id.clone()));
@@ -680,7 +680,7 @@ fn api_json(state: &State, api: &ApiRec) -> Value {
 pub async fn create_api(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.tenant_scope(&cp)?;
     let body = call.json()?;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     let (group_id, def) = api_def(&state, &body, &project, None)?;
     let now = now_rfc3339();
     let api = ApiRec {
@@ -698,7 +698,7 @@ pub async fn create_api(AxState(cp): AxState<ControlPlane>, call: Call) -> Handl
 
 pub async fn list_apis(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.tenant_scope(&cp)?;
-    let state = cp.lock().await?;
+    let state = cp.state().await?;
     let items = state
         .apis
         .values()
@@ -730,7 +730,7 @@ pub async fn list_apis(AxState(cp): AxState<ControlPlane>, call: Call) -> Handle
 
 pub async fn show_api(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.tenant_scope(&cp)?;
-    let state = cp.lock().await?;
+    let state = cp.state().await?;
     let api = own_api(&state, call.param("api_id"), &project)?;
     Ok(reply(StatusCode::OK, api_json(&state, api)))
 }
@@ -739,7 +739,7 @@ pub async fn show_api(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler
 pub async fn update_api(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.tenant_scope(&cp)?;
     let body = call.json()?;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     let mut api = own_api(&state, call.param("api_id"), &project)?.clone();
     let (group_id, def) = api_def(&state, &body, &project, Some(&api.id))?;
     if group_id != api.group_id {
@@ -757,7 +757,7 @@ pub async fn update_api(AxState(cp): AxState<ControlPlane>, call: Call) -> Handl
 
 pub async fn delete_api(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.tenant_scope(&cp)?;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     let api = own_api(&state, call.param("api_id"), &project)?;
     if api.release.is_some() {
         return Err(ControlError::ApiPublished(api.id.clone()));
@@ -853,7 +853,7 @@ pub async fn publish_action(AxState(cp): AxState<ControlPlane>, call: Call) -> H
     check_env(&req_str(&body, "env_id")?)?;
     let api_id = req_str(&body, "api_id")?;
     let remark = valid_remark(&body)?;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     let api = own_api(&state, &api_id, &project)?;
     if online {
         release_collision(&state, api, &[])?;
@@ -869,7 +869,7 @@ pub async fn publish_batch(AxState(cp): AxState<ControlPlane>, call: Call) -> Ha
     let online = action(call.query.get("action").map(String::as_str).unwrap_or(""))?;
     check_env(&req_str(&body, "env_id")?)?;
     let remark = valid_remark(&body)?;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     let ids: Vec<String> = match (body.get("apis"), opt_str(&body, "group_id")?) {
         (Some(Value::Array(ids)), _) if !ids.is_empty() => ids
             .iter()
@@ -1021,7 +1021,7 @@ fn app_fields(
 pub async fn create_app(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (domain, project) = call.tenant_scope(&cp)?;
     let body = call.json()?;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     let (name, remark, key, secret) = app_fields(&state, &body, &project, None)?;
     let mut key = key.unwrap_or_else(new_credential);
     while app_key_taken(&state, &key, None) {
@@ -1048,7 +1048,7 @@ pub async fn create_app(AxState(cp): AxState<ControlPlane>, call: Call) -> Handl
 
 pub async fn list_apps(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.tenant_scope(&cp)?;
-    let state = cp.lock().await?;
+    let state = cp.state().await?;
     let items = state
         .apps
         .values()
@@ -1067,14 +1067,14 @@ pub async fn list_apps(AxState(cp): AxState<ControlPlane>, call: Call) -> Handle
 
 pub async fn show_app(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.tenant_scope(&cp)?;
-    let state = cp.lock().await?;
+    let state = cp.state().await?;
     let app = own_app(&state, call.param("app_id"), &project)?;
     Ok(reply(StatusCode::OK, app_json(&state, app)))
 }
 
 pub async fn check_app(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     call.tenant_scope(&cp)?;
-    let state = cp.lock().await?;
+    let state = cp.state().await?;
     let id = call.param("app_id");
     let app = state
         .apps
@@ -1089,7 +1089,7 @@ pub async fn check_app(AxState(cp): AxState<ControlPlane>, call: Call) -> Handle
 pub async fn update_app(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.tenant_scope(&cp)?;
     let body = call.json()?;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     let mut app = own_app(&state, call.param("app_id"), &project)?.clone();
     let (name, remark, key, secret) = app_fields(&state, &body, &project, Some(&app.id))?;
     app.name = name;
@@ -1108,7 +1108,7 @@ pub async fn update_app(AxState(cp): AxState<ControlPlane>, call: Call) -> Handl
 
 pub async fn delete_app(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.tenant_scope(&cp)?;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     let app = own_app(&state, call.param("app_id"), &project)?;
     if app.creator == "MARKET" {
         return Err(ControlError::Forbidden(format!(
@@ -1135,7 +1135,7 @@ pub async fn reset_secret(AxState(cp): AxState<ControlPlane>, call: Call) -> Han
     if let Some(secret) = &secret {
         APP_SECRET.check("app_secret", secret)?;
     }
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     let mut app = own_app(&state, call.param("app_id"), &project)?.clone();
     app.app_secret = secret.unwrap_or_else(new_credential);
     app.update_time = now_rfc3339();
@@ -1157,7 +1157,7 @@ fn code_taken(state: &State, code: &str) -> bool {
 
 async fn add_app_code(cp: &ControlPlane, call: &Call, given: Option<String>) -> Handler {
     let (_, project) = call.tenant_scope(cp)?;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     let mut app = own_app(&state, call.param("app_id"), &project)?.clone();
     if app.codes.len() >= MAX_APP_CODES {
         return Err(ControlError::TooManyAppCodes(app.id));
@@ -1201,7 +1201,7 @@ pub async fn generate_app_code(AxState(cp): AxState<ControlPlane>, call: Call) -
 
 pub async fn list_app_codes(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.tenant_scope(&cp)?;
-    let state = cp.lock().await?;
+    let state = cp.state().await?;
     let app = own_app(&state, call.param("app_id"), &project)?;
     let items = app.codes.iter().map(|c| app_code_json(app, c)).collect();
     Ok(page(&call, "app_codes", items))
@@ -1209,7 +1209,7 @@ pub async fn list_app_codes(AxState(cp): AxState<ControlPlane>, call: Call) -> H
 
 pub async fn show_app_code(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.tenant_scope(&cp)?;
-    let state = cp.lock().await?;
+    let state = cp.state().await?;
     let app = own_app(&state, call.param("app_id"), &project)?;
     let id = call.param("app_code_id");
     let code = app
@@ -1222,7 +1222,7 @@ pub async fn show_app_code(AxState(cp): AxState<ControlPlane>, call: Call) -> Ha
 
 pub async fn delete_app_code(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.tenant_scope(&cp)?;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     let mut app = own_app(&state, call.param("app_id"), &project)?.clone();
     let id = call.param("app_code_id");
     let before = app.codes.len();
@@ -1271,7 +1271,7 @@ pub async fn create_auths(AxState(cp): AxState<ControlPlane>, call: Call) -> Han
     check_env(&env_id)?;
     let app_ids = str_list(&body, "app_ids")?;
     let api_ids = str_list(&body, "api_ids")?;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     for app in &app_ids {
         own_app(&state, app, &project)?;
     }
@@ -1314,7 +1314,7 @@ pub async fn create_auths(AxState(cp): AxState<ControlPlane>, call: Call) -> Han
 
 pub async fn list_auths(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.tenant_scope(&cp)?;
-    let state = cp.lock().await?;
+    let state = cp.state().await?;
     let items = state
         .auths
         .values()
@@ -1348,7 +1348,7 @@ pub async fn list_auths(AxState(cp): AxState<ControlPlane>, call: Call) -> Handl
 
 pub async fn delete_auth(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.tenant_scope(&cp)?;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     let id = call.param("app_auth_id");
     let owned = state.auths.get(id).is_some_and(|a| {
         state

@@ -10,8 +10,10 @@
 //! | on_sale, off_sale | 3 delist | delisted (final; purchases kept, frozen) |
 //!
 //! Purchases: `reserved` (row 4) → `active` (row 5) ⇄ `frozen` (rows 6, 10) → `unsubscribed`
-//! (row 11). `order_id` makes row 5 idempotent: the state lock makes "look up, else create"
-//! atomic, so concurrent duplicates get one purchase and the same answer.
+//! (row 11). `order_id` makes row 5 idempotent: the order id is the purchase's claim in the
+//! store, so of concurrent duplicates (on any replica) one commits, the others are refused,
+//! run again on a view that holds the winner's purchase, and answer it: one purchase, the same
+//! answer.
 //!
 //! Must not touch API definitions or apps other than the MARKET app a purchase creates.
 
@@ -105,7 +107,7 @@ pub async fn onsell(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let body = call.json()?;
     let url_domain = req_str(&body, "url_domain")?.to_ascii_lowercase();
     check_url_domain(&url_domain)?;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     let mut group = seller_group(&state, &call, &seller, false)?.clone();
     match group.market_state {
         MarketState::Delisted => return Err(ControlError::Delisted(group.id)),
@@ -140,7 +142,7 @@ pub async fn offsell(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler 
     call.check_instance(&cp, false)?;
     call.market_project()?;
     let seller = required_domain(&call)?;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     let mut group = seller_group(&state, &call, &seller, false)?.clone();
     match group.market_state {
         MarketState::OnSale => {}
@@ -160,7 +162,7 @@ pub async fn delist(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     call.check_instance(&cp, true)?;
     call.market_project()?;
     let seller = required_domain(&call)?;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     let mut group = seller_group(&state, &call, &seller, true)?.clone();
     match group.market_state {
         MarketState::Delisted => return Ok(StatusCode::NO_CONTENT.into_response()),
@@ -221,7 +223,7 @@ pub async fn reserve(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler 
     let buyer = required_domain(&call)?;
     let body = call.json()?;
     let group_id = req_str(&body, "group_id")?;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     buyable(&state, &group_id, &buyer, true)?;
     let now = now_rfc3339();
     let purchase = PurchaseRec {
@@ -364,12 +366,8 @@ pub async fn purchase(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler
         }
         None => None,
     };
-    let mut state = cp.lock().await?;
-    if let Some(existing) = state
-        .purchases
-        .values()
-        .find(|p| p.order_id.as_deref() == Some(order_id.as_str()))
-    {
+    let mut state = cp.state().await?;
+    if let Some(existing) = state.purchase_of_order(&order_id) {
         if existing.group_id != group_id || existing.domain_id != buyer {
             return Err(ControlError::Conflict(format!(
                 "order_id {order_id} belongs to another purchase"
@@ -541,7 +539,7 @@ pub async fn set_unused(AxState(cp): AxState<ControlPlane>, call: Call) -> Handl
             "is required: the calls left to set (> 0 unfreezes), or <= 0 to freeze",
         )
     })?;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     let found = match opt_str(&body, "purchase_id")?.filter(|p| !p.is_empty()) {
         Some(id) => state.purchases.get(&id),
         None => {
@@ -636,7 +634,7 @@ pub async fn lock(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
         int_field(&body, "status")?,
         &[(3, "lock"), (2, "unlock")],
     )? == 3;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     let mut group = seller_group(&state, &call, &seller, false)?.clone();
     let to = match (lock, group.market_state) {
         (true, MarketState::Unlisted | MarketState::Locked) => MarketState::Locked,
@@ -699,7 +697,7 @@ fn market_groups(
 pub async fn list_tosell(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     call.check_instance(&cp, false)?;
     call.market_project()?;
-    let state = cp.lock().await?;
+    let state = cp.state().await?;
     market_groups(&call, &state, |g| {
         matches!(
             g.market_state,
@@ -712,7 +710,7 @@ pub async fn list_tosell(AxState(cp): AxState<ControlPlane>, call: Call) -> Hand
 pub async fn list_onsell(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     call.check_instance(&cp, false)?;
     call.market_project()?;
-    let state = cp.lock().await?;
+    let state = cp.state().await?;
     market_groups(&call, &state, |g| g.market_state == MarketState::OnSale)
 }
 
@@ -736,7 +734,7 @@ pub async fn freeze(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
         .map(|v| v.as_str().map(str::to_owned))
         .collect::<Option<_>>()
         .ok_or_else(ids_rule)?;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     let now = now_rfc3339();
     let (mut results, mut changes) = (Vec::new(), Vec::new());
     for id in ids {
@@ -805,7 +803,7 @@ fn buyer_purchase<'a>(state: &'a State, call: &Call) -> Result<&'a PurchaseRec, 
 pub async fn unsubscribe(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     call.check_instance(&cp, false)?;
     call.market_project()?;
-    let mut state = cp.lock().await?;
+    let mut state = cp.state().await?;
     let mut purchase = buyer_purchase(&state, &call)?.clone();
     if purchase.state == PurchaseState::Unsubscribed {
         return Ok(StatusCode::NO_CONTENT.into_response());
@@ -822,7 +820,7 @@ pub async fn list_purchases(AxState(cp): AxState<ControlPlane>, call: Call) -> H
     call.check_instance(&cp, false)?;
     let project = call.market_project()?;
     let domain = call.acting_domain(false)?;
-    let state = cp.lock().await?;
+    let state = cp.state().await?;
     let mut items: Vec<&PurchaseRec> = state
         .purchases
         .values()
@@ -850,7 +848,7 @@ pub async fn list_purchases(AxState(cp): AxState<ControlPlane>, call: Call) -> H
 pub async fn show_purchase(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     call.check_instance(&cp, false)?;
     call.market_project()?;
-    let state = cp.lock().await?;
+    let state = cp.state().await?;
     let purchase = buyer_purchase(&state, &call)?;
     let live = cp.ledger(&purchase.purchase_id).await;
     Ok(reply(

@@ -24,10 +24,10 @@ use axum::response::Response;
 use prometheus::{
     HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
-use tokio::sync::Mutex;
+use std::sync::Mutex;
 
-use super::state::State;
 use super::subscriptions::SubscriptionMetrics;
+use super::Cache;
 use crate::metrics_text::Family;
 
 /// `marketgate_quota_calls_left` covers only this many purchases: those with the most used
@@ -47,9 +47,9 @@ pub struct ControlMetrics {
 }
 
 impl ControlMetrics {
-    /// Registers every control metric in a fresh registry; `calls_left` reads `state` at
-    /// scrape time (a weak handle: the registry must not keep the state alive).
-    pub fn new(state: &Arc<Mutex<State>>) -> ControlMetrics {
+    /// Registers every control metric in a fresh registry; `calls_left` reads the `cache` at
+    /// scrape time (a weak handle: the registry must not keep the cache alive).
+    pub fn new(cache: &Arc<Mutex<Cache>>) -> ControlMetrics {
         let registry = Registry::new();
         let snapshot_version = IntGauge::new(
             "marketgate_control_snapshot_version",
@@ -63,7 +63,7 @@ impl ControlMetrics {
             SubscriptionMetrics::register(&registry).expect("metric names are unique");
         let requests = RequestMetrics::register(&registry).expect("metric names are unique");
         registry
-            .register(Box::new(CallsLeft::new(Arc::downgrade(state))))
+            .register(Box::new(CallsLeft::new(Arc::downgrade(cache))))
             .expect("metric names are unique");
         let accept = crate::accept::AcceptMetrics::new();
         accept.register(&registry).expect("metric names are unique");
@@ -219,26 +219,23 @@ const CALLS_LEFT_HELP: &str =
 
 /// `marketgate_quota_calls_left{purchase}`, computed from the state at each scrape.
 struct CallsLeft {
-    state: Weak<Mutex<State>>,
-    /// The last values computed; served again when a write holds the state lock at scrape
-    /// time (collecting cannot wait: it is synchronous).
+    cache: Weak<Mutex<Cache>>,
     gauge: IntGaugeVec,
 }
 
 impl CallsLeft {
-    fn new(state: Weak<Mutex<State>>) -> CallsLeft {
+    fn new(cache: Weak<Mutex<Cache>>) -> CallsLeft {
         let gauge = IntGaugeVec::new(Opts::new(CALLS_LEFT_NAME, CALLS_LEFT_HELP), &["purchase"])
             .expect("valid metric");
-        CallsLeft { state, gauge }
+        CallsLeft { cache, gauge }
     }
 
     fn refresh(&self) {
-        let Some(state) = self.state.upgrade() else {
+        let Some(cache) = self.cache.upgrade() else {
             return;
         };
-        let Ok(state) = state.try_lock() else {
-            return;
-        };
+        // A view: the cache's lock is held for a clone, not for the computation.
+        let state = cache.lock().expect("cache lock").view();
         let mut limited: Vec<_> = state
             .purchases
             .values()

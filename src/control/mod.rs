@@ -2,19 +2,26 @@
 //! management API (§4), the durable store, and the snapshot source for the data plane.
 //!
 //! Design: the store is the truth, and any number of replicas may share it (PostgreSQL). Each
-//! replica keeps a follower cache of the store, a [`State`] behind one mutex, at a version of
-//! the store. Every answer first catches the cache up to the store's current version (one
-//! query: read-your-writes across replicas). A write then validates against the caught-up
-//! state (for precise errors), and commits ONE transaction whose own statements decide
-//! conflicts: compare-and-swap on each record's revision, uniqueness claims (names,
-//! url_domain, app keys, order_id) and the next snapshot version, taken last so that version
-//! order is commit order. A commit refused by those checks is [`ControlError::Contended`]:
-//! the request runs again on the caught-up state, a bounded number of times
-//! ([`MAX_WRITE_ATTEMPTS`]), and now answers what the winner made true (the same purchase for
-//! the same `order_id`, 400 APIG.3305 for a url_domain taken). Every 2xx is durable before it
-//! is sent. Replicas follow each other's commits through the store's notifications (LISTEN/
-//! NOTIFY), with a poll every [`FOLLOW_POLL_INTERVAL`] so that a lost notification costs
-//! latency, never a change, and announce each new version on their watch channel.
+//! replica keeps a follower cache of the store, a [`State`] at a version of the store. Every
+//! answer first catches the cache up to the store's current version (one query: read-your-
+//! writes across replicas) and takes its own view of it (a clone: persistent maps, a few
+//! pointer copies). A write then validates against its view (for precise errors), and
+//! commits ONE transaction whose own statements decide conflicts: compare-and-swap on each
+//! record's revision, uniqueness claims (names, url_domain, app keys, order_id) and the next
+//! snapshot version, taken last so that version order is commit order. A commit refused by
+//! those checks is [`ControlError::Contended`]: the request runs again on a caught-up view, a
+//! bounded number of times ([`MAX_WRITE_ATTEMPTS`]), and now answers what the winner made
+//! true (the same purchase for the same `order_id`, 400 APIG.3305 for a url_domain taken).
+//! Every 2xx is durable before it is sent. Replicas follow each other's commits through the
+//! store's notifications (LISTEN/NOTIFY), with a poll every [`FOLLOW_POLL_INTERVAL`] so that
+//! a lost notification costs latency, never a change, and announce each new version on their
+//! watch channel.
+//!
+//! No lock is held across a store call: the cache's mutex ([`Cache`]) is taken only to read
+//! or move it (pointer copies and applying records already parsed). Requests of one replica
+//! commit concurrently, like requests of different replicas, and the store orders them; each
+//! commit is applied to the cache in version order ([`Cache::settle`]), and whatever version
+//! the cache missed is read from the store.
 //!
 //! The quota ledgers (`leases`) live in their own rows, changed under row locks.
 //!
@@ -41,16 +48,17 @@ pub mod state;
 pub mod store;
 pub mod subscriptions;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use axum::extract::State as AxState;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::Router;
-use tokio::sync::{watch, Mutex, MutexGuard};
+use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::shutdown::Shutdown;
@@ -78,10 +86,81 @@ pub struct ControlPlane {
 struct Inner {
     config: Config,
     store: Box<dyn Store>,
-    /// In an `Arc` so that the metrics registry can read it at scrape time (weakly).
-    state: Arc<Mutex<State>>,
+    /// The follower cache. A std mutex: it is never held across an `.await`. In an `Arc` so
+    /// that the metrics registry can read it at scrape time (weakly).
+    cache: Arc<Mutex<Cache>>,
     version: watch::Sender<u64>,
     metrics: metrics::ControlMetrics,
+}
+
+/// A replica's follower cache: the store's state at `state.version`, and this replica's own
+/// commits that came back ahead of a version the cache has not applied yet.
+#[derive(Debug, Default)]
+pub struct Cache {
+    state: State,
+    /// Own commits by version, each change with its new revision: applied as soon as the
+    /// cache reaches the version before them; dropped once a catch-up passes them.
+    ahead: BTreeMap<u64, Vec<(Change, u64)>>,
+}
+
+impl Cache {
+    /// The cached state as a value of its own (cheap: persistent maps).
+    pub fn view(&self) -> State {
+        self.state.clone()
+    }
+
+    /// Applies a commit this replica made at `version` (its changes with their new
+    /// revisions) once every version before it is applied: at once when it is the next
+    /// version, later (from `ahead`) otherwise, never when the cache is already past it.
+    /// Returns the cache's version when it moved.
+    fn settle(&mut self, version: u64, applied: Vec<(Change, u64)>) -> Option<u64> {
+        if version <= self.state.version {
+            return None;
+        }
+        self.ahead.insert(version, applied);
+        self.apply_ahead()
+    }
+
+    /// Applies what the store holds after the cache's version (`changes`, parsed, read at
+    /// `version`), unless the cache is already there. Returns the cache's version when it
+    /// moved.
+    fn catch_up(&mut self, version: u64, changes: Vec<(Change, u64)>) -> Option<u64> {
+        if version <= self.state.version {
+            return None;
+        }
+        // The records read are the latest of every record written after the version the
+        // read started from, which is at most the cache's: applying them all gives the
+        // store's state at `version`, whatever the cache applied in between.
+        for (change, rev) in changes {
+            self.state.apply_at(change, rev);
+        }
+        self.state.version = version;
+        self.ahead = self.ahead.split_off(&(version + 1));
+        self.apply_ahead();
+        Some(self.state.version)
+    }
+
+    /// Applies the own commits that follow the cache's version without a gap.
+    fn apply_ahead(&mut self) -> Option<u64> {
+        let mut moved = None;
+        while let Some(entry) = self.ahead.first_entry() {
+            if *entry.key() != self.state.version + 1 {
+                break;
+            }
+            let (version, applied) = entry.remove_entry();
+            for (change, rev) in applied {
+                self.state.apply_at(change, rev);
+            }
+            self.state.version = version;
+            moved = Some(version);
+        }
+        moved
+    }
+
+    /// The cached state, borrowed (for the metrics' scrape).
+    pub fn state(&self) -> &State {
+        &self.state
+    }
 }
 
 impl ControlPlane {
@@ -112,22 +191,23 @@ impl ControlPlane {
             state.version = done.version;
         }
         let (version, _) = watch::channel(state.version);
-        let state = Arc::new(Mutex::new(state));
-        let metrics = metrics::ControlMetrics::new(&state);
+        let cache = Arc::new(Mutex::new(Cache {
+            state,
+            ahead: BTreeMap::new(),
+        }));
+        let metrics = metrics::ControlMetrics::new(&cache);
         metrics.snapshot_version.set(*version.borrow() as i64);
         let notifications = store.notifications();
         let cp = ControlPlane {
             inner: Arc::new(Inner {
                 config: config.clone(),
                 store,
-                state,
+                cache,
                 version,
                 metrics,
             }),
         };
-        if let Some(notifications) = notifications {
-            tokio::spawn(follow(Arc::downgrade(&cp.inner), notifications));
-        }
+        tokio::spawn(follow(Arc::downgrade(&cp.inner), notifications));
         Ok(cp)
     }
 
@@ -339,13 +419,13 @@ impl ControlPlane {
     }
 
     /// The full snapshot at the current version (caught up with the store first; if the store
-    /// cannot be reached, the snapshot of the version this replica holds).
+    /// cannot be reached, the snapshot of the version this replica holds). Built from a view:
+    /// no lock is held while it is built, so writes and lease exchanges never wait for it.
     pub async fn snapshot(&self) -> crate::snapshot::Snapshot {
-        let mut state = self.inner.state.lock().await;
-        if let Err(error) = self.catch_up(&mut state).await {
+        if let Err(error) = self.catch_up().await {
             tracing::warn!(%error, "snapshot built without catching up with the store");
         }
-        publish::build(&state)
+        publish::build(&self.cached())
     }
 
     /// Fires with the new snapshot version after every committed change.
@@ -355,11 +435,10 @@ impl ControlPlane {
 
     /// Adds `calls` served calls to the purchase's ledger, durably (no snapshot change).
     pub async fn record_usage(&self, purchase_id: &str, calls: u64) -> Result<(), ControlError> {
-        let state = self.lock().await?;
+        let state = self.knowing(&[purchase_id]).await?;
         if !state.purchases.contains_key(purchase_id) {
             return Err(ControlError::PurchaseNotFound(purchase_id.to_owned()));
         }
-        drop(state);
         if calls == 0 {
             return Ok(());
         }
@@ -388,55 +467,99 @@ impl ControlPlane {
     /// to that data plane), durably, and announces it: the snapshot built next is newer than
     /// what that data plane holds, so it is accepted and replaces it. Returns the version.
     pub async fn move_version_past(&self, seen: u64) -> Result<u64, ControlError> {
-        let mut state = self.lock().await?;
         let version = self.inner.store.advance_version(seen).await?;
         // Caught up rather than jumped: another replica may have committed in between.
-        self.catch_up(&mut state).await?;
-        Ok(version.max(state.version))
+        self.catch_up().await?;
+        Ok(version.max(self.version()))
     }
 
     pub fn config(&self) -> &Config {
         &self.inner.config
     }
 
-    /// The state, caught up with the store's current version: what every answer is built
-    /// from, so that a 2xx on any replica shows every write acknowledged before it.
-    async fn lock(&self) -> Result<MutexGuard<'_, State>, ControlError> {
-        let mut state = self.inner.state.lock().await;
-        self.catch_up(&mut state).await?;
-        Ok(state)
+    /// A view of the state caught up with the store's current version: what every answer is
+    /// built from, so that a 2xx on any replica shows every write acknowledged before it.
+    /// The view is the request's own: the cache moves on meanwhile.
+    async fn state(&self) -> Result<State, ControlError> {
+        self.catch_up().await?;
+        Ok(self.cached())
     }
 
-    /// Applies to `state` what the store committed after `state.version`, and announces the
-    /// new version.
-    async fn catch_up(&self, state: &mut State) -> Result<(), ControlError> {
-        let changes = self.inner.store.changes_since(state.version).await?;
-        if changes.version <= state.version {
+    /// A view of the cache as it is, without asking the store.
+    fn cached(&self) -> State {
+        self.inner.cache.lock().expect("cache lock").view()
+    }
+
+    /// A view that knows every purchase of `ids` the store knows: the cache as it is when it
+    /// knows them all (a lease exchange or a usage report names purchases the proxy learned
+    /// from a snapshot this replica built, or one at most a follow behind), else caught up.
+    /// Ledger arithmetic never relies on it: the ledger rows are read locked in the commit.
+    async fn knowing(&self, ids: &[&str]) -> Result<State, ControlError> {
+        let state = self.cached();
+        if ids.iter().all(|id| state.purchases.contains_key(*id)) {
+            return Ok(state);
+        }
+        self.state().await
+    }
+
+    /// Applies to the cache what the store committed after the cache's version, and
+    /// announces the new version. The store is read without any lock held; the cache's lock
+    /// is taken only to apply what was read (parsed before).
+    async fn catch_up(&self) -> Result<(), ControlError> {
+        let from = self.cached_version();
+        let changes = self.inner.store.changes_since(from).await?;
+        if changes.version <= from {
             return Ok(());
         }
-        for stored in changes.records {
-            state.apply_stored(stored)?;
+        let parsed = changes
+            .records
+            .into_iter()
+            .map(state::Change::from_stored)
+            .filter_map(Result::transpose)
+            .collect::<Result<Vec<_>, _>>()?;
+        let moved = self
+            .inner
+            .cache
+            .lock()
+            .expect("cache lock")
+            .catch_up(changes.version, parsed);
+        if let Some(version) = moved {
+            self.announce(version);
         }
-        self.announce(state, changes.version);
         Ok(())
     }
 
-    fn announce(&self, state: &mut State, version: u64) {
-        state.version = version;
-        self.inner.version.send_replace(version);
-        self.inner.metrics.snapshot_version.set(version as i64);
+    fn cached_version(&self) -> u64 {
+        self.inner.cache.lock().expect("cache lock").state.version
+    }
+
+    /// Tells pushers, subscribers and the metrics that the cache reached `version` (the
+    /// watch channel only ever moves forward).
+    fn announce(&self, version: u64) {
+        let moved = self.inner.version.send_if_modified(|current| {
+            let newer = version > *current;
+            if newer {
+                *current = version;
+            }
+            newer
+        });
+        if moved {
+            self.inner.metrics.snapshot_version.set(version as i64);
+        }
     }
 
     /// Commits `changes` durably (one transaction, next version), then applies them to the
-    /// state and announces the new version. Callers hold the state lock.
+    /// request's view `state` (so that its answer shows them) and to the cache.
     async fn commit(&self, state: &mut State, changes: Vec<Change>) -> Result<(), ControlError> {
         self.commit_with(state, &[], changes, None).await
     }
 
     /// [`ControlPlane::commit`], also requiring that the records `reads` (`(kind, id)`) the
     /// changes were decided on are unchanged at commit, and with a ledger update in the same
-    /// transaction. A conflict catches `state` up and is [`ControlError::Contended`]: the
-    /// request runs again ([`retried`]).
+    /// transaction. The revisions compared are those of the view `state`. No lock is held
+    /// while the store commits. A conflict is [`ControlError::Contended`]: the request runs
+    /// again ([`retried`]) on a view caught up with the winner (a conflict is only seen once
+    /// the winner committed: claims and revisions wait for the row's holder).
     async fn commit_with(
         &self,
         state: &mut State,
@@ -457,28 +580,32 @@ impl ControlPlane {
             ledger,
             bump_version: true,
         };
-        match self.inner.store.commit(commit).await {
-            Ok(done) if done.version == state.version + 1 => {
-                // Nothing else committed since this state was caught up: it is the store's
-                // state at the new version once these changes apply.
-                for (change, rev) in changes.into_iter().zip(done.revs) {
-                    state.apply_at(change, rev);
-                }
-                self.announce(state, done.version);
-                Ok(())
-            }
-            Ok(_) => self.catch_up(state).await,
+        let done = match self.inner.store.commit(commit).await {
+            Ok(done) => done,
             Err(StoreError::Conflict(conflict)) => {
-                tracing::debug!(%conflict, "commit refused by the store; catching up");
-                self.catch_up(state).await?;
-                Err(ControlError::Contended(conflict))
+                tracing::debug!(%conflict, "commit refused by the store");
+                return Err(ControlError::Contended(conflict));
             }
-            Err(other) => Err(other.into()),
+            Err(other) => return Err(other.into()),
+        };
+        let applied: Vec<(Change, u64)> = changes.into_iter().zip(done.revs).collect();
+        for (change, rev) in &applied {
+            state.apply_at(change.clone(), *rev);
         }
+        let moved = self
+            .inner
+            .cache
+            .lock()
+            .expect("cache lock")
+            .settle(done.version, applied);
+        if let Some(version) = moved {
+            self.announce(version);
+        }
+        Ok(())
     }
 
     /// Commits a ledger update alone: no snapshot version (proxies learn ledgers through
-    /// lease exchanges, not pushes), and no state lock: ledger rows are locked by the store.
+    /// lease exchanges, not pushes), and no lock: ledger rows are locked by the store.
     async fn commit_ledgers(&self, update: LedgerUpdate) -> Result<(), ControlError> {
         self.inner
             .store
@@ -493,23 +620,32 @@ impl ControlPlane {
 
 /// Follows the store's notifications for as long as the control plane lives: each announced
 /// version (or, every [`FOLLOW_POLL_INTERVAL`], any version not announced) is caught up and
-/// announced on the watch channel, so pushers and subscribers serve it.
-async fn follow(cp: Weak<Inner>, mut notifications: watch::Receiver<u64>) {
+/// announced on the watch channel, so pushers and subscribers serve it. SQLite has no
+/// notifications: there the follower only polls, which catches up a commit whose request was
+/// cancelled after the store made it and before it reached the cache.
+async fn follow(cp: Weak<Inner>, mut notifications: Option<watch::Receiver<u64>>) {
     loop {
-        let woke = tokio::time::timeout(FOLLOW_POLL_INTERVAL, notifications.changed()).await;
-        if matches!(woke, Ok(Err(_))) {
-            return; // the listener is gone: the store was dropped
-        }
+        let notified = match notifications.as_mut() {
+            Some(channel) => {
+                match tokio::time::timeout(FOLLOW_POLL_INTERVAL, channel.changed()).await {
+                    Ok(Err(_)) => return, // the listener is gone: the store was dropped
+                    Ok(Ok(())) => Some(*channel.borrow_and_update()),
+                    Err(_) => None,
+                }
+            }
+            None => {
+                tokio::time::sleep(FOLLOW_POLL_INTERVAL).await;
+                None
+            }
+        };
         let Some(inner) = cp.upgrade() else {
             return;
         };
         let cp = ControlPlane { inner };
-        let notified = *notifications.borrow_and_update();
-        if woke.is_ok() && notified <= cp.version() {
+        if notified.is_some_and(|version| version <= cp.version()) {
             continue; // our own commit, already applied
         }
-        let mut state = cp.inner.state.lock().await;
-        if let Err(error) = cp.catch_up(&mut state).await {
+        if let Err(error) = cp.catch_up().await {
             tracing::warn!(%error, "following the store failed; retrying");
         }
     }

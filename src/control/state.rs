@@ -5,10 +5,16 @@
 //! checks decide conflicts: each record's revision (`revs`, compare-and-swap) and the
 //! uniqueness [`Claim`]s that [`Change::claims`] derives from the record.
 //!
+//! A `State` is a value, not a place: its maps are persistent (`imbl`), so a clone costs a
+//! few pointer copies whatever the market's size, and each request works on its own clone
+//! (a view) while the replica's cache moves on. Nothing here is ever locked across I/O.
+//!
 //! Must not do I/O or HTTP: handlers validate against a `&State`, produce `Change`s, the
 //! control plane commits them and then calls [`State::apply_at`].
 
 use std::collections::BTreeMap;
+
+use imbl::{HashMap as PHashMap, OrdMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -314,6 +320,8 @@ pub enum Change {
     DeleteDomain(String),
     Certificate(CertRec),
     DeleteCertificate(String),
+    /// Only ever read from the store (a purchase tombstone); no request deletes a purchase.
+    DeletePurchase(String),
 }
 
 pub const KIND_GROUP: &str = "group";
@@ -356,6 +364,7 @@ impl Change {
             Change::DeleteDomain(id) => (KIND_DOMAIN, id),
             Change::Certificate(c) => (KIND_CERTIFICATE, &c.id),
             Change::DeleteCertificate(id) => (KIND_CERTIFICATE, id),
+            Change::DeletePurchase(id) => (KIND_PURCHASE, id),
         }
     }
 
@@ -419,11 +428,59 @@ impl Change {
             | Change::DeleteApp(_)
             | Change::DeleteAuth(_)
             | Change::DeleteDomain(_)
-            | Change::DeleteCertificate(_) => Vec::new(),
+            | Change::DeleteCertificate(_)
+            | Change::DeletePurchase(_) => Vec::new(),
         };
         claims.sort();
         claims.dedup();
         claims
+    }
+
+    /// The change a stored record makes to a state, with the record's revision (`None`: a
+    /// record of a kind this version does not know, ignored). Parsing is apart from applying
+    /// so that a replica parses what it caught up before it takes its cache's lock.
+    pub fn from_stored(stored: Stored) -> Result<Option<(Change, u64)>, ControlError> {
+        let Some(kind) = [
+            KIND_GROUP,
+            KIND_API,
+            KIND_APP,
+            KIND_AUTH,
+            KIND_PURCHASE,
+            KIND_DOMAIN,
+            KIND_CERTIFICATE,
+        ]
+        .into_iter()
+        .find(|k| *k == stored.kind) else {
+            tracing::warn!(kind = stored.kind, "ignoring a record of an unknown kind");
+            return Ok(None);
+        };
+        let id = stored.id;
+        let change = match stored.doc {
+            None => match kind {
+                KIND_GROUP => Change::DeleteGroup(id),
+                KIND_API => Change::DeleteApi(id),
+                KIND_APP => Change::DeleteApp(id),
+                KIND_AUTH => Change::DeleteAuth(id),
+                KIND_DOMAIN => Change::DeleteDomain(id),
+                KIND_CERTIFICATE => Change::DeleteCertificate(id),
+                _ => Change::DeletePurchase(id),
+            },
+            Some(doc) => {
+                let corrupt = ControlError::Corrupt;
+                match kind {
+                    KIND_GROUP => Change::Group(serde_json::from_str(&doc).map_err(corrupt)?),
+                    KIND_API => Change::Api(serde_json::from_str(&doc).map_err(corrupt)?),
+                    KIND_APP => Change::App(serde_json::from_str(&doc).map_err(corrupt)?),
+                    KIND_AUTH => Change::Auth(serde_json::from_str(&doc).map_err(corrupt)?),
+                    KIND_DOMAIN => Change::Domain(serde_json::from_str(&doc).map_err(corrupt)?),
+                    KIND_CERTIFICATE => {
+                        Change::Certificate(serde_json::from_str(&doc).map_err(corrupt)?)
+                    }
+                    _ => Change::Purchase(serde_json::from_str(&doc).map_err(corrupt)?),
+                }
+            }
+        };
+        Ok(Some((change, stored.rev)))
     }
 
     /// The store write for this change, validated against `state` (its revision of the
@@ -446,7 +503,8 @@ impl Change {
             | Change::DeleteApp(_)
             | Change::DeleteAuth(_)
             | Change::DeleteDomain(_)
-            | Change::DeleteCertificate(_) => None,
+            | Change::DeleteCertificate(_)
+            | Change::DeletePurchase(_) => None,
         };
         Write {
             kind,
@@ -458,19 +516,22 @@ impl Change {
     }
 }
 
-/// Everything the control plane knows, keyed by id (BTreeMap: stable listing order), at
-/// `version` of the store, with each live record's revision.
+/// Everything the control plane knows, keyed by id (ordered maps: stable listing order), at
+/// `version` of the store, with each live record's revision. Persistent maps: `clone` shares
+/// every node, a change copies only the path to what it changes.
 #[derive(Debug, Default, Clone)]
 pub struct State {
     pub version: u64,
-    pub groups: BTreeMap<String, GroupRec>,
-    pub apis: BTreeMap<String, ApiRec>,
-    pub apps: BTreeMap<String, AppRec>,
-    pub auths: BTreeMap<String, AuthRec>,
-    pub purchases: BTreeMap<String, PurchaseRec>,
-    pub domains: BTreeMap<String, DomainRec>,
-    pub certificates: BTreeMap<String, CertRec>,
-    revs: std::collections::HashMap<(&'static str, String), u64>,
+    pub groups: OrdMap<String, GroupRec>,
+    pub apis: OrdMap<String, ApiRec>,
+    pub apps: OrdMap<String, AppRec>,
+    pub auths: OrdMap<String, AuthRec>,
+    pub purchases: OrdMap<String, PurchaseRec>,
+    pub domains: OrdMap<String, DomainRec>,
+    pub certificates: OrdMap<String, CertRec>,
+    /// `order_id` → purchase id: row 5's idempotency lookup without a scan of the purchases.
+    orders: OrdMap<String, String>,
+    revs: PHashMap<(&'static str, String), u64>,
 }
 
 impl State {
@@ -481,52 +542,17 @@ impl State {
 
     /// Applies one record as the store holds it (a tombstone removes it).
     pub fn apply_stored(&mut self, stored: Stored) -> Result<(), ControlError> {
-        let Some(kind) = [
-            KIND_GROUP,
-            KIND_API,
-            KIND_APP,
-            KIND_AUTH,
-            KIND_PURCHASE,
-            KIND_DOMAIN,
-            KIND_CERTIFICATE,
-        ]
-        .into_iter()
-        .find(|k| *k == stored.kind) else {
-            tracing::warn!(kind = stored.kind, "ignoring a record of an unknown kind");
-            return Ok(());
-        };
-        let id = stored.id;
-        let change = match stored.doc {
-            None => match kind {
-                KIND_GROUP => Change::DeleteGroup(id),
-                KIND_API => Change::DeleteApi(id),
-                KIND_APP => Change::DeleteApp(id),
-                KIND_AUTH => Change::DeleteAuth(id),
-                KIND_DOMAIN => Change::DeleteDomain(id),
-                KIND_CERTIFICATE => Change::DeleteCertificate(id),
-                _ => {
-                    self.purchases.remove(&id);
-                    self.revs.remove(&(kind, id));
-                    return Ok(());
-                }
-            },
-            Some(doc) => {
-                let corrupt = ControlError::Corrupt;
-                match kind {
-                    KIND_GROUP => Change::Group(serde_json::from_str(&doc).map_err(corrupt)?),
-                    KIND_API => Change::Api(serde_json::from_str(&doc).map_err(corrupt)?),
-                    KIND_APP => Change::App(serde_json::from_str(&doc).map_err(corrupt)?),
-                    KIND_AUTH => Change::Auth(serde_json::from_str(&doc).map_err(corrupt)?),
-                    KIND_DOMAIN => Change::Domain(serde_json::from_str(&doc).map_err(corrupt)?),
-                    KIND_CERTIFICATE => {
-                        Change::Certificate(serde_json::from_str(&doc).map_err(corrupt)?)
-                    }
-                    _ => Change::Purchase(serde_json::from_str(&doc).map_err(corrupt)?),
-                }
-            }
-        };
-        self.apply_at(change, stored.rev);
+        if let Some((change, rev)) = Change::from_stored(stored)? {
+            self.apply_at(change, rev);
+        }
         Ok(())
+    }
+
+    /// The purchase bought with `order_id`, if any.
+    pub fn purchase_of_order(&self, order_id: &str) -> Option<&PurchaseRec> {
+        self.orders
+            .get(order_id)
+            .and_then(|id| self.purchases.get(id))
     }
 
     /// Applies a committed change whose record is now at revision `rev`.
@@ -539,7 +565,8 @@ impl State {
             | Change::DeleteApp(_)
             | Change::DeleteAuth(_)
             | Change::DeleteDomain(_)
-            | Change::DeleteCertificate(_) => {
+            | Change::DeleteCertificate(_)
+            | Change::DeletePurchase(_) => {
                 self.revs.remove(&key);
             }
             Change::Group(_)
@@ -607,7 +634,16 @@ impl State {
                 self.auths.remove(&id);
             }
             Change::Purchase(p) => {
+                if let Some(order_id) = &p.order_id {
+                    self.orders.insert(order_id.clone(), p.purchase_id.clone());
+                }
                 self.purchases.insert(p.purchase_id.clone(), p);
+            }
+            Change::DeletePurchase(id) => {
+                let gone = self.purchases.remove(&id);
+                if let Some(order_id) = gone.and_then(|p| p.order_id) {
+                    self.orders.remove(&order_id);
+                }
             }
             Change::Domain(d) => {
                 self.domains.insert(d.id.clone(), d);

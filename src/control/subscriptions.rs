@@ -3,8 +3,8 @@
 //!
 //! - **Built once.** One publisher task follows the version channel. After a change it waits
 //!   `control.push_debounce` (a burst of changes becomes one version to send), builds the
-//!   snapshot once under the state lock (`publish::build`: the only work done there), and
-//!   then, off the lock and off the async threads, diffs it against the previous one, hashes
+//!   snapshot once from a view of the state (`publish::build`; no lock is held: the view is a
+//!   clone of persistent maps), and then, off the async threads, diffs it against the previous one, hashes
 //!   it and gzips both the full snapshot and the delta. The result, a [`Published`], is shared
 //!   by every subscriber as an `Arc` with its bytes: a thousand proxies cost one build per
 //!   version, and market writes and lease exchanges never wait on serialization or gzip.
@@ -243,8 +243,8 @@ impl Subscriptions {
             }
             first = false;
             versions.borrow_and_update();
-            // The one piece of work under the state lock, once per version whatever the
-            // number of proxies.
+            // Built once per version whatever the number of proxies, from a view of the
+            // state (no lock held while it builds).
             let snapshot = Arc::new(cp.snapshot().await);
             let previous = self.published();
             if previous.as_ref().map(|p| p.version) >= Some(snapshot.version) {
@@ -319,7 +319,7 @@ impl Subscriptions {
             }
             *moved = held;
         }
-        let store_version = match self.inner.cp.lock().await {
+        let store_version = match self.inner.cp.state().await {
             Ok(state) => state.version,
             Err(error) => {
                 tracing::warn!(%error, "cannot read the store's version");

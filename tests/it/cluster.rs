@@ -276,6 +276,97 @@ async fn cluster_a_delist_on_one_replica_is_never_undone_and_versions_agree() {
     }
 }
 
+/// No replica-wide lock across a commit: a write stalled in the store (another session holds
+/// its record's row lock) leaves every other write and read of the same replica free. Before
+/// the cache's lock was released across commits, the second write waited for the first one's
+/// commit, so it answered only after the lock timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_a_write_stalled_in_the_store_does_not_stall_its_replica() {
+    let backends = Backend::all().await;
+    let Some(backend) = backends.iter().find(|b| matches!(b, Backend::Postgres)) else {
+        return;
+    };
+    let control = Control::start_with(backend, "store_lock_timeout_ms = 10000").await;
+    let seller = control.client(SELLER_TOKEN);
+    let groups = format!("{}/api-groups", mgmt(SELLER_PROJECT));
+    let mut ids = Vec::new();
+    for name in ["stalled_a", "free_b"] {
+        let created = seller.post(&groups, json!({"name": name})).await;
+        expect_status("create", &created, 201);
+        ids.push(created.1["id"].as_str().unwrap().to_owned());
+    }
+    let (holder, conn) = tokio_postgres::connect(&control.database_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT rev FROM records WHERE kind = 'group' AND id = '{}' FOR UPDATE",
+            ids[0]
+        ))
+        .await
+        .unwrap();
+    let stalled = tokio::spawn({
+        let seller = seller.clone();
+        let path = format!("{groups}/{}", ids[0]);
+        async move {
+            seller
+                .put(&path, json!({"name": "stalled_a_renamed"}))
+                .await
+        }
+    });
+    // Wait until the stalled write is waiting for the row lock in the store.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = holder
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the write never reached the row lock"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Meanwhile the same replica writes and reads other records.
+    let renamed = seller
+        .put(
+            &format!("{groups}/{}", ids[1]),
+            json!({"name": "free_b_renamed"}),
+        )
+        .await;
+    expect_status("a write of another record", &renamed, 200);
+    let created = seller.post(&groups, json!({"name": "free_c"})).await;
+    expect_status("a new record", &created, 201);
+    let listed = seller.get(&groups).await;
+    expect_status("a read", &listed, 200);
+    assert!(
+        !stalled.is_finished(),
+        "the stalled write is still waiting for its row lock"
+    );
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    let answered = stalled.await.unwrap();
+    expect_status("the stalled write, once the lock is gone", &answered, 200);
+    let (_, listed) = seller.get(&groups).await;
+    let names: Vec<&str> = listed["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["name"].as_str().unwrap())
+        .collect();
+    for name in ["stalled_a_renamed", "free_b_renamed", "free_c"] {
+        assert!(names.contains(&name), "{name} in {names:?}");
+    }
+}
+
 /// Measurement, not a check (run by hand: `cargo test --test it cluster_follow_latency --
 /// --ignored --nocapture`): how long after a write's 2xx on replica 0 replicas 1 and 2 announce
 /// its version on their own (LISTEN/NOTIFY, no request to them). Prints p50/p99/max.
