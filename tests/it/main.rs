@@ -21,6 +21,7 @@ mod plane_tls;
 mod planes;
 mod serve_restore;
 mod store_faults;
+mod store_outage;
 mod support;
 mod upstream;
 mod workers;

@@ -193,6 +193,13 @@ impl Control {
         Self::open_with(url, dir, control_keys).await
     }
 
+    /// A control plane on `database_url` as it is (a database the test made itself, e.g. on
+    /// a private PostgreSQL server), with `control_keys` added to its `[control]` table.
+    pub async fn on_database(database_url: &str, control_keys: &str) -> Control {
+        let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+        Self::open_with(database_url.to_owned(), dir, control_keys).await
+    }
+
     async fn open_with(
         database_url: String,
         dir: std::sync::Arc<tempfile::TempDir>,
