@@ -17,7 +17,9 @@ pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Why an exchange with the control plane failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseServiceError {
-    #[error("control plane unreachable")]
+    /// Says the control plane and why (a TLS refusal, a refused connection), once per
+    /// failing spell in the lease client's log.
+    #[error("{0}")]
     Unreachable(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("control plane refused the exchange ({status}): {body}")]
     Refused { status: u16, body: String },
