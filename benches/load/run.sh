@@ -12,7 +12,11 @@
 # its defaults costs against the proxy (row serve_enforced: a `marketgate serve` with no
 # config file, pinned to core 0 like the proxy, its purchase bought through its own market
 # API; it binds 127.0.0.1:8080-8082, so the script holds /tmp/marketgate-ports.lock; its
-# stdout, the access log at the default level, goes to /dev/null).
+# stdout, the access log at the default level, goes to /dev/null), and what TLS costs (rows
+# marketgate_tls and nginxtls: the same signed call over HTTPS with keep-alive, SNI
+# tls.bench.local, a seller's bound domain whose certificate marketgate serves by SNI from
+# its snapshot, against nginx terminating TLS with the same certificate and key; wrk's
+# handshakes are a few per run, the per-request cost is the record layer).
 #
 # Usage: benches/load/run.sh [RUNS]
 #   RUNS (3), DURATION (10s), CONNS (32), MARKETGATE_BIN (target/release/marketgate),
@@ -23,7 +27,7 @@
 #   RESULTS: a directory to keep the raw "req/s p99_ms cpu_us" lines in;
 #   PERF_OUT: after the rounds, record a `perf` profile of marketgate under the enforced load
 #   into this file (`perf report -i FILE`).   (needs wrk, nginx, haproxy: apt-get install wrk nginx-light haproxy)
-# Binds 127.0.0.1:18000-18013 and 8080-8082 for its duration; everything it starts is
+# Binds 127.0.0.1:18000-18015 and 8080-8082 for its duration; everything it starts is
 # stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -43,7 +47,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-for tool in wrk nginx haproxy taskset curl jq; do
+for tool in wrk nginx haproxy taskset curl jq openssl; do
   command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install wrk nginx-light haproxy jq)"; exit 2; }
 done
 [[ -x $BIN ]] || cargo build --release --bin marketgate
@@ -81,10 +85,29 @@ backend be
   server s1 127.0.0.1:18000
 CONF
 
+# TLS: the bound domain's certificate (served by SNI from the snapshot, and by nginx) and the
+# proxy's default one (what any other name gets).
+for name in tls default; do
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 -subj "/CN=$name.bench.local" \
+    -addext "subjectAltName=DNS:$name.bench.local" -keyout "$WORK/$name.key" -out "$WORK/$name.pem" 2>/dev/null
+done
+cat > "$WORK/nginxtls.conf" <<CONF
+worker_processes 1; daemon off; pid $WORK/nginxtls.pid; error_log $WORK/nginxtls.err;
+events { worker_connections 4096; }
+http { access_log off;
+  upstream backend { server 127.0.0.1:18000; keepalive 64; }
+  server { listen 127.0.0.1:18015 ssl backlog=4096; keepalive_requests 1000000;
+    ssl_certificate $WORK/tls.pem; ssl_certificate_key $WORK/tls.key; ssl_protocols TLSv1.2 TLSv1.3;
+    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+CONF
+
 cat > "$WORK/marketgate.toml" <<CONF
 data_dir = "$WORK/mg-data"
 [gateway]
 listen = "127.0.0.1:18003"
+tls_listen = "127.0.0.1:18014"
+tls_cert = "$WORK/default.pem"
+tls_key = "$WORK/default.key"
 workers = 1
 # Only so that the AppCode row can run over plain HTTP on loopback (off by default).
 appcode_over_http = true
@@ -98,7 +121,7 @@ CONF
 
 # The leased proxy: same settings, its quota leased from a control plane (core 1, beside the
 # backend and wrk: it answers an exchange at most every 20 ms, off the proxy's core).
-sed -e 's/18003/18007/; s/18004/18008/; s/mg-data/mg-data-leased/' "$WORK/marketgate.toml" > "$WORK/leased.toml"
+sed -e 's/18003/18007/; s/18004/18008/; s/mg-data/mg-data-leased/; /^tls_/d' "$WORK/marketgate.toml" > "$WORK/leased.toml"
 cat >> "$WORK/leased.toml" <<CONF
 [proxy]
 node_id = "bench-leased"
@@ -130,6 +153,7 @@ CONF
 taskset -c 1 nginx -c "$WORK/backend.conf" & PIDS+=($!); PID_direct=$!
 taskset -c 0 nginx -c "$WORK/nginx.conf" & PIDS+=($!); PID_nginx=$!
 taskset -c 0 haproxy -f "$WORK/haproxy.cfg" & PIDS+=($!); PID_haproxy=$!
+taskset -c 0 nginx -c "$WORK/nginxtls.conf" & PIDS+=($!); PID_nginxtls=$!
 taskset -c 0 "$BIN" proxy --config "$WORK/marketgate.toml" & PIDS+=($!); PID_marketgate=$!
 taskset -c 0 "$BIN" proxy --config "$WORK/leased.toml" & PIDS+=($!); PID_leased=$!
 taskset -c 1 "$BIN" control --config "$WORK/control.toml" & PIDS+=($!)
@@ -147,7 +171,7 @@ if [[ -n ${COMPARE_BIN:-} ]]; then
   PID_compareserve=$(serve_on "$COMPARE_BIN" "$WORK/compare-serve" MARKETGATE_GATEWAY__LISTEN=127.0.0.1:18011 \
     MARKETGATE_CONTROL__LISTEN=127.0.0.1:18012 MARKETGATE_ADMIN__LISTEN=127.0.0.1:18013); PIDS+=("$PID_compareserve")
   wait_serve_compare="18012 18013"
-  sed -e 's/18003/18005/; s/18004/18006/; s/mg-data/mg-data-compare/' "$WORK/marketgate.toml" > "$WORK/compare.toml"
+  sed -e 's/18003/18005/; s/18004/18006/; s/mg-data/mg-data-compare/; /^tls_/d' "$WORK/marketgate.toml" > "$WORK/compare.toml"
   taskset -c 0 "$COMPARE_BIN" proxy --config "$WORK/compare.toml" & PIDS+=($!); PID_compare=$!
   wait_compare=18006
 fi
@@ -163,7 +187,7 @@ cat > "$WORK/snapshot.json" <<JSON
  "groups": [{"id": "g1", "name": "bench", "sl_domain": "plain.bench.local", "url_domain": "market.bench.local",
    "market_state": "on_sale",
    "apis": [
-     {"id": "a1", "name": "enforced", "type": 1, "req_protocol": "HTTP", "req_method": "GET", "req_uri": "/enforced",
+     {"id": "a1", "name": "enforced", "type": 1, "req_protocol": "BOTH", "req_method": "GET", "req_uri": "/enforced",
       "match_mode": "NORMAL", "auth_type": "APP", "app_code_auth": true, "backend": {"type": "HTTP", "req_protocol": "HTTP", "req_method": "GET",
       "req_uri": "/", "url_domain": "127.0.0.1:18000", "timeout_ms": 5000}},
      {"id": "a2", "name": "plain", "type": 1, "req_protocol": "HTTP", "req_method": "GET", "req_uri": "/plain",
@@ -174,6 +198,13 @@ cat > "$WORK/snapshot.json" <<JSON
  "purchases": [{"id": "p1", "group_id": "g1", "app_id": "app1", "state": "active", "start_time": $((NOW - 60)),
    "expire_time": $((NOW + 86400)), "quota_limit": 1000000000000}]}
 JSON
+# The seller's bound domain tls.bench.local (another name of g1's market domain) and its
+# certificate, as the control plane publishes them.
+jq --rawfile cert "$WORK/tls.pem" --rawfile key "$WORK/tls.key" \
+  '. + {domains: [{domain: "tls.bench.local", group_id: "g1"}],
+        certificates: [{domains: ["tls.bench.local"], cert_pem: $cert, key_pem: $key}]}' \
+  "$WORK/snapshot.json" > "$WORK/snapshot-tls.json"
+mv "$WORK/snapshot-tls.json" "$WORK/snapshot.json"
 for admin in 18004 ${wait_compare:-}; do
   curl -sf -X PUT -H 'Authorization: Bearer bench-admin-token' -H 'Content-Type: application/json' \
     --data-binary @"$WORK/snapshot.json" "http://127.0.0.1:$admin/v1/snapshot" >/dev/null
@@ -234,8 +265,13 @@ wrk.headers["X-Sdk-Date"] = "$date"
 wrk.headers["Authorization"] = "$auth"
 LUA
 }
+# wrk sends the URL's host as SNI and connects where wrk.resolve says: tls.bench.local,
+# resolved here to loopback (no /etc/hosts entry needed).
+RESOLVE_LOOPBACK='function wrk.resolve(host, service) wrk.addrs = wrk.lookup("127.0.0.1", service) end'
 sign_all() {
   sign_lua benchkey0001 benchsecret0001 market.bench.local http://127.0.0.1:18003/enforced "$WORK/enforced.lua"
+  sign_lua benchkey0001 benchsecret0001 tls.bench.local https://tls.bench.local:18014/enforced "$WORK/tls.lua"
+  echo "$RESOLVE_LOOPBACK" >> "$WORK/tls.lua"
   sign_lua "$LEASED_KEY" "$LEASED_SECRET" leased.bench.local http://127.0.0.1:18007/enforced "$WORK/leased.lua"
   sign_lua "$SERVE_KEY" "$SERVE_SECRET" serve.bench.local http://127.0.0.1:8080/enforced "$WORK/serve.lua"
   if [[ -n ${COMPARE_BIN:-} ]]; then
@@ -252,6 +288,18 @@ LUA
 cat > "$WORK/plain.lua" <<LUA
 wrk.headers["Host"] = "plain.bench.local"
 LUA
+echo "$RESOLVE_LOOPBACK" > "$WORK/nginxtls.lua"
+# Over HTTPS: the bound domain's certificate (trusted alone, so a wrong one fails) and the call
+# served; the same certificate from nginx.
+TLS_DATE=$(grep -o '"X-Sdk-Date"\] = "[0-9TZ]*' "$WORK/tls.lua" | grep -o '[0-9TZ]*$')
+TLS_AUTH=$(grep -o 'SDK-HMAC-SHA256[^"]*' "$WORK/tls.lua")
+for _ in $(seq 50); do curl -s -o /dev/null --cacert "$WORK/tls.pem" --resolve tls.bench.local:18015:127.0.0.1 \
+  https://tls.bench.local:18015/ && break; sleep 0.1; done
+curl -sf --cacert "$WORK/tls.pem" --resolve tls.bench.local:18014:127.0.0.1 -H 'Host: tls.bench.local' -H "X-Sdk-Date: $TLS_DATE" \
+  -H "Authorization: $TLS_AUTH" https://tls.bench.local:18014/enforced >/dev/null \
+  || { echo "the signed HTTPS bench request on the bound domain is refused by marketgate"; exit 1; }
+curl -sf --cacert "$WORK/tls.pem" --resolve tls.bench.local:18015:127.0.0.1 https://tls.bench.local:18015/ >/dev/null \
+  || { echo "nginx does not serve HTTPS with the bench certificate"; exit 1; }
 curl -sf -H 'Host: market.bench.local' -H "X-Sdk-Date: $DATE" -H "Authorization: $AUTH" http://127.0.0.1:18003/enforced >/dev/null \
   || { echo "the signed bench request is refused by marketgate"; exit 1; }
 # The push reaches the leased proxy within the control plane's debounce; wait for it.
@@ -330,6 +378,8 @@ for i in $(seq "$RUNS"); do
   run leased_enforced http://127.0.0.1:18007/enforced "$WORK/leased.lua"
   run serve_enforced http://127.0.0.1:8080/enforced "$WORK/serve.lua"
   run marketgate_appcode http://127.0.0.1:18003/enforced "$WORK/appcode.lua"
+  run nginxtls https://tls.bench.local:18015/ "$WORK/nginxtls.lua"
+  run marketgate_tls https://tls.bench.local:18014/enforced "$WORK/tls.lua"
   if [[ -n ${COMPARE_BIN:-} ]]; then
     run compare_plain http://127.0.0.1:18005/plain "$WORK/plain.lua"
     run compare_enforced http://127.0.0.1:18005/enforced "$WORK/enforced.lua"
@@ -354,7 +404,7 @@ ratio_median() { # NAME BASE COLUMN -> median over runs of NAME[col] / BASE[col]
 }
 echo "| path | req/s (median of $RUNS) | p99 ms (median) | req/s ÷ nginx (median of per-round ratios) | p99 ÷ nginx | req/s ÷ marketgate_plain | server CPU µs/request (median) | CPU/request ÷ nginx |"
 echo "|---|---|---|---|---|---|---|---|"
-for name in direct nginx haproxy marketgate_plain marketgate_enforced leased_enforced serve_enforced marketgate_appcode ${COMPARE_BIN:+compare_plain compare_enforced compareserve_enforced}; do
+for name in direct nginx haproxy marketgate_plain marketgate_enforced leased_enforced serve_enforced marketgate_appcode nginxtls marketgate_tls ${COMPARE_BIN:+compare_plain compare_enforced compareserve_enforced}; do
   rps=$(cut -d' ' -f1 "$WORK/$name.txt" | median)
   p99=$(cut -d' ' -f2 "$WORK/$name.txt" | median)
   cpu=$(cut -d' ' -f3 "$WORK/$name.txt" | median)
@@ -367,6 +417,11 @@ echo
 printf 'Leases, leased_enforced ÷ marketgate_enforced (median of per-round ratios): req/s %.3fx, p99 %.2fx, server CPU/request %.3fx\n' \
   "$(ratio_median leased_enforced marketgate_enforced 1)" "$(ratio_median leased_enforced marketgate_enforced 2)" \
   "$(ratio_median leased_enforced marketgate_enforced 3)"
+printf 'TLS, marketgate_tls ÷ nginxtls (median of per-round ratios): req/s %.3fx, p99 %.2fx, server CPU/request %.3fx\n' \
+  "$(ratio_median marketgate_tls nginxtls 1)" "$(ratio_median marketgate_tls nginxtls 2)" "$(ratio_median marketgate_tls nginxtls 3)"
+printf 'TLS, marketgate_tls ÷ marketgate_enforced (median of per-round ratios): req/s %.3fx, p99 %.2fx, server CPU/request %.3fx\n' \
+  "$(ratio_median marketgate_tls marketgate_enforced 1)" "$(ratio_median marketgate_tls marketgate_enforced 2)" \
+  "$(ratio_median marketgate_tls marketgate_enforced 3)"
 printf 'serve, serve_enforced ÷ marketgate_enforced (median of per-round ratios): req/s %.3fx, p99 %.2fx, server CPU/request %.3fx\n' \
   "$(ratio_median serve_enforced marketgate_enforced 1)" "$(ratio_median serve_enforced marketgate_enforced 2)" \
   "$(ratio_median serve_enforced marketgate_enforced 3)"
