@@ -37,20 +37,12 @@ pub const DEFAULT_MIN_SSL_VERSION: &str = "TLSv1.1";
 /// name at the proxies.
 const CNAME_RESOLVED: u8 = 3;
 
-/// `UrlDomainCreate`: bind an independent domain.
+/// `UrlDomainCreate`: bind an independent domain, with its settings.
 #[derive(Debug, Deserialize)]
 pub struct DomainCreate {
     pub url_domain: String,
-    #[serde(default)]
-    pub min_ssl_version: Option<String>,
-    #[serde(default)]
-    pub is_http_redirect_to_https: Option<bool>,
-    #[serde(default)]
-    pub verified_client_certificate_enabled: Option<bool>,
-    #[serde(default)]
-    pub ingress_http_port: Option<i64>,
-    #[serde(default)]
-    pub ingress_https_port: Option<i64>,
+    #[serde(flatten)]
+    pub settings: DomainModify,
 }
 
 /// `UrlDomainModify`: change a bound domain's TLS settings.
@@ -71,20 +63,16 @@ pub struct DomainModify {
 /// The settings marketgate does not offer are refused rather than ignored: client
 /// certificates (mutual TLS) and per-domain ingress ports (a proxy's listeners serve every
 /// domain).
-fn refuse_unsupported(
-    client_certificates: Option<bool>,
-    http_port: Option<i64>,
-    https_port: Option<i64>,
-) -> Result<(), ControlError> {
-    if client_certificates == Some(true) {
+fn refuse_unsupported(settings: &DomainModify) -> Result<(), ControlError> {
+    if settings.verified_client_certificate_enabled == Some(true) {
         return Err(invalid(
             "verified_client_certificate_enabled",
             "must be false: client certificates are not offered",
         ));
     }
     for (field, port) in [
-        ("ingress_http_port", http_port),
-        ("ingress_https_port", https_port),
+        ("ingress_http_port", settings.ingress_http_port),
+        ("ingress_https_port", settings.ingress_https_port),
     ] {
         if port.is_some_and(|p| p != -1) {
             return Err(invalid(
@@ -177,15 +165,14 @@ pub(crate) fn url_domains_json(state: &State, group_id: &str) -> Value {
 /// `POST …/api-groups/{group_id}/domains`: bind an independent domain.
 pub async fn bind(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.tenant_scope(&cp)?;
-    let body: DomainCreate = call.body()?;
-    refuse_unsupported(
-        body.verified_client_certificate_enabled,
-        body.ingress_http_port,
-        body.ingress_https_port,
-    )?;
-    let url_domain = body.url_domain.trim_end_matches('.').to_ascii_lowercase();
+    let DomainCreate {
+        url_domain,
+        settings,
+    } = call.body()?;
+    refuse_unsupported(&settings)?;
+    let url_domain = url_domain.trim_end_matches('.').to_ascii_lowercase();
     check_url_domain(&url_domain)?;
-    let min_ssl_version = ssl_version(body.min_ssl_version, DEFAULT_MIN_SSL_VERSION)?;
+    let min_ssl_version = ssl_version(settings.min_ssl_version, DEFAULT_MIN_SSL_VERSION)?;
     let mut state = cp.state().await?;
     let group = own_group(&state, call.param("group_id"), &project)?;
     if state.domain_owner(&url_domain).is_some() {
@@ -201,7 +188,7 @@ pub async fn bind(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
         url_domain,
         slot,
         min_ssl_version,
-        is_http_redirect_to_https: body.is_http_redirect_to_https.unwrap_or(false),
+        is_http_redirect_to_https: settings.is_http_redirect_to_https.unwrap_or(false),
         certificate_id: None,
         create_time: now_rfc3339(),
     };
@@ -214,11 +201,7 @@ pub async fn bind(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
 pub async fn update(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.tenant_scope(&cp)?;
     let body: DomainModify = call.body()?;
-    refuse_unsupported(
-        body.verified_client_certificate_enabled,
-        body.ingress_http_port,
-        body.ingress_https_port,
-    )?;
+    refuse_unsupported(&body)?;
     let mut state = cp.state().await?;
     let group = own_group(&state, call.param("group_id"), &project)?;
     let mut domain = own_domain(&state, group, call.param("domain_id"))?.clone();

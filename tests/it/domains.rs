@@ -15,8 +15,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{json, Value};
 
 use crate::support::control::{
-    expect_error, expect_status, market_base, mgmt, Api, BUYER_DOMAIN, BUYER_PROJECT, MARKET_TOKEN,
-    SELLER_DOMAIN, SELLER_PROJECT, SELLER_TOKEN,
+    expect_error, expect_status, mgmt, Api, SELLER_PROJECT, SELLER_TOKEN,
 };
 use crate::support::gateway::{admin_get, raw, request, signed_as, Backend};
 use crate::support::planes::{Planes, Proxy};
@@ -114,63 +113,23 @@ async fn buy_call(
     Ok((status, response.into_body().collect().await?.to_bytes()))
 }
 
-/// A seller's group with one sellable API (`GET /v1/echo` → `backend`), listed at
-/// `url_domain` and bought by the buyer: (group id, app key, app secret).
+/// A seller's group with one sellable API (`GET /v1/echo` → `backend`, over HTTP or HTTPS),
+/// listed at `url_domain` and bought by the buyer: (group id, app key, app secret).
 async fn bought_group(
     planes: &Planes,
     name: &str,
     url_domain: &str,
     backend: SocketAddr,
 ) -> (String, String, String) {
-    let seller = planes.client(SELLER_TOKEN);
-    let base = mgmt(SELLER_PROJECT);
-    let group = seller
-        .post(&format!("{base}/api-groups"), json!({"name": name}))
-        .await;
-    expect_status("group", &group, 201);
-    let gid = group.1["id"].as_str().unwrap().to_owned();
-    let api = seller
-        .post(
-            &format!("{base}/apis"),
-            json!({"group_id": gid, "name": format!("{name}_api"), "type": 1,
-                   "req_protocol": "BOTH", "req_method": "GET", "req_uri": "/v1/echo",
-                   "auth_type": "APP", "backend_type": "HTTP",
-                   "backend_api": {"req_protocol": "HTTP", "req_method": "GET",
-                                   "req_uri": "/v1/echo", "url_domain": backend.to_string(),
-                                   "timeout": 5000}}),
-        )
-        .await;
-    expect_status("api", &api, 201);
-    let publish = seller
-        .post(
-            &format!("{base}/apis/action"),
-            json!({"action": "online", "env_id": "DEFAULT_ENVIRONMENT_RELEASE_ID",
-                   "api_id": api.1["id"]}),
-        )
-        .await;
-    expect_status("publish", &publish, 201);
-    let onsell = planes
-        .client(MARKET_TOKEN)
-        .as_domain(SELLER_DOMAIN)
-        .put(
-            &format!("{}/api-groups/onsell/{gid}", market_base(SELLER_PROJECT)),
-            json!({"url_domain": url_domain}),
-        )
-        .await;
-    expect_status("onsell", &onsell, 201);
-    let bought = planes
-        .client(MARKET_TOKEN)
-        .as_domain(BUYER_DOMAIN)
-        .post(
-            &format!("{}/api-groups/purchase", market_base(BUYER_PROJECT)),
-            json!({"order_id": format!("order-{name}"), "group_id": gid,
-                   "start_time": "1700000000", "expire_time": "4102444800",
-                   "req_quota": "100000", "order_type": "1"}),
-        )
-        .await;
-    expect_status("purchase", &bought, 201);
-    let field = |f: &str| bought.1[f].as_str().unwrap().to_owned();
-    (gid, field("app_key"), field("app_secret"))
+    let api = json!({"name": format!("{name}_api"), "type": 1, "req_protocol": "BOTH",
+                     "req_method": "GET", "req_uri": "/v1/echo", "auth_type": "APP",
+                     "backend_type": "HTTP",
+                     "backend_api": {"req_protocol": "HTTP", "req_method": "GET",
+                                     "req_uri": "/v1/echo", "url_domain": backend.to_string(),
+                                     "timeout": 5000}});
+    let gid = planes.listed_group_with(name, url_domain, api).await;
+    let (key, secret) = planes.buy(&gid, &format!("order-{name}"), 100_000).await;
+    (gid, key, secret)
 }
 
 fn domains_path(gid: &str) -> String {

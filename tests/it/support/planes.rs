@@ -220,6 +220,15 @@ impl Planes {
     /// A seller's group with one sellable MOCK API (`GET /hello` answers `mocked`), listed on
     /// the market at `domain`. Returns the group id.
     pub async fn listed_group(&self, name: &str, domain: &str) -> String {
+        let api = json!({"name": format!("{name}_api"), "type": 1, "req_protocol": "HTTP",
+                         "req_method": "GET", "req_uri": "/hello", "auth_type": "APP",
+                         "backend_type": "MOCK", "mock_info": {"result_content": "mocked"}});
+        self.listed_group_with(name, domain, api).await
+    }
+
+    /// A seller's group with the API `api` (a v2 `ApiCreate` body without its `group_id`),
+    /// published and listed on the market at `domain`. Returns the group id.
+    pub async fn listed_group_with(&self, name: &str, domain: &str, mut api: Value) -> String {
         let seller = self.client(SELLER_TOKEN);
         let base = mgmt(SELLER_PROJECT);
         let group = seller
@@ -227,15 +236,8 @@ impl Planes {
             .await;
         expect_status("group", &group, 201);
         let gid = group.1["id"].as_str().unwrap().to_owned();
-        let api = seller
-            .post(
-                &format!("{base}/apis"),
-                json!({"group_id": gid, "name": format!("{name}_api"), "type": 1,
-                       "req_protocol": "HTTP", "req_method": "GET", "req_uri": "/hello",
-                       "auth_type": "APP", "backend_type": "MOCK",
-                       "mock_info": {"result_content": "mocked"}}),
-            )
-            .await;
+        api["group_id"] = json!(gid);
+        let api = seller.post(&format!("{base}/apis"), api).await;
         expect_status("api", &api, 201);
         let publish = seller
             .post(
