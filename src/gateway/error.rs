@@ -52,11 +52,13 @@ pub enum Rejection {
     /// This proxy's lease of the purchase ran dry while no control plane answers (or, in
     /// `serve`, the store does not): calls may be left, but none can be leased now.
     #[error(
-        "no calls leased to this proxy are left and the control plane is unreachable: \
-         retry later"
+        "no calls leased to this proxy are left and none can be leased now: the control \
+         plane or its store is unavailable; retry later"
     )]
     LeaseUnavailable,
-    #[error("quota journal unavailable")]
+    /// The quota journal cannot be written (a full disk, above all): a call that cannot be
+    /// recorded is not served. Retryable, as the store's failure is.
+    #[error("the quota journal cannot be written (its store is unavailable): retry later")]
     Quota(#[source] super::quota::QuotaError),
     #[error("backend unavailable")]
     BackendUnavailable(#[source] super::forward::ForwardError),
@@ -81,7 +83,9 @@ impl Rejection {
 impl Rejection {
     pub fn status(&self) -> StatusCode {
         match self {
-            Rejection::NotReady | Rejection::LeaseUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::NotReady | Rejection::LeaseUnavailable | Rejection::Quota(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Rejection::UnknownHost | Rejection::NoRoute => StatusCode::NOT_FOUND,
             Rejection::Delisted | Rejection::NotAuthorized => StatusCode::FORBIDDEN,
             Rejection::BadRequest(_) | Rejection::HostSniMismatch | Rejection::BodyRead(_) => {
@@ -97,13 +101,15 @@ impl Rejection {
             }
             Rejection::BackendUnavailable(_) => StatusCode::BAD_GATEWAY,
             Rejection::BackendTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Rejection::Quota(_) | Rejection::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Rejection::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     pub fn code(&self) -> &'static str {
         match self {
-            Rejection::NotReady | Rejection::LeaseUnavailable => apig::NOT_READY,
+            Rejection::NotReady | Rejection::LeaseUnavailable | Rejection::Quota(_) => {
+                apig::NOT_READY
+            }
             Rejection::UnknownHost | Rejection::NoRoute => apig::NO_ROUTE,
             Rejection::Delisted => apig::GROUP_DELISTED,
             Rejection::BadRequest(_)
@@ -119,13 +125,15 @@ impl Rejection {
             Rejection::NotAuthorized => apig::APP_NOT_AUTHORIZED,
             Rejection::PurchaseInactive => apig::PURCHASE_INACTIVE,
             Rejection::QuotaExhausted => apig::QUOTA_EXHAUSTED,
-            Rejection::Quota(_) | Rejection::Internal(_) => apig::INTERNAL,
+            Rejection::Internal(_) => apig::INTERNAL,
         }
     }
 
     pub fn outcome(&self) -> Outcome {
         match self {
-            Rejection::NotReady | Rejection::LeaseUnavailable => Outcome::NotReady,
+            Rejection::NotReady | Rejection::LeaseUnavailable | Rejection::Quota(_) => {
+                Outcome::NotReady
+            }
             Rejection::UnknownHost | Rejection::NoRoute => Outcome::NoRoute,
             Rejection::Delisted => Outcome::Delisted,
             Rejection::BadRequest(_)
@@ -142,7 +150,7 @@ impl Rejection {
             Rejection::QuotaExhausted => Outcome::QuotaExhausted,
             Rejection::BackendUnavailable(_) => Outcome::BackendError,
             Rejection::BackendTimeout => Outcome::BackendTimeout,
-            Rejection::Quota(_) | Rejection::Internal(_) => Outcome::Internal,
+            Rejection::Internal(_) => Outcome::Internal,
         }
     }
 }
@@ -182,6 +190,11 @@ mod tests {
             (Rejection::BackendTimeout, 504, "APIG.0201"),
             (Rejection::NotReady, 503, "APIG.0606"),
             (Rejection::LeaseUnavailable, 503, "APIG.0606"),
+            (
+                Rejection::Quota(crate::gateway::quota::QuotaError::JournalFailed),
+                503,
+                "APIG.0606",
+            ),
             (Rejection::Internal("x"), 500, "APIG.0601"),
         ];
         for (rejection, status, code) in table {

@@ -649,6 +649,13 @@ pub(crate) async fn handle(
                 HeaderValue::from(penalised.retry_after.as_secs().max(1)),
             );
         }
+        // Every 503 is retryable (no snapshot yet, no lease to be had, a journal that cannot
+        // be written): say when to come back.
+        Some(rejection) if rejection.status() == http::StatusCode::SERVICE_UNAVAILABLE => {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         _ => {}
     }
     let latency = started.elapsed();

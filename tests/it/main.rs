@@ -20,6 +20,7 @@ mod openapi;
 mod plane_tls;
 mod planes;
 mod serve_restore;
+mod serve_store_faults;
 mod store_faults;
 mod store_outage;
 mod support;

@@ -7,7 +7,7 @@
 //! so that both backends refuse the same commits. rusqlite is blocking: every call runs on
 //! `spawn_blocking` holding the one connection. Must not hold any market logic.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -21,6 +21,16 @@ use super::{
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
+    /// The database file as opened: its path and (device, inode). Every use checks that the
+    /// path still names that file, so that a database removed (or moved, or replaced) while
+    /// open answers 503 instead of acknowledging writes into a file no restart would find.
+    file: Arc<(PathBuf, Option<(u64, u64)>)>,
+}
+
+/// (device, inode) of `path`, if it names a file.
+fn identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// A commit's failure inside the blocking closure: the database's or a conflict.
@@ -83,8 +93,11 @@ impl SqliteStore {
             }
             tx.commit().map_err(StoreError::Sqlite)?;
         }
+        let file = PathBuf::from(path);
+        let opened = identity(&file);
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
+            file: Arc::new((file, opened)),
         })
     }
 
@@ -93,7 +106,16 @@ impl SqliteStore {
         f: impl FnOnce(&mut Connection) -> Result<T, Failed> + Send + 'static,
     ) -> Result<T, StoreError> {
         let conn = self.conn.clone();
+        let file = self.file.clone();
         tokio::task::spawn_blocking(move || {
+            let (path, opened) = &*file;
+            if opened.is_some() && identity(path) != *opened {
+                return Err(StoreError::Unavailable(format!(
+                    "the database file {} was removed or replaced while open: nothing is \
+                     written until it is back",
+                    path.display()
+                )));
+            }
             let mut conn = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             f(&mut conn).map_err(|failed| match failed {
                 Failed::Sqlite(e) => sqlite_error(e),
@@ -105,12 +127,18 @@ impl SqliteStore {
     }
 }
 
-/// A busy or locked database is a lock timeout: retryable (503), like PostgreSQL's.
+/// A busy or locked database is a lock timeout: retryable (503), like PostgreSQL's; so is a
+/// full disk, an I/O error or a read-only file (the operator's to fix, then it answers again).
 fn sqlite_error(e: rusqlite::Error) -> StoreError {
     match e.sqlite_error_code() {
-        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
-            StoreError::Unavailable(e.to_string())
-        }
+        Some(
+            rusqlite::ErrorCode::DatabaseBusy
+            | rusqlite::ErrorCode::DatabaseLocked
+            | rusqlite::ErrorCode::DiskFull
+            | rusqlite::ErrorCode::SystemIoFailure
+            | rusqlite::ErrorCode::ReadOnly
+            | rusqlite::ErrorCode::CannotOpen,
+        ) => StoreError::Unavailable(e.to_string()),
         _ => StoreError::Sqlite(e),
     }
 }
