@@ -624,6 +624,9 @@ impl ControlPlane {
 /// notifications: there the follower only polls, which catches up a commit whose request was
 /// cancelled after the store made it and before it reached the cache.
 async fn follow(cp: Weak<Inner>, mut notifications: Option<watch::Receiver<u64>>) {
+    // Logged once per state change, not once per poll (a store down for an hour would
+    // otherwise log 3 600 lines).
+    let mut failing = false;
     loop {
         let notified = match notifications.as_mut() {
             Some(channel) => {
@@ -645,8 +648,17 @@ async fn follow(cp: Weak<Inner>, mut notifications: Option<watch::Receiver<u64>>
         if notified.is_some_and(|version| version <= cp.version()) {
             continue; // our own commit, already applied
         }
-        if let Err(error) = cp.catch_up().await {
-            tracing::warn!(%error, "following the store failed; retrying");
+        match cp.catch_up().await {
+            Err(error) if !failing => {
+                tracing::warn!(%error, "following the store failed; retrying (logged once until it succeeds)");
+                failing = true;
+            }
+            Err(_) => {}
+            Ok(_) if failing => {
+                tracing::info!("following the store again");
+                failing = false;
+            }
+            Ok(_) => {}
         }
     }
 }
