@@ -9,7 +9,9 @@
 //! thread, reservations sized from the rate up to `quota_journal_block`; a take that outruns
 //! it waits for the write, as a request would); `decide_and_take_no_journal/*` the same with
 //! the journal out of reach; `decide_only/*` the pure phases; `lease_pass/*` one wake-up of a
-//! leased proxy's lease client on a market of 100 000 purchases. Results: BENCHMARKS.md.
+//! leased proxy's lease client on a market of 100 000 purchases; `throttle/*` the pure phases
+//! with no throttling policy bound to the API against one bound policy with an API and an
+//! app limit (target: ≤ 100 ns added; issue 13). Results: BENCHMARKS.md.
 //!
 //! Run: `cargo bench --bench decision`.
 
@@ -26,7 +28,8 @@ use marketgate::gateway::quota::QuotaRegistry;
 use marketgate::signing::{self, Payload, RequestParts};
 use marketgate::snapshot::compile::{compile, CompiledSnapshot};
 use marketgate::snapshot::wire::{
-    Api, App, Backend, Group, MarketState, Purchase, PurchaseState, Snapshot,
+    Api, App, Backend, Group, MarketState, Purchase, PurchaseState, Snapshot, ThrottlePolicy,
+    TimeUnit,
 };
 use time::OffsetDateTime;
 
@@ -136,9 +139,30 @@ struct Fixture {
 const NO_JOURNAL_BLOCK: u64 = 1 << 40;
 
 fn fixture(journal_block: u64) -> Fixture {
+    fixture_with(journal_block, false)
+}
+
+/// [`fixture`], with `throttled` one policy bound to the bench API: Huawei's largest limits
+/// per day on the API and on each app, so that no bench run reaches them.
+fn fixture_with(journal_block: u64, throttled: bool) -> Fixture {
     let dir = tempfile::tempdir().expect("a temp dir");
     let quota = QuotaRegistry::open(dir.path(), journal_block).expect("journal");
-    let snapshot = market(1_000);
+    let mut snapshot = market(1_000);
+    if throttled {
+        snapshot.throttling.policies.push(ThrottlePolicy {
+            id: "bench-policy".into(),
+            name: "bench_policy".into(),
+            api_call_limits: i32::MAX as u64,
+            user_call_limits: None,
+            app_call_limits: Some(i32::MAX as u64),
+            ip_call_limits: None,
+            time_interval: 1,
+            time_unit: TimeUnit::Day,
+            shared: false,
+            api_ids: vec!["g999-api0".into()],
+            specials: Vec::new(),
+        });
+    }
     let compiled =
         compile(&snapshot, &quota, &GatewayMetrics::new()).expect("a valid bench snapshot");
     let now = OffsetDateTime::now_utc();
@@ -189,6 +213,7 @@ fn head<'a>(headers: &'a HeaderMap) -> RequestHead<'a> {
         authority: HOST,
         sni: None,
         tls: false,
+        peer: std::net::IpAddr::from([127, 0, 0, 1]),
     }
 }
 
@@ -263,6 +288,32 @@ fn bench_decision(c: &mut Criterion) {
                     OPTIONS,
                 )
                 .expect("admitted")
+            })
+        });
+    }
+    group.finish();
+}
+
+/// The throttling phase's cost: the pure phases on an API with no policy bound against the
+/// same with one policy (an API and an app limit: two compare-and-swaps and one lookup of
+/// the app by index), AppCode authentication (the cheapest, so the phase's share shows).
+fn bench_throttle(c: &mut Criterion) {
+    let none = fixture_with(NO_JOURNAL_BLOCK, false);
+    let bound = fixture_with(NO_JOURNAL_BLOCK, true);
+    let mut group = c.benchmark_group("throttle");
+    for (name, f) in [("no_policy", &none), ("one_policy", &bound)] {
+        group.bench_function(name, |b| {
+            let head = head(&f.appcode_headers);
+            b.iter(|| {
+                let d = decide(
+                    black_box(&f.compiled),
+                    black_box(&head),
+                    Payload::Body(b""),
+                    f.now,
+                    OPTIONS,
+                )
+                .expect("admitted");
+                black_box(d.throttled)
             })
         });
     }
@@ -383,5 +434,11 @@ fn bench_lease_pass(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench_decision, bench_quota_modes, bench_lease_pass);
+criterion_group!(
+    benches,
+    bench_decision,
+    bench_throttle,
+    bench_quota_modes,
+    bench_lease_pass
+);
 criterion_main!(benches);

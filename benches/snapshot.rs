@@ -313,6 +313,7 @@ fn report_swap_under_traffic() {
                     authority: &host,
                     sni: None,
                     tls: false,
+                    peer: std::net::IpAddr::from([127, 0, 0, 1]),
                 };
                 let admitted = decide(
                     &snapshot,

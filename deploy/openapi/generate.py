@@ -240,6 +240,9 @@ parameters = {
     "app_code_id": path_param("app_code_id", "app code id"),
     "app_auth_id": path_param("app_auth_id", "authorization id"),
     "purchase_id": path_param("purchase_id", "purchase id"),
+    "throttle_id": path_param("throttle_id", "request throttling policy id"),
+    "strategy_id": path_param("strategy_id", "excluded (special) throttling configuration id"),
+    "throttle_binding_id": path_param("throttle_binding_id", "throttling policy binding record id"),
     "XDomainIdRequired": {"name": "X-Domain-Id", "in": "header", "required": True,
                           "schema": S("string", minLength=1, pattern=HEADER_ID),
                           "description": "the tenant's domain id (seller for onsell/off-sell/delist/status; buyer for reserve/purchase)"},
@@ -541,6 +544,122 @@ add(CERTS + "/{certificate_id}/attached-domains", "get", op("ListAttachedDomains
     (200, ref("BoundDomainList"), "domains"), [403, 404], XP + P("offset", "limit") + [query("url_domain", S("string"))]),
     ("project_id", "certificate_id"))
 
+# ---- request throttling (Huawei APIG v2 throttles, throttle-bindings, throttle-specials) ----
+TH = "throttles"
+LIMIT = "1 to 2147483647"
+THROTTLE_FIELDS = {
+    "name": S("string", "3-64 letters, digits, underscores or Chinese characters, starting with a letter; "
+                        "unique in the project (400 APIG.3204)"),
+    "api_call_limits": S("integer", "calls per window to an API (type 1) or to all bound APIs together (type 2), " + LIMIT),
+    "user_call_limits": S("integer", "calls per window per tenant (a market buyer's domain); <= api_call_limits"),
+    "app_call_limits": S("integer", "calls per window per app; <= user_call_limits (or api_call_limits)"),
+    "ip_call_limits": S("integer", "calls per window per client IP; <= api_call_limits"),
+    "time_interval": S("integer", "window length in time_unit, " + LIMIT),
+    "time_unit": S("string", enum=["SECOND", "MINUTE", "HOUR", "DAY"]),
+    "type": S("integer", "1 exclusive (each bound API counted apart; default), 2 shared", enum=[1, 2]),
+    "remark": S("string", maxLength=255),
+    "enable_adaptive_control": S("string", "echoed; not enforced", enum=["TRUE", "FALSE"]),
+}
+schemas.update({
+    "ThrottleCreate": obj(THROTTLE_FIELDS, required=("name", "api_call_limits", "time_interval", "time_unit"),
+                          desc="ThrottleBaseInfo; a bad value is 400 APIG.2012 naming the field and the rule"),
+    "Throttle": obj(THROTTLE_FIELDS | {"id": S("string"), "bind_num": S("integer", "APIs bound"),
+                                       "is_inclu_special_throttle": S("integer", "1: has exceptions, 2: none"),
+                                       "create_time": TIME},
+                    required=("id", "name", "api_call_limits", "time_interval", "time_unit", "type"),
+                    desc="ThrottlesInfo: a request throttling policy"),
+    "ThrottleList": envelope("throttles", "Throttle", "request throttling policies"),
+    "ThrottleForApi": obj(THROTTLE_FIELDS | {"id": S("string"), "create_time": TIME, "env_name": S("string"),
+                                             "bind_id": S("string"), "bind_time": TIME},
+                          desc="ThrottleForApi: a policy bound to the API"),
+    "ThrottleForApiList": envelope("throttles", "ThrottleForApi", "policies bound to an API"),
+    "ThrottleBindingCreate": obj({"strategy_id": S("string", "the policy"),
+                                  "publish_ids": S("array", "RELEASE publications of the caller's APIs; an API takes "
+                                                            "one policy per environment (400 APIG.3312)",
+                                                   items=S("string"))},
+                                 required=("strategy_id", "publish_ids")),
+    "ThrottleBinding": obj({"id": S("string"), "publish_id": S("string"), "scope": S("integer"),
+                            "strategy_id": S("string"), "apply_time": TIME}),
+    "ThrottleBindingCreateResponse": obj({"throttle_applys": S("array", items=ref("ThrottleBinding"))},
+                                         required=("throttle_applys",)),
+    "ThrottleBindingBatchDelete": obj({"throttle_bindings": S("array", items=S("string"))}),
+    "ThrottleBindingBatchResult": obj({
+        "success_count": S("integer"),
+        "failure": S("array", items=obj({k: S("string") for k in
+                                         ("bind_id", "error_code", "error_msg", "api_id", "api_name")}))},
+        required=("success_count", "failure")),
+    "ApiForThrottle": obj({k: S("string") for k in (
+        "id", "name", "remark", "auth_type", "req_method", "req_uri", "group_id", "group_name", "publish_id",
+        "run_env_id", "run_env_name", "throttle_apply_id", "apply_time", "throttle_name")}
+        | {"type": S("integer"), "tags": S("array", items=S("string"))}),
+    "ApiForThrottleList": envelope("apis", "ApiForThrottle", "published APIs"),
+    "ThrottleSpecialCreate": obj({"call_limits": S("integer", LIMIT),
+                                  "object_id": S("string", "an app id (APP; 404 APIG.3004 if none) or a tenant's "
+                                                           "domain id (USER)"),
+                                  "object_type": S("string", enum=["APP", "USER"])},
+                                 required=("call_limits", "object_id", "object_type")),
+    "ThrottleSpecialUpdate": obj({"call_limits": S("integer", LIMIT)}, required=("call_limits",)),
+    "ThrottleSpecial": obj({k: S("string") for k in (
+        "id", "throttle_id", "object_id", "object_type", "object_name", "app_id", "app_name")}
+        | {"call_limits": S("integer"), "apply_time": TIME}),
+    "ThrottleSpecialList": envelope("throttle_specials", "ThrottleSpecial", "a policy's exceptions"),
+})
+add(MGMT + "/throttles", "post", op("CreateRequestThrottlingPolicyV2", "Create a request throttling policy", TH,
+    (201, ref("Throttle"), "created"), [403, 404], XP, ref("ThrottleCreate"),
+    desc="400 APIG.2012 names the field and the rule; 400 APIG.3204 name exists."), base)
+add(MGMT + "/throttles", "get", op("ListRequestThrottlingPolicyV2", "List request throttling policies", TH,
+    (200, ref("ThrottleList"), "policies"), [403, 404], XP + P("offset", "limit", "name", "precise_search")
+    + [query("id", S("string"))]), base)
+add(MGMT + "/throttles/{throttle_id}", "get", op("ShowDetailsOfRequestThrottlingPolicyV2",
+    "Show a request throttling policy", TH, (200, ref("Throttle"), "the policy"), [403, 404], XP,
+    desc="404 APIG.3005."), base + ("throttle_id",))
+add(MGMT + "/throttles/{throttle_id}", "put", op("UpdateRequestThrottlingPolicyV2",
+    "Update a request throttling policy", TH, (200, ref("Throttle"), "updated"), [403, 404], XP,
+    ref("ThrottleCreate")), base + ("throttle_id",))
+add(MGMT + "/throttles/{throttle_id}", "delete", op("DeleteRequestThrottlingPolicyV2",
+    "Delete a request throttling policy, with its bindings and exceptions", TH, (204, None, "deleted"),
+    [403, 404], XP), base + ("throttle_id",))
+add(MGMT + "/throttles/{throttle_id}/throttle-specials", "post", op("CreateSpecialThrottlingConfigurationV2",
+    "Create an excluded throttling configuration: an APP's or a tenant's own limit", TH,
+    (201, ref("ThrottleSpecial"), "created"), [403, 404], XP, ref("ThrottleSpecialCreate"),
+    desc="400 APIG.3318 the object already has one."), base + ("throttle_id",))
+add(MGMT + "/throttles/{throttle_id}/throttle-specials", "get", op("ListSpecialThrottlingConfigurationsV2",
+    "List a policy's excluded configurations", TH, (200, ref("ThrottleSpecialList"), "exceptions"), [403, 404],
+    XP + P("offset", "limit") + [query("object_type", S("string")), query("app_name", S("string")),
+                                 query("user", S("string"))]), base + ("throttle_id",))
+add(MGMT + "/throttles/{throttle_id}/throttle-specials/{strategy_id}", "put", op(
+    "UpdateSpecialThrottlingConfigurationV2", "Update an excluded configuration's call_limits", TH,
+    (200, ref("ThrottleSpecial"), "updated"), [403, 404], XP, ref("ThrottleSpecialUpdate"),
+    desc="404 APIG.3018."), base + ("throttle_id", "strategy_id"))
+add(MGMT + "/throttles/{throttle_id}/throttle-specials/{strategy_id}", "delete", op(
+    "DeleteSpecialThrottlingConfigurationV2", "Delete an excluded configuration", TH,
+    (204, None, "deleted"), [403, 404], XP), base + ("throttle_id", "strategy_id"))
+add(MGMT + "/throttle-bindings", "post", op("AssociateRequestThrottlingPolicyV2",
+    "Bind a policy to published APIs", TH, (201, ref("ThrottleBindingCreateResponse"), "bound"), [403, 404], XP,
+    ref("ThrottleBindingCreate"),
+    desc="404 APIG.3005 policy, APIG.3002 publication; 400 APIG.3312 already bound."), base)
+add(MGMT + "/throttle-bindings", "put", op("BatchDisassociateThrottlingPolicyV2",
+    "Unbind binding records in a batch (action=delete)", TH,
+    (200, ref("ThrottleBindingBatchResult"), "the records unbound and those that could not be"), [403, 404],
+    XP + [query("action", S("string", enum=["delete"]), "must be delete", required=True)],
+    ref("ThrottleBindingBatchDelete")), base)
+BOUND_QUERY = XP + P("offset", "limit") + [
+    query("throttle_id", S("string"), "the policy", required=True), query("env_id", S("string")),
+    query("group_id", S("string")), query("api_id", S("string")), query("api_name", S("string"))]
+add(MGMT + "/throttle-bindings/binded-apis", "get", op("ListApisBindedToRequestThrottlingPolicyV2",
+    "APIs bound to a policy", TH, (200, ref("ApiForThrottleList"), "APIs"), [403, 404], BOUND_QUERY), base)
+add(MGMT + "/throttle-bindings/unbinded-apis", "get", op("ListApisUnbindedToRequestThrottlingPolicyV2",
+    "Published APIs not bound to a policy", TH, (200, ref("ApiForThrottleList"), "APIs"), [403, 404],
+    BOUND_QUERY + [query("tags", S("string"))]), base)
+add(MGMT + "/throttle-bindings/binded-throttles", "get", op("ListRequestThrottlingPoliciesBindedToApiV2",
+    "Policies bound to an API", TH, (200, ref("ThrottleForApiList"), "policies"), [403, 404],
+    XP + P("offset", "limit") + [query("api_id", S("string"), "the API", required=True),
+                                 query("throttle_id", S("string")), query("throttle_name", S("string")),
+                                 query("env_id", S("string"))]), base)
+add(MGMT + "/throttle-bindings/{throttle_binding_id}", "delete", op("DisassociateRequestThrottlingPolicyV2",
+    "Unbind one binding record", TH, (204, None, "unbound"), [403, 404], XP, desc="404 APIG.3010."),
+    base + ("throttle_binding_id",))
+
 # ---- the document itself ---------------------------------------------------------------
 paths["/openapi.json"] = {"get": {
     "operationId": "GetOpenApiDocument", "summary": "This document (no authentication)", "tags": ["meta"],
@@ -565,7 +684,7 @@ doc = {
     },
     "servers": [{"url": "http://127.0.0.1:8081", "description": "marketgate serve with built-in defaults"}],
     "security": [{"AuthToken": []}, {"SdkHmac": []}],
-    "tags": [{"name": t} for t in (MK, G, A, PUB, ENV, APP, AUTH, DOM, CERT, "meta")],
+    "tags": [{"name": t} for t in (MK, G, A, PUB, ENV, APP, AUTH, DOM, CERT, TH, "meta")],
     "paths": dict(sorted(paths.items())),
     "components": {
         "securitySchemes": {

@@ -75,6 +75,20 @@ pub enum ControlError {
     CertificateNameExists(String),
     #[error("the purchase {0} does not exist")]
     PurchaseNotFound(String),
+    #[error("Request throttling policy {0} does not exist")]
+    ThrottleNotFound(String),
+    #[error("the request throttling policy binding record {0} does not exist")]
+    ThrottleBindingNotFound(String),
+    #[error("the excluded request throttling configuration {0} does not exist")]
+    ThrottleSpecialNotFound(String),
+    #[error("no API published in RELEASE has the publish_id {0}")]
+    PublicationNotFound(String),
+    #[error("the request throttling policy name {0} already exists")]
+    ThrottleNameExists(String),
+    #[error("the API {0} is already bound to a request throttling policy in this environment")]
+    ThrottleAlreadyBound(String),
+    #[error("the request throttling policy already has an exception for {0}")]
+    ThrottleSpecialExists(String),
     #[error("the API group {0} is not on sale")]
     NotOnSale(String),
     /// Off-sell of a group that is not on sale (CONTRACT §3.2: 404).
@@ -164,6 +178,13 @@ impl ControlError {
             TooManyDomains(_) => (StatusCode::BAD_REQUEST, apig::INVALID_PARAMETER),
             CertificateNameExists(_) => (StatusCode::BAD_REQUEST, apig::INVALID_PARAMETER),
             PurchaseNotFound(_) => (StatusCode::NOT_FOUND, apig::LISTING_NOT_FOUND),
+            ThrottleNotFound(_) => (StatusCode::NOT_FOUND, apig::THROTTLE_NOT_FOUND),
+            ThrottleBindingNotFound(_) => (StatusCode::NOT_FOUND, apig::THROTTLE_BINDING_NOT_FOUND),
+            ThrottleSpecialNotFound(_) => (StatusCode::NOT_FOUND, apig::THROTTLE_SPECIAL_NOT_FOUND),
+            PublicationNotFound(_) => (StatusCode::NOT_FOUND, apig::API_NOT_FOUND),
+            ThrottleNameExists(_) => (StatusCode::BAD_REQUEST, apig::THROTTLE_NAME_EXISTS),
+            ThrottleAlreadyBound(_) => (StatusCode::BAD_REQUEST, apig::THROTTLE_ALREADY_BOUND),
+            ThrottleSpecialExists(_) => (StatusCode::BAD_REQUEST, apig::THROTTLE_SPECIAL_EXISTS),
             NotOnSale(_) => (StatusCode::CONFLICT, apig::LISTING_NOT_FOUND),
             ListingNotFound(_) => (StatusCode::NOT_FOUND, apig::LISTING_NOT_FOUND),
             NeverListed(_) => (StatusCode::BAD_REQUEST, apig::LISTING_NOT_FOUND),
@@ -281,6 +302,13 @@ mod tests {
             (ControlError::TooManyDomains(s()), 400, "APIG.2012"),
             (ControlError::CertificateNameExists(s()), 400, "APIG.2012"),
             (ControlError::PurchaseNotFound(s()), 404, "APIG.3016"),
+            (ControlError::ThrottleNotFound(s()), 404, "APIG.3005"),
+            (ControlError::ThrottleBindingNotFound(s()), 404, "APIG.3010"),
+            (ControlError::ThrottleSpecialNotFound(s()), 404, "APIG.3018"),
+            (ControlError::PublicationNotFound(s()), 404, "APIG.3002"),
+            (ControlError::ThrottleNameExists(s()), 400, "APIG.3204"),
+            (ControlError::ThrottleAlreadyBound(s()), 400, "APIG.3312"),
+            (ControlError::ThrottleSpecialExists(s()), 400, "APIG.3318"),
             (ControlError::NotOnSale(s()), 409, "APIG.3016"),
             (ControlError::ListingNotFound(s()), 404, "APIG.3016"),
             (ControlError::NeverListed(s()), 400, "APIG.3016"),

@@ -205,7 +205,7 @@ pub(super) fn page(call: &Call, key: &str, items: Vec<Value>) -> Response {
 }
 
 /// Does `value` pass the query filter `field` (exact with `precise_search`, else contains)?
-fn matches(call: &Call, field: &str, value: &str) -> bool {
+pub(super) fn matches(call: &Call, field: &str, value: &str) -> bool {
     match call.query.get(field).filter(|q| !q.is_empty()) {
         None => true,
         Some(wanted) => {
@@ -222,7 +222,7 @@ fn matches(call: &Call, field: &str, value: &str) -> bool {
     }
 }
 
-fn exact(call: &Call, field: &str, value: &str) -> bool {
+pub(super) fn exact(call: &Call, field: &str, value: &str) -> bool {
     call.query
         .get(field)
         .filter(|q| !q.is_empty())
@@ -241,7 +241,11 @@ pub(crate) fn own_group<'a>(
         .ok_or_else(|| ControlError::GroupNotFound(id.to_owned()))
 }
 
-fn own_api<'a>(state: &'a State, id: &str, project: &str) -> Result<&'a ApiRec, ControlError> {
+pub(super) fn own_api<'a>(
+    state: &'a State,
+    id: &str,
+    project: &str,
+) -> Result<&'a ApiRec, ControlError> {
     state
         .apis
         .get(id)

@@ -47,6 +47,9 @@ pub mod rule;
 pub mod state;
 pub mod store;
 pub mod subscriptions;
+pub mod throttle_bindings;
+pub mod throttle_specials;
+pub mod throttles;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -363,6 +366,45 @@ impl ControlPlane {
             .route(
                 &format!("{c}/certificates/{{certificate_id}}/attached-domains"),
                 get(certificates::attached_domains),
+            )
+            .route(
+                &format!("{m}/throttles"),
+                post(retried(throttles::create)).get(throttles::list),
+            )
+            .route(
+                &format!("{m}/throttles/{{throttle_id}}"),
+                get(throttles::show)
+                    .put(retried(throttles::update))
+                    .delete(retried(throttles::delete)),
+            )
+            .route(
+                &format!("{m}/throttles/{{throttle_id}}/throttle-specials"),
+                post(retried(throttle_specials::create)).get(throttle_specials::list),
+            )
+            .route(
+                &format!("{m}/throttles/{{throttle_id}}/throttle-specials/{{strategy_id}}"),
+                put(retried(throttle_specials::update)).delete(retried(throttle_specials::delete)),
+            )
+            .route(
+                &format!("{m}/throttle-bindings"),
+                post(retried(throttle_bindings::bind))
+                    .put(retried(throttle_bindings::unbind_batch)),
+            )
+            .route(
+                &format!("{m}/throttle-bindings/binded-apis"),
+                get(throttle_bindings::bound_apis),
+            )
+            .route(
+                &format!("{m}/throttle-bindings/unbinded-apis"),
+                get(throttle_bindings::unbound_apis),
+            )
+            .route(
+                &format!("{m}/throttle-bindings/binded-throttles"),
+                get(throttle_bindings::bound_throttles),
+            )
+            .route(
+                &format!("{m}/throttle-bindings/{{throttle_binding_id}}"),
+                delete(retried(throttle_bindings::unbind)),
             )
             .route(
                 &format!("{k}/api-groups/onsell/{{group_id}}"),

@@ -72,7 +72,7 @@ pub fn build(state: &State) -> Snapshot {
         .map(|p| p.app_id.as_str())
         .chain(app_auths.iter().map(|a| a.app_id.as_str()))
         .collect();
-    let apps = state
+    let apps: Vec<snapshot::App> = state
         .apps
         .values()
         .filter(|a| wanted.contains(a.id.as_str()))
@@ -117,6 +117,7 @@ pub fn build(state: &State) -> Snapshot {
             })
         })
         .collect();
+    let throttling = super::throttles::snapshot_section(state, &apps);
     Snapshot {
         version: state.version,
         generated_at: Some(now_rfc3339()),
@@ -126,5 +127,6 @@ pub fn build(state: &State) -> Snapshot {
         app_auths,
         certificates,
         domains,
+        throttling,
     }
 }

@@ -143,6 +143,55 @@ pub struct AuthRec {
     pub auth_time: String,
 }
 
+/// A request throttling policy (流控策略), as Huawei's v2 API has it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ThrottleRec {
+    pub id: String,
+    pub name: String,
+    #[serde(default)]
+    pub remark: String,
+    pub domain_id: String,
+    pub project_id: String,
+    pub api_call_limits: u64,
+    #[serde(default)]
+    pub user_call_limits: Option<u64>,
+    #[serde(default)]
+    pub app_call_limits: Option<u64>,
+    #[serde(default)]
+    pub ip_call_limits: Option<u64>,
+    pub time_interval: u64,
+    pub time_unit: snapshot::TimeUnit,
+    /// 1 exclusive (each bound API counted apart), 2 shared (all bound APIs together).
+    #[serde(rename = "type")]
+    pub throttle_type: u8,
+    /// Echoed (`TRUE`/`FALSE`); the data plane does not adapt.
+    #[serde(default)]
+    pub enable_adaptive_control: String,
+    pub create_time: String,
+}
+
+/// A policy bound to an API's RELEASE publication.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ThrottleBindingRec {
+    pub id: String,
+    pub throttle_id: String,
+    pub api_id: String,
+    pub publish_id: String,
+    pub env_id: String,
+    pub apply_time: String,
+}
+
+/// An exception to a policy: an APP's or a tenant's (USER) own limit.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ThrottleSpecialRec {
+    pub id: String,
+    pub throttle_id: String,
+    pub object_type: snapshot::SpecialKind,
+    pub object_id: String,
+    pub call_limits: u64,
+    pub apply_time: String,
+}
+
 /// A buyer's purchase (订购关系) and its quota ledger.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PurchaseRec {
@@ -322,6 +371,12 @@ pub enum Change {
     DeleteCertificate(String),
     /// Only ever read from the store (a purchase tombstone); no request deletes a purchase.
     DeletePurchase(String),
+    Throttle(ThrottleRec),
+    DeleteThrottle(String),
+    ThrottleBinding(ThrottleBindingRec),
+    DeleteThrottleBinding(String),
+    ThrottleSpecial(ThrottleSpecialRec),
+    DeleteThrottleSpecial(String),
 }
 
 pub const KIND_GROUP: &str = "group";
@@ -331,6 +386,9 @@ pub const KIND_AUTH: &str = "auth";
 pub const KIND_PURCHASE: &str = "purchase";
 pub const KIND_DOMAIN: &str = "domain";
 pub const KIND_CERTIFICATE: &str = "certificate";
+pub const KIND_THROTTLE: &str = "throttle";
+pub const KIND_THROTTLE_BINDING: &str = "throttle_binding";
+pub const KIND_THROTTLE_SPECIAL: &str = "throttle_special";
 
 /// Claim scopes (the `claims` table): what must be unique, and within what.
 pub const CLAIM_DOMAIN: &str = "domain";
@@ -346,6 +404,11 @@ pub const CLAIM_ORDER_ID: &str = "order_id";
 /// sixth.
 pub const CLAIM_DOMAIN_SLOT: &str = "domain_slot";
 pub const CLAIM_CERTIFICATE_NAME: &str = "certificate_name";
+pub const CLAIM_THROTTLE_NAME: &str = "throttle_name";
+/// One policy per API per environment (Huawei's rule).
+pub const CLAIM_THROTTLE_BINDING: &str = "throttle_binding";
+/// One exception per object per policy.
+pub const CLAIM_THROTTLE_SPECIAL: &str = "throttle_special";
 
 impl Change {
     /// The record this change writes: `(kind, id)`.
@@ -365,6 +428,12 @@ impl Change {
             Change::Certificate(c) => (KIND_CERTIFICATE, &c.id),
             Change::DeleteCertificate(id) => (KIND_CERTIFICATE, id),
             Change::DeletePurchase(id) => (KIND_PURCHASE, id),
+            Change::Throttle(t) => (KIND_THROTTLE, &t.id),
+            Change::DeleteThrottle(id) => (KIND_THROTTLE, id),
+            Change::ThrottleBinding(b) => (KIND_THROTTLE_BINDING, &b.id),
+            Change::DeleteThrottleBinding(id) => (KIND_THROTTLE_BINDING, id),
+            Change::ThrottleSpecial(s) => (KIND_THROTTLE_SPECIAL, &s.id),
+            Change::DeleteThrottleSpecial(id) => (KIND_THROTTLE_SPECIAL, id),
         }
     }
 
@@ -423,13 +492,28 @@ impl Change {
                 CLAIM_CERTIFICATE_NAME,
                 format!("{}/{}", c.project_id, c.name),
             )],
+            Change::Throttle(t) => vec![claim(
+                CLAIM_THROTTLE_NAME,
+                format!("{}/{}", t.project_id, t.name),
+            )],
+            Change::ThrottleBinding(b) => vec![claim(
+                CLAIM_THROTTLE_BINDING,
+                format!("{}/{}", b.api_id, b.env_id),
+            )],
+            Change::ThrottleSpecial(s) => vec![claim(
+                CLAIM_THROTTLE_SPECIAL,
+                format!("{}/{}", s.throttle_id, s.object_id),
+            )],
             Change::DeleteGroup(_)
             | Change::DeleteApi(_)
             | Change::DeleteApp(_)
             | Change::DeleteAuth(_)
             | Change::DeleteDomain(_)
             | Change::DeleteCertificate(_)
-            | Change::DeletePurchase(_) => Vec::new(),
+            | Change::DeletePurchase(_)
+            | Change::DeleteThrottle(_)
+            | Change::DeleteThrottleBinding(_)
+            | Change::DeleteThrottleSpecial(_) => Vec::new(),
         };
         claims.sort();
         claims.dedup();
@@ -448,6 +532,9 @@ impl Change {
             KIND_PURCHASE,
             KIND_DOMAIN,
             KIND_CERTIFICATE,
+            KIND_THROTTLE,
+            KIND_THROTTLE_BINDING,
+            KIND_THROTTLE_SPECIAL,
         ]
         .into_iter()
         .find(|k| *k == stored.kind) else {
@@ -463,6 +550,9 @@ impl Change {
                 KIND_AUTH => Change::DeleteAuth(id),
                 KIND_DOMAIN => Change::DeleteDomain(id),
                 KIND_CERTIFICATE => Change::DeleteCertificate(id),
+                KIND_THROTTLE => Change::DeleteThrottle(id),
+                KIND_THROTTLE_BINDING => Change::DeleteThrottleBinding(id),
+                KIND_THROTTLE_SPECIAL => Change::DeleteThrottleSpecial(id),
                 _ => Change::DeletePurchase(id),
             },
             Some(doc) => {
@@ -475,6 +565,13 @@ impl Change {
                     KIND_DOMAIN => Change::Domain(serde_json::from_str(&doc).map_err(corrupt)?),
                     KIND_CERTIFICATE => {
                         Change::Certificate(serde_json::from_str(&doc).map_err(corrupt)?)
+                    }
+                    KIND_THROTTLE => Change::Throttle(serde_json::from_str(&doc).map_err(corrupt)?),
+                    KIND_THROTTLE_BINDING => {
+                        Change::ThrottleBinding(serde_json::from_str(&doc).map_err(corrupt)?)
+                    }
+                    KIND_THROTTLE_SPECIAL => {
+                        Change::ThrottleSpecial(serde_json::from_str(&doc).map_err(corrupt)?)
                     }
                     _ => Change::Purchase(serde_json::from_str(&doc).map_err(corrupt)?),
                 }
@@ -498,13 +595,19 @@ impl Change {
             Change::Purchase(p) => doc(p),
             Change::Domain(d) => doc(d),
             Change::Certificate(c) => doc(c),
+            Change::Throttle(t) => doc(t),
+            Change::ThrottleBinding(b) => doc(b),
+            Change::ThrottleSpecial(s) => doc(s),
             Change::DeleteGroup(_)
             | Change::DeleteApi(_)
             | Change::DeleteApp(_)
             | Change::DeleteAuth(_)
             | Change::DeleteDomain(_)
             | Change::DeleteCertificate(_)
-            | Change::DeletePurchase(_) => None,
+            | Change::DeletePurchase(_)
+            | Change::DeleteThrottle(_)
+            | Change::DeleteThrottleBinding(_)
+            | Change::DeleteThrottleSpecial(_) => None,
         };
         Write {
             kind,
@@ -529,6 +632,9 @@ pub struct State {
     pub purchases: OrdMap<String, PurchaseRec>,
     pub domains: OrdMap<String, DomainRec>,
     pub certificates: OrdMap<String, CertRec>,
+    pub throttles: OrdMap<String, ThrottleRec>,
+    pub throttle_bindings: OrdMap<String, ThrottleBindingRec>,
+    pub throttle_specials: OrdMap<String, ThrottleSpecialRec>,
     /// `order_id` → purchase id: row 5's idempotency lookup without a scan of the purchases.
     orders: OrdMap<String, String>,
     revs: PHashMap<(&'static str, String), u64>,
@@ -566,7 +672,10 @@ impl State {
             | Change::DeleteAuth(_)
             | Change::DeleteDomain(_)
             | Change::DeleteCertificate(_)
-            | Change::DeletePurchase(_) => {
+            | Change::DeletePurchase(_)
+            | Change::DeleteThrottle(_)
+            | Change::DeleteThrottleBinding(_)
+            | Change::DeleteThrottleSpecial(_) => {
                 self.revs.remove(&key);
             }
             Change::Group(_)
@@ -575,7 +684,10 @@ impl State {
             | Change::Auth(_)
             | Change::Purchase(_)
             | Change::Domain(_)
-            | Change::Certificate(_) => {
+            | Change::Certificate(_)
+            | Change::Throttle(_)
+            | Change::ThrottleBinding(_)
+            | Change::ThrottleSpecial(_) => {
                 self.revs.insert(key, rev);
             }
         }
@@ -595,7 +707,20 @@ impl State {
             .chain(self.auths.values().cloned().map(Change::Auth))
             .chain(self.purchases.values().cloned().map(Change::Purchase))
             .chain(self.domains.values().cloned().map(Change::Domain))
-            .chain(self.certificates.values().cloned().map(Change::Certificate));
+            .chain(self.certificates.values().cloned().map(Change::Certificate))
+            .chain(self.throttles.values().cloned().map(Change::Throttle))
+            .chain(
+                self.throttle_bindings
+                    .values()
+                    .cloned()
+                    .map(Change::ThrottleBinding),
+            )
+            .chain(
+                self.throttle_specials
+                    .values()
+                    .cloned()
+                    .map(Change::ThrottleSpecial),
+            );
         changes
             .flat_map(|change| {
                 let owner = change.key().1.to_owned();
@@ -656,6 +781,24 @@ impl State {
             }
             Change::DeleteCertificate(id) => {
                 self.certificates.remove(&id);
+            }
+            Change::Throttle(t) => {
+                self.throttles.insert(t.id.clone(), t);
+            }
+            Change::DeleteThrottle(id) => {
+                self.throttles.remove(&id);
+            }
+            Change::ThrottleBinding(b) => {
+                self.throttle_bindings.insert(b.id.clone(), b);
+            }
+            Change::DeleteThrottleBinding(id) => {
+                self.throttle_bindings.remove(&id);
+            }
+            Change::ThrottleSpecial(s) => {
+                self.throttle_specials.insert(s.id.clone(), s);
+            }
+            Change::DeleteThrottleSpecial(id) => {
+                self.throttle_specials.remove(&id);
             }
         }
     }

@@ -47,6 +47,9 @@ pub enum Rejection {
     NotAuthorized,
     #[error("the purchase is frozen, unsubscribed, not started or expired")]
     PurchaseInactive,
+    /// Over a request throttling policy's limit (429 with `Retry-After`).
+    #[error("{0}")]
+    Throttled(super::throttle::Refusal),
     #[error("the calls bought are used up")]
     QuotaExhausted,
     /// This proxy's lease of the purchase ran dry while no control plane answers (or, in
@@ -99,6 +102,7 @@ impl Rejection {
             Rejection::PurchaseInactive | Rejection::QuotaExhausted => {
                 StatusCode::METHOD_NOT_ALLOWED
             }
+            Rejection::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
             Rejection::BackendUnavailable(_) => StatusCode::BAD_GATEWAY,
             Rejection::BackendTimeout => StatusCode::GATEWAY_TIMEOUT,
             Rejection::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -124,6 +128,7 @@ impl Rejection {
             Rejection::AuthLimited(_) => apig::THROTTLED,
             Rejection::NotAuthorized => apig::APP_NOT_AUTHORIZED,
             Rejection::PurchaseInactive => apig::PURCHASE_INACTIVE,
+            Rejection::Throttled(_) => apig::THROTTLED,
             Rejection::QuotaExhausted => apig::QUOTA_EXHAUSTED,
             Rejection::Internal(_) => apig::INTERNAL,
         }
@@ -147,6 +152,7 @@ impl Rejection {
             }
             Rejection::NotAuthorized => Outcome::NotAuthorized,
             Rejection::PurchaseInactive => Outcome::Frozen,
+            Rejection::Throttled(_) => Outcome::Throttled,
             Rejection::QuotaExhausted => Outcome::QuotaExhausted,
             Rejection::BackendUnavailable(_) => Outcome::BackendError,
             Rejection::BackendTimeout => Outcome::BackendTimeout,
@@ -185,6 +191,18 @@ mod tests {
             ),
             (Rejection::NotAuthorized, 403, "APIG.0304"),
             (Rejection::Delisted, 403, "APIG.0306"),
+            (
+                Rejection::Throttled(crate::gateway::throttle::Refusal {
+                    dimension: crate::gateway::throttle::Dimension::App,
+                    limit: 10,
+                    interval: 1,
+                    unit: crate::snapshot::TimeUnit::Minute,
+                    retry_after: 1,
+                    short: None,
+                }),
+                429,
+                "APIG.0308",
+            ),
             (Rejection::QuotaExhausted, 405, "APIG.0501"),
             (Rejection::PurchaseInactive, 405, "APIG.0502"),
             (Rejection::BackendTimeout, 504, "APIG.0201"),

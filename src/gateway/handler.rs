@@ -1,7 +1,7 @@
 //! The per-request pipeline (CONTRACT §7) as named phases.
 //!
 //! `check_framing` → `resolve_host` → `route` → (buffer the body if the signature covers it)
-//! → `authenticate` → `entitle` → `take_quota` → `forward` (or the MOCK answer). Each phase
+//! → `authenticate` → `entitle` → `throttle` → `take_quota` → `forward` (or the MOCK answer). Each phase
 //! returns `Result<_, Rejection>`; only [`handle`] writes the error response, the access-log
 //! line (target `access`) and the metrics. The request loads the snapshot once and every
 //! phase uses that one view. [`decide`] runs the pure phases (no I/O, no quota) for benches.
@@ -24,6 +24,7 @@ use super::error::Rejection;
 use super::forward::BoxError;
 use super::forward::{self, Body, BuyerCall, ForwardError};
 use super::metrics::Outcome;
+use super::throttle::{Refusal, Remaining};
 use super::Inner;
 use crate::accept::TimedBody;
 use crate::apig::ErrorBody;
@@ -40,6 +41,13 @@ const MODE_HEADER: &str = "x-apig-mode";
 /// Longest request target (path and query) accepted, in bytes; longer is 414.
 pub const MAX_URI_BYTES: usize = 8 * 1024;
 const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+/// `X-Apig-RateLimit-{api,user,app,ip}`, by [`super::throttle::Dimension`].
+const RATE_LIMIT_HEADERS: [HeaderName; 4] = [
+    HeaderName::from_static("x-apig-ratelimit-api"),
+    HeaderName::from_static("x-apig-ratelimit-user"),
+    HeaderName::from_static("x-apig-ratelimit-app"),
+    HeaderName::from_static("x-apig-ratelimit-ip"),
+];
 
 /// What a connection tells each of its requests.
 #[derive(Debug, Clone)]
@@ -86,6 +94,8 @@ pub struct RequestHead<'a> {
     pub authority: &'a str,
     pub sni: Option<&'a str>,
     pub tls: bool,
+    /// The client's address (per-IP throttling limits).
+    pub peer: std::net::IpAddr,
 }
 
 /// Knobs of the decision taken from config.
@@ -104,9 +114,12 @@ pub struct Decision<'s, 'p> {
     pub params: Vec<&'p str>,
     pub app: Option<&'s CompiledApp>,
     pub purchase: Option<&'s CompiledPurchase>,
+    /// What the throttling policy bound to the API left (none bound: empty).
+    pub throttled: Remaining,
 }
 
-/// Every phase that needs no I/O, in order: resolve host, route, authenticate, entitle.
+/// Every phase that needs no I/O, in order: resolve host, route, authenticate, entitle,
+/// throttle.
 /// Hot path; callable from a bench with a compiled snapshot and a request head.
 pub fn decide<'s, 'p>(
     snapshot: &'s CompiledSnapshot,
@@ -119,6 +132,7 @@ pub fn decide<'s, 'p>(
     let (api, params) = route(group, domain, head)?;
     let app = authenticate(snapshot, api, head, payload, now, options)?;
     let purchase = entitle(group, domain, api, app, now)?;
+    let throttled = throttle(snapshot, api, app, head.peer, now)?;
     Ok(Decision {
         group,
         domain,
@@ -126,6 +140,7 @@ pub fn decide<'s, 'p>(
         params,
         app,
         purchase,
+        throttled,
     })
 }
 
@@ -487,7 +502,67 @@ pub fn entitle<'s>(
     }
 }
 
-/// Phase 5: take one call from the purchase (waiting, without blocking the thread, in the
+/// Phase 5: the request throttling policy bound to the API (CONTRACT §7 step 6), before the
+/// purchase's call is taken: a throttled call costs no bought call. Hot path: nothing when no
+/// policy is bound; otherwise one compare-and-swap per limit (`gateway::throttle`).
+pub fn throttle(
+    snapshot: &CompiledSnapshot,
+    api: &CompiledApi,
+    app: Option<&CompiledApp>,
+    peer: std::net::IpAddr,
+    now: OffsetDateTime,
+) -> Result<Remaining, Rejection> {
+    let Some(policy) = &api.throttle else {
+        return Ok(Remaining::default());
+    };
+    let local_ms = (now.unix_timestamp_nanos() / 1_000_000) as i64;
+    let registry = &*snapshot.throttle;
+    policy
+        .admit(
+            app.map(|a| a.index as u32),
+            peer,
+            registry.now_ms(local_ms),
+            registry,
+        )
+        .map_err(Rejection::Throttled)
+}
+
+/// Phase 5 on a leased proxy: a refusal because this proxy's allotment of the window ran
+/// short of the limit asks the allotment client for more and tries again while the wait
+/// lasts, so that calls the fleet may still admit are not refused for where they landed.
+async fn throttle_or_refill(
+    snapshot: &CompiledSnapshot,
+    api: &CompiledApi,
+    app: Option<&CompiledApp>,
+    peer: std::net::IpAddr,
+    gateway: &Inner,
+) -> Result<Remaining, Rejection> {
+    let mut result = throttle(snapshot, api, app, peer, OffsetDateTime::now_utc());
+    let deadline = Instant::now() + REFILL_WAIT;
+    while let Err(Rejection::Throttled(Refusal {
+        short: Some((counter, window)),
+        ..
+    })) = &result
+    {
+        let Some(wait) = deadline.checked_duration_since(Instant::now()) else {
+            break;
+        };
+        if !gateway
+            .allotments
+            .wait_for_refill(counter, *window, wait)
+            .await
+        {
+            break;
+        }
+        result = throttle(snapshot, api, app, peer, OffsetDateTime::now_utc());
+    }
+    if let (Err(_), Some(policy)) = (&result, &api.throttle) {
+        policy.throttled.inc();
+    }
+    result
+}
+
+/// Phase 6: take one call from the purchase (waiting, without blocking the thread, in the
 /// rare case that the quota journal is behind).
 pub async fn take_quota(purchase: &CompiledPurchase) -> Result<(), Rejection> {
     match purchase.cell.take().await {
@@ -547,6 +622,8 @@ struct Trace<'s> {
     unknown_key: bool,
     purchase: Option<&'s CompiledPurchase>,
     upstream: Option<Duration>,
+    /// What the throttling policy left, for the debug headers.
+    throttled: Remaining,
 }
 
 /// Request ids per shared buffer: one allocation serves this many requests.
@@ -676,6 +753,17 @@ pub(crate) async fn handle(
         if let Some(left) = trace.purchase.and_then(|p| p.cell.left()) {
             headers.insert("x-apig-quota-remaining", HeaderValue::from(left));
         }
+        if let Some(policy) = trace.api.and_then(|a| a.throttle.as_ref()) {
+            for (dimension, remain, limit) in trace.throttled.dims.iter().flatten() {
+                let value = super::throttle::header_value(*remain, *limit, &policy.rule);
+                if let Ok(value) = HeaderValue::from_str(&value) {
+                    headers.insert(RATE_LIMIT_HEADERS[*dimension as usize].clone(), value);
+                }
+            }
+        }
+    }
+    if let Some(Rejection::Throttled(refusal)) = &rejection {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(refusal.retry_after));
     }
     let counters = trace
         .group
@@ -711,6 +799,10 @@ pub(crate) async fn handle(
                 .map(tracing::field::display)
         },
         purchase_id = trace.purchase.map(|p| p.id()),
+        throttle_id = trace
+            .api
+            .and_then(|a| a.throttle.as_ref())
+            .map(|t| &*t.rule.id),
         status = response.status().as_u16(),
         outcome = outcome.as_str(),
         error_code,
@@ -811,6 +903,7 @@ async fn serve<'s>(
         authority,
         sni: conn.sni.as_deref(),
         tls: conn.tls,
+        peer: conn.peer.ip(),
     };
     let options = DecideOptions {
         appcode_over_http: gateway.config.gateway.appcode_over_http,
@@ -892,6 +985,7 @@ async fn serve<'s>(
     trace.app = app;
     let purchase = entitle(group, domain, api, app, now)?;
     trace.purchase = purchase;
+    trace.throttled = throttle_or_refill(snapshot, api, app, head.peer, gateway).await?;
     if let Some(purchase) = purchase {
         take_quota_or_refill(purchase, gateway).await?;
     }
@@ -1064,6 +1158,7 @@ mod tests {
             authority: "market.test",
             sni: None,
             tls: false,
+            peer: std::net::IpAddr::from([127, 0, 0, 1]),
         };
         let decision = decide(&compiled, &head, Payload::Body(b""), now, options).unwrap();
         assert_eq!((&*decision.api.id, decision.params), ("api", vec!["paris"]));

@@ -56,9 +56,16 @@ const TLS_CERTIFICATE_EXPIRY: Family = (
     "gauge",
 );
 
+const THROTTLED: Family = (
+    "marketgate_throttled_total",
+    "Buyer calls refused by a request throttling policy (429 APIG.0308), by group and policy",
+    "counter",
+);
+
 /// The labelled families, which the text format would omit while they have no series.
-pub const LABELLED_FAMILIES: [Family; 8] = [
+pub const LABELLED_FAMILIES: [Family; 9] = [
     REQUESTS,
+    THROTTLED,
     CONNECTIONS_ACCEPTED,
     REQUEST_DURATION,
     UPSTREAM_DURATION,
@@ -79,6 +86,7 @@ pub enum Outcome {
     AuthFailed,
     NotAuthorized,
     Delisted,
+    Throttled,
     QuotaExhausted,
     Frozen,
     BackendError,
@@ -89,12 +97,13 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 12] = [
+    pub const ALL: [Outcome; 13] = [
         Outcome::Ok,
         Outcome::NoRoute,
         Outcome::AuthFailed,
         Outcome::NotAuthorized,
         Outcome::Delisted,
+        Outcome::Throttled,
         Outcome::QuotaExhausted,
         Outcome::Frozen,
         Outcome::BackendError,
@@ -111,6 +120,7 @@ impl Outcome {
             Outcome::AuthFailed => "auth_failed",
             Outcome::NotAuthorized => "not_authorized",
             Outcome::Delisted => "delisted",
+            Outcome::Throttled => "throttled",
             Outcome::QuotaExhausted => "quota_exhausted",
             Outcome::Frozen => "frozen",
             Outcome::BackendError => "backend_error",
@@ -180,6 +190,8 @@ pub struct GatewayMetrics {
     tls_certificate_expiry: IntGaugeVec,
     /// notAfter of the configured default certificate (0: none), kept across snapshots.
     default_certificate_expiry: Arc<AtomicI64>,
+    /// Calls refused by a request throttling policy, by group and policy.
+    throttled: IntCounterVec,
     /// Requests that resolved to no group (label `group=""`).
     pub no_group: GroupCounters,
     /// Other registries rendered on this gateway's `/metrics` (`serve`: the control plane's).
@@ -242,8 +254,12 @@ impl GatewayMetrics {
             &["worker"],
         )
         .expect("valid metric");
+        let throttled =
+            IntCounterVec::new(Opts::new(THROTTLED.0, THROTTLED.1), &["group", "policy"])
+                .expect("valid metric");
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(throttled.clone()),
             Box::new(request_duration.clone()),
             Box::new(upstream_duration.clone()),
             Box::new(snapshot_version.clone()),
@@ -283,6 +299,7 @@ impl GatewayMetrics {
             accept,
             tls_certificate_expiry,
             default_certificate_expiry: Arc::new(AtomicI64::new(0)),
+            throttled,
             no_group,
             also: Arc::default(),
         }
@@ -302,6 +319,11 @@ impl GatewayMetrics {
             request_duration: request_duration.with_label_values(&[group]),
             upstream_duration: upstream_duration.with_label_values(&[group]),
         }
+    }
+
+    /// `marketgate_throttled_total{group, policy}`: resolved at snapshot compile.
+    pub fn throttled(&self, group: &str, policy: &str) -> IntCounter {
+        self.throttled.with_label_values(&[group, policy])
     }
 
     /// The accepted-connections counter of worker `index` (resolved when the worker starts).

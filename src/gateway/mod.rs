@@ -9,6 +9,7 @@
 //! not decide requests itself.
 
 pub mod admin;
+pub mod allotments;
 pub mod error;
 pub mod forward;
 pub mod handler;
@@ -18,6 +19,7 @@ pub mod metrics;
 pub mod quota;
 pub mod route;
 pub mod subscriber;
+pub mod throttle;
 pub mod uplink;
 pub mod workers;
 
@@ -101,6 +103,8 @@ pub(crate) struct Inner {
     /// Records in the snapshot log since the checkpoint (changed under `applied`'s lock).
     logged: std::sync::atomic::AtomicUsize,
     pub(crate) quota: quota::QuotaRegistry,
+    /// The throttling allotment exchange's queue (leased proxies).
+    pub(crate) allotments: allotments::Allotments,
     pub(crate) metrics: metrics::GatewayMetrics,
     pub(crate) listening: AtomicBool,
     /// The port the buyers' TLS listener is bound to (0: none yet), for HTTPS redirects.
@@ -171,6 +175,7 @@ impl Gateway {
             applied: Mutex::new(None),
             logged: std::sync::atomic::AtomicUsize::new(0),
             quota,
+            allotments: allotments::Allotments::default(),
             metrics,
             listening: AtomicBool::new(false),
             tls_port: std::sync::atomic::AtomicU16::new(0),

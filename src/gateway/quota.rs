@@ -505,6 +505,8 @@ pub struct QuotaRegistry {
     refilled: tokio::sync::watch::Sender<u64>,
     /// Set while the lease client cannot reach the control plane.
     control_unreachable: AtomicBool,
+    /// The request throttling counters: like the cells, they outlive snapshots.
+    throttle: Arc<super::throttle::ThrottleRegistry>,
 }
 
 impl QuotaRegistry {
@@ -555,6 +557,8 @@ impl QuotaRegistry {
             noticed: Mutex::new(Vec::new()),
             refilled: tokio::sync::watch::channel(0).0,
             control_unreachable: AtomicBool::new(false),
+            // Throttling counters are local until the allotment client runs (next step).
+            throttle: Arc::new(super::throttle::ThrottleRegistry::new(false)),
         })
     }
 
@@ -613,6 +617,11 @@ impl QuotaRegistry {
 
     /// Is the control plane unreachable (the lease client's last exchange failed)? A caller
     /// whose cell ran dry is then refused at once instead of waiting for a refill.
+    /// The request throttling counters (leased with the quota: `Leased` mode).
+    pub fn throttle(&self) -> &Arc<super::throttle::ThrottleRegistry> {
+        &self.throttle
+    }
+
     pub fn control_unreachable(&self) -> bool {
         self.control_unreachable.load(Ordering::Acquire)
     }

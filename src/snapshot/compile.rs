@@ -17,13 +17,16 @@ use hashbrown::{DefaultHashBuilder, HashMap, HashSet, HashTable};
 
 use rustls::sign::CertifiedKey;
 
-use super::validate::{validate, Validated, ValidationError, MAX_APP_CODES};
+use super::validate::{
+    validate, SpecialRef, ThrottleRefs, Validated, ValidationError, MAX_APP_CODES,
+};
 pub use super::validate::{AuthKind, CompiledBackend, PathPiece};
 use super::wire::{App, MarketState, MinTlsVersion, Purchase, PurchaseState, Snapshot};
 pub use crate::certificate::{certified_key_pem, CertificateError};
 use crate::gateway::metrics::{GatewayMetrics, GroupCounters};
 use crate::gateway::quota::{QuotaCell, QuotaRegistry, UNLIMITED};
 use crate::gateway::route::Router;
+use crate::gateway::throttle::{ApiThrottle, PolicyRule, ThrottleRegistry};
 
 /// Which of a group's domains a host named.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +67,9 @@ pub struct CompiledApi {
     pub backend: CompiledBackend,
     /// Apps authorized on the seller domain (app_auths).
     pub authorized_apps: HashSet<usize>,
+    /// The request throttling policy bound to this API, its counters resolved (set by
+    /// [`Prepared::bind`]).
+    pub throttle: Option<ApiThrottle>,
 }
 
 /// An app: its credentials and, for a buyer's MARKET app, its purchase.
@@ -165,6 +171,8 @@ pub struct CompiledSnapshot {
     pub certificates: HashMap<Box<str>, Arc<CertifiedKey>>,
     /// The TLS rules of sellers' bound domains, by host name (empty: none bound).
     pub domain_rules: HashMap<Box<str>, DomainRules>,
+    /// The registry the throttling counters came from (its clock and mode).
+    pub throttle: Arc<ThrottleRegistry>,
 }
 
 impl CompiledSnapshot {
@@ -206,6 +214,8 @@ pub struct Prepared<'a> {
     /// (app index, group index, the purchase) of every purchase.
     purchases: Vec<(u32, u32, &'a Purchase)>,
     expiries: Vec<(&'a str, i64)>,
+    snapshot: &'a Snapshot,
+    throttling: ThrottleRefs<'a>,
 }
 
 impl Prepared<'_> {
@@ -222,7 +232,17 @@ impl Prepared<'_> {
             mut compiled,
             purchases,
             expiries,
+            snapshot,
+            throttling,
         } = self;
+        bind_throttles(
+            &mut compiled,
+            snapshot,
+            &throttling,
+            &purchases,
+            quota,
+            metrics,
+        );
         for (app, group, purchase) in purchases {
             let cell = quota.cell(
                 &purchase.id,
@@ -255,6 +275,7 @@ pub fn prepare<'a>(valid: Validated<'a>, metrics: &GatewayMetrics) -> Prepared<'
         purchase_refs,
         auth_refs,
         domain_groups,
+        throttling,
     } = valid;
     let mut hosts = HashMap::new();
     let mut groups = Vec::with_capacity(snapshot.groups.len());
@@ -277,6 +298,7 @@ pub fn prepare<'a>(valid: Validated<'a>, metrics: &GatewayMetrics) -> Prepared<'
                 http_only: parsed.http_only,
                 backend: parsed.backend,
                 authorized_apps: HashSet::new(),
+                throttle: None,
             });
         }
         groups.push(CompiledGroup {
@@ -351,9 +373,103 @@ pub fn prepare<'a>(valid: Validated<'a>, metrics: &GatewayMetrics) -> Prepared<'
             hasher,
             certificates,
             domain_rules,
+            throttle: Arc::default(),
         },
         purchases,
         expiries,
+        snapshot,
+        throttling,
+    }
+}
+
+/// Compiles each throttling policy onto the APIs it is bound to, taking the counters from
+/// the throttle registry: an exclusive policy counts each API apart (scope `{policy}/{api}`),
+/// a shared one all of them together (scope `{policy}`). The callers of an API are the apps
+/// that can reach it: its group's buyers and the apps authorized for it.
+fn bind_throttles(
+    compiled: &mut CompiledSnapshot,
+    snapshot: &Snapshot,
+    refs: &ThrottleRefs<'_>,
+    purchases: &[(u32, u32, &Purchase)],
+    quota: &QuotaRegistry,
+    metrics: &GatewayMetrics,
+) {
+    compiled.throttle = quota.throttle().clone();
+    if refs.policies.is_empty() {
+        return;
+    }
+    let registry = quota.throttle().clone();
+    let users: HashMap<u32, &str> = refs.app_users.iter().copied().collect();
+    let mut buyers: HashMap<usize, Vec<u32>> = HashMap::new();
+    for &(app, group, _) in purchases {
+        buyers.entry(group as usize).or_default().push(app);
+    }
+    for ((policy, apis), specials) in snapshot
+        .throttling
+        .policies
+        .iter()
+        .zip(&refs.policies)
+        .zip(&refs.specials)
+    {
+        let rule = Arc::new(PolicyRule {
+            id: policy.id.as_str().into(),
+            name: policy.name.as_str().into(),
+            api_limit: policy.api_call_limits,
+            user_limit: policy.user_call_limits,
+            app_limit: policy.app_call_limits,
+            ip_limit: policy.ip_call_limits,
+            interval: policy.time_interval,
+            unit: policy.time_unit,
+            window_ms: policy
+                .time_interval
+                .saturating_mul(policy.time_unit.seconds())
+                .saturating_mul(1000),
+        });
+        let app_special = |app: u32| {
+            specials.iter().find_map(|s| match *s {
+                SpecialRef::App { app: a, limit } if a == app => Some(limit),
+                _ => None,
+            })
+        };
+        let user_special = |user: &str| {
+            specials.iter().find_map(|s| match *s {
+                SpecialRef::User { user: u, limit } if u == user => Some(limit),
+                _ => None,
+            })
+        };
+        for &(gi, ai) in apis {
+            let Some(group) = compiled.groups.get_mut(gi) else {
+                continue;
+            };
+            let scope = if policy.shared {
+                policy.id.clone()
+            } else {
+                format!("{}/{}", policy.id, group.apis[ai].id)
+            };
+            let mut callers: Vec<u32> = buyers.get(&gi).cloned().unwrap_or_default();
+            callers.extend(group.apis[ai].authorized_apps.iter().map(|&a| a as u32));
+            callers.sort_unstable();
+            callers.dedup();
+            let callers = callers.into_iter().map(|app| {
+                let user = users.get(&app).copied();
+                let app_limit = app_special(app).or(policy.app_call_limits);
+                let user_limit = user.map(|u| (u, user_special(u).or(policy.user_call_limits)));
+                (
+                    app,
+                    snapshot.apps[app as usize].id.as_str(),
+                    app_limit,
+                    user_limit,
+                )
+            });
+            let throttled = metrics.throttled(&group.id, &policy.id);
+            group.apis[ai].throttle = Some(ApiThrottle::new(
+                rule.clone(),
+                &scope,
+                callers,
+                &registry,
+                throttled,
+            ));
+        }
     }
 }
 

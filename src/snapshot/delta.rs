@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::wire::{App, AppAuth, Certificate, Domain, Group, Purchase, Snapshot};
+use super::wire::{App, AppAuth, Certificate, Domain, Group, Purchase, Snapshot, Throttling};
 
 /// The changes from `from_version` to `version`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -43,6 +43,9 @@ pub struct Delta {
     /// Bound domains likewise (at most five per group).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub domains: Option<Vec<Domain>>,
+    /// Throttling policies likewise: the whole set when any changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttling: Option<Throttling>,
 }
 
 /// Why a delta could not be applied.
@@ -69,6 +72,7 @@ impl Delta {
             && self.app_auths.is_none()
             && self.certificates.is_none()
             && self.domains.is_none()
+            && self.throttling.is_none()
     }
 
     /// Entities carried, a rough size for choosing between delta and full push.
@@ -82,6 +86,10 @@ impl Delta {
             + self.app_auths.as_ref().map_or(0, Vec::len)
             + self.certificates.as_ref().map_or(0, Vec::len)
             + self.domains.as_ref().map_or(0, Vec::len)
+            + self
+                .throttling
+                .as_ref()
+                .map_or(0, |t| t.policies.len() + t.app_users.len())
     }
 }
 
@@ -103,6 +111,7 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> Delta {
         app_auths: (old.app_auths != new.app_auths).then(|| new.app_auths.clone()),
         certificates: (old.certificates != new.certificates).then(|| new.certificates.clone()),
         domains: (old.domains != new.domains).then(|| new.domains.clone()),
+        throttling: (old.throttling != new.throttling).then(|| new.throttling.clone()),
     }
 }
 
@@ -137,6 +146,7 @@ pub fn apply(base: &Snapshot, delta: Delta) -> Result<Snapshot, DeltaError> {
             .certificates
             .unwrap_or_else(|| base.certificates.clone()),
         domains: delta.domains.unwrap_or_else(|| base.domains.clone()),
+        throttling: delta.throttling.unwrap_or_else(|| base.throttling.clone()),
     })
 }
 

@@ -228,6 +228,7 @@ fn snapshot() -> impl Strategy<Value = Snapshot> {
                 .collect(),
             certificates: Vec::new(),
             domains: Vec::new(),
+            throttling: Default::default(),
         })
 }
 
@@ -333,6 +334,7 @@ fn valid_snapshot() -> impl Strategy<Value = Snapshot> {
                 app_auths: Vec::new(),
                 certificates: Vec::new(),
                 domains: Vec::new(),
+                throttling: Default::default(),
             }
         })
 }
@@ -490,6 +492,7 @@ proptest! {
             app_auths: None,
             certificates: None,
             domains: None,
+            throttling: None,
         };
         if let Ok(rebuilt) = apply(&base, delta) {
             prop_assert!(rebuilt.version > base.version);

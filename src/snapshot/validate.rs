@@ -119,7 +119,31 @@ pub struct Validated<'a> {
     pub auth_refs: Vec<(usize, usize, u32)>,
     /// `domain_groups[i]`: the group index of bound domain `i`.
     pub domain_groups: Vec<usize>,
+    /// The throttling policies' references, resolved.
+    pub throttling: ThrottleRefs<'a>,
 }
+
+/// What the throttling section refers to, by index (compile resolves counters from it).
+#[derive(Debug, Default)]
+pub struct ThrottleRefs<'a> {
+    /// `policies[p]`: the (group, API) of each API policy `p` is bound to.
+    pub policies: Vec<Vec<(usize, usize)>>,
+    /// `specials[p]`: policy `p`'s exceptions: an app's (by index) or a tenant's own limit.
+    pub specials: Vec<Vec<SpecialRef<'a>>>,
+    /// The tenant each app calls as, by app index.
+    pub app_users: Vec<(u32, &'a str)>,
+}
+
+/// One exception to a policy, resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpecialRef<'a> {
+    App { app: u32, limit: u64 },
+    User { user: &'a str, limit: u64 },
+}
+
+/// The largest throttling limit or interval (Huawei's: 2,147,483,647); counters hold it in
+/// 32 bits.
+pub const MAX_THROTTLE_VALUE: u64 = i32::MAX as u64;
 
 const METHODS: &[&str] = &[
     "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "ANY",
@@ -426,6 +450,8 @@ pub fn validate<'a>(snapshot: &'a Snapshot) -> Result<Validated<'a>, ValidationE
         auth_refs.push((group, api, app));
     }
 
+    let throttling = validate_throttling(snapshot, &api_ids, &app_ids)?;
+
     let mut cert_domains = HashSet::new();
     let mut certificates = Vec::with_capacity(snapshot.certificates.len());
     for (i, cert) in snapshot.certificates.iter().enumerate() {
@@ -463,7 +489,123 @@ pub fn validate<'a>(snapshot: &'a Snapshot) -> Result<Validated<'a>, ValidationE
         purchase_refs,
         auth_refs,
         domain_groups,
+        throttling,
     })
+}
+
+/// The throttling section: limits in range and ordered as Huawei orders them (user ≤ api,
+/// app ≤ user (or api), ip ≤ api), bound APIs and excepted apps present, an API bound to one
+/// policy at most, one exception per object.
+fn validate_throttling<'a>(
+    snapshot: &'a Snapshot,
+    api_ids: &HashMap<&'a str, (usize, usize)>,
+    app_ids: &HashMap<&'a str, u32>,
+) -> Result<ThrottleRefs<'a>, ValidationError> {
+    let throttling = &snapshot.throttling;
+    let mut refs = ThrottleRefs::default();
+    let mut policy_ids = HashSet::new();
+    let mut bound: HashMap<&str, usize> = HashMap::new();
+    let in_range = |v: u64| (1..=MAX_THROTTLE_VALUE).contains(&v);
+    for (pi, policy) in throttling.policies.iter().enumerate() {
+        let at = |field: &str| format!("throttling.policies[{pi}].{field}");
+        if policy.id.is_empty() || !policy_ids.insert(policy.id.as_str()) {
+            return Err(bad(at("id"), "empty or duplicate policy id"));
+        }
+        if !in_range(policy.api_call_limits) {
+            return Err(bad(at("api_call_limits"), "must be 1 to 2147483647"));
+        }
+        if !in_range(policy.time_interval) {
+            return Err(bad(at("time_interval"), "must be 1 to 2147483647"));
+        }
+        let limits = [
+            (
+                "user_call_limits",
+                policy.user_call_limits,
+                policy.api_call_limits,
+            ),
+            (
+                "app_call_limits",
+                policy.app_call_limits,
+                policy.user_call_limits.unwrap_or(policy.api_call_limits),
+            ),
+            (
+                "ip_call_limits",
+                policy.ip_call_limits,
+                policy.api_call_limits,
+            ),
+        ];
+        for (field, limit, most) in limits {
+            if let Some(limit) = limit {
+                if !in_range(limit) || limit > most {
+                    return Err(bad(at(field), format!("must be 1 to {most}")));
+                }
+            }
+        }
+        let mut apis = Vec::with_capacity(policy.api_ids.len());
+        for (i, api) in policy.api_ids.iter().enumerate() {
+            let Some(&found) = api_ids.get(api.as_str()) else {
+                return Err(bad(
+                    at(&format!("api_ids[{i}]")),
+                    "no such api in the snapshot",
+                ));
+            };
+            if let Some(other) = bound.insert(api.as_str(), pi) {
+                return Err(bad(
+                    at(&format!("api_ids[{i}]")),
+                    format!("the API is also bound to throttling.policies[{other}]"),
+                ));
+            }
+            apis.push(found);
+        }
+        refs.policies.push(apis);
+        let mut objects = HashSet::new();
+        let mut specials = Vec::with_capacity(policy.specials.len());
+        for (i, special) in policy.specials.iter().enumerate() {
+            let at = |field: &str| at(&format!("specials[{i}].{field}"));
+            if !in_range(special.call_limits) {
+                return Err(bad(at("call_limits"), "must be 1 to 2147483647"));
+            }
+            if !objects.insert((special.object_type, special.object_id.as_str())) {
+                return Err(bad(at("object_id"), "a second exception for this object"));
+            }
+            specials.push(match special.object_type {
+                super::wire::SpecialKind::App => {
+                    let Some(&app) = app_ids.get(special.object_id.as_str()) else {
+                        return Err(bad(at("object_id"), "no such app in the snapshot"));
+                    };
+                    SpecialRef::App {
+                        app,
+                        limit: special.call_limits,
+                    }
+                }
+                super::wire::SpecialKind::User => {
+                    if special.object_id.is_empty() {
+                        return Err(bad(at("object_id"), "must not be empty"));
+                    }
+                    SpecialRef::User {
+                        user: special.object_id.as_str(),
+                        limit: special.call_limits,
+                    }
+                }
+            });
+        }
+        refs.specials.push(specials);
+    }
+    let mut users = HashSet::new();
+    for (i, entry) in throttling.app_users.iter().enumerate() {
+        let at = |field: &str| format!("throttling.app_users[{i}].{field}");
+        let Some(&app) = app_ids.get(entry.app_id.as_str()) else {
+            return Err(bad(at("app_id"), "no such app in the snapshot"));
+        };
+        if !users.insert(app) {
+            return Err(bad(at("app_id"), "a second user for this app"));
+        }
+        if entry.user.is_empty() {
+            return Err(bad(at("user"), "must not be empty"));
+        }
+        refs.app_users.push((app, entry.user.as_str()));
+    }
+    Ok(refs)
 }
 
 /// The backend path of `template` with each parameter replaced by its position among the

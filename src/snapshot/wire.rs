@@ -32,6 +32,9 @@ pub struct Snapshot {
     /// Sellers' independent domains, each one more name of its group's market domain.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub domains: Vec<Domain>,
+    /// Request throttling policies bound to published APIs, and who each app calls as.
+    #[serde(default, skip_serializing_if = "Throttling::is_empty")]
+    pub throttling: Throttling,
 }
 
 /// An API group with the RELEASE definitions of its published APIs.
@@ -245,4 +248,117 @@ pub struct Certificate {
     pub domains: Vec<String>,
     pub cert_pem: String,
     pub key_pem: String,
+}
+
+/// Request throttling (Huawei APIG 流控): the policies bound to published APIs and, for the
+/// policies' "user" limits, the tenant each app calls as.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Throttling {
+    #[serde(default)]
+    pub policies: Vec<ThrottlePolicy>,
+    /// The "user" of each app that a policy with a user limit or a tenant exception may see:
+    /// a MARKET app's buyer domain, a USER app's owner domain.
+    #[serde(default)]
+    pub app_users: Vec<AppUser>,
+}
+
+impl Throttling {
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty() && self.app_users.is_empty()
+    }
+}
+
+/// One request throttling policy and the published APIs it is bound to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThrottlePolicy {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    /// Calls per window to one API (type 1) or to all bound APIs together (type 2).
+    pub api_call_limits: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_call_limits: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_call_limits: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_call_limits: Option<u64>,
+    /// The window is `time_interval` `time_unit`s.
+    pub time_interval: u64,
+    pub time_unit: TimeUnit,
+    /// Type 2: every bound API counts against one set of counters.
+    #[serde(default)]
+    pub shared: bool,
+    /// The bound APIs (ids of published APIs in the snapshot).
+    #[serde(default)]
+    pub api_ids: Vec<String>,
+    /// Per-APP and per-tenant exceptions.
+    #[serde(default)]
+    pub specials: Vec<ThrottleSpecial>,
+}
+
+/// A throttling window's unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum TimeUnit {
+    Second,
+    Minute,
+    Hour,
+    Day,
+}
+
+impl TimeUnit {
+    pub fn seconds(self) -> u64 {
+        match self {
+            TimeUnit::Second => 1,
+            TimeUnit::Minute => 60,
+            TimeUnit::Hour => 3_600,
+            TimeUnit::Day => 86_400,
+        }
+    }
+
+    /// Huawei's name of the unit in messages and headers (`1 minute`, `10 second`).
+    pub fn word(self) -> &'static str {
+        match self {
+            TimeUnit::Second => "second",
+            TimeUnit::Minute => "minute",
+            TimeUnit::Hour => "hour",
+            TimeUnit::Day => "day",
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimeUnit::Second => "SECOND",
+            TimeUnit::Minute => "MINUTE",
+            TimeUnit::Hour => "HOUR",
+            TimeUnit::Day => "DAY",
+        }
+    }
+}
+
+/// An exception to a policy: one APP's, or one tenant's (user), own limit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThrottleSpecial {
+    pub object_type: SpecialKind,
+    /// An app id (APP) or a tenant's domain id (USER).
+    pub object_id: String,
+    pub call_limits: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum SpecialKind {
+    App,
+    User,
+}
+
+/// The tenant an app calls as.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppUser {
+    pub app_id: String,
+    pub user: String,
 }

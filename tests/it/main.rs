@@ -24,5 +24,6 @@ mod serve_store_faults;
 mod store_faults;
 mod store_outage;
 mod support;
+mod throttle;
 mod upstream;
 mod workers;

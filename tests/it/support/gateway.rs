@@ -267,6 +267,7 @@ pub fn market(version: u64, backend: SocketAddr, quota: Option<u64>) -> Snapshot
         app_auths: vec![],
         certificates: vec![],
         domains: vec![],
+        throttling: Default::default(),
     }
 }
 

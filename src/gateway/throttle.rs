@@ -1,0 +1,586 @@
+//! Request throttling on the data plane (CONTRACT §7 step 6; Huawei APIG 流控): the counters,
+//! the compiled form of a policy bound to an API, and the phase that admits or refuses a call.
+//!
+//! A policy limits the calls in a fixed window (`time_interval` × `time_unit`, aligned to the
+//! Unix epoch on the control plane's clock) to one API (type 1) or to all its APIs together
+//! (type 2), per API, per user (the tenant: a market buyer's domain), per app and per client
+//! IP, with per-app and per-tenant exceptions. Each limited thing is one [`Counter`]: one
+//! atomic word holding the window and the calls used in it, so that taking a call is one
+//! compare-and-swap, with no lock and no allocation. Counters live in the
+//! [`ThrottleRegistry`], outside the snapshot, so a new snapshot keeps them (as quota cells);
+//! the compiled snapshot holds `Arc`s to them, resolved at compile time: the hot path looks
+//! nothing up by string. Only per-IP counters are found per request, in a sharded map keyed by
+//! the address (its shard's read lock, never a string).
+//!
+//! Where proxies share a control plane (`marketgate proxy`), a counter admits only what the
+//! control plane allotted to this proxy for the window (`crate::throttle_allotment`,
+//! docs/throttling.md): the fleet's sum per window never exceeds the limit. In `serve` it is
+//! one local counter holding the whole limit.
+//!
+//! Must not do I/O: the allotment exchange is `gateway::allotments`'s.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use dashmap::DashMap;
+use hashbrown::HashMap;
+use prometheus::IntCounter;
+
+use crate::snapshot::TimeUnit;
+
+/// Per-IP counters one policy scope keeps before it forgets those of past windows.
+pub const MAX_IP_COUNTERS: usize = 65_536;
+
+/// `(window << 32) | calls`.
+fn pack(window: u32, calls: u32) -> u64 {
+    (u64::from(window) << 32) | u64::from(calls)
+}
+
+fn unpack(word: u64) -> (u32, u32) {
+    ((word >> 32) as u32, word as u32)
+}
+
+/// Is window `a` later than `b` (window numbers wrap at 2^32)?
+fn later(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
+
+/// The calls taken from one limited thing (an API, a user, an app or an IP under one policy
+/// scope) in the current window, and, on a leased proxy, the calls allotted to it for that
+/// window. Invariant: `used ≤ min(limit, allotted)` within a window.
+#[derive(Debug)]
+pub struct Counter {
+    /// Its name in allotment exchanges: `{policy}[/{api}]/{kind}[/{subject}]`.
+    key: Box<str>,
+    used: AtomicU64,
+    allotted: AtomicU64,
+    /// A refill of this counter's allotment is wanted (leased mode).
+    pub(crate) wanted: AtomicBool,
+}
+
+impl Counter {
+    fn new(key: Box<str>) -> Counter {
+        Counter {
+            key,
+            used: AtomicU64::new(0),
+            allotted: AtomicU64::new(0),
+            wanted: AtomicBool::new(false),
+        }
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Takes one call of `window` if fewer than `allowance` were taken in it: the calls used
+    /// after this one. A window older than the counter's is counted in the counter's (a call
+    /// racing the boundary), never the other way round. Hot path: one compare-and-swap.
+    fn take(&self, window: u32, allowance: u64) -> Option<u64> {
+        let mut word = self.used.load(Ordering::Acquire);
+        loop {
+            let (held, calls) = unpack(word);
+            let (window, calls) = if held == window || later(held, window) {
+                (held, u64::from(calls))
+            } else {
+                (window, 0)
+            };
+            if calls >= allowance {
+                return None;
+            }
+            let next = pack(window, (calls + 1) as u32);
+            match self
+                .used
+                .compare_exchange_weak(word, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Some(calls + 1),
+                Err(seen) => word = seen,
+            }
+        }
+    }
+
+    /// Gives back a call taken in `window` (another counter refused the request).
+    fn give_back(&self, window: u32) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
+                let (held, calls) = unpack(word);
+                (held == window && calls > 0).then(|| pack(held, calls - 1))
+            });
+    }
+
+    /// Calls taken in `window`.
+    pub fn used_in(&self, window: u32) -> u64 {
+        let (held, calls) = unpack(self.used.load(Ordering::Acquire));
+        if held == window {
+            u64::from(calls)
+        } else {
+            0
+        }
+    }
+
+    /// Calls allotted to this proxy for `window` (leased mode).
+    pub fn allotted_in(&self, window: u32) -> u64 {
+        let (held, calls) = unpack(self.allotted.load(Ordering::Acquire));
+        if held == window {
+            u64::from(calls)
+        } else {
+            0
+        }
+    }
+
+    /// Adds `calls` to this proxy's allotment for `window` (a grant; a grant for a past
+    /// window is ignored, one for a later window replaces the old window's).
+    pub fn allot(&self, window: u32, calls: u64) {
+        let _ = self
+            .allotted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
+                let (held, have) = unpack(word);
+                if held == window {
+                    Some(pack(
+                        window,
+                        (u64::from(have) + calls).min(u64::from(u32::MAX)) as u32,
+                    ))
+                } else if later(window, held) || word == 0 {
+                    Some(pack(window, calls.min(u64::from(u32::MAX)) as u32))
+                } else {
+                    None
+                }
+            });
+    }
+}
+
+/// The per-IP counters of one policy scope.
+#[derive(Debug)]
+pub struct IpTable {
+    scope: Box<str>,
+    counters: DashMap<IpAddr, Arc<Counter>, hashbrown::DefaultHashBuilder>,
+}
+
+impl IpTable {
+    /// The counter of `ip`, made on first sight (its key is formatted then, once).
+    fn counter(&self, ip: IpAddr, window: u32, registry: &ThrottleRegistry) -> Arc<Counter> {
+        if let Some(counter) = self.counters.get(&ip) {
+            return counter.clone();
+        }
+        if self.counters.len() >= MAX_IP_COUNTERS {
+            self.counters.retain(|_, c| c.used_in(window) > 0);
+        }
+        self.counters
+            .entry(ip)
+            .or_insert_with(|| {
+                let counter = Arc::new(Counter::new(format!("{}/ip/{ip}", self.scope).into()));
+                registry.noticed(&counter);
+                counter
+            })
+            .clone()
+    }
+}
+
+/// Every counter, by key, held weakly: a counter lives as long as a compiled snapshot (or a
+/// request) holds it, and a policy changed keeps its counts.
+#[derive(Debug, Default)]
+pub struct ThrottleRegistry {
+    counters: Mutex<std::collections::HashMap<Box<str>, Weak<Counter>>>,
+    ips: Mutex<std::collections::HashMap<Box<str>, Weak<IpTable>>>,
+    /// Counters admit only what the control plane allotted (`marketgate proxy`).
+    leased: bool,
+    /// The control plane's clock minus this host's, in milliseconds (leased mode), measured
+    /// at each allotment exchange.
+    offset_ms: AtomicI64,
+    /// Counters made since the allotment client last looked (leased mode).
+    fresh: Mutex<Vec<Weak<Counter>>>,
+}
+
+impl ThrottleRegistry {
+    /// A registry whose counters hold the whole limit (`serve`, or a proxy without control
+    /// plane), or, `leased`, only what the control plane allots.
+    pub fn new(leased: bool) -> ThrottleRegistry {
+        ThrottleRegistry {
+            leased,
+            ..ThrottleRegistry::default()
+        }
+    }
+
+    pub fn leased(&self) -> bool {
+        self.leased
+    }
+
+    /// The counter named `key` (made on first sight). Compile time only.
+    pub fn counter(&self, key: &str) -> Arc<Counter> {
+        let mut counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(counter) = counters.get(key).and_then(Weak::upgrade) {
+            return counter;
+        }
+        if counters.len() > 1024 && counters.len().is_power_of_two() {
+            counters.retain(|_, c| c.strong_count() > 0);
+        }
+        let counter = Arc::new(Counter::new(key.into()));
+        counters.insert(key.into(), Arc::downgrade(&counter));
+        drop(counters);
+        self.noticed(&counter);
+        counter
+    }
+
+    /// The per-IP table of policy scope `scope` (made on first sight). Compile time only.
+    pub fn ip_table(&self, scope: &str) -> Arc<IpTable> {
+        let mut tables = self.ips.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(table) = tables.get(scope).and_then(Weak::upgrade) {
+            return table;
+        }
+        tables.retain(|_, t| t.strong_count() > 0);
+        let table = Arc::new(IpTable {
+            scope: scope.into(),
+            counters: DashMap::default(),
+        });
+        tables.insert(scope.into(), Arc::downgrade(&table));
+        table
+    }
+
+    fn noticed(&self, counter: &Arc<Counter>) {
+        if self.leased {
+            self.fresh
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(Arc::downgrade(counter));
+        }
+    }
+
+    /// Counters made since the last call (for the allotment client).
+    pub fn take_fresh(&self) -> Vec<Arc<Counter>> {
+        std::mem::take(&mut *self.fresh.lock().unwrap_or_else(|e| e.into_inner()))
+            .into_iter()
+            .filter_map(|c| c.upgrade())
+            .collect()
+    }
+
+    /// Now on the control plane's clock, in milliseconds since the epoch.
+    pub fn now_ms(&self, local_ms: i64) -> u64 {
+        (local_ms + self.offset_ms.load(Ordering::Relaxed)).max(0) as u64
+    }
+
+    /// Records the control plane's clock offset (leased mode).
+    pub fn set_offset_ms(&self, offset: i64) {
+        self.offset_ms.store(offset, Ordering::Relaxed);
+    }
+}
+
+/// One policy's limits, shared by the APIs it is bound to.
+#[derive(Debug)]
+pub struct PolicyRule {
+    pub id: Box<str>,
+    pub name: Box<str>,
+    pub api_limit: u64,
+    pub user_limit: Option<u64>,
+    pub app_limit: Option<u64>,
+    pub ip_limit: Option<u64>,
+    pub interval: u64,
+    pub unit: TimeUnit,
+    /// The window, in milliseconds.
+    pub window_ms: u64,
+}
+
+impl PolicyRule {
+    /// The window `now_ms` (control-plane clock) falls in.
+    pub fn window(&self, now_ms: u64) -> u32 {
+        (now_ms / self.window_ms) as u32
+    }
+}
+
+/// The counters of one calling app under one bound API's policy scope, with their limits
+/// (an exception already applied).
+#[derive(Debug)]
+struct Caller {
+    app: Option<(Arc<Counter>, u64)>,
+    user: Option<(Arc<Counter>, u64)>,
+}
+
+/// A policy as bound to one API: what the throttling phase runs.
+#[derive(Debug)]
+pub struct ApiThrottle {
+    pub rule: Arc<PolicyRule>,
+    api: Arc<Counter>,
+    /// By app index: the apps that can reach this API (its group's buyers, its authorized
+    /// apps) and are limited as app or user.
+    callers: HashMap<u32, Caller>,
+    ips: Option<Arc<IpTable>>,
+    /// `marketgate_throttled_total{group, policy}`.
+    pub throttled: IntCounter,
+}
+
+/// Which limit a call met.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dimension {
+    Api,
+    User,
+    App,
+    Ip,
+}
+
+impl Dimension {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dimension::Api => "api",
+            Dimension::User => "user",
+            Dimension::App => "app",
+            Dimension::Ip => "ip",
+        }
+    }
+}
+
+/// Calls left and limit of each dimension a policy applied (for `X-Apig-RateLimit-*`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Remaining {
+    /// `(dimension, remain, limit)`, in the order api, user, app, ip.
+    pub dims: [Option<(Dimension, u64, u64)>; 4],
+}
+
+/// Why a call was throttled.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub dimension: Dimension,
+    pub limit: u64,
+    pub interval: u64,
+    pub unit: TimeUnit,
+    /// Seconds until the window ends (at least 1).
+    pub retry_after: u64,
+    /// The refusing counter's allotment ran short of its limit: a refill may admit it.
+    pub short: Option<(Arc<Counter>, u32)>,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "The throttling threshold has been reached: policy {} over ratelimit, limit:{}, time:{} {}",
+            self.dimension.as_str(),
+            self.limit,
+            self.interval,
+            self.unit.word()
+        )
+    }
+}
+
+impl ApiThrottle {
+    /// Compiles `rule` as bound to one API. `scope` names its counters (the policy, and for
+    /// an exclusive policy the API too); `callers` are the apps that can reach the API with
+    /// their user and exception limits (`app_limit`, `user_limit` already resolved).
+    pub fn new<'c>(
+        rule: Arc<PolicyRule>,
+        scope: &str,
+        callers: impl IntoIterator<Item = (u32, &'c str, Option<u64>, Option<(&'c str, Option<u64>)>)>,
+        registry: &ThrottleRegistry,
+        throttled: IntCounter,
+    ) -> ApiThrottle {
+        let api = registry.counter(&format!("{scope}/api"));
+        let callers = callers
+            .into_iter()
+            .filter_map(|(index, app_id, app_limit, user)| {
+                let app = app_limit
+                    .map(|limit| (registry.counter(&format!("{scope}/app/{app_id}")), limit));
+                let user = user.and_then(|(user, limit)| {
+                    limit.map(|limit| (registry.counter(&format!("{scope}/user/{user}")), limit))
+                });
+                (app.is_some() || user.is_some()).then_some((index, Caller { app, user }))
+            })
+            .collect();
+        let ips = rule.ip_limit.map(|_| registry.ip_table(scope));
+        ApiThrottle {
+            rule,
+            api,
+            callers,
+            ips,
+            throttled,
+        }
+    }
+
+    /// The throttling phase: takes one call from every counter that applies (ip, app, user,
+    /// api), or none of them and says which refused. Hot path: one compare-and-swap per
+    /// counter, an integer-keyed lookup of the app, and for an IP limit one sharded-map read.
+    pub fn admit(
+        &self,
+        app: Option<u32>,
+        ip: IpAddr,
+        now_ms: u64,
+        registry: &ThrottleRegistry,
+    ) -> Result<Remaining, Refusal> {
+        let rule = &*self.rule;
+        let window = rule.window(now_ms);
+        let caller = app.and_then(|index| self.callers.get(&index));
+        let ip_counter = match (&self.ips, rule.ip_limit) {
+            (Some(table), Some(limit)) => Some((table.counter(ip, window, registry), limit)),
+            _ => None,
+        };
+        let dims: [Option<(Dimension, &Arc<Counter>, u64)>; 4] = [
+            ip_counter.as_ref().map(|(c, l)| (Dimension::Ip, c, *l)),
+            caller
+                .and_then(|c| c.app.as_ref())
+                .map(|(c, l)| (Dimension::App, c, *l)),
+            caller
+                .and_then(|c| c.user.as_ref())
+                .map(|(c, l)| (Dimension::User, c, *l)),
+            Some((Dimension::Api, &self.api, rule.api_limit)),
+        ];
+        let mut remaining = Remaining::default();
+        for (i, (dimension, counter, limit)) in dims
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| Some((i, (*d)?)))
+        {
+            let allowance = if registry.leased {
+                limit.min(counter.allotted_in(window))
+            } else {
+                limit
+            };
+            match counter.take(window, allowance) {
+                Some(used) => {
+                    // Reported api, user, app, ip (Huawei's header order).
+                    remaining.dims[3 - i] = Some((dimension, limit.saturating_sub(used), limit));
+                }
+                None => {
+                    for (_, taken, _) in dims[..i].iter().flatten() {
+                        taken.give_back(window);
+                    }
+                    let window_end = (u64::from(window) + 1) * rule.window_ms;
+                    let retry_after = window_end.saturating_sub(now_ms).div_ceil(1000).max(1);
+                    let short = (allowance < limit).then(|| (counter.clone(), window));
+                    return Err(Refusal {
+                        dimension,
+                        limit,
+                        interval: rule.interval,
+                        unit: rule.unit,
+                        retry_after,
+                        short,
+                    });
+                }
+            }
+        }
+        Ok(remaining)
+    }
+}
+
+/// `remain:9,limit:10,time:10 second`: a `X-Apig-RateLimit-*` value (debug mode only).
+pub fn header_value(remain: u64, limit: u64, rule: &PolicyRule) -> String {
+    format!(
+        "remain:{remain},limit:{limit},time:{} {}",
+        rule.interval,
+        rule.unit.word()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(api: u64, app: Option<u64>, ip: Option<u64>) -> Arc<PolicyRule> {
+        Arc::new(PolicyRule {
+            id: "p".into(),
+            name: "p".into(),
+            api_limit: api,
+            user_limit: None,
+            app_limit: app,
+            ip_limit: ip,
+            interval: 1,
+            unit: TimeUnit::Second,
+            window_ms: 1000,
+        })
+    }
+
+    fn ip(n: u8) -> IpAddr {
+        IpAddr::from([10, 0, 0, n])
+    }
+
+    #[test]
+    fn a_window_admits_the_limit_then_refuses_then_a_new_window_admits_again() {
+        let registry = ThrottleRegistry::new(false);
+        let throttle = ApiThrottle::new(
+            rule(3, None, None),
+            "p",
+            [],
+            &registry,
+            IntCounter::new("t", "t").unwrap(),
+        );
+        for left in [2, 1, 0] {
+            let admitted = throttle.admit(None, ip(1), 5_000, &registry).unwrap();
+            assert_eq!(admitted.dims[0], Some((Dimension::Api, left, 3)));
+        }
+        let refused = throttle.admit(None, ip(1), 5_999, &registry).unwrap_err();
+        assert_eq!(refused.dimension, Dimension::Api);
+        assert_eq!(refused.retry_after, 1);
+        assert_eq!(
+            refused.to_string(),
+            "The throttling threshold has been reached: policy api over ratelimit, limit:3, time:1 second"
+        );
+        assert!(throttle.admit(None, ip(1), 6_000, &registry).is_ok());
+    }
+
+    #[test]
+    fn a_refusal_by_a_narrow_limit_gives_back_what_the_call_took() {
+        let registry = ThrottleRegistry::new(false);
+        let callers = [(0u32, "a0", Some(1), None), (1, "a1", Some(1), None)];
+        let throttle = ApiThrottle::new(
+            rule(10, Some(1), Some(5)),
+            "p",
+            callers,
+            &registry,
+            IntCounter::new("t", "t").unwrap(),
+        );
+        assert!(throttle.admit(Some(0), ip(1), 0, &registry).is_ok());
+        let refused = throttle.admit(Some(0), ip(1), 0, &registry).unwrap_err();
+        assert_eq!(refused.dimension, Dimension::App);
+        // The refused call's IP take was given back: 4 more from that IP pass (5 in all).
+        assert!(throttle.admit(Some(1), ip(1), 0, &registry).is_ok());
+        for _ in 0..3 {
+            assert!(throttle.admit(None, ip(1), 0, &registry).is_ok());
+        }
+        let refused = throttle.admit(None, ip(1), 0, &registry).unwrap_err();
+        assert_eq!(refused.dimension, Dimension::Ip);
+        assert!(throttle.admit(None, ip(2), 0, &registry).is_ok());
+    }
+
+    #[test]
+    fn concurrent_takes_never_exceed_the_limit() {
+        let registry = Arc::new(ThrottleRegistry::new(false));
+        let throttle = Arc::new(ApiThrottle::new(
+            rule(1000, None, None),
+            "p",
+            [],
+            &registry,
+            IntCounter::new("t", "t").unwrap(),
+        ));
+        let admitted: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    let (t, r) = (throttle.clone(), registry.clone());
+                    s.spawn(move || {
+                        (0..500)
+                            .filter(|_| t.admit(None, ip(1), 0, &r).is_ok())
+                            .count()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(admitted, 1000);
+    }
+
+    #[test]
+    fn a_leased_counter_admits_only_its_allotment() {
+        let registry = ThrottleRegistry::new(true);
+        let throttle = ApiThrottle::new(
+            rule(10, None, None),
+            "p",
+            [],
+            &registry,
+            IntCounter::new("t", "t").unwrap(),
+        );
+        let refused = throttle.admit(None, ip(1), 0, &registry).unwrap_err();
+        let (counter, window) = refused.short.expect("short of its allotment");
+        counter.allot(window, 2);
+        assert!(throttle.admit(None, ip(1), 0, &registry).is_ok());
+        assert!(throttle.admit(None, ip(1), 0, &registry).is_ok());
+        assert!(throttle.admit(None, ip(1), 0, &registry).is_err());
+        // An allotment is for its window only.
+        assert!(throttle.admit(None, ip(1), 1_000, &registry).is_err());
+    }
+}
