@@ -387,6 +387,8 @@ fn bench_lease_pass(c: &mut Criterion) {
                     granted: want.calls,
                     held: want.calls,
                     unleased: Some(u64::MAX / 2),
+                    calls_left: None,
+                    recall: 0,
                     expires_at,
                 })
                 .collect();

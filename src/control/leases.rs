@@ -282,18 +282,29 @@ fn exchange_rows(
                 }
                 _ => ledger.report(node, report.used),
             }
+            // Calls given back count as unleased only now, reported by the proxy that took
+            // them out of its cell (never on the control plane's word alone).
+            if let (Some(incarnation), Some(returned)) =
+                (exchange.incarnation.as_deref(), report.returned)
+            {
+                ledger.report_returned(node, incarnation, returned);
+            }
         }
         let granted = if exchange.release_all {
             ledger.release(node);
+            ledger.recall_excess();
             0
         } else {
-            let want: u64 = exchange
-                .wants
-                .iter()
-                .filter(|w| &w.purchase_id == id)
-                .map(|w| w.calls)
-                .sum();
-            ledger.grant(node, if *servable { want } else { 0 }, now, ttl)
+            let mut want = 0;
+            let mut demand = None;
+            for w in exchange.wants.iter().filter(|w| &w.purchase_id == id) {
+                want += w.calls;
+                demand = w.demand.or(demand);
+            }
+            if !*servable {
+                want = 0;
+            }
+            ledger.grant(node, want, demand, now, ttl)
         };
         let lease = ledger.leases.get(node).copied();
         grants.push(LeaseGrant {
@@ -301,6 +312,8 @@ fn exchange_rows(
             granted,
             held: lease.map_or(0, |l| l.held),
             unleased: ledger.unleased(),
+            calls_left: ledger.calls_left(),
+            recall: lease.map_or(0, |l| l.recall),
             expires_at: lease.map_or(now, |l| l.expires_at),
         });
         *doc = Some(LedgerDoc::render(&ledger));

@@ -59,6 +59,14 @@ pub enum Rejection {
          plane or its store is unavailable; retry later"
     )]
     LeaseUnavailable,
+    /// This proxy's lease of the purchase ran dry and no refill came within the wait, while
+    /// the purchase still has calls left, leased to other proxies (being asked back): not
+    /// "used up", which would tell the buyer their calls are gone.
+    #[error(
+        "no calls leased to this proxy are left; the purchase's calls left are leased to \
+         other proxies and being moved here: retry shortly"
+    )]
+    CallsLeasedElsewhere,
     /// The quota journal cannot be written (a full disk, above all): a call that cannot be
     /// recorded is not served. Retryable, as the store's failure is.
     #[error("the quota journal cannot be written (its store is unavailable): retry later")]
@@ -86,9 +94,10 @@ impl Rejection {
 impl Rejection {
     pub fn status(&self) -> StatusCode {
         match self {
-            Rejection::NotReady | Rejection::LeaseUnavailable | Rejection::Quota(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Rejection::NotReady
+            | Rejection::LeaseUnavailable
+            | Rejection::CallsLeasedElsewhere
+            | Rejection::Quota(_) => StatusCode::SERVICE_UNAVAILABLE,
             Rejection::UnknownHost | Rejection::NoRoute => StatusCode::NOT_FOUND,
             Rejection::Delisted | Rejection::NotAuthorized => StatusCode::FORBIDDEN,
             Rejection::BadRequest(_) | Rejection::HostSniMismatch | Rejection::BodyRead(_) => {
@@ -111,9 +120,10 @@ impl Rejection {
 
     pub fn code(&self) -> &'static str {
         match self {
-            Rejection::NotReady | Rejection::LeaseUnavailable | Rejection::Quota(_) => {
-                apig::NOT_READY
-            }
+            Rejection::NotReady
+            | Rejection::LeaseUnavailable
+            | Rejection::CallsLeasedElsewhere
+            | Rejection::Quota(_) => apig::NOT_READY,
             Rejection::UnknownHost | Rejection::NoRoute => apig::NO_ROUTE,
             Rejection::Delisted => apig::GROUP_DELISTED,
             Rejection::BadRequest(_)
@@ -136,9 +146,10 @@ impl Rejection {
 
     pub fn outcome(&self) -> Outcome {
         match self {
-            Rejection::NotReady | Rejection::LeaseUnavailable | Rejection::Quota(_) => {
-                Outcome::NotReady
-            }
+            Rejection::NotReady
+            | Rejection::LeaseUnavailable
+            | Rejection::CallsLeasedElsewhere
+            | Rejection::Quota(_) => Outcome::NotReady,
             Rejection::UnknownHost | Rejection::NoRoute => Outcome::NoRoute,
             Rejection::Delisted => Outcome::Delisted,
             Rejection::BadRequest(_)
@@ -208,6 +219,7 @@ mod tests {
             (Rejection::BackendTimeout, 504, "APIG.0201"),
             (Rejection::NotReady, 503, "APIG.0606"),
             (Rejection::LeaseUnavailable, 503, "APIG.0606"),
+            (Rejection::CallsLeasedElsewhere, 503, "APIG.0606"),
             (
                 Rejection::Quota(crate::gateway::quota::QuotaError::JournalFailed),
                 503,

@@ -576,8 +576,10 @@ pub async fn take_quota(purchase: &CompiledPurchase) -> Result<(), Rejection> {
 /// ran dry but the control plane still has calls to lease.
 pub const REFILL_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// Phase 5 with leases: when the cell is dry but calls are left outside every lease, ask the
-/// lease client for a refill and try again once, so a buyer is not refused calls they own.
+/// Phase 5 with leases: when the cell is dry but the purchase has calls left beyond this
+/// proxy's lease (unleased, or held by other proxies, which the control plane then asks to
+/// give back their excess), ask the lease client for a refill and wait for it, so a buyer is
+/// not refused calls they own. Only a purchase with no calls left anywhere is "used up".
 async fn take_quota_or_refill(
     purchase: &CompiledPurchase,
     gateway: &Inner,
@@ -585,8 +587,10 @@ async fn take_quota_or_refill(
     let mut taken = take_quota(purchase).await;
     if matches!(taken, Err(Rejection::QuotaExhausted)) && purchase.cell.may_refill() {
         // Concurrent callers may drain a refill before this one retries: keep asking until
-        // the control plane says nothing is left to lease or the wait is over. With the
-        // control plane unreachable no refill can come: the buyer is told at once.
+        // the control plane says no calls are left beyond this lease or the wait is over
+        // (then: retry shortly, not "used up"). With the control plane unreachable no refill
+        // can come: the buyer is told at once.
+        purchase.cell.note_turned_away();
         let deadline = Instant::now() + REFILL_WAIT;
         while matches!(taken, Err(Rejection::QuotaExhausted)) && purchase.cell.may_refill() {
             if gateway.quota.control_unreachable() {
@@ -594,6 +598,7 @@ async fn take_quota_or_refill(
                 break;
             }
             let Some(wait) = deadline.checked_duration_since(Instant::now()) else {
+                taken = Err(Rejection::CallsLeasedElsewhere);
                 break;
             };
             gateway.quota.wait_for_refill(&purchase.cell, wait).await;

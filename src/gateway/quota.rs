@@ -23,8 +23,9 @@
 //! - Cells live in the registry, not in a snapshot: a compiled snapshot holds `Arc`s to them,
 //!   so counters survive every swap.
 //! - `limit` may only be raised by [`QuotaCell::add_calls`] (a lease refill) or set from the
-//!   snapshot; `used` may only fall by [`QuotaCell::give_back`] for a call that never reached
-//!   the backend.
+//!   snapshot or an exchange, and lowered to give calls back ([`QuotaCell::give_up`]); `used`
+//!   may only fall by [`QuotaCell::give_back`] for a call that never reached the backend (or
+//!   by a take that lost a race with `give_up`, undone before anything was served).
 //!
 //! Two modes ([`QuotaMode`]), fixed when the registry opens:
 //! - `Local` (a standalone `marketgate proxy` without `proxy.control_url`): a cell's limit is
@@ -50,8 +51,9 @@ use hashbrown::DefaultHashBuilder;
 pub const JOURNAL_FILE: &str = "quota.journal";
 /// The limit of a purchase without `quota_limit`: unlimited, still metered.
 pub const UNLIMITED: u64 = u64::MAX;
-/// A leased cell's count of calls outside every lease before its first exchange: unknown.
-const UNKNOWN_UNLEASED: u64 = u64::MAX;
+/// A leased cell's count of the purchase's calls left beyond its own lease before its first
+/// exchange: unknown.
+const UNKNOWN_ELSEWHERE: u64 = u64::MAX;
 /// A reservation covers about this much of the purchase's recent traffic (capped by
 /// `gateway.quota_journal_block`). Half of it is left when the journal thread is asked to
 /// extend it, so an fsync may take up to half of this before a request waits on the disk
@@ -210,12 +212,17 @@ pub struct QuotaCell {
     purchase_id: Arc<str>,
     /// Limited and in `Leased` mode: served only from leases.
     leased: AtomicBool,
-    /// Calls the control plane said were left outside every lease at the last exchange:
-    /// worth waiting for a refill when the cell runs dry (`Leased` mode only). Starts at
-    /// [`UNKNOWN_UNLEASED`] until the first exchange.
-    unleased_hint: AtomicU64,
+    /// The purchase's calls left beyond this proxy's lease at the last exchange (unleased, or
+    /// held by other proxies and perhaps being recalled): worth waiting for a refill when the
+    /// cell runs dry, and never "used up" while above zero (`Leased` mode only). Starts at
+    /// [`UNKNOWN_ELSEWHERE`] until the first exchange.
+    left_elsewhere: AtomicU64,
     /// A caller was refused and waits for a refill of this cell.
     refill_asked: AtomicBool,
+    /// Calls that found the cell dry while calls were left elsewhere (they wait for a
+    /// refill): traffic the lease client counts in the purchase's rate, or a starved proxy's
+    /// rate, and with it its demand and fair share, would fall while it waits.
+    turned_away: AtomicU64,
     limit: AtomicU64,
     used: AtomicU64,
     /// In the registry's list of cells for the lease client to look at (`Leased` mode).
@@ -281,9 +288,17 @@ impl QuotaCell {
             // `reserved` only grows, so `used + 1 <= reserved` still holds if this succeeds.
             if self
                 .used
-                .compare_exchange_weak(used, used + 1, Ordering::AcqRel, Ordering::Acquire)
+                .compare_exchange_weak(used, used + 1, Ordering::SeqCst, Ordering::Acquire)
                 .is_ok()
             {
+                // `give_up` may have lowered the limit after the check above: taken past the
+                // new limit, the call is undone (nothing was served yet). SeqCst pairs with
+                // `give_up`'s limit store and `used` load: either this load sees the lower
+                // limit, or `give_up` sees this call in `used` and gives up one call less.
+                if used + 1 > self.limit.load(Ordering::SeqCst) {
+                    self.used.fetch_sub(1, Ordering::SeqCst);
+                    return Take::Exhausted;
+                }
                 self.reserve_ahead_if_low(used + 1);
                 return Take::Taken;
             }
@@ -326,6 +341,31 @@ impl QuotaCell {
             });
     }
 
+    /// Lowers the limit by up to `n` calls, never below what is taken, and returns how many
+    /// calls this cell gave up: calls that can no longer be served from it, whatever takes
+    /// race with this (a lease's calls given back to the control plane). Not a hot path.
+    pub fn give_up(&self, n: u64) -> u64 {
+        loop {
+            let limit = self.limit.load(Ordering::SeqCst);
+            let lower = limit
+                .saturating_sub(n)
+                .max(self.used.load(Ordering::SeqCst));
+            if lower >= limit {
+                return 0;
+            }
+            if self
+                .limit
+                .compare_exchange(limit, lower, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                // A take that passed its check against the old limit is either in `used`
+                // now (counted, so given up the less) or will see `lower` and undo itself.
+                let used = self.used.load(Ordering::SeqCst);
+                return limit.saturating_sub(lower.max(used));
+            }
+        }
+    }
+
     /// Sets the limit (from a snapshot's `quota_limit`).
     pub fn set_limit(&self, limit: u64) {
         self.limit.store(limit, Ordering::Release);
@@ -353,16 +393,16 @@ impl QuotaCell {
     /// The purchase's calls left as this proxy knows them; `None` when unlimited, or when
     /// leased and no lease exchange has said yet. Standalone it is [`QuotaCell::left`].
     /// Leased, `left` is only this proxy's lease balance: the purchase's calls are those
-    /// outside every lease at the last exchange plus that balance — exact with one proxy
-    /// (`serve`), and short of the buyer's view by the other proxies' balances in a fleet.
+    /// beyond this proxy's lease at the last exchange plus that balance (the buyer's view as
+    /// of that exchange, less what this proxy served since).
     pub fn purchase_left(&self) -> Option<u64> {
         let left = self.left()?;
         if !self.is_leased() {
             return Some(left);
         }
-        match self.unleased_hint.load(Ordering::Acquire) {
-            UNKNOWN_UNLEASED => None,
-            unleased => Some(unleased.saturating_add(left)),
+        match self.left_elsewhere.load(Ordering::Acquire) {
+            UNKNOWN_ELSEWHERE => None,
+            elsewhere => Some(elsewhere.saturating_add(left)),
         }
     }
 
@@ -385,9 +425,20 @@ impl QuotaCell {
         self.leased.load(Ordering::Acquire)
     }
 
-    /// Could a lease refill help a caller this cell just refused?
+    /// Could a lease refill help a caller this cell just refused? (Calls are left beyond
+    /// this proxy's lease: unleased, or held by other proxies.)
     pub fn may_refill(&self) -> bool {
-        self.is_leased() && self.unleased_hint.load(Ordering::Acquire) > 0
+        self.is_leased() && self.left_elsewhere.load(Ordering::Acquire) > 0
+    }
+
+    /// A caller found the cell dry and waits for a refill (counted once per call).
+    pub fn note_turned_away(&self) {
+        self.turned_away.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Calls that found the cell dry and waited, in all.
+    pub fn turned_away(&self) -> u64 {
+        self.turned_away.load(Ordering::Relaxed)
     }
 
     /// Takes the "a caller waits for a refill" mark (for the lease client).
@@ -395,9 +446,10 @@ impl QuotaCell {
         self.refill_asked.swap(false, Ordering::AcqRel)
     }
 
-    /// Records the control plane's count of calls left outside every lease.
-    pub fn set_unleased_hint(&self, unleased: u64) {
-        self.unleased_hint.store(unleased, Ordering::Release);
+    /// Records the control plane's count of the purchase's calls left beyond this proxy's
+    /// lease.
+    pub fn set_left_elsewhere(&self, calls: u64) {
+        self.left_elsewhere.store(calls, Ordering::Release);
     }
 
     /// Queues a reservation for the journal thread once half the current one is used.
@@ -691,8 +743,9 @@ impl QuotaRegistry {
                 Arc::new(QuotaCell {
                     purchase_id,
                     leased: AtomicBool::new(false),
-                    unleased_hint: AtomicU64::new(UNKNOWN_UNLEASED),
+                    left_elsewhere: AtomicU64::new(UNKNOWN_ELSEWHERE),
                     refill_asked: AtomicBool::new(false),
+                    turned_away: AtomicU64::new(0),
                     limit: AtomicU64::new(initial_limit),
                     used: AtomicU64::new(journaled),
                     noticed: AtomicBool::new(false),
@@ -782,6 +835,47 @@ mod tests {
         assert_eq!(cell.left(), Some(0));
         cell.add_calls(1);
         assert!(cell.take().await.unwrap());
+    }
+
+    /// Calls given up while other threads take: what was taken plus what was given up never
+    /// exceeds what the cell had, so a call given back to the control plane is never also
+    /// served here.
+    #[test]
+    fn calls_given_up_are_never_also_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry =
+            QuotaRegistry::open_with_mode(dir.path(), 1_000_000, QuotaMode::Leased).unwrap();
+        for round in 0..20 {
+            let cell = registry.cell(&format!("p{round}"), 1_000_000, 0);
+            cell.add_calls(20_000);
+            let takers: Vec<_> = (0..3)
+                .map(|_| {
+                    let cell = Arc::clone(&cell);
+                    std::thread::spawn(move || {
+                        let runtime = tokio::runtime::Builder::new_current_thread()
+                            .build()
+                            .unwrap();
+                        let mut taken = 0u64;
+                        while runtime.block_on(cell.take()).unwrap() {
+                            taken += 1;
+                        }
+                        taken
+                    })
+                })
+                .collect();
+            let mut given_up = 0;
+            for _ in 0..200 {
+                given_up += cell.give_up(7);
+                std::thread::yield_now();
+            }
+            let taken: u64 = takers.into_iter().map(|t| t.join().unwrap()).sum();
+            assert_eq!(taken, cell.used());
+            assert!(
+                taken + given_up <= 20_000,
+                "round {round}: {taken} taken + {given_up} given up > 20000"
+            );
+            assert_eq!(cell.give_up(1), 0, "nothing left to give up");
+        }
     }
 
     #[tokio::test]

@@ -242,6 +242,9 @@ async fn fleet_through_a_kill_9_on(store: &ctl::Backend) {
                         ok.fetch_add(1, Ordering::SeqCst);
                     }
                     405 => assert_eq!(answer.code(), "APIG.0501", "{:?}", answer.body),
+                    // Calls left, but held by another proxy (the victim's stranded lease):
+                    // retry later, never "used up".
+                    503 => assert_eq!(answer.code(), "APIG.0606", "{:?}", answer.body),
                     other => panic!("unexpected {other}: {:?}", answer.body),
                 }
             }
@@ -326,6 +329,149 @@ async fn fleet_through_a_kill_9_on(store: &ctl::Backend) {
     fleet.control.terminate();
 }
 
+/// How many proxies share the purchase in [`a_busy_purchase_is_shared_by_sixteen_proxies`]:
+/// 16 as the issue asks, fewer with `MARKETGATE_TEST_FLEET_PROXIES` where the machine bears
+/// fewer processes.
+fn fleet_size() -> usize {
+    std::env::var("MARKETGATE_TEST_FLEET_PROXIES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(16)
+}
+
+/// Calls of the purchase the fleet shares: far less than 60 s of its traffic (the outage
+/// budget each proxy asks for), so the proxies contend for it from the start.
+const SHARED_QUOTA: u64 = 10_000;
+/// Buyers per proxy, each sending one call after another.
+const CLIENTS_PER_PROXY: usize = 2;
+/// The first half of the fleet is loaded this long alone, so that it holds all it can get
+/// before the second half asks (how the 405s of stop 17 came about).
+const HEAD_START: Duration = Duration::from_secs(2);
+/// The whole run must end within this.
+const SHARED_RUN: Duration = Duration::from_secs(180);
+
+/// 16 proxy processes share one heavily used purchase (docs/quota-leases.md, fair shares and
+/// give-back): the first half take what they can for their outage budgets, then the second
+/// half ask. No buyer is told "used up" (405 APIG.0501) while calls are left — one is only
+/// once at most the calls in flight are left — every call bought is served, and the backend
+/// never receives more than bought. A buyer whose proxy waited for calls being moved to it
+/// longer than the refill wait is answered 503 APIG.0606 and retries; those are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_purchase_is_shared_by_sixteen_proxies() {
+    let size = fleet_size();
+    let clients = size * CLIENTS_PER_PROXY;
+    let backend = Backend::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let database_url = ctl::Backend::Sqlite.fresh_database(dir.path()).await;
+    let control = control_process(dir.path(), &database_url, "").await;
+    let control_admin = control.addr("admin");
+    let bought = bought_group(control.addr("listen"), backend.addr, DOMAIN, SHARED_QUOTA).await;
+    let mut proxies = Vec::new();
+    for n in 0..size {
+        let node = format!("sharer-{n}");
+        proxies.push(FleetProxy::start(dir.path(), &node, free_port(), control_admin).await);
+    }
+    let call = move || {
+        signed_as(
+            &bought.key,
+            &bought.secret,
+            request("GET", DOMAIN, "/call", Bytes::new()),
+        )
+    };
+    for proxy in &proxies {
+        let deadline = Instant::now() + CONVERGE;
+        while proxy.buyer().send(call()).await.status != 200 {
+            assert!(Instant::now() < deadline, "{} never served", proxy.node);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    let ok = Arc::new(AtomicU64::new(size as u64));
+    // Backend hits at each 503 APIG.0606 (calls being moved to the proxy took longer than
+    // the refill wait): when in the run they happen.
+    let retried_at = Arc::new(std::sync::Mutex::new(Vec::new()));
+    // Backend hits at each 405: it is right only once at most the calls in flight are left.
+    let used_up_at = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let n = c % size;
+        let buyer = proxies[n].buyer();
+        let (ok, retried_at, used_up_at) = (ok.clone(), retried_at.clone(), used_up_at.clone());
+        let hits = backend.hits.clone();
+        let call = call.clone();
+        tasks.push(tokio::spawn(async move {
+            if n >= size / 2 {
+                tokio::time::sleep(HEAD_START).await;
+            }
+            loop {
+                assert!(started.elapsed() < SHARED_RUN, "the purchase never ran out");
+                let answer = buyer.send(call()).await;
+                match (answer.status.as_u16(), answer.code().as_str()) {
+                    (200, _) => {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                    (405, "APIG.0501") => {
+                        used_up_at.lock().unwrap().push(hits.load(Ordering::SeqCst));
+                        return;
+                    }
+                    (503, "APIG.0606") => {
+                        retried_at.lock().unwrap().push(hits.load(Ordering::SeqCst));
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    (status, _) => panic!("unexpected {status}: {:?}", answer.body),
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    let hits = backend.hits();
+    let used_up_at = used_up_at.lock().unwrap().clone();
+    let mut retried_at = retried_at.lock().unwrap().clone();
+    retried_at.sort_unstable();
+    let early = used_up_at
+        .iter()
+        .filter(|at| **at + (clients as u64) < SHARED_QUOTA)
+        .count();
+    eprintln!(
+        "{size} proxies, {clients} buyers, Q = {SHARED_QUOTA}: {hits} served in {elapsed:?}, \
+         {} answered 405 (the earliest at {} backend hits, {early} while more than the calls \
+         in flight were left), {} answered 503 APIG.0606 and retried (at backend hits \
+         {retried_at:?})",
+        used_up_at.len(),
+        used_up_at.iter().min().copied().unwrap_or(0),
+        retried_at.len()
+    );
+    assert!(hits <= SHARED_QUOTA, "over-admitted: {hits}");
+    assert_eq!(
+        early, 0,
+        "told 'used up' while calls were left: {used_up_at:?}"
+    );
+    assert_eq!(hits, SHARED_QUOTA, "every call bought was served");
+    assert_eq!(ok.load(Ordering::SeqCst), hits);
+    for proxy in &mut proxies {
+        proxy.process.terminate();
+    }
+}
+
+/// Starts `marketgate control` on `database_url` with its own data directory under `dir`,
+/// the tests' admin token and `control_extra` keys in its `[control]` table.
+async fn control_process(dir: &Path, database_url: &str, control_extra: &str) -> Process {
+    let toml = format!("data_dir = '{}'\n", dir.join("control-data").display())
+        + &config_toml(database_url, "127.0.0.1:0")
+            .replace(
+                "token = \"admin-token\"",
+                &format!("token = \"{ADMIN_TOKEN}\""),
+            )
+            .replacen("[control]\n", &format!("[control]\n{control_extra}"), 1);
+    let config = dir.join("control.toml");
+    std::fs::write(&config, toml).unwrap();
+    Process::start("control", &config, "control plane listening").await
+}
+
 /// Calls the proxies at `nodes` in turn until a whole round serves nothing and the control
 /// plane has nothing left to lease; returns the calls served.
 async fn drain(fleet: &Fleet, nodes: &[usize]) -> u64 {
@@ -375,18 +521,7 @@ async fn a_fleet_joins_by_itself_and_rides_out_an_outage() {
     let dir = tempfile::tempdir().unwrap();
     let store = ctl::Backend::Sqlite;
     let database_url = store.fresh_database(dir.path()).await;
-    let toml = format!(
-        "data_dir = '{}'\n",
-        dir.path().join("control-data").display()
-    ) + &config_toml(&database_url, "127.0.0.1:0")
-        .replace(
-            "token = \"admin-token\"",
-            &format!("token = \"{ADMIN_TOKEN}\""),
-        )
-        .replacen("[control]\n", "[control]\nproxy_expiry_secs = 3\n", 1);
-    let config = dir.path().join("control.toml");
-    std::fs::write(&config, toml).unwrap();
-    let control = Process::start("control", &config, "control plane listening").await;
+    let control = control_process(dir.path(), &database_url, "proxy_expiry_secs = 3\n").await;
     let control_admin = control.addr("admin");
     let bought = bought_group(control.addr("listen"), backend.addr, DOMAIN, 1_000_000_000).await;
 

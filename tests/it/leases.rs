@@ -158,7 +158,8 @@ impl LeasedProxy {
 }
 
 /// Sends calls round-robin from `clients` concurrent buyers, `each` calls apiece; returns
-/// the number answered 200. Every other answer must be 405 APIG.0501 (calls used up).
+/// the number answered 200. Every other answer must be 405 APIG.0501 (calls used up) or 503
+/// APIG.0606 (calls left are held by another proxy: retry later).
 async fn load(market: &Market, proxies: &[LeasedProxy], clients: usize, each: usize) -> u64 {
     let ok = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -174,6 +175,9 @@ async fn load(market: &Market, proxies: &[LeasedProxy], clients: usize, each: us
                         ok.fetch_add(1, Ordering::SeqCst);
                     }
                     405 => assert_eq!(answer.code(), "APIG.0501", "{:?}", answer.body),
+                    // Calls left but held by another proxy, not moved here within the refill
+                    // wait: retry later, never "used up".
+                    503 => assert_eq!(answer.code(), "APIG.0606", "{:?}", answer.body),
                     other => panic!("unexpected {other}: {:?}", answer.body),
                 }
             }

@@ -13,12 +13,17 @@
 //! Invariants:
 //! - A limited cell's `limit - used` is what this proxy holds; after every exchange it is set
 //!   to the control plane's `held` for that purchase, counted from the `used` reported.
+//! - Calls are given back (asked by the control plane's `recall`, or of this proxy's own
+//!   accord when it holds far more than its traffic needs) by taking them out of the cell
+//!   first ([`QuotaCell::give_up`]), persisting the running total, and only then reporting it:
+//!   the control plane never leases elsewhere a call this proxy could still serve.
 //! - A lease not renewed by its expiry (minus [`REVOKE_MARGIN_SECS`]) is dropped locally, so
 //!   the control plane, which reclaims it only after a further grace, never hands out calls
 //!   this proxy could still serve.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -61,10 +66,19 @@ struct Tracked {
     held: u64,
     /// Epoch seconds; 0 when nothing is held.
     expires_at: i64,
-    /// Calls per second, smoothed.
+    /// Calls per second offered (served, or turned away while waiting for a refill),
+    /// smoothed.
     rate: f64,
     last_used: u64,
-    /// `reported`, `held` or `expires_at` changed since the state was last persisted.
+    last_turned_away: u64,
+    /// Calls given back from leases in all (this life of the data directory).
+    returned: u64,
+    /// `returned` as last persisted: what an exchange may report.
+    returned_durable: u64,
+    /// `returned` as the control plane acknowledged it (0 after a start: reported again).
+    returned_acked: u64,
+    /// `reported`, `held`, `expires_at` or `returned` changed since the state was last
+    /// persisted.
     dirty: bool,
 }
 
@@ -74,7 +88,24 @@ impl Tracked {
             reported: self.reported,
             held: self.held,
             expires_at: self.expires_at,
+            returned: self.returned,
         }
+    }
+
+    /// Calls given back and persisted that the control plane has not acknowledged.
+    fn return_unreported(&self) -> bool {
+        self.returned_durable > self.returned_acked
+    }
+
+    /// Takes up to `calls` out of `cell` (a lease's calls given back); returns how many.
+    fn give_up(&mut self, cell: &QuotaCell, calls: u64) -> u64 {
+        let given = cell.give_up(calls);
+        if given > 0 {
+            self.returned += given;
+            self.held = self.held.saturating_sub(given);
+            self.dirty = true;
+        }
+        given
     }
 }
 
@@ -100,6 +131,8 @@ pub struct LeaseClient {
     exchanging: tokio::sync::Mutex<()>,
     /// Set once [`LeaseClient::recover`] has reported the journal.
     recovered: tokio::sync::watch::Sender<bool>,
+    /// Calls were given back and not yet acknowledged: the next exchange goes soon.
+    returns_pending: AtomicBool,
 }
 
 impl LeaseClient {
@@ -137,6 +170,8 @@ impl LeaseClient {
                     held: if valid { acked.held } else { 0 },
                     expires_at: if valid { acked.expires_at } else { 0 },
                     last_used: acked.reported,
+                    returned: acked.returned,
+                    returned_durable: acked.returned,
                     ..Tracked::default()
                 };
                 (id, tracked)
@@ -158,6 +193,7 @@ impl LeaseClient {
             watched: Mutex::new(watched),
             exchanging: tokio::sync::Mutex::new(()),
             recovered: tokio::sync::watch::channel(false).0,
+            returns_pending: AtomicBool::new(false),
             service,
             gateway,
         };
@@ -182,18 +218,36 @@ impl LeaseClient {
         loop {
             let reports: Vec<UsageReport> = {
                 let book = self.book.lock().expect("lease book lock");
-                quota
+                let mut reports: HashMap<&str, UsageReport> = quota
                     .recovered()
                     .iter()
                     .filter_map(|(id, journaled)| {
                         let reported = book.get(id).map_or(0, |t| t.reported);
-                        (*journaled > reported).then(|| UsageReport {
-                            purchase_id: id.clone(),
-                            used: journaled - reported,
-                            since: Some(reported),
+                        (*journaled > reported).then(|| {
+                            let report = UsageReport {
+                                purchase_id: id.clone(),
+                                used: journaled - reported,
+                                since: Some(reported),
+                                returned: None,
+                            };
+                            (id.as_str(), report)
                         })
                     })
-                    .collect()
+                    .collect();
+                // The running totals of calls given back: the control plane's tally then
+                // agrees with this proxy's before any new lease is granted.
+                for (id, tracked) in book.iter().filter(|(_, t)| t.returned_durable > 0) {
+                    reports
+                        .entry(id.as_str())
+                        .or_insert_with(|| UsageReport {
+                            purchase_id: id.clone(),
+                            used: 0,
+                            since: Some(tracked.reported),
+                            returned: None,
+                        })
+                        .returned = Some(tracked.returned_durable);
+                }
+                reports.into_values().collect()
             };
             let exchange = LeaseExchange {
                 node_id: self.node_id.clone(),
@@ -211,6 +265,7 @@ impl LeaseClient {
                             let tracked = book.entry(report.purchase_id.clone()).or_default();
                             tracked.reported += report.used;
                             tracked.last_used = tracked.reported;
+                            tracked.returned_acked = report.returned.unwrap_or(0);
                             tracked.dirty = true;
                         }
                         for tracked in book.values_mut() {
@@ -270,24 +325,34 @@ impl LeaseClient {
     /// is unreported; until `shutdown` fires.
     pub async fn run(self: Arc<Self>, shutdown: Shutdown) {
         let mut last_tick = Instant::now();
-        // The last exchange prompted by usage: the first report after a quiet spell goes at
-        // once (a buyer's view then shows the call), reports under load batch.
-        let mut last_usage_exchange: Option<Instant> = None;
+        // The last exchange prompted by usage or a waiting caller: the first after a quiet
+        // spell goes at once (a buyer's view then shows the call, a dry cell asks at once),
+        // later ones batch; a caller that keeps waiting (its calls are being asked back from
+        // another proxy) asks again at this pace, not in a loop as fast as the control plane
+        // answers.
+        let mut last_prompted: Option<Instant> = None;
         let mut backoff = Backoff::default();
         loop {
             let quota = self.gateway.quota();
-            tokio::select! {
-                _ = tokio::time::sleep(TICK) => {}
-                _ = quota.refill_wanted() => {}
-                _ = quota.usage_noted() => {
-                    if let Some(since) = last_usage_exchange.map(|at| at.elapsed()) {
-                        if since < MIN_EXCHANGE_INTERVAL {
-                            tokio::time::sleep(MIN_EXCHANGE_INTERVAL - since).await;
-                        }
-                    }
-                    last_usage_exchange = Some(Instant::now());
-                }
+            // Calls given back wait, out of every cell, until reported: report them soon.
+            let tick = if self.returns_pending.load(Ordering::Acquire) {
+                MIN_EXCHANGE_INTERVAL
+            } else {
+                TICK
+            };
+            let prompted = tokio::select! {
+                _ = tokio::time::sleep(tick) => false,
+                _ = quota.refill_wanted() => true,
+                _ = quota.usage_noted() => true,
                 _ = shutdown.clone().wait() => return,
+            };
+            if prompted {
+                if let Some(since) = last_prompted.map(|at| at.elapsed()) {
+                    if since < MIN_EXCHANGE_INTERVAL {
+                        tokio::time::sleep(MIN_EXCHANGE_INTERVAL - since).await;
+                    }
+                }
+                last_prompted = Some(Instant::now());
             }
             let elapsed = last_tick.elapsed().as_secs_f64();
             last_tick = Instant::now();
@@ -363,6 +428,7 @@ impl LeaseClient {
                         || t.expires_at > 0
                         || t.rate >= IDLE_RATE
                         || cell.used() > t.reported
+                        || t.returned > t.returned_acked
                 })
             });
     }
@@ -374,11 +440,17 @@ impl LeaseClient {
         let mut book = self.book.lock().expect("lease book lock");
         for cell in cells {
             let used = cell.used();
+            let turned_away = cell.turned_away();
             let tracked = match book.get_mut(cell.purchase_id()) {
                 Some(tracked) => tracked,
                 None => book.entry(cell.purchase_id().to_owned()).or_default(),
             };
-            let sample = used.saturating_sub(tracked.last_used) as f64 / elapsed_secs;
+            // Calls that waited for a refill count as traffic (a call served after its wait
+            // counts twice: a starved proxy errs towards a larger share, never a smaller one).
+            let offered = used.saturating_sub(tracked.last_used)
+                + turned_away.saturating_sub(tracked.last_turned_away);
+            tracked.last_turned_away = turned_away;
+            let sample = offered as f64 / elapsed_secs;
             tracked.rate = RATE_SMOOTHING * sample + (1.0 - RATE_SMOOTHING) * tracked.rate;
             if tracked.rate < IDLE_RATE {
                 tracked.rate = 0.0;
@@ -387,14 +459,26 @@ impl LeaseClient {
         }
     }
 
+    /// `proxy.outage_budget_secs` of the purchase's recent traffic, within
+    /// `proxy.lease_min_calls` and `proxy.lease_max_calls`.
+    fn budget(&self, tracked: &Tracked) -> u64 {
+        ((tracked.rate * self.outage_budget_secs) as u64).clamp(self.min_calls, self.max_calls)
+    }
+
+    /// What this proxy would like to hold: half above the budget (told to the control plane,
+    /// which sizes fair shares by it).
+    fn demand(&self, tracked: &Tracked) -> u64 {
+        let budget = self.budget(tracked);
+        budget + budget / 2
+    }
+
     /// What to ask for on `cell`: zero to renew only, `None` to leave it alone.
     fn want(&self, cell: &QuotaCell, tracked: &Tracked, now: i64, ttl_secs: i64) -> Option<u64> {
         if !cell.is_leased() {
             return None;
         }
         let left = cell.limit().saturating_sub(cell.used());
-        let size =
-            ((tracked.rate * self.outage_budget_secs) as u64).clamp(self.min_calls, self.max_calls);
+        let size = self.budget(tracked);
         let asked = cell.take_refill_request();
         // Never hold less than the outage budget while traffic flows, with a quarter to spare
         // for a rate that is still rising (the smoothed rate lags it): topped up to half above
@@ -403,15 +487,33 @@ impl LeaseClient {
         // allows). Measured: with no margin, a 60 s outage under load refused 660 calls.
         let low = left < size + size / 4;
         if asked || (tracked.rate > 0.0 && low) {
-            return Some((size + size / 2).saturating_sub(left).max(1));
+            return Some(self.demand(tracked).saturating_sub(left).max(1));
         }
         let renew_due = tracked.expires_at > 0
             && ((tracked.expires_at - now) as f64) < RENEW_WHEN_LEFT * ttl_secs as f64;
         (left > 0 && renew_due).then_some(0)
     }
 
-    /// Reports what `cells` served and asks for what they need (with `release_all`, the last
-    /// exchange of a clean shutdown: every cell is reported and every lease given back).
+    /// Calls of `cell` to give back of this proxy's own accord: what it holds beyond its
+    /// demand once that is more than twice the demand (its traffic fell or stopped), so that
+    /// an idle lease does not keep calls another proxy could serve.
+    fn surplus(&self, cell: &QuotaCell, tracked: &Tracked) -> u64 {
+        if !cell.is_leased() {
+            return 0;
+        }
+        let left = cell.limit().saturating_sub(cell.used());
+        let demand = self.demand(tracked);
+        if left > 2 * demand {
+            left - demand
+        } else {
+            0
+        }
+    }
+
+    /// Reports what `cells` served and gave back and asks for what they need (with
+    /// `release_all`, the last exchange of a clean shutdown: every cell is reported and every
+    /// lease given back). Calls the answer recalls are taken out of their cells at once and
+    /// reported by the next exchange.
     async fn exchange(
         &self,
         cells: Vec<Arc<QuotaCell>>,
@@ -421,29 +523,60 @@ impl LeaseClient {
         let quota = self.gateway.quota();
         let now = now_secs();
         let ttl_secs = self.gateway.inner.config.control.lease_ttl.as_secs() as i64;
+
+        // Phase 1: calls held far beyond need are given up, and persisted before any report
+        // names them. (Not while the control plane is unreachable: they are what an outage
+        // is served from.)
+        if !release_all && !quota.control_unreachable() {
+            let mut given = 0;
+            {
+                let mut book = self.book.lock().expect("lease book lock");
+                for cell in &cells {
+                    if let Some(tracked) = book.get_mut(cell.purchase_id()) {
+                        let surplus = self.surplus(cell, tracked);
+                        if surplus > 0 {
+                            given += tracked.give_up(cell, surplus);
+                        }
+                    }
+                }
+            }
+            if given > 0 {
+                tracing::debug!(given, "calls held beyond need given back");
+                self.persist().await;
+            }
+        }
+
+        // Phase 2: the exchange.
         let mut used_at_send: HashMap<String, u64> = HashMap::new();
+        let mut returned_at_send: HashMap<String, u64> = HashMap::new();
         let mut reports = Vec::new();
         let mut wants = Vec::new();
         {
             let book = self.book.lock().expect("lease book lock");
-            for cell in cells {
+            for cell in &cells {
                 let id = cell.purchase_id();
                 let used = cell.used();
                 let tracked = book.get(id).copied().unwrap_or_default();
                 let mut involved = false;
-                if used > tracked.reported {
+                if used > tracked.reported || tracked.return_unreported() {
+                    let returned = tracked.returned_durable;
                     reports.push(UsageReport {
                         purchase_id: id.to_owned(),
-                        used: used - tracked.reported,
+                        used: used.saturating_sub(tracked.reported),
                         since: Some(tracked.reported),
+                        returned: (returned > 0).then_some(returned),
                     });
+                    returned_at_send.insert(id.to_owned(), returned);
                     involved = true;
                 }
-                if !release_all {
-                    if let Some(calls) = self.want(&cell, &tracked, now, ttl_secs) {
+                if !release_all && cell.is_leased() {
+                    let want = self.want(cell, &tracked, now, ttl_secs);
+                    // Every mention carries the demand: the control plane sizes shares by it.
+                    if want.is_some() || involved {
                         wants.push(LeaseWant {
                             purchase_id: id.to_owned(),
-                            calls,
+                            calls: want.unwrap_or(0),
+                            demand: Some(self.demand(&tracked)),
                         });
                         involved = true;
                     }
@@ -481,7 +614,10 @@ impl LeaseClient {
             }
         };
         quota.set_control_unreachable(false);
+
+        // Phase 3: the answer.
         let mut granted_any = false;
+        let mut recalled = 0;
         {
             let mut book = self.book.lock().expect("lease book lock");
             for (id, used) in &used_at_send {
@@ -490,6 +626,10 @@ impl LeaseClient {
                 let tracked = book.entry(id.clone()).or_default();
                 tracked.dirty |= *used > tracked.reported;
                 tracked.reported = tracked.reported.max(*used);
+            }
+            for (id, returned) in &returned_at_send {
+                let tracked = book.entry(id.clone()).or_default();
+                tracked.returned_acked = tracked.returned_acked.max(*returned);
             }
             for grant in &reply.grants {
                 granted_any |= grant.granted > 0;
@@ -505,14 +645,29 @@ impl LeaseClient {
                     // What this proxy may still take: what the ledger says it holds, counted
                     // from what the ledger has been told it used.
                     cell.set_limit(tracked.reported + grant.held);
-                    cell.set_unleased_hint(grant.unleased.unwrap_or(0));
+                    if grant.recall > 0 && !release_all {
+                        // Another proxy is short and this one holds more than its share.
+                        recalled += tracked.give_up(&cell, grant.recall);
+                    }
+                    // Calls left beyond this lease: unleased or held elsewhere (an older
+                    // control plane says only the unleased).
+                    let elsewhere = grant
+                        .calls_left
+                        .map_or(grant.unleased.unwrap_or(0), |left| {
+                            left.saturating_sub(grant.held)
+                        });
+                    cell.set_left_elsewhere(elsewhere);
                     metrics
                         .lease_calls_held
                         .with_label_values(&[&grant.purchase_id])
-                        .set(grant.held as i64);
+                        .set(tracked.held as i64);
                 }
             }
         }
+        if recalled > 0 {
+            tracing::debug!(recalled, "calls asked back by the control plane given back");
+        }
+        self.returns_pending.store(recalled > 0, Ordering::Release);
         let result = if asked_for_calls && !granted_any {
             "empty"
         } else {
@@ -590,14 +745,28 @@ impl LeaseClient {
             log.lines + changed.len() as u64 > STATE_LOG_COMPACT_AFTER.max(2 * purchases as u64)
         };
         let state_log = Arc::clone(&self.state_log);
+        // The running totals of calls given back that this write makes durable: from then on
+        // an exchange may report them.
+        let durable: Vec<(String, u64)>;
         let written = if compact {
             let generation = state_log.lock().expect("lease state log lock").generation + 1;
             let (state, path) = (self.acked_state(generation), self.state_path.clone());
+            durable = returned_totals(state.purchases.iter());
             tokio::task::spawn_blocking(move || rewrite_state(&state_log, &path, &state)).await
         } else {
+            durable = returned_totals(changed.iter().map(|l| (&l.id, &l.acked)));
             tokio::task::spawn_blocking(move || append_log(&state_log, &changed)).await
         };
-        if let Err(error) = written.unwrap_or_else(|e| Err(std::io::Error::other(e))) {
+        let written = written.unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        if written.is_ok() {
+            let mut book = self.book.lock().expect("lease book lock");
+            for (id, returned) in durable {
+                if let Some(tracked) = book.get_mut(&id) {
+                    tracked.returned_durable = tracked.returned_durable.max(returned);
+                }
+            }
+        }
+        if let Err(error) = written {
             self.gateway.metrics().quota_journal_errors.inc();
             tracing::error!(%error, "cannot write the lease state");
             // Everything is written again with the next change (a rare path: a full pass).
@@ -607,6 +776,16 @@ impl LeaseClient {
             }
         }
     }
+}
+
+/// The purchases with calls given back, and their running totals.
+fn returned_totals<'a>(
+    purchases: impl Iterator<Item = (&'a String, &'a AckedPurchase)>,
+) -> Vec<(String, u64)> {
+    purchases
+        .filter(|(_, acked)| acked.returned > 0)
+        .map(|(id, acked)| (id.clone(), acked.returned))
+        .collect()
 }
 
 fn now_secs() -> i64 {
@@ -620,7 +799,8 @@ mod tests {
     use crate::gateway::quota::QuotaMode;
     use crate::lease::{LeaseGrant, LeaseReply};
 
-    /// Grants every want in full and remembers how many reports each exchange carried.
+    /// Grants every want of calls in full (a want of none, a renewal, it leaves unanswered)
+    /// and remembers how many reports each exchange carried.
     #[derive(Default)]
     struct Granting {
         reports: Mutex<Vec<usize>>,
@@ -633,11 +813,14 @@ mod tests {
             let grants = exchange
                 .wants
                 .iter()
+                .filter(|want| want.calls > 0)
                 .map(|want| LeaseGrant {
                     purchase_id: want.purchase_id.clone(),
                     granted: want.calls,
                     held: want.calls,
                     unleased: Some(1_000_000),
+                    calls_left: None,
+                    recall: 0,
                     expires_at: now_secs() + 300,
                 })
                 .collect();
@@ -696,6 +879,91 @@ mod tests {
         assert_eq!(service.reports.lock().unwrap()[2], 3);
     }
 
+    /// Holds one purchase's lease for the client: grants what is asked, and asks `recall`
+    /// back in every answer while it is set; keeps every exchange it was sent.
+    #[derive(Default)]
+    struct Recalling {
+        held: Mutex<u64>,
+        recall: Mutex<u64>,
+        sent: Mutex<Vec<LeaseExchange>>,
+    }
+
+    #[async_trait::async_trait]
+    impl LeaseService for Recalling {
+        async fn exchange(&self, exchange: LeaseExchange) -> Result<LeaseReply, LeaseServiceError> {
+            let mut held = self.held.lock().unwrap();
+            let mut recall = self.recall.lock().unwrap();
+            for report in &exchange.reports {
+                *held -= report.used;
+                let sent = self.sent.lock().unwrap();
+                let before = sent
+                    .iter()
+                    .flat_map(|e| &e.reports)
+                    .filter_map(|r| r.returned)
+                    .max()
+                    .unwrap_or(0);
+                let back = report.returned.unwrap_or(0).saturating_sub(before);
+                *held -= back;
+                *recall = recall.saturating_sub(back);
+            }
+            let granted: u64 = exchange.wants.iter().map(|w| w.calls).sum();
+            *held += granted;
+            self.sent.lock().unwrap().push(exchange.clone());
+            let grants = exchange
+                .wants
+                .iter()
+                .map(|want| LeaseGrant {
+                    purchase_id: want.purchase_id.clone(),
+                    granted,
+                    held: *held,
+                    unleased: Some(0),
+                    calls_left: Some(1000),
+                    recall: *recall,
+                    expires_at: now_secs() + 300,
+                })
+                .collect();
+            Ok(LeaseReply { grants })
+        }
+    }
+
+    #[tokio::test]
+    async fn calls_asked_back_leave_the_cell_and_are_reported_once_persisted() {
+        let dir = tempfile::tempdir().unwrap();
+        let gateway = leased_gateway(dir.path());
+        let cell = gateway.quota().cell("p1", 1000, 0);
+        let service = Arc::new(Recalling::default());
+        let client = LeaseClient::new(gateway.clone(), service.clone());
+        // A refill asked by a waiting caller: 24 granted (1.5 × lease_min_calls).
+        gateway.quota().wait_for_refill(&cell, Duration::ZERO).await;
+        client.pass(0.0).await.unwrap();
+        assert_eq!(cell.left(), Some(24));
+        // The control plane asks 20 back: they leave the cell with the answer.
+        *service.recall.lock().unwrap() = 20;
+        call_each(&gateway, std::slice::from_ref(&cell)).await;
+        client.pass(0.0).await.unwrap();
+        assert_eq!(cell.left(), Some(3), "24 - 1 served - 20 given back");
+        assert!(cell.may_refill(), "calls left elsewhere: not used up");
+        // Persisted before it is reported, then reported as a running total.
+        let state: AckedState =
+            serde_json::from_slice(&std::fs::read(dir.path().join(STATE_FILE)).unwrap())
+                .unwrap_or_default();
+        let mut logged = state.clone();
+        replay_log(dir.path(), &mut logged);
+        assert_eq!(logged.purchases["p1"].returned, 20);
+        client.pass(0.0).await.unwrap();
+        let last = service.sent.lock().unwrap().last().cloned().unwrap();
+        assert_eq!(last.reports[0].returned, Some(20));
+        assert_eq!(*service.recall.lock().unwrap(), 0, "the recall is settled");
+        // A restart reads the total back and reports it with its recovery.
+        drop(client);
+        let again = LeaseClient::new(gateway.clone(), service.clone());
+        let (_trigger, shutdown) = crate::shutdown::ShutdownTrigger::new();
+        again.recover(&shutdown).await;
+        let last = service.sent.lock().unwrap().last().cloned().unwrap();
+        assert!(last.release_all);
+        assert_eq!(last.reports[0].returned, Some(20));
+    }
+
     #[tokio::test]
     async fn the_lease_state_is_logged_compacted_and_read_back() {
         let dir = tempfile::tempdir().unwrap();
@@ -704,8 +972,9 @@ mod tests {
         let cells: Vec<_> = (0..count)
             .map(|i| gateway.quota().cell(&format!("p{i}"), 1_000_000, 0))
             .collect();
+        // Within twice the idle demand (1.5 × lease_min_calls): none is given back.
         for cell in &cells {
-            cell.add_calls(100);
+            cell.add_calls(45);
         }
         let client = LeaseClient::new(gateway.clone(), Arc::new(Granting::default()));
         call_each(&gateway, &cells).await;

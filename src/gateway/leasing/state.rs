@@ -20,8 +20,8 @@ const STATE_LOG_PREFIX: &str = "lease-state.";
 /// more than twice as many as there are purchases.
 pub(super) const STATE_LOG_COMPACT_AFTER: u64 = if cfg!(test) { 64 } else { 10_000 };
 
-/// What the control plane acknowledged, per purchase: persisted in [`STATE_FILE`] after every
-/// exchange, so that a restarted proxy reports exactly the rest and, with the control plane
+/// What the control plane acknowledged, per purchase (and the calls given back, before they
+/// are reported): persisted in [`STATE_FILE`] after every exchange, so that a restarted proxy reports exactly the rest and, with the control plane
 /// unreachable, keeps serving the lease it held until that lease expires.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub(super) struct AckedState {
@@ -74,6 +74,15 @@ pub(super) struct AckedPurchase {
     /// Epoch seconds; 0 when nothing is held.
     #[serde(default)]
     pub(super) expires_at: i64,
+    /// Calls this proxy gave back from its leases in all, in this life of the data directory:
+    /// written here before any exchange reports it (so that the running total the control
+    /// plane counts never runs ahead of what a restart reads back).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(super) returned: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Applies the state's log (`lease-state.<generation>.log`) to `state`; returns its lines.
