@@ -80,6 +80,7 @@ enum Kind {
     Purchase = 3,
     AppAuth = 4,
     Certificate = 5,
+    Domain = 6,
 }
 
 fn entity<T: Serialize>(kind: Kind, value: &T) -> u64 {
@@ -105,7 +106,8 @@ impl ContentHash {
                 .wrapping_add(sum(Kind::App, &snapshot.apps))
                 .wrapping_add(sum(Kind::Purchase, &snapshot.purchases))
                 .wrapping_add(sum(Kind::AppAuth, &snapshot.app_auths))
-                .wrapping_add(sum(Kind::Certificate, &snapshot.certificates)),
+                .wrapping_add(sum(Kind::Certificate, &snapshot.certificates))
+                .wrapping_add(sum(Kind::Domain, &snapshot.domains)),
         )
     }
 
@@ -164,6 +166,11 @@ impl ContentHash {
             hash = hash
                 .wrapping_sub(sum(Kind::Certificate, &base.certificates))
                 .wrapping_add(sum(Kind::Certificate, certificates));
+        }
+        if let Some(domains) = &delta.domains {
+            hash = hash
+                .wrapping_sub(sum(Kind::Domain, &base.domains))
+                .wrapping_add(sum(Kind::Domain, domains));
         }
         ContentHash(hash)
     }
@@ -227,5 +234,29 @@ mod tests {
         let hash = ContentHash::of(&wrong).after_delta(&wrong, &d);
         assert_eq!(hash, ContentHash::of(&applied));
         assert_ne!(hash, ContentHash::of(&new));
+    }
+
+    #[test]
+    fn bound_domains_count_as_content() {
+        let bound = |redirect| crate::snapshot::Domain {
+            domain: "api.seller.example".into(),
+            group_id: "g1".into(),
+            min_tls_version: crate::snapshot::MinTlsVersion::Tls12,
+            https_redirect: redirect,
+        };
+        let old = Snapshot {
+            domains: vec![bound(false)],
+            ..snapshot(1, vec![group("g1", "a")])
+        };
+        let new = Snapshot {
+            domains: vec![bound(true)],
+            ..snapshot(2, vec![group("g1", "a")])
+        };
+        assert_ne!(ContentHash::of(&old), ContentHash::of(&new));
+        let d = delta::diff(&old, &new);
+        assert_eq!(
+            ContentHash::of(&old).after_delta(&old, &d),
+            ContentHash::of(&new)
+        );
     }
 }

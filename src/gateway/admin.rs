@@ -243,7 +243,7 @@ fn decode_json<T: serde::de::DeserializeOwned>(
 /// Finds the deepest element whose own deserialization fails, for the error's field path.
 /// Deltas carry the same arrays (`groups`, `apps`, `purchases`, …), so this serves both.
 fn locate_decode_error(value: &serde_json::Value) -> String {
-    use crate::snapshot::wire::{Api, App, AppAuth, Certificate, Group, Purchase};
+    use crate::snapshot::wire::{Api, App, AppAuth, Certificate, Domain, Group, Purchase};
     fn first_bad<T: serde::de::DeserializeOwned>(items: &[serde_json::Value]) -> Option<usize> {
         items
             .iter()
@@ -298,6 +298,9 @@ fn locate_decode_error(value: &serde_json::Value) -> String {
     }
     if let Some(i) = first_bad::<Certificate>(&array("certificates")) {
         return format!("certificates[{i}]");
+    }
+    if let Some(i) = first_bad::<Domain>(&array("domains")) {
+        return format!("domains[{i}]");
     }
     if object.get("version").is_some_and(|v| !v.is_u64()) {
         return "version".into();
