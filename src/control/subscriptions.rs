@@ -2,10 +2,10 @@
 //! version is published once, and every proxy in touch is listed.
 //!
 //! - **Built once.** One publisher task follows the version channel. After a change it waits
-//!   `control.push_debounce` (a burst of changes becomes one version to send), builds the
-//!   snapshot once from a view of the state (`publish::build`; no lock is held: the view is a
-//!   clone of persistent maps), and then, off the async threads, diffs it against the previous one, hashes
-//!   it and gzips both the full snapshot and the delta. The result, a [`Published`], is shared
+//!   `control.push_debounce` (a burst of changes becomes one version to send), takes a view
+//!   of the state (no lock is held: the view is a clone of persistent maps), and then, off
+//!   the async threads, builds the snapshot once from it (`publish::build`), diffs it against
+//!   the previous one, hashes it and gzips both the full snapshot and the delta. The result, a [`Published`], is shared
 //!   by every subscriber as an `Arc` with its bytes: a thousand proxies cost one build per
 //!   version, and market writes and lease exchanges never wait on serialization or gzip.
 //! - **Subscriptions.** A poll ([`crate::feed::Poll`]) is answered at once when something is
@@ -244,13 +244,21 @@ impl Subscriptions {
             first = false;
             versions.borrow_and_update();
             // Built once per version whatever the number of proxies, from a view of the
-            // state (no lock held while it builds).
-            let snapshot = Arc::new(cp.snapshot().await);
+            // state (no lock held while it builds), on a blocking-pool thread: a large
+            // market's build takes long enough to stall the runtime's other work.
+            if let Err(error) = cp.catch_up().await {
+                tracing::warn!(%error, "snapshot built without catching up with the store");
+            }
+            let view = cp.cached();
             let previous = self.published();
-            if previous.as_ref().map(|p| p.version) >= Some(snapshot.version) {
+            if previous.as_ref().map(|p| p.version) >= Some(view.version) {
                 continue;
             }
-            let built = tokio::task::spawn_blocking(move || prepare(snapshot, previous)).await;
+            let built = tokio::task::spawn_blocking(move || {
+                let snapshot = Arc::new(super::publish::build(&view));
+                prepare(snapshot, previous)
+            })
+            .await;
             match built {
                 Ok(published) => {
                     let published = Arc::new(published);

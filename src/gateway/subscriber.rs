@@ -181,7 +181,8 @@ impl Subscriber {
     /// Logs a change of the link's state (once per change, never per attempt).
     fn state(&mut self, link: Link) {
         let same_kind = std::mem::discriminant(&self.link) == std::mem::discriminant(&link);
-        if self.link == link || (same_kind && matches!(link, Link::Failing(_))) {
+        // A refusal's body carries a request id: refused again is the same state, not news.
+        if self.link == link || (same_kind && matches!(link, Link::Failing(_) | Link::Refused(_))) {
             self.link = link;
             return;
         }

@@ -457,6 +457,99 @@ async fn a_busy_purchase_is_shared_by_sixteen_proxies() {
     }
 }
 
+/// Two proxy processes claim one `node_id`, each on its own data directory (a copied config,
+/// a cloned VM): the second is refused snapshots and leases with an error naming both
+/// incarnations, and logs it; it never serves and never touches the first one's lease; the
+/// backend never receives more than bought.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_with_one_node_id_one_is_refused() {
+    const BOUGHT: u64 = 300;
+    let backend = Backend::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let database_url = ctl::Backend::Sqlite.fresh_database(dir.path()).await;
+    let control = control_process(dir.path(), &database_url, "").await;
+    let control_admin = control.addr("admin");
+    let bought = bought_group(control.addr("listen"), backend.addr, DOMAIN, BOUGHT).await;
+    let call = || {
+        signed_as(
+            &bought.key,
+            &bought.secret,
+            request("GET", DOMAIN, "/call", Bytes::new()),
+        )
+    };
+    let (first_dir, second_dir) = (dir.path().join("first"), dir.path().join("second"));
+    std::fs::create_dir_all(&first_dir).unwrap();
+    std::fs::create_dir_all(&second_dir).unwrap();
+    let mut first = FleetProxy::start(&first_dir, "twin", free_port(), control_admin).await;
+    let deadline = Instant::now() + CONVERGE;
+    while first.buyer().send(call()).await.status != 200 {
+        assert!(Instant::now() < deadline, "the first never served");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut second = FleetProxy::start(&second_dir, "twin", free_port(), control_admin).await;
+    let refusal = "the control plane refuses this proxy's node id";
+    second.process.logged(refusal).await;
+    let incarnation = |dir: &Path| {
+        let state: Value =
+            serde_json::from_slice(&std::fs::read(dir.join("twin/lease-state.json")).unwrap())
+                .unwrap();
+        state["incarnation"].as_str().unwrap().to_owned()
+    };
+    let (held_by, claimed_by) = (incarnation(&first_dir), incarnation(&second_dir));
+    let records = second.process.records();
+    let reason = records
+        .iter()
+        .find(|r| r["fields"]["message"] == refusal)
+        .and_then(|r| r["fields"]["reason"].as_str())
+        .unwrap();
+    assert!(
+        reason.contains(&held_by) && reason.contains(&claimed_by),
+        "the refusal names both incarnations ({held_by}, {claimed_by}): {reason}"
+    );
+
+    // Both are called until the first has served everything bought: the second never
+    // serves (no snapshot, no lease), the first serves exactly what was bought.
+    let mut served = 1;
+    loop {
+        let answer = second.buyer().send(call()).await;
+        assert_eq!(
+            (answer.status.as_u16(), answer.code().as_str()),
+            (503, "APIG.0606"),
+            "{:?}",
+            answer.body
+        );
+        let answer = first.buyer().send(call()).await;
+        match (answer.status.as_u16(), answer.code().as_str()) {
+            (200, _) => served += 1,
+            (405, "APIG.0501") => break,
+            (status, _) => panic!("unexpected {status}: {:?}", answer.body),
+        }
+        assert!(served <= BOUGHT, "over-admitted");
+    }
+    assert_eq!(served, BOUGHT);
+    assert_eq!(
+        backend.hits(),
+        BOUGHT,
+        "the backend never past what was bought"
+    );
+    assert_eq!(
+        second.process.count_logged(refusal),
+        1,
+        "logged once, not per attempt"
+    );
+    let answer = admin_get(control_admin, "/v1/proxies", true).await;
+    let leases = answer.json()["leases"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        leases.iter().filter(|l| l["node_id"] == "twin").count() <= 1,
+        "one lease for the node id: {leases:?}"
+    );
+    second.process.terminate();
+    first.process.terminate();
+}
+
 /// Starts `marketgate control` on `database_url` with its own data directory under `dir`,
 /// the tests' admin token and `control_extra` keys in its `[control]` table.
 async fn control_process(dir: &Path, database_url: &str, control_extra: &str) -> Process {
