@@ -194,6 +194,17 @@ pub fn routed_path(path: &str) -> Cow<'_, str> {
     Cow::Owned(routed)
 }
 
+/// The size of a request head as sent over HTTP/1 (request line and header lines), to
+/// hold it to `gateway.max_header_bytes` (hyper's own bound is `listener::HEAD_ROOM` times
+/// that). Hot path: a walk over the header map, no allocation.
+fn head_bytes(headers: &HeaderMap, target_bytes: usize) -> usize {
+    // "METHOD target HTTP/1.1\r\n", the method counted as a long one.
+    let request_line = 7 + 1 + target_bytes + 11;
+    headers.iter().fold(request_line + 2, |sum, (name, value)| {
+        sum + name.as_str().len() + 2 + value.len() + 2
+    })
+}
+
 fn host_without_port(authority: &str) -> &str {
     if authority.starts_with('[') {
         return authority
@@ -880,8 +891,12 @@ async fn serve<'s>(
     } = context;
     let (mut parts, body) = request.into_parts();
     check_framing(&parts.headers)?;
-    if parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len()) > MAX_URI_BYTES {
+    let target_bytes = parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len());
+    if target_bytes > MAX_URI_BYTES {
         return Err(Rejection::UriTooLong);
+    }
+    if head_bytes(&parts.headers, target_bytes) > gateway.config.gateway.max_header_bytes {
+        return Err(Rejection::HeadersTooLarge);
     }
     let authority = match parts.headers.get(header::HOST) {
         Some(host) => host

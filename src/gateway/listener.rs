@@ -109,6 +109,12 @@ pub(crate) fn tls_chooser(gateway: Arc<Inner>) -> TlsChooser {
 
 /// The bounds of one worker's buyer listener (`name`: `buyers` or `buyers_tls`), from
 /// `[gateway]`: `max_connections` is the listener's across all workers, shared evenly.
+/// How many times `gateway.max_header_bytes` hyper may buffer of a buyer's request head
+/// before it answers 431 itself (its answer has no APIG body): the room in which the
+/// handler's own checks answer instead. Costs at most this many times the head limit per
+/// connection, only while a head is being read.
+pub const HEAD_ROOM: usize = 2;
+
 pub(crate) fn spec(gateway: &Inner, name: &'static str) -> ListenerSpec {
     let config = &gateway.config.gateway;
     let mut limits = config.connections;
@@ -117,7 +123,10 @@ pub(crate) fn spec(gateway: &Inner, name: &'static str) -> ListenerSpec {
     ListenerSpec {
         name,
         limits,
-        max_header_bytes: config.max_header_bytes,
+        // hyper's own bound is HEAD_ROOM times ours: a head between the two reaches the
+        // handler, which answers 431 (or 414) with the APIG body and `X-Request-Id`; only
+        // past hyper's bound does hyper answer a bare 431 itself (docs/request-lifecycle.md).
+        max_header_bytes: config.max_header_bytes.saturating_mul(HEAD_ROOM),
         h2_max_concurrent_streams: config.h2_max_concurrent_streams,
         tls_handshake_timeout: config.tls_handshake_timeout,
         drain_timeout: config.drain_timeout,

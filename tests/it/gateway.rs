@@ -237,6 +237,32 @@ async fn every_row_of_the_error_table() {
     );
     let head = raw(gw.buyers, huge_header.as_bytes()).await;
     assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+    // Past `max_header_bytes` (32 KiB) but within hyper's room (`listener::HEAD_ROOM`, 2x):
+    // our own 431 and 414, with the APIG body and a request id (hyper's carry neither).
+    for (head, status) in [
+        (
+            format!(
+                "GET /v1/echo/1 HTTP/1.1\r\nHost: {MARKET}\r\nX-Big: {}\r\nconnection: close\r\n\r\n",
+                "a".repeat(40 * 1024)
+            ),
+            "431",
+        ),
+        (
+            format!(
+                "GET /v1/echo/{} HTTP/1.1\r\nHost: {MARKET}\r\nconnection: close\r\n\r\n",
+                "a".repeat(30 * 1024)
+            ),
+            "414",
+        ),
+    ] {
+        let answer = raw_until_close(gw.buyers, head.as_bytes()).await;
+        assert!(answer.starts_with(&format!("HTTP/1.1 {status}")), "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("x-request-id: "),
+            "{answer}"
+        );
+        assert!(answer.contains(r#""error_code":"APIG.0201""#), "{answer}");
+    }
 }
 
 /// CL+TE together: hyper applies RFC 9112 §6.1 (Transfer-Encoding wins, Content-Length is
