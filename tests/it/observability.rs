@@ -4,15 +4,14 @@
 //! every market and management request leaves one access line and a count by route.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::{json, Value};
 
 use crate::support::control::{
-    bought_group, config_toml, market_base, mgmt, Api, Auth, BUYER_DOMAIN, BUYER_PROJECT,
-    MARKET_TOKEN, SELLER_PROJECT, SELLER_TOKEN,
+    bought_group, config_toml, market_base, mgmt, write_serve_config, Api, Auth, BUYER_DOMAIN,
+    BUYER_PROJECT, MARKET_TOKEN, SELLER_PROJECT, SELLER_TOKEN,
 };
 use crate::support::gateway::{admin_get, request, signed_as, Backend, Buyer, ADMIN_TOKEN};
 use crate::support::process::Process;
@@ -26,21 +25,6 @@ const WITHIN: Duration = Duration::from_secs(10);
 const BOUGHT: u64 = 100;
 /// Calls made after the first one answered.
 const MORE_CALLS: u64 = 4;
-
-fn write_config(dir: &Path) -> std::path::PathBuf {
-    let db = dir.join("marketgate.db");
-    let toml = format!(
-        "data_dir = '{}'\n{}[gateway]\nlisten = '127.0.0.1:0'\n",
-        dir.display(),
-        config_toml(&format!("sqlite://{}", db.display()), "127.0.0.1:0").replace(
-            "token = \"admin-token\"",
-            &format!("token = \"{ADMIN_TOKEN}\"")
-        ),
-    );
-    let path = dir.join("serve.toml");
-    std::fs::write(&path, toml).unwrap();
-    path
-}
 
 async fn call(buyers: SocketAddr, key: &str, secret: &str) -> u16 {
     Buyer::new(buyers)
@@ -69,7 +53,12 @@ fn served_lines(serve: &Process, purchase_id: &str) -> Vec<Value> {
 async fn calls_left_in_the_log_and_usage_are_the_purchases_under_leases() {
     let backend = Backend::echo().await;
     let dir = tempfile::tempdir().unwrap();
-    let serve = Process::start("serve", &write_config(dir.path()), READY).await;
+    let serve = Process::start(
+        "serve",
+        &write_serve_config(dir.path(), dir.path(), ""),
+        READY,
+    )
+    .await;
     let (buyers, control, admin) = (
         serve.addr("buyers"),
         serve.addr("control"),

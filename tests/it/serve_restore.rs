@@ -4,40 +4,22 @@
 //! enforced — and say so once; pushes to its admin listener are refused; and a store removed
 //! while `data_dir` still holds its state is an error at start that names the file.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::json;
 
 use crate::support::control::{
-    bought_group, config_toml, expect_status, market_base, mgmt, Api, Auth, BUYER_DOMAIN,
+    bought_group, expect_status, market_base, mgmt, write_serve_config, Api, Auth, BUYER_DOMAIN,
     BUYER_PROJECT, MARKET_TOKEN, SELLER_DOMAIN, SELLER_PROJECT, SELLER_TOKEN,
 };
-use crate::support::gateway::{
-    admin_get, push, request, signed_as, Answer, Backend, Buyer, ADMIN_TOKEN,
-};
+use crate::support::gateway::{admin_get, push, request, signed_as, Answer, Backend, Buyer};
 use crate::support::process::Process;
 
 const DOMAIN: &str = "restored.example.com";
 const READY: &str = "marketgate serve: both planes listening";
 /// How long a change may take to reach the in-process data plane before the test fails.
 const ENFORCED_WITHIN: Duration = Duration::from_secs(10);
-
-fn write_config(dir: &Path) -> std::path::PathBuf {
-    let db = dir.join("marketgate.db");
-    let toml = format!(
-        "data_dir = '{}'\n{}[gateway]\nlisten = '127.0.0.1:0'\n",
-        dir.display(),
-        config_toml(&format!("sqlite://{}", db.display()), "127.0.0.1:0").replace(
-            "token = \"admin-token\"",
-            &format!("token = \"{ADMIN_TOKEN}\"")
-        ),
-    );
-    let path = dir.join("serve.toml");
-    std::fs::write(&path, toml).unwrap();
-    path
-}
 
 async fn call(buyers: std::net::SocketAddr, key: &str, secret: &str) -> Answer {
     Buyer::new(buyers)
@@ -95,7 +77,7 @@ async fn served_version_reaches(admin: std::net::SocketAddr, version: u64) {
 async fn serve_follows_a_restored_store_and_refuses_a_missing_one() {
     let backend = Backend::echo().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path());
+    let config = write_serve_config(dir.path(), dir.path(), "");
     let db = dir.path().join("marketgate.db");
     let backup = dir.path().join("backup.db");
 

@@ -18,9 +18,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::support::control::{
-    bought_group, config_toml, expect_status, market_base, Api, Auth, BUYER_PROJECT, BUYER_TOKEN,
+    bought_group, expect_status, market_base, write_serve_config, Api, Auth, BUYER_PROJECT,
+    BUYER_TOKEN,
 };
-use crate::support::gateway::{request, signed_as, Backend, Buyer, ADMIN_TOKEN};
+use crate::support::gateway::{request, signed_as, Backend, Buyer};
 use crate::support::process::Process;
 
 const DOMAIN: &str = "faults.example.com";
@@ -66,23 +67,6 @@ fn fill(dir: &Path) -> PathBuf {
     let chunk = vec![0u8; 64 * 1024];
     while file.write_all(&chunk).is_ok() {}
     let _ = file.sync_all();
-    path
-}
-
-fn write_config(dir: &Path, data: &Path) -> PathBuf {
-    let db = data.join("marketgate.db");
-    // Small leases (at most 16 calls, a 1 s outage budget) so that the load needs refills
-    // all the time, outage included.
-    let toml = format!(
-        "data_dir = '{}'\n{}[gateway]\nlisten = '127.0.0.1:0'\n[proxy]\noutage_budget_secs = 1\nlease_min_calls = 4\nlease_max_calls = 16\n",
-        data.display(),
-        config_toml(&format!("sqlite://{}", db.display()), "127.0.0.1:0").replace(
-            "token = \"admin-token\"",
-            &format!("token = \"{ADMIN_TOKEN}\"")
-        ),
-    );
-    let path = dir.join("serve.toml");
-    std::fs::write(&path, toml).unwrap();
     path
 }
 
@@ -322,6 +306,31 @@ async fn assert_nothing_lost(
     );
 }
 
+/// `serve` on `data` (small leases, at most 16 calls and a 1 s outage budget, so that the
+/// load needs refills all the time, outage included), a group bought with a million calls,
+/// and a first call served.
+async fn selling(
+    dir: &Path,
+    data: &Path,
+) -> (Backend, PathBuf, Process, crate::support::control::Bought) {
+    let backend = Backend::echo().await;
+    let config = write_serve_config(
+        dir,
+        data,
+        "[proxy]\noutage_budget_secs = 1\nlease_min_calls = 4\nlease_max_calls = 16\n",
+    );
+    let serve = Process::start("serve", &config, READY).await;
+    let bought = bought_group(serve.addr("control"), backend.addr, DOMAIN, 1_000_000).await;
+    served_again(
+        serve.addr("buyers"),
+        &bought.key,
+        &bought.secret,
+        Duration::from_secs(10),
+    )
+    .await;
+    (backend, config, serve, bought)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_under_load_is_answered_at_once_and_loses_no_served_call() {
     let dir = tempfile::tempdir().unwrap();
@@ -334,17 +343,7 @@ async fn a_full_disk_under_load_is_answered_at_once_and_loses_no_served_call() {
         eprintln!("full-disk fault test skipped: no tmpfs");
         return;
     };
-    let backend = Backend::echo().await;
-    let config = write_config(dir.path(), &data);
-    let serve = Process::start("serve", &config, READY).await;
-    let bought = bought_group(serve.addr("control"), backend.addr, DOMAIN, 1_000_000).await;
-    served_again(
-        serve.addr("buyers"),
-        &bought.key,
-        &bought.secret,
-        Duration::from_secs(10),
-    )
-    .await;
+    let (backend, config, serve, bought) = selling(dir.path(), &data).await;
     let filler = data.join("filler");
     let outage = Outage::under_load(
         &serve,
@@ -368,17 +367,7 @@ async fn a_database_moved_away_under_load_is_answered_at_once_and_loses_no_serve
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
-    let backend = Backend::echo().await;
-    let config = write_config(dir.path(), &data);
-    let serve = Process::start("serve", &config, READY).await;
-    let bought = bought_group(serve.addr("control"), backend.addr, DOMAIN, 1_000_000).await;
-    served_again(
-        serve.addr("buyers"),
-        &bought.key,
-        &bought.secret,
-        Duration::from_secs(10),
-    )
-    .await;
+    let (backend, config, serve, bought) = selling(dir.path(), &data).await;
     let db = data.join("marketgate.db");
     let aside = dir.path().join("marketgate.db.aside");
     let outage = Outage::under_load(

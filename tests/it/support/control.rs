@@ -165,6 +165,28 @@ format = "json"
     )
 }
 
+/// Writes `dir/serve.toml` for a `marketgate serve` on free loopback ports with `data_dir`
+/// `data` and a SQLite store in it (the test tokens, the gateway's admin token), then `extra`
+/// (whole sections); returns its path.
+pub fn write_serve_config(
+    dir: &std::path::Path,
+    data: &std::path::Path,
+    extra: &str,
+) -> std::path::PathBuf {
+    let db = data.join("marketgate.db");
+    let toml = format!(
+        "data_dir = '{}'\n{}[gateway]\nlisten = '127.0.0.1:0'\n{extra}",
+        data.display(),
+        config_toml(&format!("sqlite://{}", db.display()), "127.0.0.1:0").replace(
+            "token = \"admin-token\"",
+            &format!("token = \"{}\"", crate::support::gateway::ADMIN_TOKEN)
+        ),
+    );
+    let path = dir.join("serve.toml");
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
 /// A control plane serving on 127.0.0.1:0.
 pub struct Control {
     pub addr: SocketAddr,
