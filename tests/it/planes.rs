@@ -503,11 +503,6 @@ async fn planes_propagation_delist_to_refusal() {
             percentile(values, 99.0),
             values[values.len() - 1]
         );
-        assert!(
-            values[values.len() - 1] < 1000.0,
-            "{}: over a second",
-            proxy.node
-        );
     }
     all.sort_by(f64::total_cmp);
     println!(
@@ -517,6 +512,8 @@ async fn planes_propagation_delist_to_refusal() {
         percentile(&all, 99.0),
         all[all.len() - 1]
     );
+    // Every proxy refused the delisted group within a second of the 2xx, every round.
+    assert!(all[all.len() - 1] < 1000.0, "a proxy took over a second");
 }
 
 #[tokio::test]
@@ -708,5 +705,158 @@ async fn planes_one_node_id_holds_across_control_replicas() {
         // A clean stop gives the id up at once, on every replica.
         on_a.leave("edge-1", "life-1").await;
         assert!(on_b.claim("edge-1", "life-2").await.is_ok(), "{store:?}");
+    }
+}
+
+/// Market writes per second and lease-exchange latency while 1, then 16, subscribers follow
+/// the control plane (BENCHMARKS.md, issue 15 "built once"). The subscribers are fake
+/// proxies: each long-polls `POST /v1/snapshot/subscribe` and acks what it is sent without
+/// compiling it, so that only the control plane's cost of serving them is measured (as the
+/// issue's measurement of the old pushers did). Meanwhile 20 market clients buy purchases in a
+/// loop and one prober exchanges leases (a report and a want) every 10 ms.
+/// `MARKETGATE_WRITES_SECS` (default 10) per fleet size; `cargo test --test it
+/// planes_market_writes -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement: run by hand, prints writes/s and exchange latency"]
+async fn planes_market_writes_and_lease_exchanges_by_subscribers() {
+    use crate::support::control::{
+        expect_status, market_base, BUYER_DOMAIN, BUYER_PROJECT, MARKET_TOKEN,
+    };
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let secs: u64 = std::env::var("MARKETGATE_WRITES_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    println!("| subscribers | writes | writes/s | write p50 ms | write p99 ms | exchanges | exchange p50 ms | exchange p99 ms |");
+    println!("|---|---|---|---|---|---|---|---|");
+    // A B B A: the order of the machine's load drifts counts for neither size.
+    for subscribers in [1usize, 16, 16, 1] {
+        let planes = Planes::start(0).await;
+        let gid = planes.listed_group("writes", "writes.example.com").await;
+        planes.buy(&gid, "order-prober", 1_000_000).await;
+        let purchase = planes.cp.snapshot().await.purchases[0].id.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let acks = Arc::new(AtomicU64::new(0));
+        let mut fakes = Vec::new();
+        for n in 0..subscribers {
+            let (admin, stop, acks) = (planes.admin, stop.clone(), acks.clone());
+            fakes.push(tokio::spawn(async move {
+                let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+                    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                        .build_http();
+                let (mut version, mut hash): (Option<u64>, Option<String>) = (None, None);
+                while !stop.load(Ordering::SeqCst) {
+                    let poll = json!({"node_id": format!("fake-{n}"), "incarnation": format!("life-{n}"),
+                                      "version": version, "content_hash": hash});
+                    let mut request = http::Request::builder()
+                        .method("POST")
+                        .uri(format!("http://{admin}{}", marketgate::feed::SUBSCRIBE_PATH))
+                        .header("content-type", "application/json");
+                    for (name, value) in WITH_TOKEN {
+                        request = request.header(*name, *value);
+                    }
+                    let request = request
+                        .body(http_body_util::Full::new(bytes::Bytes::from(poll.to_string())))
+                        .unwrap();
+                    let Ok(response) = client.request(request).await else {
+                        return;
+                    };
+                    let header = |name: &str| {
+                        response
+                            .headers()
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_owned)
+                    };
+                    if response.status() == 200 {
+                        version = header(marketgate::feed::VERSION_HEADER).and_then(|v| v.parse().ok());
+                        hash = header(marketgate::feed::HASH_HEADER);
+                        acks.fetch_add(1, Ordering::SeqCst);
+                    }
+                    let _ = http_body_util::BodyExt::collect(response.into_body()).await;
+                }
+            }));
+        }
+        let prober = {
+            let (admin, stop, purchase) = (planes.admin, stop.clone(), purchase.clone());
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut since = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let exchange = json!({"node_id": "prober", "incarnation": "prober-life",
+                        "reports": [{"purchase_id": purchase, "used": 1, "since": since}],
+                        "wants": [{"purchase_id": purchase, "calls": 1, "demand": 10}]});
+                    let sent = Instant::now();
+                    let (status, body) = admin_call(
+                        admin,
+                        "POST",
+                        "/v1/leases",
+                        Some(serde_json::to_vec(&exchange).unwrap()),
+                        WITH_TOKEN,
+                    )
+                    .await;
+                    latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+                    assert_eq!(status, 200, "{body}");
+                    since += 1;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                latencies
+            })
+        };
+        let started = Instant::now();
+        let writers: Vec<_> = (0..20)
+            .map(|w| {
+                let (market, gid) = (
+                    planes.client(MARKET_TOKEN).as_domain(BUYER_DOMAIN),
+                    gid.clone(),
+                );
+                tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    let mut n = 0;
+                    while started.elapsed() < Duration::from_secs(secs) {
+                        let sent = Instant::now();
+                        let bought = market
+                            .post(
+                                &format!("{}/api-groups/purchase", market_base(BUYER_PROJECT)),
+                                json!({"order_id": format!("order-{w}-{n}"), "group_id": gid,
+                                       "start_time": "1700000000", "expire_time": "4102444800",
+                                       "req_quota": "1000", "order_type": "1"}),
+                            )
+                            .await;
+                        expect_status("purchase", &bought, 201);
+                        latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+                        n += 1;
+                    }
+                    latencies
+                })
+            })
+            .collect();
+        let mut writes = Vec::new();
+        for writer in writers {
+            writes.extend(writer.await.unwrap());
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        stop.store(true, Ordering::SeqCst);
+        let mut exchanges = prober.await.unwrap();
+        for fake in fakes {
+            fake.abort();
+        }
+        writes.sort_by(f64::total_cmp);
+        exchanges.sort_by(f64::total_cmp);
+        assert!(
+            acks.load(Ordering::SeqCst) > 0,
+            "the subscribers were sent versions"
+        );
+        println!(
+            "| {subscribers} | {} | {:.1} | {:.1} | {:.1} | {} | {:.1} | {:.1} |",
+            writes.len(),
+            writes.len() as f64 / elapsed,
+            percentile(&writes, 50.0),
+            percentile(&writes, 99.0),
+            exchanges.len(),
+            percentile(&exchanges, 50.0),
+            percentile(&exchanges, 99.0),
+        );
     }
 }
