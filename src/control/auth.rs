@@ -272,15 +272,19 @@ impl Call {
 
     /// The body as a typed request (`T`, one struct per resource): absent fields take their
     /// serde defaults, an empty body reads as `{}`, and a wrong type or a missing required
-    /// field is [`ControlError::BadJson`] naming the field.
+    /// field is [`ControlError::BadJson`] naming the field's path
+    /// (`api_call_limits: invalid type: string "x", expected i64`).
     pub fn body<T: serde::de::DeserializeOwned>(&self) -> Result<T, ControlError> {
-        let body: &[u8] = if self.body.iter().all(u8::is_ascii_whitespace) {
+        let bytes: &[u8] = if self.body.iter().all(u8::is_ascii_whitespace) {
             b"{}"
         } else {
             &self.body
         };
-        serde_json::from_slice(body)
-            .map_err(|e| ControlError::BadJson(format!("the body does not parse: {e}")))
+        let mut json = serde_json::Deserializer::from_slice(bytes);
+        serde_path_to_error::deserialize(&mut json).map_err(|e| {
+            let path = e.path().to_string();
+            ControlError::BadJson(format!("{path}: {}", e.inner()))
+        })
     }
 
     /// Scope of the project-level resources that have no instance in their path

@@ -30,19 +30,9 @@ pub const MAX_THROTTLE_VALUE: i64 = 2_147_483_647;
 
 type Handler = Result<Response, ControlError>;
 
-/// A request body as the typed struct `T`; a field of the wrong type is a parameter error
-/// naming the field's path (`api_call_limits: invalid type: string "x", expected i64`).
+/// A request body as the typed struct `T` ([`Call::body`]).
 pub(super) fn body<T: DeserializeOwned>(call: &Call) -> Result<T, ControlError> {
-    let bytes: &[u8] = if call.body.iter().all(u8::is_ascii_whitespace) {
-        b"{}"
-    } else {
-        &call.body
-    };
-    let mut json = serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(&mut json).map_err(|e| {
-        let path = e.path().to_string();
-        ControlError::BadJson(format!("{path}: {}", e.inner()))
-    })
+    call.body()
 }
 
 /// A limit or interval present: 1 to 2,147,483,647 (`unit` says what it counts).
