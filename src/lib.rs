@@ -25,6 +25,8 @@
 //!   forwarding, admin.
 //! - [`control`]: the control plane: store, market API, management API, snapshot building
 //!   and pushing, the lease ledger, its admin listener.
+//! - [`throttle_allotment`]: throttling allotments: the exchange and ledger arithmetic that
+//!   let proxies share a throttling limit exactly.
 //! - [`lease`]: quota leases: the protocol and ledger arithmetic that let proxies share a purchase.
 //! - [`metrics_text`]: the Prometheus text format of one or more registries, empty families kept.
 //! - [`serve`]: `marketgate serve`: both planes in one process, joined without HTTP.
@@ -51,3 +53,4 @@ pub mod shutdown;
 pub mod signing;
 pub mod snapshot;
 pub mod template;
+pub mod throttle_allotment;

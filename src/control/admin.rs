@@ -22,6 +22,7 @@
 //! | `GET /v1/proxies` | operator | `{"version":N,"hash":H,"proxies":[{node_id,incarnation,acked_version,content_hash,content,last_seen,silent_secs,lag_versions,lag_secs,last_error,polls,resyncs,calls_held}],"leases":[{node_id,purchases,calls_held}]}` |
 //! | `POST /v1/leases` | proxy | `LeaseExchange` → `LeaseReply` (409 node id in use) |
 //! | `POST /v1/leases/release` | proxy | `{"node_id"}` → `{"node_id","released"}` |
+//! | `POST /v1/throttle/allotments` | proxy | `AllotmentRequest` → `AllotmentReply` (`crate::throttle_allotment`) |
 
 use std::collections::BTreeMap;
 
@@ -74,6 +75,23 @@ fn ledger_routes() -> Router<Admin> {
         .route("/v1/proxies", get(proxies))
         .route("/v1/leases", post(exchange))
         .route("/v1/leases/release", post(release))
+        .route(crate::throttle_allotment::PATH, post(allot))
+}
+
+/// `POST /v1/throttle/allotments`: a proxy's throttling allotments (docs/throttling.md).
+async fn allot(
+    State(admin): State<Admin>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<crate::throttle_allotment::AllotmentReply>, ControlError> {
+    authorized(
+        &admin.cp,
+        &headers,
+        AdminRole::Proxy,
+        "POST /v1/throttle/allotments",
+    )?;
+    let request: crate::throttle_allotment::AllotmentRequest = parse(&body)?;
+    Ok(Json(admin.cp.allot_throttles(request).await?))
 }
 
 /// Refuses a request without an admin token that may do `what` (`needed`: a proxy's routes

@@ -47,6 +47,7 @@ pub mod rule;
 pub mod state;
 pub mod store;
 pub mod subscriptions;
+pub mod throttle_allotments;
 pub mod throttle_bindings;
 pub mod throttle_specials;
 pub mod throttles;

@@ -210,6 +210,7 @@ mod tests {
                     unit: crate::snapshot::TimeUnit::Minute,
                     retry_after: 1,
                     short: None,
+                    settle_ms: 0,
                 }),
                 429,
                 "APIG.0308",

@@ -24,7 +24,7 @@ use super::error::Rejection;
 use super::forward::BoxError;
 use super::forward::{self, Body, BuyerCall, ForwardError};
 use super::metrics::Outcome;
-use super::throttle::{Refusal, Remaining};
+use super::throttle::Remaining;
 use super::Inner;
 use crate::accept::TimedBody;
 use crate::apig::ErrorBody;
@@ -550,19 +550,23 @@ async fn throttle_or_refill(
 ) -> Result<Remaining, Rejection> {
     let mut result = throttle(snapshot, api, app, peer, OffsetDateTime::now_utc());
     let deadline = Instant::now() + REFILL_WAIT;
-    while let Err(Rejection::Throttled(Refusal {
-        short: Some((counter, window)),
-        ..
-    })) = &result
-    {
-        let Some(wait) = deadline.checked_duration_since(Instant::now()) else {
-            break;
-        };
-        if !gateway
-            .allotments
-            .wait_for_refill(counter, *window, wait)
-            .await
-        {
+    while let Err(Rejection::Throttled(refusal)) = &result {
+        if refusal.settle_ms > 0 {
+            // Near a window's ends: the next window opens within twice the skew allowance
+            // (then the call is decided, never refused for the guard itself).
+            tokio::time::sleep(Duration::from_millis(refusal.settle_ms)).await;
+        } else if let Some((counter, window)) = &refusal.short {
+            let Some(wait) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            if !gateway
+                .allotments
+                .wait_for_refill(counter, *window, wait)
+                .await
+            {
+                break;
+            }
+        } else {
             break;
         }
         result = throttle(snapshot, api, app, peer, OffsetDateTime::now_utc());

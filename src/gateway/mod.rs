@@ -104,7 +104,7 @@ pub(crate) struct Inner {
     logged: std::sync::atomic::AtomicUsize,
     pub(crate) quota: quota::QuotaRegistry,
     /// The throttling allotment exchange's queue (leased proxies).
-    pub(crate) allotments: allotments::Allotments,
+    pub(crate) allotments: Arc<allotments::Allotments>,
     pub(crate) metrics: metrics::GatewayMetrics,
     pub(crate) listening: AtomicBool,
     /// The port the buyers' TLS listener is bound to (0: none yet), for HTTPS redirects.
@@ -175,7 +175,7 @@ impl Gateway {
             applied: Mutex::new(None),
             logged: std::sync::atomic::AtomicUsize::new(0),
             quota,
-            allotments: allotments::Allotments::default(),
+            allotments: Arc::default(),
             metrics,
             listening: AtomicBool::new(false),
             tls_port: std::sync::atomic::AtomicU16::new(0),
@@ -667,6 +667,14 @@ pub async fn run_proxy_with(
             client.incarnation().to_owned(),
         );
         tokio::spawn(subscriber.run(shutdown.clone()));
+        // Throttling counters admit only what the control plane allots from now on.
+        tokio::spawn(allotments::run(
+            gateway.inner.allotments.clone(),
+            gateway.inner.quota.throttle().clone(),
+            uplink.clone(),
+            config.proxy.node_id.clone(),
+            shutdown.clone(),
+        ));
         // Report what the journal says was served before taking new leases; meanwhile
         // limited purchases are served only from what is leased (nothing yet).
         let client = client.clone();

@@ -609,7 +609,7 @@ impl QuotaRegistry {
             noticed: Mutex::new(Vec::new()),
             refilled: tokio::sync::watch::channel(0).0,
             control_unreachable: AtomicBool::new(false),
-            // Throttling counters are local until the allotment client runs (next step).
+            // Local until a proxy's allotment client starts (`gateway::allotments`).
             throttle: Arc::new(super::throttle::ThrottleRegistry::new(false)),
         })
     }

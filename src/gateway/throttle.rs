@@ -57,6 +57,15 @@ pub struct Counter {
     allotted: AtomicU64,
     /// A refill of this counter's allotment is wanted (leased mode).
     pub(crate) wanted: AtomicBool,
+    /// `window + 1` of the last window the control plane had nothing left to grant in.
+    exhausted: AtomicU64,
+    /// What was allotted in the window before the current allotment's (the allotment rate
+    /// kept while the control plane is unreachable).
+    last_total: AtomicU64,
+    /// The limit and window of the policy scope it counts for (set at compile time; the
+    /// allotment client asks with them).
+    limit: AtomicU64,
+    window_ms: AtomicU64,
 }
 
 impl Counter {
@@ -66,7 +75,38 @@ impl Counter {
             used: AtomicU64::new(0),
             allotted: AtomicU64::new(0),
             wanted: AtomicBool::new(false),
+            exhausted: AtomicU64::new(0),
+            last_total: AtomicU64::new(0),
+            limit: AtomicU64::new(0),
+            window_ms: AtomicU64::new(1000),
         }
+    }
+
+    /// The limit it counts against and the window's length (ms).
+    pub fn limit_and_window(&self) -> (u64, u64) {
+        (
+            self.limit.load(Ordering::Relaxed),
+            self.window_ms.load(Ordering::Relaxed),
+        )
+    }
+
+    fn set_limit(&self, limit: u64, window_ms: u64) {
+        self.limit.store(limit, Ordering::Relaxed);
+        self.window_ms.store(window_ms.max(1), Ordering::Relaxed);
+    }
+
+    /// The control plane had nothing left to grant in `window`.
+    pub fn set_exhausted(&self, window: u64) {
+        self.exhausted.store(window + 1, Ordering::Release);
+    }
+
+    fn exhausted_in(&self, window: u64) -> bool {
+        self.exhausted.load(Ordering::Acquire) == window + 1
+    }
+
+    /// What was allotted for the window before the current allotment's.
+    pub fn last_total(&self) -> u64 {
+        self.last_total.load(Ordering::Relaxed)
     }
 
     pub fn key(&self) -> &str {
@@ -132,7 +172,7 @@ impl Counter {
     /// Adds `calls` to this proxy's allotment for `window` (a grant; a grant for a past
     /// window is ignored, one for a later window replaces the old window's).
     pub fn allot(&self, window: u32, calls: u64) {
-        let _ = self
+        let before = self
             .allotted
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
                 let (held, have) = unpack(word);
@@ -147,6 +187,12 @@ impl Counter {
                     None
                 }
             });
+        if let Ok(word) = before {
+            let (held, have) = unpack(word);
+            if held != window && word != 0 {
+                self.last_total.store(u64::from(have), Ordering::Relaxed);
+            }
+        }
     }
 }
 
@@ -154,12 +200,14 @@ impl Counter {
 #[derive(Debug)]
 pub struct IpTable {
     scope: Box<str>,
+    limit: u64,
+    window_ms: u64,
     counters: DashMap<IpAddr, Arc<Counter>, hashbrown::DefaultHashBuilder>,
 }
 
 impl IpTable {
     /// The counter of `ip`, made on first sight (its key is formatted then, once).
-    fn counter(&self, ip: IpAddr, window: u32, registry: &ThrottleRegistry) -> Arc<Counter> {
+    fn counter(&self, ip: IpAddr, window: u32) -> Arc<Counter> {
         if let Some(counter) = self.counters.get(&ip) {
             return counter.clone();
         }
@@ -170,7 +218,7 @@ impl IpTable {
             .entry(ip)
             .or_insert_with(|| {
                 let counter = Arc::new(Counter::new(format!("{}/ip/{ip}", self.scope).into()));
-                registry.noticed(&counter);
+                counter.set_limit(self.limit, self.window_ms);
                 counter
             })
             .clone()
@@ -183,13 +231,12 @@ impl IpTable {
 pub struct ThrottleRegistry {
     counters: Mutex<std::collections::HashMap<Box<str>, Weak<Counter>>>,
     ips: Mutex<std::collections::HashMap<Box<str>, Weak<IpTable>>>,
-    /// Counters admit only what the control plane allotted (`marketgate proxy`).
-    leased: bool,
+    /// Counters admit only what the control plane allotted (`marketgate proxy` with a
+    /// control plane: set when its allotment client starts).
+    leased: AtomicBool,
     /// The control plane's clock minus this host's, in milliseconds (leased mode), measured
     /// at each allotment exchange.
     offset_ms: AtomicI64,
-    /// Counters made since the allotment client last looked (leased mode).
-    fresh: Mutex<Vec<Weak<Counter>>>,
 }
 
 impl ThrottleRegistry {
@@ -197,13 +244,19 @@ impl ThrottleRegistry {
     /// plane), or, `leased`, only what the control plane allots.
     pub fn new(leased: bool) -> ThrottleRegistry {
         ThrottleRegistry {
-            leased,
+            leased: AtomicBool::new(leased),
             ..ThrottleRegistry::default()
         }
     }
 
     pub fn leased(&self) -> bool {
-        self.leased
+        self.leased.load(Ordering::Relaxed)
+    }
+
+    /// From now on counters admit only what the control plane allots (the allotment client
+    /// starts).
+    pub fn lease(&self) {
+        self.leased.store(true, Ordering::Relaxed);
     }
 
     /// The counter named `key` (made on first sight). Compile time only.
@@ -217,13 +270,11 @@ impl ThrottleRegistry {
         }
         let counter = Arc::new(Counter::new(key.into()));
         counters.insert(key.into(), Arc::downgrade(&counter));
-        drop(counters);
-        self.noticed(&counter);
         counter
     }
 
     /// The per-IP table of policy scope `scope` (made on first sight). Compile time only.
-    pub fn ip_table(&self, scope: &str) -> Arc<IpTable> {
+    pub fn ip_table(&self, scope: &str, limit: u64, window_ms: u64) -> Arc<IpTable> {
         let mut tables = self.ips.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(table) = tables.get(scope).and_then(Weak::upgrade) {
             return table;
@@ -231,27 +282,12 @@ impl ThrottleRegistry {
         tables.retain(|_, t| t.strong_count() > 0);
         let table = Arc::new(IpTable {
             scope: scope.into(),
+            limit,
+            window_ms,
             counters: DashMap::default(),
         });
         tables.insert(scope.into(), Arc::downgrade(&table));
         table
-    }
-
-    fn noticed(&self, counter: &Arc<Counter>) {
-        if self.leased {
-            self.fresh
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(Arc::downgrade(counter));
-        }
-    }
-
-    /// Counters made since the last call (for the allotment client).
-    pub fn take_fresh(&self) -> Vec<Arc<Counter>> {
-        std::mem::take(&mut *self.fresh.lock().unwrap_or_else(|e| e.into_inner()))
-            .into_iter()
-            .filter_map(|c| c.upgrade())
-            .collect()
     }
 
     /// Now on the control plane's clock, in milliseconds since the epoch.
@@ -282,8 +318,8 @@ pub struct PolicyRule {
 
 impl PolicyRule {
     /// The window `now_ms` (control-plane clock) falls in.
-    pub fn window(&self, now_ms: u64) -> u32 {
-        (now_ms / self.window_ms) as u32
+    pub fn window(&self, now_ms: u64) -> u64 {
+        now_ms / self.window_ms
     }
 }
 
@@ -345,7 +381,10 @@ pub struct Refusal {
     /// Seconds until the window ends (at least 1).
     pub retry_after: u64,
     /// The refusing counter's allotment ran short of its limit: a refill may admit it.
-    pub short: Option<(Arc<Counter>, u32)>,
+    pub short: Option<(Arc<Counter>, u64)>,
+    /// Leased mode, within the skew allowance of a window's ends: admitted after this many
+    /// milliseconds (0: not so).
+    pub settle_ms: u64,
 }
 
 impl std::fmt::Display for Refusal {
@@ -372,19 +411,27 @@ impl ApiThrottle {
         registry: &ThrottleRegistry,
         throttled: IntCounter,
     ) -> ApiThrottle {
-        let api = registry.counter(&format!("{scope}/api"));
+        let window_ms = rule.window_ms;
+        let counter = |key: String, limit: u64| {
+            let counter = registry.counter(&key);
+            counter.set_limit(limit, window_ms);
+            counter
+        };
+        let api = counter(format!("{scope}/api"), rule.api_limit);
         let callers = callers
             .into_iter()
             .filter_map(|(index, app_id, app_limit, user)| {
-                let app = app_limit
-                    .map(|limit| (registry.counter(&format!("{scope}/app/{app_id}")), limit));
+                let app =
+                    app_limit.map(|limit| (counter(format!("{scope}/app/{app_id}"), limit), limit));
                 let user = user.and_then(|(user, limit)| {
-                    limit.map(|limit| (registry.counter(&format!("{scope}/user/{user}")), limit))
+                    limit.map(|limit| (counter(format!("{scope}/user/{user}"), limit), limit))
                 });
                 (app.is_some() || user.is_some()).then_some((index, Caller { app, user }))
             })
             .collect();
-        let ips = rule.ip_limit.map(|_| registry.ip_table(scope));
+        let ips = rule
+            .ip_limit
+            .map(|limit| registry.ip_table(scope, limit, window_ms));
         ApiThrottle {
             rule,
             api,
@@ -405,10 +452,36 @@ impl ApiThrottle {
         registry: &ThrottleRegistry,
     ) -> Result<Remaining, Refusal> {
         let rule = &*self.rule;
-        let window = rule.window(now_ms);
+        let full_window = rule.window(now_ms);
+        let window = full_window as u32;
+        let leased = registry.leased();
+        if leased {
+            // Within the skew allowance of either end of the window no proxy admits: its
+            // clock may be in the neighbouring window (docs/throttling.md).
+            let into = now_ms % rule.window_ms;
+            let guard = crate::throttle_allotment::SKEW_ALLOWANCE_MS.min(rule.window_ms / 4);
+            let settle_ms = if into < guard {
+                guard - into
+            } else if into >= rule.window_ms - guard {
+                rule.window_ms - into + guard
+            } else {
+                0
+            };
+            if settle_ms > 0 {
+                return Err(Refusal {
+                    dimension: Dimension::Api,
+                    limit: rule.api_limit,
+                    interval: rule.interval,
+                    unit: rule.unit,
+                    retry_after: 1,
+                    short: None,
+                    settle_ms,
+                });
+            }
+        }
         let caller = app.and_then(|index| self.callers.get(&index));
         let ip_counter = match (&self.ips, rule.ip_limit) {
-            (Some(table), Some(limit)) => Some((table.counter(ip, window, registry), limit)),
+            (Some(table), Some(limit)) => Some((table.counter(ip, window), limit)),
             _ => None,
         };
         let dims: [Option<(Dimension, &Arc<Counter>, u64)>; 4] = [
@@ -427,7 +500,7 @@ impl ApiThrottle {
             .enumerate()
             .filter_map(|(i, d)| Some((i, (*d)?)))
         {
-            let allowance = if registry.leased {
+            let allowance = if leased {
                 limit.min(counter.allotted_in(window))
             } else {
                 limit
@@ -441,9 +514,10 @@ impl ApiThrottle {
                     for (_, taken, _) in dims[..i].iter().flatten() {
                         taken.give_back(window);
                     }
-                    let window_end = (u64::from(window) + 1) * rule.window_ms;
+                    let window_end = (full_window + 1) * rule.window_ms;
                     let retry_after = window_end.saturating_sub(now_ms).div_ceil(1000).max(1);
-                    let short = (allowance < limit).then(|| (counter.clone(), window));
+                    let short = (allowance < limit && !counter.exhausted_in(full_window))
+                        .then(|| (counter.clone(), full_window));
                     return Err(Refusal {
                         dimension,
                         limit,
@@ -451,6 +525,7 @@ impl ApiThrottle {
                         unit: rule.unit,
                         retry_after,
                         short,
+                        settle_ms: 0,
                     });
                 }
             }
@@ -574,13 +649,34 @@ mod tests {
             &registry,
             IntCounter::new("t", "t").unwrap(),
         );
-        let refused = throttle.admit(None, ip(1), 0, &registry).unwrap_err();
+        let refused = throttle.admit(None, ip(1), 500, &registry).unwrap_err();
         let (counter, window) = refused.short.expect("short of its allotment");
-        counter.allot(window, 2);
-        assert!(throttle.admit(None, ip(1), 0, &registry).is_ok());
-        assert!(throttle.admit(None, ip(1), 0, &registry).is_ok());
-        assert!(throttle.admit(None, ip(1), 0, &registry).is_err());
-        // An allotment is for its window only.
-        assert!(throttle.admit(None, ip(1), 1_000, &registry).is_err());
+        counter.allot(window as u32, 2);
+        assert!(throttle.admit(None, ip(1), 500, &registry).is_ok());
+        assert!(throttle.admit(None, ip(1), 600, &registry).is_ok());
+        assert!(throttle
+            .admit(None, ip(1), 700, &registry)
+            .unwrap_err()
+            .short
+            .is_some());
+        // Nothing is admitted near the window's ends; an allotment is for its window only.
+        assert_eq!(
+            throttle
+                .admit(None, ip(1), 990, &registry)
+                .unwrap_err()
+                .settle_ms,
+            60
+        );
+        assert!(throttle.admit(None, ip(1), 1_500, &registry).is_err());
+        // Once the control plane has nothing left for the window, a refusal is final.
+        counter.set_exhausted(1);
+        assert!(throttle
+            .admit(None, ip(1), 1_500, &registry)
+            .unwrap_err()
+            .short
+            .is_none());
+        assert_eq!(counter.last_total(), 0);
+        counter.allot(1, 3);
+        assert_eq!(counter.last_total(), 2);
     }
 }

@@ -175,9 +175,23 @@ async fn ten_a_second_per_app_admits_exactly_ten_each_second_under_64_clients() 
         .filter(|(_, _, a)| a.status == 200)
         .map(|(sent, answered, _)| (*sent, *answered))
         .collect();
+    // The proxy is leased: a call whose app allotment is spent is refused for the app limit;
+    // rarely, one whose API allotment (100 at a time) was not refilled within the 500 ms wait
+    // on this busy machine is refused naming the API limit (docs/throttling.md).
+    let mut refused_api = 0;
     for (_, _, answer) in answers.iter().filter(|(_, _, a)| a.status != 200) {
-        assert_throttled(answer, "app", 10, "1 second");
+        if answer.json()["error_msg"]
+            .as_str()
+            .unwrap_or("")
+            .contains("policy api")
+        {
+            assert_throttled(answer, "api", 1000, "1 second");
+            refused_api += 1;
+        } else {
+            assert_throttled(answer, "app", 10, "1 second");
+        }
     }
+    eprintln!("{refused_api} refused naming the API limit (allotment not refilled in time)");
     let first = answers.iter().map(|(s, _, _)| s / 1000).min().unwrap();
     let last = answers.iter().map(|(_, a, _)| a / 1000).max().unwrap();
     let mut report = BTreeMap::new();
@@ -501,4 +515,93 @@ async fn throttling_api_refuses_bad_input_naming_field_and_rule() {
         .delete(&format!("{base}/throttle-bindings/no-such-binding"))
         .await;
     expect_error("no binding", &unbind, 404, "APIG.3010");
+}
+
+/// Three proxies and one control plane, an app limit of 100 a minute, every proxy's clients
+/// pressing well above it for three whole minutes (`THROTTLE_FLEET_MINUTES` to change): each
+/// minute the fleet admits at most 100 (allotments: the sum granted per window never passes
+/// the limit) and at least 90 (the limit is shared, not split).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_proxies_hold_an_app_limit_of_100_a_minute_together() {
+    let minutes: u64 = std::env::var("THROTTLE_FLEET_MINUTES")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(3);
+    let planes = Planes::start(3).await;
+    let domain = "fleet-paced.market.test";
+    let group = planes.listed_group("fleet_paced", domain).await;
+    let (key, secret) = planes.buy(&group, "fleet-paced-order", 1_000_000).await;
+    let seller = planes.client(SELLER_TOKEN);
+    let policy = create_policy(
+        &seller,
+        json!({"name": "hundred_a_minute", "api_call_limits": 100000, "app_call_limits": 100,
+               "time_interval": 1, "time_unit": "MINUTE"}),
+    )
+    .await;
+    bind_group(&seller, &policy, &group).await;
+    planes.converged().await;
+
+    // From the next whole minute, for `minutes` minutes: two clients per proxy, each calling
+    // every 100 ms (60 calls a second against 100 a minute).
+    let start = (now_ms() / 60_000 + 1) * 60_000;
+    let until = start + minutes * 60_000;
+    tokio::time::sleep(Duration::from_millis(start - now_ms())).await;
+    let (key, secret) = (Arc::new(key), Arc::new(secret));
+    let mut clients = Vec::new();
+    for proxy in &planes.proxies {
+        for _ in 0..2 {
+            let (buyer, key, secret) = (proxy.buyer(), key.clone(), secret.clone());
+            clients.push(tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut tick = tokio::time::interval(Duration::from_millis(100));
+                while now_ms() < until {
+                    tick.tick().await;
+                    let sent = now_ms();
+                    let answer = call(&buyer, domain, &key, &secret).await;
+                    seen.push((sent, now_ms(), answer.status.as_u16()));
+                }
+                seen
+            }));
+        }
+    }
+    let mut answers = Vec::new();
+    for client in clients {
+        answers.extend(client.await.unwrap());
+    }
+    let mut report = Vec::new();
+    for minute in 0..minutes {
+        let (from, to) = (start + minute * 60_000, start + (minute + 1) * 60_000);
+        let inside = |t: u64| (from..to).contains(&t);
+        let surely = answers
+            .iter()
+            .filter(|(s, a, status)| *status == 200 && inside(*s) && inside(*a))
+            .count();
+        let possibly = answers
+            .iter()
+            .filter(|(s, a, status)| *status == 200 && *s < to && *a >= from)
+            .count();
+        let calls = answers.iter().filter(|(s, _, _)| inside(*s)).count();
+        report.push((minute, calls, surely, possibly));
+    }
+    eprintln!("(minute, calls, admitted surely in it, admitted possibly in it): {report:?}");
+    for (minute, calls, surely, possibly) in &report {
+        assert!(
+            *calls > 1_000,
+            "minute {minute}: only {calls} calls: {report:?}"
+        );
+        assert!(
+            *surely <= 100,
+            "minute {minute}: {surely} admitted: {report:?}"
+        );
+        assert!(
+            *possibly >= 90,
+            "minute {minute}: {possibly} admitted: {report:?}"
+        );
+    }
+    let refused: Vec<u16> = answers
+        .iter()
+        .map(|(_, _, status)| *status)
+        .filter(|status| *status != 200 && *status != 429)
+        .collect();
+    assert!(refused.is_empty(), "only 200 and 429: {refused:?}");
 }

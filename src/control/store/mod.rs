@@ -15,6 +15,8 @@
 //!   conflict; changed under a row lock (`FOR UPDATE`), never by compare-and-swap.
 //! - `proxy_nodes(node_id, incarnation, seen_at_ms)`: which incarnation of a proxy holds each
 //!   node id ([`nodes`]): one live proxy per node id across every replica.
+//! - `throttle_allotments(counter, win, granted, expires_ms)`: the calls of each throttling
+//!   counter granted to proxies per window ([`allotments`]): never more than its limit.
 //! - `meta`: the snapshot version counter. A commit that changes what proxies see takes the
 //!   next version as its LAST statement, so the counter's row lock orders versions exactly as
 //!   commits: a reader that sees version N sees every commit up to N and nothing after it.
@@ -27,6 +29,7 @@
 //! This module must not interpret documents or decide anything about the market: that is
 //! `state`'s job.
 
+pub mod allotments;
 pub mod nodes;
 pub mod postgres;
 pub mod sqlite;
@@ -65,6 +68,13 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
     (
         3,
         "CREATE TABLE proxy_nodes (node_id TEXT PRIMARY KEY, incarnation TEXT NOT NULL, seen_at_ms BIGINT NOT NULL);",
+    ),
+    // Throttling allotments: calls granted per counter and window, across replicas
+    // (`allotments`).
+    (
+        4,
+        "CREATE TABLE throttle_allotments (counter TEXT NOT NULL, win BIGINT NOT NULL, granted BIGINT NOT NULL, expires_ms BIGINT NOT NULL, PRIMARY KEY (counter, win));
+         CREATE INDEX throttle_allotments_by_expiry ON throttle_allotments (expires_ms);",
     ),
 ];
 
@@ -258,6 +268,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> Result<nodes::NodeClaim, StoreError>;
     /// Gives `node_id` up if `incarnation` holds it (a clean stop).
     async fn release_node(&self, node_id: &str, incarnation: &str) -> Result<(), StoreError>;
+    /// Grants each of `wants` what is left of its limit in its window, at most what it asks,
+    /// in one transaction with the rows locked; forgets rows expired by `now_ms`. Returns
+    /// the grants in order.
+    async fn allot(
+        &self,
+        wants: Vec<allotments::AllotWant>,
+        now_ms: i64,
+    ) -> Result<Vec<u64>, StoreError>;
     /// Can the store be reached now? (`GET /readyz`.)
     async fn ping(&self) -> Result<(), StoreError>;
     /// Versions committed by other processes as the store announces them (PostgreSQL

@@ -547,6 +547,45 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn allot(
+        &self,
+        wants: Vec<super::allotments::AllotWant>,
+        now_ms: i64,
+    ) -> Result<Vec<u64>, StoreError> {
+        use super::allotments::{ENSURE_SQL, GRANTED_SQL, PRUNE_SQL, SET_SQL};
+        self.bounded(async {
+            let mut client = self.pool.get().await.map_err(pool_error)?;
+            let tx = client.transaction().await.map_err(postgres_error)?;
+            let locked = format!("{GRANTED_SQL} FOR UPDATE");
+            let mut grants = Vec::with_capacity(wants.len());
+            for want in &wants {
+                tx.execute(ENSURE_SQL, &[&want.counter, &want.window, &want.expires_ms])
+                    .await
+                    .map_err(postgres_error)?;
+                let already: i64 = tx
+                    .query_one(&locked, &[&want.counter, &want.window])
+                    .await
+                    .map_err(postgres_error)?
+                    .get(0);
+                let already = already.max(0) as u64;
+                let granted = crate::throttle_allotment::grant(already, want.calls, want.limit);
+                if granted > 0 {
+                    let total = (already + granted) as i64;
+                    tx.execute(SET_SQL, &[&total, &want.counter, &want.window])
+                        .await
+                        .map_err(postgres_error)?;
+                }
+                grants.push(granted);
+            }
+            tx.execute(PRUNE_SQL, &[&now_ms])
+                .await
+                .map_err(postgres_error)?;
+            tx.commit().await.map_err(postgres_error)?;
+            Ok(grants)
+        })
+        .await
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.bounded(async {
             let client = self.pool.get().await.map_err(pool_error)?;

@@ -411,6 +411,41 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn allot(
+        &self,
+        wants: Vec<super::allotments::AllotWant>,
+        now_ms: i64,
+    ) -> Result<Vec<u64>, StoreError> {
+        use super::allotments::{ENSURE_SQL, GRANTED_SQL, PRUNE_SQL, SET_SQL};
+        self.with_conn(move |conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let mut grants = Vec::with_capacity(wants.len());
+            for want in &wants {
+                tx.execute(
+                    ENSURE_SQL,
+                    params![want.counter, want.window, want.expires_ms],
+                )?;
+                let already: i64 =
+                    tx.query_row(GRANTED_SQL, params![want.counter, want.window], |row| {
+                        row.get(0)
+                    })?;
+                let already = already.max(0) as u64;
+                let granted = crate::throttle_allotment::grant(already, want.calls, want.limit);
+                if granted > 0 {
+                    tx.execute(
+                        SET_SQL,
+                        params![(already + granted) as i64, want.counter, want.window],
+                    )?;
+                }
+                grants.push(granted);
+            }
+            tx.execute(PRUNE_SQL, params![now_ms])?;
+            tx.commit()?;
+            Ok(grants)
+        })
+        .await
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
