@@ -170,8 +170,8 @@ pub struct Commit {
     pub bump_version: bool,
 }
 
-/// What a commit did: the version it made (or the current one, without a bump) and the new
-/// revision of each write, in order.
+/// What a commit did: the version it made (0 without `bump_version`: none made, and the
+/// counter is not read) and the new revision of each write, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Committed {
     pub version: u64,

@@ -284,11 +284,8 @@ impl Store for SqliteStore {
                     params![VERSION_KEY],
                     |row| row.get(0),
                 )?,
-                false => tx.query_row(
-                    "SELECT value FROM meta WHERE key = ?1",
-                    params![VERSION_KEY],
-                    |row| row.get(0),
-                )?,
+                // No version made (the same as PostgreSQL's: `Committed::version` is 0).
+                false => 0,
             };
             for write in &commit.writes {
                 tx.execute(
