@@ -1,0 +1,455 @@
+//! A simulated fleet: many lease clients in one process against control replicas on one
+//! PostgreSQL database, under steady traffic, counting what the store really does
+//! (`pg_stat_database.xact_commit`) against the capacity model of docs/capacity.md.
+//!
+//! Decision it informs: whether the store's load follows proxies, not calls (issue 14 item 7:
+//! a lease exchange is one transaction whatever it carries, and its interval stretches with
+//! lease size), what a fleet of a given size costs the store in transactions per second, and
+//! how long an exchange takes as a proxy sees it.
+//!
+//! Each simulated proxy is the real thing minus its sockets for buyers: a `Gateway` in leased
+//! mode with its own data directory, a snapshot holding the purchases it serves, and the real
+//! `LeaseClient` exchanging over HTTP (`POST /v1/leases` through an `Uplink` naming every
+//! replica, as `proxy.control_urls` does). Traffic takes calls from its quota cells as the
+//! handler does (take; when dry, wait for a refill; note the usage), evenly over each second.
+//!
+//! Run (optimised; the thin profile on a shared machine):
+//! `cargo build --profile thin --bench fleet_sim && target/thin/deps/fleet_sim-* --bench`.
+//! Environment: `PROXIES` (default 1000), `PURCHASES` (10000), `SERVED_BY` (proxies serving
+//! each purchase, 2), `RATE` (calls/s of each purchase on each proxy serving it, 5),
+//! `REPLICAS` (3), `WARMUP_SECS` (20), `SECONDS` (60 measured).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use marketgate::config::Config;
+use marketgate::control::ControlPlane;
+use marketgate::gateway::leasing::{
+    HttpLeaseService, LeaseClient, LeaseService, LeaseServiceError,
+};
+use marketgate::gateway::quota::QuotaMode;
+use marketgate::gateway::uplink::Uplink;
+use marketgate::gateway::Gateway;
+use marketgate::lease::{LeaseExchange, LeaseReply};
+use marketgate::shutdown::{Shutdown, ShutdownTrigger};
+use serde_json::{json, Value};
+
+const MARKET_TOKEN: &str = "sim-market-token";
+const SELLER_TOKEN: &str = "sim-seller-token";
+const ADMIN_TOKEN: &str = "sim-admin-token";
+const POSTGRES_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+/// Concurrent market clients while the purchases are made.
+const BUYERS: usize = 50;
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn control_config(database_url: &str) -> Config {
+    let text = format!(
+        r#"instance_id = "sim"
+database_url = "{database_url}"
+[admin]
+token = "{ADMIN_TOKEN}"
+[log]
+level = "warn"
+[[control.tokens]]
+token = "{MARKET_TOKEN}"
+domain_id = "market"
+project_id = "market"
+role = "market"
+[[control.tokens]]
+token = "{SELLER_TOKEN}"
+domain_id = "seller-d"
+project_id = "seller-p"
+role = "tenant"
+"#
+    );
+    Config::from_toml(&text, Vec::new()).expect("control config is valid")
+}
+
+fn proxy_config(dir: &std::path::Path, node: usize, urls: &[String]) -> Config {
+    let list = urls
+        .iter()
+        .map(|u| format!("\"{u}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let text = format!(
+        r#"data_dir = "{}"
+[admin]
+token = "{ADMIN_TOKEN}"
+[gateway]
+quota_journal_block = 100000
+[proxy]
+node_id = "sim-proxy-{node}"
+control_urls = [{list}]
+control_token = "{ADMIN_TOKEN}"
+"#,
+        dir.display()
+    );
+    Config::from_toml(&text, Vec::new()).expect("proxy config is valid")
+}
+
+struct Api {
+    client: Client<HttpConnector, Full<Bytes>>,
+    base: String,
+}
+
+impl Api {
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        token: &str,
+        domain: &str,
+        body: Value,
+    ) -> (u16, Value) {
+        let request = http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header("x-auth-token", token)
+            .header("x-domain-id", domain)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        let response = self.client.request(request).await.unwrap();
+        let status = response.status().as_u16();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+}
+
+/// A listed group with one sellable API: its id.
+async fn listed_group(api: &Api) -> String {
+    let v2 = "/v2/seller-p/apigw/instances/sim";
+    let (s, group) = api
+        .send(
+            "POST",
+            &format!("{v2}/api-groups"),
+            SELLER_TOKEN,
+            "seller-d",
+            json!({"name": "sim_group"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{group}");
+    let gid = group["id"].as_str().unwrap().to_owned();
+    let (s, created) = api
+        .send(
+            "POST",
+            &format!("{v2}/apis"),
+            SELLER_TOKEN,
+            "seller-d",
+            json!({
+            "group_id": gid, "name": "sim_api", "type": 1, "req_protocol": "HTTP",
+            "req_method": "GET", "req_uri": "/x", "auth_type": "APP", "backend_type": "MOCK",
+            "mock_info": {"result_content": "ok"}}),
+        )
+        .await;
+    assert_eq!(s, 201, "{created}");
+    let (s, published) = api
+        .send("POST", &format!("{v2}/apis/action"), SELLER_TOKEN, "seller-d", json!({
+            "action": "online", "env_id": "DEFAULT_ENVIRONMENT_RELEASE_ID", "api_id": created["id"]}))
+        .await;
+    assert_eq!(s, 201, "{published}");
+    let (s, listed) = api
+        .send(
+            "PUT",
+            &format!("/v1/seller-p/apigw/instances/sim/market/api-groups/onsell/{gid}"),
+            MARKET_TOKEN,
+            "seller-d",
+            json!({"url_domain": "sim.market.local"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{listed}");
+    gid
+}
+
+/// The lease service with each exchange timed, as the proxy sees it.
+struct Timed {
+    inner: HttpLeaseService,
+    took: Arc<Mutex<Vec<Duration>>>,
+    failed: Arc<AtomicU64>,
+}
+
+#[async_trait::async_trait]
+impl LeaseService for Timed {
+    async fn exchange(&self, exchange: LeaseExchange) -> Result<LeaseReply, LeaseServiceError> {
+        let started = Instant::now();
+        let reply = self.inner.exchange(exchange).await;
+        match &reply {
+            Ok(_) => self.took.lock().unwrap().push(started.elapsed()),
+            Err(_) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        reply
+    }
+}
+
+async fn xact_commit(client: &tokio_postgres::Client, database: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = $1",
+            &[&database],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Takes calls from `cells` at `rate` calls/s each, spread over each second, as the handler
+/// does: take; when dry and a refill may come, ask for one and try once more; note the usage.
+async fn traffic(
+    gateway: Gateway,
+    cells: Vec<Arc<marketgate::gateway::quota::QuotaCell>>,
+    rate: u64,
+    served: Arc<AtomicU64>,
+    refused: Arc<AtomicU64>,
+    shutdown: Shutdown,
+) {
+    const TICKS_PER_SEC: u64 = 10;
+    let mut tick = tokio::time::interval(Duration::from_millis(1000 / TICKS_PER_SEC));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.clone().wait() => return,
+        }
+        // `rate` calls a second in whole calls per tick, the remainders carried.
+        let per_tick = (ticks + 1) * rate / TICKS_PER_SEC - ticks * rate / TICKS_PER_SEC;
+        ticks += 1;
+        for cell in &cells {
+            for _ in 0..per_tick {
+                let mut taken = cell.take().await.unwrap_or(false);
+                if !taken && cell.may_refill() {
+                    gateway
+                        .quota()
+                        .wait_for_refill(cell, Duration::from_millis(500))
+                        .await;
+                    taken = cell.take().await.unwrap_or(false);
+                }
+                if taken {
+                    gateway.quota().note_usage(cell);
+                    served.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    refused.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+fn main() {
+    let measuring = std::env::args().any(|a| a == "--bench");
+    // `cargo test --all-targets` runs this as a smoke test: a tiny fleet for a few seconds.
+    let scale =
+        |name: &str, bench: u64, smoke: u64| env(name, if measuring { bench } else { smoke });
+    let proxies = scale("PROXIES", 1000, 4) as usize;
+    let purchases = scale("PURCHASES", 10_000, 8) as usize;
+    let served_by = scale("SERVED_BY", 2, 2) as usize;
+    let rate = scale("RATE", 5, 5);
+    let replicas = scale("REPLICAS", 3, 2) as usize;
+    let warmup = Duration::from_secs(scale("WARMUP_SECS", 20, 2));
+    let measured = Duration::from_secs(scale("SECONDS", 60, 3));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let Ok((admin, connection)) =
+            tokio_postgres::connect(POSTGRES_ADMIN_URL, tokio_postgres::NoTls).await
+        else {
+            println!("PostgreSQL not reachable on 127.0.0.1:5432: fleet simulation skipped");
+            return;
+        };
+        tokio::spawn(connection);
+        let database = format!("mg_fleet_sim_{}", std::process::id());
+        admin.execute(&format!("CREATE DATABASE {database}"), &[]).await.unwrap();
+        let url = format!("postgres://postgres@127.0.0.1:5432/{database}");
+        let config = control_config(&url);
+        let (trigger, shutdown) = ShutdownTrigger::new();
+
+        // The control replicas: market API and admin listener (lease exchanges) each.
+        let mut apis = Vec::new();
+        let mut admin_urls = Vec::new();
+        let mut planes = Vec::new();
+        for _ in 0..replicas {
+            let cp = ControlPlane::open(&config).await.expect("control plane opens");
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(marketgate::control::serve(listener, cp.clone(), shutdown.clone()));
+            let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            admin_urls.push(format!("http://{}", admin_listener.local_addr().unwrap()));
+            let router = cp.admin_router(cp.spawn_subscriptions(shutdown.clone()));
+            cp.spawn_lease_expiry(shutdown.clone());
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                axum::serve(admin_listener, router)
+                    .with_graceful_shutdown(stop.wait())
+                    .await
+                    .unwrap()
+            });
+            apis.push(Arc::new(Api {
+                client: Client::builder(TokioExecutor::new()).build_http(),
+                base: format!("http://{addr}"),
+            }));
+            planes.push(cp);
+        }
+
+        // The market: one listed group, `purchases` purchases by distinct buyers.
+        let setup = Instant::now();
+        let gid = Arc::new(listed_group(&apis[0]).await);
+        let mut buyers = Vec::new();
+        for b in 0..BUYERS {
+            let (api, gid) = (apis[b % replicas].clone(), gid.clone());
+            buyers.push(tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for n in (b..purchases).step_by(BUYERS) {
+                    let body = json!({"order_id": format!("sim-{n}"), "group_id": *gid,
+                        "start_time": "1700000000", "expire_time": "4102444800",
+                        "req_quota": "1000000000", "order_type": "1"});
+                    let (status, answer) = api
+                        .send("POST", "/v1/buyer-p/apigw/instances/sim/market/api-groups/purchase",
+                              MARKET_TOKEN, &format!("buyer-{n}"), body)
+                        .await;
+                    assert_eq!(status, 201, "{answer}");
+                    ids.push((n, answer["purchase_id"].as_str().unwrap().to_owned()));
+                }
+                ids
+            }));
+        }
+        let mut bought = Vec::with_capacity(purchases);
+        for buyer in buyers {
+            bought.extend(buyer.await.unwrap());
+        }
+        bought.sort();
+        let bought_in = setup.elapsed();
+
+        // The fleet: proxy p serves purchases p*k .. p*k+k (mod `purchases`), k chosen so
+        // that each purchase is served by `served_by` proxies.
+        let snapshot = planes[0].snapshot().await;
+        let per_proxy = (purchases * served_by).div_ceil(proxies).max(1);
+        let by_id: HashMap<&str, &marketgate::snapshot::Purchase> =
+            snapshot.purchases.iter().map(|p| (p.id.as_str(), p)).collect();
+        let dirs = tempfile::tempdir().unwrap();
+        let took: Arc<Mutex<Vec<Duration>>> = Arc::default();
+        let failed = Arc::new(AtomicU64::new(0));
+        let served = Arc::new(AtomicU64::new(0));
+        let refused = Arc::new(AtomicU64::new(0));
+        let (fleet_trigger, fleet_shutdown) = ShutdownTrigger::new();
+        let mut clients = Vec::new();
+        for p in 0..proxies {
+            let dir = dirs.path().join(format!("p{p}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let config = proxy_config(&dir, p, &admin_urls);
+            let gateway = Gateway::open_with_quota(&config, QuotaMode::Leased).unwrap();
+            let mine: Vec<&marketgate::snapshot::Purchase> = (0..per_proxy)
+                .map(|i| by_id[bought[(p * per_proxy + i) % purchases].1.as_str()])
+                .collect();
+            let apps: std::collections::HashSet<&str> = mine.iter().map(|m| m.app_id.as_str()).collect();
+            let mut own = snapshot.clone();
+            own.purchases = mine.iter().map(|m| (*m).clone()).collect();
+            own.apps.retain(|a| apps.contains(a.id.as_str()));
+            gateway.apply_snapshot(own).expect("the proxy takes its snapshot");
+            let cells: Vec<_> = mine
+                .iter()
+                .map(|m| gateway.quota().get(&m.id).expect("a cell per purchase"))
+                .collect();
+            let uplink = Arc::new(Uplink::new(
+                // Each proxy starts on another replica, as a load balancer would spread them.
+                (0..replicas).map(|r| admin_urls[(p + r) % replicas].clone()).collect(),
+                ADMIN_TOKEN,
+                None,
+            ));
+            let service = Arc::new(Timed {
+                inner: HttpLeaseService::new(uplink),
+                took: took.clone(),
+                failed: failed.clone(),
+            });
+            let client = Arc::new(LeaseClient::new(gateway.clone(), service));
+            let runner = client.clone();
+            let stop = fleet_shutdown.clone();
+            tokio::spawn(async move { runner.run(stop).await });
+            tokio::spawn(traffic(
+                gateway,
+                cells,
+                rate,
+                served.clone(),
+                refused.clone(),
+                fleet_shutdown.clone(),
+            ));
+            clients.push(client);
+        }
+        let fleet_in = setup.elapsed() - bought_in;
+
+        // Warm up (leases granted, rates learned), then measure.
+        tokio::time::sleep(warmup).await;
+        took.lock().unwrap().clear();
+        let (served_0, refused_0, failed_0) = (
+            served.load(Ordering::Relaxed),
+            refused.load(Ordering::Relaxed),
+            failed.load(Ordering::Relaxed),
+        );
+        let commits_0 = xact_commit(&admin, &database).await;
+        let started = Instant::now();
+        tokio::time::sleep(measured).await;
+        let commits = xact_commit(&admin, &database).await - commits_0;
+        let elapsed = started.elapsed().as_secs_f64();
+        let mut exchanges = std::mem::take(&mut *took.lock().unwrap());
+        exchanges.sort();
+        let calls = served.load(Ordering::Relaxed) - served_0;
+        let refusals = refused.load(Ordering::Relaxed) - refused_0;
+        let failures = failed.load(Ordering::Relaxed) - failed_0;
+        fleet_trigger.fire();
+        let per_sec = exchanges.len() as f64 / elapsed;
+        println!(
+            "fleet: {proxies} proxies x {per_proxy} purchases each ({purchases} purchases, each \
+             served by {served_by}), {rate} calls/s per purchase per proxy, {replicas} replicas; \
+             setup: {purchases} purchases in {:.1} s, fleet up in {:.1} s; measured {elapsed:.1} s \
+             after {} s of warm-up",
+            bought_in.as_secs_f64(),
+            fleet_in.as_secs_f64(),
+            warmup.as_secs()
+        );
+        println!(
+            "| proxies | purchases | calls/s served | refused | exchanges/s | per proxy/s | store xact_commit/s | exchange p50 ms | p99 ms | max ms | failed |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|---|---|");
+        println!(
+            "| {proxies} | {purchases} | {:.0} | {refusals} | {per_sec:.0} | {:.2} | {:.0} | {:.1} | {:.1} | {:.1} | {failures} |",
+            calls as f64 / elapsed,
+            per_sec / proxies as f64,
+            commits as f64 / elapsed,
+            pct(&exchanges, 0.50).as_secs_f64() * 1e3,
+            pct(&exchanges, 0.99).as_secs_f64() * 1e3,
+            exchanges.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+        );
+        drop(clients);
+        trigger.fire();
+        drop(planes);
+        let _ = admin
+            .execute(&format!("DROP DATABASE {database} WITH (FORCE)"), &[])
+            .await;
+    });
+}
