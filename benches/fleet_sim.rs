@@ -24,11 +24,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use marketgate::config::Config;
 use marketgate::control::ControlPlane;
 use marketgate::gateway::leasing::{
@@ -39,43 +34,21 @@ use marketgate::gateway::uplink::Uplink;
 use marketgate::gateway::Gateway;
 use marketgate::lease::{LeaseExchange, LeaseReply};
 use marketgate::shutdown::{Shutdown, ShutdownTrigger};
-use serde_json::{json, Value};
+use serde_json::json;
 
-const MARKET_TOKEN: &str = "sim-market-token";
-const SELLER_TOKEN: &str = "sim-seller-token";
-const ADMIN_TOKEN: &str = "sim-admin-token";
-const POSTGRES_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+#[path = "support/market.rs"]
+mod market;
+
+use market::{control_config, listed_group, Api, ADMIN_TOKEN, MARKET_TOKEN, POSTGRES_ADMIN_URL};
+
 /// Concurrent market clients while the purchases are made.
-const BUYERS: usize = 50;
+const BUYERS: usize = 16;
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn control_config(database_url: &str) -> Config {
-    let text = format!(
-        r#"instance_id = "sim"
-database_url = "{database_url}"
-[admin]
-token = "{ADMIN_TOKEN}"
-[log]
-level = "warn"
-[[control.tokens]]
-token = "{MARKET_TOKEN}"
-domain_id = "market"
-project_id = "market"
-role = "market"
-[[control.tokens]]
-token = "{SELLER_TOKEN}"
-domain_id = "seller-d"
-project_id = "seller-p"
-role = "tenant"
-"#
-    );
-    Config::from_toml(&text, Vec::new()).expect("control config is valid")
 }
 
 fn proxy_config(dir: &std::path::Path, node: usize, urls: &[String]) -> Config {
@@ -98,83 +71,6 @@ control_token = "{ADMIN_TOKEN}"
         dir.display()
     );
     Config::from_toml(&text, Vec::new()).expect("proxy config is valid")
-}
-
-struct Api {
-    client: Client<HttpConnector, Full<Bytes>>,
-    base: String,
-}
-
-impl Api {
-    async fn send(
-        &self,
-        method: &str,
-        path: &str,
-        token: &str,
-        domain: &str,
-        body: Value,
-    ) -> (u16, Value) {
-        let request = http::Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base))
-            .header("x-auth-token", token)
-            .header("x-domain-id", domain)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.to_string())))
-            .unwrap();
-        let response = self.client.request(request).await.unwrap();
-        let status = response.status().as_u16();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        (
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
-    }
-}
-
-/// A listed group with one sellable API: its id.
-async fn listed_group(api: &Api) -> String {
-    let v2 = "/v2/seller-p/apigw/instances/sim";
-    let (s, group) = api
-        .send(
-            "POST",
-            &format!("{v2}/api-groups"),
-            SELLER_TOKEN,
-            "seller-d",
-            json!({"name": "sim_group"}),
-        )
-        .await;
-    assert_eq!(s, 201, "{group}");
-    let gid = group["id"].as_str().unwrap().to_owned();
-    let (s, created) = api
-        .send(
-            "POST",
-            &format!("{v2}/apis"),
-            SELLER_TOKEN,
-            "seller-d",
-            json!({
-            "group_id": gid, "name": "sim_api", "type": 1, "req_protocol": "HTTP",
-            "req_method": "GET", "req_uri": "/x", "auth_type": "APP", "backend_type": "MOCK",
-            "mock_info": {"result_content": "ok"}}),
-        )
-        .await;
-    assert_eq!(s, 201, "{created}");
-    let (s, published) = api
-        .send("POST", &format!("{v2}/apis/action"), SELLER_TOKEN, "seller-d", json!({
-            "action": "online", "env_id": "DEFAULT_ENVIRONMENT_RELEASE_ID", "api_id": created["id"]}))
-        .await;
-    assert_eq!(s, 201, "{published}");
-    let (s, listed) = api
-        .send(
-            "PUT",
-            &format!("/v1/seller-p/apigw/instances/sim/market/api-groups/onsell/{gid}"),
-            MARKET_TOKEN,
-            "seller-d",
-            json!({"url_domain": "sim.market.local"}),
-        )
-        .await;
-    assert_eq!(s, 201, "{listed}");
-    gid
 }
 
 /// The lease service with each exchange timed, as the proxy sees it.
@@ -287,7 +183,7 @@ fn main() {
         let database = format!("mg_fleet_sim_{}", std::process::id());
         admin.execute(&format!("CREATE DATABASE {database}"), &[]).await.unwrap();
         let url = format!("postgres://postgres@127.0.0.1:5432/{database}");
-        let config = control_config(&url);
+        let config = control_config(&url, "sim");
         let (trigger, shutdown) = ShutdownTrigger::new();
 
         // The control replicas: market API and admin listener (lease exchanges) each.
@@ -310,16 +206,13 @@ fn main() {
                     .await
                     .unwrap()
             });
-            apis.push(Arc::new(Api {
-                client: Client::builder(TokioExecutor::new()).build_http(),
-                base: format!("http://{addr}"),
-            }));
+            apis.push(Arc::new(Api::new(addr)));
             planes.push(cp);
         }
 
         // The market: one listed group, `purchases` purchases by distinct buyers.
         let setup = Instant::now();
-        let gid = Arc::new(listed_group(&apis[0]).await);
+        let gid = Arc::new(listed_group(&apis[0], "sim", "sim.market.local").await);
         let mut buyers = Vec::new();
         for b in 0..BUYERS {
             let (api, gid) = (apis[b % replicas].clone(), gid.clone());
@@ -329,11 +222,19 @@ fn main() {
                     let body = json!({"order_id": format!("sim-{n}"), "group_id": *gid,
                         "start_time": "1700000000", "expire_time": "4102444800",
                         "req_quota": "1000000000", "order_type": "1"});
-                    let (status, answer) = api
-                        .send("POST", "/v1/buyer-p/apigw/instances/sim/market/api-groups/purchase",
-                              MARKET_TOKEN, &format!("buyer-{n}"), body)
-                        .await;
-                    assert_eq!(status, 201, "{answer}");
+                    let answer = loop {
+                        let (status, answer) = api
+                            .send("POST", "/v1/buyer-p/apigw/instances/sim/market/api-groups/purchase",
+                                  MARKET_TOKEN, &format!("buyer-{n}"), body.clone())
+                            .await;
+                        match status {
+                            201 => break answer,
+                            // An overloaded store says so (a busy shared machine): the market
+                            // retries the same order after `Retry-After`, as a market would.
+                            503 => tokio::time::sleep(Duration::from_secs(1)).await,
+                            _ => panic!("{status} {answer}"),
+                        }
+                    };
                     ids.push((n, answer["purchase_id"].as_str().unwrap().to_owned()));
                 }
                 ids

@@ -12,123 +12,19 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use marketgate::config::Config;
 use marketgate::control::ControlPlane;
 use marketgate::shutdown::ShutdownTrigger;
-use serde_json::{json, Value};
+use serde_json::json;
+
+#[path = "support/market.rs"]
+mod market;
+
+use market::{control_config, listed_group, Api, MARKET_TOKEN, POSTGRES_ADMIN_URL};
 
 const CLIENTS: usize = 100;
-const MARKET_TOKEN: &str = "bench-market-token";
-const SELLER_TOKEN: &str = "bench-seller-token";
-const POSTGRES_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-
-struct Api {
-    client: Client<HttpConnector, Full<Bytes>>,
-    base: String,
-}
-
-impl Api {
-    async fn send(
-        &self,
-        method: &str,
-        path: &str,
-        token: &str,
-        domain: &str,
-        body: Value,
-    ) -> (u16, Value) {
-        let request = http::Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base))
-            .header("x-auth-token", token)
-            .header("x-domain-id", domain)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.to_string())))
-            .unwrap();
-        let response = self.client.request(request).await.unwrap();
-        let status = response.status().as_u16();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        (
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
-    }
-}
-
-fn config(database_url: &str) -> Config {
-    let text = format!(
-        r#"instance_id = "bench"
-database_url = "{database_url}"
-[admin]
-token = "bench-admin-token"
-[log]
-level = "warn"
-[[control.tokens]]
-token = "{MARKET_TOKEN}"
-domain_id = "market"
-project_id = "market"
-role = "market"
-[[control.tokens]]
-token = "{SELLER_TOKEN}"
-domain_id = "seller-d"
-project_id = "seller-p"
-role = "tenant"
-"#
-    );
-    Config::from_toml(&text, Vec::new()).expect("bench config is valid")
-}
-
-/// A seller group with one sellable API, listed on the market: its id.
-async fn listed_group(api: &Api) -> String {
-    let v2 = "/v2/seller-p/apigw/instances/bench";
-    let (s, group) = api
-        .send(
-            "POST",
-            &format!("{v2}/api-groups"),
-            SELLER_TOKEN,
-            "seller-d",
-            json!({"name": "bench_group"}),
-        )
-        .await;
-    assert_eq!(s, 201, "{group}");
-    let gid = group["id"].as_str().unwrap().to_owned();
-    let (s, created) = api
-        .send(
-            "POST",
-            &format!("{v2}/apis"),
-            SELLER_TOKEN,
-            "seller-d",
-            json!({
-            "group_id": gid, "name": "bench_api", "type": 1, "req_protocol": "HTTP",
-            "req_method": "GET", "req_uri": "/x", "auth_type": "APP", "backend_type": "MOCK",
-            "mock_info": {"result_content": "ok"}}),
-        )
-        .await;
-    assert_eq!(s, 201, "{created}");
-    let (s, published) = api
-        .send("POST", &format!("{v2}/apis/action"), SELLER_TOKEN, "seller-d", json!({
-            "action": "online", "env_id": "DEFAULT_ENVIRONMENT_RELEASE_ID", "api_id": created["id"]}))
-        .await;
-    assert_eq!(s, 201, "{published}");
-    let (s, listed) = api
-        .send(
-            "PUT",
-            &format!("/v1/seller-p/apigw/instances/bench/market/api-groups/onsell/{gid}"),
-            MARKET_TOKEN,
-            "seller-d",
-            json!({"url_domain": "bench.market.local"}),
-        )
-        .await;
-    assert_eq!(s, 201, "{listed}");
-    gid
-}
 
 async fn run(store: &str, database_url: &str, per_client: usize, replicas: usize) {
-    let config = config(database_url);
+    let config = control_config(database_url, "bench");
     let (trigger, shutdown) = ShutdownTrigger::new();
     let mut apis = Vec::new();
     for _ in 0..replicas {
@@ -138,12 +34,9 @@ async fn run(store: &str, database_url: &str, per_client: usize, replicas: usize
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(marketgate::control::serve(listener, cp, shutdown.clone()));
-        apis.push(Arc::new(Api {
-            client: Client::builder(TokioExecutor::new()).build_http(),
-            base: format!("http://{addr}"),
-        }));
+        apis.push(Arc::new(Api::new(addr)));
     }
-    let gid = Arc::new(listed_group(&apis[0]).await);
+    let gid = Arc::new(listed_group(&apis[0], "bench", "bench.market.local").await);
 
     let started = Instant::now();
     let mut tasks = Vec::new();
