@@ -48,14 +48,6 @@ pub use transport::{HttpLeaseService, LeaseService, LeaseServiceError, EXCHANGE_
 pub const TICK: Duration = Duration::from_millis(100);
 /// Exchanges prompted by usage are at least this far apart: under load, reports batch.
 pub const MIN_EXCHANGE_INTERVAL: Duration = Duration::from_millis(20);
-/// An exchange that would only report usage waits, after the last exchange, this share of
-/// the time the thinnest lease in hand lasts at its rate (between [`MIN_EXCHANGE_INTERVAL`]
-/// and [`MAX_REPORT_INTERVAL`]): the interval stretches with lease size, so a fleet's
-/// exchanges follow proxies, not calls (docs/capacity.md). Reports free no calls (grants
-/// count what is held), so waiting costs only the freshness of the ledger's `used`.
-const REPORT_SHARE: f64 = 0.02;
-/// The longest usage stays unreported while calls flow.
-pub const MAX_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// A lease is dropped locally this many seconds before it expires unless renewed.
 pub const REVOKE_MARGIN_SECS: i64 = 5;
 /// A lease is renewed when less than this share of its time to live is left.
@@ -137,8 +129,6 @@ pub struct LeaseClient {
     watched: Mutex<HashMap<Arc<str>, Arc<QuotaCell>>>,
     /// One exchange at a time.
     exchanging: tokio::sync::Mutex<()>,
-    /// When the last exchange was sent (report-only exchanges wait for their interval).
-    last_exchange: Mutex<Option<Instant>>,
     /// Set once [`LeaseClient::recover`] has reported the journal.
     recovered: tokio::sync::watch::Sender<bool>,
     /// Calls were given back and not yet acknowledged: the next exchange goes soon.
@@ -202,7 +192,6 @@ impl LeaseClient {
             })),
             watched: Mutex::new(watched),
             exchanging: tokio::sync::Mutex::new(()),
-            last_exchange: Mutex::new(None),
             recovered: tokio::sync::watch::channel(false).0,
             returns_pending: AtomicBool::new(false),
             service,
@@ -525,44 +514,6 @@ impl LeaseClient {
     /// `release_all`, the last exchange of a clean shutdown: every cell is reported and every
     /// lease given back). Calls the answer recalls are taken out of their cells at once and
     /// reported by the next exchange.
-    /// What to ask for on a busy cell when an exchange goes anyway: the top-up
-    /// [`LeaseClient::want`] would ask for later, once it is worth a row (an eighth of the
-    /// budget), so that the cells of one proxy are topped up together and each does not
-    /// cost an exchange of its own.
-    fn top_up(&self, cell: &QuotaCell, tracked: &Tracked) -> Option<u64> {
-        if !cell.is_leased() || tracked.rate <= 0.0 {
-            return None;
-        }
-        let left = cell.limit().saturating_sub(cell.used());
-        let (budget, demand) = (self.budget(tracked), self.demand(tracked));
-        (left + budget / 8 < demand).then(|| demand - left)
-    }
-
-    /// How long usage may wait after the last exchange before it is reported on its own:
-    /// [`REPORT_SHARE`] of the time the thinnest busy lease lasts at its rate; at once when
-    /// no lease is busy.
-    fn report_interval(
-        &self,
-        cells: &[Arc<QuotaCell>],
-        book: &HashMap<String, Tracked>,
-    ) -> Duration {
-        let lasts = cells
-            .iter()
-            .filter_map(|cell| {
-                let rate = book.get(cell.purchase_id())?.rate;
-                (rate > 0.0 && cell.is_leased())
-                    .then(|| cell.limit().saturating_sub(cell.used()) as f64 / rate)
-            })
-            .fold(f64::INFINITY, f64::min);
-        if !lasts.is_finite() {
-            // No busy lease: nothing to batch with, the first report after a quiet spell goes
-            // at once (a buyer's view then shows the call).
-            return Duration::ZERO;
-        }
-        Duration::from_secs_f64((lasts * REPORT_SHARE).min(MAX_REPORT_INTERVAL.as_secs_f64()))
-            .max(MIN_EXCHANGE_INTERVAL)
-    }
-
     async fn exchange(
         &self,
         cells: Vec<Arc<QuotaCell>>,
@@ -602,36 +553,7 @@ impl LeaseClient {
         let mut wants = Vec::new();
         {
             let book = self.book.lock().expect("lease book lock");
-            // An exchange goes when a cell needs calls or a renewal, calls given back wait to
-            // be reported, or usage has waited its `report_interval`; then it carries every
-            // report and every top-up due, so one exchange (one store transaction) serves all
-            // of this proxy's purchases.
-            let tracked_of =
-                |cell: &QuotaCell| book.get(cell.purchase_id()).copied().unwrap_or_default();
-            let needs: Vec<Option<u64>> = cells
-                .iter()
-                .map(|cell| {
-                    (!release_all && cell.is_leased())
-                        .then(|| self.want(cell, &tracked_of(cell), now, ttl_secs))
-                        .flatten()
-                })
-                .collect();
-            let returns = cells
-                .iter()
-                .any(|cell| tracked_of(cell).return_unreported());
-            let unreported = cells
-                .iter()
-                .any(|cell| cell.used() > tracked_of(cell).reported);
-            let reports_due = unreported
-                && self
-                    .last_exchange
-                    .lock()
-                    .expect("last exchange lock")
-                    .is_none_or(|at| at.elapsed() >= self.report_interval(&cells, &book));
-            if !release_all && !returns && !reports_due && needs.iter().all(Option::is_none) {
-                return Ok(());
-            }
-            for (cell, need) in cells.iter().zip(needs) {
+            for cell in &cells {
                 let id = cell.purchase_id();
                 let used = cell.used();
                 let tracked = book.get(id).copied().unwrap_or_default();
@@ -648,7 +570,7 @@ impl LeaseClient {
                     involved = true;
                 }
                 if !release_all && cell.is_leased() {
-                    let want = need.or_else(|| self.top_up(cell, &tracked));
+                    let want = self.want(cell, &tracked, now, ttl_secs);
                     // Every mention carries the demand: the control plane sizes shares by it.
                     if want.is_some() || involved {
                         wants.push(LeaseWant {
@@ -667,7 +589,6 @@ impl LeaseClient {
         if reports.is_empty() && wants.is_empty() && !release_all {
             return Ok(());
         }
-        *self.last_exchange.lock().expect("last exchange lock") = Some(Instant::now());
         let asked_for_calls = wants.iter().any(|w| w.calls > 0);
         let exchange = LeaseExchange {
             node_id: self.node_id.clone(),
