@@ -808,6 +808,7 @@ pub(crate) async fn handle(
         method = method.as_str(),
         path = uri.path(),
         group_id = trace.group.map(|g| &*g.id),
+        group_name = trace.group.map(|g| &*g.name),
         api_id = trace.api.map(|a| &*a.id),
         app_key = trace.app.map(|a| a.key()).or(trace.claimed_key.as_deref()),
         auth_rule = if trace.unknown_key {

@@ -62,8 +62,15 @@ const THROTTLED: Family = (
     "counter",
 );
 
+const GROUP_INFO: Family = (
+    "marketgate_group_info",
+    "1 for each group the served snapshot holds, by id (group) and name: join on group to name any per-group series",
+    "gauge",
+);
+
 /// The labelled families, which the text format would omit while they have no series.
-pub const LABELLED_FAMILIES: [Family; 9] = [
+pub const LABELLED_FAMILIES: [Family; 10] = [
+    GROUP_INFO,
     REQUESTS,
     THROTTLED,
     CONNECTIONS_ACCEPTED,
@@ -192,6 +199,9 @@ pub struct GatewayMetrics {
     default_certificate_expiry: Arc<AtomicI64>,
     /// Calls refused by a request throttling policy, by group and policy.
     throttled: IntCounterVec,
+    /// 1 per group served, labelled with its id and name (the info-metric pattern, so every
+    /// other per-group series keeps one `group` label and joins on it for the name).
+    group_info: IntGaugeVec,
     /// Requests that resolved to no group (label `group=""`).
     pub no_group: GroupCounters,
     /// Other registries rendered on this gateway's `/metrics` (`serve`: the control plane's).
@@ -257,8 +267,12 @@ impl GatewayMetrics {
         let throttled =
             IntCounterVec::new(Opts::new(THROTTLED.0, THROTTLED.1), &["group", "policy"])
                 .expect("valid metric");
+        let group_info =
+            IntGaugeVec::new(Opts::new(GROUP_INFO.0, GROUP_INFO.1), &["group", "name"])
+                .expect("valid metric");
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(group_info.clone()),
             Box::new(throttled.clone()),
             Box::new(request_duration.clone()),
             Box::new(upstream_duration.clone()),
@@ -298,6 +312,7 @@ impl GatewayMetrics {
             connections_accepted,
             accept,
             tls_certificate_expiry,
+            group_info,
             default_certificate_expiry: Arc::new(AtomicI64::new(0)),
             throttled,
             no_group,
@@ -366,6 +381,15 @@ impl GatewayMetrics {
             self.tls_certificate_expiry
                 .with_label_values(&[domain])
                 .set(not_after);
+        }
+    }
+
+    /// Replaces the group names with those of the snapshot being bound (a group that left the
+    /// snapshot, or was renamed, loses its old series).
+    pub fn set_group_names<'a>(&self, groups: impl IntoIterator<Item = (&'a str, &'a str)>) {
+        self.group_info.reset();
+        for (id, name) in groups {
+            self.group_info.with_label_values(&[id, name]).set(1);
         }
     }
 
@@ -439,6 +463,21 @@ mod tests {
         let text = metrics.render();
         assert!(text.contains("marketgate_request_duration_seconds_count{group=\"g1\"} 1"));
         assert!(text.contains("marketgate_upstream_duration_seconds_count{group=\"g1\"} 1"));
+    }
+
+    #[test]
+    fn group_names_follow_the_snapshot() {
+        let metrics = GatewayMetrics::new();
+        metrics.set_group_names([("g1", "weather"), ("g2", "maps")]);
+        metrics.set_group_names([("g2", "maps-v2")]);
+        let text = metrics.render();
+        let name = GROUP_INFO.0;
+        assert!(text.contains(&format!("{name}{{group=\"g2\",name=\"maps-v2\"}} 1\n")));
+        assert!(!text.contains("weather"), "a group that left the snapshot");
+        assert!(
+            !text.contains("name=\"maps\""),
+            "a renamed group's old name"
+        );
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub struct CompiledGroup {
     /// Position in [`CompiledSnapshot::groups`].
     pub index: usize,
     pub id: Box<str>,
+    /// The seller's name for it, for logs and `marketgate_group_info` (labels carry the id).
+    pub name: Box<str>,
     pub state: MarketState,
     pub router: Router,
     pub apis: Vec<CompiledApi>,
@@ -260,6 +262,7 @@ impl Prepared<'_> {
             }
         }
         metrics.set_certificate_expiries(expiries);
+        metrics.set_group_names(compiled.groups.iter().map(|g| (&*g.id, &*g.name)));
         compiled
     }
 }
@@ -304,6 +307,7 @@ pub fn prepare<'a>(valid: Validated<'a>, metrics: &GatewayMetrics) -> Prepared<'
         groups.push(CompiledGroup {
             index: gi,
             id: group.id.as_str().into(),
+            name: group.name.as_str().into(),
             state: group.market_state,
             router,
             apis,

@@ -98,6 +98,17 @@ async fn calls_left_in_the_log_and_usage_are_the_purchases_under_leases() {
     let expected: Vec<Option<u64>> = (1..=made).map(|n| Some(BOUGHT - n)).collect();
     assert_eq!(logged, expected, "quota_left per call: {lines:#?}");
     let last = lines.last().unwrap();
+    // The group is named in the log line, and by marketgate_group_info for its metrics.
+    assert_eq!(last["group_name"], "shared_group", "{last}");
+    let metrics = admin_get(admin, "/metrics", true).await;
+    let info = format!(
+        "marketgate_group_info{{group=\"{}\",name=\"shared_group\"}} 1",
+        last["group_id"].as_str().unwrap()
+    );
+    assert!(
+        String::from_utf8_lossy(&metrics.body).contains(&info),
+        "{info} is not in /metrics"
+    );
     let lease_left = last["lease_left"]
         .as_u64()
         .expect("a leased call logs lease_left");
