@@ -20,6 +20,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::config::Config;
+use crate::control::leases::LocalUsage;
 use crate::control::{ControlError, ControlPlane};
 use crate::gateway::leasing::{self, LeaseClient, LeaseService, LeaseServiceError};
 use crate::gateway::quota::QuotaMode;
@@ -55,6 +56,13 @@ impl LeaseService for InProcessLeases {
     }
 }
 
+#[async_trait::async_trait]
+impl LocalUsage for LeaseClient {
+    async fn report_taken(&self, purchase_ids: &[String]) -> Result<(), RunError> {
+        Ok(LeaseClient::report_taken(self, purchase_ids).await?)
+    }
+}
+
 /// Runs both planes until `shutdown` fires, then drains buyers, flushes the quota journal and
 /// reports the last usage to the ledger.
 pub async fn run_serve(mut config: Config, shutdown: Shutdown) -> Result<(), RunError> {
@@ -75,6 +83,9 @@ pub async fn run_serve(mut config: Config, shutdown: Shutdown) -> Result<(), Run
         gateway.clone(),
         Arc::new(InProcessLeases(control.clone())),
     ));
+    // A ledger read for a buyer's view first has this data plane report what it took: in
+    // one process, the view shows every call answered before it.
+    control.attach_local_usage(Arc::downgrade(&leases) as std::sync::Weak<dyn LocalUsage>);
     leases.recover(&shutdown).await;
     tokio::spawn(leases.clone().run(shutdown.clone()));
     control.spawn_lease_expiry(shutdown.clone());

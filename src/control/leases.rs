@@ -14,7 +14,7 @@
 //! limit`. Reports with `since` and an incarnation stay idempotent across replicas: the
 //! tallies they are checked against are in the same locked row.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use crate::lease::{LeaseExchange, LeaseGrant, LeaseReply, Ledger};
@@ -52,6 +52,20 @@ fn take<T>(outcome: &Outcome<T>) -> Result<T, ControlError> {
                 "the ledger update did not run".into(),
             ))
         })
+}
+
+/// A data plane in this process (`marketgate serve`), whose calls taken and not yet reported
+/// the control plane has reported before it reads a ledger for a view: in one process a
+/// buyer's view shows every call answered before the read (docs/quota-leases.md, "When a
+/// call shows in the ledger"). A fleet's proxies report on their own, within an exchange.
+#[async_trait::async_trait]
+pub trait LocalUsage: Send + Sync {
+    /// Reports to the ledger, before it returns, every call of `purchase_ids` taken so far
+    /// and not yet reported.
+    async fn report_taken(
+        &self,
+        purchase_ids: &[String],
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
 }
 
 impl ControlPlane {
@@ -114,6 +128,25 @@ impl ControlPlane {
         Ok(LeaseReply {
             grants: take(&outcome)?,
         })
+    }
+
+    /// Has the data plane in this process (if any: [`ControlPlane::attach_local_usage`])
+    /// report what it took of `purchase_ids`, so that a ledger read next shows every call it
+    /// answered. A failure is logged, and the read goes on (it fails itself if the store
+    /// does).
+    pub async fn report_local_usage(&self, purchase_ids: &[String]) {
+        let Some(usage) = self.inner.local_usage.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        if let Err(error) = usage.report_taken(purchase_ids).await {
+            tracing::debug!(%error, "the calls taken in this process could not be reported before a ledger read");
+        }
+    }
+
+    /// Names the data plane of this process (`marketgate serve`), held weakly: the data
+    /// plane's lease client holds this control plane.
+    pub fn attach_local_usage(&self, usage: Weak<dyn LocalUsage>) {
+        let _ = self.inner.local_usage.set(usage);
     }
 
     /// A purchase's ledger as the store holds it now (for views and tests).

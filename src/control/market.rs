@@ -588,6 +588,9 @@ pub async fn set_unused(AxState(cp): AxState<ControlPlane>, call: Call) -> Handl
     let ledger = match unused > 0 {
         false => None,
         true => {
+            // In `serve`, the calls already answered are in the ledger before "calls left"
+            // is set: the buyer then has exactly `unused` more.
+            cp.report_local_usage(std::slice::from_ref(&id)).await;
             // The snapshot's copy, from the ledger as it stands; the ledger itself is set
             // under its row lock in the same transaction (reports may land in between).
             let live = cp
@@ -835,7 +838,8 @@ pub async fn list_purchases(AxState(cp): AxState<ControlPlane>, call: Call) -> H
         })
         .collect();
     items.sort_by(|a, b| a.create_time.cmp(&b.create_time));
-    let ids = items.iter().map(|p| p.purchase_id.clone()).collect();
+    let ids: Vec<String> = items.iter().map(|p| p.purchase_id.clone()).collect();
+    cp.report_local_usage(&ids).await;
     let ledgers = cp.ledgers_of(ids).await?;
     let views = items
         .into_iter()
@@ -850,6 +854,8 @@ pub async fn show_purchase(AxState(cp): AxState<ControlPlane>, call: Call) -> Ha
     call.market_project()?;
     let state = cp.state().await?;
     let purchase = buyer_purchase(&state, &call)?;
+    cp.report_local_usage(std::slice::from_ref(&purchase.purchase_id))
+        .await;
     let live = cp.ledger(&purchase.purchase_id).await;
     Ok(reply(
         StatusCode::OK,

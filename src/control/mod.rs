@@ -95,6 +95,8 @@ struct Inner {
     cache: Arc<Mutex<Cache>>,
     version: watch::Sender<u64>,
     metrics: metrics::ControlMetrics,
+    /// `marketgate serve`'s data plane, whose unreported calls a ledger read reports first.
+    local_usage: std::sync::OnceLock<Weak<dyn leases::LocalUsage>>,
 }
 
 /// A replica's follower cache: the store's state at `state.version`, and this replica's own
@@ -209,6 +211,7 @@ impl ControlPlane {
                 cache,
                 version,
                 metrics,
+                local_usage: std::sync::OnceLock::new(),
             }),
         };
         tokio::spawn(follow(Arc::downgrade(&cp.inner), notifications));

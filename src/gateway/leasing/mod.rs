@@ -325,12 +325,15 @@ impl LeaseClient {
     /// is unreported; until `shutdown` fires.
     pub async fn run(self: Arc<Self>, shutdown: Shutdown) {
         let mut last_tick = Instant::now();
-        // The last exchange prompted by usage or a waiting caller: the first after a quiet
-        // spell goes at once (a buyer's view then shows the call, a dry cell asks at once),
-        // later ones batch; a caller that keeps waiting (its calls are being asked back from
-        // another proxy) asks again at this pace, not in a loop as fast as the control plane
-        // answers.
-        let mut last_prompted: Option<Instant> = None;
+        // The last exchange prompted by usage, and the last prompted by a waiting caller, each
+        // paced on its own: the first report after a quiet spell goes at once (a buyer's view
+        // then shows the call), later ones batch; a caller that keeps waiting (its calls are
+        // being asked back from another proxy) asks again at this pace, not in a loop as fast
+        // as the control plane answers. One clock for both made the report of a purchase's
+        // first call (which always follows the refill that leased it) wait out the interval
+        // behind that refill.
+        let mut last_usage: Option<Instant> = None;
+        let mut last_refill: Option<Instant> = None;
         let mut backoff = Backoff::default();
         loop {
             let quota = self.gateway.quota();
@@ -341,18 +344,18 @@ impl LeaseClient {
                 TICK
             };
             let prompted = tokio::select! {
-                _ = tokio::time::sleep(tick) => false,
-                _ = quota.refill_wanted() => true,
-                _ = quota.usage_noted() => true,
+                _ = tokio::time::sleep(tick) => None,
+                _ = quota.refill_wanted() => Some(&mut last_refill),
+                _ = quota.usage_noted() => Some(&mut last_usage),
                 _ = shutdown.clone().wait() => return,
             };
-            if prompted {
-                if let Some(since) = last_prompted.map(|at| at.elapsed()) {
+            if let Some(last) = prompted {
+                if let Some(since) = last.map(|at| at.elapsed()) {
                     if since < MIN_EXCHANGE_INTERVAL {
                         tokio::time::sleep(MIN_EXCHANGE_INTERVAL - since).await;
                     }
                 }
-                last_prompted = Some(Instant::now());
+                *last = Some(Instant::now());
             }
             let elapsed = last_tick.elapsed().as_secs_f64();
             last_tick = Instant::now();
@@ -397,6 +400,28 @@ impl LeaseClient {
         self.unwatch_idle();
         self.revoke_expired();
         exchanged
+    }
+
+    /// Reports, before it returns, every call of `purchase_ids` taken so far and not yet
+    /// reported: one exchange (as a pass makes it, over the watched cells), none when those
+    /// purchases have nothing unreported. `marketgate serve` runs it before its control plane
+    /// reads a ledger, so that a buyer's view shows every call answered before the read.
+    pub async fn report_taken(&self, purchase_ids: &[String]) -> Result<(), LeaseServiceError> {
+        let quota = self.gateway.quota();
+        let unreported = {
+            let book = self.book.lock().expect("lease book lock");
+            purchase_ids.iter().any(|id| {
+                quota
+                    .get(id)
+                    .is_some_and(|cell| cell.used() > book.get(id).map_or(0, |t| t.reported))
+            })
+        };
+        if !unreported {
+            return Ok(());
+        }
+        // A call is noticed (`QuotaRegistry::note_usage`) before its answer is sent, and a
+        // watched cell with calls unreported stays watched: the exchange names every one.
+        self.exchange(self.watched_cells(), false).await
     }
 
     /// The last exchange at a clean shutdown (after traffic drained and the journal was
