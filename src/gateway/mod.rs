@@ -33,7 +33,7 @@ use arc_swap::ArcSwapOption;
 
 use crate::config::Config;
 use crate::shutdown::Shutdown;
-use crate::snapshot::compile::{prepare, CompiledSnapshot};
+use crate::snapshot::compile::{self, prepare, CompiledSnapshot};
 use crate::snapshot::delta::{self, Delta, DeltaError};
 use crate::snapshot::validate::{validate, ValidationError};
 use crate::snapshot::Snapshot;
@@ -262,21 +262,36 @@ impl Gateway {
                 current: None,
                 from_version: delta.from_version,
             }),
-            Some(base) => match serde_json::to_vec(&delta)
-                .map_err(|e| SnapshotRejection::Persist(std::io::Error::other(e)))
-                .and_then(|record| {
-                    delta::apply(base, delta)
-                        .map(|snapshot| (snapshot, record))
-                        .map_err(SnapshotRejection::from)
-                }) {
-                Ok((snapshot, record)) => {
-                    self.apply_locked(&mut applied, snapshot, Some(record), false)
-                }
-                Err(rejection) => Err(rejection),
-            },
+            Some(base) => self.apply_delta_locked(&mut applied, base, delta),
         };
         self.count_push(&result);
         result
+    }
+
+    /// Applies `delta` to `base` (the wire snapshot served) while holding the apply lock: to
+    /// the compiled snapshot served, by structural sharing, when `compile::apply_delta` can
+    /// (a buyer's purchase, app, freeze, a group's state); otherwise by validating and
+    /// compiling the whole snapshot it makes. Either way persisted as an appended record.
+    fn apply_delta_locked(
+        &self,
+        applied: &mut Option<Arc<Snapshot>>,
+        base: &Snapshot,
+        delta: Delta,
+    ) -> Result<u64, SnapshotRejection> {
+        let record = serde_json::to_vec(&delta)
+            .map_err(|e| SnapshotRejection::Persist(std::io::Error::other(e)))?;
+        let served = self.compiled();
+        let Some(prepared) = served
+            .as_deref()
+            .and_then(|served| compile::apply_delta(served, base, &delta))
+        else {
+            let snapshot = delta::apply(base, delta)?;
+            return self.apply_locked(applied, snapshot, Some(record), false);
+        };
+        let snapshot = delta::apply(base, delta.clone())?;
+        self.persist_locked(&snapshot, Some(record))?;
+        let compiled = prepared.bind(&self.inner.quota, &self.inner.metrics);
+        Ok(self.swap_locked(applied, snapshot, compiled))
     }
 }
 
@@ -343,6 +358,20 @@ impl Gateway {
         let prepared = prepare(valid, &inner.metrics);
         // Persist before anything shared changes: what is served is always on disk, and a
         // failed persist leaves the quota cells and metrics of the snapshot served as they were.
+        self.persist_locked(&snapshot, delta)?;
+        let compiled = prepared.bind(&inner.quota, &inner.metrics);
+        Ok(self.swap_locked(applied, snapshot, compiled))
+    }
+
+    /// Persists `snapshot` (under the apply lock): `delta`, the record of the delta that made
+    /// it, appended to the snapshot log, or the whole snapshot as a checkpoint (a full push,
+    /// or every [`SNAPSHOT_CHECKPOINT_EVERY_DELTAS`]th delta).
+    fn persist_locked(
+        &self,
+        snapshot: &Snapshot,
+        delta: Option<Vec<u8>>,
+    ) -> Result<(), SnapshotRejection> {
+        let inner = &self.inner;
         let logged = inner.logged.load(Ordering::Relaxed);
         match delta {
             Some(record) if logged + 1 < SNAPSHOT_CHECKPOINT_EVERY_DELTAS => {
@@ -351,19 +380,29 @@ impl Gateway {
                 inner.logged.store(logged + 1, Ordering::Relaxed);
             }
             _ => {
-                persist_snapshot(&inner.snapshot_path, &snapshot)
+                persist_snapshot(&inner.snapshot_path, snapshot)
                     .map_err(SnapshotRejection::Persist)?;
                 inner.logged.store(0, Ordering::Relaxed);
             }
         }
-        let compiled = prepared.bind(&inner.quota, &inner.metrics);
+        Ok(())
+    }
+
+    /// Swaps in `compiled` (made from `snapshot`) under the apply lock; returns its version.
+    fn swap_locked(
+        &self,
+        applied: &mut Option<Arc<Snapshot>>,
+        snapshot: Snapshot,
+        compiled: CompiledSnapshot,
+    ) -> u64 {
+        let inner = &self.inner;
         inner.current.store(Some(Arc::new(compiled)));
         inner.metrics.snapshot_version.set(snapshot.version as i64);
         inner.metrics.snapshot_applied.set(now_secs());
         tracing::info!(version = snapshot.version, "snapshot applied");
         let version = snapshot.version;
         *applied = Some(Arc::new(snapshot));
-        Ok(version)
+        version
     }
 
     /// The wire snapshot now served (the base a delta must name).

@@ -21,7 +21,9 @@ use super::validate::{
     validate, SpecialRef, ThrottleRefs, Validated, ValidationError, MAX_APP_CODES,
 };
 pub use super::validate::{AuthKind, CompiledBackend, PathPiece};
-use super::wire::{App, MarketState, MinTlsVersion, Purchase, PurchaseState, Snapshot};
+use super::delta::Delta;
+use super::validate::{app_is_well_formed, purchase_is_well_formed, MAX_APPS};
+use super::wire::{App, Group, MarketState, MinTlsVersion, Purchase, PurchaseState, Snapshot};
 pub use crate::certificate::{certified_key_pem, CertificateError};
 use crate::gateway::metrics::{GatewayMetrics, GroupCounters};
 use crate::gateway::quota::{QuotaCell, QuotaRegistry, UNLIMITED};
@@ -44,7 +46,9 @@ pub struct DomainRules {
     pub https_redirect: bool,
 }
 
-#[derive(Debug)]
+/// Cloned cheaply (its router and APIs are shared): a delta that changes a group's state or
+/// name copies the rest.
+#[derive(Debug, Clone)]
 pub struct CompiledGroup {
     /// Position in [`CompiledSnapshot::groups`].
     pub index: usize,
@@ -52,8 +56,8 @@ pub struct CompiledGroup {
     /// The seller's name for it, for logs and `marketgate_group_info` (labels carry the id).
     pub name: Box<str>,
     pub state: MarketState,
-    pub router: Router,
-    pub apis: Vec<CompiledApi>,
+    pub router: Arc<Router>,
+    pub apis: Arc<Vec<CompiledApi>>,
     pub counters: GroupCounters,
 }
 
@@ -77,17 +81,18 @@ pub struct CompiledApi {
 /// An app: its credentials and, for a buyer's MARKET app, its purchase.
 ///
 /// Kept small because a market has one per buyer (BENCHMARKS.md, "Snapshot compile"): the
-/// key, the secret and the app codes share one allocation, and the snapshot's lookup tables
-/// hold only this app's index, not copies of its strings.
-#[derive(Debug)]
+/// key, the secret, the app codes and the app's id share one allocation, and the snapshot's
+/// lookup tables hold only this app's index, not copies of its strings.
+#[derive(Debug, Clone)]
 pub struct CompiledApp {
-    /// Position in [`CompiledSnapshot::apps`].
+    /// Its slot in the snapshot's apps: its position in the wire snapshot when compiled in
+    /// full; a delta keeps every app's slot and adds apps at the end.
     pub index: usize,
     pub purchase: Option<CompiledPurchase>,
-    /// The key, the secret, then each app code, back to back.
+    /// The key, the secret, each app code, then the app's id, back to back.
     credentials: Box<str>,
-    /// Where each part of `credentials` ends: the key, the secret, then the codes.
-    ends: [u16; 2 + MAX_APP_CODES],
+    /// Where each part of `credentials` ends: the key, the secret, the codes, then the id.
+    ends: [u16; 3 + MAX_APP_CODES],
     codes: u8,
 }
 
@@ -96,11 +101,15 @@ impl CompiledApp {
     /// them against [`MAX_CREDENTIAL_BYTES`](super::validate::MAX_CREDENTIAL_BYTES); were
     /// they longer, the offsets would saturate and a part read empty, never panic).
     fn new(index: usize, app: &App, purchase: Option<CompiledPurchase>) -> CompiledApp {
+        // The id last: were it longer than the offsets reach, only it would read short (and a
+        // delta naming the app would find no app, and be compiled in full).
+        let codes = app.app_codes.len().min(MAX_APP_CODES);
         let parts = [&app.app_key, &app.app_secret]
             .into_iter()
-            .chain(&app.app_codes);
+            .chain(&app.app_codes[..codes])
+            .chain([&app.id]);
         let mut credentials = String::with_capacity(parts.clone().map(|part| part.len()).sum());
-        let mut ends = [0; 2 + MAX_APP_CODES];
+        let mut ends = [0; 3 + MAX_APP_CODES];
         for (end, part) in ends.iter_mut().zip(parts) {
             credentials.push_str(part);
             *end = u16::try_from(credentials.len()).unwrap_or(u16::MAX);
@@ -110,7 +119,7 @@ impl CompiledApp {
             purchase,
             credentials: credentials.into_boxed_str(),
             ends,
-            codes: app.app_codes.len().min(MAX_APP_CODES) as u8,
+            codes: codes as u8,
         }
     }
 
@@ -140,9 +149,14 @@ impl CompiledApp {
     fn code(&self, nth: usize) -> &str {
         self.part(2 + nth)
     }
+
+    /// The app's id in the wire snapshot.
+    pub fn id(&self) -> &str {
+        self.part(2 + usize::from(self.codes))
+    }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct CompiledPurchase {
     pub group: usize,
     pub state: PurchaseState,
@@ -158,17 +172,24 @@ impl CompiledPurchase {
 }
 
 /// What a request is decided against; swapped whole.
-#[derive(Debug)]
+///
+/// Its per-buyer parts (apps, and the tables that find them) are split into chunks and
+/// shards, each behind its own `Arc`, so that [`apply_delta`] builds the next snapshot by
+/// copying only the chunks and shards a change touches and sharing the rest.
+#[derive(Debug, Clone)]
 pub struct CompiledSnapshot {
     pub version: u64,
     pub hosts: HashMap<Box<str>, (usize, DomainKind)>,
     pub groups: Vec<CompiledGroup>,
-    pub apps: Vec<CompiledApp>,
+    apps: AppSlots,
     /// Indices into `apps` by app key and by app code, hashed with `hasher`; the strings
     /// themselves are the apps' own.
-    apps_by_key: HashTable<u32>,
+    apps_by_key: Sharded<u32>,
     /// (app, which of its codes).
-    apps_by_code: HashTable<(u32, u8)>,
+    apps_by_code: Sharded<(u32, u8)>,
+    /// By app id and by purchase id: what a delta names.
+    apps_by_id: Sharded<u32>,
+    apps_by_purchase: Sharded<u32>,
     hasher: DefaultHashBuilder,
     pub certificates: HashMap<Box<str>, Arc<CertifiedKey>>,
     /// The TLS rules of sellers' bound domains, by host name (empty: none bound).
@@ -180,20 +201,133 @@ pub struct CompiledSnapshot {
 impl CompiledSnapshot {
     /// The app whose AppKey is `key`.
     pub fn app_by_key(&self, key: &str) -> Option<&CompiledApp> {
-        let app = |&i: &u32| &self.apps[i as usize];
-        self.apps_by_key
-            .find(self.hasher.hash_one(key), |i| app(i).key() == key)
-            .map(app)
+        let apps = &self.apps;
+        let i = self.apps_by_key.find(self.hasher.hash_one(key), |&i| {
+            apps.get(i as usize).is_some_and(|app| app.key() == key)
+        })?;
+        apps.get(*i as usize)
     }
 
     /// The app one of whose app codes is `code`.
     pub fn app_by_code(&self, code: &str) -> Option<&CompiledApp> {
-        let app = |&(i, _): &(u32, u8)| &self.apps[i as usize];
-        self.apps_by_code
-            .find(self.hasher.hash_one(code), |&(i, nth)| {
-                self.apps[i as usize].code(usize::from(nth)) == code
-            })
-            .map(app)
+        let apps = &self.apps;
+        let (i, _) = self.apps_by_code.find(self.hasher.hash_one(code), |&(i, nth)| {
+            apps.get(i as usize)
+                .is_some_and(|app| app.code(usize::from(nth)) == code)
+        })?;
+        apps.get(*i as usize)
+    }
+
+    /// The app whose wire id is `id`.
+    pub fn app_by_id(&self, id: &str) -> Option<&CompiledApp> {
+        let apps = &self.apps;
+        let i = self.apps_by_id.find(self.hasher.hash_one(id), |&i| {
+            apps.get(i as usize).is_some_and(|app| app.id() == id)
+        })?;
+        apps.get(*i as usize)
+    }
+
+    /// The app that holds the purchase `id`.
+    pub fn app_by_purchase(&self, id: &str) -> Option<&CompiledApp> {
+        let apps = &self.apps;
+        let i = self.apps_by_purchase.find(self.hasher.hash_one(id), |&i| {
+            apps.get(i as usize)
+                .and_then(|app| app.purchase.as_ref())
+                .is_some_and(|p| p.id() == id)
+        })?;
+        apps.get(*i as usize)
+    }
+
+    /// Every app, in slot order.
+    pub fn apps(&self) -> impl Iterator<Item = &CompiledApp> {
+        self.apps.iter()
+    }
+}
+
+/// Shards a lookup table is split into: a delta copies the shards it touches (at 1M apps,
+/// ~4k entries, ~20 KB each) and shares the others.
+const SHARDS: usize = 256;
+
+/// Apps per chunk of [`AppSlots`]: a delta copies the chunks it touches.
+const APP_CHUNK: usize = 1024;
+
+/// A hash table in [`SHARDS`] shards, each behind its own `Arc`.
+#[derive(Debug, Clone)]
+struct Sharded<T> {
+    shards: Vec<Arc<HashTable<T>>>,
+}
+
+/// The shard of a hash: bits that neither a shard's bucket index (the low bits) nor its
+/// control bytes (the top seven) use, so entries spread within a shard as in one table.
+fn shard_of(hash: u64) -> usize {
+    (hash >> 32) as usize % SHARDS
+}
+
+impl<T: Clone> Sharded<T> {
+    fn with_capacity(total: usize) -> Sharded<T> {
+        let each = total.div_ceil(SHARDS);
+        Sharded {
+            shards: (0..SHARDS)
+                .map(|_| Arc::new(HashTable::with_capacity(each)))
+                .collect(),
+        }
+    }
+
+    fn find(&self, hash: u64, eq: impl FnMut(&T) -> bool) -> Option<&T> {
+        self.shards[shard_of(hash)].find(hash, eq)
+    }
+
+    /// Inserts `value` (the caller checked it is not there), copying its shard if shared.
+    fn insert(&mut self, hash: u64, value: T, rehash: impl Fn(&T) -> u64) {
+        Arc::make_mut(&mut self.shards[shard_of(hash)]).insert_unique(hash, value, rehash);
+    }
+
+    /// Removes the entry `eq` picks, copying its shard if shared.
+    fn remove(&mut self, hash: u64, eq: impl Fn(&T) -> bool) -> Option<T> {
+        let shard = &mut self.shards[shard_of(hash)];
+        shard.find(hash, &eq)?;
+        Arc::make_mut(shard)
+            .find_entry(hash, &eq)
+            .ok()
+            .map(|entry| entry.remove().0)
+    }
+}
+/// The apps, [`APP_CHUNK`] to a chunk, each chunk behind its own `Arc`. An app keeps its
+/// slot for as long as it is in the market (a delta empties a removed app's slot and adds
+/// apps at the end), so tables and APIs refer to it by slot.
+#[derive(Debug, Clone, Default)]
+struct AppSlots {
+    chunks: Vec<Arc<Vec<Option<CompiledApp>>>>,
+    len: usize,
+    /// Slots emptied by deltas (a full compile has none).
+    vacant: usize,
+}
+
+impl AppSlots {
+    fn get(&self, i: usize) -> Option<&CompiledApp> {
+        self.chunks.get(i / APP_CHUNK)?.get(i % APP_CHUNK)?.as_ref()
+    }
+
+    /// The slot `i`, its chunk copied if shared.
+    fn slot_mut(&mut self, i: usize) -> Option<&mut Option<CompiledApp>> {
+        Arc::make_mut(self.chunks.get_mut(i / APP_CHUNK)?).get_mut(i % APP_CHUNK)
+    }
+
+    fn push(&mut self, app: CompiledApp) -> usize {
+        if self.len % APP_CHUNK == 0 {
+            self.chunks.push(Arc::new(Vec::with_capacity(APP_CHUNK)));
+        }
+        if let Some(chunk) = self.chunks.last_mut() {
+            Arc::make_mut(chunk).push(Some(app));
+        }
+        self.len += 1;
+        self.len - 1
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &CompiledApp> {
+        self.chunks
+            .iter()
+            .flat_map(|chunk| chunk.iter().filter_map(Option::as_ref))
     }
 }
 
@@ -251,15 +385,7 @@ impl Prepared<'_> {
                 purchase.quota_limit.unwrap_or(UNLIMITED),
                 purchase.quota_used,
             );
-            if let Some(app) = compiled.apps.get_mut(app as usize) {
-                app.purchase = Some(CompiledPurchase {
-                    group: group as usize,
-                    state: purchase.state,
-                    start_time: purchase.start_time,
-                    expire_time: purchase.expire_time,
-                    cell,
-                });
-            }
+            bind_purchase(&mut compiled, app, group, purchase, cell);
         }
         metrics.set_certificate_expiries(expiries);
         metrics.set_group_names(compiled.groups.iter().map(|g| (&*g.id, &*g.name)));
@@ -282,6 +408,7 @@ pub fn prepare<'a>(valid: Validated<'a>, metrics: &GatewayMetrics) -> Prepared<'
     } = valid;
     let mut hosts = HashMap::new();
     let mut groups = Vec::with_capacity(snapshot.groups.len());
+    let mut group_apis = Vec::with_capacity(snapshot.groups.len());
     for ((gi, group), parsed) in snapshot.groups.iter().enumerate().zip(parsed) {
         hosts.insert(group.sl_domain.as_str().into(), (gi, DomainKind::Seller));
         if let Some(url_domain) = &group.url_domain {
@@ -304,13 +431,14 @@ pub fn prepare<'a>(valid: Validated<'a>, metrics: &GatewayMetrics) -> Prepared<'
                 throttle: None,
             });
         }
+        group_apis.push(apis);
         groups.push(CompiledGroup {
             index: gi,
             id: group.id.as_str().into(),
             name: group.name.as_str().into(),
             state: group.market_state,
-            router,
-            apis,
+            router: Arc::new(router),
+            apis: Arc::default(),
             counters: metrics.group(&group.id),
         });
     }
@@ -326,9 +454,12 @@ pub fn prepare<'a>(valid: Validated<'a>, metrics: &GatewayMetrics) -> Prepared<'
         );
     }
     for (gi, ai, app) in auth_refs {
-        if let Some(api) = groups.get_mut(gi).and_then(|g| g.apis.get_mut(ai)) {
+        if let Some(api) = group_apis.get_mut(gi).and_then(|apis| apis.get_mut(ai)) {
             api.authorized_apps.insert(app as usize);
         }
+    }
+    for (group, apis) in groups.iter_mut().zip(group_apis) {
+        group.apis = Arc::new(apis);
     }
     let purchases = purchase_refs
         .into_iter()
@@ -336,25 +467,23 @@ pub fn prepare<'a>(valid: Validated<'a>, metrics: &GatewayMetrics) -> Prepared<'
         .map(|((app, group), purchase)| (app, group, purchase))
         .collect();
     let hasher = DefaultHashBuilder::default();
-    let apps: Vec<CompiledApp> = snapshot
-        .apps
-        .iter()
-        .enumerate()
-        .map(|(i, app)| CompiledApp::new(i, app, None))
-        .collect();
-    let hash = |text: &str| hasher.hash_one(text);
+    let mut apps = AppSlots::default();
+    for (i, app) in snapshot.apps.iter().enumerate() {
+        apps.push(CompiledApp::new(i, app, None));
+    }
     let code_count = apps.iter().map(|app| usize::from(app.codes)).sum();
-    let mut apps_by_key = HashTable::with_capacity(apps.len());
-    let mut apps_by_code = HashTable::with_capacity(code_count);
-    for app in &apps {
-        // Fits: validation allows at most `MAX_APPS` (2^32 - 1) apps.
-        let index = app.index as u32;
-        apps_by_key.insert_unique(hash(app.key()), index, |&i| hash(apps[i as usize].key()));
-        for (nth, code) in app.codes().enumerate() {
-            apps_by_code.insert_unique(hash(code), (index, nth as u8), |&(i, nth)| {
-                hash(apps[i as usize].code(usize::from(nth)))
-            });
-        }
+    let mut apps_by_key = Sharded::with_capacity(apps.len);
+    let mut apps_by_code = Sharded::with_capacity(code_count);
+    let mut apps_by_id = Sharded::with_capacity(apps.len);
+    for app in apps.iter() {
+        index_app(
+            &apps,
+            app,
+            &hasher,
+            &mut apps_by_key,
+            &mut apps_by_code,
+            &mut apps_by_id,
+        );
     }
     let mut certificates = HashMap::new();
     let mut expiries = Vec::new();
@@ -374,6 +503,8 @@ pub fn prepare<'a>(valid: Validated<'a>, metrics: &GatewayMetrics) -> Prepared<'
             apps,
             apps_by_key,
             apps_by_code,
+            apps_by_id,
+            apps_by_purchase: Sharded::with_capacity(snapshot.purchases.len()),
             hasher,
             certificates,
             domain_rules,
@@ -384,6 +515,276 @@ pub fn prepare<'a>(valid: Validated<'a>, metrics: &GatewayMetrics) -> Prepared<'
         snapshot,
         throttling,
     }
+}
+
+/// A delta applied to a compiled snapshot, its purchases' quota cells not yet taken: made
+/// by [`apply_delta`], finished by [`PreparedDelta::bind`] once the delta is persisted.
+#[derive(Debug)]
+pub struct PreparedDelta<'a> {
+    compiled: CompiledSnapshot,
+    /// (app slot, group index, the purchase) of each purchase the delta carries.
+    purchases: Vec<(u32, u32, &'a Purchase)>,
+    /// A group's name changed (`marketgate_group_info` follows).
+    renamed: bool,
+}
+
+impl PreparedDelta<'_> {
+    /// The version it makes.
+    pub fn version(&self) -> u64 {
+        self.compiled.version
+    }
+
+    /// Takes the cells of the purchases the delta carries from `quota` (as
+    /// [`Prepared::bind`] does for every purchase); every other purchase keeps its cell.
+    pub fn bind(self, quota: &QuotaRegistry, metrics: &GatewayMetrics) -> CompiledSnapshot {
+        let PreparedDelta {
+            mut compiled,
+            purchases,
+            renamed,
+        } = self;
+        for (app, group, purchase) in purchases {
+            let cell = quota.cell(
+                &purchase.id,
+                purchase.quota_limit.unwrap_or(UNLIMITED),
+                purchase.quota_used,
+            );
+            bind_purchase(&mut compiled, app, group, purchase, cell);
+        }
+        if renamed {
+            metrics.set_group_names(compiled.groups.iter().map(|g| (&*g.id, &*g.name)));
+        }
+        compiled
+    }
+}
+
+/// What `delta` makes of `base` (compiled from `wire`, the wire snapshot the delta applies
+/// to), built by structural sharing: only the chunks of apps and the table shards the
+/// delta's apps and purchases touch are copied, and only the groups it changes; the rest
+/// is `base`'s, shared. Touches no shared state (see [`PreparedDelta::bind`]).
+///
+/// `None` when the delta is not one this applies, and the caller then validates and
+/// compiles the whole snapshot (which also words any refusal exactly as a full push's):
+/// a delta that changes a group's APIs or domains, removes a group, or changes app
+/// authorizations, certificates, bound domains or throttling (sellers' changes, rare beside
+/// buyers'); any change while throttling policies are bound (their counters are built per
+/// caller); one that breaks a rule (a duplicate key, a purchase of a missing app, …); and
+/// when a quarter of the apps' slots are empty (a full compile packs them again).
+/// Equal to a full compile of `delta::apply(wire, delta)` otherwise
+/// (`snapshot::properties`).
+pub fn apply_delta<'a>(
+    base: &CompiledSnapshot,
+    wire: &Snapshot,
+    delta: &'a Delta,
+) -> Option<PreparedDelta<'a>> {
+    if delta.from_version != base.version
+        || wire.version != base.version
+        || delta.version <= delta.from_version
+        || !delta.removed_groups.is_empty()
+        || delta.app_auths.is_some()
+        || delta.certificates.is_some()
+        || delta.domains.is_some()
+        || delta.throttling.is_some()
+        || !wire.throttling.is_empty()
+        || base.apps.vacant * 4 > base.apps.len
+    {
+        return None;
+    }
+    let mut next = base.clone();
+    next.version = delta.version;
+    let groups: HashMap<&str, (usize, &Group)> = wire
+        .groups
+        .iter()
+        .enumerate()
+        .map(|(gi, group)| (group.id.as_str(), (gi, group)))
+        .collect();
+
+    // Groups: a new state or name; the router and APIs stay shared.
+    let mut renamed = false;
+    for group in &delta.groups {
+        let &(gi, old) = groups.get(group.id.as_str())?;
+        if old.sl_domain != group.sl_domain
+            || old.url_domain != group.url_domain
+            || old.apis != group.apis
+        {
+            return None;
+        }
+        let compiled = next.groups.get_mut(gi).filter(|g| *g.id == *group.id)?;
+        renamed |= *compiled.name != *group.name;
+        compiled.name = group.name.as_str().into();
+        compiled.state = group.market_state;
+    }
+
+    // Purchases removed or replaced leave their apps first (an app may change hands).
+    let mut seen = HashSet::new();
+    if !delta.purchases.iter().all(|p| seen.insert(p.id.as_str())) {
+        return None;
+    }
+    let removed = delta.removed_purchases.iter().map(|id| (id, true));
+    let replaced = delta.purchases.iter().map(|p| (&p.id, false));
+    for (id, must_exist) in removed.chain(replaced) {
+        let Some(app) = next.app_by_purchase(id).map(|app| app.index) else {
+            if must_exist {
+                return None;
+            }
+            continue;
+        };
+        let hash = next.hasher.hash_one(id.as_str());
+        next.apps_by_purchase.remove(hash, |&i| i as usize == app);
+        next.apps.slot_mut(app)?.as_mut()?.purchase = None;
+    }
+
+    // Apps removed or replaced: out of the tables first, so a key or code may move to
+    // another app in the same delta.
+    for id in &delta.removed_apps {
+        let app = next.app_by_id(id)?.clone();
+        // A purchase or an authorization still naming it: the full path refuses it.
+        if app.purchase.is_some() || wire.app_auths.iter().any(|auth| auth.app_id == *id) {
+            return None;
+        }
+        unindex_app(&mut next, &app);
+        *next.apps.slot_mut(app.index)? = None;
+        next.apps.vacant += 1;
+    }
+    let mut seen = HashSet::new();
+    let mut slots = Vec::with_capacity(delta.apps.len());
+    for app in &delta.apps {
+        if !app_is_well_formed(app) || !seen.insert(app.id.as_str()) {
+            return None;
+        }
+        match next.app_by_id(&app.id).cloned() {
+            Some(old) => {
+                unindex_app(&mut next, &old);
+                slots.push(Some((old.index, old.purchase)));
+            }
+            None => slots.push(None),
+        }
+    }
+    for (app, slot) in delta.apps.iter().zip(slots) {
+        let taken = next.app_by_key(&app.app_key).is_some()
+            || app.app_codes.iter().any(|code| next.app_by_code(code).is_some());
+        let mut codes = HashSet::new();
+        if taken || !app.app_codes.iter().all(|code| codes.insert(code.as_str())) {
+            return None;
+        }
+        let index = match slot {
+            Some((index, purchase)) => {
+                *next.apps.slot_mut(index)? = Some(CompiledApp::new(index, app, purchase));
+                index
+            }
+            None if next.apps.len < MAX_APPS => {
+                let index = next.apps.len;
+                next.apps.push(CompiledApp::new(index, app, None))
+            }
+            None => return None,
+        };
+        let CompiledSnapshot {
+            apps,
+            apps_by_key,
+            apps_by_code,
+            apps_by_id,
+            hasher,
+            ..
+        } = &mut next;
+        index_app(
+            apps,
+            apps.get(index)?,
+            hasher,
+            apps_by_key,
+            apps_by_code,
+            apps_by_id,
+        );
+    }
+
+    // Purchases carried: each names a group and an app with no other purchase.
+    let mut claimed = HashSet::new();
+    let mut purchases = Vec::with_capacity(delta.purchases.len());
+    for purchase in &delta.purchases {
+        if !purchase_is_well_formed(purchase) {
+            return None;
+        }
+        let &(gi, _) = groups.get(purchase.group_id.as_str())?;
+        let app = next.app_by_id(&purchase.app_id)?;
+        if app.purchase.is_some() || !claimed.insert(app.index) {
+            return None;
+        }
+        purchases.push((app.index as u32, u32::try_from(gi).ok()?, purchase));
+    }
+    Some(PreparedDelta {
+        compiled: next,
+        purchases,
+        renamed,
+    })
+}
+
+/// Enters `app` (already in `apps`, at `app.index`) in the tables of keys, codes and ids.
+fn index_app(
+    apps: &AppSlots,
+    app: &CompiledApp,
+    hasher: &DefaultHashBuilder,
+    by_key: &mut Sharded<u32>,
+    by_code: &mut Sharded<(u32, u8)>,
+    by_id: &mut Sharded<u32>,
+) {
+    let hash = |text: &str| hasher.hash_one(text);
+    let key_of = |&i: &u32| apps.get(i as usize).map_or(0, |app| hash(app.key()));
+    let id_of = |&i: &u32| apps.get(i as usize).map_or(0, |app| hash(app.id()));
+    // Fits: validation allows at most `MAX_APPS` (2^32 - 1) apps.
+    let index = app.index as u32;
+    by_key.insert(hash(app.key()), index, key_of);
+    by_id.insert(hash(app.id()), index, id_of);
+    for (nth, code) in app.codes().enumerate() {
+        by_code.insert(hash(code), (index, nth as u8), |&(i, nth)| {
+            apps.get(i as usize)
+                .map_or(0, |app| hash(app.code(usize::from(nth))))
+        });
+    }
+}
+
+/// Takes `app` (an index) out of the tables of keys, codes and ids.
+fn unindex_app(compiled: &mut CompiledSnapshot, app: &CompiledApp) {
+    let hasher = &compiled.hasher;
+    let index = app.index as u32;
+    compiled
+        .apps_by_key
+        .remove(hasher.hash_one(app.key()), |&i| i == index);
+    compiled
+        .apps_by_id
+        .remove(hasher.hash_one(app.id()), |&i| i == index);
+    for code in app.codes() {
+        compiled
+            .apps_by_code
+            .remove(hasher.hash_one(code), |&(i, _)| i == index);
+    }
+}
+
+/// Gives the app in slot `app` its purchase (the cell taken from the registry) and enters it
+/// in the table of purchases.
+fn bind_purchase(
+    compiled: &mut CompiledSnapshot,
+    app: u32,
+    group: u32,
+    purchase: &Purchase,
+    cell: Arc<QuotaCell>,
+) {
+    let Some(Some(slot)) = compiled.apps.slot_mut(app as usize) else {
+        return;
+    };
+    slot.purchase = Some(CompiledPurchase {
+        group: group as usize,
+        state: purchase.state,
+        start_time: purchase.start_time,
+        expire_time: purchase.expire_time,
+        cell,
+    });
+    let hasher = &compiled.hasher;
+    let apps = &compiled.apps;
+    compiled
+        .apps_by_purchase
+        .insert(hasher.hash_one(&purchase.id), app, |&i| {
+            apps.get(i as usize)
+                .and_then(|app| app.purchase.as_ref())
+                .map_or(0, |p| hasher.hash_one(p.id()))
+        });
 }
 
 /// Compiles each throttling policy onto the APIs it is bound to, taking the counters from
@@ -445,13 +846,17 @@ fn bind_throttles(
             let Some(group) = compiled.groups.get_mut(gi) else {
                 continue;
             };
+            // Just built by `prepare`: the APIs are this snapshot's alone.
+            let group_id = &group.id;
+            let apis = Arc::get_mut(&mut group.apis)
+                .expect("a group's APIs are shared only once its snapshot is bound");
             let scope = if policy.shared {
                 policy.id.clone()
             } else {
-                format!("{}/{}", policy.id, group.apis[ai].id)
+                format!("{}/{}", policy.id, apis[ai].id)
             };
             let mut callers: Vec<u32> = buyers.get(&gi).cloned().unwrap_or_default();
-            callers.extend(group.apis[ai].authorized_apps.iter().map(|&a| a as u32));
+            callers.extend(apis[ai].authorized_apps.iter().map(|&a| a as u32));
             callers.sort_unstable();
             callers.dedup();
             let callers = callers.into_iter().map(|app| {
@@ -465,8 +870,8 @@ fn bind_throttles(
                     user_limit,
                 )
             });
-            let throttled = metrics.throttled(&group.id, &policy.id);
-            group.apis[ai].throttle = Some(ApiThrottle::new(
+            let throttled = metrics.throttled(group_id, &policy.id);
+            apis[ai].throttle = Some(ApiThrottle::new(
                 rule.clone(),
                 &scope,
                 callers,

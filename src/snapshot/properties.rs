@@ -7,7 +7,7 @@
 use proptest::collection::vec;
 use proptest::prelude::*;
 
-use super::compile::{compile, prepare};
+use super::compile::{apply_delta, compile, prepare, CompiledSnapshot};
 use super::delta::{apply, diff, Delta};
 use super::validate::validate;
 use super::wire::{
@@ -350,6 +350,169 @@ fn by_id(snapshot: &Snapshot) -> (Vec<&Group>, Vec<&App>, Vec<&Purchase>) {
     (groups, apps, purchases)
 }
 
+/// A market and what buyers and sellers' listings make of it a version later: purchases
+/// frozen or given another limit, purchases removed with their apps, apps given a new
+/// secret, new buyers (an app and its purchase), a group delisted or renamed.
+fn market_and_change() -> impl Strategy<Value = (Snapshot, Snapshot)> {
+    (valid_snapshot(), vec((0u8..7, any::<u16>()), 0..8)).prop_map(|(old, edits)| {
+        let mut new = old.clone();
+        new.version = old.version + 1;
+        for (n, (kind, pick)) in edits.into_iter().enumerate() {
+            let pick = usize::from(pick);
+            let purchases = new.purchases.len().max(1);
+            let apps = new.apps.len().max(1);
+            let groups = new.groups.len().max(1);
+            match kind {
+                0 => {
+                    if let Some(p) = new.purchases.get_mut(pick % purchases) {
+                        p.state = match p.state {
+                            PurchaseState::Frozen => PurchaseState::Active,
+                            _ => PurchaseState::Frozen,
+                        };
+                    }
+                }
+                1 => {
+                    if let Some(p) = new.purchases.get_mut(pick % purchases) {
+                        p.quota_limit = Some(pick as u64);
+                    }
+                }
+                2 => {
+                    if pick % purchases < new.purchases.len() {
+                        let gone = new.purchases.remove(pick % purchases);
+                        new.apps.retain(|a| a.id != gone.app_id);
+                    }
+                }
+                3 => {
+                    if let Some(a) = new.apps.get_mut(pick % apps) {
+                        a.app_secret = format!("secret-{n}-new");
+                        a.app_codes.push(format!("code-new-{n}"));
+                    }
+                }
+                4 => {
+                    let group = new.groups[pick % groups].id.clone();
+                    new.apps.push(App {
+                        id: format!("n{n}"),
+                        app_key: format!("key-new-{n}"),
+                        app_secret: format!("secret-new-{n}"),
+                        app_codes: vec![format!("code-buyer-{n}")],
+                        creator: "MARKET".into(),
+                    });
+                    new.purchases.push(Purchase {
+                        id: format!("np{n}"),
+                        group_id: group,
+                        app_id: format!("n{n}"),
+                        state: PurchaseState::Active,
+                        start_time: 0,
+                        expire_time: 4_102_444_800,
+                        quota_limit: Some(n as u64),
+                        quota_used: 0,
+                    });
+                }
+                5 => {
+                    let g = &mut new.groups[pick % groups];
+                    g.market_state = MarketState::Delisted;
+                }
+                _ => {
+                    let g = &mut new.groups[pick % groups];
+                    g.name = format!("renamed {n}");
+                }
+            }
+        }
+        (old, new)
+    })
+}
+
+/// What a request can see of a compiled snapshot, for the keys, codes, app ids and purchase
+/// ids of `wires` (present or not): apps found and what they hold, each purchase's group,
+/// state, times and (with `cells`) its cell's limit, the groups and the hosts that name them.
+fn served_view(compiled: &CompiledSnapshot, wires: &[&Snapshot], cells: bool) -> Vec<String> {
+    let app = |found: Option<&super::compile::CompiledApp>| match found {
+        None => "none".to_owned(),
+        Some(app) => {
+            let purchase = app.purchase.as_ref().map(|p| {
+                (
+                    p.id().to_owned(),
+                    compiled.groups[p.group].id.to_string(),
+                    p.state,
+                    p.start_time,
+                    p.expire_time,
+                    cells.then(|| p.cell.limit()),
+                )
+            });
+            format!(
+                "{} {} {:?} {:?} {:?}",
+                app.id(),
+                app.key(),
+                app.secret(),
+                app.codes().collect::<Vec<_>>(),
+                purchase
+            )
+        }
+    };
+    let mut view = vec![format!(
+        "version {} apps {}",
+        compiled.version,
+        compiled.apps().count()
+    )];
+    for wire in wires {
+        for a in &wire.apps {
+            view.push(format!("key {}: {}", a.app_key, app(compiled.app_by_key(&a.app_key))));
+            view.push(format!("id {}: {}", a.id, app(compiled.app_by_id(&a.id))));
+            for code in &a.app_codes {
+                view.push(format!("code {code}: {}", app(compiled.app_by_code(code))));
+            }
+        }
+        for p in &wire.purchases {
+            view.push(format!("purchase {}: {}", p.id, app(compiled.app_by_purchase(&p.id))));
+        }
+    }
+    for g in &compiled.groups {
+        let apis: Vec<&str> = g.apis.iter().map(|a| &*a.id).collect();
+        view.push(format!("group {} {} {} {:?} {apis:?}", g.index, g.id, g.name, g.state));
+    }
+    let mut hosts: Vec<String> = compiled
+        .hosts
+        .iter()
+        .map(|(host, (gi, kind))| format!("host {host} {gi} {kind:?}"))
+        .collect();
+    hosts.sort();
+    view.extend(hosts);
+    view.sort();
+    view
+}
+
+/// Applies the delta from `old` to `new` to `old`'s compiled form; if that was done (not
+/// handed to a full compile), checks it serves what a full compile of the rebuilt wire
+/// snapshot serves. Returns whether it was done.
+fn compiled_delta_matches_full_compile(old: &Snapshot, new: &Snapshot) -> bool {
+    let delta = diff(old, new);
+    let metrics = GatewayMetrics::new();
+    let dir = tempfile::tempdir().unwrap();
+    let quota = QuotaRegistry::open(dir.path(), 8).unwrap();
+    let base = compile(old, &quota, &metrics).unwrap();
+    let Some(prepared) = apply_delta(&base, old, &delta) else {
+        return false;
+    };
+    let incremental = prepared.bind(&quota, &metrics);
+    let rebuilt = apply(old, delta.clone()).unwrap();
+    let other_dir = tempfile::tempdir().unwrap();
+    let other_quota = QuotaRegistry::open(other_dir.path(), 8).unwrap();
+    let full = compile(&rebuilt, &other_quota, &metrics).unwrap();
+    assert_eq!(
+        served_view(&incremental, &[old, &rebuilt], true),
+        served_view(&full, &[old, &rebuilt], true),
+        "{old:?}\n{new:?}"
+    );
+    // The base still serves what it served: nothing it shares was changed (but the quota
+    // cells, which live outside snapshots and are meant to be shared by them).
+    let again = compile(old, &other_quota, &metrics).unwrap();
+    assert_eq!(
+        served_view(&base, &[old], false),
+        served_view(&again, &[old], false)
+    );
+    true
+}
+
 proptest! {
     #![proptest_config(config())]
 
@@ -498,5 +661,27 @@ proptest! {
             prop_assert!(rebuilt.version > base.version);
             let _ = validate(&rebuilt);
         }
+    }
+
+    /// A buyers' or listing change applied to the compiled snapshot by structural sharing
+    /// serves exactly what a full compile of the same wire snapshot serves, and is applied
+    /// that way (not handed to a full compile).
+    #[test]
+    fn a_delta_applied_to_the_compiled_form_equals_a_full_compile(
+        (old, new) in market_and_change(),
+    ) {
+        prop_assert!(compiled_delta_matches_full_compile(&old, &new));
+    }
+
+    /// Between any two valid markets (APIs and domains changed too), the compiled-form apply
+    /// either hands the delta to a full compile or equals one.
+    #[test]
+    fn any_delta_on_the_compiled_form_equals_a_full_compile_or_is_handed_to_one(
+        old in valid_snapshot(),
+        new in valid_snapshot(),
+    ) {
+        let mut new = new;
+        new.version += old.version + 1;
+        compiled_delta_matches_full_compile(&old, &new);
     }
 }

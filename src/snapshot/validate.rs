@@ -493,6 +493,26 @@ pub fn validate<'a>(snapshot: &'a Snapshot) -> Result<Validated<'a>, ValidationE
     })
 }
 
+/// The rules `validate` holds one app to, alone (its id, key, secret, codes and creator),
+/// without those that need the rest of the market (unique ids, keys and codes): what a
+/// delta's app must pass before `compile::apply_delta` checks it against the market.
+pub(super) fn app_is_well_formed(app: &super::wire::App) -> bool {
+    let credential = |text: &str| !text.is_empty() && text.len() <= MAX_CREDENTIAL_BYTES;
+    !app.id.is_empty()
+        && credential(&app.app_key)
+        && credential(&app.app_secret)
+        && app.app_codes.len() <= MAX_APP_CODES
+        && app.app_codes.iter().all(|code| credential(code))
+        && matches!(app.creator.as_str(), "USER" | "MARKET")
+}
+
+/// Likewise for one purchase: its id, times and quota.
+pub(super) fn purchase_is_well_formed(purchase: &super::wire::Purchase) -> bool {
+    !purchase.id.is_empty()
+        && purchase.expire_time >= purchase.start_time
+        && purchase.quota_limit.is_none_or(|limit| limit <= i64::MAX as u64)
+}
+
 /// The throttling section: limits in range and ordered as Huawei orders them (user ≤ api,
 /// app ≤ user (or api), ip ≤ api), bound APIs and excepted apps present, an API bound to one
 /// policy at most, one exception per object.
