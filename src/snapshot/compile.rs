@@ -17,12 +17,12 @@ use hashbrown::{DefaultHashBuilder, HashMap, HashSet, HashTable};
 
 use rustls::sign::CertifiedKey;
 
+use super::delta::Delta;
+use super::validate::{app_is_well_formed, purchase_is_well_formed, MAX_APPS};
 use super::validate::{
     validate, SpecialRef, ThrottleRefs, Validated, ValidationError, MAX_APP_CODES,
 };
 pub use super::validate::{AuthKind, CompiledBackend, PathPiece};
-use super::delta::Delta;
-use super::validate::{app_is_well_formed, purchase_is_well_formed, MAX_APPS};
 use super::wire::{App, Group, MarketState, MinTlsVersion, Purchase, PurchaseState, Snapshot};
 pub use crate::certificate::{certified_key_pem, CertificateError};
 use crate::gateway::metrics::{GatewayMetrics, GroupCounters};
@@ -211,10 +211,12 @@ impl CompiledSnapshot {
     /// The app one of whose app codes is `code`.
     pub fn app_by_code(&self, code: &str) -> Option<&CompiledApp> {
         let apps = &self.apps;
-        let (i, _) = self.apps_by_code.find(self.hasher.hash_one(code), |&(i, nth)| {
-            apps.get(i as usize)
-                .is_some_and(|app| app.code(usize::from(nth)) == code)
-        })?;
+        let (i, _) = self
+            .apps_by_code
+            .find(self.hasher.hash_one(code), |&(i, nth)| {
+                apps.get(i as usize)
+                    .is_some_and(|app| app.code(usize::from(nth)) == code)
+            })?;
         apps.get(*i as usize)
     }
 
@@ -661,7 +663,10 @@ pub fn apply_delta<'a>(
     }
     for (app, slot) in delta.apps.iter().zip(slots) {
         let taken = next.app_by_key(&app.app_key).is_some()
-            || app.app_codes.iter().any(|code| next.app_by_code(code).is_some());
+            || app
+                .app_codes
+                .iter()
+                .any(|code| next.app_by_code(code).is_some());
         let mut codes = HashSet::new();
         if taken || !app.app_codes.iter().all(|code| codes.insert(code.as_str())) {
             return None;

@@ -456,19 +456,30 @@ fn served_view(compiled: &CompiledSnapshot, wires: &[&Snapshot], cells: bool) ->
     )];
     for wire in wires {
         for a in &wire.apps {
-            view.push(format!("key {}: {}", a.app_key, app(compiled.app_by_key(&a.app_key))));
+            view.push(format!(
+                "key {}: {}",
+                a.app_key,
+                app(compiled.app_by_key(&a.app_key))
+            ));
             view.push(format!("id {}: {}", a.id, app(compiled.app_by_id(&a.id))));
             for code in &a.app_codes {
                 view.push(format!("code {code}: {}", app(compiled.app_by_code(code))));
             }
         }
         for p in &wire.purchases {
-            view.push(format!("purchase {}: {}", p.id, app(compiled.app_by_purchase(&p.id))));
+            view.push(format!(
+                "purchase {}: {}",
+                p.id,
+                app(compiled.app_by_purchase(&p.id))
+            ));
         }
     }
     for g in &compiled.groups {
         let apis: Vec<&str> = g.apis.iter().map(|a| &*a.id).collect();
-        view.push(format!("group {} {} {} {:?} {apis:?}", g.index, g.id, g.name, g.state));
+        view.push(format!(
+            "group {} {} {} {:?} {apis:?}",
+            g.index, g.id, g.name, g.state
+        ));
     }
     let mut hosts: Vec<String> = compiled
         .hosts

@@ -510,7 +510,9 @@ pub(super) fn app_is_well_formed(app: &super::wire::App) -> bool {
 pub(super) fn purchase_is_well_formed(purchase: &super::wire::Purchase) -> bool {
     !purchase.id.is_empty()
         && purchase.expire_time >= purchase.start_time
-        && purchase.quota_limit.is_none_or(|limit| limit <= i64::MAX as u64)
+        && purchase
+            .quota_limit
+            .is_none_or(|limit| limit <= i64::MAX as u64)
 }
 
 /// The throttling section: limits in range and ordered as Huawei orders them (user ≤ api,
