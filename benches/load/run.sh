@@ -16,7 +16,11 @@
 # marketgate_tls and nginxtls: the same signed call over HTTPS with keep-alive, SNI
 # tls.bench.local, a seller's bound domain whose certificate marketgate serves by SNI from
 # its snapshot, against nginx terminating TLS with the same certificate and key; wrk's
-# handshakes are a few per run, the per-request cost is the record layer).
+# handshakes are a few per run, the per-request cost is the record layer), and what a request
+# throttling policy costs (row marketgate_throttled: the same signed call on the same proxy to
+# a second API of the group, /throttled, bound to a policy with an API and an app limit of
+# 2,147,483,647 calls per second, Huawei's largest, so every call is admitted and the row
+# measures the policy's counters, not refusals; issue 13, target <= 100 ns of decision added).
 #
 # Usage: benches/load/run.sh [RUNS]
 #   RUNS (3), DURATION (10s), CONNS (32), MARKETGATE_BIN (target/release/marketgate),
@@ -190,13 +194,18 @@ cat > "$WORK/snapshot.json" <<JSON
      {"id": "a1", "name": "enforced", "type": 1, "req_protocol": "BOTH", "req_method": "GET", "req_uri": "/enforced",
       "match_mode": "NORMAL", "auth_type": "APP", "app_code_auth": true, "backend": {"type": "HTTP", "req_protocol": "HTTP", "req_method": "GET",
       "req_uri": "/", "url_domain": "127.0.0.1:18000", "timeout_ms": 5000}},
+     {"id": "a3", "name": "throttled", "type": 1, "req_protocol": "BOTH", "req_method": "GET", "req_uri": "/throttled",
+      "match_mode": "NORMAL", "auth_type": "APP", "app_code_auth": true, "backend": {"type": "HTTP", "req_protocol": "HTTP", "req_method": "GET",
+      "req_uri": "/", "url_domain": "127.0.0.1:18000", "timeout_ms": 5000}},
      {"id": "a2", "name": "plain", "type": 1, "req_protocol": "HTTP", "req_method": "GET", "req_uri": "/plain",
       "match_mode": "NORMAL", "auth_type": "NONE", "backend": {"type": "HTTP", "req_protocol": "HTTP", "req_method": "GET",
       "req_uri": "/", "url_domain": "127.0.0.1:18000", "timeout_ms": 5000}}]}],
  "apps": [{"id": "app1", "app_key": "benchkey0001", "app_secret": "benchsecret0001",
    "app_codes": ["benchappcode0123456789abcdef0123456789abcdef0123456789abcdef0123"], "creator": "MARKET"}],
  "purchases": [{"id": "p1", "group_id": "g1", "app_id": "app1", "state": "active", "start_time": $((NOW - 60)),
-   "expire_time": $((NOW + 86400)), "quota_limit": 1000000000000}]}
+   "expire_time": $((NOW + 86400)), "quota_limit": 1000000000000}],
+ "throttling": {"policies": [{"id": "t1", "name": "bench_throttle", "api_call_limits": 2147483647,
+   "app_call_limits": 2147483647, "time_interval": 1, "time_unit": "SECOND", "api_ids": ["a3"]}]}}
 JSON
 # The seller's bound domain tls.bench.local (another name of g1's market domain) and its
 # certificate, as the control plane publishes them.
@@ -270,6 +279,7 @@ LUA
 RESOLVE_LOOPBACK='function wrk.resolve(host, service) wrk.addrs = wrk.lookup("127.0.0.1", service) end'
 sign_all() {
   sign_lua benchkey0001 benchsecret0001 market.bench.local http://127.0.0.1:18003/enforced "$WORK/enforced.lua"
+  sign_lua benchkey0001 benchsecret0001 market.bench.local http://127.0.0.1:18003/throttled "$WORK/throttled.lua"
   sign_lua benchkey0001 benchsecret0001 tls.bench.local https://tls.bench.local:18014/enforced "$WORK/tls.lua"
   echo "$RESOLVE_LOOPBACK" >> "$WORK/tls.lua"
   sign_lua "$LEASED_KEY" "$LEASED_SECRET" leased.bench.local http://127.0.0.1:18007/enforced "$WORK/leased.lua"
@@ -321,6 +331,15 @@ for target in "8080 $SERVE_KEY $SERVE_SECRET" ${COMPARE_BIN:+"18011 $CSERVE_KEY 
   done
   [[ -n $served ]] || { echo "marketgate serve on $port never served the bench purchase"; exit 1; }
 done
+# The throttled API answers, and its policy applies: in debug mode the answer reports the
+# app's and the API's calls left in Huawei's format.
+TH_DATE=$(grep -o '"X-Sdk-Date"\] = "[0-9TZ]*' "$WORK/throttled.lua" | grep -o '[0-9TZ]*$')
+TH_AUTH=$(grep -o 'SDK-HMAC-SHA256[^"]*' "$WORK/throttled.lua")
+throttled_headers=$(curl -sf -D - -o /dev/null -H 'Host: market.bench.local' -H "X-Sdk-Date: $TH_DATE" -H "Authorization: $TH_AUTH" \
+  -H 'X-Apig-Mode: debug' http://127.0.0.1:18003/throttled) \
+  || { echo "the signed throttled bench request is refused by marketgate"; exit 1; }
+grep -qi '^x-apig-ratelimit-app: remain:[0-9]*,limit:2147483647,time:1 second' <<<"$throttled_headers" \
+  || { echo "no throttling policy applies to /throttled: $throttled_headers"; exit 1; }
 curl -sf -H 'Host: plain.bench.local' http://127.0.0.1:18003/plain >/dev/null \
   || { echo "the plain bench request is refused by marketgate"; exit 1; }
 curl -sf -H 'Host: market.bench.local' -H 'X-Apig-AppCode: benchappcode0123456789abcdef0123456789abcdef0123456789abcdef0123' \
@@ -375,6 +394,7 @@ for i in $(seq "$RUNS"); do
   run marketgate_plain http://127.0.0.1:18003/plain "$WORK/plain.lua"
   sign_all
   run marketgate_enforced http://127.0.0.1:18003/enforced "$WORK/enforced.lua"
+  run marketgate_throttled http://127.0.0.1:18003/throttled "$WORK/throttled.lua"
   run leased_enforced http://127.0.0.1:18007/enforced "$WORK/leased.lua"
   run serve_enforced http://127.0.0.1:8080/enforced "$WORK/serve.lua"
   run marketgate_appcode http://127.0.0.1:18003/enforced "$WORK/appcode.lua"
@@ -404,7 +424,7 @@ ratio_median() { # NAME BASE COLUMN -> median over runs of NAME[col] / BASE[col]
 }
 echo "| path | req/s (median of $RUNS) | p99 ms (median) | req/s ÷ nginx (median of per-round ratios) | p99 ÷ nginx | req/s ÷ marketgate_plain | server CPU µs/request (median) | CPU/request ÷ nginx |"
 echo "|---|---|---|---|---|---|---|---|"
-for name in direct nginx haproxy marketgate_plain marketgate_enforced leased_enforced serve_enforced marketgate_appcode nginxtls marketgate_tls ${COMPARE_BIN:+compare_plain compare_enforced compareserve_enforced}; do
+for name in direct nginx haproxy marketgate_plain marketgate_enforced marketgate_throttled leased_enforced serve_enforced marketgate_appcode nginxtls marketgate_tls ${COMPARE_BIN:+compare_plain compare_enforced compareserve_enforced}; do
   rps=$(cut -d' ' -f1 "$WORK/$name.txt" | median)
   p99=$(cut -d' ' -f2 "$WORK/$name.txt" | median)
   cpu=$(cut -d' ' -f3 "$WORK/$name.txt" | median)
@@ -417,6 +437,9 @@ echo
 printf 'Leases, leased_enforced ÷ marketgate_enforced (median of per-round ratios): req/s %.3fx, p99 %.2fx, server CPU/request %.3fx\n' \
   "$(ratio_median leased_enforced marketgate_enforced 1)" "$(ratio_median leased_enforced marketgate_enforced 2)" \
   "$(ratio_median leased_enforced marketgate_enforced 3)"
+printf 'Throttling, marketgate_throttled ÷ marketgate_enforced (median of per-round ratios): req/s %.3fx, p99 %.2fx, server CPU/request %.3fx\n' \
+  "$(ratio_median marketgate_throttled marketgate_enforced 1)" "$(ratio_median marketgate_throttled marketgate_enforced 2)" \
+  "$(ratio_median marketgate_throttled marketgate_enforced 3)"
 printf 'TLS, marketgate_tls ÷ nginxtls (median of per-round ratios): req/s %.3fx, p99 %.2fx, server CPU/request %.3fx\n' \
   "$(ratio_median marketgate_tls nginxtls 1)" "$(ratio_median marketgate_tls nginxtls 2)" "$(ratio_median marketgate_tls nginxtls 3)"
 printf 'TLS, marketgate_tls ÷ marketgate_enforced (median of per-round ratios): req/s %.3fx, p99 %.2fx, server CPU/request %.3fx\n' \
