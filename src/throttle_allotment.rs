@@ -53,8 +53,14 @@ pub struct Want {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AllotmentReply {
-    /// The control plane's clock when it answered, ms since the epoch.
+    /// The control plane's clock when it took the request (the clock its grants were
+    /// decided by), ms since the epoch.
     pub now_ms: u64,
+    /// Its clock when it answered, after the ledger's commit (0 from a control plane that
+    /// does not say): the proxy leaves the time in between out of its clock offset's error
+    /// ([`clock_offset`]).
+    #[serde(default)]
+    pub answered_ms: u64,
     /// In the order of the wants.
     pub grants: Vec<Grant>,
 }
@@ -82,6 +88,25 @@ pub fn grantable(window: u64, window_ms: u64, now_ms: u64) -> bool {
         || (window == current + 1 && (current + 1) * window_ms - now_ms <= SKEW_ALLOWANCE_MS)
 }
 
+/// The control plane's clock minus the proxy's, from one exchange, and the most it can be
+/// off, both in ms (NTP's arithmetic): the proxy sent at `sent_ms` and had the answer at
+/// `received_ms` on its clock; the control plane took the request at `reply.now_ms` and
+/// answered at `reply.answered_ms` on its own. Only the time the exchange spent between the
+/// planes is uncertain, not the time the control plane spent on the ledger's commit (an
+/// fsync, on a busy machine the most of a round trip).
+pub fn clock_offset(sent_ms: i64, received_ms: i64, reply: &AllotmentReply) -> (i64, i64) {
+    let took = reply.now_ms as i64;
+    let answered = (reply.answered_ms as i64).max(took);
+    let offset = ((took - sent_ms) + (answered - received_ms)).div_euclid(2);
+    let error = (((received_ms - sent_ms) - (answered - took)).max(0) + 1) / 2;
+    (offset, error)
+}
+
+/// How much a clock offset's error grows per second since it was taken (clock drift between
+/// the hosts: 1,000 ppm, far above what NTP-disciplined clocks drift): a proxy keeps the
+/// offset of its most certain recent exchange, not of its latest.
+pub const DRIFT_MS_PER_SEC: i64 = 1;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,6 +121,23 @@ mod tests {
         assert_eq!(granted, 100);
         assert_eq!(grant(100, 5, 100), 0);
         assert_eq!(grant(120, 5, 100), 0);
+    }
+
+    #[test]
+    fn the_clock_offset_leaves_the_control_planes_own_time_out_of_its_error() {
+        // The control plane's clock is 1,000 ms ahead; 10 ms each way, 300 ms of commit.
+        let reply = |now_ms, answered_ms| AllotmentReply {
+            now_ms,
+            answered_ms,
+            grants: Vec::new(),
+        };
+        assert_eq!(
+            clock_offset(5_000, 5_320, &reply(6_010, 6_310)),
+            (1_000, 10)
+        );
+        // A control plane that does not say when it answered: the whole round trip is
+        // uncertain.
+        assert_eq!(clock_offset(5_000, 5_320, &reply(6_010, 0)), (850, 160));
     }
 
     #[test]

@@ -83,7 +83,12 @@ impl ControlPlane {
         for (&i, calls) in order.iter().zip(granted) {
             grants[i].granted = calls;
         }
-        Ok(AllotmentReply { now_ms, grants })
+        let answered_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+        Ok(AllotmentReply {
+            now_ms,
+            answered_ms: (answered_ms.max(0) as u64).max(now_ms),
+            grants,
+        })
     }
 }
 

@@ -18,7 +18,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use super::throttle::{Counter, ThrottleRegistry};
 use super::uplink::Uplink;
 use crate::shutdown::Shutdown;
-use crate::throttle_allotment::{AllotmentReply, AllotmentRequest, Want, CHUNK_DIVISOR, PATH};
+use crate::throttle_allotment::{
+    clock_offset, AllotmentReply, AllotmentRequest, Want, CHUNK_DIVISOR, DRIFT_MS_PER_SEC, PATH,
+};
 
 /// An exchange that takes longer than this fails (the waiting calls are answered 429 at
 /// their deadline anyway).
@@ -46,24 +48,28 @@ impl Default for Allotments {
 }
 
 impl Allotments {
-    /// Asks for more of `counter` in `window` and waits for the next exchange, at most
-    /// `wait`: `false` if none came (the caller answers 429).
-    pub async fn wait_for_refill(
-        &self,
-        counter: &Arc<Counter>,
-        window: u64,
-        wait: Duration,
-    ) -> bool {
+    /// Asks for more of each of `counters` (each with its window) and waits for the next
+    /// exchange, at most `wait`: `false` if none came (the caller answers 429).
+    pub async fn wait_for_refill(&self, counters: &[(Arc<Counter>, u64)], wait: Duration) -> bool {
         let mut granted = self.granted.subscribe();
         granted.borrow_and_update();
+        for (counter, window) in counters {
+            self.want(counter, *window);
+        }
+        tokio::time::timeout(wait, granted.changed()).await.is_ok()
+    }
+
+    /// Asks for more of `counter` in `window` at the next exchange, without waiting for it
+    /// (a refill ahead: its allotment is running low). Each counter is asked for once per
+    /// exchange.
+    pub fn want(&self, counter: &Arc<Counter>, window: u64) {
         if !counter.wanted.swap(true, Ordering::AcqRel) {
             self.queue
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push((counter.clone(), window));
+            self.wanted.notify_one();
         }
-        self.wanted.notify_one();
-        tokio::time::timeout(wait, granted.changed()).await.is_ok()
     }
 
     /// The counters that want more, each once.
@@ -92,6 +98,8 @@ pub async fn run(
 ) {
     registry.lease();
     let mut failing = false;
+    // The error of the offset in use (ms) and when it was taken (this host's ms).
+    let mut offset_taken: Option<(i64, i64)> = None;
     loop {
         tokio::select! {
             _ = allotments.wanted.notified() => {}
@@ -102,12 +110,21 @@ pub async fn run(
             continue;
         }
         match exchange(&uplink, &node_id, &wanted).await {
-            Ok((reply, offset_ms)) => {
+            Ok((reply, offset_ms, error_ms)) => {
                 if failing {
                     tracing::info!("throttling allotments: the control plane answers again");
                     failing = false;
                 }
-                registry.set_offset_ms(offset_ms);
+                // The most certain offset, its error grown by the drift since it was taken:
+                // one slow exchange does not move the windows by half its round trip.
+                let now = now_ms();
+                let better = offset_taken.is_none_or(|(error, taken)| {
+                    error_ms <= error + (now - taken) / 1000 * DRIFT_MS_PER_SEC
+                });
+                if better {
+                    registry.set_offset_ms(offset_ms);
+                    offset_taken = Some((error_ms, now));
+                }
                 for ((counter, window), grant) in wanted.iter().zip(&reply.grants) {
                     if grant.granted == 0 {
                         counter.set_exhausted(*window);
@@ -154,13 +171,13 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// One exchange: the reply and the control plane's clock offset from this host's (ms),
-/// taken at the middle of the round trip.
+/// One exchange: the reply, the control plane's clock offset from this host's and how far
+/// off that can be (ms, [`clock_offset`]).
 async fn exchange(
     uplink: &Uplink,
     node_id: &str,
     wanted: &[(Arc<Counter>, u64)],
-) -> Result<(AllotmentReply, i64), AllotmentError> {
+) -> Result<(AllotmentReply, i64, i64), AllotmentError> {
     let wants = wanted
         .iter()
         .map(|(counter, window)| {
@@ -200,6 +217,6 @@ async fn exchange(
     }
     let reply: AllotmentReply =
         serde_json::from_slice(&answer.body).map_err(AllotmentError::BadReply)?;
-    let offset = reply.now_ms as i64 - (sent + received) / 2;
-    Ok((reply, offset))
+    let (offset, error) = clock_offset(sent, received, &reply);
+    Ok((reply, offset, error))
 }

@@ -209,7 +209,7 @@ mod tests {
                     interval: 1,
                     unit: crate::snapshot::TimeUnit::Minute,
                     retry_after: 1,
-                    short: None,
+                    short: Vec::new(),
                     settle_ms: 0,
                 }),
                 429,

@@ -555,13 +555,13 @@ async fn throttle_or_refill(
             // Near a window's ends: the next window opens within twice the skew allowance
             // (then the call is decided, never refused for the guard itself).
             tokio::time::sleep(Duration::from_millis(refusal.settle_ms)).await;
-        } else if let Some((counter, window)) = &refusal.short {
+        } else if !refusal.short.is_empty() {
             let Some(wait) = deadline.checked_duration_since(Instant::now()) else {
                 break;
             };
             if !gateway
                 .allotments
-                .wait_for_refill(counter, *window, wait)
+                .wait_for_refill(&refusal.short, wait)
                 .await
             {
                 break;
@@ -571,8 +571,17 @@ async fn throttle_or_refill(
         }
         result = throttle(snapshot, api, app, peer, OffsetDateTime::now_utc());
     }
-    if let (Err(_), Some(policy)) = (&result, &api.throttle) {
-        policy.throttled.inc();
+    match &mut result {
+        Ok(remaining) => {
+            if let Some((counter, window)) = remaining.ahead.take() {
+                gateway.allotments.want(&counter, window);
+            }
+        }
+        Err(_) => {
+            if let Some(policy) = &api.throttle {
+                policy.throttled.inc();
+            }
+        }
     }
     result
 }

@@ -365,10 +365,23 @@ impl Dimension {
 }
 
 /// Calls left and limit of each dimension a policy applied (for `X-Apig-RateLimit-*`).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Remaining {
     /// `(dimension, remain, limit)`, in the order api, user, app, ip.
     pub dims: [Option<(Dimension, u64, u64)>; 4],
+    /// Leased mode: a counter whose allotment for the window this call brought down to its
+    /// low-water mark ([`refill_ahead`]), with the window: the caller asks for its refill now,
+    /// without waiting, so that the calls after it do not find the allotment spent.
+    pub ahead: Option<(Arc<Counter>, u64)>,
+}
+
+/// Leased mode: a counter is refilled ahead once this call leaves at most this much of its
+/// allotment for the window: half the chunk a proxy asks for at a time
+/// (`throttle_allotment::CHUNK_DIVISOR`), so that under steady demand the refill arrives
+/// while the rest of the chunk is being spent. A chunk of one call is refilled as soon as it
+/// is spent.
+pub fn refill_ahead(limit: u64) -> u64 {
+    (limit / crate::throttle_allotment::CHUNK_DIVISOR).max(1) / 2
 }
 
 /// Why a call was throttled.
@@ -380,8 +393,11 @@ pub struct Refusal {
     pub unit: TimeUnit,
     /// Seconds until the window ends (at least 1).
     pub retry_after: u64,
-    /// The refusing counter's allotment ran short of its limit: a refill may admit it.
-    pub short: Option<(Arc<Counter>, u64)>,
+    /// The refusing counter's allotment ran short of its limit, so a refill may admit the
+    /// call: that counter and every other of the call's counters whose allotment for the
+    /// window is spent too (asked for in one exchange, not one exchange each), with the
+    /// window. Empty: the refusal is final for the window.
+    pub short: Vec<(Arc<Counter>, u64)>,
     /// Leased mode, within the skew allowance of a window's ends: admitted after this many
     /// milliseconds (0: not so).
     pub settle_ms: u64,
@@ -474,7 +490,7 @@ impl ApiThrottle {
                     interval: rule.interval,
                     unit: rule.unit,
                     retry_after: 1,
-                    short: None,
+                    short: Vec::new(),
                     settle_ms,
                 });
             }
@@ -509,6 +525,14 @@ impl ApiThrottle {
                 Some(used) => {
                     // Reported api, user, app, ip (Huawei's header order).
                     remaining.dims[3 - i] = Some((dimension, limit.saturating_sub(used), limit));
+                    if leased
+                        && allowance < limit
+                        && allowance - used <= refill_ahead(limit)
+                        && remaining.ahead.is_none()
+                        && !counter.wanted.load(Ordering::Acquire)
+                    {
+                        remaining.ahead = Some((counter.clone(), full_window));
+                    }
                 }
                 None => {
                     for (_, taken, _) in dims[..i].iter().flatten() {
@@ -516,8 +540,25 @@ impl ApiThrottle {
                     }
                     let window_end = (full_window + 1) * rule.window_ms;
                     let retry_after = window_end.saturating_sub(now_ms).div_ceil(1000).max(1);
-                    let short = (allowance < limit && !counter.exhausted_in(full_window))
-                        .then(|| (counter.clone(), full_window));
+                    let spent = |counter: &Counter, limit: u64| {
+                        let allowance = limit.min(counter.allotted_in(window));
+                        allowance < limit
+                            && counter.used_in(window) >= allowance
+                            && !counter.exhausted_in(full_window)
+                    };
+                    // Only a refusal by an allotment (not by the limit) may be lifted by a
+                    // refill; then the counters after it that are spent too are asked for
+                    // with it (at a window's start, all of them).
+                    let short = if leased && spent(counter, limit) {
+                        dims[i..]
+                            .iter()
+                            .flatten()
+                            .filter(|(_, c, l)| spent(c, *l))
+                            .map(|(_, c, _)| ((*c).clone(), full_window))
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
                     return Err(Refusal {
                         dimension,
                         limit,
@@ -640,6 +681,54 @@ mod tests {
     }
 
     #[test]
+    fn a_call_short_of_several_allotments_asks_for_all_of_them_at_once_and_refills_ahead() {
+        let registry = ThrottleRegistry::new(true);
+        let throttle = ApiThrottle::new(
+            rule(100, Some(20), None),
+            "p",
+            [(0u32, "a0", Some(20), None)],
+            &registry,
+            IntCounter::new("t", "t").unwrap(),
+        );
+        // A window's first call: neither the app's nor the API's allotment is there yet; it
+        // asks for both in one exchange, not for the API's only once the app's came.
+        let refused = throttle.admit(Some(0), ip(1), 500, &registry).unwrap_err();
+        assert_eq!(refused.dimension, Dimension::App);
+        let keys: Vec<&str> = refused.short.iter().map(|(c, _)| c.key()).collect();
+        assert_eq!(keys, ["p/app/a0", "p/api"]);
+        for (counter, window) in &refused.short {
+            counter.allot(*window as u32, 10);
+        }
+        // The app's chunk is 2 (a tenth of 20): granted 10, the call that leaves 1 asks
+        // for the app's refill ahead; the API's (chunk 10, granted 10) once 5 are left.
+        let mut ahead = Vec::new();
+        for _ in 0..9 {
+            let admitted = throttle.admit(Some(0), ip(1), 500, &registry).unwrap();
+            ahead.push(admitted.ahead.map(|(c, _)| c.key().to_owned()));
+        }
+        assert_eq!(ahead[..4], [None, None, None, None]);
+        assert_eq!(ahead[4].as_deref(), Some("p/api"));
+        assert_eq!(ahead[8].as_deref(), Some("p/app/a0"));
+        // Refused by the limit, not by an allotment: nothing to ask for.
+        let registry = ThrottleRegistry::new(true);
+        let throttle = ApiThrottle::new(
+            rule(100, Some(1), None),
+            "q",
+            [(0u32, "a0", Some(1), None)],
+            &registry,
+            IntCounter::new("t", "t").unwrap(),
+        );
+        let refused = throttle.admit(Some(0), ip(1), 500, &registry).unwrap_err();
+        for (counter, window) in &refused.short {
+            counter.allot(*window as u32, 1);
+        }
+        assert!(throttle.admit(Some(0), ip(1), 500, &registry).is_ok());
+        let refused = throttle.admit(Some(0), ip(1), 500, &registry).unwrap_err();
+        assert_eq!(refused.dimension, Dimension::App);
+        assert!(refused.short.is_empty(), "{:?}", refused.short);
+    }
+
+    #[test]
     fn a_leased_counter_admits_only_its_allotment() {
         let registry = ThrottleRegistry::new(true);
         let throttle = ApiThrottle::new(
@@ -650,15 +739,21 @@ mod tests {
             IntCounter::new("t", "t").unwrap(),
         );
         let refused = throttle.admit(None, ip(1), 500, &registry).unwrap_err();
-        let (counter, window) = refused.short.expect("short of its allotment");
+        let [(counter, window)] = &refused.short[..] else {
+            panic!("short of its allotment: {:?}", refused.short)
+        };
+        let (counter, window) = (counter.clone(), *window);
         counter.allot(window as u32, 2);
         assert!(throttle.admit(None, ip(1), 500, &registry).is_ok());
         assert!(throttle.admit(None, ip(1), 600, &registry).is_ok());
-        assert!(throttle
-            .admit(None, ip(1), 700, &registry)
-            .unwrap_err()
-            .short
-            .is_some());
+        assert_eq!(
+            throttle
+                .admit(None, ip(1), 700, &registry)
+                .unwrap_err()
+                .short
+                .len(),
+            1
+        );
         // Nothing is admitted near the window's ends; an allotment is for its window only.
         assert_eq!(
             throttle
@@ -674,7 +769,7 @@ mod tests {
             .admit(None, ip(1), 1_500, &registry)
             .unwrap_err()
             .short
-            .is_none());
+            .is_empty());
         assert_eq!(counter.last_total(), 0);
         counter.allot(1, 3);
         assert_eq!(counter.last_total(), 2);

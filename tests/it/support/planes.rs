@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
 use super::control::{
-    config_toml, expect_status, market_base, mgmt, Api, Auth, BUYER_DOMAIN, BUYER_PROJECT,
+    config_toml, expect_status, market_base, mgmt, Api, Auth, Backend, BUYER_DOMAIN, BUYER_PROJECT,
     MARKET_TOKEN, SELLER_DOMAIN, SELLER_PROJECT, SELLER_TOKEN,
 };
 use super::gateway::{request, signed_as, Answer, Buyer, ADMIN_TOKEN};
@@ -125,6 +125,8 @@ pub struct Planes {
     pub admin: SocketAddr,
     pub subscriptions: Subscriptions,
     pub proxies: Vec<Proxy>,
+    /// Its store (`sqlite://…`, or a PostgreSQL database replicas share).
+    pub database_url: String,
     _trigger: ShutdownTrigger,
     _dir: tempfile::TempDir,
 }
@@ -139,6 +141,33 @@ impl Planes {
     pub async fn start_with(n: usize, extra: &str) -> Planes {
         let dir = tempfile::tempdir().unwrap();
         let database_url = format!("sqlite://{}", dir.path().join("marketgate.db").display());
+        let nodes: Vec<String> = (1..=n).map(|i| format!("proxy-{i}")).collect();
+        Self::open(dir, database_url, &nodes, extra).await
+    }
+
+    /// A control plane on a fresh database of `backend` (PostgreSQL: one that replicas can
+    /// share, [`Planes::replica`]) and proxies named `nodes`.
+    pub async fn start_on(backend: &Backend, nodes: &[&str]) -> Planes {
+        let dir = tempfile::tempdir().unwrap();
+        let database_url = backend.fresh_database(dir.path()).await;
+        let nodes: Vec<String> = nodes.iter().map(|n| n.to_string()).collect();
+        Self::open(dir, database_url, &nodes, "").await
+    }
+
+    /// Another control-plane replica on this one's database (PostgreSQL), with its own
+    /// listeners, and proxies named `nodes` subscribed to it alone.
+    pub async fn replica(&self, nodes: &[&str]) -> Planes {
+        let dir = tempfile::tempdir().unwrap();
+        let nodes: Vec<String> = nodes.iter().map(|n| n.to_string()).collect();
+        Self::open(dir, self.database_url.clone(), &nodes, "").await
+    }
+
+    async fn open(
+        dir: tempfile::TempDir,
+        database_url: String,
+        nodes: &[String],
+        extra: &str,
+    ) -> Planes {
         let toml = config_toml(&database_url, "127.0.0.1:0").replace(
             "token = \"admin-token\"",
             &format!("token = \"{ADMIN_TOKEN}\""),
@@ -167,8 +196,8 @@ impl Planes {
                 .await
         });
         let mut proxies = Vec::new();
-        for i in 1..=n {
-            proxies.push(Proxy::start(&format!("proxy-{i}"), &[admin], "").await);
+        for node in nodes {
+            proxies.push(Proxy::start(node, &[admin], "").await);
         }
         Planes {
             cp,
@@ -176,6 +205,7 @@ impl Planes {
             admin,
             subscriptions,
             proxies,
+            database_url,
             _trigger: trigger,
             _dir: dir,
         }
