@@ -278,6 +278,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> Result<Vec<u64>, StoreError>;
     /// Can the store be reached now? (`GET /readyz`.)
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Is this process the store's only writer? SQLite is for one process (`data_dir`, or a
+    /// database file kept elsewhere, is locked to it: [`lock_sqlite_file`]), and one
+    /// control plane per database in it; then a replica's requests need not read the store
+    /// to see every acknowledged write (`ControlPlane::state`). PostgreSQL: no, replicas share it.
+    fn sole_writer(&self) -> bool {
+        false
+    }
     /// Versions committed by other processes as the store announces them (PostgreSQL
     /// LISTEN/NOTIFY); `None` where no other process can write (SQLite). A notification may
     /// be lost: followers also poll.

@@ -446,4 +446,8 @@ impl Store for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    fn sole_writer(&self) -> bool {
+        true
+    }
 }
