@@ -29,11 +29,12 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -44,6 +45,7 @@ use tokio_rustls::LazyConfigAcceptor;
 
 use crate::auth_guard::{AuthGuard, Penalised};
 use crate::config::ConnectionLimits;
+use crate::framing::{Evidence, Framing};
 use crate::shutdown::Shutdown;
 
 /// How long a new connection waits for room once every slot is taken and the idle ones were
@@ -72,6 +74,14 @@ pub struct ListenerSpec {
     pub tls_handshake_timeout: Duration,
     /// How long open connections may take to finish once shutdown fires.
     pub drain_timeout: Duration,
+    /// The APIG `error_code` of this listener's answers to malformed requests (a head hyper
+    /// cannot parse, Content-Length beside Transfer-Encoding): `APIG.0201` for buyers,
+    /// `APIG.2000` for the control and admin listeners.
+    pub error_code: &'static str,
+    /// How many times the configured head limit `max_header_bytes` is (the buyer listener
+    /// gives hyper room beyond its own check; 1 elsewhere): the configured limit is named
+    /// in the 431 that replaces hyper's.
+    pub head_room: usize,
 }
 
 /// Counters of one process's listeners, registered by whoever owns the registry.
@@ -191,19 +201,11 @@ pub struct Peer {
     pub sni: Option<Box<str>>,
 }
 
-/// Requests of one connection: how many are in flight (until their response body is done)
-/// and how many finished, which is all the idle check needs (no clock read per request).
-#[derive(Debug, Default)]
-struct Activity {
-    in_flight: AtomicUsize,
-    finished: AtomicU64,
-}
-
 /// Held by a request from its start until its response body is dropped.
-struct InFlight(Arc<Activity>);
+struct InFlight(Arc<Evidence>);
 
 impl InFlight {
-    fn start(activity: &Arc<Activity>) -> InFlight {
+    fn start(activity: &Arc<Evidence>) -> InFlight {
         activity.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(activity.clone())
     }
@@ -216,11 +218,14 @@ impl Drop for InFlight {
     }
 }
 
-/// The caller's service, counting its requests for the idle check.
+/// The caller's service, counting its requests for the idle check, and refusing those
+/// that [`Evidence::smuggling`] names before the service sees them.
 #[derive(Clone)]
 struct Counted<S> {
     inner: S,
-    activity: Arc<Activity>,
+    activity: Arc<Evidence>,
+    /// The listener's `error_code` for malformed requests.
+    error_code: &'static str,
 }
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for Counted<S>
@@ -233,8 +238,17 @@ where
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let guard = InFlight::start(&self.activity);
+        if self.activity.smuggling(&request) {
+            tracing::debug!("refused: Content-Length beside Transfer-Encoding");
+            return CountedFuture {
+                inner: None,
+                refused: Some(crate::framing::smuggling_response(self.error_code)),
+                guard: Some(guard),
+            };
+        }
         CountedFuture {
-            inner: self.inner.call(request),
+            inner: Some(self.inner.call(request)),
+            refused: None,
             guard: Some(guard),
         }
     }
@@ -243,7 +257,8 @@ where
 pin_project_lite::pin_project! {
     struct CountedFuture<F> {
         #[pin]
-        inner: F,
+        inner: Option<F>,
+        refused: Option<Response<Bytes>>,
         guard: Option<InFlight>,
     }
 }
@@ -256,11 +271,23 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let response = std::task::ready!(this.inner.poll(cx));
+        if let Some(refused) = this.refused.take() {
+            let guard = this.guard.take();
+            return Poll::Ready(Ok(refused.map(|body| CountedBody {
+                inner: None,
+                refused: Some(body),
+                _guard: guard,
+            })));
+        }
+        let Some(inner) = this.inner.as_pin_mut() else {
+            return Poll::Pending;
+        };
+        let response = std::task::ready!(inner.poll(cx));
         let guard = this.guard.take();
         Poll::Ready(response.map(|r| {
             r.map(|body| CountedBody {
-                inner: body,
+                inner: Some(body),
+                refused: None,
                 _guard: guard,
             })
         }))
@@ -268,31 +295,45 @@ where
 }
 
 pin_project_lite::pin_project! {
-    /// A response body that keeps its request counted as in flight until it is dropped.
+    /// A response body that keeps its request counted as in flight until it is dropped: the
+    /// service's, or the error body of a request refused before it.
     pub struct CountedBody<B> {
         #[pin]
-        inner: B,
+        inner: Option<B>,
+        refused: Option<Bytes>,
         _guard: Option<InFlight>,
     }
 }
 
-impl<B: http_body::Body> http_body::Body for CountedBody<B> {
-    type Data = B::Data;
+impl<B: http_body::Body<Data = Bytes>> http_body::Body for CountedBody<B> {
+    type Data = Bytes;
     type Error = B::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
-        self.project().inner.poll_frame(cx)
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        match this.inner.as_pin_mut() {
+            Some(inner) => inner.poll_frame(cx),
+            None => Poll::Ready(this.refused.take().map(|b| Ok(http_body::Frame::data(b)))),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Some(inner) => inner.is_end_stream(),
+            None => self.refused.is_none(),
+        }
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Some(inner) => inner.size_hint(),
+            None => {
+                http_body::SizeHint::with_exact(self.refused.as_ref().map_or(0, |b| b.len() as u64))
+            }
+        }
     }
 }
 
@@ -352,8 +393,7 @@ pub async fn serve<M, S, B>(
         + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
     let spec = Arc::new(spec);
@@ -557,16 +597,22 @@ async fn connection<I, S, B>(
         + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let activity = Arc::new(Activity::default());
+    let activity = Arc::new(Evidence::default());
     let service = Counted {
         inner: service,
         activity: activity.clone(),
+        error_code: spec.error_code,
     };
     let builder = builder(spec);
+    let io = Framing::new(
+        io,
+        activity.clone(),
+        spec.error_code,
+        spec.max_header_bytes / spec.head_room.max(1),
+    );
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let limits = spec.limits;
@@ -857,6 +903,8 @@ pub fn router_spec(
         h2_max_concurrent_streams: config.gateway.h2_max_concurrent_streams,
         tls_handshake_timeout: config.gateway.tls_handshake_timeout,
         drain_timeout: config.gateway.drain_timeout,
+        error_code: crate::apig::PARAMETER_ERROR,
+        head_room: 1,
     }
 }
 

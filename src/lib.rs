@@ -3,6 +3,9 @@
 //! # Layout
 //!
 //! - [`accept`]: the one accept loop of every listener: connection limits, timeouts, back-off.
+//! - [`framing`]: what hyper's HTTP/1 parser hides or answers on its own, from a connection's
+//!   bytes: Content-Length beside Transfer-Encoding refused, hyper's bare 400/414/431 replaced
+//!   by the APIG error body.
 //! - [`auth_guard`]: per listener, a bound on failed authentications per peer (a fixed table,
 //!   no memory per stranger), checked before any credential is.
 //! - [`data_dir`]: one process per `data_dir` (a pid-holding `flock`), files in it 0600.
@@ -44,6 +47,7 @@ pub mod control;
 pub mod data_dir;
 pub mod durable;
 pub mod feed;
+pub mod framing;
 pub mod gateway;
 pub mod lease;
 pub mod metrics_text;

@@ -130,7 +130,8 @@ pub fn decide<'s, 'p>(
 ) -> Result<Decision<'s, 'p>, Rejection> {
     let (group, domain) = resolve_host(snapshot, head)?;
     let (api, params) = route(group, domain, head)?;
-    let app = authenticate(snapshot, api, head, payload, now, options)?;
+    let signed = read_authorization(api, head)?;
+    let app = authenticate(snapshot, api, head, signed.as_ref(), payload, now, options)?;
     let purchase = entitle(group, domain, api, app, now)?;
     let throttled = throttle(snapshot, api, app, head.peer, now)?;
     Ok(Decision {
@@ -301,11 +302,34 @@ pub fn route<'s, 'p>(
     Ok((api, matched.params))
 }
 
+/// Phase 3, its one parse: the `Authorization` header of a request on an APP-auth API,
+/// read once and handed to [`screen_signature`] (before the body) and [`authenticate`]
+/// (after it). `None`: another auth type, or no such header.
+pub fn read_authorization<'h>(
+    api: &CompiledApi,
+    head: &RequestHead<'h>,
+) -> Result<Option<Authorization<'h>>, Rejection> {
+    if !matches!(api.auth, AuthKind::App) {
+        return Ok(None);
+    }
+    let Some(value) = head.headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let value = value
+        .to_str()
+        .map_err(|_| Rejection::AuthFailed("Authorization is not text"))?;
+    Authorization::parse(value)
+        .map(Some)
+        .map_err(signature_rejection)
+}
+
 /// Phase 3: who is calling. `None` only for a `NONE`-auth API on the seller domain.
+/// `signed` is [`read_authorization`]'s answer for this request.
 pub fn authenticate<'s>(
     snapshot: &'s CompiledSnapshot,
     api: &CompiledApi,
     head: &RequestHead<'_>,
+    signed: Option<&Authorization<'_>>,
     payload: Payload<'_>,
     now: OffsetDateTime,
     options: DecideOptions,
@@ -315,11 +339,7 @@ pub fn authenticate<'s>(
         AuthKind::Unsupported => return Err(Rejection::AuthFailed("unsupported auth type")),
         AuthKind::App => {}
     }
-    if let Some(value) = head.headers.get(header::AUTHORIZATION) {
-        let value = value
-            .to_str()
-            .map_err(|_| Rejection::AuthFailed("Authorization is not text"))?;
-        let auth = Authorization::parse(value).map_err(Rejection::Signature)?;
+    if let Some(auth) = signed {
         let app = snapshot.app_by_key(auth.access);
         // An unknown key is verified against a dummy secret so it costs the same time.
         let secret: &[u8] = app.map_or(b"unknown-app-key".as_slice(), |a| a.secret());
@@ -331,8 +351,8 @@ pub fn authenticate<'s>(
             authority: Some(head.authority),
             payload,
         };
-        signing::verify(&auth, &parts, secret, now, options.max_clock_skew_secs)
-            .map_err(Rejection::Signature)?;
+        signing::verify(auth, &parts, secret, now, options.max_clock_skew_secs)
+            .map_err(signature_rejection)?;
         return app
             .map(Some)
             .ok_or(Rejection::AuthFailed("unknown app key"));
@@ -371,21 +391,14 @@ fn claimed_app_key(headers: &HeaderMap) -> Option<Box<str>> {
 /// is refused before its body is buffered. Answers as [`authenticate`] would.
 fn screen_signature(
     snapshot: &CompiledSnapshot,
-    api: &CompiledApi,
     head: &RequestHead<'_>,
+    signed: Option<&Authorization<'_>>,
     now: OffsetDateTime,
     options: DecideOptions,
 ) -> Result<(), Rejection> {
-    if !matches!(api.auth, AuthKind::App) {
-        return Ok(());
-    }
-    let Some(value) = head.headers.get(header::AUTHORIZATION) else {
+    let Some(auth) = signed else {
         return Ok(());
     };
-    let value = value
-        .to_str()
-        .map_err(|_| Rejection::AuthFailed("Authorization is not text"))?;
-    let auth = Authorization::parse(value).map_err(signature_rejection)?;
     let parts = RequestParts {
         method: head.method.as_str(),
         path: head.path,
@@ -394,7 +407,7 @@ fn screen_signature(
         authority: Some(head.authority),
         payload: Payload::Unsigned,
     };
-    signing::check_head(&auth, &parts, now, options.max_clock_skew_secs)
+    signing::check_head(auth, &parts, now, options.max_clock_skew_secs)
         .map_err(signature_rejection)?;
     if snapshot.app_by_key(auth.access).is_none() {
         return Err(Rejection::AuthFailed(UNKNOWN_APP_KEY));
@@ -985,7 +998,10 @@ async fn serve<'s>(
     }
     // Nothing unauthenticated costs memory: a signature that can never verify (an unknown
     // AppKey, a skewed date, a header signed twice) is refused before the body is read.
-    screen_signature(snapshot, api, &head, now, options).inspect_err(|_| {
+    let signed = read_authorization(api, &head).and_then(|signed| {
+        screen_signature(snapshot, &head, signed.as_ref(), now, options).map(|()| signed)
+    });
+    let signed = signed.inspect_err(|_| {
         trace.claimed_key = claimed_app_key(head.headers);
         trace.unknown_key = trace
             .claimed_key
@@ -1009,13 +1025,13 @@ async fn serve<'s>(
         (None, Some(body))
     };
     let payload = Payload::Body(buffered.as_deref().unwrap_or(&[]));
-    let app = authenticate(snapshot, api, &head, payload, now, options).inspect_err(|_| {
-        trace.claimed_key = claimed_app_key(head.headers);
-        trace.unknown_key = trace
-            .claimed_key
-            .as_deref()
-            .is_some_and(|key| snapshot.app_by_key(key).is_none());
-    })?;
+    let app = authenticate(snapshot, api, &head, signed.as_ref(), payload, now, options)
+        .inspect_err(|_| {
+            trace.claimed_key = signed.as_ref().map(|auth| auth.access.into());
+            trace.unknown_key = signed
+                .as_ref()
+                .is_some_and(|auth| snapshot.app_by_key(auth.access).is_none());
+        })?;
     trace.app = app;
     let purchase = entitle(group, domain, api, app, now)?;
     trace.purchase = purchase;

@@ -130,6 +130,8 @@ pub(crate) fn spec(gateway: &Inner, name: &'static str) -> ListenerSpec {
         h2_max_concurrent_streams: config.h2_max_concurrent_streams,
         tls_handshake_timeout: config.tls_handshake_timeout,
         drain_timeout: config.drain_timeout,
+        error_code: crate::apig::BAD_REQUEST,
+        head_room: HEAD_ROOM,
     }
 }
 

@@ -39,6 +39,15 @@ pub enum WorkerError {
 /// How many workers `gateway.workers` asks for: itself, or for 0 the cores this process may
 /// run on (its CPU affinity and cgroup quota, as `std::thread::available_parallelism` reads
 /// them; `taskset -c 0` gives one).
+/// How many task polls a worker's runtime runs before it polls for I/O and timers, when
+/// tasks are always ready (tokio's default: 61). hyper serves up to 16 pipelined requests in
+/// one poll of a connection, so with 61 a connection pipelining as fast as it can (4,000
+/// wrong credentials in one write) kept another buyer's backend answer unread for up to
+/// ~1,000 of its requests: 0.4 to 1.9 s in a debug build on a loaded machine. With 8, at most
+/// ~128; each extra I/O poll is one `epoll_wait` with no timeout, and only while tasks are
+/// always ready.
+pub const WORKER_EVENT_INTERVAL: u32 = 8;
+
 pub fn worker_count(configured: usize) -> usize {
     if configured > 0 {
         return configured;
@@ -160,9 +169,13 @@ pub async fn run(
             .name(format!("gateway-worker-{index}"))
             .spawn(move || {
                 // A current-thread runtime: no work stealing and no cross-thread wake-ups on
-                // the request path (PERF-NOTES.md, BENCHMARKS.md).
+                // the request path (PERF-NOTES.md, BENCHMARKS.md). I/O is polled every
+                // WORKER_EVENT_INTERVAL task polls, not tokio's 61, so that one connection
+                // pipelining requests as fast as it can cannot hold back its worker's other
+                // connections (adversarial test `guessing_credentials_is_bounded_per_peer`).
                 let runtime = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
+                    .event_interval(WORKER_EVENT_INTERVAL)
                     .build()
                 {
                     Ok(runtime) => runtime,

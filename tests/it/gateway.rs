@@ -265,21 +265,65 @@ async fn every_row_of_the_error_table() {
     }
 }
 
-/// CL+TE together: hyper applies RFC 9112 §6.1 (Transfer-Encoding wins, Content-Length is
-/// dropped, the connection is closed after the answer), so a request smuggled behind the
-/// body is never read, let alone forwarded.
+/// CL+TE together, in either order and any case: 400 with our error body (as Envoy and nginx
+/// answer; hyper alone would serve it as chunked), nothing forwarded, and a request smuggled
+/// behind the body never read. A plain chunked request is still served.
 #[tokio::test]
-async fn content_length_with_transfer_encoding_cannot_smuggle() {
+async fn content_length_with_transfer_encoding_is_400() {
     let backend = Backend::echo().await;
     let gw = TestGateway::with(market(1, backend.addr, None)).await;
     let smuggled =
         format!("GET /v1/mock HTTP/1.1\r\nHost: {MARKET}\r\nX-Apig-AppCode: {CODE}\r\n\r\n");
-    let attack = format!(
-        "POST /v1/mock HTTP/1.1\r\nHost: {MARKET}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"
+    for lengths in [
+        "Content-Length: 5\r\nTransfer-Encoding: chunked",
+        "transfer-encoding: chunked\r\nCONTENT-LENGTH: 5",
+    ] {
+        let attack = format!(
+            "POST /v1/mock HTTP/1.1\r\nHost: {MARKET}\r\nX-Apig-AppCode: {CODE}\r\n{lengths}\r\n\r\n0\r\n\r\n{smuggled}"
+        );
+        let all = raw_until_close(gw.buyers, attack.as_bytes()).await;
+        assert_eq!(all.matches("HTTP/1.1 ").count(), 1, "{all}");
+        assert!(all.starts_with("HTTP/1.1 400"), "{all}");
+        assert!(all.contains(r#""error_code":"APIG.0201""#), "{all}");
+        assert!(all.contains("Transfer-Encoding"), "{all}");
+        assert!(all.to_ascii_lowercase().contains("x-request-id: "), "{all}");
+    }
+    assert_eq!(backend.hits(), 0);
+    let chunked = format!(
+        "POST /v1/echo/1 HTTP/1.1\r\nHost: {MARKET}\r\nX-Apig-AppCode: {CODE}\r\nTransfer-Encoding: chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
     );
-    let all = raw_until_close(gw.buyers, attack.as_bytes()).await;
-    assert_eq!(all.matches("HTTP/1.1 ").count(), 1, "{all}");
-    assert!(all.starts_with("HTTP/1.1 401"), "{all}");
+    let answer = raw_until_close(gw.buyers, chunked.as_bytes()).await;
+    assert!(!answer.starts_with("HTTP/1.1 400"), "{answer}");
+}
+
+/// Heads hyper refuses itself (one it cannot parse, one past its buffer) are answered with
+/// our error body and a request id too.
+#[tokio::test]
+async fn hypers_own_rejections_carry_our_error_body() {
+    let backend = Backend::echo().await;
+    let gw = TestGateway::with(market(1, backend.addr, None)).await;
+    for (head, status) in [
+        (
+            format!("GET /v1/echo/1 HTTP/1.1\r\nHost: {MARKET}\r\nbad header\r\n\r\n"),
+            "400",
+        ),
+        ("GET /v1/echo/1 HTTP/9.9\r\n\r\n".to_owned(), "400"),
+        (
+            format!(
+                "GET /v1/echo/1 HTTP/1.1\r\nHost: {MARKET}\r\nX-Big: {}\r\n\r\n",
+                "a".repeat(80 * 1024)
+            ),
+            "431",
+        ),
+    ] {
+        let whole = raw_answer(gw.buyers, head.as_bytes()).await;
+        assert!(whole.starts_with(&format!("HTTP/1.1 {status}")), "{whole}");
+        assert!(
+            whole.to_ascii_lowercase().contains("x-request-id: "),
+            "{whole}"
+        );
+        assert!(whole.contains(r#""error_code":"APIG.0201""#), "{whole}");
+    }
     assert_eq!(backend.hits(), 0);
 }
 
