@@ -14,7 +14,9 @@
 //! proxy's admin listener over loopback, as the control plane sends it.
 //!
 //! A one-purchase change at 1M is then timed as a delta and as a full push
-//! (`SNAPSHOT_BENCH_DELTA_ONLY=1` runs only that).
+//! (`SNAPSHOT_BENCH_DELTA_ONLY=1` runs only that), and 10 changes a second are applied for a
+//! minute under a request loop (`SNAPSHOT_BENCH_CHANGES_ONLY=1` runs only that;
+//! `SNAPSHOT_BENCH_CHANGES_SECS` and `SNAPSHOT_BENCH_CHANGES_PER_SEC` change the run).
 //!
 //! Run: `cargo bench --bench snapshot` (the 1M cases need ~4 GiB of memory and a minute or
 //! two); `SNAPSHOT_BENCH_REPORT_ONLY=1` prints the one-off report and skips criterion.
@@ -261,6 +263,179 @@ fn report_delta() {
     );
 }
 
+/// What a proxy's buyers see of a market that keeps changing: at 1M purchases,
+/// `SNAPSHOT_BENCH_CHANGES_SECS` seconds (default 60) of `SNAPSHOT_BENCH_CHANGES_PER_SEC`
+/// (default 10) market changes a second, each a delta as the control plane sends it (a
+/// purchase frozen or thawed, a purchase's limit changed, a new buyer's app and purchase),
+/// applied by `Gateway::apply_delta` on one thread while another runs the request path
+/// (load + decide + take) in a loop. Prints each change's time from when it was due (its
+/// 2xx at the control plane, in effect) to the proxy enforcing it (the swapped snapshot
+/// has its version; p50, p99, max), the applying thread's CPU as a share of a core, and
+/// the requests slower than 5 ms (and the slowest).
+fn report_sustained_changes() {
+    let env = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let seconds = env("SNAPSHOT_BENCH_CHANGES_SECS", 60);
+    let per_sec = env("SNAPSHOT_BENCH_CHANGES_PER_SEC", 10).max(1);
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let mut config = Config::builtin().expect("built-in config");
+    config.data_dir = dir.path().to_owned();
+    let gateway = Gateway::open(&config).expect("gateway");
+    gateway
+        .apply_snapshot(market(1, MILLION))
+        .expect("v1 applies");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = {
+        let gateway = gateway.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let buyers: Vec<(HeaderMap, String)> = (0..64)
+                .map(|b| {
+                    let p = b * 15_601 % MILLION;
+                    let code = format!("{}{}", hex_id(6, p), hex_id(6, p));
+                    let mut headers = HeaderMap::new();
+                    headers.insert(
+                        "x-apig-appcode",
+                        HeaderValue::from_str(&code).expect("code"),
+                    );
+                    (headers, format!("g{}.market.example", p % GROUPS))
+                })
+                .collect();
+            let options = DecideOptions {
+                appcode_over_http: true,
+                max_clock_skew_secs: 900,
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("a runtime");
+            let mut micros: Vec<u32> = Vec::with_capacity(1 << 22);
+            let mut refused = 0u64;
+            let mut n = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let (headers, host) = &buyers[n % buyers.len()];
+                n += 1;
+                let started = Instant::now();
+                let snapshot = gateway.compiled().expect("a snapshot");
+                let head = RequestHead {
+                    method: &Method::GET,
+                    path: "/v1/resource0/42",
+                    query: None,
+                    headers,
+                    authority: host,
+                    sni: None,
+                    tls: false,
+                    peer: std::net::IpAddr::from([127, 0, 0, 1]),
+                };
+                let admitted = decide(
+                    &snapshot,
+                    &head,
+                    Payload::Body(b""),
+                    OffsetDateTime::now_utc(),
+                    options,
+                )
+                .ok()
+                .and_then(|d| runtime.block_on(take_quota(d.purchase?)).ok());
+                if Arc::strong_count(&snapshot) == 1 {
+                    std::thread::spawn(move || drop(snapshot));
+                } else {
+                    drop(snapshot);
+                }
+                if admitted.is_none() {
+                    refused += 1;
+                }
+                micros.push(started.elapsed().as_micros().min(u32::MAX as u128) as u32);
+            }
+            (micros, refused)
+        })
+    };
+
+    let changes = seconds * per_sec;
+    let period = Duration::from_secs_f64(1.0 / per_sec as f64);
+    let mut enforced = Vec::with_capacity(changes as usize);
+    let cpu_before = thread_cpu();
+    let began = Instant::now();
+    for i in 0..changes {
+        let due = began + period * i as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let base = gateway.wire_snapshot().expect("a snapshot");
+        let mut delta = marketgate::snapshot::delta::Delta {
+            from_version: base.version,
+            version: base.version + 1,
+            ..Default::default()
+        };
+        let pick = (i as usize * 7_919 + 13) % MILLION;
+        match i % 3 {
+            0 => {
+                let mut changed = base.purchases[pick].clone();
+                changed.state = match changed.state {
+                    PurchaseState::Frozen => PurchaseState::Active,
+                    _ => PurchaseState::Frozen,
+                };
+                delta.purchases.push(changed);
+            }
+            1 => {
+                let mut changed = base.purchases[pick].clone();
+                changed.quota_limit = Some(1_000_000 + i);
+                delta.purchases.push(changed);
+            }
+            _ => {
+                let n = MILLION + i as usize;
+                delta.apps.push(App {
+                    id: hex_id(3, n),
+                    app_key: hex_id(4, n),
+                    app_secret: format!("{}{}", hex_id(5, n), hex_id(5, n)),
+                    app_codes: vec![format!("{}{}", hex_id(6, n), hex_id(6, n))],
+                    creator: "MARKET".into(),
+                });
+                delta.purchases.push(Purchase {
+                    id: hex_id(7, n),
+                    group_id: hex_id(1, n % GROUPS),
+                    app_id: hex_id(3, n),
+                    state: PurchaseState::Active,
+                    start_time: 1_700_000_000,
+                    expire_time: 4_000_000_000,
+                    quota_limit: Some(1_000),
+                    quota_used: 0,
+                });
+            }
+        }
+        drop(base);
+        let version = delta.version;
+        gateway.apply_delta(delta).expect("the delta applies");
+        assert!(gateway.snapshot_version() >= Some(version));
+        enforced.push(due.elapsed());
+    }
+    let wall = began.elapsed();
+    let cpu = thread_cpu().saturating_sub(cpu_before);
+    stop.store(true, Ordering::Relaxed);
+    let (mut micros, refused) = traffic.join().expect("traffic thread");
+    enforced.sort();
+    micros.sort_unstable();
+    let pct = |sorted: &[Duration], p: f64| {
+        sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+    };
+    let slow = micros.iter().filter(|&&m| m > 5_000).count();
+    eprintln!(
+        "snapshot: 1M, {changes} changes at {per_sec}/s over {}: change due -> enforced p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; applying thread CPU {} = {:.1}% of a core; {} requests decided ({refused} refused), {slow} slower than 5 ms, p99 {} us, slowest {:.1} ms",
+        secs(wall),
+        pct(&enforced, 0.5).as_secs_f64() * 1000.0,
+        pct(&enforced, 0.99).as_secs_f64() * 1000.0,
+        enforced.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+        secs(cpu),
+        cpu.as_secs_f64() / wall.as_secs_f64() * 100.0,
+        micros.len(),
+        micros.get((micros.len() as f64 * 0.99) as usize).copied().unwrap_or(0),
+        micros.last().copied().unwrap_or(0) as f64 / 1000.0,
+    );
+}
+
 fn report_swap_under_traffic() {
     let dir = tempfile::tempdir().expect("a temp dir");
     let mut config = Config::builtin().expect("built-in config");
@@ -459,9 +634,14 @@ fn main() {
         report_delta();
         return;
     }
+    if std::env::var_os("SNAPSHOT_BENCH_CHANGES_ONLY").is_some() {
+        report_sustained_changes();
+        return;
+    }
     report_compile_memory();
     report_swap_under_traffic();
     report_delta();
+    report_sustained_changes();
     report_http_push();
     if std::env::var_os("SNAPSHOT_BENCH_REPORT_ONLY").is_some() {
         return;

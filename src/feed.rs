@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::snapshot::delta::Delta;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{App, Purchase, Snapshot};
 
 /// The path of the subscription on a control plane's admin listener.
 pub const SUBSCRIBE_PATH: &str = "/v1/snapshot/subscribe";
@@ -113,7 +113,8 @@ impl ContentHash {
 
     /// The hash of what `delta` makes of `base`, given `self` is `base`'s hash: the entities
     /// the delta replaces or removes are subtracted, those it carries added. Faithful to the
-    /// content whatever `self` was computed from, so a wrong base stays visible.
+    /// content whatever `self` was computed from, so a wrong base stays visible. A pass over
+    /// the base's apps and purchases (see [`ContentHash::after_delta_found`]).
     pub fn after_delta(self, base: &Snapshot, delta: &Delta) -> ContentHash {
         fn replaced<T: Serialize>(
             kind: Kind,
@@ -126,33 +127,61 @@ impl ContentHash {
             }
             sum(kind, base.iter().filter(|item| touched.contains(id(item))))
         }
+        let (app_ids, purchase_ids) = touched(delta);
+        let apps = replaced(Kind::App, &base.apps, |a| &a.id, &app_ids);
+        let purchases = replaced(Kind::Purchase, &base.purchases, |p| &p.id, &purchase_ids);
+        self.after_delta_with(base, delta, apps, purchases)
+    }
+
+    /// [`ContentHash::after_delta`] with the base's apps and purchases found by id
+    /// (`app`, `purchase`: e.g. `delta::Positions`) rather than by a pass over them: time
+    /// proportional to the delta.
+    pub fn after_delta_found<'a>(
+        self,
+        base: &'a Snapshot,
+        delta: &Delta,
+        app: impl Fn(&str) -> Option<&'a App>,
+        purchase: impl Fn(&str) -> Option<&'a Purchase>,
+    ) -> ContentHash {
+        let (app_ids, purchase_ids) = touched(delta);
+        let apps = sum(Kind::App, app_ids.iter().filter_map(|id| app(id)));
+        let purchases = sum(
+            Kind::Purchase,
+            purchase_ids.iter().filter_map(|id| purchase(id)),
+        );
+        self.after_delta_with(base, delta, apps, purchases)
+    }
+
+    /// The rest of [`ContentHash::after_delta`], given the hashes of the base's apps and
+    /// purchases the delta replaces or removes.
+    fn after_delta_with(
+        self,
+        base: &Snapshot,
+        delta: &Delta,
+        replaced_apps: u64,
+        replaced_purchases: u64,
+    ) -> ContentHash {
         let group_ids: HashSet<&str> = delta
             .groups
             .iter()
             .map(|g| g.id.as_str())
             .chain(delta.removed_groups.iter().map(String::as_str))
             .collect();
-        let app_ids: HashSet<&str> = delta
-            .apps
-            .iter()
-            .map(|a| a.id.as_str())
-            .chain(delta.removed_apps.iter().map(String::as_str))
-            .collect();
-        let purchase_ids: HashSet<&str> = delta
-            .purchases
-            .iter()
-            .map(|p| p.id.as_str())
-            .chain(delta.removed_purchases.iter().map(String::as_str))
-            .collect();
+        let replaced_groups = if group_ids.is_empty() {
+            0
+        } else {
+            sum(
+                Kind::Group,
+                base.groups
+                    .iter()
+                    .filter(|g| group_ids.contains(g.id.as_str())),
+            )
+        };
         let mut hash = self.0;
-        hash = hash.wrapping_sub(replaced(Kind::Group, &base.groups, |g| &g.id, &group_ids));
-        hash = hash.wrapping_sub(replaced(Kind::App, &base.apps, |a| &a.id, &app_ids));
-        hash = hash.wrapping_sub(replaced(
-            Kind::Purchase,
-            &base.purchases,
-            |p| &p.id,
-            &purchase_ids,
-        ));
+        hash = hash
+            .wrapping_sub(replaced_groups)
+            .wrapping_sub(replaced_apps)
+            .wrapping_sub(replaced_purchases);
         hash = hash
             .wrapping_add(sum(Kind::Group, &delta.groups))
             .wrapping_add(sum(Kind::App, &delta.apps))
@@ -174,6 +203,23 @@ impl ContentHash {
         }
         ContentHash(hash)
     }
+}
+
+/// The ids of the apps and of the purchases `delta` replaces or removes (each once).
+fn touched(delta: &Delta) -> (HashSet<&str>, HashSet<&str>) {
+    let apps = delta
+        .apps
+        .iter()
+        .map(|a| a.id.as_str())
+        .chain(delta.removed_apps.iter().map(String::as_str))
+        .collect();
+    let purchases = delta
+        .purchases
+        .iter()
+        .map(|p| p.id.as_str())
+        .chain(delta.removed_purchases.iter().map(String::as_str))
+        .collect();
+    (apps, purchases)
 }
 
 #[cfg(test)]

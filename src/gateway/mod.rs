@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwapOption;
 
 use crate::config::Config;
+use crate::feed::ContentHash;
 use crate::shutdown::Shutdown;
 use crate::snapshot::compile::{self, prepare, CompiledSnapshot};
 use crate::snapshot::delta::{self, Delta, DeltaError};
@@ -99,9 +100,12 @@ pub(crate) struct Inner {
     pub(crate) current: ArcSwapOption<CompiledSnapshot>,
     /// The wire form of what `current` was compiled from: the base of the next delta. Its
     /// lock also serializes applies, so the two change together (buyers never read it).
-    applied: Mutex<Option<Arc<Snapshot>>>,
+    applied: Mutex<Option<Served>>,
     /// Records in the snapshot log since the checkpoint (changed under `applied`'s lock).
     logged: std::sync::atomic::AtomicUsize,
+    /// Bytes of those records, and of the checkpoint (changed under `applied`'s lock).
+    logged_bytes: std::sync::atomic::AtomicUsize,
+    checkpoint_bytes: std::sync::atomic::AtomicUsize,
     pub(crate) quota: quota::QuotaRegistry,
     /// The throttling allotment exchange's queue (leased proxies).
     pub(crate) allotments: Arc<allotments::Allotments>,
@@ -116,6 +120,22 @@ pub(crate) struct Inner {
     /// Failed authentications per peer, one table for both buyer listeners (a peer is the
     /// same guesser over HTTP and HTTPS); counted per listener in `metrics.accept`.
     pub(crate) auth_guard: crate::auth_guard::AuthGuard,
+}
+
+/// The wire snapshot served and where its apps and purchases are in it, so that a delta is
+/// applied to it in place, in time proportional to the delta (`delta::apply_in_place`).
+struct Served {
+    wire: Arc<Snapshot>,
+    positions: delta::Positions,
+}
+
+impl Served {
+    fn new(wire: Snapshot) -> Served {
+        Served {
+            positions: delta::Positions::of(&wire),
+            wire: Arc::new(wire),
+        }
+    }
 }
 
 /// The data plane, as a cheaply cloneable handle.
@@ -174,6 +194,8 @@ impl Gateway {
             current: ArcSwapOption::empty(),
             applied: Mutex::new(None),
             logged: std::sync::atomic::AtomicUsize::new(0),
+            logged_bytes: std::sync::atomic::AtomicUsize::new(0),
+            checkpoint_bytes: std::sync::atomic::AtomicUsize::new(0),
             quota,
             allotments: Arc::default(),
             metrics,
@@ -184,8 +206,18 @@ impl Gateway {
             snapshot_path,
             auth_guard: crate::auth_guard::AuthGuard::new(config.gateway.connections.auth_failures),
         };
-        if let Some((snapshot, logged)) = load_snapshot(&inner.snapshot_path)? {
+        if let Some(loaded) = load_snapshot(&inner.snapshot_path)? {
+            let Loaded {
+                snapshot,
+                logged,
+                logged_bytes,
+                checkpoint_bytes,
+            } = loaded;
             inner.logged.store(logged, Ordering::Relaxed);
+            inner.logged_bytes.store(logged_bytes, Ordering::Relaxed);
+            inner
+                .checkpoint_bytes
+                .store(checkpoint_bytes, Ordering::Relaxed);
             let valid = validate(&snapshot).map_err(|source| GatewayError::SnapshotInvalid {
                 path: inner.snapshot_path.clone(),
                 source,
@@ -198,7 +230,7 @@ impl Gateway {
                 version = snapshot.version,
                 "serving the last good snapshot from disk"
             );
-            *inner.applied.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(snapshot));
+            *inner.applied.lock().unwrap_or_else(|e| e.into_inner()) = Some(Served::new(snapshot));
         }
         Ok(Gateway {
             inner: Arc::new(inner),
@@ -255,44 +287,107 @@ impl Gateway {
             self.count_push(&result);
             return result;
         }
+        self.apply_delta_hashed(delta, None)
+            .map(|(version, _)| version)
+    }
+
+    /// [`Gateway::apply_delta`] that also tells the content hash of what the delta makes,
+    /// given `base_hash`, the hash of the snapshot served (`ContentHash::after_delta`, the
+    /// entities replaced found by id: time proportional to the delta).
+    pub fn apply_delta_hashed(
+        &self,
+        delta: Delta,
+        base_hash: Option<ContentHash>,
+    ) -> Result<(u64, Option<ContentHash>), SnapshotRejection> {
+        if self.inner.followed.load(Ordering::Acquire) {
+            self.count_push_error(Some(&SnapshotRejection::Followed));
+            return Err(SnapshotRejection::Followed);
+        }
         let mut applied = self.inner.applied.lock().unwrap_or_else(|e| e.into_inner());
-        let base = applied.clone();
-        let result = match base.as_deref() {
-            None => Err(SnapshotRejection::WrongBase {
-                current: None,
-                from_version: delta.from_version,
-            }),
-            Some(base) => self.apply_delta_locked(&mut applied, base, delta),
-        };
-        self.count_push(&result);
+        let result = self.apply_delta_locked(&mut applied, delta, base_hash);
+        self.count_push_error(result.as_ref().err());
         result
     }
 
-    /// Applies `delta` to `base` (the wire snapshot served) while holding the apply lock: to
-    /// the compiled snapshot served, by structural sharing, when `compile::apply_delta` can
-    /// (a buyer's purchase, app, freeze, a group's state); otherwise by validating and
-    /// compiling the whole snapshot it makes. Either way persisted as an appended record.
+    /// Applies `delta` to the snapshot served while holding the apply lock: to the compiled
+    /// snapshot by structural sharing when `compile::apply_delta` can (a buyer's purchase or
+    /// app, a freeze, a group's state), and to the wire form in place; otherwise the whole
+    /// snapshot it makes is validated and compiled. Either way persisted as an appended
+    /// record.
     fn apply_delta_locked(
         &self,
-        applied: &mut Option<Arc<Snapshot>>,
-        base: &Snapshot,
+        applied: &mut Option<Served>,
         delta: Delta,
-    ) -> Result<u64, SnapshotRejection> {
+        base_hash: Option<ContentHash>,
+    ) -> Result<(u64, Option<ContentHash>), SnapshotRejection> {
+        let Some(served) = applied.as_mut() else {
+            return Err(SnapshotRejection::WrongBase {
+                current: None,
+                from_version: delta.from_version,
+            });
+        };
+        let hash = base_hash.map(|hash| {
+            let (wire, positions) = (&*served.wire, &served.positions);
+            hash.after_delta_found(
+                wire,
+                &delta,
+                |id| positions.app(wire, id),
+                |id| positions.purchase(wire, id),
+            )
+        });
         let record = serde_json::to_vec(&delta)
             .map_err(|e| SnapshotRejection::Persist(std::io::Error::other(e)))?;
-        let served = self.compiled();
-        let Some(prepared) = served
+        let current = self.compiled();
+        let Some(prepared) = current
             .as_deref()
-            .and_then(|served| compile::apply_delta(served, base, &delta))
+            .and_then(|current| compile::apply_delta(current, &served.wire, &delta))
         else {
-            let snapshot = delta::apply(base, delta)?;
-            return self.apply_locked(applied, snapshot, Some(record), false);
+            let snapshot = delta::apply(&served.wire, delta)?;
+            return self
+                .apply_locked(applied, snapshot, Some(record), false)
+                .map(|version| (version, hash));
         };
-        let snapshot = delta::apply(base, delta.clone())?;
-        self.persist_locked(&snapshot, Some(record))?;
-        let compiled = prepared.bind(&self.inner.quota, &self.inner.metrics);
-        Ok(self.swap_locked(applied, snapshot, compiled))
+        let inner = &self.inner;
+        // Persist before anything shared changes; the record alone, a checkpoint (if one is
+        // due) only once the change is served.
+        append_record(&log_path(&inner.snapshot_path), &record)
+            .map_err(SnapshotRejection::Persist)?;
+        let logged = inner.logged.fetch_add(1, Ordering::Relaxed) + 1;
+        let logged_bytes = inner
+            .logged_bytes
+            .fetch_add(record.len() + 1, Ordering::Relaxed)
+            + record.len()
+            + 1;
+        // Served by nobody else (a reader's clone is copied first: rare, and correct).
+        // The delta is cloned (small): the prepared snapshot borrows its purchases.
+        delta::apply_in_place(
+            Arc::make_mut(&mut served.wire),
+            &mut served.positions,
+            delta.clone(),
+        )?;
+        let compiled = prepared.bind(&inner.quota, &inner.metrics);
+        let version = self.swap_compiled(&served.wire, compiled);
+        if checkpoint_due(
+            logged,
+            logged_bytes,
+            inner.checkpoint_bytes.load(Ordering::Relaxed),
+        ) {
+            // The log holds every change already: a checkpoint that fails is retried at the
+            // next delta, and the log grows meanwhile.
+            if let Err(error) = self.checkpoint_locked(&served.wire) {
+                tracing::warn!(%error, "cannot write the snapshot checkpoint; the snapshot log keeps every change");
+            }
+        }
+        Ok((version, hash))
     }
+}
+
+/// A checkpoint is written once the log has [`SNAPSHOT_CHECKPOINT_EVERY_DELTAS`] records and
+/// is a quarter of the checkpoint's size: a full checkpoint costs the whole market (seconds
+/// at 1M purchases, under the apply lock), so at 1M it comes every ~10^5 deltas; the log's
+/// replay at start is proportional to its records (`delta::apply_in_place`).
+fn checkpoint_due(logged: usize, logged_bytes: usize, checkpoint_bytes: usize) -> bool {
+    logged >= SNAPSHOT_CHECKPOINT_EVERY_DELTAS && logged_bytes.saturating_mul(4) >= checkpoint_bytes
 }
 
 impl From<DeltaError> for SnapshotRejection {
@@ -319,13 +414,18 @@ impl From<DeltaError> for SnapshotRejection {
 impl Gateway {
     /// `marketgate_snapshot_push_total{result}`, label values as in `deploy/metrics.txt`.
     fn count_push(&self, result: &Result<u64, SnapshotRejection>) {
-        let label = match result {
-            Ok(_) => "applied",
-            Err(SnapshotRejection::Invalid(_)) => "rejected",
-            Err(SnapshotRejection::NotNewer { .. }) => "stale",
-            Err(SnapshotRejection::WrongBase { .. }) => "stale",
-            Err(SnapshotRejection::Followed) => "stale",
-            Err(SnapshotRejection::Persist(_)) => "error",
+        self.count_push_error(result.as_ref().err())
+    }
+
+    /// [`Gateway::count_push`] of a push refused for `error`, or applied (`None`).
+    fn count_push_error(&self, error: Option<&SnapshotRejection>) {
+        let label = match error {
+            None => "applied",
+            Some(SnapshotRejection::Invalid(_)) => "rejected",
+            Some(SnapshotRejection::NotNewer { .. }) => "stale",
+            Some(SnapshotRejection::WrongBase { .. }) => "stale",
+            Some(SnapshotRejection::Followed) => "stale",
+            Some(SnapshotRejection::Persist(_)) => "error",
         };
         self.inner
             .metrics
@@ -340,7 +440,7 @@ impl Gateway {
     /// [`SNAPSHOT_CHECKPOINT_EVERY_DELTAS`]th delta, is persisted as a checkpoint.
     fn apply_locked(
         &self,
-        applied: &mut Option<Arc<Snapshot>>,
+        applied: &mut Option<Served>,
         snapshot: Snapshot,
         delta: Option<Vec<u8>>,
         same_version_too: bool,
@@ -358,51 +458,53 @@ impl Gateway {
         let prepared = prepare(valid, &inner.metrics);
         // Persist before anything shared changes: what is served is always on disk, and a
         // failed persist leaves the quota cells and metrics of the snapshot served as they were.
-        self.persist_locked(&snapshot, delta)?;
-        let compiled = prepared.bind(&inner.quota, &inner.metrics);
-        Ok(self.swap_locked(applied, snapshot, compiled))
-    }
-
-    /// Persists `snapshot` (under the apply lock): `delta`, the record of the delta that made
-    /// it, appended to the snapshot log, or the whole snapshot as a checkpoint (a full push,
-    /// or every [`SNAPSHOT_CHECKPOINT_EVERY_DELTAS`]th delta).
-    fn persist_locked(
-        &self,
-        snapshot: &Snapshot,
-        delta: Option<Vec<u8>>,
-    ) -> Result<(), SnapshotRejection> {
-        let inner = &self.inner;
         let logged = inner.logged.load(Ordering::Relaxed);
+        let logged_bytes = inner.logged_bytes.load(Ordering::Relaxed);
         match delta {
-            Some(record) if logged + 1 < SNAPSHOT_CHECKPOINT_EVERY_DELTAS => {
+            Some(record)
+                if !checkpoint_due(
+                    logged + 1,
+                    logged_bytes + record.len() + 1,
+                    inner.checkpoint_bytes.load(Ordering::Relaxed),
+                ) =>
+            {
                 append_record(&log_path(&inner.snapshot_path), &record)
                     .map_err(SnapshotRejection::Persist)?;
                 inner.logged.store(logged + 1, Ordering::Relaxed);
+                inner
+                    .logged_bytes
+                    .store(logged_bytes + record.len() + 1, Ordering::Relaxed);
             }
-            _ => {
-                persist_snapshot(&inner.snapshot_path, snapshot)
-                    .map_err(SnapshotRejection::Persist)?;
-                inner.logged.store(0, Ordering::Relaxed);
-            }
+            _ => self
+                .checkpoint_locked(&snapshot)
+                .map_err(SnapshotRejection::Persist)?,
         }
+        let compiled = prepared.bind(&inner.quota, &inner.metrics);
+        let served = Served::new(snapshot);
+        self.swap_compiled(&served.wire, compiled);
+        let version = served.wire.version;
+        *applied = Some(served);
+        Ok(version)
+    }
+
+    /// Writes `snapshot` as the checkpoint (which empties the log), under the apply lock.
+    fn checkpoint_locked(&self, snapshot: &Snapshot) -> std::io::Result<()> {
+        let inner = &self.inner;
+        let bytes = persist_snapshot(&inner.snapshot_path, snapshot)?;
+        inner.logged.store(0, Ordering::Relaxed);
+        inner.logged_bytes.store(0, Ordering::Relaxed);
+        inner.checkpoint_bytes.store(bytes, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Swaps in `compiled` (made from `snapshot`) under the apply lock; returns its version.
-    fn swap_locked(
-        &self,
-        applied: &mut Option<Arc<Snapshot>>,
-        snapshot: Snapshot,
-        compiled: CompiledSnapshot,
-    ) -> u64 {
+    /// Swaps in `compiled` (made from `wire`) under the apply lock; returns its version.
+    fn swap_compiled(&self, wire: &Snapshot, compiled: CompiledSnapshot) -> u64 {
         let inner = &self.inner;
         inner.current.store(Some(Arc::new(compiled)));
-        inner.metrics.snapshot_version.set(snapshot.version as i64);
+        inner.metrics.snapshot_version.set(wire.version as i64);
         inner.metrics.snapshot_applied.set(now_secs());
-        tracing::info!(version = snapshot.version, "snapshot applied");
-        let version = snapshot.version;
-        *applied = Some(Arc::new(snapshot));
-        version
+        tracing::info!(version = wire.version, "snapshot applied");
+        wire.version
     }
 
     /// The wire snapshot now served (the base a delta must name).
@@ -411,7 +513,8 @@ impl Gateway {
             .applied
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .as_ref()
+            .map(|served| served.wire.clone())
     }
 
     /// Where the last good snapshot is kept (`data_dir/snapshot.json`).
@@ -497,22 +600,40 @@ fn log_path(snapshot_path: &Path) -> PathBuf {
     snapshot_path.with_file_name(SNAPSHOT_LOG_FILE)
 }
 
+/// The last good snapshot as [`load_snapshot`] rebuilt it, and what its log holds.
+struct Loaded {
+    snapshot: Snapshot,
+    logged: usize,
+    logged_bytes: usize,
+    checkpoint_bytes: usize,
+}
+
 /// The last good snapshot (validated by the caller) and how many logged deltas it took, or
 /// `None` if there is none: the checkpoint, then every delta of the log that follows from
-/// it, in order. A torn last record (a crash during its append: it was never acknowledged)
-/// or one that does not follow (left from before a checkpoint) ends the replay; the
-/// snapshot replayed is then written as a new checkpoint so the log restarts clean.
-fn load_snapshot(path: &Path) -> Result<Option<(Snapshot, usize)>, GatewayError> {
-    let Some(mut snapshot) = load_checkpoint(path)? else {
+/// it, in order (applied in place: time proportional to the log). A torn last record (a
+/// crash during its append: it was never acknowledged) or one that does not follow (left
+/// from before a checkpoint) ends the replay; the snapshot replayed is then written as a
+/// new checkpoint so the log restarts clean.
+fn load_snapshot(path: &Path) -> Result<Option<Loaded>, GatewayError> {
+    let Some((mut snapshot, checkpoint_bytes)) = load_checkpoint(path)? else {
         return Ok(None);
     };
     let log = log_path(path);
     let bytes = match std::fs::read(&log) {
         Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some((snapshot, 0))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Some(Loaded {
+                snapshot,
+                logged: 0,
+                logged_bytes: 0,
+                checkpoint_bytes,
+            }))
+        }
         Err(source) => return Err(GatewayError::SnapshotRead { path: log, source }),
     };
+    let mut positions = delta::Positions::of(&snapshot);
     let mut replayed = 0;
+    let mut replayed_bytes = 0;
     let mut clean = true;
     let mut rest = &bytes[..];
     while !rest.is_empty() {
@@ -522,20 +643,20 @@ fn load_snapshot(path: &Path) -> Result<Option<(Snapshot, usize)>, GatewayError>
         };
         let record = &rest[..end];
         rest = &rest[end + 1..];
-        let next = serde_json::from_slice::<Delta>(record)
+        let applied = serde_json::from_slice::<Delta>(record)
             .ok()
-            .and_then(|delta| delta::apply(&snapshot, delta).ok());
-        match next {
-            Some(next) => {
-                snapshot = next;
-                replayed += 1;
-            }
-            None => {
-                clean = false;
-                break;
-            }
+            .filter(|delta| {
+                delta.from_version == snapshot.version && delta.version > delta.from_version
+            })
+            .and_then(|delta| delta::apply_in_place(&mut snapshot, &mut positions, delta).ok());
+        if applied.is_none() {
+            clean = false;
+            break;
         }
+        replayed += 1;
+        replayed_bytes += end + 1;
     }
+    let mut checkpoint_bytes = checkpoint_bytes;
     if !clean {
         tracing::warn!(
             log = %log.display(),
@@ -543,17 +664,24 @@ fn load_snapshot(path: &Path) -> Result<Option<(Snapshot, usize)>, GatewayError>
             version = snapshot.version,
             "the snapshot log ends in a record that does not apply (torn by a crash, or older than the checkpoint): serving what it replayed, checkpointed anew"
         );
-        persist_snapshot(path, &snapshot).map_err(|source| GatewayError::SnapshotRead {
-            path: path.to_owned(),
-            source,
-        })?;
+        checkpoint_bytes =
+            persist_snapshot(path, &snapshot).map_err(|source| GatewayError::SnapshotRead {
+                path: path.to_owned(),
+                source,
+            })?;
         replayed = 0;
+        replayed_bytes = 0;
     }
-    Ok(Some((snapshot, replayed)))
+    Ok(Some(Loaded {
+        snapshot,
+        logged: replayed,
+        logged_bytes: replayed_bytes,
+        checkpoint_bytes,
+    }))
 }
 
-/// The checkpoint file as written, or `None` if there is none.
-fn load_checkpoint(path: &Path) -> Result<Option<Snapshot>, GatewayError> {
+/// The checkpoint file as written and its size, or `None` if there is none.
+fn load_checkpoint(path: &Path) -> Result<Option<(Snapshot, usize)>, GatewayError> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -569,12 +697,13 @@ fn load_checkpoint(path: &Path) -> Result<Option<Snapshot>, GatewayError> {
             path: path.to_owned(),
             source,
         })?;
-    Ok(Some(snapshot))
+    Ok(Some((snapshot, bytes.len())))
 }
 
 /// Writes `snapshot` to `path` by a temporary file (mode 0600: it holds secrets), fsync and
 /// rename, so a crash leaves either the old or the new file, never half of one.
-fn persist_snapshot(path: &Path, snapshot: &Snapshot) -> std::io::Result<()> {
+/// Returns the bytes written.
+fn persist_snapshot(path: &Path, snapshot: &Snapshot) -> std::io::Result<usize> {
     let bytes = serde_json::to_vec(snapshot).map_err(std::io::Error::other)?;
     crate::durable::write_atomic(path, &bytes)?;
     // The deltas before this checkpoint are in it. Left behind by a crash, they would not
@@ -584,7 +713,8 @@ fn persist_snapshot(path: &Path, snapshot: &Snapshot) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    std::fs::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
+    std::fs::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()?;
+    Ok(bytes.len())
 }
 
 /// Appends one record (and a newline) to the snapshot log and makes it durable before
@@ -798,7 +928,7 @@ mod tests {
         for _ in 0..3 {
             next(&gateway);
         }
-        let checkpoint = load_checkpoint(&dir.path().join(SNAPSHOT_FILE))
+        let (checkpoint, _) = load_checkpoint(&dir.path().join(SNAPSHOT_FILE))
             .unwrap()
             .unwrap();
         assert_eq!(checkpoint.version, 1, "a delta rewrote the whole snapshot");
@@ -828,6 +958,7 @@ mod tests {
             load_checkpoint(&dir.path().join(SNAPSHOT_FILE))
                 .unwrap()
                 .unwrap()
+                .0
                 .version,
             5
         );

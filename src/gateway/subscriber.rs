@@ -237,19 +237,16 @@ impl Subscriber {
         self.applied(applied)
     }
 
-    /// Applies a delta; false if it was refused (not for its base or for being stale).
+    /// Applies a delta; false if it was refused (not for its base or for being stale). The
+    /// content hash follows from the served one by the entities the delta touches, found by
+    /// id (`Gateway::apply_delta_hashed`), not by a pass over the market.
     async fn apply_delta(&mut self, delta: crate::snapshot::delta::Delta) -> bool {
         let base_hash = self.served_hash().await;
         let gateway = self.gateway.clone();
         let applied = tokio::task::spawn_blocking(move || {
-            let base = gateway.wire_snapshot();
-            let hash = match (base.as_deref(), base_hash) {
-                (Some(base), Some(hash)) if base.version == delta.from_version => {
-                    hash.after_delta(base, &delta)
-                }
-                _ => ContentHash::default(), // refused below for its base anyway
-            };
-            gateway.apply_delta(delta).map(|v| (v, hash))
+            gateway
+                .apply_delta_hashed(delta, Some(base_hash.unwrap_or_default()))
+                .map(|(version, hash)| (version, hash.unwrap_or_default()))
         })
         .await;
         self.applied(applied)

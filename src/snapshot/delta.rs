@@ -8,6 +8,9 @@
 //! version is not `from_version` refuses the delta and is sent the full snapshot.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
+
+use hashbrown::{DefaultHashBuilder, HashTable};
 
 use serde::{Deserialize, Serialize};
 
@@ -150,6 +153,172 @@ pub fn apply(base: &Snapshot, delta: Delta) -> Result<Snapshot, DeltaError> {
     })
 }
 
+/// Where each app and purchase of a wire snapshot is, by id: what lets [`apply_in_place`]
+/// apply a delta in time proportional to the delta, not the market. The tables hold
+/// positions only (the ids are the snapshot's own strings).
+#[derive(Debug, Default)]
+pub struct Positions {
+    hasher: DefaultHashBuilder,
+    apps: HashTable<u32>,
+    purchases: HashTable<u32>,
+}
+
+impl Positions {
+    /// The positions in `snapshot` (one pass over it).
+    pub fn of(snapshot: &Snapshot) -> Positions {
+        let hasher = DefaultHashBuilder::default();
+        let apps = table(&hasher, &snapshot.apps, |a| &a.id);
+        let purchases = table(&hasher, &snapshot.purchases, |p| &p.id);
+        Positions {
+            hasher,
+            apps,
+            purchases,
+        }
+    }
+
+    /// The app `id` of `snapshot` (the one these positions are of).
+    pub fn app<'a>(&self, snapshot: &'a Snapshot, id: &str) -> Option<&'a App> {
+        find(&self.hasher, &self.apps, &snapshot.apps, |a| &a.id, id).map(|i| &snapshot.apps[i])
+    }
+
+    /// The purchase `id` of `snapshot` (the one these positions are of).
+    pub fn purchase<'a>(&self, snapshot: &'a Snapshot, id: &str) -> Option<&'a Purchase> {
+        find(
+            &self.hasher,
+            &self.purchases,
+            &snapshot.purchases,
+            |p| &p.id,
+            id,
+        )
+        .map(|i| &snapshot.purchases[i])
+    }
+}
+
+fn table<T>(hasher: &DefaultHashBuilder, list: &[T], id: impl Fn(&T) -> &String) -> HashTable<u32> {
+    let mut table = HashTable::with_capacity(list.len());
+    for (i, item) in list.iter().enumerate() {
+        // Fits: validation allows at most 2^32 - 1 apps, and one purchase per app.
+        table.insert_unique(hasher.hash_one(id(item).as_str()), i as u32, |&j| {
+            hasher.hash_one(id(&list[j as usize]).as_str())
+        });
+    }
+    table
+}
+
+fn find<T>(
+    hasher: &DefaultHashBuilder,
+    table: &HashTable<u32>,
+    list: &[T],
+    id: impl Fn(&T) -> &String,
+    wanted: &str,
+) -> Option<usize> {
+    table
+        .find(hasher.hash_one(wanted), |&i| {
+            list.get(i as usize).is_some_and(|item| id(item) == wanted)
+        })
+        .map(|&i| i as usize)
+}
+
+/// Applies `delta` to `snapshot` in place, `positions` kept up to date: the same content as
+/// [`apply`] makes, in time proportional to the delta for apps and purchases (groups and
+/// the small lists are rebuilt as `apply` does). Order differs from `apply`'s: a removed
+/// app or purchase takes the last one's place (order is not content: the content hash and
+/// every consumer find entities by id).
+pub fn apply_in_place(
+    snapshot: &mut Snapshot,
+    positions: &mut Positions,
+    delta: Delta,
+) -> Result<(), DeltaError> {
+    if snapshot.version != delta.from_version {
+        return Err(DeltaError::WrongBase {
+            from_version: delta.from_version,
+            current: Some(snapshot.version),
+        });
+    }
+    if delta.version <= delta.from_version {
+        return Err(DeltaError::NotNewer {
+            from_version: delta.from_version,
+            version: delta.version,
+        });
+    }
+    snapshot.version = delta.version;
+    snapshot.generated_at = delta.generated_at;
+    if !delta.groups.is_empty() || !delta.removed_groups.is_empty() {
+        snapshot.groups = merge_by_id(&snapshot.groups, delta.groups, &delta.removed_groups, |g| {
+            &g.id
+        });
+    }
+    let hasher = &positions.hasher;
+    merge_in_place(
+        hasher,
+        &mut positions.apps,
+        &mut snapshot.apps,
+        delta.apps,
+        &delta.removed_apps,
+        |a| &a.id,
+    );
+    merge_in_place(
+        hasher,
+        &mut positions.purchases,
+        &mut snapshot.purchases,
+        delta.purchases,
+        &delta.removed_purchases,
+        |p| &p.id,
+    );
+    if let Some(app_auths) = delta.app_auths {
+        snapshot.app_auths = app_auths;
+    }
+    if let Some(certificates) = delta.certificates {
+        snapshot.certificates = certificates;
+    }
+    if let Some(domains) = delta.domains {
+        snapshot.domains = domains;
+    }
+    if let Some(throttling) = delta.throttling {
+        snapshot.throttling = throttling;
+    }
+    Ok(())
+}
+
+/// Removes `removed` (the last entity taking a removed one's place), then replaces each of
+/// `changed` in place or appends it.
+fn merge_in_place<T>(
+    hasher: &DefaultHashBuilder,
+    table: &mut HashTable<u32>,
+    list: &mut Vec<T>,
+    changed: Vec<T>,
+    removed: &[String],
+    id: impl Fn(&T) -> &String,
+) {
+    let hash = |text: &str| hasher.hash_one(text);
+    for gone in removed {
+        let Some(at) = find(hasher, table, list, &id, gone) else {
+            continue;
+        };
+        if let Ok(entry) = table.find_entry(hash(gone), |&i| i as usize == at) {
+            entry.remove();
+        }
+        let last = list.len() - 1;
+        if at != last {
+            if let Some(moved) = table.find_mut(hash(id(&list[last])), |&i| i as usize == last) {
+                *moved = at as u32;
+            }
+        }
+        list.swap_remove(at);
+    }
+    for item in changed {
+        match find(hasher, table, list, &id, id(&item)) {
+            Some(at) => list[at] = item,
+            None => {
+                let at = list.len() as u32;
+                let h = hash(id(&item));
+                list.push(item);
+                table.insert_unique(h, at, |&i| hash(id(&list[i as usize])));
+            }
+        }
+    }
+}
+
 fn diff_by_id<T: Clone + PartialEq>(
     old: &[T],
     new: &[T],
@@ -253,6 +422,38 @@ mod tests {
         let delta = diff(&old, &new);
         assert!(delta.is_empty());
         assert_eq!(apply(&old, delta).unwrap(), new);
+    }
+
+    /// In place, with positions, the same content as [`apply`] (by id), whatever the mix of
+    /// replacements, removals (the last one's place taken) and additions, and the positions
+    /// still find every entity after it.
+    #[test]
+    fn in_place_makes_what_apply_makes() {
+        let purchases =
+            |ids: &[(&str, u64)]| ids.iter().map(|&(id, used)| purchase(id, used)).collect();
+        let old = snapshot(
+            1,
+            purchases(&[("p1", 0), ("p2", 0), ("p3", 0), ("p4", 0), ("p5", 0)]),
+        );
+        let new = snapshot(2, purchases(&[("p5", 9), ("p2", 0), ("p6", 1), ("p0", 0)]));
+        let delta = diff(&old, &new);
+        let mut in_place = old.clone();
+        let mut positions = Positions::of(&in_place);
+        apply_in_place(&mut in_place, &mut positions, delta.clone()).unwrap();
+        let applied = apply(&old, delta).unwrap();
+        let by_id = |s: &Snapshot| {
+            let mut p = s.purchases.clone();
+            p.sort_by(|a, b| a.id.cmp(&b.id));
+            p
+        };
+        assert_eq!(by_id(&in_place), by_id(&applied));
+        assert_eq!(in_place.version, 2);
+        for p in &applied.purchases {
+            assert_eq!(positions.purchase(&in_place, &p.id), Some(p));
+        }
+        for gone in ["p1", "p3", "p4"] {
+            assert_eq!(positions.purchase(&in_place, gone), None);
+        }
     }
 
     #[test]
