@@ -441,4 +441,85 @@ mod tests {
         assert!(answer.starts_with(b"HTTP/1.1 414 URI Too Long\r\n"));
         assert_eq!(hypers_own_head(&answer), None);
     }
+
+    mod properties {
+        use super::super::Lines;
+        use proptest::prelude::*;
+
+        /// A line of a head: a header of one of the two names (any case) or another, or a
+        /// blank line, each ended by `\r\n` or `\n`.
+        fn line() -> impl Strategy<Value = (u8, String)> {
+            let name = prop_oneof![
+                Just("content-length".to_owned()),
+                Just("transfer-encoding".to_owned()),
+                "[a-z-]{0,20}",
+            ];
+            (0u8..5, name, any::<u64>(), "[ -~]{0,24}", any::<bool>()).prop_map(
+                |(kind, name, case, value, crlf)| {
+                    let end = if crlf { "\r\n" } else { "\n" };
+                    if kind == 0 {
+                        return (0, end.to_owned());
+                    }
+                    let cased: String = name
+                        .chars()
+                        .enumerate()
+                        .map(|(i, c)| {
+                            if case >> (i % 64) & 1 == 1 {
+                                c.to_ascii_uppercase()
+                            } else {
+                                c
+                            }
+                        })
+                        .collect();
+                    (kind, format!("{cased}:{value}{end}"))
+                },
+            )
+        }
+
+        /// Whether a blank-line-delimited stretch of `lines` holds both names: what the
+        /// scanner must say, computed line by line.
+        fn expected(lines: &[(u8, String)]) -> bool {
+            let (mut cl, mut te) = (false, false);
+            for (kind, line) in lines {
+                if *kind == 0 {
+                    (cl, te) = (false, false);
+                    continue;
+                }
+                let lower = line.to_ascii_lowercase();
+                cl |= lower.starts_with("content-length:");
+                te |= lower.starts_with("transfer-encoding:");
+                if cl && te {
+                    return true;
+                }
+            }
+            false
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            /// However the bytes are split into reads, the scanner says what a line-by-line
+            /// reading of the heads says.
+            #[test]
+            fn the_scan_matches_a_line_by_line_reading_at_any_split(
+                lines in proptest::collection::vec(line(), 0..24),
+                splits in proptest::collection::vec(any::<usize>(), 0..8),
+            ) {
+                let mut bytes = b"POST / HTTP/1.1\r\n".to_vec();
+                for (_, line) in &lines {
+                    bytes.extend_from_slice(line.as_bytes());
+                }
+                let mut cuts: Vec<usize> = splits.iter().map(|s| s % (bytes.len() + 1)).collect();
+                cuts.sort_unstable();
+                let mut scan = Lines::default();
+                let mut seen = false;
+                let mut from = 0;
+                for cut in cuts.into_iter().chain([bytes.len()]) {
+                    seen |= scan.feed(&bytes[from..cut]);
+                    from = cut;
+                }
+                prop_assert_eq!(seen, expected(&lines));
+            }
+        }
+    }
 }
