@@ -17,9 +17,11 @@
 //!   instructions for a 380-byte signed head (docs/request-lifecycle.md).
 //! - **hyper's own answers.** On a head it cannot parse (400), one over its buffer (431) or a
 //!   target over 65,534 bytes (414) hyper writes a bare head itself and closes. The write side
-//!   replaces that head, when it starts a write with no request in flight and carries no
-//!   `x-request-id` (every answer of ours does, CONTRACT §9), with the same status, the APIG
-//!   error body naming what was wrong, and an `X-Request-Id`.
+//!   replaces that head, when it starts a write, carries no `x-request-id`, and every request
+//!   hyper handed the service already had its response head written (counted here: a
+//!   service's own 400 without `x-request-id`, as the proxy admin's errors are, is its
+//!   answer and passes), with the same status, the APIG error body naming what was wrong,
+//!   and an `X-Request-Id`.
 //!
 //! It does not parse HTTP, decide requests, or look at HTTP/2 (whose streams forbid
 //! `Transfer-Encoding`, and whose errors are frames, not heads).
@@ -250,6 +252,9 @@ pub struct Framing<I> {
     max_header_bytes: usize,
     /// Our answer in place of hyper's, and how much of it is written.
     replacing: Option<(Bytes, usize)>,
+    /// Response heads written so far (writes that start `HTTP/1.`): hyper writes one of its
+    /// own only when every request it handed the service has had its head written.
+    heads: u64,
 }
 
 impl<I> Framing<I> {
@@ -266,6 +271,7 @@ impl<I> Framing<I> {
             error_code,
             max_header_bytes,
             replacing: None,
+            heads: 0,
         }
     }
 }
@@ -361,16 +367,27 @@ impl<I: AsyncWrite + Unpin> Framing<I> {
         if self.replacing.is_some() {
             return true;
         }
-        if self.evidence.in_flight.load(Ordering::Relaxed) != 0 {
+        if !first.starts_with(b"HTTP/1.") {
             return false;
         }
+        // Requests handed to the service so far; each has its response head written before
+        // hyper may write one of its own (a body frame written apart that starts `HTTP/1.`
+        // can only make this refuse to replace, never replace an answer of ours).
+        let calls = self.evidence.finished.load(Ordering::Relaxed)
+            + self.evidence.in_flight.load(Ordering::Relaxed) as u64;
         match hypers_own_head(first) {
-            Some(status) => {
+            Some(status) if self.heads >= calls => {
                 let answer = our_answer(status, self.error_code, self.max_header_bytes);
                 self.replacing = Some((answer, 0));
                 true
             }
-            None => false,
+            _ => {
+                // An interim `100 Continue` precedes its request's answer: not counted.
+                if first.get(9) != Some(&b'1') {
+                    self.heads += 1;
+                }
+                false
+            }
         }
     }
 }

@@ -820,6 +820,20 @@ async fn smuggling_and_malformed_heads_get_our_error_body_on_every_listener() {
         }
     }
     assert_eq!(backend.hits(), 0, "nothing reached the backend");
+    // A listener's own 400 (the proxy admin's carries no request id) is its own, kept.
+    let invalid = push(admin, br#"{"version":1,"groups":5}"#.to_vec(), None).await;
+    assert_eq!(invalid.status, 400, "{invalid:?}");
+    let message = invalid.json()["error_msg"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(!message.contains("not valid HTTP/1.1"), "{message}");
+    let raw = format!(
+        "PUT /v1/snapshot HTTP/1.1\r\nhost: admin\r\nauthorization: Bearer {ADMIN_TOKEN}\r\ncontent-type: application/json\r\ncontent-length: 24\r\n\r\n{{\"version\":1,\"groups\":5}}"
+    );
+    let answer = raw_answer(admin, raw.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(!answer.contains("not valid HTTP/1.1"), "{answer}");
     // A plain chunked request on the same kind of connection is served.
     let chunked = signed_head(KEY, SECRET, "POST", "/v1/echo/1", &unsigned)
         + "transfer-encoding: chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
