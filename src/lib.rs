@@ -34,6 +34,7 @@
 //! - [`metrics_text`]: the Prometheus text format of one or more registries, empty families kept.
 //! - [`serve`]: `marketgate serve`: both planes in one process, joined without HTTP.
 //! - [`shutdown`]: graceful shutdown as a value that servers wait on.
+//! - [`log_writer`]: where log lines go: standard output, the access log's lines buffered.
 
 pub mod accept;
 pub mod apig;
@@ -50,6 +51,7 @@ pub mod feed;
 pub mod framing;
 pub mod gateway;
 pub mod lease;
+pub mod log_writer;
 pub mod metrics_text;
 pub mod plane_tls;
 pub mod serve;

@@ -14,6 +14,7 @@ use std::io::Write as _;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use marketgate::config::{self, Config, LogFormat};
+use marketgate::log_writer::LogWriter;
 use marketgate::shutdown::{Shutdown, ShutdownTrigger};
 
 /// Environment variable that asks for an error's full chain and backtrace, as `-v` does.
@@ -286,7 +287,8 @@ where
     F: FnOnce(Config, Shutdown) -> Fut,
     Fut: std::future::Future<Output = RunResult>,
 {
-    init_logging(&config);
+    // Written out when `run` returns, however it returns: the access lines still buffered.
+    let _log = marketgate::log_writer::FlushOnDrop(init_logging(&config));
     if config.trial_credentials {
         tracing::warn!(
             "running on built-in trial credentials (see README): for a local trial only, never on a shared machine"
@@ -317,15 +319,20 @@ async fn wait_for_signal() {
     }
 }
 
-fn init_logging(config: &Config) {
+/// Logs to standard output, the access log's lines buffered (`marketgate::log_writer`).
+fn init_logging(config: &Config) -> LogWriter {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
     use std::io::IsTerminal;
+    let writer = LogWriter::stdout();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_writer(writer.clone())
+        .fmt_fields(marketgate::log_writer::LogFields)
         .with_ansi(std::io::stdout().is_terminal());
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
+    writer
 }

@@ -188,6 +188,17 @@ pub fn verify(
     max_skew_secs: i64,
 ) -> Result<(), SignatureError> {
     check_head(auth, request, now, max_skew_secs)?;
+    verify_checked(auth, request, secret)
+}
+
+/// [`verify`] for a request whose head [`check_head`] passed already (same `auth`, same
+/// request): the signature alone. The data plane checks the head before it reads a body and
+/// must not pay for those checks twice (hot path).
+pub fn verify_checked(
+    auth: &Authorization<'_>,
+    request: &RequestParts<'_>,
+    secret: &[u8],
+) -> Result<(), SignatureError> {
     let date = request
         .header_value(DATE_HEADER)
         .ok_or(SignatureError::DateMissing)?;
@@ -307,9 +318,59 @@ pub fn parse_sdk_date(value: &str) -> Result<OffsetDateTime, SignatureError> {
     Ok(date.with_time(clock).assume_utc())
 }
 
+/// Slots of each thread's cache of keyed HMAC states (a power of two).
+const KEYED_MACS_PER_THREAD: usize = 256;
+/// Secrets longer than this are keyed afresh on every call rather than cached (an AppSecret
+/// is 32 bytes; HMAC hashes a key longer than a block anyway).
+const MAX_CACHED_SECRET_BYTES: usize = 64;
+
+/// A secret and HMAC-SHA256 keyed with it: its inner and outer padded key blocks already
+/// compressed, so that a signature costs the message's blocks only.
+struct KeyedMac {
+    secret: Box<[u8]>,
+    mac: HmacSha256,
+}
+
+thread_local! {
+    /// Direct-mapped by a hash of the secret; a slot holds the secret itself, and is used
+    /// only when it equals the one asked for (so a rotated secret, a new snapshot or two
+    /// apps that share a slot can never sign with each other's key).
+    static KEYED_MACS: std::cell::RefCell<Vec<Option<KeyedMac>>> =
+        std::cell::RefCell::new((0..KEYED_MACS_PER_THREAD).map(|_| None).collect());
+}
+
+/// HMAC-SHA256 keyed with `secret`. Hot path: keying costs two SHA-256 compressions (the
+/// padded key's inner and outer blocks), a third or more of what verifying a short request
+/// costs; a thread-local cache, keyed by the secret's bytes, keeps them per AppSecret, so
+/// that a verification after the first from this thread only clones the keyed state. The
+/// cache lives outside the compiled snapshot (which stays at its size per app) and is
+/// filled on first use: an app that never calls costs nothing.
+fn keyed_mac(secret: &[u8]) -> HmacSha256 {
+    let fresh = || HmacSha256::new_from_slice(secret).expect("HMAC takes a key of any length");
+    if secret.len() > MAX_CACHED_SECRET_BYTES {
+        return fresh();
+    }
+    // FNV-1a: the slot only, never trusted for equality.
+    let hash = secret.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let slot = (hash as usize) & (KEYED_MACS_PER_THREAD - 1);
+    KEYED_MACS.with_borrow_mut(|slots| match &slots[slot] {
+        Some(keyed) if *keyed.secret == *secret => keyed.mac.clone(),
+        _ => {
+            let mac = fresh();
+            slots[slot] = Some(KeyedMac {
+                secret: secret.into(),
+                mac: mac.clone(),
+            });
+            mac
+        }
+    })
+}
+
 /// The signature for a string to sign built from `date` and the canonical request's hash.
 fn signature_bytes(secret: &[u8], date: &str, canonical_hash: &[u8; 32]) -> [u8; 32] {
-    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes a key of any length");
+    let mut mac = keyed_mac(secret);
     mac.update(ALGORITHM.as_bytes());
     mac.update(b"\n");
     mac.update(date.as_bytes());
@@ -692,6 +753,29 @@ mod tests {
             "0".repeat(64)
         );
         assert_eq!(Authorization::parse(&ok).unwrap().access, "k");
+    }
+
+    /// The cached keyed state signs as a freshly keyed HMAC does, for more secrets than the
+    /// cache has slots (so slots are shared and replaced), each asked for twice.
+    #[test]
+    fn cached_keyed_macs_sign_as_fresh_ones() {
+        let hash = [7u8; 32];
+        let secrets: Vec<Vec<u8>> = (0..3 * KEYED_MACS_PER_THREAD)
+            .map(|i| format!("secret-{i}").into_bytes())
+            .chain([vec![b'k'; MAX_CACHED_SECRET_BYTES + 1], Vec::new()])
+            .collect();
+        for round in 0..2 {
+            for secret in &secrets {
+                let mut fresh = HmacSha256::new_from_slice(secret).unwrap();
+                fresh.update(ALGORITHM.as_bytes());
+                fresh.update(b"\n");
+                fresh.update(DATE.as_bytes());
+                fresh.update(b"\n");
+                fresh.update(hex::encode(hash).as_bytes());
+                let fresh: [u8; 32] = fresh.finalize().into_bytes().into();
+                assert_eq!(signature_bytes(secret, DATE, &hash), fresh, "round {round}");
+            }
+        }
     }
 
     #[test]

@@ -22,6 +22,12 @@
 # 2,147,483,647 calls per second, Huawei's largest, so every call is admitted and the row
 # measures the policy's counters, not refusals; issue 13, target <= 100 ns of decision added).
 #
+# Like with like: nginx (and haproxy) get the very request the enforced row sends (its Host,
+# X-Sdk-Date and Authorization headers), keep-alive upstream connections that are never
+# recycled (nginx's upstream `keepalive_requests` defaults to 1000; marketgate's pool has no
+# such limit), access logs off as in the proxy rows (the serve row keeps serve's default log,
+# to /dev/null), and one worker pinned to core 0 like marketgate's.
+#
 # Usage: benches/load/run.sh [RUNS]
 #   RUNS (3), DURATION (10s), CONNS (32), MARKETGATE_BIN (target/release/marketgate),
 #   JOURNAL_BLOCK: gateway.quota_journal_block of the marketgate proxies (unset: the default),
@@ -68,7 +74,7 @@ cat > "$WORK/nginx.conf" <<CONF
 worker_processes 1; daemon off; pid $WORK/nginx.pid; error_log $WORK/nginx.err;
 events { worker_connections 4096; }
 http { access_log off;
-  upstream backend { server 127.0.0.1:18000; keepalive 64; }
+  upstream backend { server 127.0.0.1:18000; keepalive 64; keepalive_requests 1000000; }
   server { listen 127.0.0.1:18001 backlog=4096; keepalive_requests 1000000;
     location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
 CONF
@@ -99,7 +105,7 @@ cat > "$WORK/nginxtls.conf" <<CONF
 worker_processes 1; daemon off; pid $WORK/nginxtls.pid; error_log $WORK/nginxtls.err;
 events { worker_connections 4096; }
 http { access_log off;
-  upstream backend { server 127.0.0.1:18000; keepalive 64; }
+  upstream backend { server 127.0.0.1:18000; keepalive 64; keepalive_requests 1000000; }
   server { listen 127.0.0.1:18015 ssl backlog=4096; keepalive_requests 1000000;
     ssl_certificate $WORK/tls.pem; ssl_certificate_key $WORK/tls.key; ssl_protocols TLSv1.2 TLSv1.3;
     location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
@@ -284,6 +290,9 @@ sign_all() {
   echo "$RESOLVE_LOOPBACK" >> "$WORK/tls.lua"
   sign_lua "$LEASED_KEY" "$LEASED_SECRET" leased.bench.local http://127.0.0.1:18007/enforced "$WORK/leased.lua"
   sign_lua "$SERVE_KEY" "$SERVE_SECRET" serve.bench.local http://127.0.0.1:8080/enforced "$WORK/serve.lua"
+  # nginx and haproxy get the very request marketgate's enforced row gets (its Host, X-Sdk-Date
+  # and Authorization), so that each proxy reads and forwards the same bytes.
+  cp "$WORK/enforced.lua" "$WORK/peer.lua"
   if [[ -n ${COMPARE_BIN:-} ]]; then
     sign_lua "$CSERVE_KEY" "$CSERVE_SECRET" serve.bench.local http://127.0.0.1:18011/enforced "$WORK/compareserve.lua"
   fi
@@ -389,10 +398,10 @@ median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+
 for i in $(seq "$RUNS"); do
   export i
   run direct http://127.0.0.1:18000/
-  run nginx http://127.0.0.1:18001/
-  run haproxy http://127.0.0.1:18002/
-  run marketgate_plain http://127.0.0.1:18003/plain "$WORK/plain.lua"
   sign_all
+  run nginx http://127.0.0.1:18001/enforced "$WORK/peer.lua"
+  run haproxy http://127.0.0.1:18002/enforced "$WORK/peer.lua"
+  run marketgate_plain http://127.0.0.1:18003/plain "$WORK/plain.lua"
   run marketgate_enforced http://127.0.0.1:18003/enforced "$WORK/enforced.lua"
   run marketgate_throttled http://127.0.0.1:18003/throttled "$WORK/throttled.lua"
   run leased_enforced http://127.0.0.1:18007/enforced "$WORK/leased.lua"

@@ -131,7 +131,16 @@ pub fn decide<'s, 'p>(
     let (group, domain) = resolve_host(snapshot, head)?;
     let (api, params) = route(group, domain, head)?;
     let signed = read_authorization(api, head)?;
-    let app = authenticate(snapshot, api, head, signed.as_ref(), payload, now, options)?;
+    let app = authenticate(
+        snapshot,
+        api,
+        head,
+        signed.as_ref(),
+        false,
+        payload,
+        now,
+        options,
+    )?;
     let purchase = entitle(group, domain, api, app, now)?;
     let throttled = throttle(snapshot, api, app, head.peer, now)?;
     Ok(Decision {
@@ -324,12 +333,16 @@ pub fn read_authorization<'h>(
 }
 
 /// Phase 3: who is calling. `None` only for a `NONE`-auth API on the seller domain.
-/// `signed` is [`read_authorization`]'s answer for this request.
+/// `signed` is [`read_authorization`]'s answer for this request; `head_checked`: the served
+/// path's [`screen_signature`] passed [`signing::check_head`] for this very head at this
+/// `now` already, so only the signature is left to check (hot path: not twice).
+#[allow(clippy::too_many_arguments)]
 pub fn authenticate<'s>(
     snapshot: &'s CompiledSnapshot,
     api: &CompiledApi,
     head: &RequestHead<'_>,
     signed: Option<&Authorization<'_>>,
+    head_checked: bool,
     payload: Payload<'_>,
     now: OffsetDateTime,
     options: DecideOptions,
@@ -351,8 +364,12 @@ pub fn authenticate<'s>(
             authority: Some(head.authority),
             payload,
         };
-        signing::verify(auth, &parts, secret, now, options.max_clock_skew_secs)
-            .map_err(signature_rejection)?;
+        if head_checked {
+            signing::verify_checked(auth, &parts, secret)
+        } else {
+            signing::verify(auth, &parts, secret, now, options.max_clock_skew_secs)
+        }
+        .map_err(signature_rejection)?;
         return app
             .map(Some)
             .ok_or(Rejection::AuthFailed("unknown app key"));
@@ -1025,13 +1042,22 @@ async fn serve<'s>(
         (None, Some(body))
     };
     let payload = Payload::Body(buffered.as_deref().unwrap_or(&[]));
-    let app = authenticate(snapshot, api, &head, signed.as_ref(), payload, now, options)
-        .inspect_err(|_| {
-            trace.claimed_key = signed.as_ref().map(|auth| auth.access.into());
-            trace.unknown_key = signed
-                .as_ref()
-                .is_some_and(|auth| snapshot.app_by_key(auth.access).is_none());
-        })?;
+    let app = authenticate(
+        snapshot,
+        api,
+        &head,
+        signed.as_ref(),
+        true,
+        payload,
+        now,
+        options,
+    )
+    .inspect_err(|_| {
+        trace.claimed_key = signed.as_ref().map(|auth| auth.access.into());
+        trace.unknown_key = signed
+            .as_ref()
+            .is_some_and(|auth| snapshot.app_by_key(auth.access).is_none());
+    })?;
     trace.app = app;
     let purchase = entitle(group, domain, api, app, now)?;
     trace.purchase = purchase;
