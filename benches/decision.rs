@@ -14,12 +14,19 @@
 //! app limit (target: ≤ 100 ns added; issue 13). Results: BENCHMARKS.md.
 //!
 //! Run: `cargo bench --bench decision`.
+//!
+//! On a shared machine, where wall-clock figures drift with the load, the throttle cases can
+//! be counted in instructions instead: with `DECISION_COUNT=no_policy` (or `one_policy`) and
+//! `DECISION_ITERS=N` the binary runs N decisions of that case and exits, without criterion;
+//! under `valgrind --tool=callgrind` the difference between two values of N, divided by the
+//! difference, is the instructions per decision, with the fixture's set-up cancelled out
+//! (BENCHMARKS.md, issue 13).
 
 use std::hint::black_box;
 
 use futures_util::FutureExt;
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, Criterion};
 use http::{HeaderMap, HeaderValue, Method};
 use marketgate::config::DEFAULT_QUOTA_JOURNAL_BLOCK;
 use marketgate::gateway::handler::{decide, take_quota, DecideOptions, RequestHead};
@@ -439,6 +446,36 @@ fn bench_lease_pass(c: &mut Criterion) {
     });
 }
 
+/// `DECISION_COUNT` / `DECISION_ITERS` (module docs): N throttle-case decisions, for an
+/// instruction count. `false` when not asked for.
+fn count_decisions() -> bool {
+    let Ok(case) = std::env::var("DECISION_COUNT") else {
+        return false;
+    };
+    let iters: u64 = std::env::var("DECISION_ITERS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .expect("DECISION_ITERS=N with DECISION_COUNT");
+    let f = match case.as_str() {
+        "no_policy" => fixture_with(NO_JOURNAL_BLOCK, false),
+        "one_policy" => fixture_with(NO_JOURNAL_BLOCK, true),
+        other => panic!("DECISION_COUNT is no_policy or one_policy, not {other}"),
+    };
+    let head = head(&f.appcode_headers);
+    for _ in 0..iters {
+        let d = decide(
+            black_box(&f.compiled),
+            black_box(&head),
+            Payload::Body(b""),
+            f.now,
+            OPTIONS,
+        )
+        .expect("admitted");
+        black_box(d.throttled);
+    }
+    true
+}
+
 criterion_group!(
     benches,
     bench_decision,
@@ -446,4 +483,11 @@ criterion_group!(
     bench_quota_modes,
     bench_lease_pass
 );
-criterion_main!(benches);
+
+fn main() {
+    if count_decisions() {
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
