@@ -24,6 +24,7 @@ cd "$(dirname "$0")/../.."
 BIN=${MARKETGATE_BIN:-target/release/marketgate}
 [[ $BIN == /* ]] || BIN=$PWD/$BIN
 MEASURE=${SECONDS_MEASURED:-8}
+CONNS=${CONNS:-8}
 ROWS=${ROWS:-nginx enforced plain serve}
 WORK=$(mktemp -d /tmp/mg-instr.XXXXXX)
 OUT=${OUT:-$WORK/out}
@@ -102,9 +103,9 @@ wait_port 18100
 # measure NAME PID URL LUA -> prints "NAME Ir/request Ir-w/o-sha256/request sha256-blocks/request requests"
 measure() {
   local name=$1 pid=$2 url=$3 lua=$4
-  taskset -c 1 wrk -t1 -c8 -d3s -s "$lua" "$url" >/dev/null # warm-up (pool, caches, lazy init)
+  taskset -c 1 wrk -t1 "-c$CONNS" -d3s -s "$lua" "$url" >/dev/null # warm-up (pool, caches, lazy init)
   callgrind_control -i on "$pid" >/dev/null
-  taskset -c 1 wrk -t1 -c8 "-d${MEASURE}s" -s "$lua" "$url" > "$WORK/wrk.txt"
+  taskset -c 1 wrk -t1 "-c$CONNS" "-d${MEASURE}s" -s "$lua" "$url" > "$WORK/wrk.txt"
   callgrind_control -i off "$pid" >/dev/null
   if grep -q "Non-2xx" "$WORK/wrk.txt"; then echo "$name: non-2xx answers"; cat "$WORK/wrk.txt"; exit 1; fi
   rm -f "$OUT/$name".callgrind*
