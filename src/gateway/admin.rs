@@ -160,7 +160,18 @@ pub fn router(gateway: Gateway) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(max_snapshot_bytes))
+        .layer(axum::middleware::map_response(with_request_id))
         .with_state(gateway)
+}
+
+/// Every admin answer carries an `X-Request-Id`, as every buyer answer does (CONTRACT §9), so
+/// an operator's report of a refused push names the answer it got.
+async fn with_request_id(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .entry(http::header::HeaderName::from_static("x-request-id"))
+        .or_insert_with(super::handler::new_request_id);
+    response
 }
 
 /// Decompresses (to at most `limit` bytes) and parses a pushed snapshot.

@@ -700,7 +700,7 @@ thread_local! {
 /// A random (v4) UUID in simple form. Hot path: drawn from the thread-local CSPRNG, not
 /// `Uuid::new_v4`, which makes a `getrandom` system call for every id, and written into a
 /// thread-local buffer shared by the next ids, not an allocation per id.
-fn new_request_id() -> HeaderValue {
+pub(crate) fn new_request_id() -> HeaderValue {
     let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
     let mut text = [0u8; uuid::fmt::Simple::LENGTH];
     id.simple().encode_lower(&mut text);

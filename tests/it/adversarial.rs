@@ -820,7 +820,7 @@ async fn smuggling_and_malformed_heads_get_our_error_body_on_every_listener() {
         }
     }
     assert_eq!(backend.hits(), 0, "nothing reached the backend");
-    // A listener's own 400 (the proxy admin's carries no request id) is its own, kept.
+    // A listener's own 400 is its own, kept (with its own request id).
     let invalid = push(admin, br#"{"version":1,"groups":5}"#.to_vec(), None).await;
     assert_eq!(invalid.status, 400, "{invalid:?}");
     let message = invalid.json()["error_msg"]
@@ -834,6 +834,10 @@ async fn smuggling_and_malformed_heads_get_our_error_body_on_every_listener() {
     let answer = raw_answer(admin, raw.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
     assert!(!answer.contains("not valid HTTP/1.1"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("x-request-id: "),
+        "{answer}"
+    );
     // A plain chunked request on the same kind of connection is served.
     let chunked = signed_head(KEY, SECRET, "POST", "/v1/echo/1", &unsigned)
         + "transfer-encoding: chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
