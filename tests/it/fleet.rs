@@ -648,8 +648,14 @@ async fn a_fleet_joins_by_itself_and_rides_out_an_outage() {
         let requests: Vec<_> = (0..64).map(|_| call()).collect();
         let (refusals, served, stop) = (refusals.clone(), served.clone(), stop.clone());
         clients.push(tokio::spawn(async move {
+            // A fixed schedule, not a pause after each answer: the offered rate stays 50 calls/s
+            // per client whatever the machine's load does to latency, so the rate the leases
+            // were sized on before the outage is the rate during it ("steady load").
+            let mut schedule = tokio::time::interval(Duration::from_millis(20));
+            schedule.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut i = 0;
             while !stop.load(Ordering::SeqCst) {
+                schedule.tick().await;
                 let answer = buyer.send(requests[i % requests.len()].clone()).await;
                 i += 1;
                 if answer.status == 200 {
@@ -658,7 +664,6 @@ async fn a_fleet_joins_by_itself_and_rides_out_an_outage() {
                     refusals.fetch_add(1, Ordering::SeqCst);
                     eprintln!("refused: {} {:?}", answer.status, answer.body);
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }));
     }
