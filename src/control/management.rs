@@ -126,59 +126,15 @@ const APP_CODE: Text = Text {
     says_first: "a letter, a digit, + or /",
 };
 
-/// Path parameter names: 1–32 of letters, digits, `-` and `_`, starting with a letter
-/// (Huawei also allows `.`; the data plane's templates do not, so neither do we).
-const PARAM_NAME: Text = Text {
-    min: 1,
-    max: 32,
-    first: |c| c.is_ascii_alphabetic(),
-    chars: |c| c.is_ascii_alphanumeric() || "-_".contains(c),
-    says_chars: "letters, digits, - and _",
-    says_first: "a letter",
-};
-
-/// The `req_uri` grammar, for a person.
-const REQ_URI_RULE: &str = "must start with / and be at most 512 characters; each segment is \
-    letters, digits and - _ . ~ * %, or a parameter {name} (or {name+} as the last segment) \
-    whose name is 1 to 32 letters, digits, - and _ starting with a letter, each name once";
-
-/// `req_uri`: starts with `/`, ≤ 512 chars; each segment is literal (letters, digits,
-/// `-_.~*%`), `{name}`, or `{name+}` (last segment only); no parameter twice. Returns the
-/// parameter names.
-pub(crate) fn parse_req_uri(uri: &str) -> Option<Vec<String>> {
-    if !uri.starts_with('/') || uri.len() > 512 {
-        return None;
-    }
-    let segments: Vec<&str> = uri[1..].split('/').collect();
-    let mut names = Vec::new();
-    for (i, seg) in segments.iter().enumerate() {
-        if seg.is_empty() {
-            // Only "/" itself or a trailing slash.
-            if i + 1 == segments.len() {
-                continue;
-            }
-            return None;
-        }
-        if let Some(inner) = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
-            let (name, greedy) = match inner.strip_suffix('+') {
-                Some(name) => (name, true),
-                None => (inner, false),
-            };
-            if !PARAM_NAME.allows(name) || (greedy && i + 1 != segments.len()) {
-                return None;
-            }
-            if names.iter().any(|n| n == name) {
-                return None;
-            }
-            names.push(name.to_owned());
-        } else if !seg
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.~*%".contains(c))
-        {
-            return None;
-        }
-    }
-    Some(names)
+/// An API's `req_uri` (or its backend's) by the one grammar ([`crate::template`]), as
+/// its parameter names; a refusal states the grammar and what broke it.
+fn req_uri_params(field: &str, uri: &str) -> Result<Vec<String>, ControlError> {
+    let segments = crate::template::parse_template(uri).map_err(|why| {
+        rule::invalid(field, format!("{} ({why})", crate::template::REQ_URI_RULE))
+    })?;
+    Ok(crate::template::param_names(&segments)
+        .map(str::to_owned)
+        .collect())
 }
 
 /// `(offset, limit)` from a Huawei list query.
@@ -445,8 +401,7 @@ fn api_def(
     ];
     let req_method = one_of(req_str(body, "req_method")?, METHODS, "req_method")?;
     let req_uri = req_str(body, "req_uri")?;
-    let front_params =
-        parse_req_uri(&req_uri).ok_or_else(|| rule::invalid("req_uri", REQ_URI_RULE))?;
+    let front_params = req_uri_params("req_uri", &req_uri)?;
     let match_mode = one_of(
         opt_str(body, "match_mode")?.unwrap_or_else(|| "NORMAL".into()),
         &["NORMAL", "SWA"],
@@ -515,8 +470,7 @@ fn api_def(
             "backend_api.req_method",
         )?;
         let uri = opt_str(b, "req_uri")?.unwrap_or_else(|| req_uri.clone());
-        let back_params = parse_req_uri(&uri)
-            .ok_or_else(|| rule::invalid("backend_api.req_uri", REQ_URI_RULE))?;
+        let back_params = req_uri_params("backend_api.req_uri", &uri)?;
         if let Some(unknown) = back_params.iter().find(|p| !front_params.contains(p)) {
             return Err(rule::invalid(
                 "backend_api.req_uri",
@@ -1373,19 +1327,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn req_uri_syntax() {
-        assert_eq!(parse_req_uri("/"), Some(vec![]));
+    fn req_uri_refusals_state_the_grammar_and_what_broke_it() {
         assert_eq!(
-            parse_req_uri("/users/{id}/files/{path+}"),
-            Some(vec!["id".to_owned(), "path".to_owned()])
+            req_uri_params("req_uri", "/users/{id}/files/{path+}").unwrap(),
+            vec!["id".to_owned(), "path".to_owned()]
         );
-        assert_eq!(parse_req_uri("no-slash"), None);
-        assert_eq!(parse_req_uri("/a/{rest+}/b"), None);
-        assert_eq!(parse_req_uri("/a/{x}/{x}"), None);
-        assert_eq!(parse_req_uri("/a//b"), None);
-        assert_eq!(parse_req_uri("/a/{1x}"), None);
-        assert_eq!(parse_req_uri("/a b"), None);
-        assert_eq!(parse_req_uri("/a/{x.y}"), None);
+        let m = req_uri_params("req_uri", "/a/{1x}")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.contains("parameterName:req_uri")
+                && m.contains(crate::template::REQ_URI_RULE)
+                && m.contains("starting with a letter)"),
+            "{m}"
+        );
         assert!(new_sl_domain("Inst_1").ends_with(".apic.inst-1.marketgate.local"));
     }
 
