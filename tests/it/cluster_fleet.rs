@@ -162,8 +162,14 @@ impl Cluster {
             .sum()
     }
 
-    /// Calls every proxy in turn until a whole round serves nothing and the store has nothing
-    /// left unleased; returns the calls served.
+    /// Calls every proxy in turn until a whole round serves nothing and the ledger counts
+    /// every bought call used; returns the calls served.
+    ///
+    /// Calls still held in a lease do not end the drain: from the store they look the same
+    /// whether the proxy served them and has not yet reported (its replica just came back,
+    /// and its exchanges back off up to 2 s) or never learnt of them (the victim committed a
+    /// grant and died before answering; the proxy is told at its next exchange). Stopping on
+    /// "nothing unleased" stopped in the second case with calls unserved (2970 of 3000).
     async fn drain(&self) -> u64 {
         let mut served = 0;
         let deadline = Instant::now() + CONVERGE;
@@ -177,10 +183,14 @@ impl Cluster {
             }
             served += round;
             let left = self.purchase(0).await["quota_left"].as_u64().unwrap();
-            if round == 0 && left.saturating_sub(self.held().await) == 0 {
+            if round == 0 && left == 0 {
                 return served;
             }
-            assert!(Instant::now() < deadline, "the cluster never ran dry");
+            assert!(
+                Instant::now() < deadline,
+                "the cluster never ran dry: {left} calls left, {} held in leases",
+                self.held().await
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
