@@ -18,6 +18,8 @@ use crate::support::gateway::{request, signed_as, Backend, Buyer, TestGateway};
 const MARKET_DOMAIN: &str = "shared.example.com";
 /// `gateway.quota_journal_block` of these proxies: the most a crash may lose per purchase.
 const JOURNAL_BLOCK: u64 = 16;
+/// How long a drain may take on a loaded machine (each round ends with a refill wait).
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A purchase of `quota` calls on the market, served through a real backend.
 struct Market {
@@ -69,7 +71,11 @@ impl Market {
             Ok(_) | Err(marketgate::gateway::SnapshotRejection::NotNewer { .. }) => {}
             Err(other) => panic!("snapshot refused: {other}"),
         }
-        let client = Arc::new(LeaseClient::new(gw.gateway.clone(), service));
+        let exchanges = Arc::new(RunToTheirEnd {
+            service,
+            in_flight: Arc::default(),
+        });
+        let client = Arc::new(LeaseClient::new(gw.gateway.clone(), exchanges.clone()));
         let (trigger, shutdown) = ShutdownTrigger::new();
         let runner = client.clone();
         let task = tokio::spawn(async move {
@@ -77,6 +83,8 @@ impl Market {
             runner.run(shutdown).await
         });
         LeasedProxy {
+            node_id: node_id.to_owned(),
+            exchanges,
             buyer: Buyer::new(gw.buyers),
             gw,
             client,
@@ -135,6 +143,8 @@ impl OtherBuyer {
 }
 
 struct LeasedProxy {
+    node_id: String,
+    exchanges: Arc<RunToTheirEnd>,
     gw: TestGateway,
     buyer: Buyer,
     client: Arc<LeaseClient>,
@@ -150,10 +160,46 @@ impl LeasedProxy {
         self.client.finish().await.unwrap();
     }
 
-    /// A kill -9: nothing flushed, nothing reported, the lease stranded.
+    /// A kill -9: nothing flushed, nothing reported, the lease stranded. Returns once an
+    /// exchange it had sent has been committed or refused by the control plane, so that the
+    /// ledger read next is the one the crash left.
     async fn crash(self) -> Arc<tempfile::TempDir> {
         self.task.abort();
-        self.gw.crash().await
+        let dir = self.gw.crash().await;
+        self.exchanges.settled().await;
+        dir
+    }
+}
+
+/// A proxy's lease service whose exchanges run to their end even when the proxy dies with
+/// one in flight, as a real control plane finishes a request whose client is gone. (Aborting
+/// the lease client's task drops its side only; the store's commit may land after, so a
+/// ledger read right after a crash could be overtaken by it: 801 calls read as stranded,
+/// 780 a moment later.)
+struct RunToTheirEnd {
+    service: Arc<dyn LeaseService>,
+    /// Held for reading by each exchange in flight.
+    in_flight: Arc<tokio::sync::RwLock<()>>,
+}
+
+impl RunToTheirEnd {
+    /// Waits until no exchange is in flight.
+    async fn settled(&self) {
+        let _none = self.in_flight.write().await;
+    }
+}
+
+#[async_trait::async_trait]
+impl LeaseService for RunToTheirEnd {
+    async fn exchange(&self, exchange: LeaseExchange) -> Result<LeaseReply, LeaseServiceError> {
+        let running = self.in_flight.clone().read_owned().await;
+        let service = self.service.clone();
+        tokio::spawn(async move {
+            let _running = running;
+            service.exchange(exchange).await
+        })
+        .await
+        .expect("the exchange task")
     }
 }
 
@@ -189,10 +235,16 @@ async fn load(market: &Market, proxies: &[LeasedProxy], clients: usize, each: us
     ok.load(Ordering::SeqCst)
 }
 
-/// Calls every proxy in turn until a whole round serves nothing and the ledger has nothing
-/// left to lease: whatever a proxy still held has then been served.
+/// Calls every proxy in turn until a whole round serves nothing, the ledger has nothing left
+/// to lease and these proxies hold nothing in it: whatever they held has then been served and
+/// reported, and what is left is held by proxies not drained (a crashed one's stranded lease).
+///
+/// "Nothing left to lease" alone is not enough: a call that found its cell dry is answered
+/// 503 once the refill wait (500 ms) is over, and on a loaded machine the refill it asked for
+/// may commit just after, leaving the calls granted in a lease that no round has served yet.
 async fn drain(market: &Market, proxies: &[LeasedProxy]) -> u64 {
     let mut served = 0;
+    let deadline = std::time::Instant::now() + DRAIN_TIMEOUT;
     loop {
         let mut round = 0;
         for proxy in proxies {
@@ -205,9 +257,20 @@ async fn drain(market: &Market, proxies: &[LeasedProxy]) -> u64 {
             }
         }
         served += round;
-        if round == 0 && market.ledger().await.unleased() == Some(0) {
+        let ledger = market.ledger().await;
+        let held_here: u64 = proxies
+            .iter()
+            .filter_map(|p| ledger.leases.get(&p.node_id))
+            .map(|lease| lease.held)
+            .sum();
+        if round == 0 && ledger.unleased() == Some(0) && held_here == 0 {
             return served;
         }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never drained: {ledger:?}, {} calls at the backend",
+            market.backend.hits()
+        );
     }
 }
 
