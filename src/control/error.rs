@@ -139,6 +139,10 @@ pub enum ControlError {
         held_by: String,
         claimed_by: String,
     },
+    /// The write would publish a record the proxies' snapshot validator refuses
+    /// (`publish::neighbourhood`): nothing was stored.
+    #[error("the proxies would refuse what this write publishes: {0}")]
+    Unpublishable(#[source] crate::snapshot::validate::ValidationError),
     #[error("no such route")]
     RouteNotFound,
     /// The store refused the commit for a conflict that a run on the caught-up state may
@@ -204,6 +208,7 @@ impl ControlError {
             ApiPublished(_) => (StatusCode::FORBIDDEN, apig::API_PUBLISHED),
             Conflict(_) => (StatusCode::CONFLICT, apig::PARAMETER_ERROR),
             NodeIdInUse { .. } => (StatusCode::CONFLICT, apig::PARAMETER_ERROR),
+            Unpublishable(_) => (StatusCode::BAD_REQUEST, apig::INVALID_PARAMETER),
             RouteNotFound => (StatusCode::NOT_FOUND, apig::NO_ROUTE),
             // A claim still held after every attempt: someone else holds the key.
             Contended(super::store::Conflict::Claimed { .. }) => {
@@ -339,6 +344,14 @@ mod tests {
                 },
                 409,
                 "APIG.2000",
+            ),
+            (
+                ControlError::Unpublishable(crate::snapshot::validate::ValidationError {
+                    path: s(),
+                    reason: s(),
+                }),
+                400,
+                "APIG.2012",
             ),
             (ControlError::RouteNotFound, 404, "APIG.0101"),
             (

@@ -638,6 +638,7 @@ impl ControlPlane {
         changes: Vec<Change>,
         ledger: Option<LedgerUpdate>,
     ) -> Result<(), ControlError> {
+        refuse_unpublishable(state, &changes)?;
         let commit = Commit {
             reads: reads
                 .iter()
@@ -692,6 +693,25 @@ impl ControlPlane {
             })
             .await?;
         Ok(())
+    }
+}
+
+/// Validates what `changes` would publish, with the records they refer to
+/// ([`publish::neighbourhood`]), with the proxies' own validator: a record the proxies would
+/// refuse is [`ControlError::Unpublishable`] and is never stored (stored, it would make every
+/// push of every later version fail). `state` is the write's view; the changes are applied
+/// to a copy of it (persistent maps: the copy shares them).
+fn refuse_unpublishable(state: &State, changes: &[Change]) -> Result<(), ControlError> {
+    let mut after = state.clone();
+    for change in changes {
+        after.apply_at(change.clone(), 0);
+    }
+    let part = publish::neighbourhood(&after, changes);
+    match crate::snapshot::validate::validate(&part) {
+        Ok(_) => Ok(()),
+        Err(refusal) => Err(ControlError::Unpublishable(publish::name_records(
+            &part, refusal,
+        ))),
     }
 }
 

@@ -664,6 +664,48 @@ async fn refusals_state_the_rule_they_apply() {
     );
 }
 
+/// A record only the proxies' snapshot validator refuses is a 400 naming it, never a stored
+/// row that makes every later push fail. The case: a market domain of 254 characters (labels
+/// of at most 63), which the market API's own `url_domain` rule admits (255) and the
+/// proxies' host-name rule does not (253).
+#[tokio::test]
+async fn a_write_the_proxies_would_refuse_is_a_400_naming_the_record_and_is_not_stored() {
+    let control = Control::start(&Backend::Sqlite).await;
+    let seller = control.client(SELLER_TOKEN);
+    let (gid, _) = sellable_group(&seller, "unpublishable").await;
+    let before = served(&control).await;
+    let sm = control.client(MARKET_TOKEN).as_domain(SELLER_DOMAIN);
+    let onsell = format!("{}/api-groups/onsell/{gid}", market_base(SELLER_PROJECT));
+    let too_long = format!(
+        "{}.{}.{}.{}.com",
+        "a".repeat(63),
+        "b".repeat(63),
+        "c".repeat(63),
+        "d".repeat(58)
+    );
+    assert_eq!(too_long.len(), 254);
+    let refused = sm.put(&onsell, json!({ "url_domain": too_long })).await;
+    expect_error("a 254-character url_domain", &refused, 400, "APIG.2012");
+    let msg = refused.1["error_msg"].as_str().unwrap();
+    assert!(
+        msg.contains(&format!("group {gid}: url_domain"))
+            && msg.contains("not a lower-case host name"),
+        "names the record and the rule: {msg}"
+    );
+    let after = served(&control).await;
+    assert_eq!(after.version, before.version, "nothing was committed");
+    let group = after.groups.iter().find(|g| g.id == gid).unwrap();
+    assert_eq!(group.url_domain, None);
+    let shown = seller
+        .get(&format!("{}/api-groups/{gid}", mgmt(SELLER_PROJECT)))
+        .await;
+    assert_eq!(shown.1["market_state"], "unlisted", "{}", shown.1);
+    let fits = &too_long[1..];
+    let listed = sm.put(&onsell, json!({ "url_domain": fits })).await;
+    expect_status("a 253-character url_domain", &listed, 201);
+    assert_eq!(served(&control).await.version, before.version + 1);
+}
+
 #[tokio::test]
 async fn control_market_rows_follow_the_seeds_and_the_state_machine() {
     for backend in Backend::all().await {
