@@ -420,8 +420,12 @@ async fn with_the_control_plane_down_proxies_serve_from_their_leases() {
         (refused.status.as_u16(), refused.code()),
         (405, "APIG.0501".into())
     );
-    // Let both proxies persist what they hold before the outage.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Both proxies have persisted what they hold before the outage: an exchange persists its
+    // answer before it lets the next one start, so one more pass returns only after that.
+    // (A 300 ms sleep stood in for this.)
+    for proxy in [&a, &b] {
+        proxy.client.pass(0.0).await.unwrap();
+    }
 
     control.down.store(true, Ordering::SeqCst);
     let started = std::time::Instant::now();
