@@ -20,7 +20,7 @@
 use axum::extract::State as AxState;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use crate::config::Role;
 use crate::lease::Ledger;
@@ -28,9 +28,8 @@ use crate::snapshot::{MarketState, PurchaseState};
 
 use super::auth::Call;
 use super::error::ControlError;
-use super::management::{
-    new_app_code, new_credential, opt_str, reply, req_str, DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT,
-};
+use super::management::{new_app_code, new_credential, reply, DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT};
+use super::market_requests::{self as requests, PurchaseNamed, PurchaseOrder};
 use super::rule;
 use super::state::{
     new_id, now_rfc3339, rfc3339, AppCodeRec, AppRec, Change, GroupRec, LedgerDoc, PurchaseRec,
@@ -104,9 +103,7 @@ pub async fn onsell(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     call.check_instance(&cp, false)?;
     call.market_project()?;
     let seller = required_domain(&call)?;
-    let body = call.json()?;
-    let url_domain = req_str(&body, "url_domain")?.to_ascii_lowercase();
-    check_url_domain(&url_domain)?;
+    let url_domain = call.body::<requests::Onsell>()?.validate()?;
     let mut state = cp.state().await?;
     let mut group = seller_group(&state, &call, &seller, false)?.clone();
     match group.market_state {
@@ -221,8 +218,7 @@ pub async fn reserve(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler 
     call.check_instance(&cp, true)?;
     let project = call.market_project()?;
     let buyer = required_domain(&call)?;
-    let body = call.json()?;
-    let group_id = req_str(&body, "group_id")?;
+    let group_id = call.body::<requests::Reserve>()?.validate()?;
     let mut state = cp.state().await?;
     buyable(&state, &group_id, &buyer, true)?;
     let now = now_rfc3339();
@@ -251,23 +247,6 @@ pub async fn reserve(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler 
     Ok(reply(StatusCode::CREATED, out))
 }
 
-/// An integer sent as a JSON number or a string of digits.
-fn int_field(body: &Map<String, Value>, field: &str) -> Result<Option<i64>, ControlError> {
-    let bad = || {
-        rule::invalid(
-            field,
-            "must be an integer (a JSON number or a string of digits)",
-        )
-    };
-    match body.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => n.as_i64().map(Some).ok_or_else(bad),
-        Some(Value::String(s)) if s.is_empty() => Ok(None),
-        Some(Value::String(s)) => s.trim().parse().map(Some).map_err(|_| bad()),
-        Some(_) => Err(bad()),
-    }
-}
-
 fn purchase_answer(state: &State, p: &PurchaseRec) -> Value {
     let app = p.app_id.as_ref().and_then(|id| state.apps.get(id));
     json!({
@@ -282,13 +261,6 @@ fn purchase_answer(state: &State, p: &PurchaseRec) -> Value {
         "app_secret": app.map(|a| a.app_secret.clone()),
     })
 }
-
-/// `order_type`'s values (CONTRACT §2).
-const ORDER_TYPES: [(i64, &str); 3] = [
-    (1, "prepaid package"),
-    (2, "postpaid period"),
-    (3, "postpaid on-demand"),
-];
 
 /// What a purchase request asks for, compared with the purchase an `order_id` already made.
 struct Bought {
@@ -340,32 +312,15 @@ pub async fn purchase(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler
     call.check_instance(&cp, false)?;
     let project = call.market_project()?;
     let buyer = required_domain(&call)?;
-    let body = call.json()?;
-    let order_id = req_str(&body, "order_id")?;
-    let group_id = req_str(&body, "group_id")?;
-    let start_time = rule::epoch_seconds(&body, "start_time")?
-        .ok_or_else(|| rule::invalid("start_time", rule::EPOCH_SECONDS))?;
-    let expire_time = rule::epoch_seconds(&body, "expire_time")?
-        .ok_or_else(|| rule::invalid("expire_time", rule::EPOCH_SECONDS))?;
-    rule::time_order("start_time", start_time, "expire_time", expire_time)?;
-    let order_type =
-        rule::one_of_int("order_type", int_field(&body, "order_type")?, &ORDER_TYPES)? as u8;
-    let req_quota = match int_field(&body, "req_quota")? {
-        Some(q) if q > 0 => Some(q as u64),
-        Some(q) => {
-            return Err(rule::invalid(
-                "req_quota",
-                format!("must be a positive number of calls (got {q})"),
-            ))
-        }
-        None if order_type == 1 => {
-            return Err(rule::invalid(
-                "req_quota",
-                "is required for order_type 1 (prepaid package): the number of calls bought",
-            ))
-        }
-        None => None,
-    };
+    let PurchaseOrder {
+        order_id,
+        group_id,
+        start_time,
+        expire_time,
+        order_type,
+        req_quota,
+        reservation,
+    } = call.body::<requests::Purchase>()?.validate()?;
     let mut state = cp.state().await?;
     if let Some(existing) = state.purchase_of_order(&order_id) {
         if existing.group_id != group_id || existing.domain_id != buyer {
@@ -394,7 +349,7 @@ pub async fn purchase(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler
     }
     buyable(&state, &group_id, &buyer, false)?;
     let now = now_rfc3339();
-    let mut purchase = match opt_str(&body, "purchase_id")?.filter(|p| !p.is_empty()) {
+    let mut purchase = match reservation {
         Some(id) => {
             let reserved = state
                 .purchases
@@ -532,21 +487,15 @@ pub async fn set_unused(AxState(cp): AxState<ControlPlane>, call: Call) -> Handl
     call.check_instance(&cp, false)?;
     let path_project = call.market_project()?;
     let buyer = call.acting_domain(false)?;
-    let body = call.json()?;
-    let unused = int_field(&body, "unused")?.ok_or_else(|| {
-        rule::invalid(
-            "unused",
-            "is required: the calls left to set (> 0 unfreezes), or <= 0 to freeze",
-        )
-    })?;
+    let (unused, named) = call.body::<requests::SetUnused>()?.validate()?;
     let mut state = cp.state().await?;
-    let found = match opt_str(&body, "purchase_id")?.filter(|p| !p.is_empty()) {
-        Some(id) => state.purchases.get(&id),
-        None => {
-            let group_id = req_str(&body, "group_id")?;
-            let project = opt_str(&body, "project_id")?
-                .filter(|p| !p.is_empty())
-                .unwrap_or(path_project);
+    let found = match named {
+        PurchaseNamed::ById(id) => state.purchases.get(&id),
+        PurchaseNamed::ByGroup {
+            group_id,
+            project_id,
+        } => {
+            let project = project_id.unwrap_or(path_project);
             state
                 .purchases
                 .values()
@@ -631,12 +580,7 @@ pub async fn lock(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     call.check_instance(&cp, false)?;
     call.market_project()?;
     let seller = required_domain(&call)?;
-    let body = call.json()?;
-    let lock = rule::one_of_int(
-        "status",
-        int_field(&body, "status")?,
-        &[(3, "lock"), (2, "unlock")],
-    )? == 3;
+    let lock = call.body::<requests::Status>()?.lock()?;
     let mut state = cp.state().await?;
     let mut group = seller_group(&state, &call, &seller, false)?.clone();
     let to = match (lock, group.market_state) {
@@ -722,21 +666,7 @@ pub async fn freeze(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     call.check_instance(&cp, false)?;
     call.market_project()?;
     let domain = call.acting_domain(false)?;
-    let body = call.json()?;
-    let freeze = rule::one_of_int(
-        "status",
-        int_field(&body, "status")?,
-        &[(3, "freeze"), (1, "unfreeze")],
-    )? == 3;
-    let ids_rule = || rule::invalid("purchase_ids", "must be a list of purchase ids (strings)");
-    let Some(Value::Array(ids)) = body.get("purchase_ids") else {
-        return Err(ids_rule());
-    };
-    let ids: Vec<String> = ids
-        .iter()
-        .map(|v| v.as_str().map(str::to_owned))
-        .collect::<Option<_>>()
-        .ok_or_else(ids_rule)?;
+    let (freeze, ids) = call.body::<requests::Status>()?.freeze()?;
     let mut state = cp.state().await?;
     let now = now_rfc3339();
     let (mut results, mut changes) = (Vec::new(), Vec::new());

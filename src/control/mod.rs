@@ -40,6 +40,7 @@ pub mod error;
 pub mod leases;
 pub mod management;
 pub mod market;
+pub mod market_requests;
 pub mod metrics;
 pub mod openapi;
 pub mod publish;

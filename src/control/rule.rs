@@ -7,9 +7,59 @@
 //! the ones added later) build their refusals here and never word a rule themselves, so one
 //! rule reads the same wherever it applies. Must not know any resource or touch state.
 
-use serde_json::{Map, Value};
+use serde::de::{Deserialize, DeserializeOwned, Deserializer};
+use serde_json::Value;
 
 use super::error::ControlError;
+
+/// A field of a typed request whose wrong JSON type breaks its rule (400 `APIG.2012` stating
+/// the rule) rather than the body (`APIG.2000`): kept as sent when it is not a `T`, for the
+/// rule to refuse with what was sent. A `null` field is absent (`Option<Lenient<T>>`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Lenient<T> {
+    Valid(T),
+    Invalid(Value),
+}
+
+impl<'de, T: DeserializeOwned> Deserialize<'de> for Lenient<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let sent = Value::deserialize(deserializer)?;
+        Ok(match serde_json::from_value::<T>(sent.clone()) {
+            Ok(value) => Lenient::Valid(value),
+            Err(_) => Lenient::Invalid(sent),
+        })
+    }
+}
+
+/// An integer as Huawei's SDKs send it: a JSON number or a string (of digits; an empty
+/// string is no value).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(untagged)]
+pub enum IntText {
+    Int(i64),
+    Text(String),
+}
+
+/// An integer field sent as [`IntText`].
+pub type LooseInt = Option<Lenient<IntText>>;
+
+/// The integer of `value` (`None` when absent, `null` or an empty string); anything but an
+/// integer or a string of digits is refused with the rule.
+pub fn loose_int(field: &str, value: &LooseInt) -> Result<Option<i64>, ControlError> {
+    let bad = || {
+        invalid(
+            field,
+            "must be an integer (a JSON number or a string of digits)",
+        )
+    };
+    match value {
+        None => Ok(None),
+        Some(Lenient::Valid(IntText::Int(n))) => Ok(Some(*n)),
+        Some(Lenient::Valid(IntText::Text(s))) if s.is_empty() => Ok(None),
+        Some(Lenient::Valid(IntText::Text(s))) => s.trim().parse().map(Some).map_err(|_| bad()),
+        Some(Lenient::Invalid(_)) => Err(bad()),
+    }
+}
 
 /// A value refused by `rule`, a sentence without its final full stop (`must be …`).
 pub fn invalid(field: &str, rule: impl Into<String>) -> ControlError {
@@ -88,24 +138,21 @@ pub const EPOCH_SECONDS: &str =
 
 /// A time in epoch seconds, sent as a JSON number or a string of digits (Huawei's SDK sends
 /// either); `None` when absent, `null` or empty. An ISO date is refused with the unit named.
-pub fn epoch_seconds(body: &Map<String, Value>, field: &str) -> Result<Option<i64>, ControlError> {
+pub fn epoch_seconds(field: &str, value: &LooseInt) -> Result<Option<i64>, ControlError> {
     let refuse = |got: &str| invalid(field, format!("{EPOCH_SECONDS} (got {got})"));
-    match body.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if s.is_empty() => Ok(None),
-        Some(Value::Number(n)) => n
-            .as_i64()
-            .filter(|t| *t >= 0)
-            .map(Some)
-            .ok_or_else(|| refuse(&n.to_string())),
-        Some(Value::String(s)) => s
+    match value {
+        None => Ok(None),
+        Some(Lenient::Valid(IntText::Text(s))) if s.is_empty() => Ok(None),
+        Some(Lenient::Valid(IntText::Int(t))) if *t >= 0 => Ok(Some(*t)),
+        Some(Lenient::Valid(IntText::Int(t))) => Err(refuse(&t.to_string())),
+        Some(Lenient::Valid(IntText::Text(s))) => s
             .trim()
             .parse::<i64>()
             .ok()
             .filter(|t| *t >= 0)
             .map(Some)
             .ok_or_else(|| refuse(&format!("\"{s}\""))),
-        Some(other) => Err(refuse(&other.to_string())),
+        Some(Lenient::Invalid(other)) => Err(refuse(&other.to_string())),
     }
 }
 
@@ -246,16 +293,32 @@ mod tests {
             m.contains("must be one of 1 (on sale), 3 (frozen) (got 7)"),
             "{m}"
         );
-        let body: Map<String, Value> =
-            serde_json::from_str(r#"{"t":"2026-01-01T00:00:00Z","n":"1767225600","e":""}"#)
-                .unwrap();
-        let m = message(epoch_seconds(&body, "t").unwrap_err());
+        #[derive(serde::Deserialize)]
+        struct Times {
+            t: LooseInt,
+            n: LooseInt,
+            e: LooseInt,
+            b: LooseInt,
+            #[serde(default)]
+            absent: LooseInt,
+        }
+        let times: Times = serde_json::from_str(
+            r#"{"t":"2026-01-01T00:00:00Z","n":"1767225600","e":"","b":true}"#,
+        )
+        .unwrap();
+        let m = message(epoch_seconds("t", &times.t).unwrap_err());
         assert!(
             m.contains("epoch seconds") && m.contains("2026-01-01T00:00:00Z"),
             "{m}"
         );
-        assert_eq!(epoch_seconds(&body, "n").unwrap(), Some(1_767_225_600));
-        assert_eq!(epoch_seconds(&body, "e").unwrap(), None);
+        assert_eq!(epoch_seconds("n", &times.n).unwrap(), Some(1_767_225_600));
+        assert_eq!(epoch_seconds("e", &times.e).unwrap(), None);
+        assert_eq!(epoch_seconds("absent", &times.absent).unwrap(), None);
+        let m = message(epoch_seconds("b", &times.b).unwrap_err());
+        assert!(m.contains("(got true)"), "{m}");
+        assert_eq!(loose_int("n", &times.n).unwrap(), Some(1_767_225_600));
+        assert!(loose_int("b", &times.b).is_err());
+        assert!(loose_int("t", &times.t).is_err());
         let m = message(time_order("start_time", 10, "expire_time", 5).unwrap_err());
         assert!(
             m.contains("parameterName:expire_time. expire_time must be after start_time"),
