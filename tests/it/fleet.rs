@@ -757,6 +757,7 @@ async fn a_fleet_joins_by_itself_and_rides_out_an_outage() {
 /// which must be within a second of its start.
 async fn joined(dir: &Path, node: &str, control_admin: SocketAddr) -> FleetProxy {
     let started = Instant::now();
+    let spawned = std::time::SystemTime::now();
     let proxy = FleetProxy::start(dir, node, free_port(), control_admin).await;
     let admin = proxy.process.addr("admin");
     while admin_get(admin, "/readyz", false).await.status != 200 {
@@ -767,9 +768,36 @@ async fn joined(dir: &Path, node: &str, control_admin: SocketAddr) -> FleetProxy
     eprintln!("{node}: serving {ready:?} after its start");
     assert!(
         ready < Duration::from_secs(1),
-        "{node} ready only after {ready:?}"
+        "{node} ready only after {ready:?}; its log, in ms after its spawn: {}",
+        timeline(&proxy.process, spawned)
     );
     proxy
+}
+
+/// Where a start spent its time: each of `process`'s log records so far (its message, cut
+/// short) at its own timestamp, in milliseconds after `spawned`.
+fn timeline(process: &Process, spawned: std::time::SystemTime) -> String {
+    let spawned = time::OffsetDateTime::from(spawned);
+    process
+        .records()
+        .iter()
+        .map(|record| {
+            let at = record["timestamp"].as_str().and_then(|t| {
+                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+            });
+            let message: String = record["fields"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .chars()
+                .take(40)
+                .collect();
+            match at {
+                Some(at) => format!("{} {message}", (at - spawned).whole_milliseconds()),
+                None => format!("? {message}"),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The node ids `GET /v1/proxies` lists on the control plane's admin listener.
