@@ -16,9 +16,11 @@ use serde_json::{json, Map, Value};
 
 use crate::snapshot::{self, MarketState};
 
+use super::app_auths::AuthsBody;
+use super::apps::{AppBody, AppCodeBody, AppFields, SecretBody};
 use super::auth::Call;
 use super::error::ControlError;
-use super::rule::{self, Text, APP_NAME, GROUP_NAME};
+use super::rule::{self, GROUP_NAME};
 use super::state::{
     new_id, now_rfc3339, ApiDef, ApiRec, AppCodeRec, AppRec, AuthRec, BackendApiDef, Change,
     GroupRec, Publication, State, MAX_APP_CODES, RELEASE_ENV_ID, RELEASE_ENV_NAME,
@@ -84,7 +86,12 @@ fn one_of(value: String, allowed: &[&str], field: &str) -> Result<String, Contro
 pub const MAX_REMARK_CHARS: usize = 255;
 
 fn valid_remark(body: &Map<String, Value>) -> Result<String, ControlError> {
-    let remark = opt_str(body, "remark")?.unwrap_or_default();
+    checked_remark(opt_str(body, "remark")?)
+}
+
+/// A remark (absent is empty) of at most [`MAX_REMARK_CHARS`].
+pub(super) fn checked_remark(remark: Option<String>) -> Result<String, ControlError> {
+    let remark = remark.unwrap_or_default();
     let count = remark.chars().count();
     if count > MAX_REMARK_CHARS {
         return Err(rule::invalid(
@@ -94,37 +101,6 @@ fn valid_remark(body: &Map<String, Value>) -> Result<String, ControlError> {
     }
     Ok(remark)
 }
-
-/// AppKeys: 8–200 of letters, digits, `_` and `-`, starting with a letter or digit.
-const APP_KEY: Text = Text {
-    min: 8,
-    max: 200,
-    first: |c| c.is_ascii_alphanumeric(),
-    chars: |c| c.is_ascii_alphanumeric() || "_-".contains(c),
-    says_chars: "letters, digits, _ and -",
-    says_first: "a letter or a digit",
-};
-
-/// AppSecrets: 8–128 of letters, digits and `_-!@#$%`, starting with a letter or digit.
-const APP_SECRET: Text = Text {
-    min: 8,
-    max: 128,
-    first: |c| c.is_ascii_alphanumeric(),
-    chars: |c| c.is_ascii_alphanumeric() || "_-!@#$%".contains(c),
-    says_chars: "letters, digits and _ - ! @ # $ %",
-    says_first: "a letter or a digit",
-};
-
-/// App codes: 64–180 chars of letters, digits and `+_!@#$%-/=`, starting with a letter,
-/// digit, `+` or `/`.
-const APP_CODE: Text = Text {
-    min: 64,
-    max: 180,
-    first: |c| c.is_ascii_alphanumeric() || "+/".contains(c),
-    chars: |c| c.is_ascii_alphanumeric() || "+_!@#$%-/=".contains(c),
-    says_chars: "letters, digits and + _ ! @ # $ % - / =",
-    says_first: "a letter, a digit, + or /",
-};
 
 /// An API's `req_uri` (or its backend's) by the one grammar ([`crate::template`]), as
 /// its parameter names; a refusal states the grammar and what broke it.
@@ -269,15 +245,14 @@ fn new_sl_domain(instance_id: &str) -> String {
     format!("{}.apic.{label}.marketgate.local", new_id())
 }
 
+/// A group's checked body, its name unique in the project (but for the group `except`).
 fn group_fields(
     state: &State,
-    body: &Map<String, Value>,
+    body: super::groups::GroupBody,
     project: &str,
     except: Option<&str>,
 ) -> Result<(String, String), ControlError> {
-    let name = req_str(body, "name")?;
-    GROUP_NAME.check("name", &name)?;
-    let remark = valid_remark(body)?;
+    let (name, remark) = body.validate()?;
     if state
         .groups
         .values()
@@ -290,9 +265,9 @@ fn group_fields(
 
 pub async fn create_group(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (domain, project) = call.tenant_scope(&cp)?;
-    let body = call.json()?;
+    let body = call.body()?;
     let mut state = cp.state().await?;
-    let (name, remark) = group_fields(&state, &body, &project, None)?;
+    let (name, remark) = group_fields(&state, body, &project, None)?;
     let now = now_rfc3339();
     let group = GroupRec {
         id: new_id(),
@@ -334,10 +309,10 @@ pub async fn show_group(AxState(cp): AxState<ControlPlane>, call: Call) -> Handl
 
 pub async fn update_group(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.tenant_scope(&cp)?;
-    let body = call.json()?;
+    let body = call.body()?;
     let mut state = cp.state().await?;
     let mut group = own_group(&state, call.param("group_id"), &project)?.clone();
-    let (name, remark) = group_fields(&state, &body, &project, Some(&group.id))?;
+    let (name, remark) = group_fields(&state, body, &project, Some(&group.id))?;
     group.name = name;
     group.remark = remark;
     group.update_time = now_rfc3339();
@@ -945,26 +920,23 @@ fn app_key_taken(state: &State, key: &str, except: Option<&str>) -> bool {
         .any(|a| a.app_key == key && Some(a.id.as_str()) != except)
 }
 
-/// Validates an `AppCreate` body: `(name, remark, app_key?, app_secret?)`.
+/// An `AppCreate` body checked, its key and name unique (but for the app `except`).
 fn app_fields(
     state: &State,
-    body: &Map<String, Value>,
+    body: AppBody,
     project: &str,
     except: Option<&str>,
-) -> Result<(String, String, Option<String>, Option<String>), ControlError> {
-    let name = req_str(body, "name")?;
-    APP_NAME.check("name", &name)?;
-    let remark = valid_remark(body)?;
-    let key = opt_str(body, "app_key")?.filter(|k| !k.is_empty());
+) -> Result<AppFields, ControlError> {
+    let AppFields {
+        name,
+        remark,
+        key,
+        secret,
+    } = body.validate()?;
     if let Some(key) = &key {
-        APP_KEY.check("app_key", key)?;
         if app_key_taken(state, key, except) {
             return Err(ControlError::AppKeyExists(key.clone()));
         }
-    }
-    let secret = opt_str(body, "app_secret")?.filter(|s| !s.is_empty());
-    if let Some(secret) = &secret {
-        APP_SECRET.check("app_secret", secret)?;
     }
     if state
         .apps
@@ -973,14 +945,24 @@ fn app_fields(
     {
         return Err(ControlError::AppNameExists(name));
     }
-    Ok((name, remark, key, secret))
+    Ok(AppFields {
+        name,
+        remark,
+        key,
+        secret,
+    })
 }
 
 pub async fn create_app(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (domain, project) = call.tenant_scope(&cp)?;
-    let body = call.json()?;
+    let body = call.body()?;
     let mut state = cp.state().await?;
-    let (name, remark, key, secret) = app_fields(&state, &body, &project, None)?;
+    let AppFields {
+        name,
+        remark,
+        key,
+        secret,
+    } = app_fields(&state, body, &project, None)?;
     let mut key = key.unwrap_or_else(new_credential);
     while app_key_taken(&state, &key, None) {
         key = new_credential();
@@ -1046,10 +1028,15 @@ pub async fn check_app(AxState(cp): AxState<ControlPlane>, call: Call) -> Handle
 
 pub async fn update_app(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.tenant_scope(&cp)?;
-    let body = call.json()?;
+    let body = call.body()?;
     let mut state = cp.state().await?;
     let mut app = own_app(&state, call.param("app_id"), &project)?.clone();
-    let (name, remark, key, secret) = app_fields(&state, &body, &project, Some(&app.id))?;
+    let AppFields {
+        name,
+        remark,
+        key,
+        secret,
+    } = app_fields(&state, body, &project, Some(&app.id))?;
     app.name = name;
     app.remark = remark;
     if let Some(key) = key {
@@ -1088,11 +1075,7 @@ pub async fn delete_app(AxState(cp): AxState<ControlPlane>, call: Call) -> Handl
 
 pub async fn reset_secret(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.tenant_scope(&cp)?;
-    let body = call.json()?;
-    let secret = opt_str(&body, "app_secret")?.filter(|s| !s.is_empty());
-    if let Some(secret) = &secret {
-        APP_SECRET.check("app_secret", secret)?;
-    }
+    let secret = call.body::<SecretBody>()?.validate()?;
     let mut state = cp.state().await?;
     let mut app = own_app(&state, call.param("app_id"), &project)?.clone();
     app.app_secret = secret.unwrap_or_else(new_credential);
@@ -1147,9 +1130,7 @@ async fn add_app_code(cp: &ControlPlane, call: &Call, given: Option<String>) -> 
 }
 
 pub async fn create_app_code(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
-    let body = call.json()?;
-    let code = req_str(&body, "app_code")?;
-    APP_CODE.check("app_code", &code)?;
+    let code = call.body::<AppCodeBody>()?.validate()?;
     add_app_code(&cp, &call, Some(code)).await
 }
 
@@ -1195,17 +1176,6 @@ pub async fn delete_app_code(AxState(cp): AxState<ControlPlane>, call: Call) -> 
 // ---------------------------------------------------------------------------------------
 // App authorizations.
 
-fn str_list(body: &Map<String, Value>, field: &str) -> Result<Vec<String>, ControlError> {
-    let refuse = || rule::invalid(field, "must be a non-empty list of ids (strings)");
-    match body.get(field) {
-        Some(Value::Array(items)) if !items.is_empty() => items
-            .iter()
-            .map(|v| v.as_str().map(str::to_owned).ok_or_else(refuse))
-            .collect(),
-        _ => Err(refuse()),
-    }
-}
-
 fn auth_relation_json(state: &State, auth: &AuthRec) -> Value {
     json!({
         "id": auth.id,
@@ -1224,11 +1194,12 @@ fn auth_relation_json(state: &State, auth: &AuthRec) -> Value {
 
 pub async fn create_auths(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.tenant_scope(&cp)?;
-    let body = call.json()?;
-    let env_id = req_str(&body, "env_id")?;
+    let AuthsBody {
+        env_id,
+        app_ids,
+        api_ids,
+    } = call.body::<super::app_auths::AuthsRequest>()?.validate()?;
     check_env(&env_id)?;
-    let app_ids = str_list(&body, "app_ids")?;
-    let api_ids = str_list(&body, "api_ids")?;
     let mut state = cp.state().await?;
     for app in &app_ids {
         own_app(&state, app, &project)?;
@@ -1350,9 +1321,7 @@ mod tests {
         assert!(GROUP_NAME.allows("市场分组"));
         assert!(!GROUP_NAME.allows("ab"));
         assert!(!GROUP_NAME.allows("_abc"));
-        assert!(APP_NAME.allows("app_01"));
-        assert!(!APP_NAME.allows("1app"));
-        assert!(APP_CODE.allows(&new_app_code()));
-        assert!(!APP_CODE.allows("short"));
+        assert!(rule::APP_NAME.allows("app_01"));
+        assert!(!rule::APP_NAME.allows("1app"));
     }
 }

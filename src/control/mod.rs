@@ -33,10 +33,13 @@
 //! rule it broke) in `rule`.
 
 pub mod admin;
+pub mod app_auths;
+pub mod apps;
 pub mod auth;
 pub mod certificates;
 pub mod domains;
 pub mod error;
+pub mod groups;
 pub mod leases;
 pub mod management;
 pub mod market;
