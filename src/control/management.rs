@@ -20,6 +20,7 @@ use super::app_auths::AuthsBody;
 use super::apps::{AppBody, AppCodeBody, AppFields, SecretBody};
 use super::auth::Call;
 use super::error::ControlError;
+use super::publications::{self, Action, ActionBody, Batch, BatchApis, BatchBody};
 use super::rule::{self, GROUP_NAME};
 use super::state::{
     new_id, now_rfc3339, ApiDef, ApiRec, AppCodeRec, AppRec, AuthRec, BackendApiDef, Change,
@@ -771,21 +772,15 @@ fn publish_one(api: &ApiRec, online: bool, remark: &str) -> (ApiRec, Value) {
     (api, record)
 }
 
-fn action(value: &str) -> Result<bool, ControlError> {
-    match value {
-        "online" => Ok(true),
-        "offline" => Ok(false),
-        other => rule::one_of("action", other, &["online", "offline"]).map(|_| false),
-    }
-}
-
 pub async fn publish_action(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.tenant_scope(&cp)?;
-    let body = call.json()?;
-    let online = action(&req_str(&body, "action")?)?;
-    check_env(&req_str(&body, "env_id")?)?;
-    let api_id = req_str(&body, "api_id")?;
-    let remark = valid_remark(&body)?;
+    let Action {
+        online,
+        env_id,
+        api_id,
+        remark,
+    } = call.body::<ActionBody>()?.validate()?;
+    check_env(&env_id)?;
     let mut state = cp.state().await?;
     let api = own_api(&state, &api_id, &project)?;
     if online {
@@ -798,29 +793,19 @@ pub async fn publish_action(AxState(cp): AxState<ControlPlane>, call: Call) -> H
 
 pub async fn publish_batch(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.tenant_scope(&cp)?;
-    let body = call.json()?;
-    let online = action(call.query.get("action").map(String::as_str).unwrap_or(""))?;
-    check_env(&req_str(&body, "env_id")?)?;
-    let remark = valid_remark(&body)?;
+    let online = publications::online(call.query.get("action").map(String::as_str).unwrap_or(""))?;
+    let Batch {
+        env_id,
+        remark,
+        apis,
+    } = call.body::<BatchBody>()?.validate()?;
+    check_env(&env_id)?;
     let mut state = cp.state().await?;
-    let ids: Vec<String> = match (body.get("apis"), opt_str(&body, "group_id")?) {
-        (Some(Value::Array(ids)), _) if !ids.is_empty() => ids
-            .iter()
-            .map(|v| {
-                v.as_str()
-                    .map(str::to_owned)
-                    .ok_or_else(|| rule::invalid("apis", "must be a list of API ids (strings)"))
-            })
-            .collect::<Result<_, _>>()?,
-        (_, Some(group_id)) => {
+    let ids: Vec<String> = match apis {
+        BatchApis::Ids(ids) => ids,
+        BatchApis::Group(group_id) => {
             own_group(&state, &group_id, &project)?;
             state.group_apis(&group_id).map(|a| a.id.clone()).collect()
-        }
-        _ => {
-            return Err(rule::invalid(
-                "apis",
-                "must be a non-empty list of API ids, or group_id given instead",
-            ))
         }
     };
     if ids.len() > MAX_BATCH_APIS {

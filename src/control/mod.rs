@@ -46,6 +46,7 @@ pub mod market;
 pub mod market_requests;
 pub mod metrics;
 pub mod openapi;
+pub mod publications;
 pub mod publish;
 pub mod rule;
 pub mod state;
