@@ -37,10 +37,7 @@ fn ids(field: &str, value: Option<Lenient<Vec<String>>>) -> Result<Vec<String>, 
 
 impl AuthsRequest {
     pub fn validate(self) -> Result<AuthsBody, ControlError> {
-        let env_id = self
-            .env_id
-            .filter(|e| !e.is_empty())
-            .ok_or_else(|| rule::required("env_id"))?;
+        let env_id = rule::required_text("env_id", self.env_id)?;
         Ok(AuthsBody {
             env_id,
             app_ids: ids("app_ids", self.app_ids)?,

@@ -61,10 +61,7 @@ pub struct AppFields {
 
 impl AppBody {
     pub fn validate(self) -> Result<AppFields, ControlError> {
-        let name = self
-            .name
-            .filter(|n| !n.is_empty())
-            .ok_or_else(|| rule::required("name"))?;
+        let name = rule::required_text("name", self.name)?;
         APP_NAME.check("name", &name)?;
         let remark = checked_remark(self.remark)?;
         let key = self.app_key.filter(|k| !k.is_empty());
@@ -111,10 +108,7 @@ pub struct AppCodeBody {
 
 impl AppCodeBody {
     pub fn validate(self) -> Result<String, ControlError> {
-        let code = self
-            .app_code
-            .filter(|c| !c.is_empty())
-            .ok_or_else(|| rule::required("app_code"))?;
+        let code = rule::required_text("app_code", self.app_code)?;
         APP_CODE.check("app_code", &code)?;
         Ok(code)
     }

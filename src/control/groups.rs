@@ -19,10 +19,7 @@ pub struct GroupBody {
 impl GroupBody {
     /// `(name, remark)`.
     pub fn validate(self) -> Result<(String, String), ControlError> {
-        let name = self
-            .name
-            .filter(|n| !n.is_empty())
-            .ok_or_else(|| rule::required("name"))?;
+        let name = rule::required_text("name", self.name)?;
         GROUP_NAME.check("name", &name)?;
         Ok((name, checked_remark(self.remark)?))
     }

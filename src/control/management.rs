@@ -61,9 +61,7 @@ pub(crate) fn opt_str(
 }
 
 pub(crate) fn req_str(body: &Map<String, Value>, field: &str) -> Result<String, ControlError> {
-    opt_str(body, field)?
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| rule::required(field))
+    rule::required_text(field, opt_str(body, field)?)
 }
 
 fn opt_int(body: &Map<String, Value>, field: &str) -> Result<Option<i64>, ControlError> {

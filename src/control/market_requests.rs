@@ -20,13 +20,6 @@ const ORDER_TYPES: [(i64, &str); 3] = [
     (3, "postpaid on-demand"),
 ];
 
-/// A required string: absent, `null` and empty are refused alike.
-fn required(field: &str, value: Option<String>) -> Result<String, ControlError> {
-    value
-        .filter(|v| !v.is_empty())
-        .ok_or_else(|| rule::required(field))
-}
-
 /// An optional id: empty is absent.
 fn optional(value: Option<String>) -> Option<String> {
     value.filter(|v| !v.is_empty())
@@ -42,7 +35,7 @@ pub struct Onsell {
 impl Onsell {
     /// The market domain, lower-cased and within its rule.
     pub fn validate(self) -> Result<String, ControlError> {
-        let url_domain = required("url_domain", self.url_domain)?.to_ascii_lowercase();
+        let url_domain = rule::required_text("url_domain", self.url_domain)?.to_ascii_lowercase();
         check_url_domain(&url_domain)?;
         Ok(url_domain)
     }
@@ -58,7 +51,7 @@ pub struct Reserve {
 impl Reserve {
     /// The group to reserve.
     pub fn validate(self) -> Result<String, ControlError> {
-        required("group_id", self.group_id)
+        rule::required_text("group_id", self.group_id)
     }
 }
 
@@ -93,8 +86,8 @@ impl Purchase {
     /// Order and group required; times in epoch seconds, expiring after they start; a known
     /// order type; a positive quota, required for a prepaid package.
     pub fn validate(self) -> Result<PurchaseOrder, ControlError> {
-        let order_id = required("order_id", self.order_id)?;
-        let group_id = required("group_id", self.group_id)?;
+        let order_id = rule::required_text("order_id", self.order_id)?;
+        let group_id = rule::required_text("group_id", self.group_id)?;
         let start_time = epoch_seconds("start_time", &self.start_time)?
             .ok_or_else(|| rule::invalid("start_time", rule::EPOCH_SECONDS))?;
         let expire_time = epoch_seconds("expire_time", &self.expire_time)?
@@ -166,7 +159,7 @@ impl SetUnused {
         let named = match optional(self.purchase_id) {
             Some(id) => PurchaseNamed::ById(id),
             None => PurchaseNamed::ByGroup {
-                group_id: required("group_id", self.group_id)?,
+                group_id: rule::required_text("group_id", self.group_id)?,
                 project_id: optional(self.project_id),
             },
         };

@@ -9,12 +9,6 @@ use super::error::ControlError;
 use super::management::checked_remark;
 use super::rule::{self, Lenient};
 
-fn required(field: &str, value: Option<String>) -> Result<String, ControlError> {
-    value
-        .filter(|v| !v.is_empty())
-        .ok_or_else(|| rule::required(field))
-}
-
 /// `online` publishes (`true`), `offline` takes offline.
 pub fn online(action: &str) -> Result<bool, ControlError> {
     match rule::one_of("action", action, &["online", "offline"])? {
@@ -44,9 +38,9 @@ pub struct Action {
 
 impl ActionBody {
     pub fn validate(self) -> Result<Action, ControlError> {
-        let online = online(&required("action", self.action)?)?;
-        let env_id = required("env_id", self.env_id)?;
-        let api_id = required("api_id", self.api_id)?;
+        let online = online(&rule::required_text("action", self.action)?)?;
+        let env_id = rule::required_text("env_id", self.env_id)?;
+        let api_id = rule::required_text("api_id", self.api_id)?;
         Ok(Action {
             online,
             env_id,
@@ -85,7 +79,7 @@ pub struct Batch {
 impl BatchBody {
     /// A non-empty `apis` list of ids, else `group_id`.
     pub fn validate(self) -> Result<Batch, ControlError> {
-        let env_id = required("env_id", self.env_id)?;
+        let env_id = rule::required_text("env_id", self.env_id)?;
         let remark = checked_remark(self.remark)?;
         let apis = match (self.apis, self.group_id) {
             (Some(Lenient::Valid(ids)), _) if !ids.is_empty() => BatchApis::Ids(ids),

@@ -74,6 +74,13 @@ pub fn required(field: &str) -> ControlError {
     invalid(field, "the field is required and must not be empty")
 }
 
+/// A required text field of a typed request: absent, `null` and empty are refused alike.
+pub fn required_text(field: &str, value: Option<String>) -> Result<String, ControlError> {
+    value
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| required(field))
+}
+
 /// `value` must be one of `allowed`; the refusal lists them.
 pub fn one_of<'a>(field: &str, value: &str, allowed: &[&'a str]) -> Result<&'a str, ControlError> {
     allowed
