@@ -16,10 +16,12 @@
 //! A one-purchase change at 1M is then timed as a delta and as a full push
 //! (`SNAPSHOT_BENCH_DELTA_ONLY=1` runs only that), and 10 changes a second are applied for a
 //! minute under a request loop (`SNAPSHOT_BENCH_CHANGES_ONLY=1` runs only that;
-//! `SNAPSHOT_BENCH_CHANGES_SECS` and `SNAPSHOT_BENCH_CHANGES_PER_SEC` change the run).
+//! `SNAPSHOT_BENCH_CHANGES_SECS` and `SNAPSHOT_BENCH_CHANGES_PER_SEC` change the run;
+//! `SNAPSHOT_BENCH_THROTTLED=1` binds a throttling policy to one API of every group).
 //!
 //! Run: `cargo bench --bench snapshot` (the 1M cases need ~4 GiB of memory and a minute or
-//! two); `SNAPSHOT_BENCH_REPORT_ONLY=1` prints the one-off report and skips criterion.
+//! two); `SNAPSHOT_BENCH_REPORT_ONLY=1` prints the one-off report and skips criterion;
+//! `SNAPSHOT_BENCH_MEMORY_ONLY=1` prints only its compile and memory lines.
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,7 +39,8 @@ use marketgate::signing::Payload;
 use marketgate::snapshot::compile::prepare;
 use marketgate::snapshot::validate::validate;
 use marketgate::snapshot::wire::{
-    Api, App, Backend, Group, MarketState, Purchase, PurchaseState, Snapshot,
+    Api, App, Backend, Group, MarketState, Purchase, PurchaseState, Snapshot, ThrottlePolicy,
+    TimeUnit,
 };
 use time::OffsetDateTime;
 
@@ -108,6 +111,26 @@ fn market(version: u64, purchases: usize) -> Snapshot {
         });
     }
     snapshot
+}
+
+/// Binds one throttling policy (app limits, shared by every API it is bound to) to each
+/// group's first API: every buyer is a caller of one throttled API, and a change of who
+/// buys from a group changes its callers (`SNAPSHOT_BENCH_THROTTLED`). Its limits are far
+/// above the request loop's rate, so no call is refused by it.
+fn throttle(snapshot: &mut Snapshot) {
+    snapshot.throttling.policies.push(ThrottlePolicy {
+        id: hex_id(8, 0),
+        name: "bench".into(),
+        api_call_limits: 2_000_000_000,
+        user_call_limits: None,
+        app_call_limits: Some(1_000_000_000),
+        ip_call_limits: None,
+        time_interval: 1,
+        time_unit: TimeUnit::Minute,
+        shared: true,
+        api_ids: (0..GROUPS).map(|g| hex_id(2, g * APIS_PER_GROUP)).collect(),
+        specials: Vec::new(),
+    });
 }
 
 /// Resident set size in bytes, from `/proc/self/statm` (Linux).
@@ -285,9 +308,11 @@ fn report_sustained_changes() {
     let mut config = Config::builtin().expect("built-in config");
     config.data_dir = dir.path().to_owned();
     let gateway = Gateway::open(&config).expect("gateway");
-    gateway
-        .apply_snapshot(market(1, MILLION))
-        .expect("v1 applies");
+    let mut first = market(1, MILLION);
+    if std::env::var_os("SNAPSHOT_BENCH_THROTTLED").is_some() {
+        throttle(&mut first);
+    }
+    gateway.apply_snapshot(first).expect("v1 applies");
 
     let stop = Arc::new(AtomicBool::new(false));
     let traffic = {
@@ -628,6 +653,10 @@ fn main() {
     // reports would cost minutes and gigabytes of a debug build, so they run under
     // `cargo bench` only.
     if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    if std::env::var_os("SNAPSHOT_BENCH_MEMORY_ONLY").is_some() {
+        report_compile_memory();
         return;
     }
     if std::env::var_os("SNAPSHOT_BENCH_DELTA_ONLY").is_some() {

@@ -325,16 +325,22 @@ impl PolicyRule {
 
 /// The counters of one calling app under one bound API's policy scope, with their limits
 /// (an exception already applied).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Caller {
     app: Option<(Arc<Counter>, u64)>,
     user: Option<(Arc<Counter>, u64)>,
 }
 
-/// A policy as bound to one API: what the throttling phase runs.
-#[derive(Debug)]
+/// A caller's counter as [`ApiThrottle::callers`] shows it: its key and limit, if limited.
+pub type CounterView<'a> = Option<(&'a str, u64)>;
+
+/// A policy as bound to one API: what the throttling phase runs. Cloned (its callers
+/// copied, its counters shared) when a delta changes who calls the API.
+#[derive(Debug, Clone)]
 pub struct ApiThrottle {
     pub rule: Arc<PolicyRule>,
+    /// What its counters' keys start with: the policy, and for an exclusive policy the API.
+    scope: Box<str>,
     api: Arc<Counter>,
     /// By app index: the apps that can reach this API (its group's buyers, its authorized
     /// apps) and are limited as app or user.
@@ -428,33 +434,73 @@ impl ApiThrottle {
         throttled: IntCounter,
     ) -> ApiThrottle {
         let window_ms = rule.window_ms;
-        let counter = |key: String, limit: u64| {
-            let counter = registry.counter(&key);
-            counter.set_limit(limit, window_ms);
-            counter
-        };
-        let api = counter(format!("{scope}/api"), rule.api_limit);
-        let callers = callers
-            .into_iter()
-            .filter_map(|(index, app_id, app_limit, user)| {
-                let app =
-                    app_limit.map(|limit| (counter(format!("{scope}/app/{app_id}"), limit), limit));
-                let user = user.and_then(|(user, limit)| {
-                    limit.map(|limit| (counter(format!("{scope}/user/{user}"), limit), limit))
-                });
-                (app.is_some() || user.is_some()).then_some((index, Caller { app, user }))
-            })
-            .collect();
+        let api = registry.counter(&format!("{scope}/api"));
+        api.set_limit(rule.api_limit, window_ms);
         let ips = rule
             .ip_limit
             .map(|limit| registry.ip_table(scope, limit, window_ms));
-        ApiThrottle {
+        let mut throttle = ApiThrottle {
             rule,
+            scope: scope.into(),
             api,
-            callers,
+            callers: HashMap::new(),
             ips,
             throttled,
+        };
+        for (index, app_id, app_limit, user) in callers {
+            throttle.set_caller(index, app_id, app_limit, user, registry);
         }
+        throttle
+    }
+
+    /// Makes app `index` (wire id `app_id`) a caller with these limits (`app_limit`,
+    /// `user_limit` already resolved), replacing what it had; with neither limit it is no
+    /// caller. Counters come from `registry` (made on first sight, their limits set).
+    pub fn set_caller(
+        &mut self,
+        index: u32,
+        app_id: &str,
+        app_limit: Option<u64>,
+        user: Option<(&str, Option<u64>)>,
+        registry: &ThrottleRegistry,
+    ) {
+        let window_ms = self.rule.window_ms;
+        let scope = &self.scope;
+        let counter = |key: String, limit: u64| {
+            let counter = registry.counter(&key);
+            counter.set_limit(limit, window_ms);
+            (counter, limit)
+        };
+        let app = app_limit.map(|limit| counter(format!("{scope}/app/{app_id}"), limit));
+        let user = user.and_then(|(user, limit)| {
+            limit.map(|limit| counter(format!("{scope}/user/{user}"), limit))
+        });
+        if app.is_some() || user.is_some() {
+            self.callers.insert(index, Caller { app, user });
+        } else {
+            self.callers.remove(&index);
+        }
+    }
+
+    /// App `index` no longer calls this API.
+    pub fn remove_caller(&mut self, index: u32) {
+        self.callers.remove(&index);
+    }
+
+    /// Each caller's app index with the keys and limits of its app and user counters, in
+    /// no particular order (tests compare compiled forms by it).
+    pub fn callers(&self) -> impl Iterator<Item = (u32, CounterView<'_>, CounterView<'_>)> {
+        fn view(counter: &Option<(Arc<Counter>, u64)>) -> CounterView<'_> {
+            counter.as_ref().map(|(c, limit)| (c.key(), *limit))
+        }
+        self.callers
+            .iter()
+            .map(|(&index, caller)| (index, view(&caller.app), view(&caller.user)))
+    }
+
+    /// What its counters' keys start with.
+    pub fn scope(&self) -> &str {
+        &self.scope
     }
 
     /// The throttling phase: takes one call from every counter that applies (ip, app, user,

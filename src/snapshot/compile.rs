@@ -61,7 +61,7 @@ pub struct CompiledGroup {
     pub counters: GroupCounters,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct CompiledApi {
     pub id: Box<str>,
     pub name: Box<str>,
@@ -196,6 +196,53 @@ pub struct CompiledSnapshot {
     pub domain_rules: HashMap<Box<str>, DomainRules>,
     /// The registry the throttling counters came from (its clock and mode).
     pub throttle: Arc<ThrottleRegistry>,
+    /// The bound policies' limits and exceptions, for a delta that changes an API's callers.
+    throttling: Arc<ThrottleIndex>,
+}
+
+/// The throttling section as a caller's limits are resolved from it: what lets a delta make
+/// an app a caller of a bound API (a new buyer of its group) without the wire section.
+#[derive(Debug, Default)]
+struct ThrottleIndex {
+    /// Each policy's limits and exceptions, by policy id.
+    policies: HashMap<Box<str>, PolicyLimits>,
+    /// The tenant each app calls as, by app slot (`throttling.app_users`).
+    users: HashMap<u32, Box<str>>,
+}
+
+#[derive(Debug, Default)]
+struct PolicyLimits {
+    app_limit: Option<u64>,
+    user_limit: Option<u64>,
+    /// Exceptions: an app's own limit by app slot, a tenant's by name.
+    apps: HashMap<u32, u64>,
+    users: HashMap<Box<str>, u64>,
+}
+
+impl ThrottleIndex {
+    /// The app and user limits policy `policy` holds app `app` to (exceptions applied):
+    /// what [`ApiThrottle::set_caller`] takes.
+    fn limits(&self, policy: &str, app: u32) -> (Option<u64>, Option<(&str, Option<u64>)>) {
+        let Some(limits) = self.policies.get(policy) else {
+            return (None, None);
+        };
+        let app_limit = limits.apps.get(&app).copied().or(limits.app_limit);
+        let user = self.users.get(&app).map(|user| {
+            let limit = limits.users.get(user).copied().or(limits.user_limit);
+            (&**user, limit)
+        });
+        (app_limit, user)
+    }
+
+    /// Whether the throttling section names app `app` (its tenant, or an exception): such
+    /// an app cannot leave without the section changing too.
+    fn names(&self, app: u32) -> bool {
+        self.users.contains_key(&app)
+            || self
+                .policies
+                .values()
+                .any(|limits| limits.apps.contains_key(&app))
+    }
 }
 
 impl CompiledSnapshot {
@@ -511,6 +558,7 @@ pub fn prepare<'a>(valid: Validated<'a>, metrics: &GatewayMetrics) -> Prepared<'
             certificates,
             domain_rules,
             throttle: Arc::default(),
+            throttling: Arc::default(),
         },
         purchases,
         expiries,
@@ -528,6 +576,10 @@ pub struct PreparedDelta<'a> {
     purchases: Vec<(u32, u32, &'a Purchase)>,
     /// A group's name changed (`marketgate_group_info` follows).
     renamed: bool,
+    /// Apps (by slot) that stopped buying from a group, then apps that started to: the
+    /// callers of the group's throttled APIs change (bound policies only).
+    left: Vec<(u32, usize)>,
+    joined: Vec<(u32, usize)>,
 }
 
 impl PreparedDelta<'_> {
@@ -543,7 +595,10 @@ impl PreparedDelta<'_> {
             mut compiled,
             purchases,
             renamed,
+            left,
+            joined,
         } = self;
+        rebind_callers(&mut compiled, &left, &joined, quota.throttle());
         for (app, group, purchase) in purchases {
             let cell = quota.cell(
                 &purchase.id,
@@ -564,13 +619,17 @@ impl PreparedDelta<'_> {
 /// delta's apps and purchases touch are copied, and only the groups it changes; the rest
 /// is `base`'s, shared. Touches no shared state (see [`PreparedDelta::bind`]).
 ///
+/// Where throttling policies are bound, an app that starts or stops buying from a group
+/// becomes or stops being a caller of the group's throttled APIs: those APIs are copied
+/// (their callers' tables, O(the group's buyers)), the counters taken at bind.
+///
 /// `None` when the delta is not one this applies, and the caller then validates and
 /// compiles the whole snapshot (which also words any refusal exactly as a full push's):
 /// a delta that changes a group's APIs or domains, removes a group, or changes app
 /// authorizations, certificates, bound domains or throttling (sellers' changes, rare beside
-/// buyers'); any change while throttling policies are bound (their counters are built per
-/// caller); one that breaks a rule (a duplicate key, a purchase of a missing app, …); and
-/// when a quarter of the apps' slots are empty (a full compile packs them again).
+/// buyers'); one that removes an app the throttling section names; one that breaks a rule
+/// (a duplicate key, a purchase of a missing app, …); and when a quarter of the apps' slots
+/// are empty (a full compile packs them again).
 /// Equal to a full compile of `delta::apply(wire, delta)` otherwise
 /// (`snapshot::properties`).
 pub fn apply_delta<'a>(
@@ -586,7 +645,6 @@ pub fn apply_delta<'a>(
         || delta.certificates.is_some()
         || delta.domains.is_some()
         || delta.throttling.is_some()
-        || !wire.throttling.is_empty()
         || base.apps.vacant * 4 > base.apps.len
     {
         return None;
@@ -623,13 +681,18 @@ pub fn apply_delta<'a>(
     }
     let removed = delta.removed_purchases.iter().map(|id| (id, true));
     let replaced = delta.purchases.iter().map(|p| (&p.id, false));
+    let mut left = Vec::new();
     for (id, must_exist) in removed.chain(replaced) {
-        let Some(app) = next.app_by_purchase(id).map(|app| app.index) else {
+        let Some((app, group)) = next
+            .app_by_purchase(id)
+            .and_then(|app| Some((app.index, app.purchase.as_ref()?.group)))
+        else {
             if must_exist {
                 return None;
             }
             continue;
         };
+        left.push((app as u32, group));
         let hash = next.hasher.hash_one(id.as_str());
         next.apps_by_purchase.remove(hash, |&i| i as usize == app);
         next.apps.slot_mut(app)?.as_mut()?.purchase = None;
@@ -639,8 +702,12 @@ pub fn apply_delta<'a>(
     // another app in the same delta.
     for id in &delta.removed_apps {
         let app = next.app_by_id(id)?.clone();
-        // A purchase or an authorization still naming it: the full path refuses it.
-        if app.purchase.is_some() || wire.app_auths.iter().any(|auth| auth.app_id == *id) {
+        // A purchase, an authorization or the throttling section still naming it: the full
+        // path refuses it.
+        if app.purchase.is_some()
+            || wire.app_auths.iter().any(|auth| auth.app_id == *id)
+            || next.throttling.names(app.index as u32)
+        {
             return None;
         }
         unindex_app(&mut next, &app);
@@ -714,11 +781,70 @@ pub fn apply_delta<'a>(
         }
         purchases.push((app.index as u32, u32::try_from(gi).ok()?, purchase));
     }
+    // Who buys from which group changed: only where it did (a purchase replaced in its
+    // group, or frozen, changes no API's callers).
+    let mut joined: Vec<(u32, usize)> = purchases
+        .iter()
+        .map(|&(app, group, _)| (app, group as usize))
+        .collect();
+    let left_set: HashSet<(u32, usize)> = left.iter().copied().collect();
+    let joined_set: HashSet<(u32, usize)> = joined.iter().copied().collect();
+    left.retain(|moved| !joined_set.contains(moved));
+    joined.retain(|moved| !left_set.contains(moved));
     Some(PreparedDelta {
         compiled: next,
         purchases,
         renamed,
+        left,
+        joined,
     })
+}
+
+/// Makes the callers of each throttled API of a group follow its buyers: an app in `left`
+/// stops calling its group's APIs (but those it is authorized for), one in `joined` starts,
+/// with the limits the policy holds it to. Only the groups named copy their APIs.
+fn rebind_callers(
+    compiled: &mut CompiledSnapshot,
+    left: &[(u32, usize)],
+    joined: &[(u32, usize)],
+    registry: &ThrottleRegistry,
+) {
+    if compiled.throttling.policies.is_empty() {
+        return;
+    }
+    let CompiledSnapshot {
+        groups,
+        apps,
+        throttling,
+        ..
+    } = compiled;
+    let throttled = |group: &CompiledGroup| group.apis.iter().any(|api| api.throttle.is_some());
+    for &(app, gi) in left {
+        let Some(group) = groups.get_mut(gi).filter(|group| throttled(group)) else {
+            continue;
+        };
+        for api in Arc::make_mut(&mut group.apis) {
+            if let Some(throttle) = api.throttle.as_mut() {
+                if !api.authorized_apps.contains(&(app as usize)) {
+                    throttle.remove_caller(app);
+                }
+            }
+        }
+    }
+    for &(app, gi) in joined {
+        let (Some(group), Some(compiled_app)) = (
+            groups.get_mut(gi).filter(|group| throttled(group)),
+            apps.get(app as usize),
+        ) else {
+            continue;
+        };
+        for api in Arc::make_mut(&mut group.apis) {
+            if let Some(throttle) = api.throttle.as_mut() {
+                let (app_limit, user) = throttling.limits(&throttle.rule.id, app);
+                throttle.set_caller(app, compiled_app.id(), app_limit, user, registry);
+            }
+        }
+    }
 }
 
 /// Enters `app` (already in `apps`, at `app.index`) in the tables of keys, codes and ids.
@@ -809,18 +935,37 @@ fn bind_throttles(
         return;
     }
     let registry = quota.throttle().clone();
-    let users: HashMap<u32, &str> = refs.app_users.iter().copied().collect();
+    let mut index = ThrottleIndex {
+        users: refs
+            .app_users
+            .iter()
+            .map(|&(app, user)| (app, user.into()))
+            .collect(),
+        ..ThrottleIndex::default()
+    };
+    for (policy, specials) in snapshot.throttling.policies.iter().zip(&refs.specials) {
+        let mut limits = PolicyLimits {
+            app_limit: policy.app_call_limits,
+            user_limit: policy.user_call_limits,
+            ..PolicyLimits::default()
+        };
+        for special in specials {
+            match *special {
+                SpecialRef::App { app, limit } => {
+                    limits.apps.insert(app, limit);
+                }
+                SpecialRef::User { user, limit } => {
+                    limits.users.insert(user.into(), limit);
+                }
+            }
+        }
+        index.policies.insert(policy.id.as_str().into(), limits);
+    }
     let mut buyers: HashMap<usize, Vec<u32>> = HashMap::new();
     for &(app, group, _) in purchases {
         buyers.entry(group as usize).or_default().push(app);
     }
-    for ((policy, apis), specials) in snapshot
-        .throttling
-        .policies
-        .iter()
-        .zip(&refs.policies)
-        .zip(&refs.specials)
-    {
+    for (policy, apis) in snapshot.throttling.policies.iter().zip(&refs.policies) {
         let rule = Arc::new(PolicyRule {
             id: policy.id.as_str().into(),
             name: policy.name.as_str().into(),
@@ -835,18 +980,6 @@ fn bind_throttles(
                 .saturating_mul(policy.time_unit.seconds())
                 .saturating_mul(1000),
         });
-        let app_special = |app: u32| {
-            specials.iter().find_map(|s| match *s {
-                SpecialRef::App { app: a, limit } if a == app => Some(limit),
-                _ => None,
-            })
-        };
-        let user_special = |user: &str| {
-            specials.iter().find_map(|s| match *s {
-                SpecialRef::User { user: u, limit } if u == user => Some(limit),
-                _ => None,
-            })
-        };
         for &(gi, ai) in apis {
             let Some(group) = compiled.groups.get_mut(gi) else {
                 continue;
@@ -864,15 +997,14 @@ fn bind_throttles(
             callers.extend(apis[ai].authorized_apps.iter().map(|&a| a as u32));
             callers.sort_unstable();
             callers.dedup();
+            let index = &index;
             let callers = callers.into_iter().map(|app| {
-                let user = users.get(&app).copied();
-                let app_limit = app_special(app).or(policy.app_call_limits);
-                let user_limit = user.map(|u| (u, user_special(u).or(policy.user_call_limits)));
+                let (app_limit, user) = index.limits(&policy.id, app);
                 (
                     app,
                     snapshot.apps[app as usize].id.as_str(),
                     app_limit,
-                    user_limit,
+                    user,
                 )
             });
             let throttled = metrics.throttled(group_id, &policy.id);
@@ -885,6 +1017,7 @@ fn bind_throttles(
             ));
         }
     }
+    compiled.throttling = Arc::new(index);
 }
 
 #[cfg(test)]

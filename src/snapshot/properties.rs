@@ -11,7 +11,8 @@ use super::compile::{apply_delta, compile, prepare, CompiledSnapshot};
 use super::delta::{apply, diff, Delta};
 use super::validate::validate;
 use super::wire::{
-    Api, App, AppAuth, Backend, Group, MarketState, Purchase, PurchaseState, Snapshot,
+    Api, App, AppAuth, AppUser, Backend, Group, MarketState, Purchase, PurchaseState, Snapshot,
+    SpecialKind, ThrottlePolicy, ThrottleSpecial, Throttling, TimeUnit,
 };
 use crate::gateway::metrics::GatewayMetrics;
 use crate::gateway::quota::QuotaRegistry;
@@ -232,16 +233,71 @@ fn snapshot() -> impl Strategy<Value = Snapshot> {
         })
 }
 
+/// How [`valid_snapshot`] throttles its market: which groups' HTTP APIs one policy is bound
+/// to (a bit each), whether it counts them together, whether it limits apps and tenants,
+/// which app has an exception, which apps call as which tenant.
+type ThrottleChoice = (u8, bool, bool, bool, Option<u8>, u8);
+
+/// A valid throttling section for `groups` and `apps`, or none (`choice` is `None`).
+fn throttling(groups: &[Group], apps: &[App], choice: Option<ThrottleChoice>) -> Throttling {
+    let Some((bound, shared, app_limit, user_limit, special, users)) = choice else {
+        return Throttling::default();
+    };
+    let mut specials = vec![ThrottleSpecial {
+        object_type: SpecialKind::User,
+        object_id: "tenant-1".into(),
+        call_limits: 7,
+    }];
+    if let (Some(pick), false) = (special, apps.is_empty()) {
+        specials.push(ThrottleSpecial {
+            object_type: SpecialKind::App,
+            object_id: apps[usize::from(pick) % apps.len()].id.clone(),
+            call_limits: 3,
+        });
+    }
+    Throttling {
+        policies: vec![ThrottlePolicy {
+            id: "policy".into(),
+            name: "policy".into(),
+            api_call_limits: 1_000,
+            user_call_limits: user_limit.then_some(500),
+            app_call_limits: app_limit.then_some(100),
+            ip_call_limits: None,
+            time_interval: 1,
+            time_unit: TimeUnit::Minute,
+            shared,
+            api_ids: groups
+                .iter()
+                .enumerate()
+                .filter(|(g, _)| bound & (1 << g) != 0)
+                .map(|(_, group)| group.apis[0].id.clone())
+                .collect(),
+            specials,
+        }],
+        app_users: apps
+            .iter()
+            .enumerate()
+            .filter(|(a, _)| users & (1 << a) != 0)
+            .map(|(a, app)| AppUser {
+                app_id: app.id.clone(),
+                user: format!("tenant-{}", a % 2),
+            })
+            .collect(),
+    }
+}
+
 /// A valid market by construction: unique ids, domains and keys, purchases of existing
-/// groups by apps of their own, backend parameters taken from the route.
+/// groups by apps of their own, backend parameters taken from the route; half of them with
+/// a throttling policy bound to some of its APIs.
 fn valid_snapshot() -> impl Strategy<Value = Snapshot> {
     (
         1u64..1_000,
         vec((segments(), any::<bool>(), 100u16..600), 1..4),
         0usize..6,
         vec(any::<(bool, u16, Option<u32>)>(), 0..6),
+        proptest::option::of(any::<ThrottleChoice>()),
     )
-        .prop_map(|(version, apis, apps, purchases)| {
+        .prop_map(|(version, apis, apps, purchases, throttle)| {
             let groups = apis
                 .into_iter()
                 .enumerate()
@@ -328,13 +384,13 @@ fn valid_snapshot() -> impl Strategy<Value = Snapshot> {
             Snapshot {
                 version,
                 generated_at: None,
+                throttling: throttling(&groups, &apps, throttle),
                 groups,
                 apps,
                 purchases,
                 app_auths: Vec::new(),
                 certificates: Vec::new(),
                 domains: Vec::new(),
-                throttling: Default::default(),
             }
         })
 }
@@ -352,9 +408,10 @@ fn by_id(snapshot: &Snapshot) -> (Vec<&Group>, Vec<&App>, Vec<&Purchase>) {
 
 /// A market and what buyers and sellers' listings make of it a version later: purchases
 /// frozen or given another limit, purchases removed with their apps, apps given a new
-/// secret, new buyers (an app and its purchase), a group delisted or renamed.
+/// secret, new buyers (an app and its purchase), a group delisted or renamed, a purchase
+/// moved to another group (in a throttled market: callers of its APIs change).
 fn market_and_change() -> impl Strategy<Value = (Snapshot, Snapshot)> {
-    (valid_snapshot(), vec((0u8..7, any::<u16>()), 0..8)).prop_map(|(old, edits)| {
+    (valid_snapshot(), vec((0u8..8, any::<u16>()), 0..8)).prop_map(|(old, edits)| {
         let mut new = old.clone();
         new.version = old.version + 1;
         for (n, (kind, pick)) in edits.into_iter().enumerate() {
@@ -378,8 +435,14 @@ fn market_and_change() -> impl Strategy<Value = (Snapshot, Snapshot)> {
                 }
                 2 => {
                     if pick % purchases < new.purchases.len() {
+                        // The app goes too unless the throttling section names it.
                         let gone = new.purchases.remove(pick % purchases);
-                        new.apps.retain(|a| a.id != gone.app_id);
+                        let named = serde_json::to_string(&new.throttling)
+                            .unwrap()
+                            .contains(&format!("\"{}\"", gone.app_id));
+                        if !named {
+                            new.apps.retain(|a| a.id != gone.app_id);
+                        }
                     }
                 }
                 3 => {
@@ -412,9 +475,16 @@ fn market_and_change() -> impl Strategy<Value = (Snapshot, Snapshot)> {
                     let g = &mut new.groups[pick % groups];
                     g.market_state = MarketState::Delisted;
                 }
-                _ => {
+                6 => {
                     let g = &mut new.groups[pick % groups];
                     g.name = format!("renamed {n}");
+                }
+                _ => {
+                    // A buyer moves to another group.
+                    let group = new.groups[pick % groups].id.clone();
+                    if let Some(p) = new.purchases.get_mut(pick % purchases) {
+                        p.group_id = group;
+                    }
                 }
             }
         }
@@ -474,12 +544,34 @@ fn served_view(compiled: &CompiledSnapshot, wires: &[&Snapshot], cells: bool) ->
             ));
         }
     }
+    let app_ids: std::collections::HashMap<u32, &str> = compiled
+        .apps()
+        .map(|app| (app.index as u32, app.id()))
+        .collect();
     for g in &compiled.groups {
         let apis: Vec<&str> = g.apis.iter().map(|a| &*a.id).collect();
         view.push(format!(
             "group {} {} {} {:?} {apis:?}",
             g.index, g.id, g.name, g.state
         ));
+        for api in g.apis.iter() {
+            let Some(throttle) = &api.throttle else {
+                continue;
+            };
+            let mut callers: Vec<String> = throttle
+                .callers()
+                .map(|(app, by_app, by_user)| {
+                    format!("{:?} {by_app:?} {by_user:?}", app_ids.get(&app))
+                })
+                .collect();
+            callers.sort();
+            view.push(format!(
+                "throttle {} {} {} {callers:?}",
+                api.id,
+                throttle.rule.id,
+                throttle.scope()
+            ));
+        }
     }
     let mut hosts: Vec<String> = compiled
         .hosts
