@@ -381,6 +381,17 @@ fn valid_snapshot() -> impl Strategy<Value = Snapshot> {
                     quota_used: 0,
                 })
                 .collect();
+            // Every third app is authorized for one group's HTTP API (a caller of it
+            // whether or not it buys from that group).
+            let app_auths = apps
+                .iter()
+                .enumerate()
+                .filter(|(a, _)| a % 3 == 1)
+                .map(|(a, app)| AppAuth {
+                    app_id: app.id.clone(),
+                    api_id: groups[a % groups.len()].apis[0].id.clone(),
+                })
+                .collect();
             Snapshot {
                 version,
                 generated_at: None,
@@ -388,7 +399,7 @@ fn valid_snapshot() -> impl Strategy<Value = Snapshot> {
                 groups,
                 apps,
                 purchases,
-                app_auths: Vec::new(),
+                app_auths,
                 certificates: Vec::new(),
                 domains: Vec::new(),
             }
@@ -435,11 +446,14 @@ fn market_and_change() -> impl Strategy<Value = (Snapshot, Snapshot)> {
                 }
                 2 => {
                     if pick % purchases < new.purchases.len() {
-                        // The app goes too unless the throttling section names it.
+                        // The app goes too unless an authorization or the throttling section
+                        // names it.
                         let gone = new.purchases.remove(pick % purchases);
+                        let quoted = format!("\"{}\"", gone.app_id);
                         let named = serde_json::to_string(&new.throttling)
                             .unwrap()
-                            .contains(&format!("\"{}\"", gone.app_id));
+                            .contains(&quoted)
+                            || new.app_auths.iter().any(|auth| auth.app_id == gone.app_id);
                         if !named {
                             new.apps.retain(|a| a.id != gone.app_id);
                         }
