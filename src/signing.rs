@@ -12,7 +12,7 @@
 //! nothing (hot path of the data plane).
 
 use hmac::{Hmac, Mac};
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
@@ -23,6 +23,10 @@ pub const ALGORITHM: &str = "SDK-HMAC-SHA256";
 pub const DATE_HEADER: &str = "x-sdk-date";
 /// Header whose value `UNSIGNED-PAYLOAD` replaces the body hash.
 pub const CONTENT_SHA256_HEADER: &str = "x-sdk-content-sha256";
+/// The two as header names, for lookups on the served path (a `&str` name is parsed and
+/// checked again on every lookup).
+const DATE_HEADER_NAME: HeaderName = HeaderName::from_static(DATE_HEADER);
+const CONTENT_SHA256_HEADER_NAME: HeaderName = HeaderName::from_static(CONTENT_SHA256_HEADER);
 /// The literal that stands for the body hash when the body is not signed.
 pub const UNSIGNED_PAYLOAD: &str = "UNSIGNED-PAYLOAD";
 /// How far a request's `X-Sdk-Date` may be from the server clock, either way, in seconds.
@@ -149,13 +153,20 @@ impl RequestParts<'_> {
     fn effective_payload(&self) -> Payload<'_> {
         let unsigned = self
             .headers
-            .get(CONTENT_SHA256_HEADER)
+            .get(CONTENT_SHA256_HEADER_NAME)
             .is_some_and(|v| v.as_bytes() == UNSIGNED_PAYLOAD.as_bytes());
         if unsigned {
             Payload::Unsigned
         } else {
             self.payload
         }
+    }
+
+    /// The `X-Sdk-Date` value.
+    fn date(&self) -> Option<&str> {
+        self.headers
+            .get(DATE_HEADER_NAME)
+            .and_then(|v| v.to_str().ok())
     }
 
     fn header_value(&self, name: &str) -> Option<&str> {
@@ -171,7 +182,7 @@ impl RequestParts<'_> {
 /// which lets the data plane stream such bodies without buffering them.
 pub fn needs_body(headers: &HeaderMap) -> bool {
     headers
-        .get(CONTENT_SHA256_HEADER)
+        .get(CONTENT_SHA256_HEADER_NAME)
         .is_none_or(|v| v.as_bytes() != UNSIGNED_PAYLOAD.as_bytes())
 }
 
@@ -199,9 +210,7 @@ pub fn verify_checked(
     request: &RequestParts<'_>,
     secret: &[u8],
 ) -> Result<(), SignatureError> {
-    let date = request
-        .header_value(DATE_HEADER)
-        .ok_or(SignatureError::DateMissing)?;
+    let date = request.date().ok_or(SignatureError::DateMissing)?;
     let canonical = canonical_request_hash(request, auth.signed_headers)?;
     let expected = signature_bytes(secret, date, &canonical);
     let mut given = [0u8; 32];
@@ -230,9 +239,7 @@ pub fn check_head(
     if !auth.signs("host") {
         return Err(SignatureError::RequiredHeaderUnsigned("host"));
     }
-    let date = request
-        .header_value(DATE_HEADER)
-        .ok_or(SignatureError::DateMissing)?;
+    let date = request.date().ok_or(SignatureError::DateMissing)?;
     let signed_at = parse_sdk_date(date)?;
     if (now - signed_at).whole_seconds().abs() > max_skew_secs {
         return Err(SignatureError::DateSkewed);
@@ -269,9 +276,7 @@ pub fn sign(
     names.sort();
     names.dedup();
     let names = names.join(";");
-    let date = request
-        .header_value(DATE_HEADER)
-        .ok_or(SignatureError::DateMissing)?;
+    let date = request.date().ok_or(SignatureError::DateMissing)?;
     let canonical = canonical_request_hash(request, &names)?;
     let signature = signature_bytes(secret, date, &canonical);
     Ok(format!(

@@ -15,9 +15,18 @@
 # instructions inside `sha2::sha256::compress256` (Ir "w/o sha256") and with the number of
 # compressions per request, so that the HMAC path is neither over- nor under-counted.
 #
+# Syscalls per request (`COUNT=syscalls`): the same rows with each server run bare (no
+# valgrind) and `perf stat` counting its system calls (tracepoints `raw_syscalls:sys_enter`
+# and `syscalls:sys_enter_*` for the I/O and wake-up calls), context switches and CPU time
+# over the measured seconds, each divided by the requests answered. Kernel work per request
+# that callgrind does not see: reads split in two, writes flushed apart, extra epoll_waits.
+# Counts per request at `CONNS=1` hardly move with the machine's load; at more connections
+# requests share wake-ups, so compare only runs of similar rates.
+#
 # Usage: benches/load/instructions.sh
-#   MARKETGATE_BIN (target/release/marketgate), SECONDS_MEASURED (8), ROWS ("nginx enforced
-#   plain serve"), OUT (a directory to keep the callgrind files in; default: a temporary one).
+#   MARKETGATE_BIN (target/release/marketgate), SECONDS_MEASURED (8), CONNS (8), ROWS ("nginx
+#   enforced plain serve"), COUNT (instructions or syscalls), OUT (a directory to keep the
+#   callgrind files in; default: a temporary one).
 # Binds 127.0.0.1:18100-18104 and, for the serve row, 8080-8082 (holds /tmp/marketgate-ports.lock).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -25,6 +34,7 @@ BIN=${MARKETGATE_BIN:-target/release/marketgate}
 [[ $BIN == /* ]] || BIN=$PWD/$BIN
 MEASURE=${SECONDS_MEASURED:-8}
 CONNS=${CONNS:-8}
+COUNT=${COUNT:-instructions}
 ROWS=${ROWS:-nginx enforced plain serve}
 WORK=$(mktemp -d /tmp/mg-instr.XXXXXX)
 OUT=${OUT:-$WORK/out}
@@ -36,7 +46,12 @@ cleanup() {
   rm -rf "$WORK/serve" "$WORK/mg-data" "$WORK"/*.conf "$WORK"/*.lua
 }
 trap cleanup EXIT
-for tool in valgrind callgrind_control callgrind_annotate wrk nginx taskset curl jq; do
+case $COUNT in
+  instructions) TOOLS=(valgrind callgrind_control callgrind_annotate) ;;
+  syscalls) TOOLS=(perf) ;;
+  *) echo "COUNT is instructions or syscalls"; exit 2 ;;
+esac
+for tool in "${TOOLS[@]}" wrk nginx taskset curl jq; do
   command -v "$tool" >/dev/null || { echo "missing $tool"; exit 2; }
 done
 
@@ -100,8 +115,36 @@ LUA
 taskset -c 1 nginx -c "$WORK/backend.conf" & PIDS+=($!)
 wait_port 18100
 
+# The system calls counted per request in COUNT=syscalls (besides all of them).
+SYSCALLS=(epoll_wait epoll_pwait read readv recvfrom write writev sendto futex)
+PERF_EVENTS=raw_syscalls:sys_enter,context-switches,task-clock
+for call in "${SYSCALLS[@]}"; do PERF_EVENTS+=",syscalls:sys_enter_$call"; done
+
+# count_syscalls NAME PID URL LUA -> prints "NAME requests, then per request: syscalls, each
+# counted call, context switches, CPU µs"
+count_syscalls() {
+  local name=$1 pid=$2 url=$3 lua=$4
+  taskset -c 1 wrk -t1 "-c$CONNS" -d3s -s "$lua" "$url" >/dev/null # warm-up
+  perf stat -x, -e "$PERF_EVENTS" -p "$pid" -o "$WORK/perf.txt" & local perf=$!
+  sleep 0.2 # perf attached before the first measured request
+  taskset -c 1 wrk -t1 "-c$CONNS" "-d${MEASURE}s" -s "$lua" "$url" > "$WORK/wrk.txt"
+  kill -INT "$perf"; wait "$perf" || true
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  if grep -q "Non-2xx" "$WORK/wrk.txt"; then echo "$name: non-2xx answers"; cat "$WORK/wrk.txt"; exit 1; fi
+  awk -F, -v n="$name" -v r="$(awk '/requests in/ {print $1}' "$WORK/wrk.txt")" '
+    /^#/ || NF < 3 { next }
+    { event = $3; sub(/^(raw_)?syscalls:sys_enter_?/, "", event); v[event] = $1 }
+    END {
+      printf "%-9s %7d req  syscalls %5.2f/req", n, r, v[""] / r
+      split("epoll_wait epoll_pwait read readv recvfrom write writev sendto futex", calls, " ")
+      for (i = 1; i in calls; i++) if (v[calls[i]] > 0) printf "  %s %.2f", calls[i], v[calls[i]] / r
+      printf "  cs %.2f  cpu %.1f us/req\n", v["context-switches"] / r, v["task-clock"] * 1000 / r
+    }' "$WORK/perf.txt"
+}
+
 # measure NAME PID URL LUA -> prints "NAME Ir/request Ir-w/o-sha256/request sha256-blocks/request requests"
 measure() {
+  if [[ $COUNT == syscalls ]]; then count_syscalls "$@"; return; fi
   local name=$1 pid=$2 url=$3 lua=$4
   taskset -c 1 wrk -t1 "-c$CONNS" -d3s -s "$lua" "$url" >/dev/null # warm-up (pool, caches, lazy init)
   callgrind_control -i on "$pid" >/dev/null
@@ -125,7 +168,9 @@ measure() {
   awk -v n="$name" -v t="$total" -v s="$sha" -v b="$blocks" -v r="$requests" \
     'BEGIN {printf "%-10s %8.0f Ir/req  %8.0f Ir/req w/o sha256  %5.2f compress256 calls/req  (%d requests)\n", n, t/r, (t-s)/r, b/r, r}'
 }
+# The process under test: under callgrind, or bare for COUNT=syscalls.
 CG=(valgrind --tool=callgrind --instr-atstart=no --dump-instr=no --compress-strings=no "--callgrind-out-file=$OUT/%q{CG_NAME}.callgrind.%p")
+[[ $COUNT == syscalls ]] && CG=(env)
 
 for row in $ROWS; do
   case $row in

@@ -116,6 +116,11 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the names present (a request or answer usually has none of these):
+    // cheaper than hashing and probing each of the nine names.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         strip_named_in_connection(headers);
     }
@@ -123,6 +128,11 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(name);
     }
     headers.remove(header::UPGRADE);
+}
+
+/// Whether `name` is never forwarded whatever a `Connection` header says.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == header::UPGRADE || HOP_BY_HOP.contains(name)
 }
 
 /// Removes the headers a `Connection` header names (rare: the common `keep-alive` and
@@ -558,5 +568,47 @@ impl Drop for UpstreamBody {
         if let (Some(conn), Some(pool)) = (self.conn.take(), self.pool.upgrade()) {
             pool.checkin(self.authority.clone(), conn);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(name, value)| {
+                (
+                    HeaderName::from_static(name),
+                    HeaderValue::from_static(value),
+                )
+            })
+            .collect()
+    }
+
+    /// Every hop-by-hop header goes, alone or among others, and so does whatever
+    /// `Connection` names; end-to-end headers stay, and a head with none is left as it is.
+    #[test]
+    fn hop_by_hop_headers_are_stripped_and_end_to_end_ones_kept() {
+        let end_to_end = [("host", "a"), ("x-sdk-date", "1"), ("accept", "*/*")];
+        for name in HOP_BY_HOP.iter().chain([&header::UPGRADE]) {
+            let mut headers = map(&end_to_end);
+            headers.append(name.clone(), HeaderValue::from_static("1"));
+            strip_hop_by_hop(&mut headers);
+            assert_eq!(headers, map(&end_to_end), "{name}");
+        }
+        let mut headers = map(&[
+            ("connection", "x-private, Keep-Alive"),
+            ("x-private", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("x-kept", "2"),
+        ]);
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers, map(&[("x-kept", "2")]));
+        let mut untouched = map(&end_to_end);
+        strip_hop_by_hop(&mut untouched);
+        assert_eq!(untouched, map(&end_to_end));
     }
 }

@@ -36,8 +36,8 @@ use crate::snapshot::compile::{
 use crate::snapshot::{MarketState, PurchaseState};
 
 /// The header naming an AppCode.
-pub const APP_CODE_HEADER: &str = "x-apig-appcode";
-const MODE_HEADER: &str = "x-apig-mode";
+pub const APP_CODE_HEADER: HeaderName = HeaderName::from_static("x-apig-appcode");
+const MODE_HEADER: HeaderName = HeaderName::from_static("x-apig-mode");
 /// Longest request target (path and query) accepted, in bytes; longer is 414.
 pub const MAX_URI_BYTES: usize = 8 * 1024;
 const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");

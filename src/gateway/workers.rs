@@ -11,7 +11,9 @@
 //! (lease exchanges, snapshot applies, the admin listener): those stay on the caller's
 //! runtime, off the request threads.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -36,9 +38,6 @@ pub enum WorkerError {
     Lost { index: usize },
 }
 
-/// How many workers `gateway.workers` asks for: itself, or for 0 the cores this process may
-/// run on (its CPU affinity and cgroup quota, as `std::thread::available_parallelism` reads
-/// them; `taskset -c 0` gives one).
 /// How many task polls a worker's runtime runs before it polls for I/O and timers, when
 /// tasks are always ready (tokio's default: 61). hyper serves up to 16 pipelined requests in
 /// one poll of a connection, so with 61 a connection pipelining as fast as it can (4,000
@@ -48,6 +47,12 @@ pub enum WorkerError {
 /// always ready.
 pub const WORKER_EVENT_INTERVAL: u32 = 8;
 
+/// The longest a worker's runtime goes without a timer due (see [`keep_a_timer_due`]).
+pub const WORKER_TIMER_FLOOR: Duration = Duration::from_secs(1);
+
+/// How many workers `gateway.workers` asks for: itself, or for 0 the cores this process may
+/// run on (its CPU affinity and cgroup quota, as `std::thread::available_parallelism` reads
+/// them; `taskset -c 0` gives one).
 pub fn worker_count(configured: usize) -> usize {
     if configured > 0 {
         return configured;
@@ -168,23 +173,14 @@ pub async fn run(
         std::thread::Builder::new()
             .name(format!("gateway-worker-{index}"))
             .spawn(move || {
-                // A current-thread runtime: no work stealing and no cross-thread wake-ups on
-                // the request path (PERF-NOTES.md, BENCHMARKS.md). I/O is polled every
-                // WORKER_EVENT_INTERVAL task polls, not tokio's 61, so that one connection
-                // pipelining requests as fast as it can cannot hold back its worker's other
-                // connections (adversarial test `guessing_credentials_is_bounded_per_peer`).
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .event_interval(WORKER_EVENT_INTERVAL)
-                    .build()
-                {
+                let runtime = match worker_runtime() {
                     Ok(runtime) => runtime,
                     Err(error) => {
                         tracing::error!(index, %error, "cannot start a gateway worker runtime");
                         return;
                     }
                 };
-                runtime.block_on(serve_worker(gateway, index, plain, tls, shutdown));
+                run_on_worker(&runtime, serve_worker(gateway, index, plain, tls, shutdown));
                 let _ = done.send(());
             })
             .map_err(|source| WorkerError::Start { index, source })?;
@@ -194,6 +190,45 @@ pub async fn run(
         finished.await.map_err(|_| WorkerError::Lost { index })?;
     }
     Ok(())
+}
+
+/// A worker's runtime: current-thread, so no work stealing and no cross-thread wake-ups on
+/// the request path (PERF-NOTES.md, BENCHMARKS.md). I/O is polled every
+/// [`WORKER_EVENT_INTERVAL`] task polls, not tokio's 61, so that one connection pipelining
+/// requests as fast as it can cannot hold back its worker's other connections (adversarial
+/// test `guessing_credentials_is_bounded_per_peer`).
+fn worker_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .event_interval(WORKER_EVENT_INTERVAL)
+        .build()
+}
+
+/// Runs `work` on a worker's `runtime` with [`keep_a_timer_due`] beside it.
+fn run_on_worker<F: Future>(runtime: &tokio::runtime::Runtime, work: F) -> F::Output {
+    runtime.block_on(async {
+        let floor = tokio::spawn(keep_a_timer_due());
+        let output = work.await;
+        floor.abort();
+        output
+    })
+}
+
+/// Keeps a timer due within [`WORKER_TIMER_FLOOR`] on this runtime, for ever.
+///
+/// Why: tokio's timer wakes its own driver (an `eventfd` write, and the `epoll_wait` it
+/// ends) whenever a timer is set to expire before the driver's next planned wake-up, even
+/// from the driver's own thread. Every request sets such timers (the backend call's
+/// timeout, hyper's header-read timeout), and with no earlier timer due, as on a connection
+/// that waits for its answer alone, each cost one `write(2)` per request. With a timer
+/// always due within a second, a request's timers (longer than that) never move the
+/// wake-up forward. The price: an idle worker wakes once a second.
+async fn keep_a_timer_due() {
+    let mut tick = tokio::time::interval(WORKER_TIMER_FLOOR);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+    }
 }
 
 /// One worker's loops: plain and (when configured) TLS, on this thread's runtime.
@@ -239,6 +274,7 @@ async fn serve_worker(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::task::Poll;
 
     /// Port 0: the first socket picks the port, every other worker's socket binds that one.
     #[test]
@@ -259,6 +295,55 @@ mod tests {
         let err = bind_reuseport("gateway.listen", addr, 2).unwrap_err();
         assert_eq!(err.key, "gateway.listen");
         assert_eq!(err.source.kind(), std::io::ErrorKind::AddrInUse, "{err}");
+    }
+
+    /// Write system calls this thread has made (Linux task I/O accounting).
+    fn thread_writes() -> u64 {
+        let io = std::fs::read_to_string("/proc/thread-self/io").expect("task I/O accounting");
+        io.lines()
+            .find_map(|line| line.strip_prefix("syscw: "))
+            .and_then(|n| n.parse().ok())
+            .expect("a syscw line")
+    }
+
+    /// Requests that each set a timer longer than the floor (as a backend call's timeout
+    /// does) between two parks of the runtime (as a connection waits for its next request)
+    /// cost no driver wake-up (a `write(2)` on its eventfd) on a worker's runtime. On a
+    /// plain current-thread runtime with a later timer due (hyper's header-read timeout),
+    /// as on a worker without the floor, each costs one.
+    #[test]
+    fn a_request_timer_does_not_wake_the_worker_driver() {
+        const REQUESTS: u64 = 200;
+        let requests = || async {
+            tokio::spawn(tokio::time::sleep(Duration::from_secs(30)));
+            // Let the runtime settle (the floor's first tick fires at once).
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let before = thread_writes();
+            for _ in 0..REQUESTS {
+                {
+                    let call =
+                        tokio::time::timeout(Duration::from_secs(5), std::future::pending::<()>());
+                    tokio::pin!(call);
+                    let pending =
+                        std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx).is_pending()));
+                    assert!(pending.await);
+                }
+                // Parks (the driver plans its next wake-up), as between two requests.
+                tokio::task::yield_now().await;
+            }
+            thread_writes() - before
+        };
+        let plain = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(requests());
+        let worker = run_on_worker(&worker_runtime().unwrap(), requests());
+        assert!(plain >= REQUESTS, "the plain runtime's wake-ups: {plain}");
+        assert!(
+            worker < REQUESTS / 20,
+            "the worker runtime's wake-ups: {worker}"
+        );
     }
 
     #[test]
