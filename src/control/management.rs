@@ -16,12 +16,13 @@ use serde_json::{json, Map, Value};
 
 use crate::snapshot::{self, MarketState};
 
+use super::apis::{self, ApiBody};
 use super::app_auths::AuthsBody;
 use super::apps::{AppBody, AppCodeBody, AppFields, SecretBody};
 use super::auth::Call;
 use super::error::ControlError;
 use super::publications::{self, Action, ActionBody, Batch, BatchApis, BatchBody};
-use super::rule::{self, GROUP_NAME};
+use super::rule::{self, Lenient, GROUP_NAME};
 use super::state::{
     new_id, now_rfc3339, ApiDef, ApiRec, AppCodeRec, AppRec, AuthRec, BackendApiDef, Change,
     GroupRec, Publication, State, MAX_APP_CODES, RELEASE_ENV_ID, RELEASE_ENV_NAME,
@@ -48,33 +49,6 @@ pub(crate) fn reply(status: StatusCode, body: Value) -> Response {
     (status, Json(body)).into_response()
 }
 
-/// A string field: absent/null is `None`, another JSON type is a parameter error.
-pub(crate) fn opt_str(
-    body: &Map<String, Value>,
-    field: &str,
-) -> Result<Option<String>, ControlError> {
-    match body.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(ControlError::BadJson(format!("{field} must be a string"))),
-    }
-}
-
-pub(crate) fn req_str(body: &Map<String, Value>, field: &str) -> Result<String, ControlError> {
-    rule::required_text(field, opt_str(body, field)?)
-}
-
-fn opt_int(body: &Map<String, Value>, field: &str) -> Result<Option<i64>, ControlError> {
-    match body.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => n
-            .as_i64()
-            .map(Some)
-            .ok_or_else(|| rule::invalid(field, format!("must be an integer (got {n})"))),
-        Some(_) => Err(ControlError::BadJson(format!("{field} must be an integer"))),
-    }
-}
-
 /// A string field that must be one of `allowed`.
 fn one_of(value: String, allowed: &[&str], field: &str) -> Result<String, ControlError> {
     rule::one_of(field, &value, allowed)?;
@@ -83,10 +57,6 @@ fn one_of(value: String, allowed: &[&str], field: &str) -> Result<String, Contro
 
 /// Longest remark, in characters.
 pub const MAX_REMARK_CHARS: usize = 255;
-
-fn valid_remark(body: &Map<String, Value>) -> Result<String, ControlError> {
-    checked_remark(opt_str(body, "remark")?)
-}
 
 /// A remark (absent is empty) of at most [`MAX_REMARK_CHARS`].
 pub(super) fn checked_remark(remark: Option<String>) -> Result<String, ControlError> {
@@ -352,79 +322,95 @@ pub async fn delete_group(AxState(cp): AxState<ControlPlane>, call: Call) -> Han
 /// Validates an `ApiCreate` body into a definition and the group it belongs to.
 fn api_def(
     state: &State,
-    body: &Map<String, Value>,
+    body: ApiBody,
+    sent: &Map<String, Value>,
     project: &str,
     except: Option<&str>,
 ) -> Result<(String, ApiDef), ControlError> {
-    let group_id = req_str(body, "group_id")?;
+    let group_id = rule::required_text("group_id", body.group_id)?;
     own_group(state, &group_id, project)?;
-    let name = req_str(body, "name")?;
+    let name = rule::required_text("name", body.name)?;
     GROUP_NAME.check("name", &name)?;
     let api_type = rule::one_of_int(
         "type",
-        opt_int(body, "type")?,
+        apis::integer("type", body.api_type.as_ref())?,
         &[(1, "public"), (2, "private")],
     )? as u8;
     let req_protocol = one_of(
-        req_str(body, "req_protocol")?,
+        rule::required_text("req_protocol", body.req_protocol)?,
         &["HTTP", "HTTPS", "BOTH"],
         "req_protocol",
     )?;
     const METHODS: &[&str] = &[
         "GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS", "ANY",
     ];
-    let req_method = one_of(req_str(body, "req_method")?, METHODS, "req_method")?;
-    let req_uri = req_str(body, "req_uri")?;
+    let req_method = one_of(
+        rule::required_text("req_method", body.req_method)?,
+        METHODS,
+        "req_method",
+    )?;
+    let req_uri = rule::required_text("req_uri", body.req_uri)?;
     let front_params = req_uri_params("req_uri", &req_uri)?;
     let match_mode = one_of(
-        opt_str(body, "match_mode")?.unwrap_or_else(|| "NORMAL".into()),
+        body.match_mode.unwrap_or_else(|| "NORMAL".into()),
         &["NORMAL", "SWA"],
         "match_mode",
     )?;
     let auth_type = one_of(
-        req_str(body, "auth_type")?,
+        rule::required_text("auth_type", body.auth_type)?,
         &["NONE", "APP", "IAM", "AUTHORIZER"],
         "auth_type",
     )?;
-    if auth_type == "AUTHORIZER" && opt_str(body, "authorizer_id")?.is_none_or(|a| a.is_empty()) {
+    if auth_type == "AUTHORIZER" && body.authorizer_id.is_none_or(|a| a.is_empty()) {
         return Err(rule::invalid(
             "authorizer_id",
             "is required when auth_type is AUTHORIZER",
         ));
     }
-    let app_code_auth_type = match body.get("auth_opt") {
-        None | Some(Value::Null) => "DISABLE".to_owned(),
-        Some(Value::Object(opt)) => one_of(
-            opt_str(opt, "app_code_auth_type")?.unwrap_or_else(|| "DISABLE".into()),
-            &["DISABLE", "HEADER"],
-            "auth_opt.app_code_auth_type",
-        )?,
-        Some(_) => return Err(ControlError::BadJson("auth_opt must be an object".into())),
-    };
+    let app_code_auth_type = one_of(
+        body.auth_opt
+            .and_then(|opt| opt.app_code_auth_type)
+            .unwrap_or_else(|| "DISABLE".into()),
+        &["DISABLE", "HEADER"],
+        "auth_opt.app_code_auth_type",
+    )?;
     let backend_type = one_of(
-        req_str(body, "backend_type")?,
+        rule::required_text("backend_type", body.backend_type)?,
         &["HTTP", "MOCK"],
         "backend_type",
     )?;
-    let remark = valid_remark(body)?;
+    let remark = checked_remark(body.remark)?;
     let (backend_api, mock_result) = if backend_type == "HTTP" {
-        let Some(Value::Object(b)) = body.get("backend_api") else {
-            return Err(rule::invalid(
+        let required = || {
+            rule::invalid(
                 "backend_api",
                 "is required (an object) when backend_type is HTTP",
-            ));
+            )
+        };
+        let b = match body.backend_api {
+            Some(Lenient::Valid(b)) => b,
+            Some(Lenient::Invalid(sent)) => {
+                return Err(apis::sent_as::<apis::BackendBody>(
+                    "backend_api",
+                    sent,
+                    required(),
+                ))
+            }
+            None => return Err(required()),
         };
         let timeout = rule::int_range(
             "backend_api.timeout",
-            opt_int(b, "timeout")?,
+            apis::integer("backend_api.timeout", b.timeout.as_ref())?,
             1,
             MAX_BACKEND_TIMEOUT_MS as i64,
             "ms",
         )? as u64;
         const BACKEND_DOMAIN_RULE: &str =
             "must be a host or host:port of at most 255 characters, without scheme, path or user";
-        let url_domain = req_str(b, "url_domain")
-            .map_err(|_| rule::invalid("backend_api.url_domain", BACKEND_DOMAIN_RULE))?;
+        let url_domain = match b.url_domain {
+            Some(Lenient::Valid(domain)) if !domain.is_empty() => domain,
+            _ => return Err(rule::invalid("backend_api.url_domain", BACKEND_DOMAIN_RULE)),
+        };
         if url_domain.len() > 255
             || url_domain.contains(['/', '@'])
             || url_domain.parse::<http::uri::Authority>().is_err()
@@ -434,16 +420,16 @@ fn api_def(
         // The data plane forwards over plain HTTP only; an HTTPS backend would make every
         // snapshot unservable, so it is refused here.
         let protocol = one_of(
-            opt_str(b, "req_protocol")?.unwrap_or_else(|| "HTTP".into()),
+            b.req_protocol.unwrap_or_else(|| "HTTP".into()),
             &["HTTP"],
             "backend_api.req_protocol",
         )?;
         let method = one_of(
-            opt_str(b, "req_method")?.unwrap_or_else(|| req_method.clone()),
+            b.req_method.unwrap_or_else(|| req_method.clone()),
             METHODS,
             "backend_api.req_method",
         )?;
-        let uri = opt_str(b, "req_uri")?.unwrap_or_else(|| req_uri.clone());
+        let uri = b.req_uri.unwrap_or_else(|| req_uri.clone());
         let back_params = req_uri_params("backend_api.req_uri", &uri)?;
         if let Some(unknown) = back_params.iter().find(|p| !front_params.contains(p)) {
             return Err(rule::invalid(
@@ -462,10 +448,16 @@ fn api_def(
             None,
         )
     } else {
-        let content = match body.get("mock_info") {
-            Some(Value::Object(m)) => opt_str(m, "result_content")?.unwrap_or_default(),
-            None | Some(Value::Null) => String::new(),
-            Some(_) => return Err(ControlError::BadJson("mock_info must be an object".into())),
+        let content = match body.mock_info {
+            Some(Lenient::Valid(m)) => m.result_content.unwrap_or_default(),
+            None => String::new(),
+            Some(Lenient::Invalid(sent)) => {
+                return Err(apis::sent_as::<apis::MockInfo>(
+                    "mock_info",
+                    sent,
+                    ControlError::BadJson("mock_info must be an object".into()),
+                ))
+            }
         };
         (None, Some(content))
     };
@@ -500,7 +492,7 @@ fn api_def(
             remark,
             backend_api,
             mock_result,
-            extra: body.clone(),
+            extra: sent.clone(),
         },
     ))
 }
@@ -611,9 +603,10 @@ fn api_json(state: &State, api: &ApiRec) -> Value {
 
 pub async fn create_api(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.tenant_scope(&cp)?;
-    let body = call.json()?;
+    let sent = call.json()?;
+    let body = call.body()?;
     let mut state = cp.state().await?;
-    let (group_id, def) = api_def(&state, &body, &project, None)?;
+    let (group_id, def) = api_def(&state, body, &sent, &project, None)?;
     let now = now_rfc3339();
     let api = ApiRec {
         id: new_id(),
@@ -670,10 +663,11 @@ pub async fn show_api(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler
 /// Edits the draft; the published RELEASE copy stays frozen until the next publish.
 pub async fn update_api(AxState(cp): AxState<ControlPlane>, call: Call) -> Handler {
     let (_, project) = call.tenant_scope(&cp)?;
-    let body = call.json()?;
+    let sent = call.json()?;
+    let body = call.body()?;
     let mut state = cp.state().await?;
     let mut api = own_api(&state, call.param("api_id"), &project)?.clone();
-    let (group_id, def) = api_def(&state, &body, &project, Some(&api.id))?;
+    let (group_id, def) = api_def(&state, body, &sent, &project, Some(&api.id))?;
     if group_id != api.group_id {
         return Err(rule::invalid(
             "group_id",

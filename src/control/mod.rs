@@ -33,6 +33,7 @@
 //! rule it broke) in `rule`.
 
 pub mod admin;
+pub mod apis;
 pub mod app_auths;
 pub mod apps;
 pub mod auth;
