@@ -3,8 +3,8 @@
 //!
 //! Design: the store is the truth, and any number of replicas may share it (PostgreSQL). Each
 //! replica keeps a follower cache of the store, a [`State`] at a version of the store. Every
-//! answer first catches the cache up to the store's current version (one query: read-your-
-//! writes across replicas) and takes its own view of it (a clone: persistent maps, a few
+//! answer first catches the cache up to the store's current version (one query, shared by
+//! the requests that arrive together: read-your-writes across replicas) and takes its own view of it (a clone: persistent maps, a few
 //! pointer copies). A write then validates against its view (for precise errors), and
 //! commits ONE transaction whose own statements decide conflicts: compare-and-swap on each
 //! record's revision, uniqueness claims (names, url_domain, app keys, order_id) and the next
@@ -17,11 +17,13 @@
 //! a lost notification costs latency, never a change, and announce each new version on their
 //! watch channel.
 //!
-//! No lock is held across a store call: the cache's mutex ([`Cache`]) is taken only to read
-//! or move it (pointer copies and applying records already parsed). Requests of one replica
-//! commit concurrently, like requests of different replicas, and the store orders them; each
-//! commit is applied to the cache in version order ([`Cache::settle`]), and whatever version
-//! the cache missed is read from the store.
+//! No lock is held across a store's commit: the cache's mutex ([`Cache`]) is taken only to
+//! read or move it (pointer copies and applying records already parsed). Requests of one
+//! replica commit concurrently, like requests of different replicas, and the store orders
+//! them; each commit is applied to the cache in version order ([`Cache::settle`]), and
+//! whatever version the cache missed is read from the store, one read at a time per replica,
+//! shared by every request that arrived before it began ([`CatchUps`]), and without the
+//! records of the replica's own commits that the cache holds already.
 //!
 //! The quota ledgers (`leases`) live in their own rows, changed under row locks.
 //!
@@ -103,6 +105,23 @@ struct Inner {
     metrics: metrics::ControlMetrics,
     /// `marketgate serve`'s data plane, whose unreported calls a ledger read reports first.
     local_usage: std::sync::OnceLock<Weak<dyn leases::LocalUsage>>,
+    /// Reads of the store's changes, one at a time, each shared by every caller that arrived
+    /// before it began ([`ControlPlane::catch_up`]).
+    catch_ups: CatchUps,
+}
+
+/// The replica's catch-ups: one reads the store at a time, and a caller whose arrival came
+/// before a catch-up began takes that one's outcome instead of reading the store itself.
+/// 100 requests arriving together cost two reads of the store, not 100 (each of which parsed
+/// every record committed since the cache's version: the work per request grew with the
+/// number of requests in flight, and with the replicas writing: BENCHMARKS.md).
+#[derive(Debug, Default)]
+struct CatchUps {
+    /// The number of catch-ups begun.
+    begun: std::sync::atomic::AtomicU64,
+    /// Held while one reads the store: the last one finished, by its number, and the store's
+    /// unavailability when that is how it ended.
+    finished: tokio::sync::Mutex<(u64, Option<String>)>,
 }
 
 /// A replica's follower cache: the store's state at `state.version`, and this replica's own
@@ -134,20 +153,29 @@ impl Cache {
     }
 
     /// Applies what the store holds after the cache's version (`changes`, parsed, read at
-    /// `version`), unless the cache is already there. Returns the cache's version when it
-    /// moved.
+    /// `version`, without the records whose last write is an own commit that was waiting in
+    /// `ahead` when they were read), unless the cache is already there. Returns the cache's
+    /// version when it moved.
     fn catch_up(&mut self, version: u64, changes: Vec<(Change, u64)>) -> Option<u64> {
         if version <= self.state.version {
             return None;
         }
-        // The records read are the latest of every record written after the version the
-        // read started from, which is at most the cache's: applying them all gives the
-        // store's state at `version`, whatever the cache applied in between.
+        // First the own commits up to `version` (in version order): the records left out of
+        // the read are among them. Then the records read, each the latest of a record
+        // written after the version the read started from (at most the cache's): a record
+        // also written by an own commit here was written again later, and the read has that
+        // later write. Together: the store's state at `version`, whatever the cache applied
+        // in between.
+        let later = self.ahead.split_off(&(version + 1));
+        for (_, applied) in std::mem::replace(&mut self.ahead, later) {
+            for (change, rev) in applied {
+                self.state.apply_at(change, rev);
+            }
+        }
         for (change, rev) in changes {
             self.state.apply_at(change, rev);
         }
         self.state.version = version;
-        self.ahead = self.ahead.split_off(&(version + 1));
         self.apply_ahead();
         Some(self.state.version)
     }
@@ -199,7 +227,7 @@ impl ControlPlane {
     pub async fn open(config: &Config) -> Result<ControlPlane, ControlError> {
         let store = store::open(&config.database_url, config.control.store).await?;
         let mut state = State::default();
-        let everything = store.changes_since(0).await?;
+        let everything = store.changes_since(0, &[]).await?;
         for stored in everything.records {
             state.apply_stored(stored)?;
         }
@@ -232,6 +260,7 @@ impl ControlPlane {
                 version,
                 metrics,
                 local_usage: std::sync::OnceLock::new(),
+                catch_ups: CatchUps::default(),
             }),
         };
         tokio::spawn(follow(Arc::downgrade(&cp.inner), notifications));
@@ -579,12 +608,50 @@ impl ControlPlane {
         self.state().await
     }
 
-    /// Applies to the cache what the store committed after the cache's version, and
-    /// announces the new version. The store is read without any lock held; the cache's lock
-    /// is taken only to apply what was read (parsed before).
+    /// Applies to the cache everything the store committed before this call, and announces
+    /// the new version: what read-your-writes across replicas needs (a write acknowledged by
+    /// any replica before this call is in the cache after it). One catch-up reads the store
+    /// at a time ([`CatchUps`]); a call takes the outcome of the first one that began after
+    /// it arrived, which read the store after every write acknowledged before the call.
     async fn catch_up(&self) -> Result<(), ControlError> {
-        let from = self.cached_version();
-        let changes = self.inner.store.changes_since(from).await?;
+        use std::sync::atomic::Ordering;
+        let catch_ups = &self.inner.catch_ups;
+        let arrived = catch_ups.begun.load(Ordering::Acquire);
+        let mut finished = catch_ups.finished.lock().await;
+        if finished.0 > arrived {
+            return match &finished.1 {
+                None => Ok(()),
+                Some(unavailable) => Err(StoreError::Unavailable(unavailable.clone()).into()),
+            };
+        }
+        let number = catch_ups.begun.fetch_add(1, Ordering::AcqRel) + 1;
+        let outcome = self.read_changes().await;
+        match &outcome {
+            Ok(()) => *finished = (number, None),
+            Err(ControlError::StoreUnavailable(StoreError::Unavailable(why))) => {
+                *finished = (number, Some(why.clone()));
+            }
+            // Anything else (a record that does not parse) is the caller's alone: the next
+            // caller reads the store again.
+            Err(_) => {}
+        }
+        outcome
+    }
+
+    /// Reads what the store committed after the cache's version, leaving out the records
+    /// whose last write is one of this replica's own commits already waiting in the cache
+    /// (`Cache::ahead`: parsed and applied from memory, not from the store), applies it and
+    /// announces the new version. The cache's lock is taken only to apply what was read
+    /// (parsed before).
+    async fn read_changes(&self) -> Result<(), ControlError> {
+        let (from, held) = {
+            let cache = self.inner.cache.lock().expect("cache lock");
+            (
+                cache.state.version,
+                cache.ahead.keys().copied().collect::<Vec<_>>(),
+            )
+        };
+        let changes = self.inner.store.changes_since(from, &held).await?;
         if changes.version <= from {
             return Ok(());
         }
@@ -604,10 +671,6 @@ impl ControlPlane {
             self.announce(version);
         }
         Ok(())
-    }
-
-    fn cached_version(&self) -> u64 {
-        self.inner.cache.lock().expect("cache lock").state.version
     }
 
     /// Tells pushers, subscribers and the metrics that the cache reached `version` (the

@@ -240,8 +240,11 @@ pub enum StoreError {
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// Every record written after `version` (tombstones included) and the current version,
-    /// read in one snapshot of the store. `changes_since(0)` is everything.
-    async fn changes_since(&self, version: u64) -> Result<Changes, StoreError>;
+    /// read in one snapshot of the store. `changes_since(0, &[])` is everything. A record
+    /// whose last write is at one of the versions `held` is left out: the caller holds that
+    /// write already (a replica's own commits, `ControlPlane`'s catch-up), and re-reading it
+    /// would only cost the store and the parse.
+    async fn changes_since(&self, version: u64, held: &[u64]) -> Result<Changes, StoreError>;
     /// Applies `commit` in one transaction, or nothing; see [`Commit`].
     async fn commit(&self, commit: Commit) -> Result<Committed, StoreError>;
     /// The ledger documents of `ids` (all ledgers when `None`), by purchase id.
@@ -378,7 +381,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("nested/store.db").display());
         let store = open(&url, StoreLimits::default()).await.unwrap();
-        assert_eq!(store.changes_since(0).await.unwrap().version, 0);
+        assert_eq!(store.changes_since(0, &[]).await.unwrap().version, 0);
         let done = store
             .commit(commit(vec![
                 put("a", "1", None, &[]),
@@ -410,7 +413,7 @@ mod tests {
         );
         drop(store);
         let store = open(&url, StoreLimits::default()).await.unwrap();
-        let all = store.changes_since(0).await.unwrap();
+        let all = store.changes_since(0, &[]).await.unwrap();
         assert_eq!(all.version, 2);
         let stored = |id: &str, rev, doc: Option<&str>| Stored {
             kind: "group".into(),
@@ -423,7 +426,12 @@ mod tests {
             all.records,
             vec![stored("a", 2, Some("3")), stored("b", 2, None)]
         );
-        assert!(store.changes_since(2).await.unwrap().records.is_empty());
+        assert!(store
+            .changes_since(2, &[])
+            .await
+            .unwrap()
+            .records
+            .is_empty());
         let conn = rusqlite::Connection::open(dir.path().join("nested/store.db")).unwrap();
         let applied: i64 = conn
             .query_row("SELECT count(*) FROM schema_migrations", [], |r| r.get(0))
@@ -462,7 +470,7 @@ mod tests {
             Err(StoreError::Conflict(Conflict::Claimed { owner, .. })) => assert_eq!(owner, "a"),
             other => panic!("{other:?}"),
         }
-        assert_eq!(store.changes_since(1).await.unwrap().records, vec![]);
+        assert_eq!(store.changes_since(1, &[]).await.unwrap().records, vec![]);
         // The holder gives the claim up; then the other may take it.
         store
             .commit(commit(vec![put("a", "1b", Some(1), &[])]))
@@ -541,7 +549,7 @@ mod tests {
         let loaded = open(&url, StoreLimits::default())
             .await
             .unwrap()
-            .changes_since(0)
+            .changes_since(0, &[])
             .await
             .unwrap();
         assert_eq!(loaded.version, 43);

@@ -262,33 +262,23 @@ impl PostgresStore {
             }
         }
         let version: i64 = if commit.bump_version {
-            // Last: the version. The counter's row lock is held from here to COMMIT, so
-            // versions are taken in commit order.
-            let version: i64 = tx
-                .query_one(
-                    "UPDATE meta SET value = value + 1 WHERE key = $1 RETURNING value",
-                    &[&VERSION_KEY],
-                )
-                .await
-                .map_err(postgres_error)?
-                .get(0);
+            // Last: the version, the records' stamps and the notification, in ONE statement:
+            // the counter's row lock is held from here to COMMIT, so versions are taken in
+            // commit order, and every round trip made while it is held delays every other
+            // commit of every replica.
             let kinds: Vec<&str> = commit.writes.iter().map(|w| w.kind).collect();
             let ids: Vec<&str> = commit.writes.iter().map(|w| w.id.as_str()).collect();
-            let stamp_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
-                [&version, &kinds, &ids];
-            let stamp = tx.execute(
-                "UPDATE records SET version = $1 FROM unnest($2::text[], $3::text[]) AS w(kind, id)
-                 WHERE records.kind = w.kind AND records.id = w.id",
-                &stamp_params,
-            );
-            let payload = version.to_string();
-            let notify_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
-                [&CHANNEL, &payload];
-            let notify = tx.execute("SELECT pg_notify($1, $2)", &notify_params);
-            let (stamped, notified) = futures_util::future::join(stamp, notify).await;
-            stamped.map_err(postgres_error)?;
-            notified.map_err(postgres_error)?;
-            version
+            tx.query_one(
+                "WITH v AS (UPDATE meta SET value = value + 1 WHERE key = $1 RETURNING value),
+                      stamped AS (UPDATE records SET version = v.value
+                                  FROM v, unnest($2::text[], $3::text[]) AS w(kind, id)
+                                  WHERE records.kind = w.kind AND records.id = w.id)
+                 SELECT v.value FROM v CROSS JOIN LATERAL (SELECT pg_notify($4, v.value::text)) AS n",
+                &[&VERSION_KEY, &kinds, &ids, &CHANNEL],
+            )
+            .await
+            .map_err(postgres_error)?
+            .get(0)
         } else {
             // A commit without a version takes no lock on the counter (lease exchanges of
             // different purchases never wait for each other) and does not read it either:
@@ -393,16 +383,17 @@ async fn listen(config: tokio_postgres::Config, notify: watch::Sender<u64>) {
 
 #[async_trait]
 impl Store for PostgresStore {
-    async fn changes_since(&self, version: u64) -> Result<Changes, StoreError> {
+    async fn changes_since(&self, version: u64, held: &[u64]) -> Result<Changes, StoreError> {
+        let held: Vec<i64> = held.iter().map(|&v| v as i64).collect();
         self.bounded(async {
             let client = self.pool.get().await.map_err(pool_error)?;
             // One statement is one snapshot: the version and the records agree.
             let rows = client
                 .query(
                     "SELECT m.value, r.kind, r.id, r.rev, r.doc FROM meta m
-                     LEFT JOIN records r ON r.version > $2
+                     LEFT JOIN records r ON r.version > $2 AND r.version <> ALL($3)
                      WHERE m.key = $1 ORDER BY r.version, r.kind, r.id",
-                    &[&VERSION_KEY, &(version as i64)],
+                    &[&VERSION_KEY, &(version as i64), &held],
                 )
                 .await
                 .map_err(postgres_error)?;

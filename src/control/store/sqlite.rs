@@ -173,7 +173,8 @@ fn claim(tx: &Transaction<'_>, owner: &str, claims: &[Claim]) -> Result<(), Fail
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn changes_since(&self, version: u64) -> Result<Changes, StoreError> {
+    async fn changes_since(&self, version: u64, held: &[u64]) -> Result<Changes, StoreError> {
+        let held = held.to_vec();
         self.with_conn(move |conn| {
             let tx = conn.transaction()?;
             let current: i64 = tx.query_row(
@@ -183,17 +184,20 @@ impl Store for SqliteStore {
             )?;
             let records = {
                 let mut stmt = tx.prepare(
-                    "SELECT kind, id, rev, doc FROM records WHERE version > ?1 ORDER BY version, kind, id",
+                    "SELECT kind, id, rev, doc, version FROM records WHERE version > ?1 ORDER BY version, kind, id",
                 )?;
                 let rows = stmt.query_map(params![version as i64], |row| {
-                    Ok(Stored {
+                    let written_at = to_u64(row.get(4)?);
+                    let stored = Stored {
                         kind: row.get(0)?,
                         id: row.get(1)?,
                         rev: to_u64(row.get(2)?),
                         doc: row.get(3)?,
-                    })
+                    };
+                    Ok((!held.contains(&written_at)).then_some(stored))
                 })?;
-                rows.collect::<Result<Vec<_>, _>>()?
+                rows.filter_map(Result::transpose)
+                    .collect::<Result<Vec<_>, _>>()?
             };
             tx.commit()?;
             Ok(Changes {
