@@ -48,6 +48,14 @@ pub use transport::{HttpLeaseService, LeaseService, LeaseServiceError, EXCHANGE_
 pub const TICK: Duration = Duration::from_millis(100);
 /// Exchanges prompted by usage are at least this far apart: under load, reports batch.
 pub const MIN_EXCHANGE_INTERVAL: Duration = Duration::from_millis(20);
+/// An exchange that would only report usage waits this share of the time the thinnest busy
+/// lease lasts at its rate (within [`MIN_EXCHANGE_INTERVAL`] and [`MAX_REPORT_INTERVAL`]):
+/// the interval stretches with lease size, so that the store's load follows proxies, not
+/// calls (docs/capacity.md). A lease of 60 s of traffic: reports once a second.
+const REPORT_SHARE: f64 = 0.02;
+/// The longest a report of usage waits while traffic flows (a fleet's buyer views lag by at
+/// most this plus an exchange).
+pub const MAX_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// A lease is dropped locally this many seconds before it expires unless renewed.
 pub const REVOKE_MARGIN_SECS: i64 = 5;
 /// A lease is renewed when less than this share of its time to live is left.
@@ -133,6 +141,18 @@ pub struct LeaseClient {
     recovered: tokio::sync::watch::Sender<bool>,
     /// Calls were given back and not yet acknowledged: the next exchange goes soon.
     returns_pending: AtomicBool,
+    /// When the last exchange was sent: a report alone waits [`LeaseClient::report_interval`]
+    /// after it.
+    last_exchange: Mutex<Option<Instant>>,
+}
+
+/// Whether an exchange may wait when all it has to say is usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Urgency {
+    /// A pass of the loop: a report alone waits out the report interval.
+    Paced,
+    /// A caller needs the report now (a ledger read, the clean stop).
+    Now,
 }
 
 impl LeaseClient {
@@ -194,6 +214,7 @@ impl LeaseClient {
             exchanging: tokio::sync::Mutex::new(()),
             recovered: tokio::sync::watch::channel(false).0,
             returns_pending: AtomicBool::new(false),
+            last_exchange: Mutex::new(None),
             service,
             gateway,
         };
@@ -345,14 +366,19 @@ impl LeaseClient {
             };
             let prompted = tokio::select! {
                 _ = tokio::time::sleep(tick) => None,
-                _ = quota.refill_wanted() => Some(&mut last_refill),
-                _ = quota.usage_noted() => Some(&mut last_usage),
+                _ = quota.refill_wanted() => Some((&mut last_refill, MIN_EXCHANGE_INTERVAL)),
+                _ = quota.usage_noted() => Some((&mut last_usage, self.report_interval())),
                 _ = shutdown.clone().wait() => return,
             };
-            if let Some(last) = prompted {
+            if let Some((last, interval)) = prompted {
                 if let Some(since) = last.map(|at| at.elapsed()) {
-                    if since < MIN_EXCHANGE_INTERVAL {
-                        tokio::time::sleep(MIN_EXCHANGE_INTERVAL - since).await;
+                    if since < interval {
+                        // A caller waiting for a refill cuts a report's wait short.
+                        tokio::select! {
+                            _ = tokio::time::sleep(interval - since) => {}
+                            _ = quota.refill_wanted(), if interval > MIN_EXCHANGE_INTERVAL => {}
+                            _ = shutdown.clone().wait() => return,
+                        }
                     }
                 }
                 *last = Some(Instant::now());
@@ -396,7 +422,7 @@ impl LeaseClient {
     pub async fn pass(&self, elapsed_secs: f64) -> Result<(), LeaseServiceError> {
         let cells = self.watched_cells();
         self.update_rates(&cells, elapsed_secs);
-        let exchanged = self.exchange(cells, false).await;
+        let exchanged = self.exchange(cells, false, Urgency::Paced).await;
         self.unwatch_idle();
         self.revoke_expired();
         exchanged
@@ -421,13 +447,15 @@ impl LeaseClient {
         }
         // A call is noticed (`QuotaRegistry::note_usage`) before its answer is sent, and a
         // watched cell with calls unreported stays watched: the exchange names every one.
-        self.exchange(self.watched_cells(), false).await
+        self.exchange(self.watched_cells(), false, Urgency::Now)
+            .await
     }
 
     /// The last exchange at a clean shutdown (after traffic drained and the journal was
     /// flushed): reports everything and gives back what is held.
     pub async fn finish(&self) -> Result<(), LeaseServiceError> {
-        self.exchange(self.gateway.quota().cells(), true).await
+        self.exchange(self.gateway.quota().cells(), true, Urgency::Now)
+            .await
     }
 
     /// Adds the cells the registry noticed to the watched ones and returns all watched.
@@ -484,6 +512,40 @@ impl LeaseClient {
         }
     }
 
+    /// How long a report of usage alone waits after the last exchange while traffic flows:
+    /// [`REPORT_SHARE`] of the time the thinnest busy lease of this proxy lasts at its rate,
+    /// within [`MIN_EXCHANGE_INTERVAL`] and [`MAX_REPORT_INTERVAL`] (the longest when the
+    /// busy cells are unlimited: nothing leased runs out). After a quiet spell (no cell has a
+    /// rate) [`MIN_EXCHANGE_INTERVAL`]: the first report goes at once.
+    fn report_interval(&self) -> Duration {
+        let watched: Vec<Arc<QuotaCell>> = self
+            .watched
+            .lock()
+            .expect("watched cells lock")
+            .values()
+            .cloned()
+            .collect();
+        let book = self.book.lock().expect("lease book lock");
+        let mut busy = false;
+        let mut thinnest = f64::INFINITY;
+        for cell in &watched {
+            let rate = book.get(cell.purchase_id()).map_or(0.0, |t| t.rate);
+            if rate <= 0.0 {
+                continue;
+            }
+            busy = true;
+            if cell.is_leased() {
+                let left = cell.limit().saturating_sub(cell.used());
+                thinnest = thinnest.min(left as f64 / rate);
+            }
+        }
+        if !busy {
+            return MIN_EXCHANGE_INTERVAL;
+        }
+        let wait = (thinnest * REPORT_SHARE).min(MAX_REPORT_INTERVAL.as_secs_f64());
+        Duration::from_secs_f64(wait).max(MIN_EXCHANGE_INTERVAL)
+    }
+
     /// `proxy.outage_budget_secs` of the purchase's recent traffic, within
     /// `proxy.lease_min_calls` and `proxy.lease_max_calls`.
     fn budget(&self, tracked: &Tracked) -> u64 {
@@ -519,6 +581,18 @@ impl LeaseClient {
         (left > 0 && renew_due).then_some(0)
     }
 
+    /// What to ask for on a busy `cell` that did not ask by itself, as an exchange goes
+    /// anyway: up to its demand once it is an eighth of its budget below it (a cell asks by
+    /// itself only at a quarter above its budget, [`LeaseClient::want`]).
+    fn top_up(&self, cell: &QuotaCell, tracked: &Tracked) -> Option<u64> {
+        if tracked.rate <= 0.0 {
+            return None;
+        }
+        let left = cell.limit().saturating_sub(cell.used());
+        let demand = self.demand(tracked);
+        (left + self.budget(tracked) / 8 < demand).then(|| demand - left)
+    }
+
     /// Calls of `cell` to give back of this proxy's own accord: what it holds beyond its
     /// demand once that is more than twice the demand (its traffic fell or stopped), so that
     /// an idle lease does not keep calls another proxy could serve.
@@ -538,11 +612,16 @@ impl LeaseClient {
     /// Reports what `cells` served and gave back and asks for what they need (with
     /// `release_all`, the last exchange of a clean shutdown: every cell is reported and every
     /// lease given back). Calls the answer recalls are taken out of their cells at once and
-    /// reported by the next exchange.
+    /// reported by the next exchange. [`Urgency::Paced`]: an exchange that would only report
+    /// usage is not made before the report interval passed since the last one
+    /// ([`LeaseClient::report_interval`]); one that goes tops up, as it goes, every busy
+    /// cell an eighth of its budget below its demand, so that a proxy's purchases ride on
+    /// one exchange instead of each going when it runs low.
     async fn exchange(
         &self,
         cells: Vec<Arc<QuotaCell>>,
         release_all: bool,
+        urgency: Urgency,
     ) -> Result<(), LeaseServiceError> {
         let _one = self.exchanging.lock().await;
         let quota = self.gateway.quota();
@@ -571,49 +650,88 @@ impl LeaseClient {
             }
         }
 
-        // Phase 2: the exchange.
+        // Phase 2: the exchange. First what each cell has to say: a report, a want (`None`:
+        // nothing asked), or both.
+        struct Said {
+            cell: Arc<QuotaCell>,
+            tracked: Tracked,
+            used: u64,
+            report: bool,
+            want: Option<u64>,
+        }
+        let said: Vec<Said> = {
+            let book = self.book.lock().expect("lease book lock");
+            cells
+                .into_iter()
+                .map(|cell| {
+                    let used = cell.used();
+                    let tracked = book.get(cell.purchase_id()).copied().unwrap_or_default();
+                    let report = used > tracked.reported || tracked.return_unreported();
+                    let want = (!release_all)
+                        .then(|| self.want(&cell, &tracked, now, ttl_secs))
+                        .flatten();
+                    Said {
+                        cell,
+                        tracked,
+                        used,
+                        report,
+                        want,
+                    }
+                })
+                .collect()
+        };
+        let urgent = release_all
+            || said
+                .iter()
+                .any(|s| s.want.is_some() || s.tracked.return_unreported());
+        if !urgent && urgency == Urgency::Paced && said.iter().any(|s| s.report) {
+            let last = *self.last_exchange.lock().expect("last exchange lock");
+            let interval = self.report_interval();
+            // The loop paces usage at `MIN_EXCHANGE_INTERVAL` by itself; only a stretched
+            // interval defers here.
+            if interval > MIN_EXCHANGE_INTERVAL && last.is_some_and(|at| at.elapsed() < interval) {
+                return Ok(()); // the report waits: the cells stay watched until it goes
+            }
+        }
         let mut used_at_send: HashMap<String, u64> = HashMap::new();
         let mut returned_at_send: HashMap<String, u64> = HashMap::new();
         let mut reports = Vec::new();
         let mut wants = Vec::new();
-        {
-            let book = self.book.lock().expect("lease book lock");
-            for cell in &cells {
-                let id = cell.purchase_id();
-                let used = cell.used();
-                let tracked = book.get(id).copied().unwrap_or_default();
-                let mut involved = false;
-                if used > tracked.reported || tracked.return_unreported() {
-                    let returned = tracked.returned_durable;
-                    reports.push(UsageReport {
+        for s in &said {
+            let id = s.cell.purchase_id();
+            let tracked = &s.tracked;
+            let mut involved = false;
+            if s.report {
+                let returned = tracked.returned_durable;
+                reports.push(UsageReport {
+                    purchase_id: id.to_owned(),
+                    used: s.used.saturating_sub(tracked.reported),
+                    since: Some(tracked.reported),
+                    returned: (returned > 0).then_some(returned),
+                });
+                returned_at_send.insert(id.to_owned(), returned);
+                involved = true;
+            }
+            if !release_all && s.cell.is_leased() {
+                let want = s.want.or_else(|| self.top_up(&s.cell, tracked));
+                // Every mention carries the demand: the control plane sizes shares by it.
+                if want.is_some() || involved {
+                    wants.push(LeaseWant {
                         purchase_id: id.to_owned(),
-                        used: used.saturating_sub(tracked.reported),
-                        since: Some(tracked.reported),
-                        returned: (returned > 0).then_some(returned),
+                        calls: want.unwrap_or(0),
+                        demand: Some(self.demand(tracked)),
                     });
-                    returned_at_send.insert(id.to_owned(), returned);
                     involved = true;
                 }
-                if !release_all && cell.is_leased() {
-                    let want = self.want(cell, &tracked, now, ttl_secs);
-                    // Every mention carries the demand: the control plane sizes shares by it.
-                    if want.is_some() || involved {
-                        wants.push(LeaseWant {
-                            purchase_id: id.to_owned(),
-                            calls: want.unwrap_or(0),
-                            demand: Some(self.demand(&tracked)),
-                        });
-                        involved = true;
-                    }
-                }
-                if involved {
-                    used_at_send.insert(id.to_owned(), used);
-                }
+            }
+            if involved {
+                used_at_send.insert(id.to_owned(), s.used);
             }
         }
         if reports.is_empty() && wants.is_empty() && !release_all {
             return Ok(());
         }
+        *self.last_exchange.lock().expect("last exchange lock") = Some(Instant::now());
         let asked_for_calls = wants.iter().any(|w| w.calls > 0);
         let exchange = LeaseExchange {
             node_id: self.node_id.clone(),
@@ -823,6 +941,7 @@ mod tests {
     use super::*;
     use crate::gateway::quota::QuotaMode;
     use crate::lease::{LeaseGrant, LeaseReply};
+    use std::sync::atomic::AtomicU64;
 
     /// Grants every want of calls in full (a want of none, a renewal, it leaves unanswered)
     /// and remembers how many reports each exchange carried.
@@ -949,6 +1068,116 @@ mod tests {
                 .collect();
             Ok(LeaseReply { grants })
         }
+    }
+
+    /// Keeps each purchase's lease as a ledger would (reports take from what is held, wants
+    /// add to it, granted in full) and counts the exchanges.
+    #[derive(Default)]
+    struct Holding {
+        held: Mutex<HashMap<String, u64>>,
+        exchanges: Mutex<usize>,
+    }
+
+    #[async_trait::async_trait]
+    impl LeaseService for Holding {
+        async fn exchange(&self, exchange: LeaseExchange) -> Result<LeaseReply, LeaseServiceError> {
+            *self.exchanges.lock().unwrap() += 1;
+            let mut held = self.held.lock().unwrap();
+            for report in &exchange.reports {
+                let h = held.entry(report.purchase_id.clone()).or_default();
+                *h = h.saturating_sub(report.used);
+            }
+            let grants = exchange
+                .wants
+                .iter()
+                .map(|want| {
+                    let h = held.entry(want.purchase_id.clone()).or_default();
+                    *h += want.calls;
+                    LeaseGrant {
+                        purchase_id: want.purchase_id.clone(),
+                        granted: want.calls,
+                        held: *h,
+                        unleased: Some(1_000_000_000),
+                        calls_left: None,
+                        recall: 0,
+                        expires_at: now_secs() + 300,
+                    }
+                })
+                .collect();
+            Ok(LeaseReply { grants })
+        }
+    }
+
+    /// Heavy steady traffic on many purchases of one proxy: the store's load follows the
+    /// proxy, not its calls. The capacity model (docs/capacity.md) counts one exchange per
+    /// [`MAX_REPORT_INTERVAL`] per proxy once its leases hold a minute of traffic; with
+    /// reports paced at [`MIN_EXCHANGE_INTERVAL`] (before the interval stretched) this
+    /// traffic made 50 exchanges a second. No call may wait for a refill meanwhile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn exchanges_stay_at_the_models_rate_under_heavy_traffic() {
+        const PURCHASES: usize = 20;
+        const CALLS_PER_TICK: u64 = 5; // every 10 ms: 500 calls/s per purchase
+        let dir = tempfile::tempdir().unwrap();
+        let gateway = leased_gateway(dir.path());
+        let cells: Vec<_> = (0..PURCHASES)
+            .map(|i| gateway.quota().cell(&format!("p{i}"), 100_000_000, 0))
+            .collect();
+        let service = Arc::new(Holding::default());
+        let client = Arc::new(LeaseClient::new(gateway.clone(), service.clone()));
+        let (trigger, shutdown) = crate::shutdown::ShutdownTrigger::new();
+        let running = tokio::spawn(client.clone().run(shutdown.clone()));
+        let waited = Arc::new(AtomicU64::new(0));
+        let traffic = {
+            let (gateway, cells, waited) = (gateway.clone(), cells.clone(), waited.clone());
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(10));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = shutdown.clone().wait() => return,
+                    }
+                    for cell in &cells {
+                        for _ in 0..CALLS_PER_TICK {
+                            if !cell.take().await.unwrap() {
+                                waited.fetch_add(1, Ordering::Relaxed);
+                                gateway
+                                    .quota()
+                                    .wait_for_refill(cell, Duration::from_secs(1))
+                                    .await;
+                            }
+                            gateway.quota().note_usage(cell);
+                        }
+                    }
+                }
+            })
+        };
+        // Warm-up: the rates settle and the leases grow to a minute of traffic.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let (exchanges_before, waited_before) = (
+            *service.exchanges.lock().unwrap(),
+            waited.load(Ordering::Relaxed),
+        );
+        let window = Duration::from_secs(4);
+        tokio::time::sleep(window).await;
+        let exchanges = *service.exchanges.lock().unwrap() - exchanges_before;
+        let waited_in_window = waited.load(Ordering::Relaxed) - waited_before;
+        trigger.fire();
+        traffic.await.unwrap();
+        running.await.unwrap();
+        let served: u64 = cells.iter().map(|c| c.used()).sum();
+        // The model's figure over the window, and one more for an exchange on its edge.
+        let model = (window.as_secs_f64() / MAX_REPORT_INTERVAL.as_secs_f64()) as usize;
+        assert!(
+            exchanges <= model + 1,
+            "{exchanges} exchanges in {window:?} (model: {model}), {served} calls served"
+        );
+        assert!(exchanges >= 1, "usage is still reported");
+        assert_eq!(
+            waited_in_window, 0,
+            "no call waited for a refill after the warm-up"
+        );
     }
 
     #[tokio::test]
