@@ -17,7 +17,9 @@
 //! (`SNAPSHOT_BENCH_DELTA_ONLY=1` runs only that), and 10 changes a second are applied for a
 //! minute under a request loop (`SNAPSHOT_BENCH_CHANGES_ONLY=1` runs only that;
 //! `SNAPSHOT_BENCH_CHANGES_SECS` and `SNAPSHOT_BENCH_CHANGES_PER_SEC` change the run;
-//! `SNAPSHOT_BENCH_THROTTLED=1` binds a throttling policy to one API of every group).
+//! `SNAPSHOT_BENCH_THROTTLED=1` binds a throttling policy to one API of every group;
+//! `SNAPSHOT_BENCH_SELLER=1` makes every other change a seller's: a group onsold to a new
+//! market domain, an API added to a group, an app authorized, a domain bound).
 //!
 //! Run: `cargo bench --bench snapshot` (the 1M cases need ~4 GiB of memory and a minute or
 //! two); `SNAPSHOT_BENCH_REPORT_ONLY=1` prints the one-off report and skips criterion;
@@ -37,10 +39,11 @@ use marketgate::gateway::quota::QuotaRegistry;
 use marketgate::gateway::Gateway;
 use marketgate::signing::Payload;
 use marketgate::snapshot::compile::prepare;
+use marketgate::snapshot::delta::Delta;
 use marketgate::snapshot::validate::validate;
 use marketgate::snapshot::wire::{
-    Api, App, Backend, Group, MarketState, Purchase, PurchaseState, Snapshot, ThrottlePolicy,
-    TimeUnit,
+    Api, App, AppAuth, Backend, Domain, Group, MarketState, MinTlsVersion, Purchase, PurchaseState,
+    Snapshot, ThrottlePolicy, TimeUnit,
 };
 use time::OffsetDateTime;
 
@@ -51,6 +54,28 @@ const APIS_PER_GROUP: usize = 4;
 /// A 32-hex-digit id, the shape of Huawei's ids, keys and secrets.
 fn hex_id(kind: u8, n: usize) -> String {
     format!("{kind:02x}{n:030x}")
+}
+
+/// Buyer `n`'s MARKET app and its purchase (of group `n % GROUPS`, `limit` calls).
+fn buyer(n: usize, limit: u64) -> (App, Purchase) {
+    let app = App {
+        id: hex_id(3, n),
+        app_key: hex_id(4, n),
+        app_secret: format!("{}{}", hex_id(5, n), hex_id(5, n)),
+        app_codes: vec![format!("{}{}", hex_id(6, n), hex_id(6, n))],
+        creator: "MARKET".into(),
+    };
+    let purchase = Purchase {
+        id: hex_id(7, n),
+        group_id: hex_id(1, n % GROUPS),
+        app_id: hex_id(3, n),
+        state: PurchaseState::Active,
+        start_time: 1_700_000_000,
+        expire_time: 4_000_000_000,
+        quota_limit: Some(limit),
+        quota_used: 0,
+    };
+    (app, purchase)
 }
 
 /// A market of [`GROUPS`] groups and `purchases` buyers, one MARKET app and one purchase
@@ -92,23 +117,9 @@ fn market(version: u64, purchases: usize) -> Snapshot {
     snapshot.apps.reserve(purchases);
     snapshot.purchases.reserve(purchases);
     for p in 0..purchases {
-        snapshot.apps.push(App {
-            id: hex_id(3, p),
-            app_key: hex_id(4, p),
-            app_secret: format!("{}{}", hex_id(5, p), hex_id(5, p)),
-            app_codes: vec![format!("{}{}", hex_id(6, p), hex_id(6, p))],
-            creator: "MARKET".into(),
-        });
-        snapshot.purchases.push(Purchase {
-            id: hex_id(7, p),
-            group_id: hex_id(1, p % GROUPS),
-            app_id: hex_id(3, p),
-            state: PurchaseState::Active,
-            start_time: 1_700_000_000,
-            expire_time: 4_000_000_000,
-            quota_limit: Some(1_000_000_000),
-            quota_used: 0,
-        });
+        let (app, purchase) = buyer(p, 1_000_000_000);
+        snapshot.apps.push(app);
+        snapshot.purchases.push(purchase);
     }
     snapshot
 }
@@ -287,9 +298,18 @@ fn report_delta() {
 }
 
 /// What a proxy's buyers see of a market that keeps changing: at 1M purchases,
+/// Buyers the request loop of [`report_sustained_changes`] calls as.
+const TRAFFIC_BUYERS: usize = 64;
+
+/// The purchase (and app) of the request loop's `b`th buyer.
+fn traffic_buyer(b: usize) -> usize {
+    b * 15_601 % MILLION
+}
+
 /// `SNAPSHOT_BENCH_CHANGES_SECS` seconds (default 60) of `SNAPSHOT_BENCH_CHANGES_PER_SEC`
 /// (default 10) market changes a second, each a delta as the control plane sends it (a
-/// purchase frozen or thawed, a purchase's limit changed, a new buyer's app and purchase),
+/// purchase frozen or thawed, a purchase's limit changed, a new buyer's app and purchase;
+/// with `SNAPSHOT_BENCH_SELLER`, every other one a seller's change instead),
 /// applied by `Gateway::apply_delta` on one thread while another runs the request path
 /// (load + decide + take) in a loop. Prints each change's time from when it was due (its
 /// 2xx at the control plane, in effect) to the proxy enforcing it (the swapped snapshot
@@ -308,6 +328,7 @@ fn report_sustained_changes() {
     let mut config = Config::builtin().expect("built-in config");
     config.data_dir = dir.path().to_owned();
     let gateway = Gateway::open(&config).expect("gateway");
+    let seller = std::env::var_os("SNAPSHOT_BENCH_SELLER").is_some();
     let mut first = market(1, MILLION);
     if std::env::var_os("SNAPSHOT_BENCH_THROTTLED").is_some() {
         throttle(&mut first);
@@ -319,9 +340,9 @@ fn report_sustained_changes() {
         let gateway = gateway.clone();
         let stop = stop.clone();
         std::thread::spawn(move || {
-            let buyers: Vec<(HeaderMap, String)> = (0..64)
+            let buyers: Vec<(HeaderMap, String)> = (0..TRAFFIC_BUYERS)
                 .map(|b| {
-                    let p = b * 15_601 % MILLION;
+                    let p = traffic_buyer(b);
                     let code = format!("{}{}", hex_id(6, p), hex_id(6, p));
                     let mut headers = HeaderMap::new();
                     headers.insert(
@@ -390,46 +411,17 @@ fn report_sustained_changes() {
             std::thread::sleep(wait);
         }
         let base = gateway.wire_snapshot().expect("a snapshot");
-        let mut delta = marketgate::snapshot::delta::Delta {
+        let mut delta = Delta {
             from_version: base.version,
             version: base.version + 1,
             ..Default::default()
         };
         let pick = (i as usize * 7_919 + 13) % MILLION;
-        match i % 3 {
-            0 => {
-                let mut changed = base.purchases[pick].clone();
-                changed.state = match changed.state {
-                    PurchaseState::Frozen => PurchaseState::Active,
-                    _ => PurchaseState::Frozen,
-                };
-                delta.purchases.push(changed);
-            }
-            1 => {
-                let mut changed = base.purchases[pick].clone();
-                changed.quota_limit = Some(1_000_000 + i);
-                delta.purchases.push(changed);
-            }
-            _ => {
-                let n = MILLION + i as usize;
-                delta.apps.push(App {
-                    id: hex_id(3, n),
-                    app_key: hex_id(4, n),
-                    app_secret: format!("{}{}", hex_id(5, n), hex_id(5, n)),
-                    app_codes: vec![format!("{}{}", hex_id(6, n), hex_id(6, n))],
-                    creator: "MARKET".into(),
-                });
-                delta.purchases.push(Purchase {
-                    id: hex_id(7, n),
-                    group_id: hex_id(1, n % GROUPS),
-                    app_id: hex_id(3, n),
-                    state: PurchaseState::Active,
-                    start_time: 1_700_000_000,
-                    expire_time: 4_000_000_000,
-                    quota_limit: Some(1_000),
-                    quota_used: 0,
-                });
-            }
+        // With sellers' changes, every other change is one (cycling through four kinds).
+        if seller && i % 2 == 1 {
+            seller_change(&base, &mut delta, i as usize);
+        } else {
+            buyer_change(&base, &mut delta, i as usize, pick);
         }
         drop(base);
         let version = delta.version;
@@ -459,6 +451,75 @@ fn report_sustained_changes() {
         micros.get((micros.len() as f64 * 0.99) as usize).copied().unwrap_or(0),
         micros.last().copied().unwrap_or(0) as f64 / 1000.0,
     );
+}
+
+/// A buyer's change (cycling through three kinds): a purchase frozen or thawed, a
+/// purchase's limit changed, a new buyer's app and purchase.
+fn buyer_change(base: &Snapshot, delta: &mut Delta, i: usize, pick: usize) {
+    match i % 3 {
+        0 => {
+            let mut changed = base.purchases[pick].clone();
+            changed.state = match changed.state {
+                PurchaseState::Frozen => PurchaseState::Active,
+                _ => PurchaseState::Frozen,
+            };
+            delta.purchases.push(changed);
+        }
+        1 => {
+            let mut changed = base.purchases[pick].clone();
+            changed.quota_limit = Some(1_000_000 + i as u64);
+            delta.purchases.push(changed);
+        }
+        _ => {
+            let (app, purchase) = buyer(MILLION + i, 1_000);
+            delta.apps.push(app);
+            delta.purchases.push(purchase);
+        }
+    }
+}
+
+/// A seller's change (cycling through four kinds): a group onsold to a new market domain,
+/// an API added to a group, an app authorized for an API, a domain bound to a group.
+/// The groups the request loop calls are left alone (an onsold group's old market domain
+/// would refuse its buyers).
+fn seller_change(base: &Snapshot, delta: &mut Delta, i: usize) {
+    let mut g = (i * 7_919 + 13) % GROUPS;
+    while (0..TRAFFIC_BUYERS).any(|b| traffic_buyer(b) % GROUPS == g) {
+        g = (g + 1) % GROUPS;
+    }
+    match (i / 2) % 4 {
+        0 => {
+            let mut group = base.groups[g].clone();
+            group.url_domain = Some(format!("g{g}-{i}.market.example"));
+            delta.groups.push(group);
+        }
+        1 => {
+            let mut group = base.groups[g].clone();
+            let mut api = group.apis[1].clone();
+            api.id = hex_id(9, i);
+            api.req_uri = format!("/v1/added{i}/{{id}}");
+            group.apis.push(api);
+            delta.groups.push(group);
+        }
+        2 => {
+            let mut app_auths = base.app_auths.clone();
+            app_auths.push(AppAuth {
+                app_id: hex_id(3, (i * 104_729) % MILLION),
+                api_id: base.groups[g].apis[0].id.clone(),
+            });
+            delta.app_auths = Some(app_auths);
+        }
+        _ => {
+            let mut domains = base.domains.clone();
+            domains.push(Domain {
+                domain: format!("bound{i}.seller.example"),
+                group_id: base.groups[g].id.clone(),
+                min_tls_version: MinTlsVersion::Tls12,
+                https_redirect: false,
+            });
+            delta.domains = Some(domains);
+        }
+    }
 }
 
 fn report_swap_under_traffic() {

@@ -311,7 +311,8 @@ impl Gateway {
 
     /// Applies `delta` to the snapshot served while holding the apply lock: to the compiled
     /// snapshot by structural sharing when `compile::apply_delta` can (a buyer's purchase or
-    /// app, a freeze, a group's state), and to the wire form in place; otherwise the whole
+    /// app, a freeze, a group's state, a seller's groups, APIs, domains, authorizations and
+    /// certificates), and to the wire form in place; otherwise the whole
     /// snapshot it makes is validated and compiled. Either way persisted as an appended
     /// record.
     fn apply_delta_locked(
@@ -338,10 +339,9 @@ impl Gateway {
         let record = serde_json::to_vec(&delta)
             .map_err(|e| SnapshotRejection::Persist(std::io::Error::other(e)))?;
         let current = self.compiled();
-        let Some(prepared) = current
-            .as_deref()
-            .and_then(|current| compile::apply_delta(current, &served.wire, &delta))
-        else {
+        let Some(prepared) = current.as_deref().and_then(|current| {
+            compile::apply_delta(current, &served.wire, &delta, &self.inner.metrics)
+        }) else {
             let snapshot = delta::apply(&served.wire, delta)?;
             return self
                 .apply_locked(applied, snapshot, Some(record), false)

@@ -18,12 +18,18 @@ use hashbrown::{DefaultHashBuilder, HashMap, HashSet, HashTable};
 use rustls::sign::CertifiedKey;
 
 use super::delta::Delta;
-use super::validate::{app_is_well_formed, purchase_is_well_formed, MAX_APPS};
+use super::validate::{
+    app_is_well_formed, purchase_is_well_formed, resolve_app_auths, validate_apis,
+    validate_certificates, Names, ParsedApi, ParsedCertificate, MAX_APPS,
+};
 use super::validate::{
     validate, SpecialRef, ThrottleRefs, Validated, ValidationError, MAX_APP_CODES,
 };
 pub use super::validate::{AuthKind, CompiledBackend, PathPiece};
-use super::wire::{App, Group, MarketState, MinTlsVersion, Purchase, PurchaseState, Snapshot};
+use super::wire::{
+    App, Certificate, Domain, Group, MarketState, MinTlsVersion, Purchase, PurchaseState, Snapshot,
+    ThrottlePolicy,
+};
 pub use crate::certificate::{certified_key_pem, CertificateError};
 use crate::gateway::metrics::{GatewayMetrics, GroupCounters};
 use crate::gateway::quota::{QuotaCell, QuotaRegistry, UNLIMITED};
@@ -45,6 +51,13 @@ pub struct DomainRules {
     pub min_tls_version: MinTlsVersion,
     pub https_redirect: bool,
 }
+
+/// Host name → (group index, which of its domains).
+pub type HostTable = HashMap<Box<str>, (usize, DomainKind)>;
+/// Bound domain → its TLS rules.
+pub type DomainRuleTable = HashMap<Box<str>, DomainRules>;
+/// Server name → the certificate served for it.
+pub type CertificateTable = HashMap<Box<str>, Arc<CertifiedKey>>;
 
 /// Cloned cheaply (its router and APIs are shared): a delta that changes a group's state or
 /// name copies the rest.
@@ -179,7 +192,7 @@ impl CompiledPurchase {
 #[derive(Debug, Clone)]
 pub struct CompiledSnapshot {
     pub version: u64,
-    pub hosts: HashMap<Box<str>, (usize, DomainKind)>,
+    pub hosts: HostTable,
     pub groups: Vec<CompiledGroup>,
     apps: AppSlots,
     /// Indices into `apps` by app key and by app code, hashed with `hasher`; the strings
@@ -191,9 +204,9 @@ pub struct CompiledSnapshot {
     apps_by_id: Sharded<u32>,
     apps_by_purchase: Sharded<u32>,
     hasher: DefaultHashBuilder,
-    pub certificates: HashMap<Box<str>, Arc<CertifiedKey>>,
+    pub certificates: CertificateTable,
     /// The TLS rules of sellers' bound domains, by host name (empty: none bound).
-    pub domain_rules: HashMap<Box<str>, DomainRules>,
+    pub domain_rules: DomainRuleTable,
     /// The registry the throttling counters came from (its clock and mode).
     pub throttle: Arc<ThrottleRegistry>,
     /// The bound policies' limits and exceptions, for a delta that changes an API's callers.
@@ -455,60 +468,20 @@ pub fn prepare<'a>(valid: Validated<'a>, metrics: &GatewayMetrics) -> Prepared<'
         domain_groups,
         throttling,
     } = valid;
-    let mut hosts = HashMap::new();
-    let mut groups = Vec::with_capacity(snapshot.groups.len());
-    let mut group_apis = Vec::with_capacity(snapshot.groups.len());
-    for ((gi, group), parsed) in snapshot.groups.iter().enumerate().zip(parsed) {
-        hosts.insert(group.sl_domain.as_str().into(), (gi, DomainKind::Seller));
-        if let Some(url_domain) = &group.url_domain {
-            hosts.insert(url_domain.as_str().into(), (gi, DomainKind::Market));
-        }
-        let mut router = Router::default();
-        let mut apis = Vec::with_capacity(group.apis.len());
-        for ((ai, api), parsed) in group.apis.iter().enumerate().zip(parsed) {
-            router.insert(parsed.method, &parsed.route, parsed.prefix_match, ai);
-            apis.push(CompiledApi {
-                id: api.id.as_str().into(),
-                name: api.name.as_str().into(),
-                sellable: api.is_sellable(),
-                auth: parsed.auth,
-                app_code_auth: api.app_code_auth,
-                https_only: parsed.https_only,
-                http_only: parsed.http_only,
-                backend: parsed.backend,
-                authorized_apps: HashSet::new(),
-                throttle: None,
-            });
-        }
-        group_apis.push(apis);
-        groups.push(CompiledGroup {
-            index: gi,
-            id: group.id.as_str().into(),
-            name: group.name.as_str().into(),
-            state: group.market_state,
-            router: Arc::new(router),
-            apis: Arc::default(),
-            counters: metrics.group(&group.id),
-        });
-    }
-    let mut domain_rules = HashMap::new();
-    for (bound, gi) in snapshot.domains.iter().zip(domain_groups) {
-        hosts.insert(bound.domain.as_str().into(), (gi, DomainKind::Market));
-        domain_rules.insert(
-            bound.domain.as_str().into(),
-            DomainRules {
-                min_tls_version: bound.min_tls_version,
-                https_redirect: bound.https_redirect,
-            },
-        );
-    }
+    let groups_in_order = snapshot.groups.iter().enumerate();
+    let (hosts, domain_rules) = host_table(groups_in_order, &snapshot.domains, &domain_groups);
+    let mut groups: Vec<CompiledGroup> = snapshot
+        .groups
+        .iter()
+        .zip(parsed)
+        .enumerate()
+        .map(|(gi, (group, parsed))| compile_group(gi, group, parsed, metrics))
+        .collect();
     for (gi, ai, app) in auth_refs {
-        if let Some(api) = group_apis.get_mut(gi).and_then(|apis| apis.get_mut(ai)) {
+        let apis = groups.get_mut(gi).and_then(|g| Arc::get_mut(&mut g.apis));
+        if let Some(api) = apis.and_then(|apis| apis.get_mut(ai)) {
             api.authorized_apps.insert(app as usize);
         }
-    }
-    for (group, apis) in groups.iter_mut().zip(group_apis) {
-        group.apis = Arc::new(apis);
     }
     let purchases = purchase_refs
         .into_iter()
@@ -534,16 +507,7 @@ pub fn prepare<'a>(valid: Validated<'a>, metrics: &GatewayMetrics) -> Prepared<'
             &mut apps_by_id,
         );
     }
-    let mut certificates = HashMap::new();
-    let mut expiries = Vec::new();
-    for (cert, parsed) in snapshot.certificates.iter().zip(parsed_certificates) {
-        for domain in &cert.domains {
-            certificates.insert(domain.as_str().into(), parsed.key.clone());
-            if let Some(not_after) = parsed.not_after {
-                expiries.push((domain.as_str(), not_after));
-            }
-        }
-    }
+    let (certificates, expiries) = certificate_table(&snapshot.certificates, parsed_certificates);
     Prepared {
         compiled: CompiledSnapshot {
             version: snapshot.version,
@@ -567,6 +531,89 @@ pub fn prepare<'a>(valid: Validated<'a>, metrics: &GatewayMetrics) -> Prepared<'
     }
 }
 
+/// Group `gi` compiled from its validated APIs: its router and APIs (no authorized apps nor
+/// throttle yet: the caller adds them), its metric series (created at zero if new).
+fn compile_group(
+    gi: usize,
+    group: &Group,
+    parsed: Vec<ParsedApi>,
+    metrics: &GatewayMetrics,
+) -> CompiledGroup {
+    let mut router = Router::default();
+    let mut apis = Vec::with_capacity(group.apis.len());
+    for ((ai, api), parsed) in group.apis.iter().enumerate().zip(parsed) {
+        router.insert(parsed.method, &parsed.route, parsed.prefix_match, ai);
+        apis.push(CompiledApi {
+            id: api.id.as_str().into(),
+            name: api.name.as_str().into(),
+            sellable: api.is_sellable(),
+            auth: parsed.auth,
+            app_code_auth: api.app_code_auth,
+            https_only: parsed.https_only,
+            http_only: parsed.http_only,
+            backend: parsed.backend,
+            authorized_apps: HashSet::new(),
+            throttle: None,
+        });
+    }
+    CompiledGroup {
+        index: gi,
+        id: group.id.as_str().into(),
+        name: group.name.as_str().into(),
+        state: group.market_state,
+        router: Arc::new(router),
+        apis: Arc::new(apis),
+        counters: metrics.group(&group.id),
+    }
+}
+
+/// Host name → (group index, which domain) for every group's `sl_domain` and `url_domain`
+/// and every bound domain (`domain_groups[i]`: bound domain `i`'s group), and the bound
+/// domains' TLS rules. Names were checked unique by validation (`Names`).
+fn host_table<'g>(
+    groups: impl Iterator<Item = (usize, &'g Group)>,
+    domains: &[Domain],
+    domain_groups: &[usize],
+) -> (HostTable, DomainRuleTable) {
+    let mut hosts = HashMap::new();
+    for (gi, group) in groups {
+        hosts.insert(group.sl_domain.as_str().into(), (gi, DomainKind::Seller));
+        if let Some(url_domain) = &group.url_domain {
+            hosts.insert(url_domain.as_str().into(), (gi, DomainKind::Market));
+        }
+    }
+    let mut domain_rules = HashMap::new();
+    for (bound, &gi) in domains.iter().zip(domain_groups) {
+        hosts.insert(bound.domain.as_str().into(), (gi, DomainKind::Market));
+        domain_rules.insert(
+            bound.domain.as_str().into(),
+            DomainRules {
+                min_tls_version: bound.min_tls_version,
+                https_redirect: bound.https_redirect,
+            },
+        );
+    }
+    (hosts, domain_rules)
+}
+
+/// Each certificate's key by every domain it names, and the certificates' expiries.
+fn certificate_table(
+    certificates: &[Certificate],
+    parsed: Vec<ParsedCertificate>,
+) -> (CertificateTable, Vec<(&str, i64)>) {
+    let mut table = HashMap::new();
+    let mut expiries = Vec::new();
+    for (cert, parsed) in certificates.iter().zip(parsed) {
+        for domain in &cert.domains {
+            table.insert(domain.as_str().into(), parsed.key.clone());
+            if let Some(not_after) = parsed.not_after {
+                expiries.push((domain.as_str(), not_after));
+            }
+        }
+    }
+    (table, expiries)
+}
+
 /// A delta applied to a compiled snapshot, its purchases' quota cells not yet taken: made
 /// by [`apply_delta`], finished by [`PreparedDelta::bind`] once the delta is persisted.
 #[derive(Debug)]
@@ -574,12 +621,36 @@ pub struct PreparedDelta<'a> {
     compiled: CompiledSnapshot,
     /// (app slot, group index, the purchase) of each purchase the delta carries.
     purchases: Vec<(u32, u32, &'a Purchase)>,
-    /// A group's name changed (`marketgate_group_info` follows).
+    /// A group's name changed, or groups came or went (`marketgate_group_info` follows).
     renamed: bool,
     /// Apps (by slot) that stopped buying from a group, then apps that started to: the
     /// callers of the group's throttled APIs change (bound policies only).
     left: Vec<(u32, usize)>,
     joined: Vec<(u32, usize)>,
+    /// Throttled APIs whose authorized apps changed: their callers follow.
+    authorized: Vec<AuthorizedChange>,
+    /// Bound APIs that moved to another group: their throttle is built anew at bind.
+    fresh: Vec<FreshThrottle>,
+    /// The certificates' expiries, when the delta replaced the certificates.
+    expiries: Option<Vec<(&'a str, i64)>>,
+}
+
+/// A throttled API's authorized apps changed (by app slot).
+#[derive(Debug)]
+struct AuthorizedChange {
+    group: usize,
+    api: usize,
+    added: Vec<u32>,
+    removed: Vec<u32>,
+}
+
+/// A bound API whose throttle is compiled at bind, from its group's buyers then.
+#[derive(Debug)]
+struct FreshThrottle {
+    group: usize,
+    api: usize,
+    rule: Arc<PolicyRule>,
+    scope: String,
 }
 
 impl PreparedDelta<'_> {
@@ -590,6 +661,8 @@ impl PreparedDelta<'_> {
 
     /// Takes the cells of the purchases the delta carries from `quota` (as
     /// [`Prepared::bind`] does for every purchase); every other purchase keeps its cell.
+    /// The callers of throttled APIs follow who buys and who is authorized; certificate
+    /// expiries and group names are published if they changed.
     pub fn bind(self, quota: &QuotaRegistry, metrics: &GatewayMetrics) -> CompiledSnapshot {
         let PreparedDelta {
             mut compiled,
@@ -597,8 +670,12 @@ impl PreparedDelta<'_> {
             renamed,
             left,
             joined,
+            authorized,
+            fresh,
+            expiries,
         } = self;
-        rebind_callers(&mut compiled, &left, &joined, quota.throttle());
+        let registry = quota.throttle();
+        rebind_callers(&mut compiled, &left, &joined, registry);
         for (app, group, purchase) in purchases {
             let cell = quota.cell(
                 &purchase.id,
@@ -606,6 +683,11 @@ impl PreparedDelta<'_> {
                 purchase.quota_used,
             );
             bind_purchase(&mut compiled, app, group, purchase, cell);
+        }
+        reauthorize_callers(&mut compiled, &authorized, registry);
+        build_fresh_throttles(&mut compiled, &fresh, registry, metrics);
+        if let Some(expiries) = expiries {
+            metrics.set_certificate_expiries(expiries);
         }
         if renamed {
             metrics.set_group_names(compiled.groups.iter().map(|g| (&*g.id, &*g.name)));
@@ -617,7 +699,20 @@ impl PreparedDelta<'_> {
 /// What `delta` makes of `base` (compiled from `wire`, the wire snapshot the delta applies
 /// to), built by structural sharing: only the chunks of apps and the table shards the
 /// delta's apps and purchases touch are copied, and only the groups it changes; the rest
-/// is `base`'s, shared. Touches no shared state (see [`PreparedDelta::bind`]).
+/// is `base`'s, shared. Touches no shared state but the metric series of new groups (see
+/// [`PreparedDelta::bind`]).
+///
+/// Sellers' changes are applied the same way, checked by the rules a full validation runs
+/// (the same functions: `validate::Names`, `validate_apis`, `resolve_app_auths`,
+/// `validate_certificates`) against the compiled tables: a group whose APIs changed, or a
+/// new group, has its APIs validated and its router compiled (a bound API staying in its
+/// group keeps its throttle; one that moved gets a new one at bind, O(the market's apps));
+/// the host table is rebuilt from every group's names and the bound domains when a group's
+/// domains, the groups or the bound domains changed (O(groups)); app authorizations are
+/// resolved again when they, or the APIs, changed, and only APIs whose authorized apps
+/// changed are copied; certificates are parsed when they changed. A removed group's
+/// purchases must be gone (every purchase is checked: O(the market's apps), rare); groups
+/// after it move up one place, their purchases with them.
 ///
 /// Where throttling policies are bound, an app that starts or stops buying from a group
 /// becomes or stops being a caller of the group's throttled APIs: those APIs are copied
@@ -625,53 +720,123 @@ impl PreparedDelta<'_> {
 ///
 /// `None` when the delta is not one this applies, and the caller then validates and
 /// compiles the whole snapshot (which also words any refusal exactly as a full push's):
-/// a delta that changes a group's APIs or domains, removes a group, or changes app
-/// authorizations, certificates, bound domains or throttling (sellers' changes, rare beside
-/// buyers'); one that removes an app the throttling section names; one that breaks a rule
-/// (a duplicate key, a purchase of a missing app, …); and when a quarter of the apps' slots
-/// are empty (a full compile packs them again).
+/// a delta that changes throttling; one that removes an app the throttling section names;
+/// one that breaks a rule (a duplicate key or domain, a purchase of a missing app, a group
+/// removed with its buyers, …); and when a quarter of the apps' slots are empty (a full
+/// compile packs them again).
 /// Equal to a full compile of `delta::apply(wire, delta)` otherwise
 /// (`snapshot::properties`).
 pub fn apply_delta<'a>(
     base: &CompiledSnapshot,
     wire: &Snapshot,
     delta: &'a Delta,
+    metrics: &GatewayMetrics,
 ) -> Option<PreparedDelta<'a>> {
     if delta.from_version != base.version
         || wire.version != base.version
         || delta.version <= delta.from_version
-        || !delta.removed_groups.is_empty()
-        || delta.app_auths.is_some()
-        || delta.certificates.is_some()
-        || delta.domains.is_some()
         || delta.throttling.is_some()
         || base.apps.vacant * 4 > base.apps.len
+        || base.groups.len() != wire.groups.len()
     {
         return None;
     }
     let mut next = base.clone();
     next.version = delta.version;
-    let groups: HashMap<&str, (usize, &Group)> = wire
-        .groups
-        .iter()
-        .enumerate()
-        .map(|(gi, group)| (group.id.as_str(), (gi, group)))
-        .collect();
 
-    // Groups: a new state or name; the router and APIs stay shared.
-    let mut renamed = false;
-    for group in &delta.groups {
-        let &(gi, old) = groups.get(group.id.as_str())?;
-        if old.sl_domain != group.sl_domain
-            || old.url_domain != group.url_domain
-            || old.apis != group.apis
-        {
+    // Groups, in the order the rebuilt wire snapshot has them (`delta::apply`).
+    let groups = GroupChanges::of(wire, delta)?;
+    let mut renamed = groups.added_or_removed;
+    let mut hosts_changed = groups.added_or_removed || delta.domains.is_some();
+    let mut recompiled = Vec::new();
+    let mut compiled_groups = Vec::with_capacity(groups.order.len());
+    for (gi, &(old, group)) in groups.order.iter().enumerate() {
+        let Some(old) = old else {
+            recompiled.push(gi);
+            compiled_groups.push(None);
+            continue;
+        };
+        let (before, compiled) = (&wire.groups[old], base.groups.get(old)?);
+        if *compiled.id != *group.id {
             return None;
         }
-        let compiled = next.groups.get_mut(gi).filter(|g| *g.id == *group.id)?;
-        renamed |= *compiled.name != *group.name;
-        compiled.name = group.name.as_str().into();
-        compiled.state = group.market_state;
+        let mut compiled = compiled.clone();
+        compiled.index = gi;
+        if !std::ptr::eq(before, group) {
+            hosts_changed |=
+                before.sl_domain != group.sl_domain || before.url_domain != group.url_domain;
+            renamed |= before.name != group.name;
+            compiled.name = group.name.as_str().into();
+            compiled.state = group.market_state;
+            if before.apis != group.apis {
+                recompiled.push(gi);
+            }
+        }
+        compiled_groups.push(Some(compiled));
+    }
+
+    // APIs: those of the groups recompiled are checked against every other group's ids.
+    let apis_changed = groups.added_or_removed || !recompiled.is_empty();
+    let mut api_ids: HashMap<&str, (usize, usize)> = HashMap::new();
+    if apis_changed || delta.app_auths.is_some() {
+        for (gi, &(_, group)) in groups.order.iter().enumerate() {
+            if !recompiled.contains(&gi) {
+                for (ai, api) in group.apis.iter().enumerate() {
+                    api_ids.insert(api.id.as_str(), (gi, ai));
+                }
+            }
+        }
+    }
+    let bound: HashMap<&str, &ThrottlePolicy> = wire
+        .throttling
+        .policies
+        .iter()
+        .flat_map(|policy| policy.api_ids.iter().map(move |api| (api.as_str(), policy)))
+        .collect();
+    let mut fresh = Vec::new();
+    for &gi in &recompiled {
+        let (old, group) = groups.order[gi];
+        let parsed = validate_apis(gi, group, &mut api_ids).ok()?;
+        let mut compiled = compile_group(gi, group, parsed, metrics);
+        let before = old.and_then(|old| base.groups.get(old));
+        for (ai, api) in Arc::make_mut(&mut compiled.apis).iter_mut().enumerate() {
+            let Some(policy) = bound.get(&*api.id) else {
+                continue;
+            };
+            // A bound API that stays in its group keeps its throttle (its callers are
+            // still the group's buyers and its authorized apps, which follow below).
+            let kept = before.and_then(|g| g.apis.iter().find(|old| old.id == api.id));
+            match kept.filter(|old| old.throttle.is_some()) {
+                Some(old) => {
+                    api.throttle = old.throttle.clone();
+                    api.authorized_apps = old.authorized_apps.clone();
+                }
+                None => fresh.push(FreshThrottle {
+                    group: gi,
+                    api: ai,
+                    rule: Arc::new(policy_rule(policy)),
+                    scope: throttle_scope(policy, &api.id),
+                }),
+            }
+        }
+        compiled_groups[gi] = Some(compiled);
+    }
+    next.groups = compiled_groups.into_iter().collect::<Option<Vec<_>>>()?;
+    // The throttling section still names only APIs that are there.
+    if apis_changed && !bound.keys().all(|api| api_ids.contains_key(api)) {
+        return None;
+    }
+
+    // Hosts: every group's names and the bound domains claimed again, as validation does.
+    let bound_domains = delta.domains.as_deref().unwrap_or(&wire.domains);
+    if hosts_changed {
+        let mut names = Names::default();
+        for (gi, &(_, group)) in groups.order.iter().enumerate() {
+            names.claim_group(gi, group).ok()?;
+        }
+        let domain_groups = names.claim_bound_domains(bound_domains).ok()?;
+        let in_order = groups.order.iter().map(|&(_, group)| group).enumerate();
+        (next.hosts, next.domain_rules) = host_table(in_order, bound_domains, &domain_groups);
     }
 
     // Purchases removed or replaced leave their apps first (an app may change hands).
@@ -692,20 +857,39 @@ pub fn apply_delta<'a>(
             }
             continue;
         };
-        left.push((app as u32, group));
+        // Its group's place now (a removed group's callers need no change).
+        if let Some(group) = groups.place[group] {
+            left.push((app as u32, group));
+        }
         let hash = next.hasher.hash_one(id.as_str());
         next.apps_by_purchase.remove(hash, |&i| i as usize == app);
         next.apps.slot_mut(app)?.as_mut()?.purchase = None;
     }
+    // A group removed: every purchase left follows its group, and none may be of a group gone.
+    if groups.removed {
+        let mut follow = Vec::new();
+        for app in next.apps.iter() {
+            if let Some(purchase) = &app.purchase {
+                let place = groups.place[purchase.group]?;
+                if place != purchase.group {
+                    follow.push((app.index, place));
+                }
+            }
+        }
+        for (app, place) in follow {
+            next.apps.slot_mut(app)?.as_mut()?.purchase.as_mut()?.group = place;
+        }
+    }
 
     // Apps removed or replaced: out of the tables first, so a key or code may move to
     // another app in the same delta.
+    let app_auths = delta.app_auths.as_deref().unwrap_or(&wire.app_auths);
     for id in &delta.removed_apps {
         let app = next.app_by_id(id)?.clone();
         // A purchase, an authorization or the throttling section still naming it: the full
         // path refuses it.
         if app.purchase.is_some()
-            || wire.app_auths.iter().any(|auth| auth.app_id == *id)
+            || app_auths.iter().any(|auth| auth.app_id == *id)
             || next.throttling.names(app.index as u32)
         {
             return None;
@@ -774,7 +958,7 @@ pub fn apply_delta<'a>(
         if !purchase_is_well_formed(purchase) {
             return None;
         }
-        let &(gi, _) = groups.get(purchase.group_id.as_str())?;
+        let &gi = groups.by_id.get(purchase.group_id.as_str())?;
         let app = next.app_by_id(&purchase.app_id)?;
         if app.purchase.is_some() || !claimed.insert(app.index) {
             return None;
@@ -791,13 +975,231 @@ pub fn apply_delta<'a>(
     let joined_set: HashSet<(u32, usize)> = joined.iter().copied().collect();
     left.retain(|moved| !joined_set.contains(moved));
     joined.retain(|moved| !left_set.contains(moved));
+
+    // App authorizations: resolved again when they or the APIs changed.
+    let mut authorized = Vec::new();
+    if delta.app_auths.is_some() || apis_changed {
+        let refs = resolve_app_auths(
+            app_auths,
+            |id| next.app_by_id(id).map(|app| app.index as u32),
+            |id| api_ids.get(id).copied(),
+        )
+        .ok()?;
+        authorized = reauthorize(&mut next.groups, &refs);
+    }
+
+    // Certificates: parsed when they changed (they name nothing else).
+    let mut expiries = None;
+    if let Some(certificates) = &delta.certificates {
+        let parsed = validate_certificates(certificates).ok()?;
+        let (table, parsed_expiries) = certificate_table(certificates, parsed);
+        next.certificates = table;
+        expiries = Some(parsed_expiries);
+    }
+
     Some(PreparedDelta {
         compiled: next,
         purchases,
         renamed,
         left,
         joined,
+        authorized,
+        fresh,
+        expiries,
     })
+}
+
+/// The groups a delta makes, as `delta::apply` orders them: the base's order with removed
+/// groups dropped and changed ones in place, then new ones by id.
+struct GroupChanges<'w> {
+    /// Each group's place in the base (`None`: new) and its wire form.
+    order: Vec<(Option<usize>, &'w Group)>,
+    /// `place[i]`: where the base's group `i` is now (`None`: removed).
+    place: Vec<Option<usize>>,
+    /// Group id → its place.
+    by_id: HashMap<&'w str, usize>,
+    /// A group was removed: the groups after it moved up.
+    removed: bool,
+    /// A group was removed or added.
+    added_or_removed: bool,
+}
+
+impl<'w> GroupChanges<'w> {
+    /// `None` for a delta that names a group twice (changed twice, or changed and removed).
+    fn of(wire: &'w Snapshot, delta: &'w Delta) -> Option<GroupChanges<'w>> {
+        let removed: HashSet<&str> = delta.removed_groups.iter().map(String::as_str).collect();
+        let mut changed: HashMap<&str, &Group> = HashMap::new();
+        for group in &delta.groups {
+            if removed.contains(group.id.as_str())
+                || changed.insert(group.id.as_str(), group).is_some()
+            {
+                return None;
+            }
+        }
+        let mut order = Vec::with_capacity(wire.groups.len() + changed.len());
+        let mut place = Vec::with_capacity(wire.groups.len());
+        for (gi, group) in wire.groups.iter().enumerate() {
+            if removed.contains(group.id.as_str()) {
+                place.push(None);
+                continue;
+            }
+            place.push(Some(order.len()));
+            order.push((Some(gi), changed.remove(group.id.as_str()).unwrap_or(group)));
+        }
+        let mut added: Vec<&Group> = changed.into_values().collect();
+        added.sort_by(|a, b| a.id.cmp(&b.id));
+        order.extend(added.into_iter().map(|group| (None, group)));
+        let removed = place.iter().any(Option::is_none);
+        let added_or_removed = removed || order.len() != wire.groups.len();
+        let by_id = order
+            .iter()
+            .enumerate()
+            .map(|(gi, &(_, group))| (group.id.as_str(), gi))
+            .collect();
+        Some(GroupChanges {
+            order,
+            place,
+            by_id,
+            removed,
+            added_or_removed,
+        })
+    }
+}
+
+/// Gives each API the apps `refs` (group, API, app) authorize for it, copying only the
+/// groups whose APIs' authorized apps change; returns the changes of throttled APIs.
+fn reauthorize(
+    groups: &mut [CompiledGroup],
+    refs: &[(usize, usize, u32)],
+) -> Vec<AuthorizedChange> {
+    let mut wanted: HashMap<(usize, usize), HashSet<usize>> = HashMap::new();
+    for &(gi, ai, app) in refs {
+        wanted.entry((gi, ai)).or_default().insert(app as usize);
+    }
+    let none = HashSet::new();
+    let mut changes = Vec::new();
+    for (gi, group) in groups.iter_mut().enumerate() {
+        let differs = |ai: usize, api: &CompiledApi| {
+            api.authorized_apps != *wanted.get(&(gi, ai)).unwrap_or(&none)
+        };
+        if !group
+            .apis
+            .iter()
+            .enumerate()
+            .any(|(ai, api)| differs(ai, api))
+        {
+            continue;
+        }
+        for (ai, api) in Arc::make_mut(&mut group.apis).iter_mut().enumerate() {
+            if !differs(ai, api) {
+                continue;
+            }
+            let now = wanted.get(&(gi, ai)).cloned().unwrap_or_default();
+            if api.throttle.is_some() {
+                let slots = |apps: &HashSet<usize>, other: &HashSet<usize>| {
+                    apps.difference(other).map(|&app| app as u32).collect()
+                };
+                changes.push(AuthorizedChange {
+                    group: gi,
+                    api: ai,
+                    added: slots(&now, &api.authorized_apps),
+                    removed: slots(&api.authorized_apps, &now),
+                });
+            }
+            api.authorized_apps = now;
+        }
+    }
+    changes
+}
+
+/// Makes the callers of throttled APIs follow their authorized apps: an app authorized
+/// now is a caller (with the limits its policy holds it to); one no longer authorized
+/// stops being one unless it buys from the API's group.
+fn reauthorize_callers(
+    compiled: &mut CompiledSnapshot,
+    changes: &[AuthorizedChange],
+    registry: &ThrottleRegistry,
+) {
+    let CompiledSnapshot {
+        groups,
+        apps,
+        throttling,
+        ..
+    } = compiled;
+    for change in changes {
+        let Some(group) = groups.get_mut(change.group) else {
+            continue;
+        };
+        let Some(api) = Arc::make_mut(&mut group.apis).get_mut(change.api) else {
+            continue;
+        };
+        let Some(throttle) = api.throttle.as_mut() else {
+            continue;
+        };
+        for &app in &change.added {
+            if let Some(compiled_app) = apps.get(app as usize) {
+                let (app_limit, user) = throttling.limits(&throttle.rule.id, app);
+                throttle.set_caller(app, compiled_app.id(), app_limit, user, registry);
+            }
+        }
+        for &app in &change.removed {
+            let buys_here = apps
+                .get(app as usize)
+                .and_then(|app| app.purchase.as_ref())
+                .is_some_and(|purchase| purchase.group == change.group);
+            if !buys_here {
+                throttle.remove_caller(app);
+            }
+        }
+    }
+}
+
+/// Compiles the throttle of each bound API that moved groups: its callers are its group's
+/// buyers (found by a pass over the apps) and its authorized apps.
+fn build_fresh_throttles(
+    compiled: &mut CompiledSnapshot,
+    fresh: &[FreshThrottle],
+    registry: &ThrottleRegistry,
+    metrics: &GatewayMetrics,
+) {
+    if fresh.is_empty() {
+        return;
+    }
+    let (groups, apps) = (&mut compiled.groups, &compiled.apps);
+    let throttling = &compiled.throttling;
+    let mut buyers: HashMap<usize, Vec<u32>> = HashMap::new();
+    for app in apps.iter() {
+        if let Some(purchase) = &app.purchase {
+            buyers
+                .entry(purchase.group)
+                .or_default()
+                .push(app.index as u32);
+        }
+    }
+    for entry in fresh {
+        let Some(group) = groups.get_mut(entry.group) else {
+            continue;
+        };
+        let throttled = metrics.throttled(&group.id, &entry.rule.id);
+        let Some(api) = Arc::make_mut(&mut group.apis).get_mut(entry.api) else {
+            continue;
+        };
+        let mut callers = buyers.get(&entry.group).cloned().unwrap_or_default();
+        callers.extend(api.authorized_apps.iter().map(|&app| app as u32));
+        callers.sort_unstable();
+        callers.dedup();
+        let callers = callers.into_iter().filter_map(|app| {
+            let (app_limit, user) = throttling.limits(&entry.rule.id, app);
+            Some((app, apps.get(app as usize)?.id(), app_limit, user))
+        });
+        api.throttle = Some(ApiThrottle::new(
+            entry.rule.clone(),
+            &entry.scope,
+            callers,
+            registry,
+            throttled,
+        ));
+    }
 }
 
 /// Makes the callers of each throttled API of a group follow its buyers: an app in `left`
@@ -918,6 +1320,34 @@ fn bind_purchase(
         });
 }
 
+/// A throttling policy as the hot path applies it.
+fn policy_rule(policy: &ThrottlePolicy) -> PolicyRule {
+    PolicyRule {
+        id: policy.id.as_str().into(),
+        name: policy.name.as_str().into(),
+        api_limit: policy.api_call_limits,
+        user_limit: policy.user_call_limits,
+        app_limit: policy.app_call_limits,
+        ip_limit: policy.ip_call_limits,
+        interval: policy.time_interval,
+        unit: policy.time_unit,
+        window_ms: policy
+            .time_interval
+            .saturating_mul(policy.time_unit.seconds())
+            .saturating_mul(1000),
+    }
+}
+
+/// What the counters of `policy` bound to API `api_id` are named by: an exclusive policy
+/// counts each API apart (`{policy}/{api}`), a shared one all of them together (`{policy}`).
+fn throttle_scope(policy: &ThrottlePolicy, api_id: &str) -> String {
+    if policy.shared {
+        policy.id.clone()
+    } else {
+        format!("{}/{}", policy.id, api_id)
+    }
+}
+
 /// Compiles each throttling policy onto the APIs it is bound to, taking the counters from
 /// the throttle registry: an exclusive policy counts each API apart (scope `{policy}/{api}`),
 /// a shared one all of them together (scope `{policy}`). The callers of an API are the apps
@@ -966,20 +1396,7 @@ fn bind_throttles(
         buyers.entry(group as usize).or_default().push(app);
     }
     for (policy, apis) in snapshot.throttling.policies.iter().zip(&refs.policies) {
-        let rule = Arc::new(PolicyRule {
-            id: policy.id.as_str().into(),
-            name: policy.name.as_str().into(),
-            api_limit: policy.api_call_limits,
-            user_limit: policy.user_call_limits,
-            app_limit: policy.app_call_limits,
-            ip_limit: policy.ip_call_limits,
-            interval: policy.time_interval,
-            unit: policy.time_unit,
-            window_ms: policy
-                .time_interval
-                .saturating_mul(policy.time_unit.seconds())
-                .saturating_mul(1000),
-        });
+        let rule = Arc::new(policy_rule(policy));
         for &(gi, ai) in apis {
             let Some(group) = compiled.groups.get_mut(gi) else {
                 continue;
@@ -988,11 +1405,7 @@ fn bind_throttles(
             let group_id = &group.id;
             let apis = Arc::get_mut(&mut group.apis)
                 .expect("a group's APIs are shared only once its snapshot is bound");
-            let scope = if policy.shared {
-                policy.id.clone()
-            } else {
-                format!("{}/{}", policy.id, apis[ai].id)
-            };
+            let scope = throttle_scope(policy, &apis[ai].id);
             let mut callers: Vec<u32> = buyers.get(&gi).cloned().unwrap_or_default();
             callers.extend(apis[ai].authorized_apps.iter().map(|&a| a as u32));
             callers.sort_unstable();

@@ -11,8 +11,9 @@ use super::compile::{apply_delta, compile, prepare, CompiledSnapshot};
 use super::delta::{apply, diff, Delta};
 use super::validate::validate;
 use super::wire::{
-    Api, App, AppAuth, AppUser, Backend, Group, MarketState, Purchase, PurchaseState, Snapshot,
-    SpecialKind, ThrottlePolicy, ThrottleSpecial, Throttling, TimeUnit,
+    Api, App, AppAuth, AppUser, Backend, Certificate, Domain, Group, MarketState, MinTlsVersion,
+    Purchase, PurchaseState, Snapshot, SpecialKind, ThrottlePolicy, ThrottleSpecial, Throttling,
+    TimeUnit,
 };
 use crate::gateway::metrics::GatewayMetrics;
 use crate::gateway::quota::QuotaRegistry;
@@ -417,12 +418,46 @@ fn by_id(snapshot: &Snapshot) -> (Vec<&Group>, Vec<&App>, Vec<&Purchase>) {
     (groups, apps, purchases)
 }
 
-/// A market and what buyers and sellers' listings make of it a version later: purchases
-/// frozen or given another limit, purchases removed with their apps, apps given a new
-/// secret, new buyers (an app and its purchase), a group delisted or renamed, a purchase
-/// moved to another group (in a throttled market: callers of its APIs change).
+/// A certificate and key (PEM), made once (key generation is slow for a property's cases).
+fn certificate_pem() -> &'static (String, String) {
+    static PEM: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+    PEM.get_or_init(|| {
+        let params = rcgen::CertificateParams::new(vec!["cert.test".to_owned()]).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    })
+}
+
+/// An API no other has the route or id of (`n` tells them apart), answered by a mock.
+fn new_api(id: String, n: usize) -> Api {
+    Api {
+        id,
+        name: "new".into(),
+        api_type: 1,
+        req_protocol: "BOTH".into(),
+        req_method: "GET".into(),
+        req_uri: format!("/new{n}"),
+        match_mode: "NORMAL".into(),
+        auth_type: "APP".into(),
+        app_code_auth: false,
+        backend: Backend::Mock {
+            status: 200,
+            body: "new".into(),
+        },
+    }
+}
+
+/// A market and what buyers' and sellers' changes make of it a version later. Buyers:
+/// purchases frozen or given another limit, purchases removed with their apps, apps given
+/// a new secret, new buyers (an app and its purchase), a purchase moved to another group
+/// (in a throttled market: callers of its APIs change). Sellers: a group delisted or
+/// renamed, onsold to a new market domain or given a new debug domain, an API added, a
+/// (maybe throttled) API moved to another group, a new group, a group removed with its
+/// purchases, authorizations and bound domains, an app authorized or unauthorized, a
+/// domain bound, the certificates replaced.
 fn market_and_change() -> impl Strategy<Value = (Snapshot, Snapshot)> {
-    (valid_snapshot(), vec((0u8..8, any::<u16>()), 0..8)).prop_map(|(old, edits)| {
+    (valid_snapshot(), vec((0u8..18, any::<u16>()), 0..8)).prop_map(|(old, edits)| {
         let mut new = old.clone();
         new.version = old.version + 1;
         for (n, (kind, pick)) in edits.into_iter().enumerate() {
@@ -493,11 +528,95 @@ fn market_and_change() -> impl Strategy<Value = (Snapshot, Snapshot)> {
                     let g = &mut new.groups[pick % groups];
                     g.name = format!("renamed {n}");
                 }
-                _ => {
+                7 => {
                     // A buyer moves to another group.
                     let group = new.groups[pick % groups].id.clone();
                     if let Some(p) = new.purchases.get_mut(pick % purchases) {
                         p.group_id = group;
+                    }
+                }
+                8 => {
+                    let g = &mut new.groups[pick % groups];
+                    g.url_domain = Some(format!("n{n}.market.test"));
+                }
+                9 => {
+                    let g = &mut new.groups[pick % groups];
+                    g.apis.push(new_api(format!("new-api-{n}"), n));
+                }
+                10 => {
+                    if let Some(app) = new.apps.get(pick % apps) {
+                        let apis: Vec<&Api> = new.groups.iter().flat_map(|g| &g.apis).collect();
+                        let api_id = apis[pick % apis.len()].id.clone();
+                        new.app_auths.push(AppAuth {
+                            app_id: app.id.clone(),
+                            api_id,
+                        });
+                    }
+                }
+                11 => {
+                    let group_id = new.groups[pick % groups].id.clone();
+                    new.domains.push(Domain {
+                        domain: format!("bound{n}.test"),
+                        group_id,
+                        min_tls_version: MinTlsVersion::Tls12,
+                        https_redirect: pick % 2 == 0,
+                    });
+                }
+                12 => {
+                    new.groups.push(Group {
+                        id: format!("ng{n}"),
+                        name: format!("new group {n}"),
+                        sl_domain: format!("ng{n}.sl.test"),
+                        url_domain: (pick % 2 == 0).then(|| format!("ng{n}.market.test")),
+                        market_state: MarketState::OnSale,
+                        apis: vec![new_api(format!("ng{n}-api"), n)],
+                    });
+                }
+                13 => {
+                    // A group removed with what names it (but not if throttled: the
+                    // throttling section would have to change too), the last one kept.
+                    let gone = new.groups[pick % groups].clone();
+                    let bound = |api: &Api| {
+                        new.throttling
+                            .policies
+                            .iter()
+                            .any(|policy| policy.api_ids.contains(&api.id))
+                    };
+                    if groups > 1 && !gone.apis.iter().any(bound) {
+                        new.groups.retain(|g| g.id != gone.id);
+                        new.purchases.retain(|p| p.group_id != gone.id);
+                        new.domains.retain(|d| d.group_id != gone.id);
+                        new.app_auths
+                            .retain(|auth| !gone.apis.iter().any(|api| api.id == auth.api_id));
+                    }
+                }
+                14 => {
+                    let (cert_pem, key_pem) = certificate_pem().clone();
+                    new.certificates = vec![Certificate {
+                        domains: vec![format!("cert{n}.test"), format!("n{n}.market.test")],
+                        cert_pem,
+                        key_pem,
+                    }];
+                }
+                15 => {
+                    let g = &mut new.groups[pick % groups];
+                    g.sl_domain = format!("n{n}.sl.test");
+                }
+                16 => {
+                    if !new.app_auths.is_empty() {
+                        let at = pick % new.app_auths.len();
+                        new.app_auths.remove(at);
+                    }
+                }
+                _ => {
+                    // An API (throttled or not) moves to another group, a route of its own.
+                    let from = pick % groups;
+                    let to = (pick / 7) % groups;
+                    if from != to && !new.groups[from].apis.is_empty() {
+                        let mut api = new.groups[from].apis.remove(0);
+                        let kept = new_api(api.id.clone(), n);
+                        (api.req_uri, api.backend) = (kept.req_uri, kept.backend);
+                        new.groups[to].apis.push(api);
                     }
                 }
             }
@@ -569,6 +688,24 @@ fn served_view(compiled: &CompiledSnapshot, wires: &[&Snapshot], cells: bool) ->
             g.index, g.id, g.name, g.state
         ));
         for api in g.apis.iter() {
+            let mut authorized: Vec<Option<&&str>> = api
+                .authorized_apps
+                .iter()
+                .map(|&app| app_ids.get(&(app as u32)))
+                .collect();
+            authorized.sort();
+            view.push(format!(
+                "api {} {} {} {} {:?} {} {} {} {:?} authorized {authorized:?}",
+                g.id,
+                api.id,
+                api.name,
+                api.sellable,
+                api.auth,
+                api.app_code_auth,
+                api.https_only,
+                api.http_only,
+                api.backend,
+            ));
             let Some(throttle) = &api.throttle else {
                 continue;
             };
@@ -594,6 +731,41 @@ fn served_view(compiled: &CompiledSnapshot, wires: &[&Snapshot], cells: bool) ->
         .collect();
     hosts.sort();
     view.extend(hosts);
+    for wire in wires {
+        // Routes: each API's own path (its template's text) with each method, as found.
+        for group in &wire.groups {
+            for api in &group.apis {
+                for method in [http::Method::GET, http::Method::POST] {
+                    let found = compiled
+                        .hosts
+                        .get(group.sl_domain.as_str())
+                        .map(|&(gi, _)| {
+                            let g = &compiled.groups[gi];
+                            let target = g.router.find(&method, &api.req_uri).map(|f| f.target);
+                            (g.id.to_string(), target.map(|ai| g.apis[ai].id.to_string()))
+                        });
+                    view.push(format!(
+                        "route {} {method} {}: {found:?}",
+                        group.sl_domain, api.req_uri
+                    ));
+                }
+            }
+        }
+    }
+    let mut rules: Vec<String> = compiled
+        .domain_rules
+        .iter()
+        .map(|(host, rules)| format!("rules {host} {rules:?}"))
+        .collect();
+    rules.sort();
+    view.extend(rules);
+    let mut certificates: Vec<String> = compiled
+        .certificates
+        .keys()
+        .map(|name| format!("certificate {name}"))
+        .collect();
+    certificates.sort();
+    view.extend(certificates);
     view.sort();
     view
 }
@@ -607,7 +779,7 @@ fn compiled_delta_matches_full_compile(old: &Snapshot, new: &Snapshot) -> bool {
     let dir = tempfile::tempdir().unwrap();
     let quota = QuotaRegistry::open(dir.path(), 8).unwrap();
     let base = compile(old, &quota, &metrics).unwrap();
-    let Some(prepared) = apply_delta(&base, old, &delta) else {
+    let Some(prepared) = apply_delta(&base, old, &delta, &metrics) else {
         return false;
     };
     let incremental = prepared.bind(&quota, &metrics);
@@ -628,6 +800,48 @@ fn compiled_delta_matches_full_compile(old: &Snapshot, new: &Snapshot) -> bool {
         served_view(&again, &[old], false)
     );
     true
+}
+
+/// A seller's change to `market` that breaks a rule across entities (`kind` picks which):
+/// a domain another group has, an API id another group has, an authorization of a missing
+/// app, a domain bound to a missing group, a certificate that does not parse, a group
+/// removed with its buyers.
+fn break_a_rule(market: &Snapshot, kind: u8) -> Snapshot {
+    let mut new = market.clone();
+    new.version += 1;
+    let last = new.groups.len() - 1;
+    let any_api = new
+        .groups
+        .iter()
+        .flat_map(|g| &g.apis)
+        .next()
+        .unwrap()
+        .id
+        .clone();
+    match kind % 6 {
+        0 => new.groups[last].url_domain = Some(new.groups[0].sl_domain.clone()),
+        1 => new.groups[last].apis.push(new_api(any_api, 99)),
+        2 => new.app_auths.push(AppAuth {
+            app_id: "missing".into(),
+            api_id: any_api,
+        }),
+        3 => new.domains.push(Domain {
+            domain: "bound.test".into(),
+            group_id: "missing".into(),
+            min_tls_version: MinTlsVersion::Tls12,
+            https_redirect: false,
+        }),
+        4 => new.certificates.push(Certificate {
+            domains: vec!["cert.test".into()],
+            cert_pem: "not a certificate".into(),
+            key_pem: certificate_pem().1.clone(),
+        }),
+        _ => {
+            let bought = new.purchases.first().map(|p| p.group_id.clone());
+            new.groups.retain(|g| Some(&g.id) != bought.as_ref());
+        }
+    }
+    new
 }
 
 proptest! {
@@ -800,5 +1014,24 @@ proptest! {
         let mut new = new;
         new.version += old.version + 1;
         compiled_delta_matches_full_compile(&old, &new);
+    }
+
+    /// A seller's change that breaks a rule across entities is not applied to the compiled
+    /// form: it is handed to the full path, which refuses it with its field path.
+    #[test]
+    fn a_seller_change_that_breaks_a_rule_is_handed_to_the_full_path(
+        (_, market) in market_and_change(),
+        kind in 0u8..6,
+    ) {
+        // A market with a buyer (for the group removed with its buyers).
+        prop_assume!(kind % 6 != 5 || !market.purchases.is_empty());
+        let broken = break_a_rule(&market, kind);
+        let delta = diff(&market, &broken);
+        let metrics = GatewayMetrics::new();
+        let dir = tempfile::tempdir().unwrap();
+        let quota = QuotaRegistry::open(dir.path(), 8).unwrap();
+        let base = compile(&market, &quota, &metrics).unwrap();
+        prop_assert!(apply_delta(&base, &market, &delta, &metrics).is_none());
+        prop_assert!(validate(&apply(&market, delta).unwrap()).is_err());
     }
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use hashbrown::{HashMap, HashSet};
 use rustls::sign::CertifiedKey;
 
-use super::wire::{Backend, Snapshot};
+use super::wire::{AppAuth, Backend, Certificate, Domain, Group, Snapshot};
 use crate::template::{parse_template, Segment};
 
 pub use crate::template::MAX_REQ_URI_BYTES;
@@ -170,187 +170,93 @@ fn valid_domain(domain: &str) -> bool {
         && !domain.ends_with('.')
 }
 
+/// The names groups and bound domains claim, each unique: group ids and host names (a
+/// group's `sl_domain` and `url_domain`, a bound domain). One claim per name in the market;
+/// a delta claims every group's names again (a few thousand strings) to check its changes.
+#[derive(Debug, Default)]
+pub(super) struct Names<'a> {
+    /// Group id → its index.
+    pub group_ids: HashMap<&'a str, usize>,
+    /// Host name → the field path that claimed it.
+    domains: HashMap<&'a str, String>,
+}
+
+impl<'a> Names<'a> {
+    /// Claims group `gi`'s id and domains: a non-empty unique id, lower-case host names
+    /// that no other group or bound domain has.
+    pub fn claim_group(&mut self, gi: usize, group: &'a Group) -> Result<(), ValidationError> {
+        let gp = format!("groups[{gi}]");
+        if group.id.is_empty() {
+            return Err(bad(format!("{gp}.id"), "must not be empty"));
+        }
+        if self.group_ids.insert(group.id.as_str(), gi).is_some() {
+            return Err(bad(
+                format!("{gp}.id"),
+                format!("duplicate group id '{}'", group.id),
+            ));
+        }
+        self.claim_domain(&group.sl_domain, format!("{gp}.sl_domain"))?;
+        if let Some(url_domain) = &group.url_domain {
+            self.claim_domain(url_domain, format!("{gp}.url_domain"))?;
+        }
+        Ok(())
+    }
+
+    fn claim_domain(&mut self, domain: &'a str, path: String) -> Result<(), ValidationError> {
+        if !valid_domain(domain) {
+            return Err(bad(path, "not a lower-case host name"));
+        }
+        if let Some(other) = self.domains.insert(domain, path.clone()) {
+            return Err(bad(path, format!("domain '{domain}' is also {other}")));
+        }
+        Ok(())
+    }
+
+    /// Bound domains: one more name of their group's market domain, each unique among every
+    /// group's names; the group index of each (claim the groups first).
+    pub fn claim_bound_domains(
+        &mut self,
+        bound_domains: &'a [Domain],
+    ) -> Result<Vec<usize>, ValidationError> {
+        let mut domain_groups = Vec::with_capacity(bound_domains.len());
+        for (i, bound) in bound_domains.iter().enumerate() {
+            let path = format!("domains[{i}].domain");
+            if !valid_domain(&bound.domain) {
+                return Err(bad(path, "not a lower-case host name"));
+            }
+            if let Some(other) = self.domains.insert(bound.domain.as_str(), path.clone()) {
+                return Err(bad(
+                    path,
+                    format!("domain '{}' is also {other}", bound.domain),
+                ));
+            }
+            let Some(&group) = self.group_ids.get(bound.group_id.as_str()) else {
+                return Err(bad(
+                    format!("domains[{i}].group_id"),
+                    format!("no group '{}' in the snapshot", bound.group_id),
+                ));
+            };
+            domain_groups.push(group);
+        }
+        Ok(domain_groups)
+    }
+}
+
 /// Checks every rule; the first violation is returned with its field path, else the
 /// snapshot with what was parsed out of it.
 pub fn validate<'a>(snapshot: &'a Snapshot) -> Result<Validated<'a>, ValidationError> {
     if snapshot.version == 0 {
         return Err(bad("version", "must be at least 1"));
     }
-    let mut group_ids = HashMap::new();
-    let mut domains: HashMap<&'a str, String> = HashMap::new();
+    let mut names = Names::default();
     let mut api_ids = HashMap::new();
     let mut parsed_apis = Vec::with_capacity(snapshot.groups.len());
     for (gi, group) in snapshot.groups.iter().enumerate() {
-        let gp = format!("groups[{gi}]");
-        if group.id.is_empty() {
-            return Err(bad(format!("{gp}.id"), "must not be empty"));
-        }
-        if group_ids.insert(group.id.as_str(), gi).is_some() {
-            return Err(bad(
-                format!("{gp}.id"),
-                format!("duplicate group id '{}'", group.id),
-            ));
-        }
-        let mut claim = |domain: &'a str, field: &str| -> Result<(), ValidationError> {
-            let path = format!("{gp}.{field}");
-            if !valid_domain(domain) {
-                return Err(bad(path, "not a lower-case host name"));
-            }
-            if let Some(other) = domains.insert(domain, path.clone()) {
-                return Err(bad(path, format!("domain '{domain}' is also {other}")));
-            }
-            Ok(())
-        };
-        claim(&group.sl_domain, "sl_domain")?;
-        if let Some(url_domain) = &group.url_domain {
-            claim(url_domain, "url_domain")?;
-        }
-        let mut routes = HashSet::new();
-        let mut parsed_group = Vec::with_capacity(group.apis.len());
-        for (ai, api) in group.apis.iter().enumerate() {
-            let ap = format!("{gp}.apis[{ai}]");
-            if api.id.is_empty() {
-                return Err(bad(format!("{ap}.id"), "must not be empty"));
-            }
-            if api_ids.insert(api.id.as_str(), (gi, ai)).is_some() {
-                return Err(bad(
-                    format!("{ap}.id"),
-                    format!("duplicate api id '{}'", api.id),
-                ));
-            }
-            if api.api_type != 1 && api.api_type != 2 {
-                return Err(bad(
-                    format!("{ap}.type"),
-                    "must be 1 (public) or 2 (private)",
-                ));
-            }
-            if !matches!(api.req_protocol.as_str(), "HTTP" | "HTTPS" | "BOTH") {
-                return Err(bad(
-                    format!("{ap}.req_protocol"),
-                    "must be HTTP, HTTPS or BOTH",
-                ));
-            }
-            let Some(api_method) = method(&api.req_method) else {
-                return Err(bad(format!("{ap}.req_method"), "not a known method or ANY"));
-            };
-            if !matches!(api.match_mode.as_str(), "NORMAL" | "SWA") {
-                return Err(bad(format!("{ap}.match_mode"), "must be NORMAL or SWA"));
-            }
-            if !matches!(
-                api.auth_type.as_str(),
-                "APP" | "IAM" | "NONE" | "AUTHORIZER"
-            ) {
-                return Err(bad(
-                    format!("{ap}.auth_type"),
-                    "must be APP, IAM, NONE or AUTHORIZER",
-                ));
-            }
-            let template = parse_template(&api.req_uri)
-                .map_err(|reason| bad(format!("{ap}.req_uri"), reason))?;
-            if !routes.insert((
-                api.req_method.as_str(),
-                &api.req_uri,
-                api.match_mode.as_str(),
-            )) {
-                return Err(bad(
-                    format!("{ap}.req_uri"),
-                    "same method, req_uri and match_mode as another API of the group",
-                ));
-            }
-            let backend = match &api.backend {
-                Backend::Http {
-                    req_protocol,
-                    req_method,
-                    req_uri,
-                    url_domain,
-                    timeout_ms,
-                } => {
-                    let bp = format!("{ap}.backend");
-                    if req_protocol != "HTTP" {
-                        return Err(bad(
-                            format!("{bp}.req_protocol"),
-                            "only HTTP backends are supported",
-                        ));
-                    }
-                    let Some(backend_method) = method(req_method) else {
-                        return Err(bad(format!("{bp}.req_method"), "not a known method or ANY"));
-                    };
-                    let backend_template = parse_template(req_uri)
-                        .map_err(|reason| bad(format!("{bp}.req_uri"), reason))?;
-                    let path = backend_path(&backend_template, &template).map_err(|name| {
-                        bad(
-                            format!("{bp}.req_uri"),
-                            format!("parameter '{name}' is not in the API's req_uri"),
-                        )
-                    })?;
-                    let authority = match url_domain.parse::<http::uri::Authority>() {
-                        Ok(authority) if !url_domain.contains(['/', '@']) => authority,
-                        _ => return Err(bad(format!("{bp}.url_domain"), "not host:port")),
-                    };
-                    if *timeout_ms == 0 || *timeout_ms > 3_600_000 {
-                        return Err(bad(
-                            format!("{bp}.timeout_ms"),
-                            "must be 1..=3600000 milliseconds",
-                        ));
-                    }
-                    CompiledBackend::Http {
-                        authority,
-                        method: backend_method,
-                        path,
-                        trailing_slash: req_uri.len() > 1 && req_uri.ends_with('/'),
-                        timeout: std::time::Duration::from_millis(*timeout_ms),
-                    }
-                }
-                Backend::Mock { status, body } => {
-                    let status = match http::StatusCode::from_u16(*status) {
-                        Ok(code) if (100..=599).contains(status) => code,
-                        _ => return Err(bad(format!("{ap}.backend.status"), "not an HTTP status")),
-                    };
-                    CompiledBackend::Mock {
-                        status,
-                        body: bytes::Bytes::from(body.clone()),
-                    }
-                }
-            };
-            parsed_group.push(ParsedApi {
-                route: template,
-                method: api_method,
-                prefix_match: api.match_mode == "SWA",
-                auth: match api.auth_type.as_str() {
-                    "APP" => AuthKind::App,
-                    "NONE" => AuthKind::None,
-                    _ => AuthKind::Unsupported,
-                },
-                https_only: api.req_protocol == "HTTPS",
-                http_only: api.req_protocol == "HTTP",
-                backend,
-            });
-        }
-        parsed_apis.push(parsed_group);
+        names.claim_group(gi, group)?;
+        parsed_apis.push(validate_apis(gi, group, &mut api_ids)?);
     }
-
-    // Bound domains: one more name of their group's market domain, each unique among every
-    // group's names.
-    let mut domain_groups = Vec::with_capacity(snapshot.domains.len());
-    for (i, bound) in snapshot.domains.iter().enumerate() {
-        let path = format!("domains[{i}].domain");
-        if !valid_domain(&bound.domain) {
-            return Err(bad(path, "not a lower-case host name"));
-        }
-        if let Some(other) = domains.insert(bound.domain.as_str(), path.clone()) {
-            return Err(bad(
-                path,
-                format!("domain '{}' is also {other}", bound.domain),
-            ));
-        }
-        let Some(&group) = group_ids.get(bound.group_id.as_str()) else {
-            return Err(bad(
-                format!("domains[{i}].group_id"),
-                format!("no group '{}' in the snapshot", bound.group_id),
-            ));
-        };
-        domain_groups.push(group);
-    }
+    let domain_groups = names.claim_bound_domains(&snapshot.domains)?;
+    let group_ids = names.group_ids;
 
     // Field paths of the per-buyer lists are built only for the error returned: formatting
     // one for each of a million entries was a third of a 1M-purchase validation.
@@ -438,23 +344,189 @@ pub fn validate<'a>(snapshot: &'a Snapshot) -> Result<Validated<'a>, ValidationE
         purchase_refs.push((app, u32::try_from(group).unwrap_or(u32::MAX)));
     }
 
-    let mut auth_refs = Vec::with_capacity(snapshot.app_auths.len());
-    for (i, auth) in snapshot.app_auths.iter().enumerate() {
+    let auth_refs = resolve_app_auths(
+        &snapshot.app_auths,
+        |id| app_ids.get(id).copied(),
+        |id| api_ids.get(id).copied(),
+    )?;
+
+    let throttling = validate_throttling(snapshot, &api_ids, &app_ids)?;
+
+    let certificates = validate_certificates(&snapshot.certificates)?;
+    Ok(Validated {
+        snapshot,
+        apis: parsed_apis,
+        certificates,
+        purchase_refs,
+        auth_refs,
+        domain_groups,
+        throttling,
+    })
+}
+
+/// Group `gi`'s APIs, each checked and parsed: ids non-empty and unique in the market
+/// (`api_ids` holds those of the groups checked before, this group's are added), known
+/// types, protocols, methods and modes, well-formed templates, a route per method once,
+/// sane backends. The rules of one group; what refers to its APIs is checked by the caller.
+pub(super) fn validate_apis<'a>(
+    gi: usize,
+    group: &'a Group,
+    api_ids: &mut HashMap<&'a str, (usize, usize)>,
+) -> Result<Vec<ParsedApi>, ValidationError> {
+    let gp = format!("groups[{gi}]");
+    let mut routes = HashSet::new();
+    let mut parsed_group = Vec::with_capacity(group.apis.len());
+    for (ai, api) in group.apis.iter().enumerate() {
+        let ap = format!("{gp}.apis[{ai}]");
+        if api.id.is_empty() {
+            return Err(bad(format!("{ap}.id"), "must not be empty"));
+        }
+        if api_ids.insert(api.id.as_str(), (gi, ai)).is_some() {
+            return Err(bad(
+                format!("{ap}.id"),
+                format!("duplicate api id '{}'", api.id),
+            ));
+        }
+        if api.api_type != 1 && api.api_type != 2 {
+            return Err(bad(
+                format!("{ap}.type"),
+                "must be 1 (public) or 2 (private)",
+            ));
+        }
+        if !matches!(api.req_protocol.as_str(), "HTTP" | "HTTPS" | "BOTH") {
+            return Err(bad(
+                format!("{ap}.req_protocol"),
+                "must be HTTP, HTTPS or BOTH",
+            ));
+        }
+        let Some(api_method) = method(&api.req_method) else {
+            return Err(bad(format!("{ap}.req_method"), "not a known method or ANY"));
+        };
+        if !matches!(api.match_mode.as_str(), "NORMAL" | "SWA") {
+            return Err(bad(format!("{ap}.match_mode"), "must be NORMAL or SWA"));
+        }
+        if !matches!(
+            api.auth_type.as_str(),
+            "APP" | "IAM" | "NONE" | "AUTHORIZER"
+        ) {
+            return Err(bad(
+                format!("{ap}.auth_type"),
+                "must be APP, IAM, NONE or AUTHORIZER",
+            ));
+        }
+        let template =
+            parse_template(&api.req_uri).map_err(|reason| bad(format!("{ap}.req_uri"), reason))?;
+        if !routes.insert((
+            api.req_method.as_str(),
+            &api.req_uri,
+            api.match_mode.as_str(),
+        )) {
+            return Err(bad(
+                format!("{ap}.req_uri"),
+                "same method, req_uri and match_mode as another API of the group",
+            ));
+        }
+        let backend = match &api.backend {
+            Backend::Http {
+                req_protocol,
+                req_method,
+                req_uri,
+                url_domain,
+                timeout_ms,
+            } => {
+                let bp = format!("{ap}.backend");
+                if req_protocol != "HTTP" {
+                    return Err(bad(
+                        format!("{bp}.req_protocol"),
+                        "only HTTP backends are supported",
+                    ));
+                }
+                let Some(backend_method) = method(req_method) else {
+                    return Err(bad(format!("{bp}.req_method"), "not a known method or ANY"));
+                };
+                let backend_template = parse_template(req_uri)
+                    .map_err(|reason| bad(format!("{bp}.req_uri"), reason))?;
+                let path = backend_path(&backend_template, &template).map_err(|name| {
+                    bad(
+                        format!("{bp}.req_uri"),
+                        format!("parameter '{name}' is not in the API's req_uri"),
+                    )
+                })?;
+                let authority = match url_domain.parse::<http::uri::Authority>() {
+                    Ok(authority) if !url_domain.contains(['/', '@']) => authority,
+                    _ => return Err(bad(format!("{bp}.url_domain"), "not host:port")),
+                };
+                if *timeout_ms == 0 || *timeout_ms > 3_600_000 {
+                    return Err(bad(
+                        format!("{bp}.timeout_ms"),
+                        "must be 1..=3600000 milliseconds",
+                    ));
+                }
+                CompiledBackend::Http {
+                    authority,
+                    method: backend_method,
+                    path,
+                    trailing_slash: req_uri.len() > 1 && req_uri.ends_with('/'),
+                    timeout: std::time::Duration::from_millis(*timeout_ms),
+                }
+            }
+            Backend::Mock { status, body } => {
+                let status = match http::StatusCode::from_u16(*status) {
+                    Ok(code) if (100..=599).contains(status) => code,
+                    _ => return Err(bad(format!("{ap}.backend.status"), "not an HTTP status")),
+                };
+                CompiledBackend::Mock {
+                    status,
+                    body: bytes::Bytes::from(body.clone()),
+                }
+            }
+        };
+        parsed_group.push(ParsedApi {
+            route: template,
+            method: api_method,
+            prefix_match: api.match_mode == "SWA",
+            auth: match api.auth_type.as_str() {
+                "APP" => AuthKind::App,
+                "NONE" => AuthKind::None,
+                _ => AuthKind::Unsupported,
+            },
+            https_only: api.req_protocol == "HTTPS",
+            http_only: api.req_protocol == "HTTP",
+            backend,
+        });
+    }
+    Ok(parsed_group)
+}
+
+/// Each app authorization's (group, API, app) indices, the app and API found by `app` and
+/// `api` (the market's tables: a full snapshot's or a compiled one's).
+pub(super) fn resolve_app_auths(
+    app_auths: &[AppAuth],
+    app: impl Fn(&str) -> Option<u32>,
+    api: impl Fn(&str) -> Option<(usize, usize)>,
+) -> Result<Vec<(usize, usize, u32)>, ValidationError> {
+    let mut auth_refs = Vec::with_capacity(app_auths.len());
+    for (i, auth) in app_auths.iter().enumerate() {
         let at = |field: &str| format!("app_auths[{i}].{field}");
-        let Some(&app) = app_ids.get(auth.app_id.as_str()) else {
+        let Some(app) = app(auth.app_id.as_str()) else {
             return Err(bad(at("app_id"), "no such app in the snapshot"));
         };
-        let Some(&(group, api)) = api_ids.get(auth.api_id.as_str()) else {
+        let Some((group, api)) = api(auth.api_id.as_str()) else {
             return Err(bad(at("api_id"), "no such api in the snapshot"));
         };
         auth_refs.push((group, api, app));
     }
+    Ok(auth_refs)
+}
 
-    let throttling = validate_throttling(snapshot, &api_ids, &app_ids)?;
-
+/// The certificates, parsed: each names at least one domain, no domain twice in the list,
+/// and its certificate and key parse. They refer to nothing else in the market.
+pub(super) fn validate_certificates(
+    certificates: &[Certificate],
+) -> Result<Vec<ParsedCertificate>, ValidationError> {
     let mut cert_domains = HashSet::new();
-    let mut certificates = Vec::with_capacity(snapshot.certificates.len());
-    for (i, cert) in snapshot.certificates.iter().enumerate() {
+    let mut parsed = Vec::with_capacity(certificates.len());
+    for (i, cert) in certificates.iter().enumerate() {
         let at = |field: &str| format!("certificates[{i}].{field}");
         if cert.domains.is_empty() {
             return Err(bad(at("domains"), "must name at least one domain"));
@@ -477,20 +549,12 @@ pub fn validate<'a>(snapshot: &'a Snapshot) -> Result<Validated<'a>, ValidationE
             .cert
             .first()
             .and_then(|der| crate::certificate::not_after(der));
-        certificates.push(ParsedCertificate {
+        parsed.push(ParsedCertificate {
             key: Arc::new(key),
             not_after,
         });
     }
-    Ok(Validated {
-        snapshot,
-        apis: parsed_apis,
-        certificates,
-        purchase_refs,
-        auth_refs,
-        domain_groups,
-        throttling,
-    })
+    Ok(parsed)
 }
 
 /// The rules `validate` holds one app to, alone (its id, key, secret, codes and creator),
