@@ -6,8 +6,11 @@
 //! keeps up with a market's write rate, what durability (fsync per acknowledged write) costs
 //! on each store, and whether replicas add throughput (no global lock: the store is the
 //! limit). PostgreSQL runs with 1 and with 3 replicas on one database (clients spread
-//! round-robin over them). Run: `cargo bench --bench market_writes` (PURCHASES=N per client,
-//! default 20).
+//! round-robin over them), with PostgreSQL's own count of transactions committed in the
+//! database (`pg_stat_database.xact_commit`, reads included) per purchase: read before and
+//! 1.5 s after the run (backends report it at most once a second). Run:
+//! `cargo bench --bench market_writes` (PURCHASES=N per client, default 20; STORES=sqlite or
+//! STORES=postgres runs one store only; REPLICAS=1,3 the PostgreSQL replica counts, in order).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,7 +26,30 @@ use market::{control_config, listed_group, Api, MARKET_TOKEN, POSTGRES_ADMIN_URL
 
 const CLIENTS: usize = 100;
 
-async fn run(store: &str, database_url: &str, per_client: usize, replicas: usize) {
+/// PostgreSQL's count of transactions committed in `database` so far (`None`: not PostgreSQL).
+async fn xact_commit(admin: Option<(&tokio_postgres::Client, &str)>) -> Option<i64> {
+    let (client, database) = admin?;
+    client
+        .batch_execute("SELECT pg_stat_clear_snapshot()")
+        .await
+        .ok()?;
+    let row = client
+        .query_one(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = $1",
+            &[&database],
+        )
+        .await
+        .ok()?;
+    Some(row.get(0))
+}
+
+async fn run(
+    store: &str,
+    database_url: &str,
+    per_client: usize,
+    replicas: usize,
+    admin: Option<(&tokio_postgres::Client, &str)>,
+) {
     let config = control_config(database_url, "bench");
     let (trigger, shutdown) = ShutdownTrigger::new();
     let mut apis = Vec::new();
@@ -38,6 +64,7 @@ async fn run(store: &str, database_url: &str, per_client: usize, replicas: usize
     }
     let gid = Arc::new(listed_group(&apis[0], "bench", "bench.market.local").await);
 
+    let commits_0 = xact_commit(admin).await;
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..CLIENTS {
@@ -69,10 +96,18 @@ async fn run(store: &str, database_url: &str, per_client: usize, replicas: usize
         latencies.extend(task.await.unwrap());
     }
     let elapsed = started.elapsed();
+    let per_purchase = match commits_0 {
+        Some(before) => {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let after = xact_commit(admin).await.unwrap_or(before);
+            format!("{:.1}", (after - before) as f64 / latencies.len() as f64)
+        }
+        None => "-".to_owned(),
+    };
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
     println!(
-        "| {store} | {replicas} | {} | {:.0} | {:.1} | {:.1} | {:.1} |",
+        "| {store} | {replicas} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {per_purchase} |",
         latencies.len(),
         latencies.len() as f64 / elapsed.as_secs_f64(),
         pct(0.50).as_secs_f64() * 1e3,
@@ -95,15 +130,25 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        println!("| store | replicas | purchases | purchases/s | p50 ms | p99 ms | max ms |");
-        println!("|---|---|---|---|---|---|---|");
+        println!("| store | replicas | purchases | purchases/s | p50 ms | p99 ms | max ms | xact_commit/purchase |");
+        println!("|---|---|---|---|---|---|---|---|");
         let dir = tempfile::tempdir().unwrap();
         let sqlite = format!("sqlite://{}", dir.path().join("bench.db").display());
-        run("SQLite (WAL, synchronous=FULL)", &sqlite, per_client, 1).await;
+        let wanted = |store: &str| std::env::var("STORES").map_or(true, |s| s.contains(store));
+        if wanted("sqlite") {
+            run("SQLite (WAL, synchronous=FULL)", &sqlite, per_client, 1, None).await;
+        }
+        if !wanted("postgres") {
+            return;
+        }
         match tokio_postgres::connect(POSTGRES_ADMIN_URL, tokio_postgres::NoTls).await {
             Ok((client, connection)) => {
                 tokio::spawn(connection);
-                for replicas in [1, 3] {
+                let replica_counts: Vec<usize> = match std::env::var("REPLICAS") {
+                    Ok(list) => list.split(',').filter_map(|n| n.trim().parse().ok()).collect(),
+                    Err(_) => vec![1, 3],
+                };
+                for replicas in replica_counts {
                     let name = format!("mg_bench_{}_{replicas}", std::process::id());
                     client
                         .execute(&format!("CREATE DATABASE {name}"), &[])
@@ -111,7 +156,7 @@ fn main() {
                         .unwrap();
                     let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
                     let store = "PostgreSQL 15 (local, default fsync)";
-                    run(store, &url, per_client, replicas).await;
+                    run(store, &url, per_client, replicas, Some((&client, &name))).await;
                     let _ = client
                         .execute(&format!("DROP DATABASE {name} WITH (FORCE)"), &[])
                         .await;

@@ -8,7 +8,8 @@
 //! pointer copies). A write then validates against its view (for precise errors), and
 //! commits ONE transaction whose own statements decide conflicts: compare-and-swap on each
 //! record's revision, uniqueness claims (names, url_domain, app keys, order_id) and the next
-//! snapshot version, taken last so that version order is commit order. A commit refused by
+//! snapshot version, taken last so that conflicting commits get versions in commit order
+//! (version N is the store's settled content at N on every replica: `store::postgres`). A commit refused by
 //! those checks is [`ControlError::Contended`]: the request runs again on a caught-up view, a
 //! bounded number of times ([`MAX_WRITE_ATTEMPTS`]), and now answers what the winner made
 //! true (the same purchase for the same `order_id`, 400 APIG.3305 for a url_domain taken).

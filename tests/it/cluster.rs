@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::support::control::{
-    expect_error, expect_status, market_base, mgmt, sellable_group, served, Backend, Control,
-    BUYER_DOMAIN, BUYER_PROJECT, MARKET_TOKEN, SELLER_DOMAIN, SELLER_PROJECT, SELLER_TOKEN,
+    a_session_waits_for_a_lock, expect_error, expect_status, market_base, mgmt, sellable_group,
+    served, Backend, Control, BUYER_DOMAIN, BUYER_PROJECT, MARKET_TOKEN, SELLER_DOMAIN,
+    SELLER_PROJECT, SELLER_TOKEN,
 };
 
 const REPLICAS: usize = 3;
@@ -316,26 +317,7 @@ async fn cluster_a_write_stalled_in_the_store_does_not_stall_its_replica() {
         }
     });
     // Wait until the stalled write is waiting for the row lock in the store.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let waiting: i64 = holder
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if waiting > 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the write never reached the row lock"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    a_session_waits_for_a_lock(&holder, "the write never reached the row lock").await;
     // Meanwhile the same replica writes and reads other records.
     let renamed = seller
         .put(

@@ -23,6 +23,7 @@ mod serve_restore;
 mod serve_store_faults;
 mod store_faults;
 mod store_outage;
+mod store_versions;
 mod support;
 mod throttle;
 mod upstream;

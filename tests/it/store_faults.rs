@@ -108,14 +108,15 @@ async fn store_faults_answer_503_within_the_timeouts_and_recover() {
     assert_eq!(status, 201);
     let (_, before) = groups(&seller).await;
 
-    // 1. A stalled store: another session holds the version counter's row lock.
+    // 1. A stalled store: another session holds a lock every versioned commit needs (its
+    // last statement inserts into `versions`).
     let name = database_name(&control.database_url);
     let (holder, conn) = tokio_postgres::connect(&control.database_url, tokio_postgres::NoTls)
         .await
         .unwrap();
     tokio::spawn(conn);
     holder
-        .batch_execute("BEGIN; SELECT value FROM meta FOR UPDATE")
+        .batch_execute("BEGIN; LOCK TABLE versions IN SHARE MODE")
         .await
         .unwrap();
     let took = refused_write(&seller, "while_locked").await;

@@ -17,9 +17,13 @@
 //!   node id ([`nodes`]): one live proxy per node id across every replica.
 //! - `throttle_allotments(counter, win, granted, expires_ms)`: the calls of each throttling
 //!   counter granted to proxies per window ([`allotments`]): never more than its limit.
-//! - `meta`: the snapshot version counter. A commit that changes what proxies see takes the
-//!   next version as its LAST statement, so the counter's row lock orders versions exactly as
-//!   commits: a reader that sees version N sees every commit up to N and nothing after it.
+//! - `meta`: the snapshot version. A commit that changes what proxies see takes the next
+//!   version as its LAST statement, once every row lock it needs is held, so of two
+//!   conflicting commits the later one has the later version, and a reader that is at version
+//!   N holds every commit up to N and nothing after it. SQLite (one writer at a time): `meta`
+//!   is the counter. PostgreSQL: versions come from a sequence, may commit out of order or
+//!   not at all, and readers serve only the settled prefix; `meta` is its floor
+//!   (`postgres`, docs/control-plane.md "Version order").
 //!
 //! A [`Commit`] is one transaction whose own statements decide conflicts: stale reads and
 //! writes (the `rev` moved) and taken claims fail it with [`StoreError::Conflict`], and the
@@ -78,7 +82,7 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
     ),
 ];
 
-/// The `meta` key of the snapshot version counter.
+/// The `meta` key of the snapshot version counter (SQLite) or settled floor (PostgreSQL).
 pub const VERSION_KEY: &str = "snapshot_version";
 /// The `meta` key that says whether existing records' claims were written (migration 2).
 pub const CLAIMS_BUILT_KEY: &str = "claims_built";

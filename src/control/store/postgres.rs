@@ -1,17 +1,41 @@
 //! The PostgreSQL backend (`database_url = "postgres://…"`): the store of a control plane with
-//! any number of replicas. Same schema as SQLite, through a deadpool connection pool; a commit
-//! is one PostgreSQL transaction (READ COMMITTED) whose statements decide conflicts: a read is
-//! checked and share-locked (`FOR SHARE`), a write is a compare-and-swap on `rev`, a claim an
-//! `INSERT … ON CONFLICT DO NOTHING` on its primary key (which waits for a concurrent claimer
-//! to commit or roll back), ledger rows are locked `FOR UPDATE`, and the version is taken by
-//! the last statement. A committed version is announced with `NOTIFY` on [`CHANNEL`]; one
-//! extra connection per replica LISTENs (see [`PostgresStore::notifications`]).
+//! any number of replicas. Same schema as SQLite plus [`POSTGRES_MIGRATIONS`], through a
+//! deadpool connection pool; a commit is one PostgreSQL transaction (READ COMMITTED) whose
+//! statements decide conflicts: a read is checked and share-locked (`FOR SHARE`), a write is a
+//! compare-and-swap on `rev`, a claim an `INSERT … ON CONFLICT DO NOTHING` on its primary key
+//! (which waits for a concurrent claimer to commit or roll back), ledger rows are locked
+//! `FOR UPDATE`.
+//!
+//! Versions (docs/control-plane.md, "Version order"): a versioned commit takes
+//! `nextval('snapshot_versions')` in its LAST statement, once every row lock it needs is held
+//! (so of two conflicting commits the later one has the later version), and in that statement
+//! inserts its row in `versions` and the content it wrote in `record_history`. No row is
+//! shared by all commits: replicas' commits do not wait for each other unless they touch the
+//! same rows, and PostgreSQL commits them in groups. The sequence hands versions out in the
+//! order the statements run, not the order the transactions commit, and a rolled-back
+//! transaction never commits its version: a reader sees gaps. A reader only ever serves the
+//! contiguous prefix of `versions` (above the floor `meta(snapshot_version)`, below which
+//! every version is settled), and reads each record's content at the latest version of that
+//! prefix from `record_history`, so version N names one content on every replica. To get past
+//! a gap below what it must show (read-your-writes: every version visible when it began), it
+//! settles the gap with `INSERT … ON CONFLICT DO NOTHING` of a void row: the unique index
+//! makes the insert wait for an owner still in flight and then do nothing (the version was
+//! committed), or succeed when there is no owner (rolled back, or not yet inserted: that owner
+//! then fails on the index and its request runs again). Superseded history rows below the
+//! prefix are pruned by the followers ([`PostgresStore::prune_history`]).
+//!
+//! A committed version is announced with `NOTIFY` on [`CHANNEL`] after COMMIT, never inside a
+//! write transaction (PostgreSQL's NOTIFY takes a database-wide lock held to the end of the
+//! transaction: inside, it would serialise every commit): one task per replica sends the
+//! highest version committed since it last sent ([`announce`]); one extra connection per
+//! replica LISTENs (see [`PostgresStore::notifications`]). Followers also poll.
 //!
 //! Every statement runs under `statement_timeout` and `lock_timeout` (set on each connection),
 //! a pooled connection is waited for at most `pool_wait`, and every call as a whole is bounded
 //! too (a frozen server answers nothing at all): the store answers within its limits or says
 //! [`StoreError::Unavailable`]. Must not hold any market logic.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -32,12 +56,51 @@ const MIGRATION_LOCK_KEY: i64 = 0x6d67_6d69_6772;
 pub const CHANNEL: &str = "marketgate_changes";
 /// How long the listener waits before connecting again after losing its connection.
 const LISTEN_RETRY: Duration = Duration::from_millis(500);
+/// How often each replica prunes superseded `record_history` rows and moves the floor.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Migrations of the PostgreSQL backend alone, applied after [`MIGRATIONS`] (numbered from
+/// 101, apart from the common list): the version sequence, `versions` (one row per version
+/// made: `void` when settled without a commit) and `record_history` (each record's content at
+/// each version it was written at; superseded rows pruned). `meta(snapshot_version)` becomes
+/// the floor: every version up to it is settled (the old counter's value at migration).
+pub const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[(
+    101,
+    "CREATE SEQUENCE snapshot_versions;
+     SELECT setval('snapshot_versions', (SELECT value FROM meta WHERE key = 'snapshot_version') + 1, false);
+     CREATE TABLE versions (version BIGINT PRIMARY KEY, void BOOLEAN NOT NULL);
+     CREATE TABLE record_history (kind TEXT NOT NULL, id TEXT NOT NULL, version BIGINT NOT NULL, rev BIGINT NOT NULL, doc TEXT, PRIMARY KEY (kind, id, version));
+     CREATE INDEX record_history_by_version ON record_history (version);
+     INSERT INTO record_history (kind, id, version, rev, doc) SELECT kind, id, version, rev, doc FROM records;",
+)];
+
+/// `settled(e)`: the end of the contiguous prefix of `versions` above `$1` or the floor,
+/// whichever is higher (every version up to `e` is committed or void), and `m`, the highest
+/// version visible; both in the statement's snapshot. Prefix of a statement whose `$1` is the
+/// version to start from.
+const SETTLED: &str = "WITH floor AS (SELECT GREATEST($1::bigint, value) AS s FROM meta WHERE key = 'snapshot_version'),
+     settled AS (SELECT (SELECT min(c.v) - 1 FROM (SELECT floor.s + 1 AS v FROM floor
+                         UNION ALL SELECT versions.version + 1 FROM versions, floor WHERE versions.version > floor.s) c
+                         WHERE NOT EXISTS (SELECT 1 FROM versions w WHERE w.version = c.v)) AS e,
+                        GREATEST((SELECT s FROM floor), (SELECT COALESCE(max(version), 0) FROM versions)) AS m,
+                        (SELECT s FROM floor) AS s)";
+
+/// Settles every version in `($1, $2]` without a visible `versions` row: a void row, unless its
+/// owner commits it (the unique index makes the insert wait for an owner in flight, and
+/// `ON CONFLICT DO NOTHING` then leaves the owner's row). Its own transaction, with no lock
+/// held: the owner never waits for it.
+const SETTLE: &str = "INSERT INTO versions (version, void)
+     SELECT g, true FROM generate_series($1::bigint + 1, $2::bigint) g
+     WHERE NOT EXISTS (SELECT 1 FROM versions WHERE version = g)
+     ON CONFLICT (version) DO NOTHING";
 
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: Pool,
     limits: StoreLimits,
     notified: watch::Receiver<u64>,
+    /// The highest version this replica committed: [`announce`] sends it after COMMIT.
+    committed: Arc<watch::Sender<u64>>,
 }
 
 /// Is this database error one that a retry (after the store recovers) can cure? Timeouts,
@@ -103,13 +166,17 @@ impl PostgresStore {
             .build()
             .map_err(|e| StoreError::PoolConfig(deadpool_postgres::CreatePoolError::Build(e)))?;
         let (notify, notified) = watch::channel(0);
+        let (committed, to_announce) = watch::channel(0);
         let store = PostgresStore {
             pool,
             limits,
             notified,
+            committed: Arc::new(committed),
         };
         store.bounded(store.migrate()).await?;
         tokio::spawn(listen(pg, notify));
+        tokio::spawn(announce(store.pool.clone(), to_announce.clone()));
+        tokio::spawn(prune(store.pool.clone(), to_announce));
         Ok(store)
     }
 
@@ -142,7 +209,7 @@ impl PostgresStore {
         .await
         .map_err(postgres_error)?;
         tx.commit().await.map_err(postgres_error)?;
-        for (version, sql) in MIGRATIONS {
+        for (version, sql) in MIGRATIONS.iter().chain(POSTGRES_MIGRATIONS) {
             let tx = client.transaction().await.map_err(postgres_error)?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
                 .await
@@ -262,30 +329,42 @@ impl PostgresStore {
             }
         }
         let version: i64 = if commit.bump_version {
-            // Last: the version, the records' stamps and the notification, in ONE statement:
-            // the counter's row lock is held from here to COMMIT, so versions are taken in
-            // commit order, and every round trip made while it is held delays every other
-            // commit of every replica.
-            let kinds: Vec<&str> = commit.writes.iter().map(|w| w.kind).collect();
-            let ids: Vec<&str> = commit.writes.iter().map(|w| w.id.as_str()).collect();
+            // Last, once every row lock is held: the version, its `versions` row and the
+            // content written at it, in ONE statement. Nothing here is shared by all commits.
+            // A record written twice in one commit is kept once, as last written.
+            let mut written: Vec<(&str, &str, i64, Option<&str>)> = Vec::new();
+            for (write, rev) in commit.writes.iter().zip(&revs) {
+                written.retain(|(kind, id, ..)| (*kind, *id) != (write.kind, write.id.as_str()));
+                written.push((write.kind, &write.id, *rev as i64, write.doc.as_deref()));
+            }
+            let kinds: Vec<&str> = written.iter().map(|w| w.0).collect();
+            let ids: Vec<&str> = written.iter().map(|w| w.1).collect();
+            let revs_written: Vec<i64> = written.iter().map(|w| w.2).collect();
+            let docs: Vec<Option<&str>> = written.iter().map(|w| w.3).collect();
             tx.query_one(
-                "WITH v AS (UPDATE meta SET value = value + 1 WHERE key = $1 RETURNING value),
-                      stamped AS (UPDATE records SET version = v.value
-                                  FROM v, unnest($2::text[], $3::text[]) AS w(kind, id)
-                                  WHERE records.kind = w.kind AND records.id = w.id)
-                 SELECT v.value FROM v CROSS JOIN LATERAL (SELECT pg_notify($4, v.value::text)) AS n",
-                &[&VERSION_KEY, &kinds, &ids, &CHANNEL],
+                "WITH v AS (INSERT INTO versions (version, void) VALUES (nextval('snapshot_versions'), false)
+                            RETURNING version),
+                      h AS (INSERT INTO record_history (kind, id, version, rev, doc)
+                            SELECT w.kind, w.id, v.version, w.rev, w.doc
+                            FROM v, unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) AS w(kind, id, rev, doc))
+                 SELECT version FROM v",
+                &[&kinds, &ids, &revs_written, &docs],
             )
             .await
             .map_err(postgres_error)?
             .get(0)
         } else {
-            // A commit without a version takes no lock on the counter (lease exchanges of
-            // different purchases never wait for each other) and does not read it either:
-            // `Committed::version` is 0 (none made).
+            // A commit without a version takes none: `Committed::version` is 0 (none made).
             0
         };
         tx.commit().await.map_err(postgres_error)?;
+        if version > 0 {
+            self.committed.send_if_modified(|announced| {
+                let newer = to_u64(version) > *announced;
+                *announced = (*announced).max(to_u64(version));
+                newer
+            });
+        }
         Ok(Committed {
             version: to_u64(version),
             revs,
@@ -324,6 +403,83 @@ async fn claim(tx: &Transaction<'_>, owner: &str, claims: &[Claim]) -> Result<()
         }
     }
     Ok(())
+}
+
+/// Announces this replica's commits on [`CHANNEL`], after COMMIT and coalesced: each
+/// notification carries the highest version committed since the previous one was sent (one in
+/// flight at a time). A notification lost costs latency only: followers also poll.
+async fn announce(pool: Pool, mut committed: watch::Receiver<u64>) {
+    while committed.changed().await.is_ok() {
+        let version = *committed.borrow_and_update();
+        let sent = async {
+            let client = pool.get().await.map_err(pool_error)?;
+            client
+                .execute(
+                    "SELECT pg_notify($1, $2)",
+                    &[&CHANNEL, &version.to_string()],
+                )
+                .await
+                .map_err(postgres_error)
+        };
+        if let Err(error) = sent.await {
+            tracing::debug!(%error, version, "announcing a version failed; followers poll");
+        }
+    }
+}
+
+/// Every [`PRUNE_INTERVAL`], for as long as the store lives: [`prune_history`].
+async fn prune(pool: Pool, mut committed: watch::Receiver<u64>) {
+    loop {
+        let due = tokio::time::sleep(PRUNE_INTERVAL);
+        let mut due = std::pin::pin!(due);
+        loop {
+            tokio::select! {
+                _ = &mut due => break,
+                changed = committed.changed() => if changed.is_err() {
+                    return; // the store was dropped: let its connections go
+                },
+            }
+        }
+        let pruned = async { prune_history(&*pool.get().await.map_err(pool_error)?).await };
+        if let Err(error) = pruned.await {
+            tracing::debug!(%error, "pruning the record history failed; retrying later");
+        }
+    }
+}
+
+/// Deletes the `record_history` rows superseded by a later row of the same record at a
+/// settled version above the floor, then moves the floor to the end of the settled prefix.
+/// Safe for every reader: one that starts later reads up to a settled end at least as high,
+/// where the later row is the record's content; one already reading keeps its snapshot.
+/// Returns the new floor.
+pub async fn prune_history(client: &tokio_postgres::Client) -> Result<u64, StoreError> {
+    let row = client
+        .query_one(
+            &format!("{SETTLED} SELECT settled.s, settled.e FROM settled"),
+            &[&0i64],
+        )
+        .await
+        .map_err(postgres_error)?;
+    let (floor, settled): (i64, i64) = (row.get(0), row.get(1));
+    if settled > floor {
+        client
+            .execute(
+                "DELETE FROM record_history h USING record_history n
+                 WHERE n.version > $1 AND n.version <= $2
+                   AND h.kind = n.kind AND h.id = n.id AND h.version < n.version",
+                &[&floor, &settled],
+            )
+            .await
+            .map_err(postgres_error)?;
+        client
+            .execute(
+                "UPDATE meta SET value = $2 WHERE key = $1 AND value < $2",
+                &[&VERSION_KEY, &settled],
+            )
+            .await
+            .map_err(postgres_error)?;
+    }
+    Ok(to_u64(settled))
 }
 
 /// Follows [`CHANNEL`] on a connection of its own, for as long as anyone watches `notify`;
@@ -385,34 +541,52 @@ async fn listen(config: tokio_postgres::Config, notify: watch::Sender<u64>) {
 impl Store for PostgresStore {
     async fn changes_since(&self, version: u64, held: &[u64]) -> Result<Changes, StoreError> {
         let held: Vec<i64> = held.iter().map(|&v| v as i64).collect();
+        let read = format!(
+            "{SETTLED},
+                  latest AS (SELECT DISTINCT ON (h.kind, h.id) h.kind, h.id, h.version, h.rev, h.doc
+                             FROM record_history h, settled WHERE h.version > $1 AND h.version <= settled.e
+                             ORDER BY h.kind, h.id, h.version DESC)
+             SELECT settled.e, settled.m, l.kind, l.id, l.rev, l.doc
+             FROM settled LEFT JOIN latest l ON l.version <> ALL($2)
+             ORDER BY l.version, l.kind, l.id"
+        );
         self.bounded(async {
             let client = self.pool.get().await.map_err(pool_error)?;
-            // One statement is one snapshot: the version and the records agree.
-            let rows = client
-                .query(
-                    "SELECT m.value, r.kind, r.id, r.rev, r.doc FROM meta m
-                     LEFT JOIN records r ON r.version > $2 AND r.version <> ALL($3)
-                     WHERE m.key = $1 ORDER BY r.version, r.kind, r.id",
-                    &[&VERSION_KEY, &(version as i64), &held],
-                )
-                .await
-                .map_err(postgres_error)?;
-            let current = rows.first().map_or(0, |row| to_u64(row.get(0)));
-            let records = rows
-                .iter()
-                .filter_map(|row| {
-                    Some(Stored {
-                        kind: row.get::<_, Option<String>>(1)?,
-                        id: row.get(2),
-                        rev: to_u64(row.get(3)),
-                        doc: row.get(4),
-                    })
-                })
-                .collect();
-            Ok(Changes {
-                version: current,
-                records,
-            })
+            // Every version visible when the call began must be reached: a write acknowledged
+            // before it (read-your-writes across replicas).
+            let mut must_reach = None;
+            loop {
+                // One statement is one snapshot: the prefix and the records agree.
+                let rows = client
+                    .query(&read, &[&(version as i64), &held])
+                    .await
+                    .map_err(postgres_error)?;
+                let settled: i64 = rows.first().map_or(0, |row| row.get(0));
+                let visible: i64 = rows.first().map_or(0, |row| row.get(1));
+                let must_reach = *must_reach.get_or_insert(visible);
+                if settled >= must_reach {
+                    let records = rows
+                        .iter()
+                        .filter_map(|row| {
+                            Some(Stored {
+                                kind: row.get::<_, Option<String>>(2)?,
+                                id: row.get(3),
+                                rev: to_u64(row.get(4)),
+                                doc: row.get(5),
+                            })
+                        })
+                        .collect();
+                    return Ok(Changes {
+                        version: to_u64(settled),
+                        records,
+                    });
+                }
+                // Gaps below what must be shown: settle them, then read again.
+                client
+                    .execute(SETTLE, &[&settled, &must_reach])
+                    .await
+                    .map_err(postgres_error)?;
+            }
         })
         .await
     }
@@ -487,24 +661,50 @@ impl Store for PostgresStore {
 
     async fn advance_version(&self, seen: u64) -> Result<u64, StoreError> {
         let seen = i64::try_from(seen).unwrap_or(i64::MAX - 1);
-        self.bounded(async {
-            let mut client = self.pool.get().await.map_err(pool_error)?;
-            let tx = client.transaction().await.map_err(postgres_error)?;
-            let version: i64 = tx
-                .query_one(
-                    "UPDATE meta SET value = GREATEST(value, $2) + 1 WHERE key = $1 RETURNING value",
-                    &[&VERSION_KEY, &seen],
+        let version = self
+            .bounded(async {
+                let mut client = self.pool.get().await.map_err(pool_error)?;
+                let tx = client.transaction().await.map_err(postgres_error)?;
+                // No version in flight from here to COMMIT: a versioned commit's last
+                // statement inserts into `versions` (ROW EXCLUSIVE, which SHARE excludes), so
+                // this waits for those that took one and holds back the others.
+                tx.batch_execute("LOCK TABLE versions IN SHARE MODE")
+                    .await
+                    .map_err(postgres_error)?;
+                let row = tx
+                    .query_one(
+                        "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END,
+                                (SELECT value FROM meta WHERE key = $1)
+                         FROM snapshot_versions",
+                        &[&VERSION_KEY],
+                    )
+                    .await
+                    .map_err(postgres_error)?;
+                let (handed_out, floor): (i64, i64) = (row.get(0), row.get(1));
+                // Every version handed out is committed or rolled back now: settle the gaps.
+                tx.execute(SETTLE, &[&floor, &handed_out])
+                    .await
+                    .map_err(postgres_error)?;
+                let version = handed_out.max(seen).max(floor) + 1;
+                tx.execute(
+                    "UPDATE meta SET value = $2 WHERE key = $1",
+                    &[&VERSION_KEY, &version],
                 )
                 .await
-                .map_err(postgres_error)?
-                .get(0);
-            tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &version.to_string()])
-                .await
                 .map_err(postgres_error)?;
-            tx.commit().await.map_err(postgres_error)?;
-            Ok(to_u64(version))
-        })
-        .await
+                tx.query_one("SELECT setval('snapshot_versions', $1)", &[&version])
+                    .await
+                    .map_err(postgres_error)?;
+                tx.commit().await.map_err(postgres_error)?;
+                Ok(version)
+            })
+            .await?;
+        self.committed.send_if_modified(|announced| {
+            let newer = to_u64(version) > *announced;
+            *announced = (*announced).max(to_u64(version));
+            newer
+        });
+        Ok(to_u64(version))
     }
 
     async fn claim_node(

@@ -83,6 +83,28 @@ impl Backend {
     }
 }
 
+/// Waits (polling, at most 10 s) until some session of `client`'s database waits for a lock:
+/// a statement that reached a lock another session holds. Panics with `what` otherwise.
+pub async fn a_session_waits_for_a_lock(client: &tokio_postgres::Client, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let waiting: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// The run's tag in database names (`MG_TEST_RUN`, lower-case letters and digits only), set
 /// by `tests/run.sh` so that it drops this run's databases when it ends, and nobody else's.
 fn run_tag() -> String {
