@@ -18,6 +18,7 @@ pub mod listener;
 pub mod metrics;
 pub mod quota;
 pub mod route;
+mod snapshot_files;
 pub mod subscriber;
 pub mod throttle;
 pub mod uplink;
@@ -41,11 +42,12 @@ use crate::snapshot::Snapshot;
 
 /// File name of the last good snapshot inside `data_dir` (the last full checkpoint).
 pub const SNAPSHOT_FILE: &str = "snapshot.json";
-/// File name of the deltas applied since the checkpoint in [`SNAPSHOT_FILE`], one JSON line
-/// each, in order: a delta is persisted by appending one record, not by rewriting the market.
+/// File name prefix of the log segments beside [`SNAPSHOT_FILE`]: `snapshot.log.<V>` holds
+/// the deltas that follow from version `V`, one JSON line each, in order: a delta is
+/// persisted by appending one record, not by rewriting the market ([`snapshot_files`]).
 pub const SNAPSHOT_LOG_FILE: &str = "snapshot.log";
-/// Deltas appended to [`SNAPSHOT_LOG_FILE`] before the next one is persisted as a full
-/// checkpoint instead (and the log emptied): bounds replay at start to this many deltas.
+/// Records the log holds at least before a full checkpoint is written (and with it a
+/// quarter of the checkpoint's bytes: [`Inner::checkpoint_due`]); bounds replay at start.
 pub const SNAPSHOT_CHECKPOINT_EVERY_DELTAS: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
@@ -101,11 +103,25 @@ pub(crate) struct Inner {
     /// The wire form of what `current` was compiled from: the base of the next delta. Its
     /// lock also serializes applies, so the two change together (buyers never read it).
     applied: Mutex<Option<Served>>,
-    /// Records in the snapshot log since the checkpoint (changed under `applied`'s lock).
+    /// The last good snapshot's files: the checkpoint and the log segments.
+    files: snapshot_files::SnapshotFiles,
+    /// The version the segment records are appended to follows from (changed under
+    /// `applied`'s lock: a checkpoint started at version V starts the segment of V).
+    segment_from: std::sync::atomic::AtomicU64,
+    /// Records in the log since the durable checkpoint and their bytes (added to under
+    /// `applied`'s lock, taken from by the checkpoint that covers them), and the
+    /// checkpoint's bytes.
     logged: std::sync::atomic::AtomicUsize,
-    /// Bytes of those records, and of the checkpoint (changed under `applied`'s lock).
     logged_bytes: std::sync::atomic::AtomicUsize,
     checkpoint_bytes: std::sync::atomic::AtomicUsize,
+    /// A checkpoint is also due once the log holds this many records, whatever their size
+    /// (benches and tests lower it: [`Gateway::checkpoint_every_deltas`]).
+    checkpoint_every: std::sync::atomic::AtomicUsize,
+    /// The thread writing a checkpoint off the apply lock, if one was started.
+    checkpointer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Held while `snapshot.json` is written; the version it holds. A checkpoint older than
+    /// that one (a background one overtaken by a full snapshot) is not written.
+    checkpoint_file: Mutex<u64>,
     pub(crate) quota: quota::QuotaRegistry,
     /// The throttling allotment exchange's queue (leased proxies).
     pub(crate) allotments: Arc<allotments::Allotments>,
@@ -193,9 +209,14 @@ impl Gateway {
             config: config.clone(),
             current: ArcSwapOption::empty(),
             applied: Mutex::new(None),
+            files: snapshot_files::SnapshotFiles::new(snapshot_path.clone()),
+            segment_from: std::sync::atomic::AtomicU64::new(0),
             logged: std::sync::atomic::AtomicUsize::new(0),
             logged_bytes: std::sync::atomic::AtomicUsize::new(0),
             checkpoint_bytes: std::sync::atomic::AtomicUsize::new(0),
+            checkpoint_every: std::sync::atomic::AtomicUsize::new(usize::MAX),
+            checkpointer: Mutex::new(None),
+            checkpoint_file: Mutex::new(0),
             quota,
             allotments: Arc::default(),
             metrics,
@@ -206,13 +227,17 @@ impl Gateway {
             snapshot_path,
             auth_guard: crate::auth_guard::AuthGuard::new(config.gateway.connections.auth_failures),
         };
-        if let Some(loaded) = load_snapshot(&inner.snapshot_path)? {
-            let Loaded {
+        if let Some(loaded) = inner.files.load()? {
+            let snapshot_files::Loaded {
                 snapshot,
                 logged,
                 logged_bytes,
                 checkpoint_bytes,
+                checkpoint_version,
+                segment_from,
             } = loaded;
+            *lock(&inner.checkpoint_file) = checkpoint_version;
+            inner.segment_from.store(segment_from, Ordering::Relaxed);
             inner.logged.store(logged, Ordering::Relaxed);
             inner.logged_bytes.store(logged_bytes, Ordering::Relaxed);
             inner
@@ -230,7 +255,7 @@ impl Gateway {
                 version = snapshot.version,
                 "serving the last good snapshot from disk"
             );
-            *inner.applied.lock().unwrap_or_else(|e| e.into_inner()) = Some(Served::new(snapshot));
+            *lock(&inner.applied) = Some(Served::new(snapshot));
         }
         Ok(Gateway {
             inner: Arc::new(inner),
@@ -262,7 +287,7 @@ impl Gateway {
     }
 
     fn apply_unfollowed(&self, snapshot: Snapshot) -> Result<u64, SnapshotRejection> {
-        let mut applied = self.inner.applied.lock().unwrap_or_else(|e| e.into_inner());
+        let mut applied = lock(&self.inner.applied);
         let result = self.apply_locked(&mut applied, snapshot, None, false);
         self.count_push(&result);
         result
@@ -272,7 +297,7 @@ impl Gateway {
     /// plane resyncing a proxy whose content differs from that version's (a delta applied on
     /// a wrong base), docs/snapshot-protocol.md.
     pub fn resync_snapshot(&self, snapshot: Snapshot) -> Result<u64, SnapshotRejection> {
-        let mut applied = self.inner.applied.lock().unwrap_or_else(|e| e.into_inner());
+        let mut applied = lock(&self.inner.applied);
         let result = self.apply_locked(&mut applied, snapshot, None, true);
         self.count_push(&result);
         result
@@ -303,7 +328,7 @@ impl Gateway {
             self.count_push_error(Some(&SnapshotRejection::Followed));
             return Err(SnapshotRejection::Followed);
         }
-        let mut applied = self.inner.applied.lock().unwrap_or_else(|e| e.into_inner());
+        let mut applied = lock(&self.inner.applied);
         let result = self.apply_delta_locked(&mut applied, delta, base_hash);
         self.count_push_error(result.as_ref().err());
         result
@@ -348,17 +373,12 @@ impl Gateway {
                 .map(|version| (version, hash));
         };
         let inner = &self.inner;
-        // Persist before anything shared changes; the record alone, a checkpoint (if one is
-        // due) only once the change is served.
-        append_record(&log_path(&inner.snapshot_path), &record)
+        // Persist before anything shared changes: the record alone; a checkpoint (if one is
+        // due) only once the change is served, and off this lock.
+        self.append_locked(&record)
             .map_err(SnapshotRejection::Persist)?;
-        let logged = inner.logged.fetch_add(1, Ordering::Relaxed) + 1;
-        let logged_bytes = inner
-            .logged_bytes
-            .fetch_add(record.len() + 1, Ordering::Relaxed)
-            + record.len()
-            + 1;
-        // Served by nobody else (a reader's clone is copied first: rare, and correct).
+        // Served by nobody else (a reader's clone, or a checkpoint being written from it, is
+        // copied first: once per checkpoint, and correct).
         // The delta is cloned (small): the prepared snapshot borrows its purchases.
         delta::apply_in_place(
             Arc::make_mut(&mut served.wire),
@@ -367,27 +387,124 @@ impl Gateway {
         )?;
         let compiled = prepared.bind(&inner.quota, &inner.metrics);
         let version = self.swap_compiled(&served.wire, compiled);
-        if checkpoint_due(
-            logged,
-            logged_bytes,
-            inner.checkpoint_bytes.load(Ordering::Relaxed),
-        ) {
-            // The log holds every change already: a checkpoint that fails is retried at the
-            // next delta, and the log grows meanwhile.
-            if let Err(error) = self.checkpoint_locked(&served.wire) {
-                tracing::warn!(%error, "cannot write the snapshot checkpoint; the snapshot log keeps every change");
+        self.checkpoint_if_due_locked(&served.wire);
+        Ok((version, hash))
+    }
+
+    /// Appends a delta's record to the log segment being written, under the apply lock.
+    fn append_locked(&self, record: &[u8]) -> std::io::Result<()> {
+        let inner = &self.inner;
+        let segment = inner.segment_from.load(Ordering::Relaxed);
+        inner.files.append(segment, record)?;
+        inner.logged.fetch_add(1, Ordering::Relaxed);
+        inner
+            .logged_bytes
+            .fetch_add(record.len() + 1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Starts writing `wire` (just served, its record durable) as the checkpoint on a thread
+    /// of its own if one is due and none is being written; under the apply lock, which it
+    /// does not hold meanwhile. Later records go to a new segment (that of `wire`'s
+    /// version), so the checkpoint, once durable, removes exactly the segments it covers. A
+    /// checkpoint that fails is logged and tried again at the next delta; the log keeps
+    /// every change meanwhile.
+    fn checkpoint_if_due_locked(&self, wire: &Arc<Snapshot>) {
+        let inner = &self.inner;
+        if !inner.checkpoint_due() {
+            return;
+        }
+        let mut checkpointer = lock(&inner.checkpointer);
+        if checkpointer
+            .as_ref()
+            .is_some_and(|writing| !writing.is_finished())
+        {
+            return;
+        }
+        if let Some(done) = checkpointer.take() {
+            let _ = done.join();
+        }
+        let covered = (
+            inner.logged.load(Ordering::Relaxed),
+            inner.logged_bytes.load(Ordering::Relaxed),
+        );
+        inner.segment_from.store(wire.version, Ordering::Relaxed);
+        let (writer, wire) = (self.inner.clone(), wire.clone());
+        match std::thread::Builder::new()
+            .name("snapshot-checkpoint".into())
+            .spawn(move || writer.write_checkpoint_behind(&wire, covered))
+        {
+            Ok(writing) => *checkpointer = Some(writing),
+            Err(error) => {
+                tracing::warn!(%error, "cannot start the snapshot checkpoint; the snapshot log keeps every change")
             }
         }
-        Ok((version, hash))
+    }
+
+    /// Waits for the checkpoint being written off the apply lock, if any (tests, benches,
+    /// and a proxy stopping: its next start then replays less).
+    pub fn finish_checkpoint(&self) {
+        let writing = lock(&self.inner.checkpointer).take();
+        if let Some(writing) = writing {
+            let _ = writing.join();
+        }
+    }
+
+    /// Makes a checkpoint due once the log holds `deltas` records, whatever their size
+    /// (benches and tests: the size rule alone makes one every ~10^5 deltas at 1M).
+    pub fn checkpoint_every_deltas(&self, deltas: usize) {
+        self.inner
+            .checkpoint_every
+            .store(deltas.max(1), Ordering::Relaxed);
     }
 }
 
-/// A checkpoint is written once the log has [`SNAPSHOT_CHECKPOINT_EVERY_DELTAS`] records and
-/// is a quarter of the checkpoint's size: a full checkpoint costs the whole market (seconds
-/// at 1M purchases, under the apply lock), so at 1M it comes every ~10^5 deltas; the log's
-/// replay at start is proportional to its records (`delta::apply_in_place`).
-fn checkpoint_due(logged: usize, logged_bytes: usize, checkpoint_bytes: usize) -> bool {
-    logged >= SNAPSHOT_CHECKPOINT_EVERY_DELTAS && logged_bytes.saturating_mul(4) >= checkpoint_bytes
+impl Inner {
+    /// A checkpoint is written once the log has [`SNAPSHOT_CHECKPOINT_EVERY_DELTAS`] records
+    /// and is a quarter of the checkpoint's size (or `checkpoint_every` records): a full
+    /// checkpoint costs the whole market (seconds at 1M purchases, off the apply lock but a
+    /// core's worth), so at 1M it comes every ~10^5 deltas; the log's replay at start is
+    /// proportional to its records (`delta::apply_in_place`).
+    fn checkpoint_due(&self) -> bool {
+        let logged = self.logged.load(Ordering::Relaxed);
+        let logged_bytes = self.logged_bytes.load(Ordering::Relaxed);
+        let checkpoint_bytes = self.checkpoint_bytes.load(Ordering::Relaxed);
+        logged >= self.checkpoint_every.load(Ordering::Relaxed)
+            || (logged >= SNAPSHOT_CHECKPOINT_EVERY_DELTAS
+                && logged_bytes.saturating_mul(4) >= checkpoint_bytes)
+    }
+
+    /// The checkpoint thread's work: writes `wire` unless a newer checkpoint is on disk
+    /// already, then takes the `covered` records (and bytes) off the log's count.
+    fn write_checkpoint_behind(&self, wire: &Snapshot, covered: (usize, usize)) {
+        let mut durable = lock(&self.checkpoint_file);
+        if *durable >= wire.version {
+            return;
+        }
+        let started = std::time::Instant::now();
+        match self.files.write_checkpoint(wire, false) {
+            Ok(bytes) => {
+                *durable = wire.version;
+                self.logged.fetch_sub(covered.0, Ordering::Relaxed);
+                self.logged_bytes.fetch_sub(covered.1, Ordering::Relaxed);
+                self.checkpoint_bytes.store(bytes, Ordering::Relaxed);
+                tracing::info!(
+                    version = wire.version,
+                    bytes,
+                    millis = started.elapsed().as_millis() as u64,
+                    "snapshot checkpoint written"
+                );
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot write the snapshot checkpoint; the snapshot log keeps every change, tried again at the next delta")
+            }
+        }
+    }
+}
+
+/// Locks `mutex`, taking the value over from a thread that panicked holding it.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl From<DeltaError> for SnapshotRejection {
@@ -436,8 +553,8 @@ impl Gateway {
 
     /// Applies `snapshot` while holding the apply lock (`applied` is its guard). `delta` is
     /// the record of the delta that made it from the snapshot served (JSON), persisted by
-    /// appending it to the snapshot log; a full snapshot (`None`), or every
-    /// [`SNAPSHOT_CHECKPOINT_EVERY_DELTAS`]th delta, is persisted as a checkpoint.
+    /// appending it to the snapshot log (a checkpoint started after, when due); a full
+    /// snapshot (`None`) is persisted as a checkpoint, under the lock.
     fn apply_locked(
         &self,
         applied: &mut Option<Served>,
@@ -458,39 +575,34 @@ impl Gateway {
         let prepared = prepare(valid, &inner.metrics);
         // Persist before anything shared changes: what is served is always on disk, and a
         // failed persist leaves the quota cells and metrics of the snapshot served as they were.
-        let logged = inner.logged.load(Ordering::Relaxed);
-        let logged_bytes = inner.logged_bytes.load(Ordering::Relaxed);
+        let logged = delta.is_some();
         match delta {
-            Some(record)
-                if !checkpoint_due(
-                    logged + 1,
-                    logged_bytes + record.len() + 1,
-                    inner.checkpoint_bytes.load(Ordering::Relaxed),
-                ) =>
-            {
-                append_record(&log_path(&inner.snapshot_path), &record)
-                    .map_err(SnapshotRejection::Persist)?;
-                inner.logged.store(logged + 1, Ordering::Relaxed);
-                inner
-                    .logged_bytes
-                    .store(logged_bytes + record.len() + 1, Ordering::Relaxed);
-            }
-            _ => self
-                .checkpoint_locked(&snapshot)
-                .map_err(SnapshotRejection::Persist)?,
+            Some(record) => self.append_locked(&record),
+            None => self.checkpoint_full_locked(&snapshot),
         }
+        .map_err(SnapshotRejection::Persist)?;
         let compiled = prepared.bind(&inner.quota, &inner.metrics);
         let served = Served::new(snapshot);
         self.swap_compiled(&served.wire, compiled);
+        if logged {
+            self.checkpoint_if_due_locked(&served.wire);
+        }
         let version = served.wire.version;
         *applied = Some(served);
         Ok(version)
     }
 
-    /// Writes `snapshot` as the checkpoint (which empties the log), under the apply lock.
-    fn checkpoint_locked(&self, snapshot: &Snapshot) -> std::io::Result<()> {
+    /// Writes a full `snapshot` (not in the log) as the checkpoint, under the apply lock
+    /// (after a checkpoint being written behind, if one is), and removes every segment:
+    /// records follow from its version on.
+    fn checkpoint_full_locked(&self, snapshot: &Snapshot) -> std::io::Result<()> {
         let inner = &self.inner;
-        let bytes = persist_snapshot(&inner.snapshot_path, snapshot)?;
+        let mut durable = lock(&inner.checkpoint_file);
+        let bytes = inner.files.write_checkpoint(snapshot, true)?;
+        *durable = snapshot.version;
+        inner
+            .segment_from
+            .store(snapshot.version, Ordering::Relaxed);
         inner.logged.store(0, Ordering::Relaxed);
         inner.logged_bytes.store(0, Ordering::Relaxed);
         inner.checkpoint_bytes.store(bytes, Ordering::Relaxed);
@@ -509,10 +621,7 @@ impl Gateway {
 
     /// The wire snapshot now served (the base a delta must name).
     pub fn wire_snapshot(&self) -> Option<Arc<Snapshot>> {
-        self.inner
-            .applied
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        lock(&self.inner.applied)
             .as_ref()
             .map(|served| served.wire.clone())
     }
@@ -593,149 +702,6 @@ fn now_secs() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
-}
-
-/// The snapshot log beside the checkpoint at `snapshot_path`.
-fn log_path(snapshot_path: &Path) -> PathBuf {
-    snapshot_path.with_file_name(SNAPSHOT_LOG_FILE)
-}
-
-/// The last good snapshot as [`load_snapshot`] rebuilt it, and what its log holds.
-struct Loaded {
-    snapshot: Snapshot,
-    logged: usize,
-    logged_bytes: usize,
-    checkpoint_bytes: usize,
-}
-
-/// The last good snapshot (validated by the caller) and how many logged deltas it took, or
-/// `None` if there is none: the checkpoint, then every delta of the log that follows from
-/// it, in order (applied in place: time proportional to the log). A torn last record (a
-/// crash during its append: it was never acknowledged) or one that does not follow (left
-/// from before a checkpoint) ends the replay; the snapshot replayed is then written as a
-/// new checkpoint so the log restarts clean.
-fn load_snapshot(path: &Path) -> Result<Option<Loaded>, GatewayError> {
-    let Some((mut snapshot, checkpoint_bytes)) = load_checkpoint(path)? else {
-        return Ok(None);
-    };
-    let log = log_path(path);
-    let bytes = match std::fs::read(&log) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(Some(Loaded {
-                snapshot,
-                logged: 0,
-                logged_bytes: 0,
-                checkpoint_bytes,
-            }))
-        }
-        Err(source) => return Err(GatewayError::SnapshotRead { path: log, source }),
-    };
-    let mut positions = delta::Positions::of(&snapshot);
-    let mut replayed = 0;
-    let mut replayed_bytes = 0;
-    let mut clean = true;
-    let mut rest = &bytes[..];
-    while !rest.is_empty() {
-        let Some(end) = rest.iter().position(|&b| b == b'\n') else {
-            clean = false; // torn: never acknowledged
-            break;
-        };
-        let record = &rest[..end];
-        rest = &rest[end + 1..];
-        let applied = serde_json::from_slice::<Delta>(record)
-            .ok()
-            .filter(|delta| {
-                delta.from_version == snapshot.version && delta.version > delta.from_version
-            })
-            .and_then(|delta| delta::apply_in_place(&mut snapshot, &mut positions, delta).ok());
-        if applied.is_none() {
-            clean = false;
-            break;
-        }
-        replayed += 1;
-        replayed_bytes += end + 1;
-    }
-    let mut checkpoint_bytes = checkpoint_bytes;
-    if !clean {
-        tracing::warn!(
-            log = %log.display(),
-            replayed,
-            version = snapshot.version,
-            "the snapshot log ends in a record that does not apply (torn by a crash, or older than the checkpoint): serving what it replayed, checkpointed anew"
-        );
-        checkpoint_bytes =
-            persist_snapshot(path, &snapshot).map_err(|source| GatewayError::SnapshotRead {
-                path: path.to_owned(),
-                source,
-            })?;
-        replayed = 0;
-        replayed_bytes = 0;
-    }
-    Ok(Some(Loaded {
-        snapshot,
-        logged: replayed,
-        logged_bytes: replayed_bytes,
-        checkpoint_bytes,
-    }))
-}
-
-/// The checkpoint file as written and its size, or `None` if there is none.
-fn load_checkpoint(path: &Path) -> Result<Option<(Snapshot, usize)>, GatewayError> {
-    let bytes = match std::fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
-            return Err(GatewayError::SnapshotRead {
-                path: path.to_owned(),
-                source,
-            })
-        }
-    };
-    let snapshot: Snapshot =
-        serde_json::from_slice(&bytes).map_err(|source| GatewayError::SnapshotParse {
-            path: path.to_owned(),
-            source,
-        })?;
-    Ok(Some((snapshot, bytes.len())))
-}
-
-/// Writes `snapshot` to `path` by a temporary file (mode 0600: it holds secrets), fsync and
-/// rename, so a crash leaves either the old or the new file, never half of one.
-/// Returns the bytes written.
-fn persist_snapshot(path: &Path, snapshot: &Snapshot) -> std::io::Result<usize> {
-    let bytes = serde_json::to_vec(snapshot).map_err(std::io::Error::other)?;
-    crate::durable::write_atomic(path, &bytes)?;
-    // The deltas before this checkpoint are in it. Left behind by a crash, they would not
-    // replay: none follows from the checkpoint's version.
-    match std::fs::remove_file(log_path(path)) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    std::fs::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()?;
-    Ok(bytes.len())
-}
-
-/// Appends one record (and a newline) to the snapshot log and makes it durable before
-/// returning: the delta is then as persisted as a checkpoint would have made it.
-fn append_record(log: &Path, record: &[u8]) -> std::io::Result<()> {
-    let mut file = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(log)?;
-    let created = file.metadata()?.len() == 0;
-    let mut line = Vec::with_capacity(record.len() + 1);
-    line.extend_from_slice(record);
-    line.push(b'\n');
-    file.write_all(&line)?;
-    file.sync_data()?;
-    if created {
-        // A new file's name is durable once its directory is.
-        std::fs::File::open(log.parent().unwrap_or(Path::new(".")))?.sync_all()?;
-    }
-    Ok(())
 }
 
 type RunError = Box<dyn std::error::Error + Send + Sync>;
@@ -857,6 +823,7 @@ pub async fn run_proxy_with(
         .serve_listeners(listeners, gateway.admin_router(), shutdown)
         .await?;
     gateway.flush()?;
+    gateway.finish_checkpoint();
     if let Some(client) = &leasing {
         if let Err(error) = client.finish().await {
             tracing::warn!(%error, "could not give leases back; they return to the ledger at expiry");
@@ -918,6 +885,33 @@ mod tests {
         gateway.apply_delta(delta::diff(&base, &new)).unwrap()
     }
 
+    fn checkpoint_version(dir: &Path) -> u64 {
+        snapshot_files::SnapshotFiles::new(dir.join(SNAPSHOT_FILE))
+            .load_checkpoint()
+            .unwrap()
+            .unwrap()
+            .0
+            .version
+    }
+
+    /// The log segments in `dir`, by the version they follow from.
+    fn segments(dir: &Path) -> Vec<u64> {
+        let prefix = format!("{SNAPSHOT_LOG_FILE}.");
+        let mut segments: Vec<u64> = std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|entry| {
+                let name = entry.unwrap().file_name().into_string().unwrap();
+                name.strip_prefix(&prefix)?.parse().ok()
+            })
+            .collect();
+        segments.sort();
+        segments
+    }
+
+    fn segment(dir: &Path, from: u64) -> PathBuf {
+        dir.join(format!("{SNAPSHOT_LOG_FILE}.{from}"))
+    }
+
     /// Deltas are persisted as appended records, replayed at start; a record torn by a crash
     /// is ignored and the log restarts from a new checkpoint.
     #[test]
@@ -928,11 +922,12 @@ mod tests {
         for _ in 0..3 {
             next(&gateway);
         }
-        let (checkpoint, _) = load_checkpoint(&dir.path().join(SNAPSHOT_FILE))
-            .unwrap()
-            .unwrap();
-        assert_eq!(checkpoint.version, 1, "a delta rewrote the whole snapshot");
-        let log = std::fs::read_to_string(dir.path().join(SNAPSHOT_LOG_FILE)).unwrap();
+        assert_eq!(
+            checkpoint_version(dir.path()),
+            1,
+            "a delta rewrote the whole snapshot"
+        );
+        let log = std::fs::read_to_string(segment(dir.path(), 1)).unwrap();
         assert_eq!(log.lines().count(), 3);
         let served = gateway.wire_snapshot().unwrap();
         drop(gateway);
@@ -947,30 +942,128 @@ mod tests {
         // A crash in the middle of an append: half a record, never acknowledged.
         let mut file = std::fs::OpenOptions::new()
             .append(true)
-            .open(dir.path().join(SNAPSHOT_LOG_FILE))
+            .open(segment(dir.path(), 1))
             .unwrap();
         file.write_all(br#"{"from_version":5,"vers"#).unwrap();
         drop(file);
         let gateway = open(dir.path());
         assert_eq!(gateway.snapshot_version(), Some(5));
-        assert!(!dir.path().join(SNAPSHOT_LOG_FILE).exists());
-        assert_eq!(
-            load_checkpoint(&dir.path().join(SNAPSHOT_FILE))
-                .unwrap()
-                .unwrap()
-                .0
-                .version,
-            5
-        );
+        assert_eq!(segments(dir.path()), Vec::<u64>::new());
+        assert_eq!(checkpoint_version(dir.path()), 5);
         // A checkpoint every SNAPSHOT_CHECKPOINT_EVERY_DELTAS deltas bounds the log.
         for _ in 0..SNAPSHOT_CHECKPOINT_EVERY_DELTAS + 3 {
             next(&gateway);
         }
-        let log = std::fs::read_to_string(dir.path().join(SNAPSHOT_LOG_FILE)).unwrap();
-        assert!(log.lines().count() < SNAPSHOT_CHECKPOINT_EVERY_DELTAS);
+        gateway.finish_checkpoint();
+        assert!(
+            checkpoint_version(dir.path()) > 5,
+            "no checkpoint was written"
+        );
+        let logged: usize = segments(dir.path())
+            .into_iter()
+            .map(|from| {
+                std::fs::read_to_string(segment(dir.path(), from))
+                    .unwrap()
+                    .lines()
+                    .count()
+            })
+            .sum();
+        assert!(logged < SNAPSHOT_CHECKPOINT_EVERY_DELTAS);
         let version = gateway.snapshot_version();
         drop(gateway);
         assert_eq!(open(dir.path()).snapshot_version(), version);
+    }
+
+    /// The crash points of a checkpoint written behind the apply lock: before it is durable
+    /// (a half-written temporary file, the old checkpoint, the segment it was to cover and
+    /// the one after), and after it is durable but before the segment it covers is removed
+    /// (records older than the checkpoint, then records after it). Every one recovers the
+    /// latest version applied, with its content.
+    #[test]
+    fn a_checkpoint_behind_the_apply_lock_recovers_from_every_crash_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let gateway = open(dir.path());
+        gateway.apply_snapshot(market(1, 10)).unwrap();
+        gateway.checkpoint_every_deltas(4);
+        // The checkpoint of v5 cannot be written: its temporary file's place is taken.
+        let tmp = dir.path().join(format!("{SNAPSHOT_FILE}.tmp"));
+        std::fs::create_dir_all(tmp.join("in-the-way")).unwrap();
+        for _ in 0..6 {
+            next(&gateway);
+            gateway.finish_checkpoint();
+        }
+        assert_eq!(gateway.snapshot_version(), Some(7));
+        assert_eq!(checkpoint_version(dir.path()), 1);
+        // Tried at v5, then again at each delta: each try starts a segment.
+        assert_eq!(
+            segments(dir.path()),
+            vec![1, 5, 6],
+            "the log was not rotated"
+        );
+        let covered = std::fs::read(segment(dir.path(), 1)).unwrap();
+        let old_checkpoint = std::fs::read(dir.path().join(SNAPSHOT_FILE)).unwrap();
+        let served = gateway.wire_snapshot().unwrap();
+        drop(gateway);
+
+        // Crash before the checkpoint was durable: a half-written temporary file.
+        std::fs::remove_dir_all(&tmp).unwrap();
+        std::fs::write(&tmp, br#"{"version":5,"grou"#).unwrap();
+        let gateway = open(dir.path());
+        assert_eq!(gateway.snapshot_version(), Some(7));
+        assert_eq!(*gateway.wire_snapshot().unwrap(), *served);
+        assert_eq!(gateway.quota().get("p").unwrap().limit(), 16);
+        // The next checkpoint (the log holds 6 records) covers every segment.
+        gateway.checkpoint_every_deltas(4);
+        next(&gateway);
+        gateway.finish_checkpoint();
+        assert_eq!(checkpoint_version(dir.path()), 8);
+        assert_eq!(segments(dir.path()), Vec::<u64>::new());
+        next(&gateway);
+        next(&gateway);
+        let served = gateway.wire_snapshot().unwrap();
+        drop(gateway);
+        assert_eq!(segments(dir.path()), vec![8]);
+
+        // Crash after the checkpoint of v8 was durable, before the segment it covers was
+        // removed: that segment's records are older than the checkpoint (one of them even
+        // is the record that made v8's base from v1: none follows from v8).
+        std::fs::write(segment(dir.path(), 1), &covered).unwrap();
+        let gateway = open(dir.path());
+        assert_eq!(gateway.snapshot_version(), Some(10));
+        assert_eq!(*gateway.wire_snapshot().unwrap(), *served);
+        drop(gateway);
+
+        // A log with a gap (v1's checkpoint, records 1..5, then records from v8: a state no
+        // crash leaves, as segments are removed only once a checkpoint covers them): the
+        // replay stops where the records stop following, and never applies past the gap.
+        std::fs::write(dir.path().join(SNAPSHOT_FILE), &old_checkpoint).unwrap();
+        let gateway = open(dir.path());
+        assert_eq!(
+            gateway.snapshot_version(),
+            Some(5),
+            "replayed past a gap in the log"
+        );
+    }
+
+    /// A full snapshot applied while a checkpoint is being written behind is not overwritten
+    /// by that older checkpoint, and its records' segments are gone.
+    #[test]
+    fn a_full_snapshot_is_not_overtaken_by_an_older_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let gateway = open(dir.path());
+        gateway.apply_snapshot(market(1, 10)).unwrap();
+        gateway.checkpoint_every_deltas(2);
+        next(&gateway);
+        next(&gateway);
+        gateway.apply_snapshot(market(100, 50)).unwrap();
+        gateway.finish_checkpoint();
+        assert_eq!(checkpoint_version(dir.path()), 100);
+        assert_eq!(segments(dir.path()), Vec::<u64>::new());
+        next(&gateway);
+        drop(gateway);
+        let gateway = open(dir.path());
+        assert_eq!(gateway.snapshot_version(), Some(101));
+        assert_eq!(gateway.quota().get("p").unwrap().limit(), 110);
     }
 
     /// A push whose persist fails changes nothing that is served: not the version, not the
