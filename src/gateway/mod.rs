@@ -24,8 +24,6 @@ pub mod throttle;
 pub mod uplink;
 pub mod workers;
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -837,6 +835,7 @@ pub async fn run_proxy_with(
 mod tests {
     use super::*;
     use crate::snapshot::wire::{App, Group, MarketState, Purchase, PurchaseState};
+    use std::io::Write;
 
     fn market(version: u64, limit: u64) -> Snapshot {
         Snapshot {
