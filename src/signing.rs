@@ -170,11 +170,26 @@ impl RequestParts<'_> {
     }
 
     fn header_value(&self, name: &str) -> Option<&str> {
-        match self.headers.get(name) {
+        match signed_values(self.headers, name).iter().next() {
             Some(v) => v.to_str().ok(),
             None if name == "host" => self.authority,
             None => None,
         }
+    }
+}
+
+/// The values of the signed header `name`. Hot path: the two names every signature covers
+/// are looked up by their `HeaderName`; a `&str` name is parsed, validated and lower-cased
+/// again on every lookup, and each signed name is looked up twice per request (`check_head`,
+/// then the canonical request).
+fn signed_values<'h>(
+    headers: &'h HeaderMap,
+    name: &str,
+) -> http::header::GetAll<'h, http::HeaderValue> {
+    match name {
+        "host" => headers.get_all(http::header::HOST),
+        DATE_HEADER => headers.get_all(DATE_HEADER_NAME),
+        _ => headers.get_all(name),
     }
 }
 
@@ -245,7 +260,7 @@ pub fn check_head(
         return Err(SignatureError::DateSkewed);
     }
     for name in auth.signed_headers.split(';') {
-        let mut values = request.headers.get_all(name).iter();
+        let mut values = signed_values(request.headers, name).iter();
         match (values.next(), values.next()) {
             (_, Some(_)) => return Err(SignatureError::SignedHeaderRepeated),
             (None, None) if !(name == "host" && request.authority.is_some()) => {
