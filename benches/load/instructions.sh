@@ -14,6 +14,8 @@
 # small fraction of that. Each marketgate row is therefore also given without the
 # instructions inside `sha2::sha256::compress256` (Ir "w/o sha256") and with the number of
 # compressions per request, so that the HMAC path is neither over- nor under-counted.
+# Allocations per request: the calls into the allocator (glibc's malloc/calloc/realloc, or
+# mimalloc's entry points in a binary built with it) ÷ requests answered, every thread.
 #
 # Syscalls per request (`COUNT=syscalls`): the same rows with each server run bare (no
 # valgrind) and `perf stat` counting its system calls (tracepoints `raw_syscalls:sys_enter`
@@ -162,11 +164,16 @@ measure() {
   # whatever of it the compiler kept out of line).
   sha=$(callgrind_annotate --inclusive=no --threshold=100 "$file" 2>/dev/null \
     | awk '/sha2::sha256::/ {gsub(",","",$1); s+=$1} END {print s+0}')
-  # Calls of the compression entry point (each call compresses one or more whole blocks).
-  blocks=$({ grep -A1 -E '^cfn=.*sha2::sha256::compress256' "$file" || true; } \
+  # Calls of the compression entry point (each call compresses one or more whole blocks;
+  # sha2 0.10.9 names it `soft::compress`, older ones `compress256`).
+  blocks=$({ grep -A1 -E '^cfn=.*sha2::sha256::(compress256|soft::compress)( |$)' "$file" || true; } \
     | awk '/^calls=/ {split($1,a,"="); s+=a[2]} END {print s+0}')
-  awk -v n="$name" -v t="$total" -v s="$sha" -v b="$blocks" -v r="$requests" \
-    'BEGIN {printf "%-10s %8.0f Ir/req  %8.0f Ir/req w/o sha256  %5.2f compress256 calls/req  (%d requests)\n", n, t/r, (t-s)/r, b/r, r}'
+  # Heap allocations: calls into the allocator's entry points, glibc's or mimalloc's (the
+  # binary's global allocator), from every caller.
+  allocs=$({ grep -A1 -E '^cfn=(.*[ :])?(malloc|calloc|realloc|mi_malloc|mi_malloc_aligned|mi_zalloc|mi_zalloc_aligned|mi_realloc|mi_realloc_aligned)( |$)' "$file" || true; } \
+    | awk '/^calls=/ {split($1,a,"="); s+=a[2]} END {print s+0}')
+  awk -v n="$name" -v t="$total" -v s="$sha" -v b="$blocks" -v a="$allocs" -v r="$requests" \
+    'BEGIN {printf "%-10s %8.0f Ir/req  %8.0f Ir/req w/o sha256  %5.2f compress calls/req  %5.2f allocations/req  (%d requests)\n", n, t/r, (t-s)/r, b/r, a/r, r}'
 }
 # The process under test: under callgrind, or bare for COUNT=syscalls.
 CG=(valgrind --tool=callgrind --instr-atstart=no --dump-instr=no --compress-strings=no "--callgrind-out-file=$OUT/%q{CG_NAME}.callgrind.%p")
