@@ -20,7 +20,7 @@ use rustls::sign::CertifiedKey;
 use super::delta::Delta;
 use super::validate::{
     app_is_well_formed, purchase_is_well_formed, resolve_app_auths, validate_apis,
-    validate_certificates, Names, ParsedApi, ParsedCertificate, MAX_APPS,
+    validate_certificates, validate_throttling, Names, ParsedApi, ParsedCertificate, MAX_APPS,
 };
 use super::validate::{
     validate, SpecialRef, ThrottleRefs, Validated, ValidationError, MAX_APP_CODES,
@@ -28,7 +28,7 @@ use super::validate::{
 pub use super::validate::{AuthKind, CompiledBackend, PathPiece};
 use super::wire::{
     App, Certificate, Domain, Group, MarketState, MinTlsVersion, Purchase, PurchaseState, Snapshot,
-    ThrottlePolicy,
+    ThrottlePolicy, Throttling,
 };
 pub use crate::certificate::{certified_key_pem, CertificateError};
 use crate::gateway::metrics::{GatewayMetrics, GroupCounters};
@@ -716,11 +716,15 @@ impl PreparedDelta<'_> {
 ///
 /// Where throttling policies are bound, an app that starts or stops buying from a group
 /// becomes or stops being a caller of the group's throttled APIs: those APIs are copied
-/// (their callers' tables, O(the group's buyers)), the counters taken at bind.
+/// (their callers' tables, O(the group's buyers)), the counters taken at bind. A new
+/// throttling section is checked by `validate::validate_throttling` against the compiled
+/// tables, and only the APIs bound to a policy it adds, removes or changes are rebuilt, at
+/// bind (one pass over the apps for their groups' buyers): [`rethrottle`].
 ///
 /// `None` when the delta is not one this applies, and the caller then validates and
 /// compiles the whole snapshot (which also words any refusal exactly as a full push's):
-/// a delta that changes throttling; one that removes an app the throttling section names;
+/// a delta that replaces the throttling section and changes APIs too; one that removes an
+/// app the throttling section names;
 /// one that breaks a rule (a duplicate key or domain, a purchase of a missing app, a group
 /// removed with its buyers, …); and when a quarter of the apps' slots are empty (a full
 /// compile packs them again).
@@ -735,7 +739,6 @@ pub fn apply_delta<'a>(
     if delta.from_version != base.version
         || wire.version != base.version
         || delta.version <= delta.from_version
-        || delta.throttling.is_some()
         || base.apps.vacant * 4 > base.apps.len
         || base.groups.len() != wire.groups.len()
     {
@@ -777,6 +780,10 @@ pub fn apply_delta<'a>(
 
     // APIs: those of the groups recompiled are checked against every other group's ids.
     let apis_changed = groups.added_or_removed || !recompiled.is_empty();
+    if apis_changed && delta.throttling.is_some() {
+        // Both at once (rare): the APIs' throttles above follow the section they had.
+        return None;
+    }
     let mut api_ids: HashMap<&str, (usize, usize)> = HashMap::new();
     if apis_changed || delta.app_auths.is_some() {
         for (gi, &(_, group)) in groups.order.iter().enumerate() {
@@ -995,6 +1002,11 @@ pub fn apply_delta<'a>(
         let (table, parsed_expiries) = certificate_table(certificates, parsed);
         next.certificates = table;
         expiries = Some(parsed_expiries);
+    }
+
+    // The throttling section replaced: checked against the tables this delta leaves.
+    if let Some(section) = &delta.throttling {
+        rethrottle(&mut next, &wire.throttling, section, &mut fresh)?;
     }
 
     Some(PreparedDelta {
@@ -1365,32 +1377,7 @@ fn bind_throttles(
         return;
     }
     let registry = quota.throttle().clone();
-    let mut index = ThrottleIndex {
-        users: refs
-            .app_users
-            .iter()
-            .map(|&(app, user)| (app, user.into()))
-            .collect(),
-        ..ThrottleIndex::default()
-    };
-    for (policy, specials) in snapshot.throttling.policies.iter().zip(&refs.specials) {
-        let mut limits = PolicyLimits {
-            app_limit: policy.app_call_limits,
-            user_limit: policy.user_call_limits,
-            ..PolicyLimits::default()
-        };
-        for special in specials {
-            match *special {
-                SpecialRef::App { app, limit } => {
-                    limits.apps.insert(app, limit);
-                }
-                SpecialRef::User { user, limit } => {
-                    limits.users.insert(user.into(), limit);
-                }
-            }
-        }
-        index.policies.insert(policy.id.as_str().into(), limits);
-    }
+    let index = throttle_index(&snapshot.throttling, refs);
     let mut buyers: HashMap<usize, Vec<u32>> = HashMap::new();
     for &(app, group, _) in purchases {
         buyers.entry(group as usize).or_default().push(app);
@@ -1431,6 +1418,108 @@ fn bind_throttles(
         }
     }
     compiled.throttling = Arc::new(index);
+}
+
+/// The limits and exceptions of each policy of `section` and the tenant of each app, as
+/// [`ThrottleIndex::limits`] resolves a caller's (`refs`: the section validated).
+fn throttle_index(section: &Throttling, refs: &ThrottleRefs<'_>) -> ThrottleIndex {
+    let mut index = ThrottleIndex {
+        users: refs
+            .app_users
+            .iter()
+            .map(|&(app, user)| (app, user.into()))
+            .collect(),
+        ..ThrottleIndex::default()
+    };
+    for (policy, specials) in section.policies.iter().zip(&refs.specials) {
+        let mut limits = PolicyLimits {
+            app_limit: policy.app_call_limits,
+            user_limit: policy.user_call_limits,
+            ..PolicyLimits::default()
+        };
+        for special in specials {
+            match *special {
+                SpecialRef::App { app, limit } => {
+                    limits.apps.insert(app, limit);
+                }
+                SpecialRef::User { user, limit } => {
+                    limits.users.insert(user.into(), limit);
+                }
+            }
+        }
+        index.policies.insert(policy.id.as_str().into(), limits);
+    }
+    index
+}
+
+/// A delta's new throttling `section` (the old one `old`) applied to `next`: checked by
+/// `validate::validate_throttling`, the one implementation of its rules, with apps and APIs
+/// found by id in `next`'s tables (`None` where a rule is broken: the full path words the
+/// refusal). Only the APIs bound, before or after, to a policy the delta adds, removes or
+/// changes (every bound API when apps' tenants change) lose their throttle here and, bound
+/// now, get a new one at bind from their group's buyers then ([`FreshThrottle`]); the
+/// others keep theirs. The index callers' limits are resolved from is rebuilt (small).
+fn rethrottle(
+    next: &mut CompiledSnapshot,
+    old: &Throttling,
+    section: &Throttling,
+    fresh: &mut Vec<FreshThrottle>,
+) -> Option<()> {
+    let api_ids: HashMap<&str, (usize, usize)> = next
+        .groups
+        .iter()
+        .enumerate()
+        .flat_map(|(gi, group)| {
+            group
+                .apis
+                .iter()
+                .enumerate()
+                .map(move |(ai, api)| (&*api.id, (gi, ai)))
+        })
+        .collect();
+    let refs = validate_throttling(
+        section,
+        |id| next.app_by_id(id).map(|app| app.index as u32),
+        |id| api_ids.get(id).copied(),
+    )
+    .ok()?;
+    let users_changed = old.app_users != section.app_users;
+    let kept = |policy: &ThrottlePolicy, other: &Throttling| {
+        !users_changed && other.policies.iter().any(|p| p == policy)
+    };
+    let mut rebuilt: HashMap<(usize, usize), Option<&ThrottlePolicy>> = HashMap::new();
+    for policy in old.policies.iter().filter(|p| !kept(p, section)) {
+        for api in &policy.api_ids {
+            if let Some(&at) = api_ids.get(api.as_str()) {
+                rebuilt.insert(at, None);
+            }
+        }
+    }
+    for (policy, apis) in section.policies.iter().zip(&refs.policies) {
+        if !kept(policy, old) {
+            for &at in apis {
+                rebuilt.insert(at, Some(policy));
+            }
+        }
+    }
+    let index = Arc::new(throttle_index(section, &refs));
+    drop(api_ids);
+    let mut rebuilt: Vec<_> = rebuilt.into_iter().collect();
+    rebuilt.sort_unstable_by_key(|&(at, _)| at);
+    for ((gi, ai), policy) in rebuilt {
+        let api = Arc::make_mut(&mut next.groups.get_mut(gi)?.apis).get_mut(ai)?;
+        api.throttle = None;
+        if let Some(policy) = policy {
+            fresh.push(FreshThrottle {
+                group: gi,
+                api: ai,
+                rule: Arc::new(policy_rule(policy)),
+                scope: throttle_scope(policy, &api.id),
+            });
+        }
+    }
+    next.throttling = index;
+    Some(())
 }
 
 #[cfg(test)]

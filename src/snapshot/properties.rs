@@ -457,7 +457,13 @@ fn new_api(id: String, n: usize) -> Api {
 /// purchases, authorizations and bound domains, an app authorized or unauthorized, a
 /// domain bound, the certificates replaced.
 fn market_and_change() -> impl Strategy<Value = (Snapshot, Snapshot)> {
-    (valid_snapshot(), vec((0u8..18, any::<u16>()), 0..8)).prop_map(|(old, edits)| {
+    market_and_change_of(0..18)
+}
+
+/// [`market_and_change`] with only the changes of `kinds` (0..9: no API or group added,
+/// moved or removed).
+fn market_and_change_of(kinds: std::ops::Range<u8>) -> impl Strategy<Value = (Snapshot, Snapshot)> {
+    (valid_snapshot(), vec((kinds, any::<u16>()), 0..8)).prop_map(|(old, edits)| {
         let mut new = old.clone();
         new.version = old.version + 1;
         for (n, (kind, pick)) in edits.into_iter().enumerate() {
@@ -625,6 +631,115 @@ fn market_and_change() -> impl Strategy<Value = (Snapshot, Snapshot)> {
     })
 }
 
+/// A market and a change of it as [`market_and_change`] makes (but for APIs and groups
+/// added, moved or removed: a delta with those and a new throttling section goes to the full
+/// path), plus sellers' changes of its throttling section: a policy's limits, an API bound
+/// or unbound, an app's exception, a second policy, an app's tenant, every policy dropped
+/// (or one bound everywhere).
+fn market_and_throttling_change() -> impl Strategy<Value = (Snapshot, Snapshot)> {
+    (
+        market_and_change_of(0..9),
+        vec((0u8..6, any::<u16>()), 1..4),
+    )
+        .prop_map(|((old, mut new), edits)| {
+            for (n, (kind, pick)) in edits.into_iter().enumerate() {
+                change_throttling(&mut new, kind, usize::from(pick), n as u64);
+            }
+            (old, new)
+        })
+}
+
+/// One seller's change of `market`'s throttling section (`kind` 0 to 5), kept valid.
+fn change_throttling(market: &mut Snapshot, kind: u8, pick: usize, n: u64) {
+    let groups = &market.groups;
+    let group = &groups[pick % groups.len()];
+    let (http, mock) = (group.apis[0].id.clone(), group.apis[1].id.clone());
+    let app = (!market.apps.is_empty()).then(|| market.apps[pick % market.apps.len()].id.clone());
+    let section = &mut market.throttling;
+    let bound = |section: &Throttling, api: &str| {
+        section
+            .policies
+            .iter()
+            .any(|p| p.api_ids.iter().any(|a| a == api))
+    };
+    match kind {
+        0 => {
+            if let Some(policy) = section.policies.first_mut() {
+                policy.api_call_limits = 900 + n;
+                policy.app_call_limits = match policy.app_call_limits {
+                    Some(_) if pick % 2 == 0 => None,
+                    _ => Some(50 + n),
+                };
+            }
+        }
+        1 => {
+            let is_bound = bound(section, &http);
+            if let Some(policy) = section.policies.first_mut() {
+                if is_bound {
+                    policy.api_ids.retain(|a| *a != http);
+                } else {
+                    policy.api_ids.push(http);
+                }
+            }
+        }
+        2 => {
+            if let (Some(policy), Some(app)) = (section.policies.first_mut(), app) {
+                let before = policy.specials.len();
+                policy.specials.retain(|s| s.object_id != app);
+                if policy.specials.len() == before {
+                    policy.specials.push(ThrottleSpecial {
+                        object_type: SpecialKind::App,
+                        object_id: app,
+                        call_limits: 2,
+                    });
+                }
+            }
+        }
+        3 => {
+            if let Some(at) = section.policies.iter().position(|p| p.id == "second") {
+                section.policies.remove(at);
+            } else if !bound(section, &mock) {
+                section.policies.push(ThrottlePolicy {
+                    id: "second".into(),
+                    name: "second".into(),
+                    api_call_limits: 40,
+                    user_call_limits: None,
+                    app_call_limits: Some(20),
+                    ip_call_limits: None,
+                    time_interval: 1,
+                    time_unit: TimeUnit::Second,
+                    shared: false,
+                    api_ids: vec![mock],
+                    specials: Vec::new(),
+                });
+            }
+        }
+        4 => {
+            if let Some(app) = app {
+                let before = section.app_users.len();
+                section.app_users.retain(|u| u.app_id != app);
+                if section.app_users.len() == before {
+                    section.app_users.push(AppUser {
+                        app_id: app,
+                        user: format!("tenant-{}", n % 2),
+                    });
+                }
+            }
+        }
+        _ => {
+            if section.policies.is_empty() {
+                *section = throttling(
+                    groups,
+                    &market.apps,
+                    Some((u8::MAX, true, true, true, None, 0)),
+                );
+            } else {
+                section.policies.clear();
+            }
+        }
+    }
+}
+
 /// What a request can see of a compiled snapshot, for the keys, codes, app ids and purchase
 /// ids of `wires` (present or not): apps found and what they hold, each purchase's group,
 /// state, times and (with `cells`) its cell's limit, the groups and the hosts that name them.
@@ -717,9 +832,9 @@ fn served_view(compiled: &CompiledSnapshot, wires: &[&Snapshot], cells: bool) ->
                 .collect();
             callers.sort();
             view.push(format!(
-                "throttle {} {} {} {callers:?}",
+                "throttle {} {:?} {} {callers:?}",
                 api.id,
-                throttle.rule.id,
+                throttle.rule,
                 throttle.scope()
             ));
         }
@@ -768,6 +883,40 @@ fn served_view(compiled: &CompiledSnapshot, wires: &[&Snapshot], cells: bool) ->
     view.extend(certificates);
     view.sort();
     view
+}
+
+/// Follows `markets` (each a later version of the one before) as a proxy does: each delta
+/// applied to the compiled form of the one before when [`apply_delta`] takes it (else a full
+/// compile), checked against a full compile of the rebuilt wire snapshot. Returns how many
+/// were applied to the compiled form.
+fn compiled_deltas_match_full_compiles(markets: &[Snapshot]) -> usize {
+    let metrics = GatewayMetrics::new();
+    let dir = tempfile::tempdir().unwrap();
+    let quota = QuotaRegistry::open(dir.path(), 8).unwrap();
+    let mut wire = markets[0].clone();
+    let mut served = compile(&wire, &quota, &metrics).unwrap();
+    let mut incremental = 0;
+    for new in &markets[1..] {
+        let delta = diff(&wire, new);
+        let rebuilt = apply(&wire, delta.clone()).unwrap();
+        served = match apply_delta(&served, &wire, &delta, &metrics) {
+            Some(prepared) => {
+                incremental += 1;
+                prepared.bind(&quota, &metrics)
+            }
+            None => compile(&rebuilt, &quota, &metrics).unwrap(),
+        };
+        let other_dir = tempfile::tempdir().unwrap();
+        let other_quota = QuotaRegistry::open(other_dir.path(), 8).unwrap();
+        let full = compile(&rebuilt, &other_quota, &metrics).unwrap();
+        assert_eq!(
+            served_view(&served, &[&wire, &rebuilt], true),
+            served_view(&full, &[&wire, &rebuilt], true),
+            "{wire:?}\n{new:?}"
+        );
+        wire = rebuilt;
+    }
+    incremental
 }
 
 /// Applies the delta from `old` to `new` to `old`'s compiled form; if that was done (not
@@ -1002,6 +1151,48 @@ proptest! {
         (old, new) in market_and_change(),
     ) {
         prop_assert!(compiled_delta_matches_full_compile(&old, &new));
+    }
+
+    /// A change of the throttling section (with buyers' changes in the same delta), then
+    /// buyers' changes under the new section, each applied to the compiled form: both
+    /// serve what full compiles serve, and neither is handed to a full compile.
+    #[test]
+    fn a_throttling_change_applied_to_the_compiled_form_equals_a_full_compile(
+        (old, changed) in market_and_throttling_change(),
+        later in vec((0u8..8, any::<u16>()), 1..4),
+    ) {
+        prop_assert!(compiled_delta_matches_full_compile(&old, &changed));
+        // Later buyers: new ones in each group, and one moving (callers' limits resolved
+        // from the index the throttling change left).
+        let mut after = changed.clone();
+        after.version += 1;
+        for (n, (group, pick)) in later.into_iter().enumerate() {
+            let group = after.groups[usize::from(group) % after.groups.len()].id.clone();
+            after.apps.push(App {
+                id: format!("later{n}"),
+                app_key: format!("key-later-{n}"),
+                app_secret: format!("secret-later-{n}"),
+                app_codes: Vec::new(),
+                creator: "MARKET".into(),
+            });
+            after.purchases.push(Purchase {
+                id: format!("later-p{n}"),
+                group_id: group.clone(),
+                app_id: format!("later{n}"),
+                state: PurchaseState::Active,
+                start_time: 0,
+                expire_time: 4_102_444_800,
+                quota_limit: None,
+                quota_used: 0,
+            });
+            let purchases = after.purchases.len();
+            after.purchases[usize::from(pick) % purchases].group_id = group;
+        }
+        // (The second is handed to a full compile where removed apps left a quarter of the
+        // slots empty: a full compile packs them.)
+        let removed = old.apps.iter().any(|a| !changed.apps.iter().any(|c| c.id == a.id));
+        let incremental = compiled_deltas_match_full_compiles(&[old, changed, after]);
+        prop_assert!(incremental == 2 || (removed && incremental == 1), "{}", incremental);
     }
 
     /// Between any two valid markets (APIs and domains changed too), the compiled-form apply

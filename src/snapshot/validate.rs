@@ -16,7 +16,7 @@ use std::sync::Arc;
 use hashbrown::{HashMap, HashSet};
 use rustls::sign::CertifiedKey;
 
-use super::wire::{AppAuth, Backend, Certificate, Domain, Group, Snapshot};
+use super::wire::{AppAuth, Backend, Certificate, Domain, Group, Snapshot, Throttling};
 use crate::template::{parse_template, Segment};
 
 pub use crate::template::MAX_REQ_URI_BYTES;
@@ -350,7 +350,11 @@ pub fn validate<'a>(snapshot: &'a Snapshot) -> Result<Validated<'a>, ValidationE
         |id| api_ids.get(id).copied(),
     )?;
 
-    let throttling = validate_throttling(snapshot, &api_ids, &app_ids)?;
+    let throttling = validate_throttling(
+        &snapshot.throttling,
+        |id| app_ids.get(id).copied(),
+        |id| api_ids.get(id).copied(),
+    )?;
 
     let certificates = validate_certificates(&snapshot.certificates)?;
     Ok(Validated {
@@ -582,12 +586,16 @@ pub(super) fn purchase_is_well_formed(purchase: &super::wire::Purchase) -> bool 
 /// The throttling section: limits in range and ordered as Huawei orders them (user ≤ api,
 /// app ≤ user (or api), ip ≤ api), bound APIs and excepted apps present, an API bound to one
 /// policy at most, one exception per object.
-fn validate_throttling<'a>(
-    snapshot: &'a Snapshot,
-    api_ids: &HashMap<&'a str, (usize, usize)>,
-    app_ids: &HashMap<&'a str, u32>,
+///
+/// The one implementation of these rules: a full snapshot's validation finds APIs and apps
+/// in its own tables; a delta that replaces this section (`compile::apply_delta`) finds them
+/// in the compiled snapshot's (`app` gives an app's index or slot by id, `api` an API's
+/// (group, API) index by id).
+pub(super) fn validate_throttling<'a>(
+    throttling: &'a Throttling,
+    app: impl Fn(&str) -> Option<u32>,
+    api: impl Fn(&str) -> Option<(usize, usize)>,
 ) -> Result<ThrottleRefs<'a>, ValidationError> {
-    let throttling = &snapshot.throttling;
     let mut refs = ThrottleRefs::default();
     let mut policy_ids = HashSet::new();
     let mut bound: HashMap<&str, usize> = HashMap::new();
@@ -628,14 +636,14 @@ fn validate_throttling<'a>(
             }
         }
         let mut apis = Vec::with_capacity(policy.api_ids.len());
-        for (i, api) in policy.api_ids.iter().enumerate() {
-            let Some(&found) = api_ids.get(api.as_str()) else {
+        for (i, api_id) in policy.api_ids.iter().enumerate() {
+            let Some(found) = api(api_id) else {
                 return Err(bad(
                     at(&format!("api_ids[{i}]")),
                     "no such api in the snapshot",
                 ));
             };
-            if let Some(other) = bound.insert(api.as_str(), pi) {
+            if let Some(other) = bound.insert(api_id.as_str(), pi) {
                 return Err(bad(
                     at(&format!("api_ids[{i}]")),
                     format!("the API is also bound to throttling.policies[{other}]"),
@@ -656,7 +664,7 @@ fn validate_throttling<'a>(
             }
             specials.push(match special.object_type {
                 super::wire::SpecialKind::App => {
-                    let Some(&app) = app_ids.get(special.object_id.as_str()) else {
+                    let Some(app) = app(&special.object_id) else {
                         return Err(bad(at("object_id"), "no such app in the snapshot"));
                     };
                     SpecialRef::App {
@@ -680,7 +688,7 @@ fn validate_throttling<'a>(
     let mut users = HashSet::new();
     for (i, entry) in throttling.app_users.iter().enumerate() {
         let at = |field: &str| format!("throttling.app_users[{i}].{field}");
-        let Some(&app) = app_ids.get(entry.app_id.as_str()) else {
+        let Some(app) = app(&entry.app_id) else {
             return Err(bad(at("app_id"), "no such app in the snapshot"));
         };
         if !users.insert(app) {
