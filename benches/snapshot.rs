@@ -17,9 +17,12 @@
 //! (`SNAPSHOT_BENCH_DELTA_ONLY=1` runs only that), and 10 changes a second are applied for a
 //! minute under a request loop (`SNAPSHOT_BENCH_CHANGES_ONLY=1` runs only that;
 //! `SNAPSHOT_BENCH_CHANGES_SECS` and `SNAPSHOT_BENCH_CHANGES_PER_SEC` change the run;
-//! `SNAPSHOT_BENCH_THROTTLED=1` binds a throttling policy to one API of every group;
+//! `SNAPSHOT_BENCH_THROTTLED=1` binds a throttling policy to one API of every group, and
+//! makes every tenth change a seller's throttling change;
 //! `SNAPSHOT_BENCH_SELLER=1` makes every other change a seller's: a group onsold to a new
-//! market domain, an API added to a group, an app authorized, a domain bound).
+//! market domain, an API added to a group, an app authorized, a domain bound;
+//! `SNAPSHOT_BENCH_CHECKPOINT_EVERY=N` makes a full checkpoint due every N deltas, so that
+//! one is written within the minute).
 //!
 //! Run: `cargo bench --bench snapshot` (the 1M cases need ~4 GiB of memory and a minute or
 //! two); `SNAPSHOT_BENCH_REPORT_ONLY=1` prints the one-off report and skips criterion;
@@ -158,7 +161,16 @@ fn rss_bytes() -> u64 {
 /// CPU time (user + system) this thread has used: on a shared machine wall-clock time also
 /// counts the time the scheduler gave to others.
 fn thread_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+    cpu_of("/proc/thread-self/stat")
+}
+
+/// CPU time (user + system) the whole process has used (every thread, the checkpoint's too).
+fn process_cpu() -> Duration {
+    cpu_of("/proc/self/stat")
+}
+
+fn cpu_of(path: &str) -> Duration {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
     let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
     let ticks: u64 = after
@@ -330,10 +342,15 @@ fn report_sustained_changes() {
     let gateway = Gateway::open(&config).expect("gateway");
     let seller = std::env::var_os("SNAPSHOT_BENCH_SELLER").is_some();
     let mut first = market(1, MILLION);
-    if std::env::var_os("SNAPSHOT_BENCH_THROTTLED").is_some() {
+    let throttled = std::env::var_os("SNAPSHOT_BENCH_THROTTLED").is_some();
+    if throttled {
         throttle(&mut first);
     }
     gateway.apply_snapshot(first).expect("v1 applies");
+    let checkpoint_every = env("SNAPSHOT_BENCH_CHECKPOINT_EVERY", 0);
+    if checkpoint_every > 0 {
+        gateway.checkpoint_every_deltas(checkpoint_every as usize);
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     let traffic = {
@@ -360,6 +377,7 @@ fn report_sustained_changes() {
                 .build()
                 .expect("a runtime");
             let mut micros: Vec<u32> = Vec::with_capacity(1 << 22);
+            let cpu_before = thread_cpu();
             let mut refused = 0u64;
             let mut n = 0usize;
             while !stop.load(Ordering::Relaxed) {
@@ -396,13 +414,15 @@ fn report_sustained_changes() {
                 }
                 micros.push(started.elapsed().as_micros().min(u32::MAX as u128) as u32);
             }
-            (micros, refused)
+            (micros, refused, thread_cpu().saturating_sub(cpu_before))
         })
     };
 
     let changes = seconds * per_sec;
     let period = Duration::from_secs_f64(1.0 / per_sec as f64);
     let mut enforced = Vec::with_capacity(changes as usize);
+    let mut throttling_changes = Vec::new();
+    let process_before = process_cpu();
     let cpu_before = thread_cpu();
     let began = Instant::now();
     for i in 0..changes {
@@ -417,8 +437,11 @@ fn report_sustained_changes() {
             ..Default::default()
         };
         let pick = (i as usize * 7_919 + 13) % MILLION;
-        // With sellers' changes, every other change is one (cycling through four kinds).
-        if seller && i % 2 == 1 {
+        if throttled && i % 10 == 9 {
+            throttling_change(&base, &mut delta, i as usize);
+            throttling_changes.push(i as usize);
+        } else if seller && i % 2 == 1 {
+            // With sellers' changes, every other change is one (cycling through four kinds).
             seller_change(&base, &mut delta, i as usize);
         } else {
             buyer_change(&base, &mut delta, i as usize, pick);
@@ -432,7 +455,36 @@ fn report_sustained_changes() {
     let wall = began.elapsed();
     let cpu = thread_cpu().saturating_sub(cpu_before);
     stop.store(true, Ordering::Relaxed);
-    let (mut micros, refused) = traffic.join().expect("traffic thread");
+    let (mut micros, refused, traffic_cpu) = traffic.join().expect("traffic thread");
+    // The checkpoint's thread (and the old snapshots' frees) beside the applying thread.
+    gateway.finish_checkpoint();
+    let others = process_cpu()
+        .saturating_sub(process_before)
+        .saturating_sub(cpu)
+        .saturating_sub(traffic_cpu);
+    let throttling_slowest = throttling_changes
+        .iter()
+        .map(|&i| enforced[i])
+        .max()
+        .unwrap_or_default();
+    let mut files: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("the data dir")
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let name = entry.file_name().into_string().ok()?;
+            let bytes = entry.metadata().ok()?.len();
+            name.starts_with("snapshot")
+                .then(|| format!("{name} {bytes} B"))
+        })
+        .collect();
+    files.sort();
+    eprintln!(
+        "snapshot: {} throttling changes (slowest {:.1} ms); other threads' CPU (checkpoint, frees) {}; data dir: {}",
+        throttling_changes.len(),
+        throttling_slowest.as_secs_f64() * 1000.0,
+        secs(others),
+        files.join(", ")
+    );
     enforced.sort();
     micros.sort_unstable();
     let pct = |sorted: &[Duration], p: f64| {
@@ -476,6 +528,33 @@ fn buyer_change(base: &Snapshot, delta: &mut Delta, i: usize, pick: usize) {
             delta.purchases.push(purchase);
         }
     }
+}
+
+/// A seller's throttling change (`SNAPSHOT_BENCH_THROTTLED`): a policy of its own bound to
+/// its group's second API, or dropped again (change `i`, group `i / 20`): that API's throttle
+/// is rebuilt, the group's ~1,000 buyers its callers.
+fn throttling_change(base: &Snapshot, delta: &mut Delta, i: usize) {
+    let g = (i / 20) % GROUPS;
+    let mut section = base.throttling.clone();
+    let id = hex_id(9, g);
+    if section.policies.iter().any(|p| p.id == id) {
+        section.policies.retain(|p| p.id != id);
+    } else {
+        section.policies.push(ThrottlePolicy {
+            id,
+            name: format!("seller {g}"),
+            api_call_limits: 2_000_000_000,
+            user_call_limits: None,
+            app_call_limits: Some(1_000_000_000),
+            ip_call_limits: None,
+            time_interval: 1,
+            time_unit: TimeUnit::Second,
+            shared: false,
+            api_ids: vec![hex_id(2, g * APIS_PER_GROUP + 1)],
+            specials: Vec::new(),
+        });
+    }
+    delta.throttling = Some(section);
 }
 
 /// A seller's change (cycling through four kinds): a group onsold to a new market domain,
