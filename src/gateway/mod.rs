@@ -375,8 +375,8 @@ impl Gateway {
         // due) only once the change is served, and off this lock.
         self.append_locked(&record)
             .map_err(SnapshotRejection::Persist)?;
-        // Served by nobody else (a reader's clone, or a checkpoint being written from it, is
-        // copied first: once per checkpoint, and correct).
+        // Served by nobody else (a reader's clone is copied first: rare, and correct; the
+        // checkpoint is written from the files, not from this).
         // The delta is cloned (small): the prepared snapshot borrows its purchases.
         delta::apply_in_place(
             Arc::make_mut(&mut served.wire),
@@ -401,10 +401,12 @@ impl Gateway {
         Ok(())
     }
 
-    /// Starts writing `wire` (just served, its record durable) as the checkpoint on a thread
-    /// of its own if one is due and none is being written; under the apply lock, which it
-    /// does not hold meanwhile. Later records go to a new segment (that of `wire`'s
-    /// version), so the checkpoint, once durable, removes exactly the segments it covers. A
+    /// Starts writing the checkpoint of `wire`'s version (just served, its record durable) on
+    /// a thread of its own if one is due and none is being written; under the apply lock,
+    /// which it does not hold meanwhile. Later records go to a new segment (that of `wire`'s
+    /// version); the thread rebuilds that version from the checkpoint on disk and the sealed
+    /// segments (`SnapshotFiles::compact`), so it shares nothing with the applier, and once
+    /// durable removes exactly the segments it covers. A
     /// checkpoint that fails is logged and tried again at the next delta; the log keeps
     /// every change meanwhile.
     fn checkpoint_if_due_locked(&self, wire: &Arc<Snapshot>) {
@@ -426,11 +428,12 @@ impl Gateway {
             inner.logged.load(Ordering::Relaxed),
             inner.logged_bytes.load(Ordering::Relaxed),
         );
-        inner.segment_from.store(wire.version, Ordering::Relaxed);
-        let (writer, wire) = (self.inner.clone(), wire.clone());
+        let version = wire.version;
+        inner.segment_from.store(version, Ordering::Relaxed);
+        let writer = self.inner.clone();
         match std::thread::Builder::new()
             .name("snapshot-checkpoint".into())
-            .spawn(move || writer.write_checkpoint_behind(&wire, covered))
+            .spawn(move || writer.write_checkpoint_behind(version, covered))
         {
             Ok(writing) => *checkpointer = Some(writing),
             Err(error) => {
@@ -472,22 +475,24 @@ impl Inner {
                 && logged_bytes.saturating_mul(4) >= checkpoint_bytes)
     }
 
-    /// The checkpoint thread's work: writes `wire` unless a newer checkpoint is on disk
-    /// already, then takes the `covered` records (and bytes) off the log's count.
-    fn write_checkpoint_behind(&self, wire: &Snapshot, covered: (usize, usize)) {
+    /// The checkpoint thread's work: writes the checkpoint of `version` from the files
+    /// (`SnapshotFiles::compact`: the checkpoint on disk and the sealed segments) unless a
+    /// newer checkpoint is on disk already, then takes the `covered` records (and bytes) off
+    /// the log's count.
+    fn write_checkpoint_behind(&self, version: u64, covered: (usize, usize)) {
         let mut durable = lock(&self.checkpoint_file);
-        if *durable >= wire.version {
+        if *durable >= version {
             return;
         }
         let started = std::time::Instant::now();
-        match self.files.write_checkpoint(wire, false) {
+        match self.files.compact(version) {
             Ok(bytes) => {
-                *durable = wire.version;
+                *durable = version;
                 self.logged.fetch_sub(covered.0, Ordering::Relaxed);
                 self.logged_bytes.fetch_sub(covered.1, Ordering::Relaxed);
                 self.checkpoint_bytes.store(bytes, Ordering::Relaxed);
                 tracing::info!(
-                    version = wire.version,
+                    version,
                     bytes,
                     millis = started.elapsed().as_millis() as u64,
                     "snapshot checkpoint written"

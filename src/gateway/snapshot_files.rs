@@ -153,42 +153,12 @@ impl SnapshotFiles {
         let segments = self
             .segments(checkpoint_version)
             .map_err(|source| read_error(self.dir(), source))?;
-        let mut positions = delta::Positions::of(&snapshot);
-        let mut replayed = 0;
-        let mut replayed_bytes = 0;
-        let mut segment_from = checkpoint_version;
-        let mut clean = true;
-        'segments: for (from, numbered, path) in &segments {
-            let bytes = std::fs::read(path).map_err(|source| read_error(path, source))?;
-            let mut rest = &bytes[..];
-            while !rest.is_empty() {
-                let Some(end) = rest.iter().position(|&b| b == b'\n') else {
-                    clean = false; // torn: never acknowledged
-                    break 'segments;
-                };
-                let record = &rest[..end];
-                rest = &rest[end + 1..];
-                let Ok(delta) = serde_json::from_slice::<Delta>(record) else {
-                    clean = false;
-                    break 'segments;
-                };
-                if delta.version <= checkpoint_version {
-                    continue; // in the checkpoint already (its segment not yet removed)
-                }
-                let follows =
-                    delta.from_version == snapshot.version && delta.version > delta.from_version;
-                if !follows || delta::apply_in_place(&mut snapshot, &mut positions, delta).is_err()
-                {
-                    clean = false;
-                    break 'segments;
-                }
-                replayed += 1;
-                replayed_bytes += end + 1;
-            }
-            if *numbered {
-                segment_from = *from;
-            }
-        }
+        let Replayed {
+            mut replayed,
+            mut replayed_bytes,
+            mut segment_from,
+            clean,
+        } = replay(&mut snapshot, &segments).map_err(|(path, source)| read_error(&path, source))?;
         let mut checkpoint_bytes = checkpoint_bytes;
         let mut checkpoint_version = checkpoint_version;
         if !clean {
@@ -226,6 +196,32 @@ impl SnapshotFiles {
         }))
     }
 
+    /// Writes the checkpoint of version `through` without the snapshot served: the checkpoint
+    /// on disk with the records of the segments started before `through` replayed (as at
+    /// start), which must make exactly `through`; then removes those segments. Returns the
+    /// checkpoint's bytes. Reads only sealed segments (records are appended to the segment
+    /// of `through` meanwhile): a checkpoint written so touches nothing the apply lock
+    /// guards, not even the wire snapshot served (which a copy would have to keep).
+    pub(crate) fn compact(&self, through: u64) -> std::io::Result<usize> {
+        let (mut snapshot, _) = self
+            .load_checkpoint()
+            .map_err(std::io::Error::other)?
+            .ok_or_else(|| std::io::Error::other("no checkpoint to compact the log into"))?;
+        let sealed: Vec<_> = self
+            .segments(snapshot.version)?
+            .into_iter()
+            .filter(|&(from, _, _)| from < through)
+            .collect();
+        let replayed = replay(&mut snapshot, &sealed).map_err(|(_, source)| source)?;
+        if !replayed.clean || snapshot.version != through {
+            return Err(std::io::Error::other(format!(
+                "the snapshot log replays to version {}, not {through}",
+                snapshot.version
+            )));
+        }
+        self.write_checkpoint(&snapshot, false)
+    }
+
     /// The checkpoint file as written and its size, or `None` if there is none.
     pub(crate) fn load_checkpoint(&self) -> Result<Option<(Snapshot, usize)>, GatewayError> {
         let path = &self.checkpoint;
@@ -246,4 +242,62 @@ impl SnapshotFiles {
             })?;
         Ok(Some((snapshot, bytes.len())))
     }
+}
+
+/// What [`replay`] did.
+struct Replayed {
+    replayed: usize,
+    replayed_bytes: usize,
+    /// The last numbered segment read (the snapshot's version if none).
+    segment_from: u64,
+    /// Every record read applied (or was in the snapshot already).
+    clean: bool,
+}
+
+/// Applies to `snapshot` (a checkpoint) the records of `segments`, in order, that follow from
+/// it; records it already has are skipped. Stops at a torn record or one that does not
+/// follow (`clean: false`). `Err`: a segment could not be read.
+fn replay(
+    snapshot: &mut Snapshot,
+    segments: &[(u64, bool, PathBuf)],
+) -> Result<Replayed, (PathBuf, std::io::Error)> {
+    let checkpoint_version = snapshot.version;
+    let mut positions = delta::Positions::of(snapshot);
+    let mut done = Replayed {
+        replayed: 0,
+        replayed_bytes: 0,
+        segment_from: checkpoint_version,
+        clean: true,
+    };
+    for (from, numbered, path) in segments {
+        let bytes = std::fs::read(path).map_err(|source| (path.clone(), source))?;
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            let Some(end) = rest.iter().position(|&b| b == b'\n') else {
+                done.clean = false; // torn: never acknowledged
+                return Ok(done);
+            };
+            let record = &rest[..end];
+            rest = &rest[end + 1..];
+            let Ok(delta) = serde_json::from_slice::<Delta>(record) else {
+                done.clean = false;
+                return Ok(done);
+            };
+            if delta.version <= checkpoint_version {
+                continue; // in the checkpoint already (its segment not yet removed)
+            }
+            let follows =
+                delta.from_version == snapshot.version && delta.version > delta.from_version;
+            if !follows || delta::apply_in_place(snapshot, &mut positions, delta).is_err() {
+                done.clean = false;
+                return Ok(done);
+            }
+            done.replayed += 1;
+            done.replayed_bytes += end + 1;
+        }
+        if *numbered {
+            done.segment_from = *from;
+        }
+    }
+    Ok(done)
 }
