@@ -17,7 +17,14 @@
 //! `cargo build --profile thin --bench fleet_sim && target/thin/deps/fleet_sim-* --bench`.
 //! Environment: `PROXIES` (default 1000), `PURCHASES` (10000), `SERVED_BY` (proxies serving
 //! each purchase, 2), `RATE` (calls/s of each purchase on each proxy serving it, 5),
-//! `REPLICAS` (3), `WARMUP_SECS` (20), `SECONDS` (60 measured).
+//! `REPLICAS` (3), `WARMUP_SECS` (20), `SECONDS` (60 measured), `PROXY_DIRS` (where the
+//! proxies' data directories go: `/dev/shm` where there is one, see [`proxy_dirs`]).
+//!
+//! Besides the table it says where an exchange's time goes: the time inside the replica
+//! (request head to answer head), how late the simulation's own runtime wakes a timer (the
+//! proxies, the replicas and the traffic share its threads), and what the database's
+//! backends were doing, sampled from `pg_stat_activity` (waiting for a row lock, for the WAL
+//! flush, or idle in a transaction waiting for the replica's next statement).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,6 +56,20 @@ fn env(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// Where the simulated proxies keep their data directories: `PROXY_DIRS`, else `/dev/shm`
+/// where there is one. A real proxy fsyncs its lease state after every exchange on a disk of
+/// its own; 1,000 simulated proxies fsyncing on the machine's one disk, the store's, would
+/// queue the store's WAL flushes behind them (measured: BENCHMARKS.md, "the simulated fleet:
+/// where an exchange's time goes"). On tmpfs an fsync costs nothing, as another machine's
+/// disk costs the store nothing.
+fn proxy_dirs() -> std::path::PathBuf {
+    match std::env::var_os("PROXY_DIRS") {
+        Some(dir) => dir.into(),
+        None if std::path::Path::new("/dev/shm").is_dir() => "/dev/shm".into(),
+        None => std::env::temp_dir(),
+    }
 }
 
 fn proxy_config(dir: &std::path::Path, node: usize, urls: &[String]) -> Config {
@@ -149,6 +170,78 @@ async fn traffic(
     }
 }
 
+/// Times each `POST /v1/leases` inside the replica (from the request's head read to the
+/// answer's head), to tell the replica's share of an exchange from the HTTP client's.
+async fn time_exchange(
+    axum::extract::State(handled): axum::extract::State<Arc<Mutex<Vec<Duration>>>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let exchange = request.uri().path() == "/v1/leases";
+    let started = Instant::now();
+    let response = next.run(request).await;
+    if exchange {
+        handled.lock().unwrap().push(started.elapsed());
+    }
+    response
+}
+
+/// How late the simulation's own runtime wakes a task due every 10 ms: what an exchange
+/// waits for a worker thread of this process, whatever the store does.
+async fn runtime_lag(lags: Arc<Mutex<Vec<Duration>>>, shutdown: Shutdown) {
+    const PERIOD: Duration = Duration::from_millis(10);
+    loop {
+        let due = Instant::now() + PERIOD;
+        tokio::select! {
+            _ = tokio::time::sleep_until(due.into()) => {}
+            _ = shutdown.clone().wait() => return,
+        }
+        lags.lock()
+            .unwrap()
+            .push(Instant::now().saturating_duration_since(due));
+    }
+}
+
+/// Samples what the database's backends are doing every 20 ms (`pg_stat_activity`: state
+/// and wait event), counted by kind: where the store's time goes while the fleet runs.
+async fn backend_waits(
+    database: String,
+    counts: Arc<Mutex<HashMap<String, u64>>>,
+    shutdown: Shutdown,
+) {
+    let Ok((client, connection)) =
+        tokio_postgres::connect(POSTGRES_ADMIN_URL, tokio_postgres::NoTls).await
+    else {
+        return;
+    };
+    tokio::spawn(connection);
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.clone().wait() => return,
+        }
+        let Ok(rows) = client
+            .query(
+                "SELECT coalesce(state, '-') || ' / ' || coalesce(wait_event_type, 'CPU') || ':' \
+                 || coalesce(wait_event, '-') || CASE WHEN query LIKE '%FOR UPDATE%' \
+                 THEN ' (ledger lock)' WHEN query LIKE 'INSERT INTO ledgers%' THEN ' (ledger write)' \
+                 WHEN query = 'COMMIT' THEN ' (commit)' ELSE '' END, count(*) \
+                 FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid() \
+                 AND backend_type = 'client backend' GROUP BY 1",
+                &[&database],
+            )
+            .await
+        else {
+            continue;
+        };
+        let mut counts = counts.lock().unwrap();
+        for row in rows {
+            *counts.entry(row.get(0)).or_default() += row.get::<_, i64>(1) as u64;
+        }
+    }
+}
+
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -187,6 +280,7 @@ fn main() {
         let (trigger, shutdown) = ShutdownTrigger::new();
 
         // The control replicas: market API and admin listener (lease exchanges) each.
+        let handled: Arc<Mutex<Vec<Duration>>> = Arc::default();
         let mut apis = Vec::new();
         let mut admin_urls = Vec::new();
         let mut planes = Vec::new();
@@ -197,7 +291,12 @@ fn main() {
             tokio::spawn(marketgate::control::serve(listener, cp.clone(), shutdown.clone()));
             let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             admin_urls.push(format!("http://{}", admin_listener.local_addr().unwrap()));
-            let router = cp.admin_router(cp.spawn_subscriptions(shutdown.clone()));
+            let router = cp
+                .admin_router(cp.spawn_subscriptions(shutdown.clone()))
+                .layer(axum::middleware::from_fn_with_state(
+                    handled.clone(),
+                    time_exchange,
+                ));
             cp.spawn_lease_expiry(shutdown.clone());
             let stop = shutdown.clone();
             tokio::spawn(async move {
@@ -253,7 +352,7 @@ fn main() {
         let per_proxy = (purchases * served_by).div_ceil(proxies).max(1);
         let by_id: HashMap<&str, &marketgate::snapshot::Purchase> =
             snapshot.purchases.iter().map(|p| (p.id.as_str(), p)).collect();
-        let dirs = tempfile::tempdir().unwrap();
+        let dirs = tempfile::tempdir_in(proxy_dirs()).unwrap();
         let took: Arc<Mutex<Vec<Duration>>> = Arc::default();
         let failed = Arc::new(AtomicU64::new(0));
         let served = Arc::new(AtomicU64::new(0));
@@ -307,6 +406,12 @@ fn main() {
         // Warm up (leases granted, rates learned), then measure.
         tokio::time::sleep(warmup).await;
         took.lock().unwrap().clear();
+        handled.lock().unwrap().clear();
+        let lags: Arc<Mutex<Vec<Duration>>> = Arc::default();
+        let waits: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+        let (probe_trigger, probe_shutdown) = ShutdownTrigger::new();
+        tokio::spawn(runtime_lag(lags.clone(), probe_shutdown.clone()));
+        tokio::spawn(backend_waits(database.clone(), waits.clone(), probe_shutdown));
         let (served_0, refused_0, failed_0) = (
             served.load(Ordering::Relaxed),
             refused.load(Ordering::Relaxed),
@@ -317,8 +422,15 @@ fn main() {
         tokio::time::sleep(measured).await;
         let commits = xact_commit(&admin, &database).await - commits_0;
         let elapsed = started.elapsed().as_secs_f64();
+        probe_trigger.fire();
         let mut exchanges = std::mem::take(&mut *took.lock().unwrap());
         exchanges.sort();
+        let mut in_replica = std::mem::take(&mut *handled.lock().unwrap());
+        in_replica.sort();
+        let mut lags = std::mem::take(&mut *lags.lock().unwrap());
+        lags.sort();
+        let mut waits: Vec<(String, u64)> = waits.lock().unwrap().drain().collect();
+        waits.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
         let calls = served.load(Ordering::Relaxed) - served_0;
         let refusals = refused.load(Ordering::Relaxed) - refused_0;
         let failures = failed.load(Ordering::Relaxed) - failed_0;
@@ -346,6 +458,24 @@ fn main() {
             pct(&exchanges, 0.99).as_secs_f64() * 1e3,
             exchanges.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
         );
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        println!(
+            "where an exchange's time goes: in the replica (request head to answer head) p50 \
+             {:.1} / p99 {:.1} / max {:.1} ms over {} exchanges; the simulation's runtime wakes \
+             a 10 ms timer late by p50 {:.1} / p99 {:.1} / max {:.1} ms",
+            ms(pct(&in_replica, 0.50)),
+            ms(pct(&in_replica, 0.99)),
+            ms(in_replica.last().copied().unwrap_or_default()),
+            in_replica.len(),
+            ms(pct(&lags, 0.50)),
+            ms(pct(&lags, 0.99)),
+            ms(lags.last().copied().unwrap_or_default()),
+        );
+        let samples: u64 = waits.iter().map(|(_, n)| n).sum();
+        println!("store backends sampled every 20 ms (state / wait event: share of {samples} backend samples):");
+        for (what, n) in &waits {
+            println!("  {what}: {:.1}%", *n as f64 * 100.0 / samples.max(1) as f64);
+        }
         drop(clients);
         trigger.fire();
         drop(planes);

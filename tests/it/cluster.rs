@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::support::control::{
-    a_session_waits_for_a_lock, expect_error, expect_status, market_base, mgmt, sellable_group,
-    served, Backend, Control, BUYER_DOMAIN, BUYER_PROJECT, MARKET_TOKEN, SELLER_DOMAIN,
-    SELLER_PROJECT, SELLER_TOKEN,
+    a_session_waits_for_a_lock, expect_error, expect_status, holding_locks, market_base, mgmt,
+    sellable_group, served, Backend, Control, BUYER_DOMAIN, BUYER_PROJECT, MARKET_TOKEN,
+    SELLER_DOMAIN, SELLER_PROJECT, SELLER_TOKEN,
 };
 
 const REPLICAS: usize = 3;
@@ -296,17 +296,14 @@ async fn cluster_a_write_stalled_in_the_store_does_not_stall_its_replica() {
         expect_status("create", &created, 201);
         ids.push(created.1["id"].as_str().unwrap().to_owned());
     }
-    let (holder, conn) = tokio_postgres::connect(&control.database_url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    holder
-        .batch_execute(&format!(
-            "BEGIN; SELECT rev FROM records WHERE kind = 'group' AND id = '{}' FOR UPDATE",
+    let holder = holding_locks(
+        &control.database_url,
+        &format!(
+            "SELECT rev FROM records WHERE kind = 'group' AND id = '{}' FOR UPDATE",
             ids[0]
-        ))
-        .await
-        .unwrap();
+        ),
+    )
+    .await;
     let stalled = tokio::spawn({
         let seller = seller.clone();
         let path = format!("{groups}/{}", ids[0]);

@@ -11,7 +11,8 @@ use serde_json::{json, Value};
 use tower::ServiceExt;
 
 use crate::support::control::{
-    mgmt, Api, Backend, Control, POSTGRES_ADMIN_URL, SELLER_PROJECT, SELLER_TOKEN,
+    bought_group, holding_locks, mgmt, Api, Backend, Control, POSTGRES_ADMIN_URL, SELLER_PROJECT,
+    SELLER_TOKEN,
 };
 
 /// The store limits under test, in milliseconds: small, so that the test is quick.
@@ -111,14 +112,7 @@ async fn store_faults_answer_503_within_the_timeouts_and_recover() {
     // 1. A stalled store: another session holds a lock every versioned commit needs (its
     // last statement inserts into `versions`).
     let name = database_name(&control.database_url);
-    let (holder, conn) = tokio_postgres::connect(&control.database_url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    holder
-        .batch_execute("BEGIN; LOCK TABLE versions IN SHARE MODE")
-        .await
-        .unwrap();
+    let holder = holding_locks(&control.database_url, "LOCK TABLE versions IN SHARE MODE").await;
     let took = refused_write(&seller, "while_locked").await;
     assert!(took < ANSWER_WITHIN, "answered in {took:?}");
     // Reads and the readiness check do not wait for row locks.
@@ -172,4 +166,76 @@ async fn store_faults_answer_503_within_the_timeouts_and_recover() {
         )
         .await;
     assert_eq!(status, 201, "writes work again");
+}
+
+/// A lease exchange whose ledger row another session holds locked answers "unavailable"
+/// within the lock timeout, and its hand-begun transaction (`BEGIN` pipelined with the row
+/// lock) ends with it: with ONE pooled connection, the exchanges after it succeed (a
+/// connection handed back inside its aborted transaction would fail every later statement)
+/// and the ledger holds exactly what they granted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_faults_a_stalled_lease_exchange_leaves_its_connection_clean() {
+    let backends = Backend::all().await;
+    let Some(backend) = backends.iter().find(|b| matches!(b, Backend::Postgres)) else {
+        println!("PostgreSQL not reachable: skipped");
+        return;
+    };
+    let control = Control::start_with(
+        backend,
+        &format!("store_lock_timeout_ms = {LOCK_TIMEOUT_MS}\nstore_pool_size = 1"),
+    )
+    .await;
+    // The purchase's backend is never called: leases only.
+    let unused = "127.0.0.1:9".parse().unwrap();
+    let bought = bought_group(control.addr, unused, "stall.market.local", 1_000).await;
+    let want = |calls: u64| {
+        serde_json::from_value::<marketgate::lease::LeaseExchange>(json!({
+            "node_id": "stalled-proxy",
+            "wants": [{"purchase_id": bought.purchase_id, "calls": calls}],
+        }))
+        .unwrap()
+    };
+    let mut granted = 0;
+    let first = control
+        .cp
+        .exchange_leases(want(100))
+        .await
+        .expect("a first exchange");
+    granted += first.grants[0].granted;
+
+    let holder = holding_locks(
+        &control.database_url,
+        &format!(
+            "SELECT doc FROM ledgers WHERE purchase_id = '{}' FOR UPDATE",
+            bought.purchase_id
+        ),
+    )
+    .await;
+    let started = Instant::now();
+    let stalled = control.cp.exchange_leases(want(100)).await;
+    assert!(
+        matches!(
+            stalled,
+            Err(marketgate::control::ControlError::StoreUnavailable(_))
+        ),
+        "{stalled:?}"
+    );
+    assert!(started.elapsed() < ANSWER_WITHIN, "{:?}", started.elapsed());
+    holder.batch_execute("ROLLBACK").await.unwrap();
+
+    for _ in 0..3 {
+        let reply = control
+            .cp
+            .exchange_leases(want(10))
+            .await
+            .expect("an exchange after the stall, on the same connection");
+        granted += reply.grants[0].granted;
+    }
+    let ledger = control.cp.ledger(&bought.purchase_id).await.unwrap();
+    assert!(
+        granted > 100,
+        "the exchanges after the stall were granted calls"
+    );
+    assert_eq!(ledger.leases["stalled-proxy"].held, granted);
+    assert!(ledger.used + granted <= 1_000);
 }

@@ -4,7 +4,8 @@
 //! statements decide conflicts: a read is checked and share-locked (`FOR SHARE`), a write is a
 //! compare-and-swap on `rev`, a claim an `INSERT … ON CONFLICT DO NOTHING` on its primary key
 //! (which waits for a concurrent claimer to commit or roll back), ledger rows are locked
-//! `FOR UPDATE`.
+//! `FOR UPDATE`. A commit of ledger rows alone (lease exchanges, the hottest writes) is two
+//! pipelined round trips on a hand-begun transaction ([`OpenTransaction`]).
 //!
 //! Versions (docs/control-plane.md, "Version order"): a versioned commit takes
 //! `nextval('snapshot_versions')` in its LAST statement, once every row lock it needs is held
@@ -40,14 +41,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use futures_util::future::try_join;
 use futures_util::StreamExt;
 use tokio::sync::watch;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, NoTls, Transaction};
 
 use super::{
-    Changes, Claim, Commit, Committed, Conflict, Store, StoreError, StoreLimits, Stored,
-    CLAIMS_BUILT_KEY, MIGRATIONS, VERSION_KEY,
+    Changes, Claim, Commit, Committed, Conflict, LedgerUpdate, Store, StoreError, StoreLimits,
+    Stored, CLAIMS_BUILT_KEY, MIGRATIONS, VERSION_KEY,
 };
 
 /// Key of the advisory lock that serialises migrations between processes.
@@ -236,6 +238,11 @@ impl PostgresStore {
     }
 
     async fn commit_inner(&self, commit: Commit) -> Result<Committed, StoreError> {
+        if commit.reads.is_empty() && commit.writes.is_empty() && !commit.bump_version {
+            if let Some(update) = commit.ledger {
+                return self.commit_ledger(update).await;
+            }
+        }
         let mut client = self.pool.get().await.map_err(pool_error)?;
         let tx = client.transaction().await.map_err(postgres_error)?;
         for read in &commit.reads {
@@ -286,46 +293,14 @@ impl PostgresStore {
         }
         if let Some(update) = commit.ledger {
             let locked = tx
-                .query(
-                    "SELECT purchase_id, doc FROM ledgers WHERE purchase_id = ANY($1)
-                     ORDER BY purchase_id FOR UPDATE",
-                    &[&update.ids],
-                )
+                .query(LOCK_LEDGERS_SQL, &[&update.ids])
                 .await
                 .map_err(postgres_error)?;
-            let mut rows: Vec<(String, Option<String>)> = update
-                .ids
-                .iter()
-                .map(|id| {
-                    let doc = locked
-                        .iter()
-                        .find(|row| row.get::<_, &str>(0) == id)
-                        .map(|row| row.get::<_, String>(1));
-                    (id.clone(), doc)
-                })
-                .collect();
-            let before = rows.clone();
-            (update.apply)(&mut rows);
-            // Every changed row in ONE statement, whatever the exchange carries: a lease
-            // exchange costs four round trips (BEGIN, lock, write, COMMIT), not one per
-            // purchase.
-            let (ids, docs): (Vec<&str>, Vec<&str>) = rows
-                .iter()
-                .zip(&before)
-                .filter_map(|((id, doc), (_, old))| {
-                    let doc = doc.as_ref().filter(|d| Some(*d) != old.as_ref())?;
-                    Some((id.as_str(), doc.as_str()))
-                })
-                .unzip();
+            let (ids, docs) = apply_ledger_update(update, &locked);
             if !ids.is_empty() {
-                tx.execute(
-                    "INSERT INTO ledgers (purchase_id, doc)
-                     SELECT * FROM unnest($1::text[], $2::text[])
-                     ON CONFLICT (purchase_id) DO UPDATE SET doc = excluded.doc",
-                    &[&ids, &docs],
-                )
-                .await
-                .map_err(postgres_error)?;
+                tx.execute(WRITE_LEDGERS_SQL, &[&ids, &docs])
+                    .await
+                    .map_err(postgres_error)?;
             }
         }
         let version: i64 = if commit.bump_version {
@@ -369,6 +344,128 @@ impl PostgresStore {
             version: to_u64(version),
             revs,
         })
+    }
+
+    /// A commit of ledger rows alone: every lease exchange, usage report, release and expiry
+    /// sweep, the store's hottest writes. Two round trips, both statements prepared once per
+    /// connection: `BEGIN` pipelined with the row lock, then the write pipelined with
+    /// `COMMIT`. The rows stay locked for one round trip of the replica and the commit's WAL
+    /// flush, and the connection is idle in its transaction once, where a statement at a time
+    /// (BEGIN, prepare and lock, prepare and write, COMMIT) took six round trips, each a
+    /// wake-up of a busy replica (BENCHMARKS.md, "the simulated fleet: where an exchange's time
+    /// goes").
+    async fn commit_ledger(&self, update: LedgerUpdate) -> Result<Committed, StoreError> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let lock = client
+            .prepare_cached(LOCK_LEDGERS_SQL)
+            .await
+            .map_err(postgres_error)?;
+        let write = client
+            .prepare_cached(WRITE_LEDGERS_SQL)
+            .await
+            .map_err(postgres_error)?;
+        let open = OpenTransaction(Some(client));
+        let statements = async {
+            // `try_join` polls its futures in order, so the statements are sent in order,
+            // before either answer is read.
+            let (_, locked) = try_join(
+                open.batch_execute("BEGIN"),
+                open.query(&lock, &[&update.ids]),
+            )
+            .await?;
+            let (ids, docs) = apply_ledger_update(update, &locked);
+            if ids.is_empty() {
+                open.batch_execute("COMMIT").await
+            } else {
+                try_join(
+                    open.execute(&write, &[&ids, &docs]),
+                    open.batch_execute("COMMIT"),
+                )
+                .await
+                .map(|_| ())
+            }
+        };
+        match statements.await {
+            Ok(()) => open.close(),
+            Err(error) => {
+                // A failed statement aborted the transaction (a `COMMIT` already sent then
+                // rolled it back): end it, so that the connection goes back to the pool clean.
+                if open.batch_execute("ROLLBACK").await.is_ok() {
+                    open.close();
+                }
+                return Err(postgres_error(error));
+            }
+        }
+        Ok(Committed {
+            version: 0,
+            revs: Vec::new(),
+        })
+    }
+}
+
+/// Locks the ledger rows of `$1` in one order (purchase id), so that two exchanges sharing
+/// purchases wait for each other instead of deadlocking.
+const LOCK_LEDGERS_SQL: &str = "SELECT purchase_id, doc FROM ledgers WHERE purchase_id = ANY($1)
+     ORDER BY purchase_id FOR UPDATE";
+/// Every changed ledger row in ONE statement, whatever the update carries.
+const WRITE_LEDGERS_SQL: &str = "INSERT INTO ledgers (purchase_id, doc)
+     SELECT * FROM unnest($1::text[], $2::text[])
+     ON CONFLICT (purchase_id) DO UPDATE SET doc = excluded.doc";
+
+/// Runs `update` on the rows `locked` (`LOCK_LEDGERS_SQL`'s answer), in the order of its
+/// ids; returns the ids and documents of the rows it changed.
+fn apply_ledger_update(
+    update: LedgerUpdate,
+    locked: &[tokio_postgres::Row],
+) -> (Vec<String>, Vec<String>) {
+    let mut rows: Vec<(String, Option<String>)> = update
+        .ids
+        .iter()
+        .map(|id| {
+            let doc = locked
+                .iter()
+                .find(|row| row.get::<_, &str>(0) == id)
+                .map(|row| row.get::<_, String>(1));
+            (id.clone(), doc)
+        })
+        .collect();
+    let before: Vec<Option<String>> = rows.iter().map(|(_, doc)| doc.clone()).collect();
+    (update.apply)(&mut rows);
+    rows.into_iter()
+        .zip(before)
+        .filter_map(|((id, doc), old)| {
+            let doc = doc.filter(|d| Some(d) != old.as_ref())?;
+            Some((id, doc))
+        })
+        .unzip()
+}
+
+/// A pooled connection inside a transaction begun by hand (pipelined `BEGIN`): dropped before
+/// [`OpenTransaction::close`] — the call cancelled at its time limit, or the transaction not
+/// ended — it closes the connection instead of handing it back, so that PostgreSQL rolls the
+/// transaction back and no later caller finds it open.
+struct OpenTransaction(Option<deadpool_postgres::Object>);
+
+impl OpenTransaction {
+    /// The transaction is over: the connection goes back to the pool.
+    fn close(mut self) {
+        self.0.take();
+    }
+}
+
+impl std::ops::Deref for OpenTransaction {
+    type Target = deadpool_postgres::Object;
+
+    fn deref(&self) -> &deadpool_postgres::Object {
+        self.0.as_ref().expect("open until closed")
+    }
+}
+
+impl Drop for OpenTransaction {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
     }
 }
 

@@ -209,6 +209,20 @@ pub fn write_serve_config(
     path
 }
 
+/// A session of its own on `database_url` that has run `BEGIN; {locking}` and holds what it
+/// locked until the caller sends `ROLLBACK`: a store stalled by a held row lock.
+pub async fn holding_locks(database_url: &str, locking: &str) -> tokio_postgres::Client {
+    let (holder, conn) = tokio_postgres::connect(database_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    holder
+        .batch_execute(&format!("BEGIN; {locking}"))
+        .await
+        .unwrap();
+    holder
+}
+
 /// A control plane serving on 127.0.0.1:0.
 pub struct Control {
     pub addr: SocketAddr,
