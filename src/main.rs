@@ -17,13 +17,6 @@ use marketgate::config::{self, Config, LogFormat};
 use marketgate::log_writer::LogWriter;
 use marketgate::shutdown::{Shutdown, ShutdownTrigger};
 
-/// The process's allocator: mimalloc (per-thread free lists, no lock or arena search on the
-/// common path) in place of glibc's malloc. Every served request allocates a few dozen
-/// blocks (hyper's heads and bodies, header maps, boxed futures), freed on the same worker
-/// thread; BENCHMARKS.md has the A/B (instructions per request and a wall-clock round).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Environment variable that asks for an error's full chain and backtrace, as `-v` does.
 const BACKTRACE_VARIABLE: &str = "MARKETGATE_BACKTRACE";
 
