@@ -231,13 +231,23 @@ fn beside_config(cmd: &mut Command, config: &Path) {
 
 /// A loopback port that was free a moment ago, for a process that must come back on the same
 /// address after a restart (a proxy's admin listener, named in the control plane's config).
-/// Bound and released at once: another bind can take it in between, which is rare enough on a
-/// test machine; everything else binds port 0.
+/// Taken below the kernel's ephemeral range (32768–60999 by default), so that no outgoing
+/// connection of a test running beside it can be given the port between this check and the
+/// process's bind (port 0 comes from that range: it failed that way under CI's load); each
+/// test process walks its own stretch of 20000–32767, from its pid, skipping ports in use.
 pub fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_768;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(397) % SPAN;
+    for _ in 0..SPAN {
+        let port = FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN;
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port as u16)) {
+            return listener.local_addr().unwrap();
+        }
+    }
+    panic!("no free loopback port in {FIRST}..{}", FIRST + SPAN);
 }
 
 /// Runs `marketgate <command> --config <config>` expecting it to stop on its own, unsuccessfully,
