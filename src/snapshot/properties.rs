@@ -239,6 +239,11 @@ fn snapshot() -> impl Strategy<Value = Snapshot> {
 /// which app has an exception, which apps call as which tenant.
 type ThrottleChoice = (u8, bool, bool, bool, Option<u8>, u8);
 
+/// Bit `i` of `mask`; none past its eighth (a market may have more groups or apps than bits).
+fn bit(mask: u8, i: usize) -> bool {
+    i < 8 && mask & (1 << i) != 0
+}
+
 /// A valid throttling section for `groups` and `apps`, or none (`choice` is `None`).
 fn throttling(groups: &[Group], apps: &[App], choice: Option<ThrottleChoice>) -> Throttling {
     let Some((bound, shared, app_limit, user_limit, special, users)) = choice else {
@@ -270,7 +275,7 @@ fn throttling(groups: &[Group], apps: &[App], choice: Option<ThrottleChoice>) ->
             api_ids: groups
                 .iter()
                 .enumerate()
-                .filter(|(g, _)| bound & (1 << g) != 0)
+                .filter(|&(g, _)| bit(bound, g))
                 .map(|(_, group)| group.apis[0].id.clone())
                 .collect(),
             specials,
@@ -278,7 +283,7 @@ fn throttling(groups: &[Group], apps: &[App], choice: Option<ThrottleChoice>) ->
         app_users: apps
             .iter()
             .enumerate()
-            .filter(|(a, _)| users & (1 << a) != 0)
+            .filter(|&(a, _)| bit(users, a))
             .map(|(a, app)| AppUser {
                 app_id: app.id.clone(),
                 user: format!("tenant-{}", a % 2),
