@@ -36,6 +36,7 @@
 //! too (a frozen server answers nothing at all): the store answers within its limits or says
 //! [`StoreError::Unavailable`]. Must not hold any market logic.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -418,16 +419,15 @@ fn apply_ledger_update(
     update: LedgerUpdate,
     locked: &[tokio_postgres::Row],
 ) -> (Vec<String>, Vec<String>) {
+    // By id: an exchange may carry thousands of purchases (a scan per id was quadratic).
+    let docs: HashMap<&str, String> = locked
+        .iter()
+        .map(|row| (row.get::<_, &str>(0), row.get::<_, String>(1)))
+        .collect();
     let mut rows: Vec<(String, Option<String>)> = update
         .ids
         .iter()
-        .map(|id| {
-            let doc = locked
-                .iter()
-                .find(|row| row.get::<_, &str>(0) == id)
-                .map(|row| row.get::<_, String>(1));
-            (id.clone(), doc)
-        })
+        .map(|id| (id.clone(), docs.get(id.as_str()).cloned()))
         .collect();
     let before: Vec<Option<String>> = rows.iter().map(|(_, doc)| doc.clone()).collect();
     (update.apply)(&mut rows);
