@@ -36,7 +36,9 @@
 #   MARKETGATE_* overrides, otherwise on its defaults), interleaved in every round;
 #   RESULTS: a directory to keep the raw "req/s p99_ms cpu_us" lines in;
 #   PERF_OUT: after the rounds, record a `perf` profile of marketgate under the enforced load
-#   into this file (`perf report -i FILE`).   (needs wrk, nginx, haproxy: apt-get install wrk nginx-light haproxy)
+#   into this file (`perf report -i FILE`), and of nginx's worker under the same call into
+#   FILE.nginx; PERF_ROW=serve profiles the serve_enforced row instead; PERF_FREQ (2999) and
+#   PERF_CALL_GRAPH (fp; dwarf for inlined Rust frames) are perf's sampling settings.   (needs wrk, nginx, haproxy: apt-get install wrk nginx-light haproxy)
 # Binds 127.0.0.1:18000-18015 and 8080-8082 for its duration; everything it starts is
 # stopped on exit.
 set -euo pipefail
@@ -354,17 +356,19 @@ curl -sf -H 'Host: plain.bench.local' http://127.0.0.1:18003/plain >/dev/null \
 curl -sf -H 'Host: market.bench.local' -H 'X-Apig-AppCode: benchappcode0123456789abcdef0123456789abcdef0123456789abcdef0123' \
   http://127.0.0.1:18003/enforced >/dev/null || { echo "the AppCode bench request is refused by marketgate"; exit 1; }
 
-# CPU time (user + system, clock ticks) of a server: the process and its children (nginx's
-# worker), all threads included.
+# CPU time of a server, "user+system system" in clock ticks: the process and its children
+# (nginx's worker), all threads included.
 cpu_ticks() {
-  local total=0 pid
+  local total=0 system=0 pid
   for pid in $1 $(pgrep -P "$1"); do
-    total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat")))
+    read -r u s < <(awk '{print $14, $15}' "/proc/$pid/stat")
+    total=$((total + u + s)) system=$((system + s))
   done
-  echo "$total"
+  echo "$total $system"
 }
 
-# run NAME URL [LUA] -> appends "rps p99_ms cpu_us_per_request" lines to $WORK/NAME.txt.
+# run NAME URL [LUA] -> appends "rps p99_ms cpu_us_per_request kernel_us_per_request" lines
+# to $WORK/NAME.txt (kernel: the system-time part of the CPU time, the sockets' work).
 # cpu_us_per_request is the server's own CPU time per answered request: unlike req/s it
 # does not depend on how much of core 0 the scheduler left the server (this machine is
 # shared), so 1e6 / cpu_us is the server's capacity in requests/s per core.
@@ -389,9 +393,11 @@ run() {
     for log in "$WORK"/serve/stderr "$WORK"/compare-serve/stderr; do [[ -s $log ]] && { echo "== $log"; tail -20 "$log"; }; done
     exit 1
   fi
-  cpu_us=$(awk -v t=$((after - before)) -v hz="$(getconf CLK_TCK)" -v n="$requests" 'BEGIN {printf "%.2f", t / hz * 1e6 / n}')
-  echo "$rps $p99 $cpu_us" >> "$WORK/$name.txt"
-  echo "run $i $name: $rps req/s, p99 $p99 ms, server CPU $cpu_us us/request" >&2
+  local sys_us
+  read -r cpu_us sys_us < <(awk -v t="${after% *}" -v t0="${before% *}" -v s="${after#* }" -v s0="${before#* }" \
+    -v hz="$(getconf CLK_TCK)" -v n="$requests" 'BEGIN {printf "%.2f %.2f\n", (t - t0) / hz * 1e6 / n, (s - s0) / hz * 1e6 / n}')
+  echo "$rps $p99 $cpu_us $sys_us" >> "$WORK/$name.txt"
+  echo "run $i $name: $rps req/s, p99 $p99 ms, server CPU $cpu_us us/request ($sys_us in the kernel)" >&2
 }
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
@@ -418,10 +424,18 @@ done
 
 if [[ -n ${PERF_OUT:-} ]]; then
   sign_all
-  taskset -c 1 wrk -t1 "-c$CONNS" -s "$WORK/enforced.lua" -d8s http://127.0.0.1:18003/enforced >/dev/null &
+  if [[ ${PERF_ROW:-} == serve ]]; then perf_pid=$PID_serve perf_url=http://127.0.0.1:8080/enforced perf_lua=serve.lua
+  else perf_pid=$PID_marketgate perf_url=http://127.0.0.1:18003/enforced perf_lua=enforced.lua; fi
+  taskset -c 1 wrk -t1 "-c$CONNS" -s "$WORK/$perf_lua" -d8s "$perf_url" >/dev/null &
   load=$!
   sleep 1
-  perf record -F 2999 -g -p "$PID_marketgate" -o "$PERF_OUT" -- sleep 6 2>/dev/null
+  perf record -F "${PERF_FREQ:-2999}" --call-graph "${PERF_CALL_GRAPH:-fp}" -p "$perf_pid" -o "$PERF_OUT" -- sleep 6 2>/dev/null
+  wait "$load"
+  # nginx's worker under the same signed call, for the kernel side's like-for-like.
+  taskset -c 1 wrk -t1 "-c$CONNS" -s "$WORK/peer.lua" -d8s http://127.0.0.1:18001/enforced >/dev/null &
+  load=$!
+  sleep 1
+  perf record -F 2999 -g -p "$(pgrep -P "$PID_nginx" | head -1)" -o "$PERF_OUT.nginx" -- sleep 6 2>/dev/null
   wait "$load"
 fi
 
@@ -431,15 +445,16 @@ fi
 ratio_median() { # NAME BASE COLUMN -> median over runs of NAME[col] / BASE[col]
   paste -d' ' "$WORK/$1.txt" "$WORK/$2.txt" | awk -v c="$3" '{n=split($0,f," "); h=n/2; printf "%.4f\n", f[c]/f[c+h]}' | median
 }
-echo "| path | req/s (median of $RUNS) | p99 ms (median) | req/s ÷ nginx (median of per-round ratios) | p99 ÷ nginx | req/s ÷ marketgate_plain | server CPU µs/request (median) | CPU/request ÷ nginx |"
-echo "|---|---|---|---|---|---|---|---|"
+echo "| path | req/s (median of $RUNS) | p99 ms (median) | req/s ÷ nginx (median of per-round ratios) | p99 ÷ nginx | req/s ÷ marketgate_plain | server CPU µs/request (median) | of which kernel µs | CPU/request ÷ nginx |"
+echo "|---|---|---|---|---|---|---|---|---|"
 for name in direct nginx haproxy marketgate_plain marketgate_enforced marketgate_throttled leased_enforced serve_enforced marketgate_appcode nginxtls marketgate_tls ${COMPARE_BIN:+compare_plain compare_enforced compareserve_enforced}; do
   rps=$(cut -d' ' -f1 "$WORK/$name.txt" | median)
   p99=$(cut -d' ' -f2 "$WORK/$name.txt" | median)
   cpu=$(cut -d' ' -f3 "$WORK/$name.txt" | median)
-  printf "| %s | %s | %s | %.2fx | %.2fx | %.2fx | %s | %.2fx |\n" "$name" "$rps" "$p99" \
+  sys=$(cut -d' ' -f4 "$WORK/$name.txt" | median)
+  printf "| %s | %s | %s | %.2fx | %.2fx | %.2fx | %s | %s | %.2fx |\n" "$name" "$rps" "$p99" \
     "$(ratio_median "$name" nginx 1)" "$(ratio_median "$name" nginx 2)" "$(ratio_median "$name" marketgate_plain 1)" \
-    "$cpu" "$(ratio_median "$name" nginx 3)"
+    "$cpu" "$sys" "$(ratio_median "$name" nginx 3)"
 done
 # The lease cost: the leased proxy against the standalone one, run by run (same round).
 echo
