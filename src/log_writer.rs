@@ -10,12 +10,15 @@
 //! order of lines is kept. What a crash (not a graceful stop) can lose: the access lines of
 //! the last [`ACCESS_LOG_FLUSH`], never a warning or an error.
 //!
-//! It does not format lines (tracing-subscriber's fmt layer does, one `write_all` per line)
-//! nor decide what is logged.
+//! Lines are formatted by tracing-subscriber's fmt layer (one `write_all` per line), with
+//! [`LogFields`] writing the text format's fields; a caller with a line on the hot path (the
+//! gateway's access log) may instead write the same bytes itself with [`TextLine`] when
+//! [`direct_text`] offers the writer. It does not decide what is logged.
 
+use std::cell::RefCell;
 use std::io::{self, Write};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, SystemTime};
 
 use std::fmt;
 
@@ -99,10 +102,210 @@ impl LogWriter {
         }
     }
 
+    /// A writer that keeps what is written out in memory, nothing buffered (tests).
+    #[cfg(test)]
+    pub(crate) fn in_memory() -> LogWriter {
+        LogWriter::new(Sink::Memory(Mutex::default()), 0)
+    }
+
+    /// What an [`LogWriter::in_memory`] writer has written out.
+    #[cfg(test)]
+    pub(crate) fn written(&self) -> Vec<u8> {
+        match &self.shared.sink {
+            Sink::Memory(memory) => lock(memory).clone(),
+            Sink::Stdout => unreachable!("tests write to memory"),
+        }
+    }
+
     /// Writes out the access log lines buffered so far (at the end of the process).
     pub fn flush(&self) -> io::Result<()> {
         self.shared.write_out(&mut lock(&self.shared.pending))
     }
+}
+
+/// The process's writer, once `main` found that text lines may be written without the fmt
+/// layer ([`LogWriter::offer_direct_text`]).
+static DIRECT_TEXT: OnceLock<LogWriter> = OnceLock::new();
+
+/// The writer a hot-path line may be written to with [`LogWriter::write_line`], when the log
+/// is text without colours and its filter has no span or field directives (so that an enabled
+/// target and level is all that decides whether a line is written). `None`: emit a `tracing`
+/// event (JSON, a terminal, a test's own subscriber).
+pub fn direct_text() -> Option<&'static LogWriter> {
+    DIRECT_TEXT.get()
+}
+
+impl LogWriter {
+    /// Offers this writer to [`direct_text`]'s callers. `main` calls it for the text format
+    /// without ANSI colours and a filter of targets and levels only.
+    pub fn offer_direct_text(&self) {
+        let _ = DIRECT_TEXT.set(self.clone());
+    }
+
+    /// Writes one line of `target` at `level` as the text format's fmt layer would (timestamp,
+    /// level, target, then the fields `fields` writes), buffered like every line of
+    /// [`BUFFERED_TARGETS`]. No allocation once the thread's line buffer has grown.
+    pub fn write_line(
+        &self,
+        level: tracing::Level,
+        target: &str,
+        fields: impl FnOnce(&mut TextLine<'_>),
+    ) {
+        LINE.with_borrow_mut(|buffer| {
+            buffer.clear();
+            write_timestamp(buffer, SystemTime::now());
+            buffer.extend_from_slice(level_text(level));
+            buffer.push(b' ');
+            buffer.extend_from_slice(target.as_bytes());
+            buffer.extend_from_slice(b": ");
+            let mut line = TextLine {
+                out: buffer,
+                is_empty: true,
+            };
+            fields(&mut line);
+            buffer.push(b'\n');
+            let _ = Line {
+                shared: &self.shared,
+                buffered: BUFFERED_TARGETS.contains(&target),
+            }
+            .write_all(buffer);
+        });
+    }
+}
+
+thread_local! {
+    /// The line [`LogWriter::write_line`] formats into, kept for the thread's next line.
+    static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// The last second [`write_timestamp`] formatted, and its text up to the seconds' dot.
+    static SECOND: RefCell<(u64, [u8; 20])> = const { RefCell::new((u64::MAX, [0; 20])) };
+}
+
+/// The level as the fmt layer writes it without colours (right-aligned in five), and a space.
+fn level_text(level: tracing::Level) -> &'static [u8] {
+    match level {
+        tracing::Level::TRACE => b"TRACE",
+        tracing::Level::DEBUG => b"DEBUG",
+        tracing::Level::INFO => b" INFO",
+        tracing::Level::WARN => b" WARN",
+        tracing::Level::ERROR => b"ERROR",
+    }
+}
+
+/// `2026-12-06T23:40:48.922355Z ` as tracing-subscriber's `SystemTime` timer writes it (UTC,
+/// microseconds), the date and time of day formatted once a second per thread.
+fn write_timestamp(out: &mut Vec<u8>, now: SystemTime) {
+    let since = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs();
+    SECOND.with_borrow_mut(|(second, text)| {
+        if *second != secs {
+            let at = time::OffsetDateTime::from_unix_timestamp(secs as i64)
+                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+            let mut pos = 0;
+            let mut digits = |value: u32, width: usize, then: u8| {
+                for i in (0..width).rev() {
+                    text[pos + i] = b'0' + (value / 10u32.pow((width - 1 - i) as u32) % 10) as u8;
+                }
+                text[pos + width] = then;
+                pos += width + 1;
+            };
+            digits(at.year().clamp(0, 9999) as u32, 4, b'-');
+            digits(at.month() as u32, 2, b'-');
+            digits(at.day() as u32, 2, b'T');
+            digits(at.hour() as u32, 2, b':');
+            digits(at.minute() as u32, 2, b':');
+            digits(at.second() as u32, 2, b'.');
+            *second = secs;
+        }
+        out.extend_from_slice(&text[..]);
+    });
+    let micros = since.subsec_micros();
+    let mut fraction = *b"000000Z ";
+    let mut buffer = itoa::Buffer::new();
+    let text = buffer.format(micros).as_bytes();
+    fraction[6 - text.len()..6].copy_from_slice(text);
+    out.extend_from_slice(&fraction);
+}
+
+/// One text line's fields, written as [`LogFields`] writes them (so as tracing-subscriber's
+/// `DefaultFields`): `name=value` separated by spaces, strings in quotes, `Display` values as
+/// they are, floats in their `Debug` form.
+pub struct TextLine<'a> {
+    out: &'a mut Vec<u8>,
+    is_empty: bool,
+}
+
+impl TextLine<'_> {
+    fn name(&mut self, name: &str) {
+        if !self.is_empty {
+            self.out.push(b' ');
+        }
+        self.is_empty = false;
+        self.out.extend_from_slice(name.as_bytes());
+        self.out.push(b'=');
+    }
+
+    /// A string field: `name="value"` (escaped as `Debug` escapes it, when it must be).
+    pub fn str(&mut self, name: &str, value: &str) {
+        self.name(name);
+        if quotes_as_is(value) {
+            self.out.push(b'"');
+            self.out.extend_from_slice(value.as_bytes());
+            self.out.push(b'"');
+        } else {
+            let _ = write!(self.out, "{value:?}");
+        }
+    }
+
+    pub fn u64(&mut self, name: &str, value: u64) {
+        self.name(name);
+        self.out
+            .extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+    }
+
+    pub fn f64(&mut self, name: &str, value: f64) {
+        self.name(name);
+        match plain_f64(&mut ryu::Buffer::new(), value) {
+            Some(text) => self.out.extend_from_slice(text.as_bytes()),
+            None => {
+                let _ = write!(self.out, "{value:?}");
+            }
+        }
+    }
+
+    /// A field recorded with `%value` (`tracing::field::display`): its `Display` text.
+    pub fn display(&mut self, name: &str, value: &dyn fmt::Display) {
+        self.name(name);
+        let _ = write!(self.out, "{value}");
+    }
+
+    /// A socket address recorded with `%addr`: IPv4's written without `core::fmt`.
+    pub fn socket_addr(&mut self, name: &str, addr: std::net::SocketAddr) {
+        let std::net::SocketAddr::V4(v4) = addr else {
+            return self.display(name, &addr);
+        };
+        self.name(name);
+        let mut digits = itoa::Buffer::new();
+        for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+            if i > 0 {
+                self.out.push(b'.');
+            }
+            self.out.extend_from_slice(digits.format(octet).as_bytes());
+        }
+        self.out.push(b':');
+        self.out
+            .extend_from_slice(digits.format(v4.port()).as_bytes());
+    }
+}
+
+/// `value`'s `Debug` text by ryu, where the two agree: finite, and zero or in [1e-4, 1e16)
+/// (`Debug` switches to exponent notation outside it, ryu below 1e-5 and from 1e16). Both
+/// print the shortest digits that read back as `value` (a property test checks).
+fn plain_f64(buffer: &mut ryu::Buffer, value: f64) -> Option<&str> {
+    let magnitude = value.abs();
+    (value.is_finite() && (magnitude == 0.0 || (1e-4..1e16).contains(&magnitude)))
+        .then(|| buffer.format_finite(value))
 }
 
 /// Writes out what is still buffered when dropped (`main` holds one for the process's life).
@@ -292,6 +495,18 @@ impl Visit for TextFields<'_> {
         }
     }
 
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        let mut buffer = ryu::Buffer::new();
+        match plain_f64(&mut buffer, value) {
+            Some(text) if Self::plain(field) => {
+                if self.name(field) {
+                    self.result = self.writer.write_str(text);
+                }
+            }
+            _ => self.default_debug(field, &value),
+        }
+    }
+
     fn record_bool(&mut self, field: &Field, value: bool) {
         if Self::plain(field) {
             if self.name(field) {
@@ -316,13 +531,6 @@ impl Visit for TextFields<'_> {
 mod tests {
     use super::*;
 
-    fn written(writer: &LogWriter) -> Vec<u8> {
-        match &writer.shared.sink {
-            Sink::Memory(memory) => lock(memory).clone(),
-            Sink::Stdout => unreachable!("tests write to memory"),
-        }
-    }
-
     /// Access lines wait in the buffer; any other line writes them out before itself, so the
     /// order holds; a full buffer is written out by the line that fills it; `flush` writes
     /// out the rest.
@@ -341,21 +549,21 @@ mod tests {
         );
         writer.make_writer_for(&access).write_all(b"a1\n").unwrap();
         writer.make_writer_for(&access).write_all(b"a2\n").unwrap();
-        assert_eq!(written(&writer), b"");
+        assert_eq!(writer.written(), b"");
         writer.make_writer().write_all(b"warn\n").unwrap();
-        assert_eq!(written(&writer), b"a1\na2\nwarn\n");
+        assert_eq!(writer.written(), b"a1\na2\nwarn\n");
         writer.make_writer_for(&access).write_all(b"a3\n").unwrap();
-        assert_eq!(written(&writer).len(), 11, "a3 waits");
+        assert_eq!(writer.written().len(), 11, "a3 waits");
         let long = vec![b'x'; ACCESS_LOG_BUFFER_BYTES];
         writer.make_writer_for(&access).write_all(&long).unwrap();
         assert_eq!(
-            written(&writer).len(),
+            writer.written().len(),
             11 + 3 + long.len(),
             "a full buffer is written out"
         );
         writer.make_writer_for(&access).write_all(b"a4\n").unwrap();
         writer.flush().unwrap();
-        assert!(written(&writer).ends_with(b"xa4\n"));
+        assert!(writer.written().ends_with(b"xa4\n"));
     }
 
     /// The fast fields write what tracing-subscriber's own write, for every kind of value
@@ -410,6 +618,22 @@ mod tests {
         let fast = line(LogFields);
         assert_eq!(fast, line(DefaultFields::new()));
         assert!(fast.contains(r#"request_id="8c2f0a" "#), "{fast}");
+    }
+
+    proptest::proptest! {
+        /// Where ryu's text is used for a float, it is `Debug`'s: any bit pattern, and the
+        /// milliseconds a request takes.
+        #[test]
+        fn ryu_writes_what_debug_writes_where_it_is_used(
+            bits in proptest::num::u64::ANY,
+            millis in 0.0001f64..1e7,
+        ) {
+            for value in [f64::from_bits(bits), millis, -millis] {
+                if let Some(text) = plain_f64(&mut ryu::Buffer::new(), value) {
+                    proptest::prop_assert_eq!(text, format!("{value:?}"));
+                }
+            }
+        }
     }
 
     struct Callsite;

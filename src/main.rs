@@ -321,15 +321,24 @@ async fn wait_for_signal() {
 
 /// Logs to standard output, the access log's lines buffered (`marketgate::log_writer`).
 fn init_logging(config: &Config) -> LogWriter {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
     use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let (filter, directives) = match EnvFilter::try_from_default_env() {
+        Ok(filter) => (filter, std::env::var("RUST_LOG").unwrap_or_default()),
+        Err(_) => (EnvFilter::new(&config.log.level), config.log.level.clone()),
+    };
+    let ansi = std::io::stdout().is_terminal();
     let writer = LogWriter::stdout();
+    // The access log's lines may skip the fmt layer (the same bytes) where nothing but their
+    // target and level decides whether they are written: no span or field directives.
+    if matches!(config.log.format, LogFormat::Text) && !ansi && !directives.contains('[') {
+        writer.offer_direct_text();
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer.clone())
         .fmt_fields(marketgate::log_writer::LogFields)
-        .with_ansi(std::io::stdout().is_terminal());
+        .with_ansi(ansi);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

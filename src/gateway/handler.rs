@@ -20,6 +20,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use time::OffsetDateTime;
 
+use super::access_log::AccessRecord;
 use super::error::Rejection;
 use super::forward::BoxError;
 use super::forward::{self, Body, BuyerCall, ForwardError};
@@ -836,45 +837,42 @@ pub(crate) async fn handle(
     }
     // The fields docs/operations.md ("Access log") promises; never a secret: the AppKey is an
     // identifier, and no header value but Host is read.
-    tracing::info!(
-        target: "access",
-        request_id = request_id.to_str().unwrap_or(""),
-        node_id = gateway.config.proxy.node_id.as_str(),
-        remote_addr = %conn.peer,
-        host = host
+    AccessRecord {
+        request_id: request_id.to_str().unwrap_or(""),
+        node_id: gateway.config.proxy.node_id.as_str(),
+        remote_addr: conn.peer,
+        host: host
             .as_ref()
             .and_then(|h| h.to_str().ok())
             .or(conn.sni.as_deref())
             .unwrap_or(""),
-        method = method.as_str(),
-        path = uri.path(),
-        group_id = trace.group.map(|g| &*g.id),
-        group_name = trace.group.map(|g| &*g.name),
-        api_id = trace.api.map(|a| &*a.id),
-        app_key = trace.app.map(|a| a.key()).or(trace.claimed_key.as_deref()),
-        auth_rule = if trace.unknown_key {
-            Some(tracing::field::display(&UNKNOWN_APP_KEY as &dyn std::fmt::Display))
+        method: method.as_str(),
+        path: uri.path(),
+        group_id: trace.group.map(|g| &*g.id),
+        group_name: trace.group.map(|g| &*g.name),
+        api_id: trace.api.map(|a| &*a.id),
+        app_key: trace.app.map(|a| a.key()).or(trace.claimed_key.as_deref()),
+        auth_rule: if trace.unknown_key {
+            Some(&UNKNOWN_APP_KEY)
         } else {
-            rejection
-                .as_ref()
-                .and_then(Rejection::auth_rule)
-                .map(tracing::field::display)
+            rejection.as_ref().and_then(Rejection::auth_rule)
         },
-        purchase_id = trace.purchase.map(|p| p.id()),
-        throttle_id = trace
+        purchase_id: trace.purchase.map(|p| p.id()),
+        throttle_id: trace
             .api
             .and_then(|a| a.throttle.as_ref())
             .map(|t| &*t.rule.id),
-        status = response.status().as_u16(),
-        outcome = outcome.as_str(),
+        status: response.status().as_u16(),
+        outcome: outcome.as_str(),
         error_code,
-        duration_ms = latency.as_secs_f64() * 1000.0,
-        upstream_ms = trace.upstream.map(|u| u.as_secs_f64() * 1000.0),
+        duration_ms: latency.as_secs_f64() * 1000.0,
+        upstream_ms: trace.upstream.map(|u| u.as_secs_f64() * 1000.0),
         bytes_in,
-        bytes_out = response.body().size_hint().exact(),
-        quota_left = trace.purchase.and_then(|p| p.cell.purchase_left()),
-        lease_left = trace.purchase.and_then(|p| p.cell.lease_left()),
-    );
+        bytes_out: response.body().size_hint().exact(),
+        quota_left: trace.purchase.and_then(|p| p.cell.purchase_left()),
+        lease_left: trace.purchase.and_then(|p| p.cell.lease_left()),
+    }
+    .log();
     // A request that held the snapshot across a swap may be its last holder. Freeing a
     // large one takes tens of milliseconds (BENCHMARKS.md), which must not stall every
     // connection on this runtime thread: the blocking pool frees it.

@@ -8,6 +8,7 @@
 //! [`listener`] accepting plain and TLS connections with graceful drain. This module does
 //! not decide requests itself.
 
+mod access_log;
 pub mod admin;
 pub mod allotments;
 pub mod error;
