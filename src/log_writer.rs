@@ -452,11 +452,13 @@ impl TextFields<'_> {
     }
 }
 
-/// A string whose `Debug` form is itself in quotes: printable ASCII, no `"` or `\`.
+/// A string whose `Debug` form is itself in quotes: printable ASCII, no `"` or `\`. Hot path
+/// (a dozen strings per access line): no early exit, so that the loop is vectorised (~10
+/// instructions a byte when it was not).
 fn quotes_as_is(value: &str) -> bool {
-    value
-        .bytes()
-        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    !value.bytes().fold(false, |escaped, b| {
+        escaped | !(0x20..0x7f).contains(&b) | (b == b'"') | (b == b'\\')
+    })
 }
 
 impl Visit for TextFields<'_> {
