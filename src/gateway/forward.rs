@@ -1,37 +1,40 @@
 //! Forwarding an admitted call to its backend over pooled keep-alive connections.
 //!
-//! Owns the upstream client: HTTP/1.1 connections driven with hyper's connection-level API
-//! (`hyper::client::conn::http1`) from the request's own task, as pingora does — no task
-//! per connection, no channel hand-off between tasks — kept alive in a pool per worker
+//! Owns the upstream client: our own HTTP/1.1 client connections ([`client`]: a boxed
+//! `TcpStream` and read buffer, the head parsed with `httparse`), driven from the request's
+//! own task, as pingora does — no task per connection, no channel hand-off between tasks,
+//! no connection state machine beside the request — kept alive in a pool per worker
 //! ([`Upstream`]: one per accept loop, used by one thread) with an idle timeout and a cap
-//! per backend, TCP_NODELAY and a connect timeout. Also the backend URI (`backend_api` path template filled from the route's parameters,
-//! the buyer's query passed through), the headers the backend gets (X-Request-Id,
-//! X-Forwarded-*; never the buyer's credentials or hop-by-hop headers) and the per-API
-//! timeout. Bodies stream both ways. It does not decide whether a call counts: it reports
-//! whether the backend was reached ([`ForwardError::Connect`] means it was not).
+//! per backend, TCP_NODELAY and a connect timeout. Also the backend target (`backend_api`
+//! path template filled from the route's parameters, the buyer's query passed through), the
+//! headers the backend gets (X-Request-Id, X-Forwarded-*; never the buyer's credentials or
+//! hop-by-hop headers) and the per-API timeout. Bodies stream both ways. It does not decide
+//! whether a call counts: it reports whether the backend was reached
+//! ([`ForwardError::never_reached`]).
+
+mod client;
 
 use std::ops::Range;
 use std::time::Duration;
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
 use hashbrown::HashMap;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::Authority;
-use http::{Request, Response};
-use http_body::{Body as _, Frame, SizeHint};
+use http::{Method, Response};
+use http_body::{Frame, SizeHint};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, TrySendError};
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+pub use self::client::ClientError;
+use self::client::{BodyReader, Connection, Exchange, Outgoing};
 use super::handler::{ConnInfo, APP_CODE_HEADER};
 use crate::config::GatewayConfig;
 use crate::snapshot::compile::{CompiledBackend, PathPiece};
@@ -62,12 +65,13 @@ pub enum ForwardError {
     /// The connection was never made: the call did not reach the backend.
     #[error("cannot connect to the backend")]
     Connect(#[source] std::io::Error),
-    /// The connection could not start HTTP/1.1 (nothing was sent).
+    /// The connection was made but took nothing of the request (its first write failed,
+    /// or the backend closed it before any byte of the request went out).
     #[error("cannot start HTTP/1.1 with the backend")]
-    Handshake(#[source] hyper::Error),
+    Handshake(#[source] ClientError),
     /// The request may have reached the backend.
     #[error("the backend call failed")]
-    Failed(#[source] hyper::Error),
+    Failed(#[source] ClientError),
     #[error("the backend did not answer in time")]
     Timeout,
     #[error("the backend URI does not form")]
@@ -207,61 +211,73 @@ struct HostPool {
 }
 
 struct Idle {
-    conn: Conn,
+    conn: Box<Connection>,
     since: Instant,
 }
 
-/// An HTTP/1.1 connection: the handle requests are sent on, and the state machine that does
-/// the I/O, which whoever uses the connection polls (the request's task, then its response
-/// body's).
-struct Conn {
-    sender: http1::SendRequest<Body>,
-    driver: http1::Connection<TokioIo<TcpStream>, Body>,
-    /// The driver finished (the connection closed or failed): never poll it again.
-    closed: bool,
+/// Where a call goes on its backend: the `backend_api` path with the buyer's parameters
+/// filled in (raw, as sent), then the buyer's query. Written straight into the request
+/// head, never built as a `String`.
+struct Target<'a> {
+    pieces: &'a [PathPiece],
+    trailing_slash: bool,
+    path: &'a str,
+    params: &'a [Range<usize>],
+    query: Option<&'a str>,
 }
 
-impl Conn {
-    /// Runs the connection's I/O as far as it goes without waiting. Ready: it has closed.
-    fn drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.closed {
-            return Poll::Ready(());
-        }
-        match Pin::new(&mut self.driver).poll(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(_) => {
-                self.closed = true;
-                Poll::Ready(())
+impl Target<'_> {
+    /// Calls `part` with each piece of the target, in order.
+    fn each(&self, mut part: impl FnMut(&[u8])) {
+        for piece in self.pieces {
+            match piece {
+                PathPiece::Literal(l) => part(l.as_bytes()),
+                PathPiece::Param(i) => part(
+                    self.params
+                        .get(*i)
+                        .and_then(|span| self.path.get(span.clone()))
+                        .unwrap_or("")
+                        .as_bytes(),
+                ),
             }
+        }
+        if self.pieces.is_empty() || self.trailing_slash {
+            part(b"/");
+        }
+        if let Some(query) = self.query {
+            part(b"?");
+            part(query.as_bytes());
         }
     }
 
-    /// Whether an idle connection can take a request now: still open, and hyper ready for
-    /// the next message. Polls once with a no-op waker (it never waits).
-    fn ready_now(&mut self) -> bool {
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        if self.drive(&mut cx).is_ready() {
-            return false;
-        }
-        matches!(self.sender.poll_ready(&mut cx), Poll::Ready(Ok(())))
+    /// Whether the target can go on a request line: visible ASCII only (no space, no
+    /// control byte), so that nothing can end the line early.
+    fn is_valid(&self) -> bool {
+        let mut valid = true;
+        self.each(|part| valid &= part.iter().all(|b| (0x21..=0x7e).contains(b)));
+        valid
     }
 
-    /// Sends `request` and drives the connection until the response head is in. Hot path.
-    async fn send(
-        &mut self,
-        request: Request<Body>,
-    ) -> Result<Response<Incoming>, TrySendError<Request<Body>>> {
-        let mut response = std::pin::pin!(self.sender.try_send_request(request));
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(result) = response.as_mut().poll(cx) {
-                return Poll::Ready(result);
-            }
-            // The connection does the writing and reading; once it ends, the response
-            // future holds hyper's error for this request.
-            ready!(self.drive(cx));
-            response.as_mut().poll(cx)
-        })
-        .await
+    fn write(&self, dst: &mut Vec<u8>) {
+        self.each(|part| dst.extend_from_slice(part));
+    }
+}
+
+/// Writes the request and waits for the answer's head. Hot path.
+async fn exchange_head(
+    exchange: &mut Exchange,
+    method: &Method,
+) -> Result<(Response<()>, BodyReader), ClientError> {
+    std::future::poll_fn(|cx| exchange.poll_head(cx, method)).await
+}
+
+/// The error for a request that failed on `exchange`: if nothing of it left us, the backend
+/// was never reached.
+fn failed(error: ClientError, exchange: &Exchange) -> ForwardError {
+    if !exchange.sent_any() && error.is_connection_lost() {
+        ForwardError::Handshake(error)
+    } else {
+        ForwardError::Failed(error)
     }
 }
 
@@ -301,32 +317,17 @@ impl Upstream {
             return Err(ForwardError::BadTarget);
         };
         // Origin form: HTTP/1.1 to an origin server sends the path and query only; the
-        // authority goes into Host.
-        // One allocation, frozen into the URI's bytes as it is (a `String` turned into
-        // `Bytes` costs a second one for the shared header).
-        let mut target = bytes::BytesMut::with_capacity(64);
-        for piece in path {
-            match piece {
-                PathPiece::Literal(l) => target.extend_from_slice(l.as_bytes()),
-                PathPiece::Param(i) => target.extend_from_slice(
-                    buyer
-                        .params
-                        .get(*i)
-                        .and_then(|span| buyer.path.get(span.clone()))
-                        .unwrap_or("")
-                        .as_bytes(),
-                ),
-            }
+        // authority goes into Host. Written into the request head as it is sent.
+        let target = Target {
+            pieces: path,
+            trailing_slash: *trailing_slash,
+            path: buyer.path,
+            params: buyer.params,
+            query: buyer.query,
+        };
+        if !target.is_valid() {
+            return Err(ForwardError::BadTarget);
         }
-        if path.is_empty() || *trailing_slash {
-            target.extend_from_slice(b"/");
-        }
-        if let Some(query) = buyer.query {
-            target.extend_from_slice(b"?");
-            target.extend_from_slice(query.as_bytes());
-        }
-        let uri =
-            http::Uri::from_maybe_shared(target.freeze()).map_err(|_| ForwardError::BadTarget)?;
 
         strip_hop_by_hop(&mut headers);
         // Room for the five headers added below (Host included), grown once.
@@ -353,22 +354,19 @@ impl Upstream {
             HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
         );
 
-        let mut request = Request::new(body);
-        *request.method_mut() = method.clone().unwrap_or_else(|| buyer.method.clone());
-        *request.uri_mut() = uri;
-        *request.headers_mut() = headers;
+        let method = method.as_ref().unwrap_or(buyer.method);
+        let body = Outgoing::new(body).map_err(ForwardError::Failed)?;
 
-        let (response, conn) =
-            match tokio::time::timeout(*timeout, self.send(authority, request)).await {
-                Err(_) => return Err(ForwardError::Timeout),
-                Ok(result) => result?,
-            };
-        let (mut parts, body) = response.into_parts();
+        let sent = self.send(authority, method, &target, &headers, body);
+        let (response, exchange, reader) = match tokio::time::timeout(*timeout, sent).await {
+            Err(_) => return Err(ForwardError::Timeout),
+            Ok(result) => result?,
+        };
+        let (mut parts, ()) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         let body = UpstreamBody {
-            body,
-            finished: false,
-            conn: Some(conn),
+            exchange: Some(exchange),
+            reader,
             pool: Arc::downgrade(&self.pool),
             authority: authority.clone(),
         };
@@ -376,37 +374,50 @@ impl Upstream {
     }
 
     /// Sends on an idle connection to `authority` if one is ready, else on a new one. A
-    /// request that a reused connection gave back unsent (it had closed meanwhile) is sent
-    /// once more on a new connection, as hyper-util's pool did.
+    /// reused connection that turns out closed (the backend closed it while idle, after the
+    /// checkout looked) before anything of the answer came is given up, and the request is
+    /// sent once more on a new connection when its body is whole (it can be written again).
     async fn send(
         &self,
         authority: &Authority,
-        mut request: Request<Body>,
-    ) -> Result<(Response<Incoming>, Conn), ForwardError> {
+        method: &Method,
+        target: &Target<'_>,
+        headers: &HeaderMap,
+        body: Outgoing,
+    ) -> Result<(Response<()>, Exchange, BodyReader), ForwardError> {
         let (reused, host) = self.checkout(authority);
-        request.headers_mut().insert(header::HOST, host);
+        let was_reused = reused.is_some();
         let mut conn = match reused {
             Some(conn) => conn,
             None => connect(authority).await?,
         };
-        match conn.send(request).await {
-            Ok(response) => return Ok((response, conn)),
-            Err(mut error) => match error.take_message() {
-                Some(unsent) if reused_connection(&error) => request = unsent,
-                _ => return Err(ForwardError::Failed(error.into_error())),
-            },
-        }
+        conn.encode_head(method, |dst| target.write(dst), &host, headers, &body);
+        let replay = match &body {
+            Outgoing::Whole(bytes) if was_reused => Some(bytes.clone()),
+            _ => None,
+        };
+        let mut exchange = Exchange::start(conn, body);
+        let error = match exchange_head(&mut exchange, method).await {
+            Ok((response, reader)) => return Ok((response, exchange, reader)),
+            Err(error) => error,
+        };
+        let replay = match replay {
+            Some(bytes) if !exchange.received_any() && error.is_connection_lost() => bytes,
+            _ => return Err(failed(error, &exchange)),
+        };
         let mut conn = connect(authority).await?;
-        match conn.send(request).await {
-            Ok(response) => Ok((response, conn)),
-            Err(error) => Err(ForwardError::Failed(error.into_error())),
+        conn.copy_head_from(&exchange.into_connection());
+        let mut exchange = Exchange::start(conn, Outgoing::Whole(replay));
+        match exchange_head(&mut exchange, method).await {
+            Ok((response, reader)) => Ok((response, exchange, reader)),
+            Err(error) => Err(failed(error, &exchange)),
         }
     }
 
     /// The newest idle connection to `authority` that can take a request (older ones past
     /// the idle timeout, or closed by the backend, are dropped on the way), and the `Host`
     /// value for it.
-    fn checkout(&self, authority: &Authority) -> (Option<Conn>, HeaderValue) {
+    fn checkout(&self, authority: &Authority) -> (Option<Box<Connection>>, HeaderValue) {
         let mut hosts = self.pool.hosts.lock().unwrap_or_else(|e| e.into_inner());
         let pool = hosts.entry(authority.clone()).or_insert_with(|| HostPool {
             host: host_value(authority),
@@ -414,18 +425,12 @@ impl Upstream {
         });
         let host = pool.host.clone();
         while let Some(mut idle) = pool.idle.pop_back() {
-            if idle.since.elapsed() < self.pool.idle_timeout && idle.conn.ready_now() {
+            if idle.since.elapsed() < self.pool.idle_timeout && idle.conn.idle_and_open() {
                 return (Some(idle.conn), host);
             }
         }
         (None, host)
     }
-}
-
-/// A request handed back unsent: on a reused connection this means it closed while idle.
-fn reused_connection(error: &TrySendError<Request<Body>>) -> bool {
-    let error = error.error();
-    error.is_canceled() || error.is_closed() || error.is_incomplete_message()
 }
 
 /// `Host` for `authority`: as hyper-util's client sent it, the port only when not 80.
@@ -438,9 +443,8 @@ fn host_value(authority: &Authority) -> HeaderValue {
 }
 
 /// Opens a connection to `authority` (TCP_NODELAY, TCP keep-alive) within the connect
-/// timeout and starts HTTP/1.1 on it. Nothing is sent yet: every error here means the call
-/// never reached the backend.
-async fn connect(authority: &Authority) -> Result<Conn, ForwardError> {
+/// timeout. Nothing is sent yet: every error here means the call never reached the backend.
+async fn connect(authority: &Authority) -> Result<Box<Connection>, ForwardError> {
     let host = authority.host();
     let host = host
         .strip_prefix('[')
@@ -458,22 +462,14 @@ async fn connect(authority: &Authority) -> Result<Conn, ForwardError> {
     let keepalive =
         socket2::TcpKeepalive::new().with_time(Duration::from_secs(UPSTREAM_TCP_KEEPALIVE_SECS));
     let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
-    let (sender, driver) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(ForwardError::Handshake)?;
-    Ok(Conn {
-        sender,
-        driver,
-        closed: false,
-    })
+    Ok(Connection::new(stream))
 }
 
 impl Pool {
     /// Takes back a connection whose response ended, unless its backend is at
     /// `gateway.upstream_pool_idle_per_host` idle connections already.
-    fn checkin(self: &Arc<Self>, authority: Authority, conn: Conn) {
-        if conn.closed || self.max_idle_per_host == 0 {
+    fn checkin(self: &Arc<Self>, authority: Authority, conn: Box<Connection>) {
+        if self.max_idle_per_host == 0 {
             return;
         }
         let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
@@ -532,14 +528,14 @@ impl Pool {
     }
 }
 
-/// A backend's response body. Polling it also drives its connection (the bytes are read by
-/// the connection's state machine); once the body has ended the connection goes back to its
-/// pool, and if the body is dropped before its end the connection is closed.
+/// A backend's response body, read off its connection as it is polled (which also writes
+/// whatever is left of a streamed request body). Once the answer has been read to its end
+/// and the request was all written, the connection goes back to its pool when the body is
+/// dropped; dropped before its end, or after an error, the connection is closed.
 struct UpstreamBody {
-    body: Incoming,
-    /// The body yielded its end (a chunked body need not say so in `is_end_stream`).
-    finished: bool,
-    conn: Option<Conn>,
+    /// `None` after an error: the connection is closed.
+    exchange: Option<Exchange>,
+    reader: BodyReader,
     pool: Weak<Pool>,
     authority: Authority,
 }
@@ -553,54 +549,39 @@ impl http_body::Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
-            return Poll::Ready(this.ended(frame));
+        let Some(exchange) = &mut this.exchange else {
+            return Poll::Ready(None);
+        };
+        match std::task::ready!(exchange.poll_body(cx, &mut this.reader)) {
+            Some(Ok(data)) => Poll::Ready(Some(Ok(Frame::data(data)))),
+            Some(Err(error)) => {
+                this.exchange = None;
+                Poll::Ready(Some(Err(Box::new(error))))
+            }
+            None => Poll::Ready(None),
         }
-        // Waiting for data: let the connection read it (this task is woken for either).
-        if let Some(conn) = &mut this.conn {
-            let _ = conn.drive(cx);
-        }
-        let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
-        Poll::Ready(this.ended(frame))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.exchange.is_none() || self.reader.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
-impl UpstreamBody {
-    /// Passes a frame on; on an error the connection is not reused.
-    fn ended(
-        &mut self,
-        frame: Option<Result<Frame<Bytes>, hyper::Error>>,
-    ) -> Option<Result<Frame<Bytes>, BoxError>> {
-        match frame {
-            Some(Ok(frame)) => Some(Ok(frame)),
-            Some(Err(error)) => {
-                self.conn = None;
-                Some(Err(Box::new(error)))
-            }
-            None => {
-                self.finished = true;
-                None
-            }
+        match self.reader.exact_remaining() {
+            Some(remaining) => SizeHint::with_exact(remaining),
+            None => SizeHint::default(),
         }
     }
 }
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
-        // Reusable only if the whole response was read: otherwise its rest would be read as
-        // the next response.
-        if !(self.finished || self.body.is_end_stream()) {
+        // Reusable only if the whole answer was read (its rest would be read as the next
+        // answer) and the whole request written.
+        let Some(exchange) = self.exchange.take() else {
             return;
-        }
-        if let (Some(conn), Some(pool)) = (self.conn.take(), self.pool.upgrade()) {
+        };
+        if let (Some(conn), Some(pool)) = (exchange.reusable(&self.reader), self.pool.upgrade()) {
             pool.checkin(self.authority.clone(), conn);
         }
     }
