@@ -330,8 +330,9 @@ impl Upstream {
         }
 
         strip_hop_by_hop(&mut headers);
-        // Room for the five headers added below (Host included), grown once.
-        headers.reserve(5);
+        // Room for the four headers added below, grown once (Host is written into the
+        // request head by the client, the buyer's skipped).
+        headers.reserve(4);
         headers.remove(header::AUTHORIZATION);
         headers.remove(APP_CODE_HEADER);
         headers.insert(X_REQUEST_ID, request_id.clone());

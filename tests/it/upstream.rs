@@ -333,6 +333,14 @@ async fn a_chunked_answer_is_decoded_and_its_connection_reused() {
     let gw = TestGateway::with(market(1, backend.addr, None)).await;
     calls(&gw, 3, 200, b"hello world").await;
     assert_eq!(backend.accepted(), 1, "one connection for 3 calls");
+    for seen in backend.seen() {
+        let hosts: Vec<&str> = seen
+            .head
+            .lines()
+            .filter(|l| l.starts_with("host:"))
+            .collect();
+        assert_eq!(hosts, [format!("host: {}", backend.addr)], "{}", seen.head);
+    }
 }
 
 #[tokio::test]

@@ -235,8 +235,8 @@ impl Connection {
 }
 
 /// Writes a request head into `head`: the request line (the target written by `target`),
-/// `Host`, every header as given except `Content-Length` and `Transfer-Encoding`, then the
-/// body's framing. Hot path.
+/// `Host` (the one given), every header as given except `Host`, `Content-Length` and
+/// `Transfer-Encoding`, then the body's framing. Hot path.
 fn write_head(
     head: &mut Vec<u8>,
     method: &Method,
@@ -258,7 +258,8 @@ fn write_head(
             had_length = true;
             continue;
         }
-        if name == header::TRANSFER_ENCODING {
+        // Written above (the backend's, not the buyer's), and framing of our own below.
+        if name == header::HOST || name == header::TRANSFER_ENCODING {
             continue;
         }
         head.extend_from_slice(name.as_str().as_bytes());
@@ -1135,7 +1136,11 @@ mod tests {
         let put = conn_head(
             &Method::PUT,
             Outgoing::Whole(Bytes::from_static(b"abc")),
-            &[("content-length", "3"), ("transfer-encoding", "chunked")],
+            &[
+                ("content-length", "3"),
+                ("transfer-encoding", "chunked"),
+                ("host", "buyer"),
+            ],
         );
         assert_eq!(
             put,
