@@ -469,12 +469,12 @@ async fn connect(authority: &Authority) -> Result<Box<Connection>, ForwardError>
 impl Pool {
     /// Takes back a connection whose response ended, unless its backend is at
     /// `gateway.upstream_pool_idle_per_host` idle connections already.
-    fn checkin(self: &Arc<Self>, authority: Authority, conn: Box<Connection>) {
+    fn checkin(self: &Arc<Self>, authority: &Authority, conn: Box<Connection>) {
         if self.max_idle_per_host == 0 {
             return;
         }
         let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(pool) = hosts.get_mut(&authority) else {
+        let Some(pool) = hosts.get_mut(authority) else {
             return;
         };
         if pool.idle.len() >= self.max_idle_per_host {
@@ -583,7 +583,7 @@ impl Drop for UpstreamBody {
             return;
         };
         if let (Some(conn), Some(pool)) = (exchange.reusable(&self.reader), self.pool.upgrade()) {
-            pool.checkin(self.authority.clone(), conn);
+            pool.checkin(&self.authority, conn);
         }
     }
 }

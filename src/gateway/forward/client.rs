@@ -280,18 +280,8 @@ fn write_head(
 }
 
 /// Appends `n` in decimal.
-fn push_decimal(dst: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    dst.extend_from_slice(&digits[at..]);
+fn push_decimal(dst: &mut Vec<u8>, n: u64) {
+    dst.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 /// A chunk-size line for `n`: hex digits and CRLF, in a fixed buffer.
